@@ -1,0 +1,486 @@
+using System.Numerics.Tensors;
+using System.Runtime.Intrinsics;
+using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.Optim;
+
+namespace PeftSharp.Engine.Cpu;
+
+/// <summary>
+/// The CPU backend: managed arrays, System.Numerics.Tensors for elementwise work, the packed <see cref="Gemm"/>
+/// for matmuls and attention blocks, Parallel.For over rows. The default device without a GPU.
+/// </summary>
+public sealed unsafe class CpuDevice : Device
+{
+    /// <summary>Rows per parallel task for row-wise ops: enough work to amortize scheduling.</summary>
+    private const int MinElementsPerTask = 1 << 15;
+
+    /// <summary>Query rows per attention block: a (block x Tk) score strip is all the scratch attention keeps.</summary>
+    internal const int AttentionBlock = 64;
+
+    public CpuDevice()
+    {
+        Info = new DeviceInfo(
+            "cpu", DeviceKind.Cpu, $"CPU SIMD ({Environment.ProcessorCount} threads, {SimdDescription()})",
+            GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, Vector256<float>.Count, Environment.ProcessorCount, SimdDescription());
+    }
+
+    public override DeviceInfo Info { get; }
+
+    private static string SimdDescription() =>
+        Vector512.IsHardwareAccelerated ? "AVX-512" : Vector256.IsHardwareAccelerated ? "AVX2/FMA" : Vector128.IsHardwareAccelerated ? "128-bit SIMD" : "scalar";
+
+    private static Span<float> S(Tensor t) => ((float[])t.Storage).AsSpan(t.Offset, t.Length);
+
+    private static float[] Arr(Tensor t) => (float[])t.Storage;
+
+    protected internal override object AllocateStorage(int length) => new float[length];
+
+    protected internal override object AllocateIndexStorage(int[] values) => values;
+
+    protected internal override void ReleaseStorage(object storage)
+    {
+    }
+
+    protected internal override void Upload(Tensor t, ReadOnlySpan<float> source) => source.CopyTo(S(t));
+
+    protected internal override void Download(Tensor t, Span<float> destination) => S(t).CopyTo(destination);
+
+    protected internal override void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta)
+    {
+        fixed (float* pa = Arr(a), pb = Arr(b), pc = Arr(c))
+        {
+            int lda = s.TransposeA != 0 ? s.M : s.K;
+            int ldb = s.TransposeB != 0 ? s.K : s.N;
+            for (int bt = 0; bt < s.Batch; bt++)
+            {
+                Gemm.Sgemm(
+                    s.TransposeA != 0, s.TransposeB != 0, s.M, s.N, s.K, alpha,
+                    pa + a.Offset + (long)bt * s.StrideA, lda, pb + b.Offset + (long)bt * s.StrideB, ldb,
+                    beta, pc + c.Offset + (long)bt * s.StrideC, s.N);
+            }
+        }
+    }
+
+    protected internal override void AddCore(Tensor a, Tensor b, Tensor y) => TensorPrimitives.Add(S(a), S(b), S(y));
+
+    protected internal override void MulCore(Tensor a, Tensor b, Tensor y) => TensorPrimitives.Multiply(S(a), S(b), S(y));
+
+    protected internal override void ScaleCore(Tensor x, float s, Tensor y) => TensorPrimitives.Multiply(S(x), s, S(y));
+
+    protected internal override void AxpyCore(float alpha, Tensor x, Tensor y) => TensorPrimitives.MultiplyAdd(S(x), alpha, S(y), S(y));
+
+    protected internal override void FillCore(Tensor y, float value) => S(y).Fill(value);
+
+    protected internal override void CopyCore(Tensor source, Tensor destination) => S(source).CopyTo(S(destination));
+
+    protected internal override void SiluCore(Tensor x, Tensor y)
+    {
+        // silu(x) = x * sigmoid(x)
+        var xs = S(x);
+        var ys = S(y);
+        TensorPrimitives.Sigmoid(xs, ys);
+        TensorPrimitives.Multiply(xs, ys, ys);
+    }
+
+    protected internal override void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx)
+    {
+        var xa = Arr(x);
+        var dya = Arr(dy);
+        var dxa = Arr(dx);
+        int xo = x.Offset, dyo = dy.Offset, dxo = dx.Offset;
+        ForChunks(x.Length, (i0, n) =>
+        {
+            Span<float> sig = n <= 4096 ? stackalloc float[n] : new float[n];
+            var xs = xa.AsSpan(xo + i0, n);
+            TensorPrimitives.Sigmoid(xs, sig);
+            var d = dxa.AsSpan(dxo + i0, n);
+            var g = dya.AsSpan(dyo + i0, n);
+            for (int i = 0; i < n; i++) d[i] = g[i] * sig[i] * (1f + xs[i] * (1f - sig[i]));
+        });
+    }
+
+    protected internal override void SwiGluCore(Tensor gate, Tensor up, Tensor y)
+    {
+        var ga = Arr(gate);
+        var ua = Arr(up);
+        var ya = Arr(y);
+        int go = gate.Offset, uo = up.Offset, yo = y.Offset;
+        ForChunks(gate.Length, (i0, n) =>
+        {
+            Span<float> sig = n <= 4096 ? stackalloc float[n] : new float[n];
+            var g = ga.AsSpan(go + i0, n);
+            TensorPrimitives.Sigmoid(g, sig);
+            TensorPrimitives.Multiply(g, sig, sig);
+            TensorPrimitives.Multiply(sig, ua.AsSpan(uo + i0, n), ya.AsSpan(yo + i0, n));
+        });
+    }
+
+    protected internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
+    {
+        var ga = Arr(gate);
+        var ua = Arr(up);
+        var dya = Arr(dy);
+        var dga = Arr(dGate);
+        var dua = Arr(dUp);
+        int go = gate.Offset, uo = up.Offset, dyo = dy.Offset, dgo = dGate.Offset, duo = dUp.Offset;
+        ForChunks(gate.Length, (i0, n) =>
+        {
+            Span<float> sig = n <= 4096 ? stackalloc float[n] : new float[n];
+            var g = ga.AsSpan(go + i0, n);
+            TensorPrimitives.Sigmoid(g, sig);
+            var u = ua.AsSpan(uo + i0, n);
+            var d = dya.AsSpan(dyo + i0, n);
+            var dg = dga.AsSpan(dgo + i0, n);
+            var du = dua.AsSpan(duo + i0, n);
+            for (int i = 0; i < n; i++)
+            {
+                float s = sig[i];
+                float gi = g[i];
+                float di = d[i];
+                dg[i] = di * u[i] * s * (1f + gi * (1f - s));
+                du[i] = di * gi * s;
+            }
+        });
+    }
+
+    protected internal override void SoftmaxCore(Tensor x, Tensor y, int rows, int cols)
+    {
+        var xa = Arr(x);
+        var ya = Arr(y);
+        int xo = x.Offset, yo = y.Offset;
+        ForRows(rows, cols, r => TensorPrimitives.SoftMax(xa.AsSpan(xo + r * cols, cols), ya.AsSpan(yo + r * cols, cols)));
+    }
+
+    protected internal override void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols)
+    {
+        var ya = Arr(y);
+        var dya = Arr(dy);
+        var dxa = Arr(dx);
+        int yo = y.Offset, dyo = dy.Offset, dxo = dx.Offset;
+        ForRows(rows, cols, r =>
+        {
+            var yr = ya.AsSpan(yo + r * cols, cols);
+            var dyr = dya.AsSpan(dyo + r * cols, cols);
+            var dxr = dxa.AsSpan(dxo + r * cols, cols);
+            float dot = TensorPrimitives.Dot(yr, dyr);
+            TensorPrimitives.Subtract(dyr, dot, dxr);
+            TensorPrimitives.Multiply(dxr, yr, dxr);
+        });
+    }
+
+    protected internal override void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps)
+    {
+        var xa = Arr(x);
+        var ya = Arr(y);
+        var ra = Arr(rstd);
+        var wa = Arr(w);
+        int xo = x.Offset, yo = y.Offset, ro = rstd.Offset, wo = w.Offset;
+        ForRows(rows, dim, r =>
+        {
+            var xr = xa.AsSpan(xo + r * dim, dim);
+            float inv = 1f / MathF.Sqrt(TensorPrimitives.Dot(xr, xr) / dim + eps);
+            ra[ro + r] = inv;
+            var yr = ya.AsSpan(yo + r * dim, dim);
+            TensorPrimitives.Multiply(xr, inv, yr);
+            TensorPrimitives.Multiply(yr, wa.AsSpan(wo, dim), yr);
+        });
+    }
+
+    protected internal override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim)
+    {
+        var dya = Arr(dy);
+        var xa = Arr(x);
+        var wa = Arr(w);
+        var ra = Arr(rstd);
+        var dxa = Arr(dx);
+        int dyo = dy.Offset, xo = x.Offset, wo = w.Offset, ro = rstd.Offset, dxo = dx.Offset;
+        ForRows(rows, dim, r =>
+        {
+            Span<float> wdy = dim <= 4096 ? stackalloc float[dim] : new float[dim];
+            var dyr = dya.AsSpan(dyo + r * dim, dim);
+            var xr = xa.AsSpan(xo + r * dim, dim);
+            TensorPrimitives.Multiply(dyr, wa.AsSpan(wo, dim), wdy);
+            float inv = ra[ro + r];
+            float k = inv * inv * inv * TensorPrimitives.Dot(wdy, xr) / dim;
+            var dxr = dxa.AsSpan(dxo + r * dim, dim);
+            TensorPrimitives.Multiply(wdy, inv, dxr);
+            TensorPrimitives.MultiplyAdd(xr, -k, dxr, dxr);
+        });
+
+        // dw[d] = sum_r dy[r, d] x[r, d] rstd[r]: split columns across threads, rows summed in order.
+        var dwa = Arr(dw);
+        int dwo = dw.Offset;
+        int colChunk = Math.Max(64, (dim + Environment.ProcessorCount - 1) / Environment.ProcessorCount);
+        int chunks = (dim + colChunk - 1) / colChunk;
+        Parallel.For(0, chunks, t =>
+        {
+            int d0 = t * colChunk;
+            int n = Math.Min(colChunk, dim - d0);
+            var acc = dwa.AsSpan(dwo + d0, n);
+            acc.Clear();
+            Span<float> tmp = n <= 4096 ? stackalloc float[n] : new float[n];
+            for (int r = 0; r < rows; r++)
+            {
+                TensorPrimitives.Multiply(dya.AsSpan(dyo + r * dim + d0, n), xa.AsSpan(xo + r * dim + d0, n), tmp);
+                TensorPrimitives.MultiplyAdd(tmp, ra[ro + r], acc, acc);
+            }
+        });
+    }
+
+    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse)
+    {
+        var xa = Arr(x);
+        var ya = Arr(y);
+        int xo = x.Offset, yo = y.Offset;
+        int half = dim / 2;
+        var invFreq = new float[half];
+        float logTheta = MathF.Log(theta);
+        for (int i = 0; i < half; i++) invFreq[i] = MathF.Exp(-(2f * i / dim) * logTheta);
+        var pos = positions.Host;
+        ForRows(tokens, heads * dim, n =>
+        {
+            Span<float> cos = stackalloc float[half];
+            Span<float> sin = stackalloc float[half];
+            for (int i = 0; i < half; i++)
+            {
+                float angle = pos[n] * invFreq[i];
+                cos[i] = MathF.Cos(angle);
+                sin[i] = inverse ? -MathF.Sin(angle) : MathF.Sin(angle);
+            }
+
+            Span<float> t1 = stackalloc float[half];
+            Span<float> t2 = stackalloc float[half];
+            for (int h = 0; h < heads; h++)
+            {
+                int o = (n * heads + h) * dim;
+                var x1 = xa.AsSpan(xo + o, half);
+                var x2 = xa.AsSpan(xo + o + half, half);
+                var y1 = ya.AsSpan(yo + o, half);
+                var y2 = ya.AsSpan(yo + o + half, half);
+                // y1 = x1 cos - x2 sin into scratch first, since y may alias x; then y2 = x2 cos + x1 sin.
+                TensorPrimitives.Multiply(x1, cos, t1);
+                TensorPrimitives.Multiply(x2, sin, t2);
+                TensorPrimitives.Subtract(t1, t2, t1);
+                TensorPrimitives.Multiply(x2, cos, y2);
+                TensorPrimitives.MultiplyAdd(x1, sin, y2, y2);
+                t1.CopyTo(y1);
+            }
+        });
+    }
+
+    protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
+    {
+        CpuAttention.Forward(Arr(q), q.Offset, Arr(k), k.Offset, Arr(v), v.Offset, Arr(o), o.Offset, Arr(lse), lse.Offset, s);
+    }
+
+    protected internal override void AttentionBackwardCore(
+        Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s)
+    {
+        CpuAttention.Backward(
+            new CpuAttention.Views(Arr(q), q.Offset, Arr(k), k.Offset, Arr(v), v.Offset, Arr(o), o.Offset, Arr(lse), lse.Offset),
+            Arr(dO), dO.Offset, Arr(dq), dq.Offset, Arr(dk), dk.Offset, Arr(dv), dv.Offset, s);
+    }
+
+    protected internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)
+    {
+        var ta = Arr(table);
+        var ya = Arr(y);
+        int to = table.Offset, yo = y.Offset;
+        var idv = ids.Host;
+        ForRows(idv.Length, dim, n => ta.AsSpan(to + idv[n] * dim, dim).CopyTo(ya.AsSpan(yo + n * dim, dim)));
+    }
+
+    protected internal override void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim)
+    {
+        // Group tokens by id (counting sort), then each used row sums its tokens in order: deterministic, parallel.
+        var idv = ids.Host;
+        int vocab = dtable.Dim(0);
+        var (used, offsets, order) = EmbeddingPlan.Build(idv, vocab);
+        var dta = Arr(dtable);
+        var dya = Arr(dy);
+        int dto = dtable.Offset, dyo = dy.Offset;
+        S(dtable).Clear();
+        ForRows(used.Length, dim * 4, u =>
+        {
+            var row = dta.AsSpan(dto + used[u] * dim, dim);
+            for (int t = offsets[u]; t < offsets[u + 1]; t++) TensorPrimitives.Add(row, dya.AsSpan(dyo + order[t] * dim, dim), row);
+        });
+    }
+
+    protected internal override void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex)
+    {
+        var la = Arr(logits);
+        var loss = Arr(losses);
+        int lo = logits.Offset, oo = losses.Offset;
+        var tv = targets.Host;
+        ForRows(tv.Length, vocab, n =>
+        {
+            if (tv[n] == ignoreIndex)
+            {
+                loss[oo + n] = 0f;
+                return;
+            }
+
+            var row = la.AsSpan(lo + n * vocab, vocab);
+            loss[oo + n] = LogSumExp(row) - row[tv[n]];
+        });
+    }
+
+    protected internal override void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale)
+    {
+        var la = Arr(logits);
+        var da = Arr(dlogits);
+        int lo = logits.Offset, dof = dlogits.Offset;
+        var tv = targets.Host;
+        ForRows(tv.Length, vocab, n =>
+        {
+            var d = da.AsSpan(dof + n * vocab, vocab);
+            if (tv[n] == ignoreIndex)
+            {
+                d.Clear();
+                return;
+            }
+
+            TensorPrimitives.SoftMax(la.AsSpan(lo + n * vocab, vocab), d);
+            d[tv[n]] -= 1f;
+            if (scale != 1f) TensorPrimitives.Multiply(d, scale, d);
+        });
+    }
+
+    private static float LogSumExp(ReadOnlySpan<float> row)
+    {
+        float max = TensorPrimitives.Max(row);
+        if (float.IsNegativeInfinity(max)) return max;
+        double sum = 0;
+        foreach (float v in row) sum += MathF.Exp(v - max);
+        return max + (float)Math.Log(sum);
+    }
+
+    protected internal override void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step)
+    {
+        var pa = Arr(p);
+        var ga = Arr(g);
+        var ma = Arr(m);
+        var va = Arr(v);
+        int po = p.Offset, go = g.Offset, mo = m.Offset, vo = v.Offset;
+        float lr = step.LearningRate, b1 = step.Beta1, b2 = step.Beta2, eps = step.Epsilon;
+        float decay = 1f - lr * step.WeightDecay;
+        float bc1 = step.BiasCorrection1, bc2 = step.BiasCorrection2;
+        ForChunks(p.Length, (i0, n) =>
+        {
+            var ps = pa.AsSpan(po + i0, n);
+            var gs = ga.AsSpan(go + i0, n);
+            var ms = ma.AsSpan(mo + i0, n);
+            var vs = va.AsSpan(vo + i0, n);
+            for (int i = 0; i < n; i++)
+            {
+                float gi = gs[i];
+                float mi = b1 * ms[i] + (1f - b1) * gi;
+                float vi = b2 * vs[i] + (1f - b2) * gi * gi;
+                ms[i] = mi;
+                vs[i] = vi;
+                ps[i] = ps[i] * decay - lr * (mi / bc1) / (MathF.Sqrt(vi / bc2) + eps);
+            }
+        });
+    }
+
+    protected internal override void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step)
+    {
+        var pa = Arr(p);
+        var ga = Arr(g);
+        var ba = momentum == null ? null : Arr(momentum);
+        int po = p.Offset, go = g.Offset, bo = momentum?.Offset ?? 0;
+        ForChunks(p.Length, (i0, n) =>
+        {
+            var ps = pa.AsSpan(po + i0, n);
+            var gs = ga.AsSpan(go + i0, n);
+            for (int i = 0; i < n; i++)
+            {
+                float gi = gs[i] + step.WeightDecay * ps[i];
+                if (step.Momentum != 0f)
+                {
+                    float bi = step.Momentum * ba![bo + i0 + i] + gi;
+                    ba[bo + i0 + i] = bi;
+                    gi = step.Nesterov ? gi + step.Momentum * bi : bi;
+                }
+
+                ps[i] -= step.LearningRate * gi;
+            }
+        });
+    }
+
+    protected internal override double SumCore(Tensor x, bool squares)
+    {
+        // Fixed-size chunks summed in float, then in double in chunk order: the same answer on every run.
+        var xa = Arr(x);
+        int xo = x.Offset;
+        int chunks = (x.Length + ElementwiseKernels.ReduceChunk - 1) / ElementwiseKernels.ReduceChunk;
+        var partial = new double[chunks];
+        ForRows(chunks, ElementwiseKernels.ReduceChunk, c =>
+        {
+            int i0 = c * ElementwiseKernels.ReduceChunk;
+            var span = xa.AsSpan(xo + i0, Math.Min(ElementwiseKernels.ReduceChunk, x.Length - i0));
+            partial[c] = squares ? TensorPrimitives.Dot(span, span) : TensorPrimitives.Sum(span);
+        });
+        double acc = 0;
+        foreach (double v in partial) acc += v;
+        return acc;
+    }
+
+    /// <summary>Runs body(row) for every row, in parallel when the rows hold enough work.</summary>
+    internal static void ForRows(int rows, int elementsPerRow, Action<int> body)
+    {
+        long work = (long)rows * Math.Max(elementsPerRow, 1);
+        if (rows > 1 && work >= 2 * MinElementsPerTask && Environment.ProcessorCount > 1)
+        {
+            int rowsPerTask = (int)Math.Max(1, MinElementsPerTask / Math.Max(elementsPerRow, 1));
+            int tasks = (rows + rowsPerTask - 1) / rowsPerTask;
+            Parallel.For(0, tasks, t =>
+            {
+                int end = Math.Min(rows, (t + 1) * rowsPerTask);
+                for (int r = t * rowsPerTask; r < end; r++) body(r);
+            });
+        }
+        else
+        {
+            for (int r = 0; r < rows; r++) body(r);
+        }
+    }
+
+    /// <summary>Runs body(start, count) over [0, length) in chunks of at most 4096 elements.</summary>
+    private static void ForChunks(int length, Action<int, int> body)
+    {
+        const int chunk = 4096;
+        int chunks = (length + chunk - 1) / chunk;
+        ForRows(chunks, chunk, c => body(c * chunk, Math.Min(chunk, length - c * chunk)));
+    }
+}
+
+/// <summary>Tokens grouped by id (a counting sort in CSR form), for deterministic scatter-adds without atomics.</summary>
+internal static class EmbeddingPlan
+{
+    /// <returns>used: the distinct ids in increasing order; offsets (used + 1); order: token indices grouped by id.</returns>
+    public static (int[] Used, int[] Offsets, int[] Order) Build(int[] ids, int vocab)
+    {
+        var counts = new int[vocab];
+        foreach (int id in ids) counts[id]++;
+        var start = new int[vocab];
+        var used = new List<int>();
+        int total = 0;
+        for (int v = 0; v < vocab; v++)
+        {
+            start[v] = total;
+            total += counts[v];
+            if (counts[v] > 0) used.Add(v);
+        }
+
+        var offsets = new int[used.Count + 1];
+        for (int u = 0; u < used.Count; u++) offsets[u] = start[used[u]];
+        offsets[used.Count] = total;
+        var order = new int[ids.Length];
+        var fill = (int[])start.Clone();
+        for (int n = 0; n < ids.Length; n++) order[fill[ids[n]]++] = n;
+        return (used.ToArray(), offsets, order);
+    }
+}

@@ -1,0 +1,311 @@
+using System.Buffers;
+using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+
+namespace PeftSharp.Engine.Cpu;
+
+/// <summary>
+/// Single-precision GEMM for the CPU backend, BLIS-style: B is packed into NR-column panels per KC slice, A into
+/// MR-row panels per MC block, and a 6 x 16 register-blocked micro-kernel (12 Vector256 accumulators, broadcast
+/// FMA) computes each tile. Row blocks x column chunks run in parallel. Every transposition and leading dimension
+/// is handled by the packing, so the micro-kernel only ever sees contiguous panels.
+/// </summary>
+internal static unsafe class Gemm
+{
+    public const int MR = 6;
+    public const int NR = 16;
+    private const int KC = 256;  // K slice: an A panel (MR x KC) and a B panel (KC x NR) stay in L1
+    private const int MC = 96;   // rows per task block (16 micro-panels); MC x KC of A = 96 KiB, in L2
+    private const int NCHUNK = 256; // columns per task: 16 B panels = 256 KiB per KC slice
+
+    /// <summary>
+    /// c = alpha * op(a) op(b) + beta * c. op(a) is (m, k): a[i * lda + p], or a[p * lda + i] when transA.
+    /// op(b) is (k, n): b[p * ldb + j], or b[j * ldb + p] when transB. c[i * ldc + j]. With beta = 0 c is not read.
+    /// </summary>
+    public static void Sgemm(
+        bool transA, bool transB, int m, int n, int k, float alpha,
+        float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel = true)
+    {
+        if (m == 0 || n == 0) return;
+        if (k == 0 || alpha == 0f)
+        {
+            ScaleC(m, n, beta, c, ldc);
+            return;
+        }
+
+        if (m <= 4 && !transA)
+        {
+            SmallM(transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
+            return;
+        }
+
+        int panels = (n + NR - 1) / NR;
+        int kcMax = Math.Min(KC, k);
+        float[] packedB = ArrayPool<float>.Shared.Rent(panels * NR * kcMax);
+        try
+        {
+            fixed (float* bp = packedB)
+            {
+                float* bpp = bp;
+                int rowBlocks = (m + MC - 1) / MC;
+                int colChunks = (n + NCHUNK - 1) / NCHUNK;
+                int tasks = rowBlocks * colChunks;
+                bool par = parallel && (long)m * n * k >= 64L * 64 * 64 && Environment.ProcessorCount > 1;
+                for (int pc = 0; pc < k; pc += KC)
+                {
+                    int kc = Math.Min(KC, k - pc);
+                    float betaSlice = pc == 0 ? beta : 1f;
+                    int pcc = pc;
+                    if (par && panels > 1)
+                    {
+                        Parallel.For(0, panels, jp => PackB(transB, b, ldb, pcc, kc, jp * NR, Math.Min(NR, n - jp * NR), bpp + (long)jp * NR * kc));
+                    }
+                    else
+                    {
+                        for (int jp = 0; jp < panels; jp++) PackB(transB, b, ldb, pc, kc, jp * NR, Math.Min(NR, n - jp * NR), bp + (long)jp * NR * kc);
+                    }
+
+                    if (par && tasks > 1)
+                    {
+                        Parallel.For(0, tasks, t => RunBlock(t, colChunks, transA, m, n, a, lda, pcc, kc, bpp, alpha, betaSlice, c, ldc));
+                    }
+                    else
+                    {
+                        for (int t = 0; t < tasks; t++) RunBlock(t, colChunks, transA, m, n, a, lda, pc, kc, bp, alpha, betaSlice, c, ldc);
+                    }
+                }
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(packedB);
+        }
+    }
+
+    private static void RunBlock(
+        int task, int colChunks, bool transA, int m, int n, float* a, int lda, int pc, int kc, float* bp,
+        float alpha, float beta, float* c, int ldc)
+    {
+        int ic = task / colChunks * MC;
+        int jc = task % colChunks * NCHUNK;
+        int mc = Math.Min(MC, m - ic);
+        int nc = Math.Min(NCHUNK, n - jc);
+        int mPanels = (mc + MR - 1) / MR;
+        float[] packedA = ArrayPool<float>.Shared.Rent(mPanels * MR * kc);
+        try
+        {
+            fixed (float* ap = packedA)
+            {
+                for (int ip = 0; ip < mPanels; ip++)
+                {
+                    PackA(transA, a, lda, ic + ip * MR, Math.Min(MR, mc - ip * MR), pc, kc, ap + ip * MR * kc);
+                }
+
+                for (int jr = 0; jr < nc; jr += NR)
+                {
+                    int nr = Math.Min(NR, nc - jr);
+                    float* bPanel = bp + (long)(jc + jr) / NR * NR * kc;
+                    for (int ip = 0; ip < mPanels; ip++)
+                    {
+                        int ir = ip * MR;
+                        int mr = Math.Min(MR, mc - ir);
+                        Kernel6x16(kc, ap + ip * MR * kc, bPanel, c + (long)(ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, beta);
+                    }
+                }
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(packedA);
+        }
+    }
+
+    /// <summary>Packs op(a)[i0 .. i0+mr, p0 .. p0+kc] as kc groups of MR floats, zero-padded past mr.</summary>
+    private static void PackA(bool transA, float* a, int lda, int i0, int mr, int p0, int kc, float* dst)
+    {
+        if (mr < MR) new Span<float>(dst, MR * kc).Clear();
+        if (transA)
+        {
+            for (int p = 0; p < kc; p++)
+            {
+                float* src = a + (long)(p0 + p) * lda + i0;
+                for (int r = 0; r < mr; r++) dst[p * MR + r] = src[r];
+            }
+        }
+        else
+        {
+            for (int r = 0; r < mr; r++)
+            {
+                float* src = a + (long)(i0 + r) * lda + p0;
+                for (int p = 0; p < kc; p++) dst[p * MR + r] = src[p];
+            }
+        }
+    }
+
+    /// <summary>Packs op(b)[p0 .. p0+kc, j0 .. j0+nr] as kc groups of NR floats, zero-padded past nr.</summary>
+    private static void PackB(bool transB, float* b, int ldb, int p0, int kc, int j0, int nr, float* dst)
+    {
+        if (transB)
+        {
+            if (nr < NR) new Span<float>(dst, NR * kc).Clear();
+            for (int col = 0; col < nr; col++)
+            {
+                float* src = b + (long)(j0 + col) * ldb + p0;
+                for (int p = 0; p < kc; p++) dst[p * NR + col] = src[p];
+            }
+        }
+        else if (nr == NR)
+        {
+            for (int p = 0; p < kc; p++)
+            {
+                float* src = b + (long)(p0 + p) * ldb + j0;
+                Vector256.Store(Vector256.Load(src), dst + p * NR);
+                Vector256.Store(Vector256.Load(src + 8), dst + p * NR + 8);
+            }
+        }
+        else
+        {
+            for (int p = 0; p < kc; p++)
+            {
+                float* src = b + (long)(p0 + p) * ldb + j0;
+                int col = 0;
+                for (; col < nr; col++) dst[p * NR + col] = src[col];
+                for (; col < NR; col++) dst[p * NR + col] = 0f;
+            }
+        }
+    }
+
+    /// <summary>c[0..mr, 0..nr] = alpha * (ap panel x bp panel) + beta * c. Full tiles store straight from registers.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Kernel6x16(int kc, float* ap, float* bp, float* c, int ldc, int mr, int nr, float alpha, float beta)
+    {
+        Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
+        Vector256<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
+        for (int p = 0; p < kc; p++)
+        {
+            var b0 = Vector256.Load(bp);
+            var b1 = Vector256.Load(bp + 8);
+            var a0 = Vector256.Create(ap[0]);
+            c00 = Vector256.FusedMultiplyAdd(a0, b0, c00);
+            c01 = Vector256.FusedMultiplyAdd(a0, b1, c01);
+            var a1 = Vector256.Create(ap[1]);
+            c10 = Vector256.FusedMultiplyAdd(a1, b0, c10);
+            c11 = Vector256.FusedMultiplyAdd(a1, b1, c11);
+            var a2 = Vector256.Create(ap[2]);
+            c20 = Vector256.FusedMultiplyAdd(a2, b0, c20);
+            c21 = Vector256.FusedMultiplyAdd(a2, b1, c21);
+            var a3 = Vector256.Create(ap[3]);
+            c30 = Vector256.FusedMultiplyAdd(a3, b0, c30);
+            c31 = Vector256.FusedMultiplyAdd(a3, b1, c31);
+            var a4 = Vector256.Create(ap[4]);
+            c40 = Vector256.FusedMultiplyAdd(a4, b0, c40);
+            c41 = Vector256.FusedMultiplyAdd(a4, b1, c41);
+            var a5 = Vector256.Create(ap[5]);
+            c50 = Vector256.FusedMultiplyAdd(a5, b0, c50);
+            c51 = Vector256.FusedMultiplyAdd(a5, b1, c51);
+            ap += MR;
+            bp += NR;
+        }
+
+        if (mr == MR && nr == NR)
+        {
+            StoreRow(c, c00, c01, alpha, beta);
+            StoreRow(c + ldc, c10, c11, alpha, beta);
+            StoreRow(c + 2 * ldc, c20, c21, alpha, beta);
+            StoreRow(c + 3 * ldc, c30, c31, alpha, beta);
+            StoreRow(c + 4 * ldc, c40, c41, alpha, beta);
+            StoreRow(c + 5 * ldc, c50, c51, alpha, beta);
+            return;
+        }
+
+        float* tile = stackalloc float[MR * NR];
+        c00.Store(tile); c01.Store(tile + 8);
+        c10.Store(tile + 16); c11.Store(tile + 24);
+        c20.Store(tile + 32); c21.Store(tile + 40);
+        c30.Store(tile + 48); c31.Store(tile + 56);
+        c40.Store(tile + 64); c41.Store(tile + 72);
+        c50.Store(tile + 80); c51.Store(tile + 88);
+        for (int r = 0; r < mr; r++)
+        {
+            float* row = c + (long)r * ldc;
+            for (int col = 0; col < nr; col++)
+            {
+                float v = alpha * tile[r * NR + col];
+                row[col] = beta == 0f ? v : v + beta * row[col];
+            }
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreRow(float* c, Vector256<float> lo, Vector256<float> hi, float alpha, float beta)
+    {
+        var va = Vector256.Create(alpha);
+        if (beta == 0f)
+        {
+            Vector256.Store(lo * va, c);
+            Vector256.Store(hi * va, c + 8);
+        }
+        else
+        {
+            var vb = Vector256.Create(beta);
+            Vector256.Store(Vector256.FusedMultiplyAdd(Vector256.Load(c), vb, lo * va), c);
+            Vector256.Store(Vector256.FusedMultiplyAdd(Vector256.Load(c + 8), vb, hi * va), c + 8);
+        }
+    }
+
+    /// <summary>
+    /// A few rows (decode-time linear layers): memory-bound, so stream b once. With transB (weights stored (N, K))
+    /// each output is a dot product; otherwise each output row is a sum of scaled rows of b.
+    /// </summary>
+    private static void SmallM(bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
+    {
+        const int chunk = 64;
+        int chunks = (n + chunk - 1) / chunk;
+        void Run(int t)
+        {
+            int j0 = t * chunk;
+            int j1 = Math.Min(n, j0 + chunk);
+            if (transB)
+            {
+                for (int j = j0; j < j1; j++)
+                {
+                    var bj = new ReadOnlySpan<float>(b + (long)j * ldb, k);
+                    for (int i = 0; i < m; i++)
+                    {
+                        float v = alpha * TensorPrimitives.Dot(new ReadOnlySpan<float>(a + (long)i * lda, k), bj);
+                        float* ci = c + (long)i * ldc + j;
+                        *ci = beta == 0f ? v : v + beta * *ci;
+                    }
+                }
+            }
+            else
+            {
+                int w = j1 - j0;
+                for (int i = 0; i < m; i++)
+                {
+                    var ci = new Span<float>(c + (long)i * ldc + j0, w);
+                    if (beta == 0f) ci.Clear();
+                    else if (beta != 1f) TensorPrimitives.Multiply(ci, beta, ci);
+                    for (int p = 0; p < k; p++)
+                    {
+                        TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(b + (long)p * ldb + j0, w), alpha * a[(long)i * lda + p], ci, ci);
+                    }
+                }
+            }
+        }
+
+        if (parallel && chunks > 1 && (long)n * k >= 1 << 16) Parallel.For(0, chunks, Run);
+        else for (int t = 0; t < chunks; t++) Run(t);
+    }
+
+    private static void ScaleC(int m, int n, float beta, float* c, int ldc)
+    {
+        for (int i = 0; i < m; i++)
+        {
+            var row = new Span<float>(c + (long)i * ldc, n);
+            if (beta == 0f) row.Clear();
+            else TensorPrimitives.Multiply(row, beta, row);
+        }
+    }
+}

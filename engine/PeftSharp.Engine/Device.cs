@@ -1,0 +1,141 @@
+using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.Optim;
+
+namespace PeftSharp.Engine;
+
+/// <summary>
+/// A compute device: owns tensors and implements every op. Callers use <see cref="Ops"/>, which checks shapes
+/// and devices and then calls the unchecked <c>*Core</c> methods each backend implements.
+/// </summary>
+public abstract class Device : IDisposable
+{
+    protected Device()
+    {
+        Ops = new Ops(this);
+    }
+
+    public abstract DeviceInfo Info { get; }
+
+    /// <summary>The checked op surface.</summary>
+    public Ops Ops { get; }
+
+    public bool IsDisposed { get; private set; }
+
+    /// <summary>A zero-filled tensor.</summary>
+    public Tensor Zeros(string name, params int[] shape)
+    {
+        ThrowIfDisposed();
+        var copy = (int[])shape.Clone();
+        int length = ShapeUtil.Product(copy, name);
+        return new Tensor(this, name, copy, AllocateStorage(length), 0, ownsStorage: true);
+    }
+
+    /// <summary>A tensor holding <paramref name="data"/> (length must equal the product of the shape).</summary>
+    public Tensor FromArray(string name, ReadOnlySpan<float> data, params int[] shape)
+    {
+        var t = Zeros(name, shape);
+        if (data.Length != t.Length)
+        {
+            t.Dispose();
+            throw new ArgumentException($"tensor '{name}' {ShapeUtil.Format(shape)} needs {ShapeUtil.Product(shape, name)} values, got {data.Length}");
+        }
+
+        Upload(t, data);
+        return t;
+    }
+
+    /// <summary>An index tensor; the shape defaults to [data.Length].</summary>
+    public IndexTensor FromIndices(string name, ReadOnlySpan<int> data, params int[] shape)
+    {
+        ThrowIfDisposed();
+        var s = shape.Length == 0 ? new[] { data.Length } : (int[])shape.Clone();
+        if (ShapeUtil.Product(s, name) != data.Length)
+        {
+            throw new ArgumentException($"index tensor '{name}' {ShapeUtil.Format(s)} needs {ShapeUtil.Product(s, name)} values, got {data.Length}");
+        }
+
+        var host = data.ToArray();
+        return new IndexTensor(this, name, s, host, AllocateIndexStorage(host));
+    }
+
+    /// <summary>
+    /// A tensor placed <paramref name="pad"/> elements into a larger buffer whose padding holds <paramref name="sentinel"/>;
+    /// <see cref="ReadPadding"/> returns the padding. Tests use it to catch out-of-bounds writes.
+    /// </summary>
+    internal Tensor CreatePadded(string name, int pad, float sentinel, params int[] shape)
+    {
+        int length = ShapeUtil.Product(shape, name);
+        var storage = AllocateStorage(length + 2 * pad);
+        var fill = new float[length + 2 * pad];
+        Array.Fill(fill, sentinel);
+        Upload(new Tensor(this, name, new[] { length + 2 * pad }, storage, 0, ownsStorage: false), fill);
+        return new Tensor(this, name, (int[])shape.Clone(), storage, pad, ownsStorage: true);
+    }
+
+    internal float[] ReadPadding(Tensor t, int pad)
+    {
+        var whole = new Tensor(this, t.Name, new[] { t.Length + 2 * pad }, t.Storage, t.Offset - pad, ownsStorage: false);
+        var all = whole.ToArray();
+        return all.AsSpan(0, pad).ToArray().Concat(all.AsSpan(pad + t.Length, pad).ToArray()).ToArray();
+    }
+
+    /// <summary>Waits until every queued op has finished.</summary>
+    public virtual void Synchronize()
+    {
+    }
+
+    protected void ThrowIfDisposed()
+    {
+        if (IsDisposed) throw new ObjectDisposedException($"device {Info.Spec}");
+    }
+
+    public void Dispose()
+    {
+        if (IsDisposed) return;
+        IsDisposed = true;
+        DisposeCore();
+        GC.SuppressFinalize(this);
+    }
+
+    protected virtual void DisposeCore()
+    {
+    }
+
+    public override string ToString() => Info.ToString();
+
+    // Storage. Allocations are zero-filled.
+    protected internal abstract object AllocateStorage(int length);
+    protected internal abstract object AllocateIndexStorage(int[] values);
+    protected internal abstract void ReleaseStorage(object storage);
+    protected internal abstract void Upload(Tensor t, ReadOnlySpan<float> source);
+    protected internal abstract void Download(Tensor t, Span<float> destination);
+
+    // Ops, unchecked: Ops validates before calling. Outputs are overwritten unless the op says it accumulates.
+    protected internal abstract void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta);
+    protected internal abstract void AddCore(Tensor a, Tensor b, Tensor y);
+    protected internal abstract void MulCore(Tensor a, Tensor b, Tensor y);
+    protected internal abstract void ScaleCore(Tensor x, float s, Tensor y);
+    protected internal abstract void AxpyCore(float alpha, Tensor x, Tensor y);
+    protected internal abstract void FillCore(Tensor y, float value);
+    protected internal abstract void CopyCore(Tensor source, Tensor destination);
+    protected internal abstract void SiluCore(Tensor x, Tensor y);
+    protected internal abstract void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx);
+    protected internal abstract void SwiGluCore(Tensor gate, Tensor up, Tensor y);
+    protected internal abstract void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp);
+    protected internal abstract void SoftmaxCore(Tensor x, Tensor y, int rows, int cols);
+    protected internal abstract void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols);
+    protected internal abstract void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps);
+    protected internal abstract void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim);
+    protected internal abstract void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse);
+    protected internal abstract void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s);
+    protected internal abstract void AttentionBackwardCore(
+        Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s);
+    protected internal abstract void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim);
+    protected internal abstract void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim);
+    protected internal abstract void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex);
+    protected internal abstract void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale);
+    protected internal abstract void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step);
+    protected internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
+    protected internal abstract double SumCore(Tensor x, bool squares);
+}

@@ -1,0 +1,361 @@
+using ILGPU;
+using ILGPU.Runtime;
+using ILGPU.Runtime.CPU;
+using ILGPU.Runtime.Cuda;
+using ILGPU.Runtime.OpenCL;
+using PeftSharp.Engine.Cpu;
+using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.Optim;
+using Buffer = ILGPU.Runtime.MemoryBuffer1D<float, ILGPU.Stride1D.Dense>;
+using IndexBuffer = ILGPU.Runtime.MemoryBuffer1D<int, ILGPU.Stride1D.Dense>;
+
+namespace PeftSharp.Engine.Ilgpu;
+
+/// <summary>Which matmul kernel an ILGPU device runs.</summary>
+public enum MatMulAlgorithm
+{
+    /// <summary>Tiled where the device's groups hold Tile x Tile threads and the output spans a tile, else naive.</summary>
+    Auto,
+    Naive,
+    Tiled,
+}
+
+/// <summary>
+/// A device run by ILGPU kernels (CUDA, OpenCL, or ILGPU's CPU simulator). Owns its Context and Accelerator.
+/// </summary>
+public sealed class IlgpuDevice : Device
+{
+    private readonly Context context;
+    private readonly Accelerator accelerator;
+    private readonly IlgpuKernelSet kernels;
+
+    private IlgpuDevice(Context context, Accelerator accelerator, DeviceInfo info)
+    {
+        this.context = context;
+        this.accelerator = accelerator;
+        Info = info;
+        kernels = new IlgpuKernelSet(accelerator, info.Spec);
+    }
+
+    public override DeviceInfo Info { get; }
+
+    /// <summary>The matmul kernel to run; tests set it to cover both.</summary>
+    public MatMulAlgorithm MatMulAlgorithm { get; set; } = MatMulAlgorithm.Auto;
+
+    /// <summary>Whether the tiled matmul can run here (groups of Tile x Tile threads).</summary>
+    public bool SupportsTiledMatMul => accelerator.MaxNumThreadsPerGroup >= MatMulKernels.Tile * MatMulKernels.Tile;
+
+    /// <summary>
+    /// ILGPU's CPU simulator with groups of <paramref name="threadsPerWarp"/> x <paramref name="warpsPerGroup"/> threads.
+    /// For checking kernels on tiny shapes only: it runs at well under 1 GFLOP/s.
+    /// </summary>
+    public static IlgpuDevice CreateCpuSimulator(int threadsPerWarp = 4, int warpsPerGroup = 64, int multiprocessors = 1)
+    {
+        var cpu = new CPUDevice(threadsPerWarp, warpsPerGroup, multiprocessors);
+        var context = Context.Create(b => b.CPU(cpu).EnableAlgorithms().Optimize(OptimizationLevel.O1));
+        try
+        {
+            var acc = context.GetCPUDevice(0).CreateCPUAccelerator(context);
+            string spec = threadsPerWarp == 4 && warpsPerGroup == 64 && multiprocessors == 1
+                ? "ilgpu-cpu"
+                : $"ilgpu-cpu:{threadsPerWarp}x{warpsPerGroup}x{multiprocessors}";
+            return new IlgpuDevice(context, acc, Describe(spec, DeviceKind.IlgpuCpu, acc, $"simulator, warp {threadsPerWarp}, {warpsPerGroup} warps per group"));
+        }
+        catch
+        {
+            context.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>CUDA device <paramref name="index"/>.</summary>
+    public static IlgpuDevice CreateCuda(int index = 0)
+    {
+        var context = Context.Create(b => b.Cuda().EnableAlgorithms().Optimize(OptimizationLevel.O2));
+        try
+        {
+            var devices = context.GetCudaDevices();
+            if (index < 0 || index >= devices.Count)
+            {
+                throw new ArgumentException($"cuda:{index} is not present ({devices.Count} CUDA devices found)");
+            }
+
+            var acc = context.CreateCudaAccelerator(index);
+            return new IlgpuDevice(context, acc, Describe($"cuda:{index}", DeviceKind.Cuda, acc, "CUDA"));
+        }
+        catch
+        {
+            context.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>OpenCL device <paramref name="index"/> (in ILGPU's order), with the PoCL workarounds of <see cref="OpenClSupport"/>.</summary>
+    public static IlgpuDevice CreateOpenCl(int index = 0)
+    {
+        OpenClSupport.InstallLibraryResolver();
+        // OpenCL(predicate) with an accept-all predicate: ILGPU's default OpenCL() drops devices without the generic
+        // address space (PoCL among them) before we can force the capability on.
+        var context = Context.Create(b => b.OpenCL(OpenClSupport.AcceptAll).EnableAlgorithms().Optimize(OptimizationLevel.O2));
+        try
+        {
+            var devices = context.GetCLDevices();
+            if (index < 0 || index >= devices.Count)
+            {
+                throw new ArgumentException($"opencl:{index} is not present ({devices.Count} OpenCL devices found)");
+            }
+
+            var device = devices[index];
+            bool forced = OpenClSupport.ForceGenericAddressSpace(device);
+            var acc = device.CreateCLAccelerator(context);
+            string detail = $"OpenCL {device.DeviceVersion}, {device.DeviceType}, {device.PlatformName}" + (forced ? ", generic address space check bypassed" : "");
+            return new IlgpuDevice(context, acc, Describe($"opencl:{index}", DeviceKind.OpenCL, acc, detail));
+        }
+        catch
+        {
+            context.Dispose();
+            throw;
+        }
+    }
+
+    private static DeviceInfo Describe(string spec, DeviceKind kind, Accelerator acc, string detail) =>
+        new(spec, kind, acc.Name.Trim(), acc.MemorySize, acc.WarpSize, acc.MaxNumThreadsPerGroup, detail);
+
+    protected override void DisposeCore()
+    {
+        accelerator.Dispose();
+        context.Dispose();
+    }
+
+    public override void Synchronize() => accelerator.Synchronize();
+
+    private static ArrayView<float> V(Tensor t) => ((Buffer)t.Storage).View.SubView(t.Offset, t.Length);
+
+    private static ArrayView<int> V(IndexTensor t) => ((IndexBuffer)t.Storage).View.SubView(0, t.Length);
+
+    protected internal override object AllocateStorage(int length)
+    {
+        ThrowIfDisposed();
+        var buffer = accelerator.Allocate1D<float>(Math.Max(1, length));
+        buffer.MemSetToZero();
+        return buffer;
+    }
+
+    protected internal override object AllocateIndexStorage(int[] values)
+    {
+        ThrowIfDisposed();
+        var buffer = accelerator.Allocate1D<int>(Math.Max(1, values.Length));
+        if (values.Length > 0) buffer.View.SubView(0, values.Length).CopyFromCPU(values);
+        return buffer;
+    }
+
+    protected internal override void ReleaseStorage(object storage)
+    {
+        if (!IsDisposed) ((IDisposable)storage).Dispose();
+    }
+
+    protected internal override void Upload(Tensor t, ReadOnlySpan<float> source)
+    {
+        if (t.Length == 0) return;
+        accelerator.Synchronize();
+        V(t).CopyFromCPU(source);
+    }
+
+    protected internal override void Download(Tensor t, Span<float> destination)
+    {
+        if (t.Length == 0) return;
+        accelerator.Synchronize();
+        V(t).CopyToCPU(destination);
+    }
+
+    protected internal override void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta)
+    {
+        if (c.Length == 0) return;
+        var algorithm = MatMulAlgorithm;
+        if (algorithm == MatMulAlgorithm.Auto)
+        {
+            algorithm = SupportsTiledMatMul && s.M >= MatMulKernels.Tile && s.N >= MatMulKernels.Tile ? MatMulAlgorithm.Tiled : MatMulAlgorithm.Naive;
+        }
+
+        if (algorithm == MatMulAlgorithm.Tiled)
+        {
+            if (!SupportsTiledMatMul)
+            {
+                throw new InvalidOperationException($"tiled matmul needs {MatMulKernels.Tile * MatMulKernels.Tile}-thread groups; {Info.Spec} allows {accelerator.MaxNumThreadsPerGroup}");
+            }
+
+            const int t = MatMulKernels.Tile;
+            var config = new KernelConfig(new Index3D((s.N + t - 1) / t, (s.M + t - 1) / t, s.Batch), new Index3D(t, t, 1));
+            kernels.MatMulTiled.Value(config, V(a), V(b), V(c), s, alpha, beta);
+        }
+        else
+        {
+            kernels.MatMulNaive.Value(c.Length, V(a), V(b), V(c), s, alpha, beta);
+        }
+    }
+
+    protected internal override void AddCore(Tensor a, Tensor b, Tensor y)
+    {
+        if (y.Length > 0) kernels.Add.Value(y.Length, V(a), V(b), V(y));
+    }
+
+    protected internal override void MulCore(Tensor a, Tensor b, Tensor y)
+    {
+        if (y.Length > 0) kernels.Mul.Value(y.Length, V(a), V(b), V(y));
+    }
+
+    protected internal override void ScaleCore(Tensor x, float s, Tensor y)
+    {
+        if (y.Length > 0) kernels.Scale.Value(y.Length, V(x), s, V(y));
+    }
+
+    protected internal override void AxpyCore(float alpha, Tensor x, Tensor y)
+    {
+        if (y.Length > 0) kernels.Axpy.Value(y.Length, alpha, V(x), V(y));
+    }
+
+    protected internal override void FillCore(Tensor y, float value)
+    {
+        if (y.Length > 0) kernels.Fill.Value(y.Length, V(y), value);
+    }
+
+    protected internal override void CopyCore(Tensor source, Tensor destination)
+    {
+        if (source.Length > 0) V(source).CopyTo(V(destination));
+    }
+
+    protected internal override void SiluCore(Tensor x, Tensor y)
+    {
+        if (y.Length > 0) kernels.Silu.Value(y.Length, V(x), V(y));
+    }
+
+    protected internal override void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx)
+    {
+        if (dx.Length > 0) kernels.SiluBackward.Value(dx.Length, V(x), V(dy), V(dx));
+    }
+
+    protected internal override void SwiGluCore(Tensor gate, Tensor up, Tensor y)
+    {
+        if (y.Length > 0) kernels.SwiGlu.Value(y.Length, V(gate), V(up), V(y));
+    }
+
+    protected internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
+    {
+        if (dy.Length > 0) kernels.SwiGluBackward.Value(dy.Length, V(gate), V(up), V(dy), V(dGate), V(dUp));
+    }
+
+    protected internal override void SoftmaxCore(Tensor x, Tensor y, int rows, int cols)
+    {
+        if (rows > 0 && cols > 0) kernels.Softmax.Value(rows, V(x), V(y), cols);
+    }
+
+    protected internal override void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols)
+    {
+        if (rows > 0 && cols > 0) kernels.SoftmaxBackward.Value(rows, V(y), V(dy), V(dx), cols);
+    }
+
+    protected internal override void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps)
+    {
+        if (rows > 0) kernels.RmsNorm.Value(rows, V(x), V(w), V(y), V(rstd), dim, eps);
+    }
+
+    protected internal override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim)
+    {
+        if (rows > 0) kernels.RmsNormBackwardInput.Value(rows, V(dy), V(x), V(w), V(rstd), V(dx), dim);
+        if (dim > 0) kernels.RmsNormBackwardWeight.Value(dim, V(dy), V(x), V(rstd), V(dw), rows, dim);
+    }
+
+    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse)
+    {
+        int n = tokens * heads * (dim / 2);
+        if (n > 0) kernels.Rope.Value(n, V(x), V(positions), V(y), heads, dim, MathF.Log(theta), inverse ? -1f : 1f);
+    }
+
+    protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
+    {
+        int rows = s.B * s.H * s.Tq;
+        if (rows > 0) kernels.Attention.Value(rows, V(q), V(k), V(v), V(o), V(lse), s);
+    }
+
+    protected internal override void AttentionBackwardCore(
+        Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s)
+    {
+        int rows = s.B * s.H * s.Tq;
+        using var delta = accelerator.Allocate1D<float>(Math.Max(1, rows));
+        if (rows > 0)
+        {
+            kernels.AttentionDelta.Value(rows, V(o), V(dO), delta.View, s);
+            kernels.AttentionBackwardQuery.Value(rows, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dq), s);
+        }
+
+        int keyRows = s.B * s.Tk * s.Hkv;
+        if (keyRows > 0) kernels.AttentionBackwardKeyValue.Value(keyRows, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dk), V(dv), s);
+        accelerator.Synchronize(); // delta is freed on return
+    }
+
+    protected internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)
+    {
+        if (y.Length > 0) kernels.Embedding.Value(y.Length, V(ids), V(table), V(y), dim);
+    }
+
+    protected internal override void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim)
+    {
+        FillCore(dtable, 0f);
+        if (ids.Length == 0 || dim == 0) return;
+        var (used, offsets, order) = EmbeddingPlan.Build(ids.Host, dtable.Dim(0));
+        using var usedBuf = accelerator.Allocate1D(used);
+        using var offsetBuf = accelerator.Allocate1D(offsets);
+        using var orderBuf = accelerator.Allocate1D(order);
+        kernels.EmbeddingBackward.Value(used.Length * dim, usedBuf.View, offsetBuf.View, orderBuf.View, V(dy), V(dtable), dim);
+        accelerator.Synchronize();
+    }
+
+    protected internal override void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex)
+    {
+        int rows = targets.Length;
+        if (rows == 0) return;
+        using var lse = accelerator.Allocate1D<float>(rows);
+        kernels.LogSumExp.Value(rows, V(logits), lse.View, vocab);
+        kernels.CrossEntropyLoss.Value(rows, V(logits), V(targets), lse.View, V(losses), vocab, ignoreIndex);
+        accelerator.Synchronize();
+    }
+
+    protected internal override void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale)
+    {
+        int rows = targets.Length;
+        if (rows == 0 || vocab == 0) return;
+        using var lse = accelerator.Allocate1D<float>(rows);
+        kernels.LogSumExp.Value(rows, V(logits), lse.View, vocab);
+        kernels.CrossEntropyBackward.Value(rows * vocab, V(logits), V(targets), lse.View, V(dlogits), vocab, ignoreIndex, scale);
+        accelerator.Synchronize();
+    }
+
+    protected internal override void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step)
+    {
+        if (p.Length == 0) return;
+        kernels.AdamW.Value(
+            p.Length, V(p), V(g), V(m), V(v), step.LearningRate, step.Beta1, step.Beta2, step.Epsilon, step.WeightDecay,
+            step.BiasCorrection1, step.BiasCorrection2);
+    }
+
+    protected internal override void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step)
+    {
+        if (p.Length == 0) return;
+        var buf = momentum != null ? V(momentum) : V(g); // not read when momentum is 0
+        kernels.Sgd.Value(p.Length, V(p), V(g), buf, step.LearningRate, step.Momentum, step.WeightDecay, step.Nesterov ? 1 : 0);
+    }
+
+    protected internal override double SumCore(Tensor x, bool squares)
+    {
+        if (x.Length == 0) return 0;
+        int chunks = (x.Length + ElementwiseKernels.ReduceChunk - 1) / ElementwiseKernels.ReduceChunk;
+        using var partial = accelerator.Allocate1D<float>(chunks);
+        kernels.PartialSum.Value(chunks, V(x), partial.View, squares ? 1 : 0);
+        accelerator.Synchronize();
+        var host = partial.GetAsArray1D();
+        double acc = 0;
+        foreach (float v in host) acc += v;
+        return acc;
+    }
+}

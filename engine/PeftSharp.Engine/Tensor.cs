@@ -1,0 +1,163 @@
+namespace PeftSharp.Engine;
+
+/// <summary>
+/// A contiguous fp32 buffer owned by one device, with a shape and a name used in error messages.
+/// The creator owns it and disposes it; a <see cref="Reshape"/> view shares the storage and owns nothing.
+/// </summary>
+public sealed class Tensor : IDisposable
+{
+    private readonly int[] shape;
+    private readonly bool ownsStorage;
+    private bool disposed;
+
+    internal Tensor(Device device, string name, int[] shape, object storage, int offset, bool ownsStorage)
+    {
+        Device = device;
+        Name = name;
+        this.shape = shape;
+        Storage = storage;
+        Offset = offset;
+        this.ownsStorage = ownsStorage;
+        Length = ShapeUtil.Product(shape, name);
+    }
+
+    public Device Device { get; }
+
+    public string Name { get; }
+
+    public IReadOnlyList<int> Shape => shape;
+
+    public int Rank => shape.Length;
+
+    /// <summary>Number of elements.</summary>
+    public int Length { get; }
+
+    public bool IsDisposed => disposed || (Parent?.IsDisposed ?? false);
+
+    /// <summary>Backend storage (float[] on the CPU backend, an ILGPU buffer on ILGPU devices).</summary>
+    internal object Storage { get; }
+
+    /// <summary>First element's offset in <see cref="Storage"/>.</summary>
+    internal int Offset { get; }
+
+    internal Tensor? Parent { get; private init; }
+
+    /// <summary>Size of dimension <paramref name="axis"/>; negative axes count from the end.</summary>
+    public int Dim(int axis) => shape[axis < 0 ? axis + shape.Length : axis];
+
+    /// <summary>A view with another shape over the same elements; disposing it frees nothing.</summary>
+    public Tensor Reshape(params int[] newShape)
+    {
+        ThrowIfDisposed();
+        if (ShapeUtil.Product(newShape, Name) != Length)
+        {
+            throw new ArgumentException($"cannot reshape {this} to {ShapeUtil.Format(newShape)}: {Length} elements vs {ShapeUtil.Product(newShape, Name)}");
+        }
+
+        return new Tensor(Device, Name, (int[])newShape.Clone(), Storage, Offset, ownsStorage: false) { Parent = this };
+    }
+
+    /// <summary>Copies the elements to a new host array (synchronizes the device).</summary>
+    public float[] ToArray()
+    {
+        ThrowIfDisposed();
+        var result = new float[Length];
+        Device.Download(this, result);
+        return result;
+    }
+
+    /// <summary>Overwrites the elements from host memory.</summary>
+    public void CopyFrom(ReadOnlySpan<float> data)
+    {
+        ThrowIfDisposed();
+        if (data.Length != Length)
+        {
+            throw new ArgumentException($"cannot copy {data.Length} values into {this} ({Length} elements)");
+        }
+
+        Device.Upload(this, data);
+    }
+
+    internal void ThrowIfDisposed()
+    {
+        if (IsDisposed) throw new ObjectDisposedException($"tensor {this}");
+    }
+
+    public void Dispose()
+    {
+        if (disposed) return;
+        disposed = true;
+        if (ownsStorage) Device.ReleaseStorage(Storage);
+    }
+
+    public override string ToString() => $"'{Name}' {ShapeUtil.Format(shape)}";
+}
+
+/// <summary>
+/// Int32 indices on a device (token ids, targets, positions). Immutable after creation; the host copy is kept so
+/// that ranges are checked before any kernel runs and backends can plan scatters without a download.
+/// </summary>
+public sealed class IndexTensor : IDisposable
+{
+    private readonly int[] shape;
+    private bool disposed;
+
+    internal IndexTensor(Device device, string name, int[] shape, int[] host, object storage)
+    {
+        Device = device;
+        Name = name;
+        this.shape = shape;
+        Host = host;
+        Storage = storage;
+        Length = ShapeUtil.Product(shape, name);
+    }
+
+    public Device Device { get; }
+
+    public string Name { get; }
+
+    public IReadOnlyList<int> Shape => shape;
+
+    public int Length { get; }
+
+    /// <summary>The values, as uploaded.</summary>
+    public ReadOnlySpan<int> Values => Host;
+
+    internal int[] Host { get; }
+
+    internal object Storage { get; }
+
+    public bool IsDisposed => disposed;
+
+    internal void ThrowIfDisposed()
+    {
+        if (disposed) throw new ObjectDisposedException($"index tensor {this}");
+    }
+
+    public void Dispose()
+    {
+        if (disposed) return;
+        disposed = true;
+        Device.ReleaseStorage(Storage);
+    }
+
+    public override string ToString() => $"'{Name}' {ShapeUtil.Format(shape)}";
+}
+
+internal static class ShapeUtil
+{
+    public static int Product(IReadOnlyList<int> shape, string name)
+    {
+        long n = 1;
+        foreach (int d in shape)
+        {
+            if (d < 0) throw new ArgumentException($"tensor '{name}' has a negative dimension in {Format(shape)}");
+            n *= d;
+            if (n > int.MaxValue) throw new ArgumentException($"tensor '{name}' {Format(shape)} has more than {int.MaxValue} elements");
+        }
+
+        return (int)n;
+    }
+
+    public static string Format(IReadOnlyList<int> shape) => "[" + string.Join(", ", shape) + "]";
+}

@@ -1,0 +1,58 @@
+namespace PeftSharp.Kernels.Attention;
+
+/// <summary>
+/// Dimensions of grouped-query attention, passed to kernels by value.
+/// q (B, Tq, H, D); k, v (B, Tk, Hkv, D); o (B, Tq, H, D); lse (B, H, Tq).
+/// Causal masking is bottom-right aligned: query i sits at position i + (Tk - Tq) and sees keys j &lt;= that,
+/// so Tq = Tk is ordinary causal attention and Tq = 1 is a decode step over a cache.
+/// </summary>
+public readonly struct AttentionShape
+{
+    public AttentionShape(int batch, int queries, int keys, int heads, int kvHeads, int headDim, bool causal, float scale)
+    {
+        B = batch;
+        Tq = queries;
+        Tk = keys;
+        H = heads;
+        Hkv = kvHeads;
+        D = headDim;
+        Causal = causal ? 1 : 0;
+        Scale = scale;
+    }
+
+    public int B { get; }
+    public int Tq { get; }
+    public int Tk { get; }
+    public int H { get; }
+    public int Hkv { get; }
+    public int D { get; }
+    /// <summary>1 for causal masking. An int so every ILGPU backend takes it as is.</summary>
+    public int Causal { get; }
+    /// <summary>Multiplies q.k, usually 1/sqrt(D).</summary>
+    public float Scale { get; }
+
+    /// <summary>Query heads per key/value head.</summary>
+    public int Group => H / Hkv;
+
+    /// <summary>Number of keys query i sees (0 .. Tk).</summary>
+    public int VisibleKeys(int i)
+    {
+        if (Causal == 0) return Tk;
+        int last = i + Tk - Tq; // index of the last visible key
+        return last < 0 ? 0 : (last + 1 < Tk ? last + 1 : Tk);
+    }
+
+    /// <summary>First query index that sees key j (Tq when none does).</summary>
+    public int FirstQuery(int j)
+    {
+        if (Causal == 0) return 0;
+        int first = j - (Tk - Tq);
+        return first < 0 ? 0 : first;
+    }
+
+    public int QIndex(int b, int i, int h) => ((b * Tq + i) * H + h) * D;
+
+    public int KIndex(int b, int j, int hk) => ((b * Tk + j) * Hkv + hk) * D;
+
+    public int LseIndex(int b, int h, int i) => (b * H + h) * Tq + i;
+}

@@ -1,0 +1,145 @@
+using NUnit.Framework;
+using PeftSharp.Engine.Ilgpu;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Kernels;
+
+public sealed class MatMulTests : BackendTest
+{
+    public MatMulTests(string backend)
+        : base(backend)
+    {
+    }
+
+    // (batch, M, N, K, broadcastB): size 1, odd sizes, sizes off every tile (6, 16, 96, 256), M < K, K not a multiple of 32.
+    private static readonly object[] Shapes =
+    {
+        new TestCaseData(1, 1, 1, 1, false).SetName("{m}_B1_M1_N1_K1"),
+        new TestCaseData(1, 1, 7, 5, false).SetName("{m}_B1_M1_N7_K5"),
+        new TestCaseData(1, 3, 5, 33, false).SetName("{m}_B1_M3_N5_K33_MlessK"),
+        new TestCaseData(1, 7, 17, 19, false).SetName("{m}_B1_M7_N17_K19"),
+        new TestCaseData(1, 16, 16, 16, false).SetName("{m}_B1_M16_N16_K16"),
+        new TestCaseData(1, 33, 18, 45, false).SetName("{m}_B1_M33_N18_K45"),
+        new TestCaseData(3, 5, 9, 7, false).SetName("{m}_B3_M5_N9_K7"),
+        new TestCaseData(2, 17, 6, 20, true).SetName("{m}_B2_M17_N6_K20_sharedB"),
+    };
+
+    [TestCaseSource(nameof(Shapes))]
+    public void MatMul_AllTranspositions_MatchReference(int batch, int m, int n, int k, bool broadcastB)
+    {
+        foreach (var algorithm in AlgorithmsToTest(m, n))
+        {
+            foreach (bool ta in new[] { false, true })
+            foreach (bool tb in new[] { false, true })
+            foreach (float beta in new[] { 0f, 0.5f })
+            {
+                RunCase(batch, m, n, k, broadcastB, ta, tb, alpha: 1.5f, beta, algorithm);
+            }
+        }
+    }
+
+    [TestCase(100, 300, 270, TestName = "MatMul_CpuBlocks_M100_N300_K270_CrossesEveryBlock")]
+    [TestCase(5, 1000, 513, TestName = "MatMul_CpuSmallM_M5_N1000_K513")]
+    [TestCase(4, 70, 600, TestName = "MatMul_CpuGemvPath_M4_N70_K600")]
+    public void MatMul_LargerShapes_MatchReference(int m, int n, int k)
+    {
+        if (IsSimulator) Assert.Ignore("shape too large for ILGPU's CPU simulator; covered by the small shapes");
+        foreach (bool ta in new[] { false, true })
+        foreach (bool tb in new[] { false, true })
+        {
+            RunCase(1, m, n, k, false, ta, tb, alpha: 1f, beta: 0.25f, MatMulAlgorithm.Auto);
+        }
+    }
+
+    [Test]
+    public void Linear_FoldsLeadingDims_MatchesReference()
+    {
+        var x = Data.Uniform(2 * 3 * 10, 1);
+        var w = Data.Uniform(7 * 10, 2);
+        var expected = new float[2 * 3 * 7];
+        MatMulReference.Forward(x, w, expected, new MatMulShape(1, 6, 7, 10, false, true, true));
+        var y = Output("y", 2, 3, 7);
+        Ops.Linear(Input("x", x, 2, 3, 10), Input("w", w, 7, 10), y);
+        Expect(y, expected, Tolerances.Dot(10), "linear");
+    }
+
+    [Test]
+    public void LinearBackward_MatchesReferenceAndAccumulates()
+    {
+        const int rows = 5, k = 9, n = 4;
+        var x = Data.Uniform(rows * k, 3);
+        var w = Data.Uniform(n * k, 4);
+        var dy = Data.Uniform(rows * n, 5);
+        var dxExpected = new float[rows * k];
+        MatMulReference.Forward(dy, w, dxExpected, new MatMulShape(1, rows, k, n, false, false, true));
+        var dwExpected = Data.Uniform(n * k, 6); // previous gradient, accumulated into
+        var dwInitial = (float[])dwExpected.Clone();
+        MatMulReference.Forward(dy, x, dwExpected, new MatMulShape(1, n, k, rows, true, false, true), beta: 1f);
+        var dx = Output("dx", rows, k);
+        var dw = Input("dw", dwInitial, n, k);
+        Ops.LinearBackward(Input("x", x, rows, k), Input("w", w, n, k), Input("dy", dy, rows, n), dx, dw, accumulateWeight: true);
+        Expect(dx, dxExpected, Tolerances.Dot(n), "dx");
+        Expect(dw, dwExpected, Tolerances.Dot(rows), "dw accumulated");
+    }
+
+    [Test]
+    public void MatMul_MismatchedShapes_ErrorNamesBothTensors()
+    {
+        var a = Input("activations", new float[6], 2, 3);
+        var b = Input("weight", new float[8], 4, 2);
+        var c = Output("out", 2, 2);
+        var e = Assert.Throws<ArgumentException>(() => Ops.MatMul(a, b, c))!;
+        Assert.That(e.Message, Does.Contain("'activations' [2, 3]").And.Contain("'weight' [4, 2]"));
+        var e2 = Assert.Throws<ArgumentException>(() => Ops.MatMul(a, Input("w2", new float[6], 3, 2), Output("wrong", 3, 3)))!;
+        Assert.That(e2.Message, Does.Contain("'wrong' [3, 3]"));
+    }
+
+    private IEnumerable<MatMulAlgorithm> AlgorithmsToTest(int m, int n)
+    {
+        if (Device is IlgpuDevice ilgpu && ilgpu.SupportsTiledMatMul)
+        {
+            yield return MatMulAlgorithm.Naive;
+            yield return MatMulAlgorithm.Tiled;
+        }
+        else
+        {
+            yield return MatMulAlgorithm.Auto;
+        }
+    }
+
+    private void RunCase(int batch, int m, int n, int k, bool broadcastB, bool ta, bool tb, float alpha, float beta, MatMulAlgorithm algorithm)
+    {
+        var shape = new MatMulShape(batch, m, n, k, ta, tb, broadcastB);
+        var a = Data.Uniform(batch * m * k, 11 + m);
+        int bBatch = broadcastB ? 1 : batch;
+        var b = Data.Uniform(bBatch * k * n, 13 + n);
+        var c0 = Data.Uniform(batch * m * n, 17 + k);
+        var expected = (float[])c0.Clone();
+        MatMulReference.Forward(a, b, expected, shape, alpha, beta);
+
+        int[] aShape = ta ? new[] { k, m } : new[] { m, k };
+        int[] bShape = tb ? new[] { n, k } : new[] { k, n };
+        int[] cShape = { m, n };
+        if (batch > 1)
+        {
+            aShape = new[] { batch }.Concat(aShape).ToArray();
+            cShape = new[] { batch }.Concat(cShape).ToArray();
+            if (!broadcastB) bShape = new[] { batch }.Concat(bShape).ToArray();
+        }
+
+        if (Device is IlgpuDevice ilgpu) ilgpu.MatMulAlgorithm = algorithm;
+        try
+        {
+            var ta2 = Input("a", a, aShape);
+            var tb2 = Input("b", b, bShape);
+            var c = beta == 0f ? Output("c", cShape) : Input("c", c0, cShape);
+            Ops.MatMul(ta2, tb2, c, ta, tb, alpha, beta);
+            Expect(c, expected, Tolerances.Dot(k), $"matmul {algorithm} ta={ta} tb={tb} beta={beta}");
+        }
+        finally
+        {
+            if (Device is IlgpuDevice d) d.MatMulAlgorithm = MatMulAlgorithm.Auto;
+        }
+    }
+}
