@@ -1,0 +1,75 @@
+using NUnit.Framework;
+using PeftSharp.Engine;
+using PeftSharp.Engine.Cpu;
+
+namespace PeftSharp.Tests.Engine;
+
+public sealed class DeviceTests
+{
+    [Test]
+    public void Open_UnknownDevice_ErrorListsChoices()
+    {
+        var e = Assert.Throws<ArgumentException>(() => Devices.Open("tpu"))!;
+        Assert.That(e.Message, Does.Contain("'tpu'").And.Contain("cpu"));
+    }
+
+    [Test]
+    public void Open_AbsentCudaIndex_ErrorListsPresentDevices()
+    {
+        var e = Assert.Throws<ArgumentException>(() => Devices.Open("cuda:7"))!;
+        Assert.That(e.Message, Does.Contain("cuda:7").And.Contain("present:").And.Contain("cpu"));
+    }
+
+    [Test]
+    public void List_AlwaysHasCpuAndSimulator_AutoPicksAListedDevice()
+    {
+        var all = Devices.List();
+        Assert.That(all.Select(d => d.Spec), Does.Contain("cpu").And.Contain("ilgpu-cpu"));
+        Assert.That(all.Select(d => d.Spec), Does.Contain(Devices.AutoSpec()));
+    }
+
+    [Test]
+    public void OpenDefault_HonoursEnvironmentVariable()
+    {
+        string? old = Environment.GetEnvironmentVariable(Devices.EnvironmentVariable);
+        try
+        {
+            Environment.SetEnvironmentVariable(Devices.EnvironmentVariable, "cpu");
+            using var d = Devices.OpenDefault();
+            Assert.That(d.Info.Spec, Is.EqualTo("cpu"));
+            Environment.SetEnvironmentVariable(Devices.EnvironmentVariable, "nonsense");
+            Assert.Throws<ArgumentException>(() => Devices.OpenDefault());
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable(Devices.EnvironmentVariable, old);
+        }
+    }
+
+    [Test]
+    public void Tensor_DisposedOrOtherDevice_ClearErrors()
+    {
+        using var a = new CpuDevice();
+        using var b = new CpuDevice();
+        using var x = a.FromArray("x", new float[] { 1, 2 }, 2);
+        using var y = b.Zeros("y", 2);
+        var e = Assert.Throws<ArgumentException>(() => a.Ops.Copy(x, y))!;
+        Assert.That(e.Message, Does.Contain("'y' [2]"));
+        var z = a.Zeros("z", 2);
+        z.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => a.Ops.Copy(x, z));
+        var view = x.Reshape(1, 2);
+        Assert.That(view.ToArray(), Is.EqualTo(new float[] { 1, 2 }));
+        view.Dispose();
+        Assert.That(x.ToArray(), Is.EqualTo(new float[] { 1, 2 }), "disposing a view leaves the owner intact");
+    }
+
+    [Test]
+    public void FromArray_WrongLength_ErrorNamesTensor()
+    {
+        using var d = new CpuDevice();
+        var e = Assert.Throws<ArgumentException>(() => d.FromArray("weights", new float[5], 2, 3))!;
+        Assert.That(e.Message, Does.Contain("'weights' [2, 3]").And.Contain("got 5"));
+        Assert.Throws<ArgumentException>(() => d.Zeros("neg", 2, -1));
+    }
+}

@@ -1,0 +1,93 @@
+using NUnit.Framework;
+using PeftSharp.Kernels.Attention;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Kernels;
+
+public sealed class AttentionTests : BackendTest
+{
+    public AttentionTests(string backend)
+        : base(backend)
+    {
+    }
+
+    // (B, Tq, Tk, H, Hkv, D, causal): T = 1, Hkv < H, Tq != Tk (decode over a cache), queries that see no key
+    // (causal with Tq > Tk), empty key set, blocks crossing the CPU backend's 64-row query block.
+    private static readonly object[] Shapes =
+    {
+        new TestCaseData(1, 1, 1, 1, 1, 1, true).SetName("{m}_B1_Tq1_Tk1_H1_D1"),
+        new TestCaseData(2, 5, 5, 4, 2, 8, true).SetName("{m}_B2_T5_H4_Hkv2_D8_Causal"),
+        new TestCaseData(1, 6, 6, 3, 3, 5, false).SetName("{m}_B1_T6_H3_D5_Full"),
+        new TestCaseData(2, 1, 9, 4, 1, 6, true).SetName("{m}_B2_Tq1_Tk9_H4_Hkv1_Decode"),
+        new TestCaseData(1, 4, 7, 2, 1, 4, true).SetName("{m}_B1_Tq4_Tk7_Causal"),
+        new TestCaseData(1, 6, 3, 2, 2, 4, true).SetName("{m}_B1_Tq6_Tk3_SomeQueriesSeeNothing"),
+        new TestCaseData(1, 3, 0, 2, 1, 4, false).SetName("{m}_B1_Tq3_Tk0_EmptyKeys"),
+        new TestCaseData(1, 70, 70, 2, 1, 8, true).SetName("{m}_B1_T70_H2_Hkv1_D8_CrossesQueryBlock"),
+    };
+
+    [TestCaseSource(nameof(Shapes))]
+    public void Attention_ForwardBackward_MatchReference(int b, int tq, int tk, int h, int hkv, int d, bool causal)
+    {
+        var s = new AttentionShape(b, tq, tk, h, hkv, d, causal, (float)(1 / Math.Sqrt(d)));
+        var q = Data.Uniform(b * tq * h * d, 1, -2f, 2f);
+        var k = Data.Uniform(b * tk * hkv * d, 2, -2f, 2f);
+        var v = Data.Uniform(b * tk * hkv * d, 3);
+        var dO = Data.Uniform(b * tq * h * d, 4);
+        var eo = new float[q.Length];
+        var el = new float[b * h * tq];
+        AttentionReference.Forward(q, k, v, eo, el, s);
+        var tq2 = Input("q", q, b, tq, h, d);
+        var tk2 = Input("k", k, b, tk, hkv, d);
+        var tv = Input("v", v, b, tk, hkv, d);
+        var o = Output("o", b, tq, h, d);
+        var lse = Output("lse", b, h, tq);
+        Ops.Attention(tq2, tk2, tv, o, lse, causal);
+        Expect(o, eo, Tolerances.Attention, "attention o");
+        Expect(lse, el, Tolerances.Attention, "attention lse");
+
+        var edq = new float[q.Length];
+        var edk = new float[k.Length];
+        var edv = new float[v.Length];
+        AttentionReference.Backward(q, k, v, eo, el, dO, edq, edk, edv, s);
+        var dq = Output("dq", b, tq, h, d);
+        var dk = Output("dk", b, tk, hkv, d);
+        var dv = Output("dv", b, tk, hkv, d);
+        Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, h, tq), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal);
+        Expect(dq, edq, Tolerances.Attention, "attention dq");
+        Expect(dk, edk, Tolerances.Attention, "attention dk");
+        Expect(dv, edv, Tolerances.Attention, "attention dv");
+    }
+
+    [Test]
+    public void Attention_GroupedHeads_EqualRepeatedKeyValueHeads()
+    {
+        // Identity: GQA with Hkv = 1 equals full multi-head attention with the key/value head copied H times.
+        const int b = 1, t = 4, h = 3, d = 4;
+        var q = Data.Uniform(b * t * h * d, 5);
+        var k = Data.Uniform(b * t * d, 6);
+        var v = Data.Uniform(b * t * d, 7);
+        var kRep = new float[b * t * h * d];
+        var vRep = new float[b * t * h * d];
+        for (int j = 0; j < t; j++)
+        for (int hh = 0; hh < h; hh++)
+        {
+            Array.Copy(k, j * d, kRep, (j * h + hh) * d, d);
+            Array.Copy(v, j * d, vRep, (j * h + hh) * d, d);
+        }
+
+        var o1 = Output("o_gqa", b, t, h, d);
+        var o2 = Output("o_mha", b, t, h, d);
+        Ops.Attention(Input("q", q, b, t, h, d), Input("k", k, b, t, 1, d), Input("v", v, b, t, 1, d), o1, Output("l1", b, h, t), true);
+        Ops.Attention(Input("q", q, b, t, h, d), Input("k", kRep, b, t, h, d), Input("v", vRep, b, t, h, d), o2, Output("l2", b, h, t), true);
+        Check.Close(o1.ToArray(), o2.ToArray(), Tolerances.Attention, $"{Backend} gqa vs repeated heads");
+    }
+
+    [Test]
+    public void Attention_HeadsNotMultipleOfKvHeads_ClearError()
+    {
+        var e = Assert.Throws<ArgumentException>(() => Ops.Attention(
+            Input("q", new float[3 * 2], 1, 1, 3, 2), Input("k", new float[4], 1, 1, 2, 2), Input("v", new float[4], 1, 1, 2, 2),
+            Output("o", 1, 1, 3, 2), Output("lse", 1, 3, 1), true))!;
+        Assert.That(e.Message, Does.Contain("H = 3").And.Contain("Hkv = 2"));
+    }
+}

@@ -1,0 +1,96 @@
+using NUnit.Framework;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Kernels;
+
+public sealed class NormSoftmaxRopeTests : BackendTest
+{
+    public NormSoftmaxRopeTests(string backend)
+        : base(backend)
+    {
+    }
+
+    [TestCase(1, 1, TestName = "RmsNorm_N1_D1")]
+    [TestCase(5, 7, TestName = "RmsNorm_N5_D7")]
+    [TestCase(3, 64, TestName = "RmsNorm_N3_D64")]
+    [TestCase(17, 33, TestName = "RmsNorm_N17_D33")]
+    public void RmsNorm_ForwardBackward_MatchReference(int rows, int dim)
+    {
+        var x = Data.Uniform(rows * dim, 1, -2f, 2f);
+        var w = Data.Uniform(dim, 2, 0.5f, 1.5f);
+        var dy = Data.Uniform(rows * dim, 3);
+        var ey = new float[rows * dim];
+        var er = new float[rows];
+        RmsNormReference.Forward(x, w, ey, er, rows, dim, 1e-5f);
+        var tx = Input("x", x, rows, dim);
+        var tw = Input("w", w, dim);
+        var y = Output("y", rows, dim);
+        var r = Output("rstd", rows);
+        Ops.RmsNorm(tx, tw, y, r, 1e-5f);
+        Expect(y, ey, Tolerances.Transcendental, "rmsnorm y");
+        Expect(r, er, Tolerances.Transcendental, "rmsnorm rstd");
+
+        var edx = new float[rows * dim];
+        var edw = new float[dim];
+        RmsNormReference.Backward(dy, x, w, er, edx, edw, rows, dim);
+        var dx = Output("dx", rows, dim);
+        var dw = Output("dw", dim);
+        Ops.RmsNormBackward(Input("dy", dy, rows, dim), tx, tw, Input("rstd", er, rows), dx, dw);
+        Expect(dx, edx, Tolerances.Dot(dim), "rmsnorm dx");
+        Expect(dw, edw, Tolerances.Dot(rows), "rmsnorm dw");
+    }
+
+    [TestCase(1, 1, TestName = "Softmax_R1_C1")]
+    [TestCase(4, 9, TestName = "Softmax_R4_C9")]
+    [TestCase(3, 257, TestName = "Softmax_R3_C257")]
+    public void Softmax_ForwardBackward_MatchReference(int rows, int cols)
+    {
+        var x = Data.Uniform(rows * cols, 4, -8f, 8f);
+        var dy = Data.Uniform(rows * cols, 5);
+        var ey = new float[rows * cols];
+        SoftmaxReference.Forward(x, ey, rows, cols);
+        var y = Output("y", rows, cols);
+        Ops.Softmax(Input("x", x, rows, cols), y);
+        Expect(y, ey, Tolerances.Transcendental, "softmax");
+        var edx = new float[rows * cols];
+        SoftmaxReference.Backward(ey, dy, edx, rows, cols);
+        var dx = Output("dx", rows, cols);
+        Ops.SoftmaxBackward(Input("y", ey, rows, cols), Input("dy", dy, rows, cols), dx);
+        Expect(dx, edx, Tolerances.Transcendental, "softmax backward");
+    }
+
+    [TestCase(1, 1, 2, TestName = "Rope_N1_H1_D2")]
+    [TestCase(5, 3, 8, TestName = "Rope_N5_H3_D8")]
+    [TestCase(7, 2, 18, TestName = "Rope_N7_H2_D18")]
+    public void Rope_ForwardAndInverse_MatchReference(int tokens, int heads, int dim)
+    {
+        var x = Data.Uniform(tokens * heads * dim, 6);
+        var positions = Enumerable.Range(0, tokens).Select(i => 3 + 29 * i % 190).ToArray(); // offset, shuffled, < 200
+        var tp = Indices("positions", positions);
+        var tx = Input("x", x, tokens, heads, dim);
+        foreach (bool inverse in new[] { false, true })
+        {
+            var e = new float[x.Length];
+            RopeReference.Forward(x, positions, e, tokens, heads, dim, 10000f, inverse);
+            var y = Output("y", tokens, heads, dim);
+            Ops.Rope(tx, tp, y, 10000f, inverse);
+            Expect(y, e, Tolerances.Rope, inverse ? "rope inverse" : "rope");
+        }
+
+        // Identity: the inverse rotation undoes the rotation, in place.
+        var t = Input("x", x, tokens, heads, dim);
+        Ops.Rope(t, tp, t, 500000f);
+        Ops.Rope(t, tp, t, 500000f, inverse: true);
+        Expect(t, x, Tolerances.Rope, "rope then inverse");
+    }
+
+    [Test]
+    public void Rope_BadInput_ClearErrors()
+    {
+        var x = Input("q", new float[2 * 3 * 5], 2, 3, 5);
+        Assert.That(Assert.Throws<ArgumentException>(() => Ops.Rope(x, Indices("pos", new[] { 0, 1 }), x, 10000f))!.Message, Does.Contain("D = 5"));
+        var x2 = Input("q", new float[2 * 3 * 4], 2, 3, 4);
+        Assert.That(Assert.Throws<ArgumentException>(() => Ops.Rope(x2, Indices("pos", new[] { 0, 1, 2 }), x2, 10000f))!.Message, Does.Contain("'pos' [3]"));
+    }
+}
