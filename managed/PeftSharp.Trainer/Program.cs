@@ -22,7 +22,7 @@ public static class Program
         devices.SetAction(_ => Commands.ListDevices(stdout));
         root.Subcommands.Add(devices);
 
-        var selfcheck = new Command("selfcheck", "Run a short kernel check on a device against the double-precision references.");
+        var selfcheck = new Command("selfcheck", "Run a short kernel check against the double-precision references, on --device or on every device found.");
         selfcheck.Options.Add(deviceOption);
         selfcheck.SetAction(r => Commands.SelfCheck(r.GetValue(deviceOption), stdout, stderr));
         root.Subcommands.Add(selfcheck);
@@ -70,24 +70,28 @@ internal static class Commands
     public static int SelfCheck(string? spec, TextWriter stdout, TextWriter stderr)
     {
         var console = Console(stdout);
-        using var device = spec is { Length: > 0 } ? Devices.Open(spec) : Devices.OpenDefault();
-        console.MarkupLine($"self-check on [bold]{Markup.Escape(device.Info.Spec)}[/] ({Markup.Escape(device.Info.Name)})");
-        var results = PeftSharp.Engine.SelfCheck.Run(device);
-        var table = new Table().AddColumns("op", "shape", "max error", "tolerance", "time", "result");
-        foreach (var r in results)
+        string? chosen = spec is { Length: > 0 } ? spec : Environment.GetEnvironmentVariable(Devices.EnvironmentVariable);
+        var specs = chosen is { Length: > 0 } ? new[] { chosen } : Devices.List().Select(d => d.Spec).ToArray();
+        int failed = 0;
+        foreach (var s in specs)
         {
-            table.AddRow(r.Op, r.Shape, r.MaxError.ToString("G3"), r.Tolerance.ToString("G3"), $"{r.Elapsed.TotalMilliseconds:F1} ms", r.Passed ? "[green]ok[/]" : "[red]FAILED[/]");
+            using var device = Devices.Open(s);
+            console.MarkupLine($"self-check on [bold]{Markup.Escape(device.Info.Spec)}[/] ({Markup.Escape(device.Info.Name)}; {Markup.Escape(device.Info.Detail)})");
+            var results = PeftSharp.Engine.SelfCheck.Run(device);
+            var table = new Table().AddColumns("op", "shape", "max error", "tolerance", "time (incl. compile)", "result");
+            foreach (var r in results)
+            {
+                table.AddRow(r.Op, r.Shape, r.MaxError.ToString("G3"), r.Tolerance.ToString("G3"), $"{r.Elapsed.TotalMilliseconds:F1} ms", r.Passed ? "[green]ok[/]" : "[red]FAILED[/]");
+            }
+
+            console.Write(table);
+            int bad = results.Count(r => !r.Passed);
+            if (bad > 0) stderr.WriteLine($"peft: {bad} self-check op(s) failed on {device.Info.Spec}");
+            failed += bad;
         }
 
-        console.Write(table);
-        int failed = results.Count(r => !r.Passed);
-        if (failed > 0)
-        {
-            stderr.WriteLine($"peft: {failed} self-check op(s) failed on {device.Info.Spec}");
-            return 1;
-        }
-
-        return 0;
+        console.MarkupLine(failed == 0 ? $"[green]all kernels agree with the references on {specs.Length} device(s)[/]" : "[red]self-check failed[/]");
+        return failed == 0 ? 0 : 1;
     }
 
     private static IAnsiConsole Console(TextWriter writer)

@@ -2,6 +2,7 @@ using System.Buffers;
 using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace PeftSharp.Engine.Cpu;
 
@@ -17,12 +18,13 @@ internal static unsafe class Gemm
     public const int NR = 16;
     private const int KC = 256;  // K slice: an A panel (MR x KC) and a B panel (KC x NR) stay in L1
     private const int MC = 96;   // rows per task block (16 micro-panels); MC x KC of A = 96 KiB, in L2
-    private const int NCHUNK = 256; // columns per task: 16 B panels = 256 KiB per KC slice
+    private const int SmallRows = 16; // up to this many rows against a transposed B, the inner-product kernel
 
     /// <summary>
     /// c = alpha * op(a) op(b) + beta * c. op(a) is (m, k): a[i * lda + p], or a[p * lda + i] when transA.
     /// op(b) is (k, n): b[p * ldb + j], or b[j * ldb + p] when transB. c[i * ldc + j]. With beta = 0 c is not read.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Sgemm(
         bool transA, bool transB, int m, int n, int k, float alpha,
         float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel = true)
@@ -31,6 +33,12 @@ internal static unsafe class Gemm
         if (k == 0 || alpha == 0f)
         {
             ScaleC(m, n, beta, c, ldc);
+            return;
+        }
+
+        if (m > 4 && m <= SmallRows && transB && !transA)
+        {
+            InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
             return;
         }
 
@@ -49,9 +57,15 @@ internal static unsafe class Gemm
             {
                 float* bpp = bp;
                 int rowBlocks = (m + MC - 1) / MC;
-                int colChunks = (n + NCHUNK - 1) / NCHUNK;
-                int tasks = rowBlocks * colChunks;
+                int blockRows = ((m + rowBlocks - 1) / rowBlocks + MR - 1) / MR * MR; // balanced, a multiple of MR
+                rowBlocks = (m + blockRows - 1) / blockRows;
                 bool par = parallel && (long)m * n * k >= 64L * 64 * 64 && Environment.ProcessorCount > 1;
+                // Each task packs its A block once, so split the columns only as far as the cores need work:
+                // at least two tasks per core.
+                int colChunks = par ? Math.Clamp((2 * Environment.ProcessorCount + rowBlocks - 1) / rowBlocks, 1, panels) : 1;
+                int chunkCols = (panels + colChunks - 1) / colChunks * NR;
+                colChunks = (n + chunkCols - 1) / chunkCols;
+                int tasks = rowBlocks * colChunks;
                 for (int pc = 0; pc < k; pc += KC)
                 {
                     int kc = Math.Min(KC, k - pc);
@@ -68,11 +82,11 @@ internal static unsafe class Gemm
 
                     if (par && tasks > 1)
                     {
-                        Parallel.For(0, tasks, t => RunBlock(t, colChunks, transA, m, n, a, lda, pcc, kc, bpp, alpha, betaSlice, c, ldc));
+                        Parallel.For(0, tasks, t => RunBlock(t, colChunks, chunkCols, blockRows, transA, m, n, a, lda, pcc, kc, bpp, alpha, betaSlice, c, ldc));
                     }
                     else
                     {
-                        for (int t = 0; t < tasks; t++) RunBlock(t, colChunks, transA, m, n, a, lda, pc, kc, bp, alpha, betaSlice, c, ldc);
+                        for (int t = 0; t < tasks; t++) RunBlock(t, colChunks, chunkCols, blockRows, transA, m, n, a, lda, pc, kc, bp, alpha, betaSlice, c, ldc);
                     }
                 }
             }
@@ -83,14 +97,15 @@ internal static unsafe class Gemm
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RunBlock(
-        int task, int colChunks, bool transA, int m, int n, float* a, int lda, int pc, int kc, float* bp,
+        int task, int colChunks, int chunkCols, int blockRows, bool transA, int m, int n, float* a, int lda, int pc, int kc, float* bp,
         float alpha, float beta, float* c, int ldc)
     {
-        int ic = task / colChunks * MC;
-        int jc = task % colChunks * NCHUNK;
-        int mc = Math.Min(MC, m - ic);
-        int nc = Math.Min(NCHUNK, n - jc);
+        int ic = task / colChunks * blockRows;
+        int jc = task % colChunks * chunkCols;
+        int mc = Math.Min(blockRows, m - ic);
+        int nc = Math.Min(chunkCols, n - jc);
         int mPanels = (mc + MR - 1) / MR;
         float[] packedA = ArrayPool<float>.Shared.Rent(mPanels * MR * kc);
         try
@@ -122,6 +137,7 @@ internal static unsafe class Gemm
     }
 
     /// <summary>Packs op(a)[i0 .. i0+mr, p0 .. p0+kc] as kc groups of MR floats, zero-padded past mr.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void PackA(bool transA, float* a, int lda, int i0, int mr, int p0, int kc, float* dst)
     {
         if (mr < MR) new Span<float>(dst, MR * kc).Clear();
@@ -144,9 +160,24 @@ internal static unsafe class Gemm
     }
 
     /// <summary>Packs op(b)[p0 .. p0+kc, j0 .. j0+nr] as kc groups of NR floats, zero-padded past nr.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void PackB(bool transB, float* b, int ldb, int p0, int kc, int j0, int nr, float* dst)
     {
-        if (transB)
+        if (transB && nr == NR && Avx.IsSupported)
+        {
+            int p = 0;
+            for (; p + 8 <= kc; p += 8)
+            {
+                Transpose8x8(b + (long)j0 * ldb + p0 + p, ldb, dst + p * NR, NR);
+                Transpose8x8(b + (long)(j0 + 8) * ldb + p0 + p, ldb, dst + p * NR + 8, NR);
+            }
+
+            for (; p < kc; p++)
+            {
+                for (int col = 0; col < NR; col++) dst[p * NR + col] = b[(long)(j0 + col) * ldb + p0 + p];
+            }
+        }
+        else if (transB)
         {
             if (nr < NR) new Span<float>(dst, NR * kc).Clear();
             for (int col = 0; col < nr; col++)
@@ -172,6 +203,137 @@ internal static unsafe class Gemm
                 int col = 0;
                 for (; col < nr; col++) dst[p * NR + col] = src[col];
                 for (; col < NR; col++) dst[p * NR + col] = 0f;
+            }
+        }
+    }
+
+    /// <summary>dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 block: the standard unpack / shuffle / permute transpose.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Transpose8x8(float* src, int lds, float* dst, int ldd)
+    {
+        var r0 = Avx.LoadVector256(src);
+        var r1 = Avx.LoadVector256(src + lds);
+        var r2 = Avx.LoadVector256(src + 2L * lds);
+        var r3 = Avx.LoadVector256(src + 3L * lds);
+        var r4 = Avx.LoadVector256(src + 4L * lds);
+        var r5 = Avx.LoadVector256(src + 5L * lds);
+        var r6 = Avx.LoadVector256(src + 6L * lds);
+        var r7 = Avx.LoadVector256(src + 7L * lds);
+        var t0 = Avx.UnpackLow(r0, r1);
+        var t1 = Avx.UnpackHigh(r0, r1);
+        var t2 = Avx.UnpackLow(r2, r3);
+        var t3 = Avx.UnpackHigh(r2, r3);
+        var t4 = Avx.UnpackLow(r4, r5);
+        var t5 = Avx.UnpackHigh(r4, r5);
+        var t6 = Avx.UnpackLow(r6, r7);
+        var t7 = Avx.UnpackHigh(r6, r7);
+        var u0 = Avx.Shuffle(t0, t2, 0x44);
+        var u1 = Avx.Shuffle(t0, t2, 0xEE);
+        var u2 = Avx.Shuffle(t1, t3, 0x44);
+        var u3 = Avx.Shuffle(t1, t3, 0xEE);
+        var u4 = Avx.Shuffle(t4, t6, 0x44);
+        var u5 = Avx.Shuffle(t4, t6, 0xEE);
+        var u6 = Avx.Shuffle(t5, t7, 0x44);
+        var u7 = Avx.Shuffle(t5, t7, 0xEE);
+        Avx.Store(dst, Avx.Permute2x128(u0, u4, 0x20));
+        Avx.Store(dst + ldd, Avx.Permute2x128(u1, u5, 0x20));
+        Avx.Store(dst + 2L * ldd, Avx.Permute2x128(u2, u6, 0x20));
+        Avx.Store(dst + 3L * ldd, Avx.Permute2x128(u3, u7, 0x20));
+        Avx.Store(dst + 4L * ldd, Avx.Permute2x128(u0, u4, 0x31));
+        Avx.Store(dst + 5L * ldd, Avx.Permute2x128(u1, u5, 0x31));
+        Avx.Store(dst + 6L * ldd, Avx.Permute2x128(u2, u6, 0x31));
+        Avx.Store(dst + 7L * ldd, Avx.Permute2x128(u3, u7, 0x31));
+    }
+
+    /// <summary>
+    /// Few rows against a transposed b (a linear layer at decode time, b = W (N, K)): c[i, j] = a_i . W_j, computed
+    /// 4 weight rows x 4 activation rows at a time with 16 vector accumulators along K. W is streamed once, unpacked;
+    /// packing it would cost more than the product.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void InnerProduct(int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
+    {
+        const int rowsPerTask = 32;
+        int tasks = (n + rowsPerTask - 1) / rowsPerTask;
+        if (parallel && tasks > 1 && (long)m * n * k >= 1 << 18)
+        {
+            Parallel.For(0, tasks, t => InnerProductRows(t * rowsPerTask, Math.Min(n, (t + 1) * rowsPerTask), m, k, alpha, a, lda, b, ldb, beta, c, ldc));
+        }
+        else
+        {
+            InnerProductRows(0, n, m, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void InnerProductRows(int j0, int j1, int m, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc)
+    {
+        float* sums = stackalloc float[16];
+        int kv = k & ~7;
+        for (int j = j0; j < j1; j += 4)
+        {
+            int nj = Math.Min(4, j1 - j);
+            // Rows past the end repeat the last row, so the kernel always reads valid memory; their sums are dropped.
+            float* w0 = b + (long)j * ldb;
+            float* w1 = b + (long)(j + Math.Min(1, nj - 1)) * ldb;
+            float* w2 = b + (long)(j + Math.Min(2, nj - 1)) * ldb;
+            float* w3 = b + (long)(j + Math.Min(3, nj - 1)) * ldb;
+            for (int i = 0; i < m; i += 4)
+            {
+                int ni = Math.Min(4, m - i);
+                float* x0 = a + (long)i * lda;
+                float* x1 = a + (long)(i + Math.Min(1, ni - 1)) * lda;
+                float* x2 = a + (long)(i + Math.Min(2, ni - 1)) * lda;
+                float* x3 = a + (long)(i + Math.Min(3, ni - 1)) * lda;
+                Vector256<float> s00 = default, s01 = default, s02 = default, s03 = default;
+                Vector256<float> s10 = default, s11 = default, s12 = default, s13 = default;
+                Vector256<float> s20 = default, s21 = default, s22 = default, s23 = default;
+                Vector256<float> s30 = default, s31 = default, s32 = default, s33 = default;
+                for (int p = 0; p < kv; p += 8)
+                {
+                    var b0 = Vector256.Load(w0 + p);
+                    var b1 = Vector256.Load(w1 + p);
+                    var b2 = Vector256.Load(w2 + p);
+                    var b3 = Vector256.Load(w3 + p);
+                    var a0 = Vector256.Load(x0 + p);
+                    s00 = Vector256.FusedMultiplyAdd(a0, b0, s00);
+                    s01 = Vector256.FusedMultiplyAdd(a0, b1, s01);
+                    s02 = Vector256.FusedMultiplyAdd(a0, b2, s02);
+                    s03 = Vector256.FusedMultiplyAdd(a0, b3, s03);
+                    var a1 = Vector256.Load(x1 + p);
+                    s10 = Vector256.FusedMultiplyAdd(a1, b0, s10);
+                    s11 = Vector256.FusedMultiplyAdd(a1, b1, s11);
+                    s12 = Vector256.FusedMultiplyAdd(a1, b2, s12);
+                    s13 = Vector256.FusedMultiplyAdd(a1, b3, s13);
+                    var a2 = Vector256.Load(x2 + p);
+                    s20 = Vector256.FusedMultiplyAdd(a2, b0, s20);
+                    s21 = Vector256.FusedMultiplyAdd(a2, b1, s21);
+                    s22 = Vector256.FusedMultiplyAdd(a2, b2, s22);
+                    s23 = Vector256.FusedMultiplyAdd(a2, b3, s23);
+                    var a3 = Vector256.Load(x3 + p);
+                    s30 = Vector256.FusedMultiplyAdd(a3, b0, s30);
+                    s31 = Vector256.FusedMultiplyAdd(a3, b1, s31);
+                    s32 = Vector256.FusedMultiplyAdd(a3, b2, s32);
+                    s33 = Vector256.FusedMultiplyAdd(a3, b3, s33);
+                }
+
+                sums[0] = Vector256.Sum(s00); sums[1] = Vector256.Sum(s01); sums[2] = Vector256.Sum(s02); sums[3] = Vector256.Sum(s03);
+                sums[4] = Vector256.Sum(s10); sums[5] = Vector256.Sum(s11); sums[6] = Vector256.Sum(s12); sums[7] = Vector256.Sum(s13);
+                sums[8] = Vector256.Sum(s20); sums[9] = Vector256.Sum(s21); sums[10] = Vector256.Sum(s22); sums[11] = Vector256.Sum(s23);
+                sums[12] = Vector256.Sum(s30); sums[13] = Vector256.Sum(s31); sums[14] = Vector256.Sum(s32); sums[15] = Vector256.Sum(s33);
+                for (int r = 0; r < ni; r++)
+                {
+                    float* xr = a + (long)(i + r) * lda;
+                    for (int q = 0; q < nj; q++)
+                    {
+                        float* wq = b + (long)(j + q) * ldb;
+                        float acc = sums[r * 4 + q];
+                        for (int p = kv; p < k; p++) acc += xr[p] * wq[p];
+                        float* cij = c + (long)(i + r) * ldc + j + q;
+                        float v = alpha * acc;
+                        *cij = beta == 0f ? v : v + beta * *cij;
+                    }
+                }
             }
         }
     }
@@ -258,6 +420,7 @@ internal static unsafe class Gemm
     /// A few rows (decode-time linear layers): memory-bound, so stream b once. With transB (weights stored (N, K))
     /// each output is a dot product; otherwise each output row is a sum of scaled rows of b.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void SmallM(bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
     {
         const int chunk = 64;

@@ -1,0 +1,17 @@
+using BenchmarkDotNet.Running;
+
+namespace PeftSharp.Bench;
+
+/// <summary>
+/// dotnet run --project bench/PeftSharp.Bench -c Release -- --filter '*MatMulBench*'   (or '*' for everything)
+/// Prints the measured fp32 FMA peak first; every GFLOP/s figure is also shown as a fraction of it.
+/// </summary>
+public static class Program
+{
+    public static void Main(string[] args)
+    {
+        Console.WriteLine($"// fp32 FMA peak, {Environment.ProcessorCount} threads: {PeakProbe.GFlops:F1} GFLOP/s");
+        BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
+        Console.WriteLine($"// fp32 FMA peak, {Environment.ProcessorCount} threads: {PeakProbe.GFlops:F1} GFLOP/s");
+    }
+}
