@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 
 namespace PeftSharp.Bench;
@@ -20,7 +21,7 @@ public static class PeakProbe
         const long iterations = 20_000_000;
         int threads = Environment.ProcessorCount;
         double best = 0;
-        for (int run = 0; run < 5; run++)
+        for (int run = 0; run < 10; run++)
         {
             var sw = Stopwatch.StartNew();
             Parallel.For(0, threads, new ParallelOptions { MaxDegreeOfParallelism = threads }, _ => Chains(iterations));
@@ -31,6 +32,8 @@ public static class PeakProbe
         return best;
     }
 
+    // Fully optimized from the first call: at tier 0 or through on-stack replacement the loop measured 35% lower.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static float Chains(long n)
     {
         var a0 = Vector256.Create(1f);
