@@ -1,0 +1,148 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace PeftSharp.Model;
+
+/// <summary>
+/// A Llama-family decoder's configuration, mirroring Hugging Face's config.json field names (LlamaConfig).
+/// </summary>
+public sealed record LlamaConfig
+{
+    public int HiddenSize { get; init; }
+    public int IntermediateSize { get; init; }
+    public int NumAttentionHeads { get; init; }
+    public int NumKeyValueHeads { get; init; }
+    public int NumHiddenLayers { get; init; }
+    public int VocabSize { get; init; }
+    public float RmsNormEps { get; init; } = 1e-6f;
+    public float RopeTheta { get; init; } = 10000f;
+    public int MaxPositionEmbeddings { get; init; } = 2048;
+    public bool TieWordEmbeddings { get; init; }
+    /// <summary>Per-head dimension; defaults to hidden_size / num_attention_heads when config.json omits it.</summary>
+    public int? HeadDimOverride { get; init; }
+
+    public int HeadDim => HeadDimOverride ?? HiddenSize / Math.Max(1, NumAttentionHeads);
+
+    /// <summary>The architectures PeftSharp runs: LlamaForCausalLM and configs that are the same graph.</summary>
+    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM" };
+
+    /// <summary>A tiny model for tests and the quickstart: byte vocabulary, 2 layers.</summary>
+    public static LlamaConfig Tiny => new()
+    {
+        HiddenSize = 64, IntermediateSize = 172, NumAttentionHeads = 4, NumKeyValueHeads = 2, NumHiddenLayers = 2,
+        VocabSize = 259, RmsNormEps = 1e-5f, RopeTheta = 10000f, MaxPositionEmbeddings = 512, TieWordEmbeddings = true,
+    };
+
+    /// <summary>Checks the dimensions fit together; errors name the fields.</summary>
+    public void Validate(string source = "config")
+    {
+        var errors = new List<string>();
+        void Positive(string name, int v)
+        {
+            if (v <= 0) errors.Add($"{name} = {v} must be positive");
+        }
+
+        Positive("hidden_size", HiddenSize);
+        Positive("intermediate_size", IntermediateSize);
+        Positive("num_attention_heads", NumAttentionHeads);
+        Positive("num_key_value_heads", NumKeyValueHeads);
+        Positive("num_hidden_layers", NumHiddenLayers);
+        Positive("vocab_size", VocabSize);
+        if (NumKeyValueHeads > 0 && NumAttentionHeads % NumKeyValueHeads != 0)
+        {
+            errors.Add($"num_attention_heads = {NumAttentionHeads} is not a multiple of num_key_value_heads = {NumKeyValueHeads}");
+        }
+
+        if (HeadDimOverride == null && NumAttentionHeads > 0 && HiddenSize % NumAttentionHeads != 0)
+        {
+            errors.Add($"hidden_size = {HiddenSize} is not a multiple of num_attention_heads = {NumAttentionHeads} and head_dim is not given");
+        }
+
+        if (HeadDim % 2 != 0) errors.Add($"head_dim = {HeadDim} must be even for rotary embeddings");
+        if (errors.Count > 0) throw new ArgumentException($"{source}: " + string.Join("; ", errors));
+    }
+
+    /// <summary>Reads a Hugging Face config.json; an unsupported architecture is an error naming it.</summary>
+    public static LlamaConfig Parse(string json, string source = "config.json")
+    {
+        JsonNode? root;
+        try
+        {
+            root = JsonNode.Parse(json);
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{source}: not valid JSON: {e.Message}", e);
+        }
+
+        if (root is not JsonObject o) throw new InvalidDataException($"{source}: not a JSON object");
+        string? modelType = o["model_type"]?.GetValue<string>();
+        var archs = o["architectures"] as JsonArray;
+        var archNames = archs?.Select(a => a?.GetValue<string>() ?? "").ToArray() ?? Array.Empty<string>();
+        if ((modelType != null && modelType != "llama") || (archNames.Length > 0 && !archNames.Any(SupportedArchitectures.Contains)))
+        {
+            throw new NotSupportedException(
+                $"{source}: architectures [{string.Join(", ", archNames)}], model_type '{modelType}' is not supported; PeftSharp runs {string.Join(", ", SupportedArchitectures)} (model_type 'llama')");
+        }
+
+        int Int(string name, int? fallback = null)
+        {
+            var n = o[name];
+            if (n == null)
+            {
+                return fallback ?? throw new InvalidDataException($"{source}: missing '{name}'");
+            }
+
+            return n.GetValue<int>();
+        }
+
+        float Float(string name, float fallback) => o[name] is { } n ? (float)n.GetValue<double>() : fallback;
+
+        int heads = Int("num_attention_heads");
+        var config = new LlamaConfig
+        {
+            HiddenSize = Int("hidden_size"),
+            IntermediateSize = Int("intermediate_size"),
+            NumAttentionHeads = heads,
+            NumKeyValueHeads = Int("num_key_value_heads", heads),
+            NumHiddenLayers = Int("num_hidden_layers"),
+            VocabSize = Int("vocab_size"),
+            RmsNormEps = Float("rms_norm_eps", 1e-6f),
+            RopeTheta = Float("rope_theta", 10000f),
+            MaxPositionEmbeddings = Int("max_position_embeddings", 2048),
+            TieWordEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
+            HeadDimOverride = o["head_dim"] is { } hd ? hd.GetValue<int>() : null,
+        };
+        if (o["rope_scaling"] is JsonObject)
+        {
+            throw new NotSupportedException($"{source}: rope_scaling is set; PeftSharp does not implement scaled rotary embeddings yet");
+        }
+
+        config.Validate(source);
+        return config;
+    }
+
+    /// <summary>The config.json a Hugging Face LlamaForCausalLM reads.</summary>
+    public string ToJson()
+    {
+        var o = new JsonObject
+        {
+            ["architectures"] = new JsonArray("LlamaForCausalLM"),
+            ["model_type"] = "llama",
+            ["hidden_size"] = HiddenSize,
+            ["intermediate_size"] = IntermediateSize,
+            ["num_attention_heads"] = NumAttentionHeads,
+            ["num_key_value_heads"] = NumKeyValueHeads,
+            ["num_hidden_layers"] = NumHiddenLayers,
+            ["vocab_size"] = VocabSize,
+            ["rms_norm_eps"] = RmsNormEps,
+            ["rope_theta"] = RopeTheta,
+            ["max_position_embeddings"] = MaxPositionEmbeddings,
+            ["tie_word_embeddings"] = TieWordEmbeddings,
+            ["hidden_act"] = "silu",
+            ["torch_dtype"] = "float32",
+        };
+        if (HeadDimOverride is int hd) o["head_dim"] = hd;
+        return o.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
+    }
+}

@@ -1,0 +1,158 @@
+using NUnit.Framework;
+using PeftSharp.Engine;
+using PeftSharp.Engine.Cpu;
+using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Model;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Managed;
+
+public sealed class LlamaModelTests
+{
+    /// <summary>Tiny but complete: GQA (H=2, Hkv=1), two layers, odd vocabulary and intermediate sizes.</summary>
+    private static LlamaConfig Micro(bool tied) => new()
+    {
+        HiddenSize = 8, IntermediateSize = 11, NumAttentionHeads = 2, NumKeyValueHeads = 1, NumHiddenLayers = 2,
+        VocabSize = 13, RmsNormEps = 1e-5f, RopeTheta = 10000f, MaxPositionEmbeddings = 16, TieWordEmbeddings = tied,
+    };
+
+    /// <summary>Weights uniform in [-0.5, 0.5] (norm weights around 1) so gradients are large enough to check.</summary>
+    private static Func<string, int[], float[]> Weights(int seed) => (name, shape) =>
+    {
+        int n = shape.Aggregate(1, (a, b) => a * b);
+        var v = Data.Uniform(n, seed + name.GetHashCode(StringComparison.Ordinal) % 1000, -0.5f, 0.5f);
+        if (name.EndsWith("norm.weight", StringComparison.Ordinal)) v = v.Select(x => 1f + x).ToArray();
+        return v;
+    };
+
+    private static readonly int[] Tokens = { 1, 5, 12, 0, 7, 7 };   // B = 2, T = 3
+    private static readonly int[] Targets = { 5, 12, 3, 7, -100, 9 };
+
+    [TestCase(false, TestName = "Model_GradientCheck_Untied")]
+    [TestCase(true, TestName = "Model_GradientCheck_TiedEmbeddings")]
+    public void Model_BackwardMatchesFiniteDifferences(bool tied)
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.FromTensors(device, Micro(tied), Weights(3));
+        model.ZeroGrad();
+        model.Loss(Tokens, Targets, batch: 2, backward: true);
+        const double h = 1e-2;
+        int checkedCount = 0;
+        foreach (var p in model.Parameters)
+        {
+            var values = p.Value.ToArray();
+            var grad = p.Grad.ToArray();
+            var rng = new Random(p.Name.Length);
+            for (int s = 0; s < 4; s++)
+            {
+                int i = rng.Next(values.Length);
+                var plus = (float[])values.Clone();
+                plus[i] += (float)h;
+                p.Value.CopyFrom(plus);
+                double lp = model.Loss(Tokens, Targets, 2, backward: false).Loss;
+                var minus = (float[])values.Clone();
+                minus[i] -= (float)h;
+                p.Value.CopyFrom(minus);
+                double lm = model.Loss(Tokens, Targets, 2, backward: false).Loss;
+                p.Value.CopyFrom(values);
+                double numeric = (lp - lm) / ((double)plus[i] - minus[i]);
+                // fp32 forward: loss rounding ~3e-7 / 2h = 1.5e-5, plus the O(h^2) term of the central difference.
+                Assert.That(grad[i], Is.EqualTo(numeric).Within(3e-4 + 3e-2 * Math.Abs(numeric)), $"{p.Name}[{i}]");
+                checkedCount++;
+            }
+        }
+
+        Assert.That(checkedCount, Is.EqualTo(4 * model.Parameters.Count));
+    }
+
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void Model_Forward_MatchesReferenceForwardOnEveryBackend(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = Micro(tied: false);
+        var weights = Weights(5);
+        using var model = LlamaModel.FromTensors(device, config, weights);
+        var logits = model.Logits(Tokens, batch: 2);
+        var expected = ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2);
+        Check.Close(logits, expected, (2e-5, 2e-4), $"{backend} logits");
+    }
+
+    [Test]
+    public void Model_SameSeed_SameWeights_AndParameterNamesAreHuggingFaces()
+    {
+        using var device = new CpuDevice();
+        using var a = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 7);
+        using var b = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 7);
+        Assert.That(a["model.layers.1.mlp.down_proj.weight"].Value.ToArray(), Is.EqualTo(b["model.layers.1.mlp.down_proj.weight"].Value.ToArray()));
+        Assert.That(a.Parameters.Select(p => p.Name), Does.Contain("model.layers.0.self_attn.q_proj.weight").And.Contain("model.norm.weight"));
+        Assert.That(a.Has("lm_head.weight"), Is.False, "tied config has no lm_head");
+        Assert.That(a["model.layers.0.self_attn.k_proj.weight"].Value.Shape, Is.EqualTo(new[] { 2 * 16, 64 }));
+    }
+
+    [Test]
+    public void Config_ParsesHuggingFaceJson_AndRejectsOtherArchitectures()
+    {
+        const string json = """
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 259,
+             "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": true,
+             "torch_dtype": "bfloat16", "bos_token_id": 1}
+            """;
+        var c = LlamaConfig.Parse(json);
+        Assert.That(c, Is.EqualTo(LlamaConfig.Tiny));
+        Assert.That(LlamaConfig.Parse(c.ToJson()), Is.EqualTo(c));
+        var e = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse("""{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}"""))!;
+        Assert.That(e.Message, Does.Contain("GPT2LMHeadModel").And.Contain("gpt2"));
+        var bad = Assert.Throws<ArgumentException>(() => LlamaConfig.Parse(json.Replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")))!;
+        Assert.That(bad.Message, Does.Contain("num_key_value_heads = 3"));
+    }
+
+    /// <summary>The model's forward written with the plain references only (double accumulation inside each op).</summary>
+    private static float[] ReferenceForward(LlamaConfig c, Func<string, float[]> w, int[] tokens, int batch)
+    {
+        int n = tokens.Length, t = n / batch, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads, inter = c.IntermediateSize;
+        var pos = Enumerable.Range(0, n).Select(i => i % t).ToArray();
+        float[] Linear(float[] x, string name, int outDim, int inDim)
+        {
+            var y = new float[x.Length / inDim * outDim];
+            MatMulReference.Forward(x, w(name), y, new MatMulShape(1, x.Length / inDim, outDim, inDim, false, true, true));
+            return y;
+        }
+
+        float[] Norm(float[] x, string name)
+        {
+            var y = new float[x.Length];
+            RmsNormReference.Forward(x, w(name), y, new float[n], n, dm, c.RmsNormEps);
+            return y;
+        }
+
+        var xs = new float[n * dm];
+        EmbeddingReference.Forward(tokens, w("model.embed_tokens.weight"), xs, dm);
+        for (int l = 0; l < c.NumHiddenLayers; l++)
+        {
+            string p = $"model.layers.{l}.";
+            var hn = Norm(xs, p + "input_layernorm.weight");
+            var q = Linear(hn, p + "self_attn.q_proj.weight", h * d, dm);
+            var k = Linear(hn, p + "self_attn.k_proj.weight", hkv * d, dm);
+            var v = Linear(hn, p + "self_attn.v_proj.weight", hkv * d, dm);
+            var qr = new float[q.Length];
+            var kr = new float[k.Length];
+            RopeReference.Forward(q, pos, qr, n, h, d, c.RopeTheta, false);
+            RopeReference.Forward(k, pos, kr, n, hkv, d, c.RopeTheta, false);
+            var o = new float[q.Length];
+            AttentionReference.Forward(qr, kr, v, o, new float[batch * h * t], new AttentionShape(batch, t, t, h, hkv, d, true, (float)(1 / Math.Sqrt(d))));
+            var attn = Linear(o, p + "self_attn.o_proj.weight", dm, h * d);
+            var x1 = new float[xs.Length];
+            ElementwiseReference.Add(xs, attn, x1);
+            var h2 = Norm(x1, p + "post_attention_layernorm.weight");
+            var act = new float[n * inter];
+            ElementwiseReference.SwiGlu(Linear(h2, p + "mlp.gate_proj.weight", inter, dm), Linear(h2, p + "mlp.up_proj.weight", inter, dm), act);
+            var x2 = new float[xs.Length];
+            ElementwiseReference.Add(x1, Linear(act, p + "mlp.down_proj.weight", dm, inter), x2);
+            xs = x2;
+        }
+
+        return Linear(Norm(xs, "model.norm.weight"), c.TieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight", c.VocabSize, dm);
+    }
+}
