@@ -1,0 +1,84 @@
+using NUnit.Framework;
+using PeftSharp.Engine;
+using PeftSharp.Engine.Cpu;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+
+namespace PeftSharp.Tests.Formats;
+
+public sealed class HuggingFaceFolderTests
+{
+    private string dir = null!;
+
+    [SetUp]
+    public void MakeDir() => dir = Directory.CreateTempSubdirectory("peftsharp-hf-").FullName;
+
+    [TearDown]
+    public void RemoveDir() => Directory.Delete(dir, recursive: true);
+
+    [TestCase(long.MaxValue, TestName = "Folder_RoundTrip_SingleFile_BitExact")]
+    [TestCase(40_000L, TestName = "Folder_RoundTrip_Sharded_BitExact")]
+    public void SaveThenLoad_IsBitExact(long shardBytes)
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 1);
+        HuggingFaceFolder.Save(model, dir, StorageType.F32, shardBytes);
+        if (shardBytes != long.MaxValue)
+        {
+            Assert.That(File.Exists(Path.Combine(dir, HuggingFaceFolder.IndexFile)));
+            Assert.That(Directory.GetFiles(dir, "model-*-of-*.safetensors").Length, Is.GreaterThan(1));
+        }
+
+        using var loaded = HuggingFaceFolder.Load(dir, device);
+        Assert.That(loaded.Config, Is.EqualTo(model.Config));
+        foreach (var p in model.Parameters)
+        {
+            Assert.That(loaded[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), p.Name);
+        }
+
+        Assert.That(Directory.GetFiles(dir, "*.tmp"), Is.Empty);
+    }
+
+    [Test]
+    public void Load_Bf16Checkpoint_ConvertsToFp32()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 2);
+        HuggingFaceFolder.Save(model, dir, StorageType.BF16);
+        using var loaded = HuggingFaceFolder.Load(dir, device);
+        var original = model["model.norm.weight"].Value.ToArray(); // ones: exact in bf16
+        Assert.That(loaded["model.norm.weight"].Value.ToArray(), Is.EqualTo(original));
+        var w = model["model.layers.0.mlp.up_proj.weight"].Value.ToArray();
+        var wl = loaded["model.layers.0.mlp.up_proj.weight"].Value.ToArray();
+        for (int i = 0; i < w.Length; i++) Assert.That(wl[i], Is.EqualTo(w[i]).Within(Math.Abs(w[i]) / 128 + 1e-30), $"bf16 keeps 8 bits of mantissa, element {i}");
+    }
+
+    [Test]
+    public void Load_WeightsThatDoNotMatchConfig_ListsEveryProblem()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 3);
+        var tensors = model.Parameters
+            .Where(p => p.Name != "model.norm.weight")
+            .Select(p => p.Name == "model.layers.1.mlp.up_proj.weight"
+                ? new SafeTensorData(p.Name, new float[10], new[] { 2, 5 })
+                : new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray()))
+            .Append(new SafeTensorData("model.layers.9.extra.weight", new float[1], new[] { 1 }))
+            .ToList();
+        SafeTensorsWriter.Write(Path.Combine(dir, HuggingFaceFolder.SingleFile), tensors);
+        File.WriteAllText(Path.Combine(dir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
+        var e = Assert.Throws<InvalidDataException>(() => HuggingFaceFolder.Load(dir, device))!;
+        Assert.That(e.Message, Does.Contain("missing model.norm.weight")
+            .And.Contain("model.layers.1.mlp.up_proj.weight is [2, 5], expected [172, 64]")
+            .And.Contain("unexpected tensor model.layers.9.extra.weight"));
+    }
+
+    [Test]
+    public void Load_NotAModelFolder_ClearError()
+    {
+        using var device = new CpuDevice();
+        Assert.That(Assert.Throws<FileNotFoundException>(() => HuggingFaceFolder.Load(dir, device))!.Message, Does.Contain("config.json"));
+        File.WriteAllText(Path.Combine(dir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
+        Assert.That(Assert.Throws<FileNotFoundException>(() => HuggingFaceFolder.Load(dir, device))!.Message, Does.Contain("model.safetensors"));
+    }
+}
