@@ -53,7 +53,7 @@ public static class Check
 }
 
 /// <summary>Seeded test data.</summary>
-public static class Data
+public static class TestData
 {
     public static float[] Uniform(int n, int seed, float lo = -1f, float hi = 1f)
     {

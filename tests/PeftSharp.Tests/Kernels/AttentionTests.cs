@@ -29,10 +29,10 @@ public sealed class AttentionTests : BackendTest
     public void Attention_ForwardBackward_MatchReference(int b, int tq, int tk, int h, int hkv, int d, bool causal)
     {
         var s = new AttentionShape(b, tq, tk, h, hkv, d, causal, (float)(1 / Math.Sqrt(d)));
-        var q = Data.Uniform(b * tq * h * d, 1, -2f, 2f);
-        var k = Data.Uniform(b * tk * hkv * d, 2, -2f, 2f);
-        var v = Data.Uniform(b * tk * hkv * d, 3);
-        var dO = Data.Uniform(b * tq * h * d, 4);
+        var q = TestData.Uniform(b * tq * h * d, 1, -2f, 2f);
+        var k = TestData.Uniform(b * tk * hkv * d, 2, -2f, 2f);
+        var v = TestData.Uniform(b * tk * hkv * d, 3);
+        var dO = TestData.Uniform(b * tq * h * d, 4);
         var eo = new float[q.Length];
         var el = new float[b * h * tq];
         AttentionReference.Forward(q, k, v, eo, el, s);
@@ -63,9 +63,9 @@ public sealed class AttentionTests : BackendTest
     {
         // Identity: GQA with Hkv = 1 equals full multi-head attention with the key/value head copied H times.
         const int b = 1, t = 4, h = 3, d = 4;
-        var q = Data.Uniform(b * t * h * d, 5);
-        var k = Data.Uniform(b * t * d, 6);
-        var v = Data.Uniform(b * t * d, 7);
+        var q = TestData.Uniform(b * t * h * d, 5);
+        var k = TestData.Uniform(b * t * d, 6);
+        var v = TestData.Uniform(b * t * d, 7);
         var kRep = new float[b * t * h * d];
         var vRep = new float[b * t * h * d];
         for (int j = 0; j < t; j++)

@@ -17,8 +17,8 @@ public sealed class ElementwiseTests : BackendTest
     [TestCaseSource(nameof(Lengths))]
     public void AddMulScaleAxpy_MatchReference(int n)
     {
-        var a = Data.Uniform(n, 1);
-        var b = Data.Uniform(n, 2);
+        var a = TestData.Uniform(n, 1);
+        var b = TestData.Uniform(n, 2);
         var expected = new float[n];
         var ta = Input("a", a, n);
         var tb = Input("b", b, n);
@@ -50,7 +50,7 @@ public sealed class ElementwiseTests : BackendTest
     [TestCaseSource(nameof(Lengths))]
     public void FillCopySum_MatchReference(int n)
     {
-        var a = Data.Uniform(n, 3);
+        var a = TestData.Uniform(n, 3);
         var y = Output("y", n);
         Ops.Copy(Input("a", a, n), y);
         Expect(y, a, Tolerances.Exact, "copy");
@@ -64,9 +64,9 @@ public sealed class ElementwiseTests : BackendTest
     [TestCaseSource(nameof(Lengths))]
     public void SiluAndSwiGlu_ForwardBackward_MatchReference(int n)
     {
-        var x = Data.Uniform(n, 4, -6f, 6f);
-        var u = Data.Uniform(n, 5);
-        var dy = Data.Uniform(n, 6);
+        var x = TestData.Uniform(n, 4, -6f, 6f);
+        var u = TestData.Uniform(n, 5);
+        var dy = TestData.Uniform(n, 6);
         var tx = Input("x", x, n);
         var tu = Input("up", u, n);
         var tdy = Input("dy", dy, n);

@@ -18,9 +18,9 @@ public sealed class GradientCheckTests
     public void MatMul_GradientsOfBothInputs()
     {
         const int m = 3, k = 4, n = 5;
-        var a = Data.Uniform(m * k, 1);
-        var b = Data.Uniform(k * n, 2);
-        var r = Data.Uniform(m * n, 3);
+        var a = TestData.Uniform(m * k, 1);
+        var b = TestData.Uniform(k * n, 2);
+        var r = TestData.Uniform(m * n, 3);
         var da = new float[m * k];
         var db = new float[k * n];
         // dA = dC B^T, dB = A^T dC: how Ops.LinearBackward composes matmuls.
@@ -39,9 +39,9 @@ public sealed class GradientCheckTests
     [Test]
     public void SiluAndSwiGlu_Gradients()
     {
-        var x = Data.Uniform(9, 4, -4f, 4f);
-        var u = Data.Uniform(9, 5);
-        var r = Data.Uniform(9, 6);
+        var x = TestData.Uniform(9, 4, -4f, 4f);
+        var u = TestData.Uniform(9, 5);
+        var r = TestData.Uniform(9, 6);
         var dx = new float[9];
         ElementwiseReference.SiluBackward(x, r, dx);
         Gradient(x, v => Apply(v, ElementwiseReference.Silu), r, dx, "silu");
@@ -56,8 +56,8 @@ public sealed class GradientCheckTests
     public void Softmax_Gradient()
     {
         const int rows = 3, cols = 5;
-        var x = Data.Uniform(rows * cols, 7, -2f, 2f);
-        var r = Data.Uniform(rows * cols, 8);
+        var x = TestData.Uniform(rows * cols, 7, -2f, 2f);
+        var r = TestData.Uniform(rows * cols, 8);
         var y = new float[rows * cols];
         SoftmaxReference.Forward(x, y, rows, cols);
         var dx = new float[rows * cols];
@@ -69,9 +69,9 @@ public sealed class GradientCheckTests
     public void RmsNorm_GradientsOfInputAndWeight()
     {
         const int rows = 3, dim = 6;
-        var x = Data.Uniform(rows * dim, 9, -2f, 2f);
-        var w = Data.Uniform(dim, 10, 0.5f, 1.5f);
-        var r = Data.Uniform(rows * dim, 11);
+        var x = TestData.Uniform(rows * dim, 9, -2f, 2f);
+        var w = TestData.Uniform(dim, 10, 0.5f, 1.5f);
+        var r = TestData.Uniform(rows * dim, 11);
         var y = new float[rows * dim];
         var rstd = new float[rows];
         RmsNormReference.Forward(x, w, y, rstd, rows, dim, 1e-5f);
@@ -93,9 +93,9 @@ public sealed class GradientCheckTests
     public void Rope_GradientIsInverseRotation()
     {
         const int tokens = 3, heads = 2, dim = 6;
-        var x = Data.Uniform(tokens * heads * dim, 12);
+        var x = TestData.Uniform(tokens * heads * dim, 12);
         var pos = new[] { 0, 5, 17 };
-        var r = Data.Uniform(x.Length, 13);
+        var r = TestData.Uniform(x.Length, 13);
         var dx = new float[x.Length];
         RopeReference.Forward(r, pos, dx, tokens, heads, dim, 10000f, inverse: true);
         Gradient(x, v => { var o = new float[v.Length]; RopeReference.Forward(v, pos, o, tokens, heads, dim, 10000f, false); return o; }, r, dx, "rope");
@@ -107,10 +107,10 @@ public sealed class GradientCheckTests
     {
         int b = 1, tq = causal ? 4 : 2, tk = 4, h = 2, hkv = 1, d = 3;
         var s = new AttentionShape(b, tq, tk, h, hkv, d, causal, 0.7f);
-        var q = Data.Uniform(b * tq * h * d, 14);
-        var k = Data.Uniform(b * tk * hkv * d, 15);
-        var v = Data.Uniform(b * tk * hkv * d, 16);
-        var r = Data.Uniform(q.Length, 17);
+        var q = TestData.Uniform(b * tq * h * d, 14);
+        var k = TestData.Uniform(b * tk * hkv * d, 15);
+        var v = TestData.Uniform(b * tk * hkv * d, 16);
+        var r = TestData.Uniform(q.Length, 17);
         var o = new float[q.Length];
         var lse = new float[b * h * tq];
         AttentionReference.Forward(q, k, v, o, lse, s);
@@ -135,8 +135,8 @@ public sealed class GradientCheckTests
     {
         var ids = new[] { 2, 0, 2, 3 };
         const int vocab = 5, dim = 3;
-        var table = Data.Uniform(vocab * dim, 18);
-        var r = Data.Uniform(ids.Length * dim, 19);
+        var table = TestData.Uniform(vocab * dim, 18);
+        var r = TestData.Uniform(ids.Length * dim, 19);
         var dt = new float[vocab * dim];
         EmbeddingReference.Backward(ids, r, dt, dim);
         Gradient(table, t => { var y = new float[ids.Length * dim]; EmbeddingReference.Forward(ids, t, y, dim); return y; }, r, dt, "embedding");
@@ -146,7 +146,7 @@ public sealed class GradientCheckTests
     public void CrossEntropy_GradientOfMeanLoss()
     {
         const int rows = 4, vocab = 6;
-        var logits = Data.Uniform(rows * vocab, 20, -3f, 3f);
+        var logits = TestData.Uniform(rows * vocab, 20, -3f, 3f);
         var targets = new[] { 1, -100, 5, 0 };
         var r = new[] { 1f / 3 }; // mean over the 3 counted rows
         var d = new float[rows * vocab];

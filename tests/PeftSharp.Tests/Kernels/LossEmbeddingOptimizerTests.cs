@@ -17,9 +17,9 @@ public sealed class LossEmbeddingOptimizerTests : BackendTest
     [TestCase(4, 300, 17, TestName = "Embedding_N4_V300_D17_MostRowsUnused")]
     public void Embedding_ForwardAndScatterAdd_MatchReference(int tokens, int vocab, int dim)
     {
-        var ids = Data.Ints(tokens, 7, vocab);
-        var table = Data.Uniform(vocab * dim, 8);
-        var dy = Data.Uniform(tokens * dim, 9);
+        var ids = TestData.Ints(tokens, 7, vocab);
+        var table = TestData.Uniform(vocab * dim, 8);
+        var dy = TestData.Uniform(tokens * dim, 9);
         var tids = Indices("ids", ids);
         var e = new float[tokens * dim];
         EmbeddingReference.Forward(ids, table, e, dim);
@@ -46,8 +46,8 @@ public sealed class LossEmbeddingOptimizerTests : BackendTest
     [TestCase(3, 1000, TestName = "CrossEntropy_N3_V1000")]
     public void CrossEntropy_ForwardBackward_MatchReference(int rows, int vocab)
     {
-        var logits = Data.Uniform(rows * vocab, 10, -5f, 5f);
-        var targets = Data.Ints(rows, 11, vocab);
+        var logits = TestData.Uniform(rows * vocab, 10, -5f, 5f);
+        var targets = TestData.Ints(rows, 11, vocab);
         if (rows > 2) targets[1] = -100;
         var el = new float[rows];
         CrossEntropyReference.Forward(logits, targets, el, vocab, -100);
@@ -76,7 +76,7 @@ public sealed class LossEmbeddingOptimizerTests : BackendTest
     [TestCase(4099, TestName = "AdamW_N4099")]
     public void AdamW_ThreeSteps_MatchReference(int n)
     {
-        var p = Data.Uniform(n, 12);
+        var p = TestData.Uniform(n, 12);
         var m = new float[n];
         var v = new float[n];
         var tp = Input("p", p, n);
@@ -84,7 +84,7 @@ public sealed class LossEmbeddingOptimizerTests : BackendTest
         var tv = Input("v", v, n);
         for (int step = 1; step <= 3; step++)
         {
-            var g = Data.Uniform(n, 20 + step);
+            var g = TestData.Uniform(n, 20 + step);
             var s = new AdamWStep(1e-2f, 0.9f, 0.999f, 1e-8f, 0.1f, step);
             OptimizerReference.AdamW(p, g, m, v, s);
             Ops.AdamW(tp, Input("g", g, n), tm, tv, s);
@@ -102,13 +102,13 @@ public sealed class LossEmbeddingOptimizerTests : BackendTest
     public void Sgd_ThreeSteps_MatchReference(float momentum, bool nesterov)
     {
         const int n = 37;
-        var p = Data.Uniform(n, 13);
+        var p = TestData.Uniform(n, 13);
         var buf = new float[n];
         var tp = Input("p", p, n);
         var tb = momentum != 0f ? Input("buf", buf, n) : null;
         for (int step = 1; step <= 3; step++)
         {
-            var g = Data.Uniform(n, 30 + step);
+            var g = TestData.Uniform(n, 30 + step);
             var s = new SgdStep(0.1f, momentum, 0.01f, nesterov);
             OptimizerReference.Sgd(p, g, buf, s);
             Ops.Sgd(tp, Input("g", g, n), tb, s);

@@ -55,8 +55,8 @@ public sealed class MatMulTests : BackendTest
     [Test]
     public void Linear_FoldsLeadingDims_MatchesReference()
     {
-        var x = Data.Uniform(2 * 3 * 10, 1);
-        var w = Data.Uniform(7 * 10, 2);
+        var x = TestData.Uniform(2 * 3 * 10, 1);
+        var w = TestData.Uniform(7 * 10, 2);
         var expected = new float[2 * 3 * 7];
         MatMulReference.Forward(x, w, expected, new MatMulShape(1, 6, 7, 10, false, true, true));
         var y = Output("y", 2, 3, 7);
@@ -68,12 +68,12 @@ public sealed class MatMulTests : BackendTest
     public void LinearBackward_MatchesReferenceAndAccumulates()
     {
         const int rows = 5, k = 9, n = 4;
-        var x = Data.Uniform(rows * k, 3);
-        var w = Data.Uniform(n * k, 4);
-        var dy = Data.Uniform(rows * n, 5);
+        var x = TestData.Uniform(rows * k, 3);
+        var w = TestData.Uniform(n * k, 4);
+        var dy = TestData.Uniform(rows * n, 5);
         var dxExpected = new float[rows * k];
         MatMulReference.Forward(dy, w, dxExpected, new MatMulShape(1, rows, k, n, false, false, true));
-        var dwExpected = Data.Uniform(n * k, 6); // previous gradient, accumulated into
+        var dwExpected = TestData.Uniform(n * k, 6); // previous gradient, accumulated into
         var dwInitial = (float[])dwExpected.Clone();
         MatMulReference.Forward(dy, x, dwExpected, new MatMulShape(1, n, k, rows, true, false, true), beta: 1f);
         var dx = Output("dx", rows, k);
@@ -111,10 +111,10 @@ public sealed class MatMulTests : BackendTest
     private void RunCase(int batch, int m, int n, int k, bool broadcastB, bool ta, bool tb, float alpha, float beta, MatMulAlgorithm algorithm)
     {
         var shape = new MatMulShape(batch, m, n, k, ta, tb, broadcastB);
-        var a = Data.Uniform(batch * m * k, 11 + m);
+        var a = TestData.Uniform(batch * m * k, 11 + m);
         int bBatch = broadcastB ? 1 : batch;
-        var b = Data.Uniform(bBatch * k * n, 13 + n);
-        var c0 = Data.Uniform(batch * m * n, 17 + k);
+        var b = TestData.Uniform(bBatch * k * n, 13 + n);
+        var c0 = TestData.Uniform(batch * m * n, 17 + k);
         var expected = (float[])c0.Clone();
         MatMulReference.Forward(a, b, expected, shape, alpha, beta);
 

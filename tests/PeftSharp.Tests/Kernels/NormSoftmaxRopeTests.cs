@@ -17,9 +17,9 @@ public sealed class NormSoftmaxRopeTests : BackendTest
     [TestCase(17, 33, TestName = "RmsNorm_N17_D33")]
     public void RmsNorm_ForwardBackward_MatchReference(int rows, int dim)
     {
-        var x = Data.Uniform(rows * dim, 1, -2f, 2f);
-        var w = Data.Uniform(dim, 2, 0.5f, 1.5f);
-        var dy = Data.Uniform(rows * dim, 3);
+        var x = TestData.Uniform(rows * dim, 1, -2f, 2f);
+        var w = TestData.Uniform(dim, 2, 0.5f, 1.5f);
+        var dy = TestData.Uniform(rows * dim, 3);
         var ey = new float[rows * dim];
         var er = new float[rows];
         RmsNormReference.Forward(x, w, ey, er, rows, dim, 1e-5f);
@@ -46,8 +46,8 @@ public sealed class NormSoftmaxRopeTests : BackendTest
     [TestCase(3, 257, TestName = "Softmax_R3_C257")]
     public void Softmax_ForwardBackward_MatchReference(int rows, int cols)
     {
-        var x = Data.Uniform(rows * cols, 4, -8f, 8f);
-        var dy = Data.Uniform(rows * cols, 5);
+        var x = TestData.Uniform(rows * cols, 4, -8f, 8f);
+        var dy = TestData.Uniform(rows * cols, 5);
         var ey = new float[rows * cols];
         SoftmaxReference.Forward(x, ey, rows, cols);
         var y = Output("y", rows, cols);
@@ -65,7 +65,7 @@ public sealed class NormSoftmaxRopeTests : BackendTest
     [TestCase(7, 2, 18, TestName = "Rope_N7_H2_D18")]
     public void Rope_ForwardAndInverse_MatchReference(int tokens, int heads, int dim)
     {
-        var x = Data.Uniform(tokens * heads * dim, 6);
+        var x = TestData.Uniform(tokens * heads * dim, 6);
         var positions = Enumerable.Range(0, tokens).Select(i => 3 + 29 * i % 190).ToArray(); // offset, shuffled, < 200
         var tp = Indices("positions", positions);
         var tx = Input("x", x, tokens, heads, dim);

@@ -21,7 +21,7 @@ public sealed class LlamaModelTests
     private static Func<string, int[], float[]> Weights(int seed) => (name, shape) =>
     {
         int n = shape.Aggregate(1, (a, b) => a * b);
-        var v = Data.Uniform(n, seed + name.GetHashCode(StringComparison.Ordinal) % 1000, -0.5f, 0.5f);
+        var v = TestData.Uniform(n, seed + name.GetHashCode(StringComparison.Ordinal) % 1000, -0.5f, 0.5f);
         if (name.EndsWith("norm.weight", StringComparison.Ordinal)) v = v.Select(x => 1f + x).ToArray();
         return v;
     };
