@@ -23,6 +23,12 @@ public abstract class Optimizer : IDisposable
     /// <summary>Applies one update at <paramref name="learningRate"/> to every trainable parameter.</summary>
     public abstract void Step(float learningRate);
 
+    /// <summary>The optimizer's state tensors by name (for checkpoints), downloaded to the host.</summary>
+    public abstract IEnumerable<(string Name, float[] Values, int[] Shape)> ExportState();
+
+    /// <summary>Restores state written by <see cref="ExportState"/> and the step count.</summary>
+    public abstract void ImportState(Func<string, float[]?> read, int stepCount);
+
     public virtual void Dispose()
     {
     }
@@ -71,6 +77,28 @@ public sealed class AdamW : Optimizer
         }
     }
 
+    public override IEnumerable<(string Name, float[] Values, int[] Shape)> ExportState()
+    {
+        foreach (var (p, (m, v)) in state)
+        {
+            yield return (p.Name + ".exp_avg", m.ToArray(), m.Shape.ToArray());
+            yield return (p.Name + ".exp_avg_sq", v.ToArray(), v.Shape.ToArray());
+        }
+    }
+
+    public override void ImportState(Func<string, float[]?> read, int stepCount)
+    {
+        StepCount = stepCount;
+        foreach (var p in Parameters)
+        {
+            var m = read(p.Name + ".exp_avg");
+            var v = read(p.Name + ".exp_avg_sq");
+            if (m == null || v == null) continue;
+            var shape = p.Value.Shape.ToArray();
+            state[p] = (p.Value.Device.FromArray(p.Name + ".exp_avg", m, shape), p.Value.Device.FromArray(p.Name + ".exp_avg_sq", v, shape));
+        }
+    }
+
     public override void Dispose()
     {
         foreach (var (m, v) in state.Values)
@@ -115,6 +143,20 @@ public sealed class Sgd : Optimizer
             }
 
             p.Value.Device.Ops.Sgd(p.Value, p.Grad, buf, new SgdStep(learningRate, Momentum, WeightDecay, Nesterov));
+        }
+    }
+
+    public override IEnumerable<(string Name, float[] Values, int[] Shape)> ExportState()
+    {
+        foreach (var (p, b) in momentum) yield return (p.Name + ".momentum_buffer", b.ToArray(), b.Shape.ToArray());
+    }
+
+    public override void ImportState(Func<string, float[]?> read, int stepCount)
+    {
+        StepCount = stepCount;
+        foreach (var p in Parameters)
+        {
+            if (read(p.Name + ".momentum_buffer") is { } b) momentum[p] = p.Value.Device.FromArray(p.Name + ".momentum_buffer", b, p.Value.Shape.ToArray());
         }
     }
 

@@ -1,0 +1,109 @@
+using PeftSharp.Data;
+using PeftSharp.Model;
+
+namespace PeftSharp.Training;
+
+/// <summary>Held-out numbers: mean loss per trained token, perplexity, and exact-match accuracy of greedy completions.</summary>
+public sealed record EvalResult(double Loss, double Perplexity, double ExactMatch, int Examples);
+
+public static class Evaluator
+{
+    public static EvalResult Evaluate(LlamaModel model, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int batchSize = 16)
+    {
+        var tok = new ByteTokenizer();
+        double lossSum = 0;
+        int counted = 0;
+        for (int i = 0; i < examples.Count; i += batchSize)
+        {
+            var batch = examples.Skip(i).Take(batchSize).ToList();
+            var (ids, targets) = Batcher.Encode(batch, tok, seqLen, completionOnly);
+            var (l, c) = model.Loss(ids, targets, batch.Count, backward: false);
+            lossSum += l * c;
+            counted += c;
+        }
+
+        int correct = 0;
+        foreach (var e in examples)
+        {
+            string got = Generator.Greedy(model, e.Prompt, maxTokens: tok.Encode(e.Completion).Length + 1);
+            if (got == e.Completion) correct++;
+        }
+
+        double loss = counted == 0 ? 0 : lossSum / counted;
+        return new EvalResult(loss, Math.Exp(loss), examples.Count == 0 ? 0 : (double)correct / examples.Count, examples.Count);
+    }
+}
+
+/// <summary>
+/// Text generation. This first version recomputes the whole sequence for every new token (no KV cache yet), which
+/// is fine for the tiny models the built-in tasks use and slow for long outputs.
+/// </summary>
+public static class Generator
+{
+    public static string Greedy(LlamaModel model, string prompt, int maxTokens) => Sample(model, prompt, maxTokens, temperature: 0f, topK: 0, topP: 1f, seed: 0);
+
+    /// <summary>Samples up to <paramref name="maxTokens"/> tokens after [BOS] prompt, stopping at EOS. Temperature 0 is greedy.</summary>
+    public static string Sample(LlamaModel model, string prompt, int maxTokens, float temperature, int topK, float topP, int seed)
+    {
+        var tok = new ByteTokenizer();
+        var rng = new Random(seed);
+        var seq = new List<int> { ByteTokenizer.Bos };
+        seq.AddRange(tok.Encode(prompt));
+        var output = new List<int>();
+        int vocab = model.Config.VocabSize;
+        for (int i = 0; i < maxTokens && seq.Count < model.Config.MaxPositionEmbeddings; i++)
+        {
+            var logits = model.Logits(seq.ToArray(), batch: 1);
+            var last = logits.AsSpan((seq.Count - 1) * vocab, vocab).ToArray();
+            int next = temperature <= 0f ? ArgMax(last) : Draw(last, temperature, topK, topP, rng);
+            if (next == ByteTokenizer.Eos) break;
+            seq.Add(next);
+            output.Add(next);
+        }
+
+        return tok.Decode(output);
+    }
+
+    private static int ArgMax(float[] v)
+    {
+        int best = 0;
+        for (int i = 1; i < v.Length; i++)
+        {
+            if (v[i] > v[best]) best = i;
+        }
+
+        return best;
+    }
+
+    private static int Draw(float[] logits, float temperature, int topK, float topP, Random rng)
+    {
+        var order = Enumerable.Range(0, logits.Length).OrderByDescending(i => logits[i]).ToList();
+        if (topK > 0) order = order.Take(topK).ToList();
+        double max = logits[order[0]];
+        var probs = order.Select(i => Math.Exp((logits[i] - max) / temperature)).ToList();
+        double total = probs.Sum();
+        if (topP < 1f)
+        {
+            double cum = 0;
+            int keep = 0;
+            while (keep < probs.Count && cum < topP * total)
+            {
+                cum += probs[keep];
+                keep++;
+            }
+
+            order = order.Take(Math.Max(1, keep)).ToList();
+            probs = probs.Take(order.Count).ToList();
+            total = probs.Sum();
+        }
+
+        double r = rng.NextDouble() * total;
+        for (int i = 0; i < order.Count; i++)
+        {
+            r -= probs[i];
+            if (r <= 0) return order[i];
+        }
+
+        return order[^1];
+    }
+}

@@ -1,0 +1,208 @@
+using System.Diagnostics;
+using System.Text.Json;
+using PeftSharp.Data;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+
+namespace PeftSharp.Training;
+
+/// <summary>Settings of a training run.</summary>
+public sealed record TrainOptions
+{
+    public int Steps { get; init; } = 200;
+    public int BatchSize { get; init; } = 16;
+    public int SeqLen { get; init; } = 40;
+    public int GradAccumulation { get; init; } = 1;
+    public float LearningRate { get; init; } = 3e-3f;
+    public int WarmupSteps { get; init; } = 20;
+    public float WeightDecay { get; init; } = 0.01f;
+    /// <summary>Global gradient-norm clip; 0 disables.</summary>
+    public double ClipNorm { get; init; } = 1.0;
+    /// <summary>Train on completions only (fine-tuning), or on every token (pre-training).</summary>
+    public bool CompletionOnly { get; init; }
+    public int CheckpointEvery { get; init; }
+    public int Seed { get; init; } = 1;
+}
+
+/// <summary>One optimizer step's numbers, also written as a line of metrics.jsonl.</summary>
+public sealed record StepMetrics(int Step, double Loss, double GradNorm, float LearningRate, double TokensPerSecond, double ElapsedSeconds);
+
+/// <summary>A deterministic example source that can be rewound to a position (for resuming).</summary>
+public sealed class ExampleSource
+{
+    private readonly Func<IEnumerable<Example>> open;
+    private IEnumerator<Example> stream;
+
+    public ExampleSource(Func<IEnumerable<Example>> open)
+    {
+        this.open = open;
+        stream = open().GetEnumerator();
+    }
+
+    /// <summary>Examples consumed so far.</summary>
+    public long Position { get; private set; }
+
+    /// <summary>Finite sources (files) wrap around.</summary>
+    public List<Example> Next(int count)
+    {
+        var batch = new List<Example>(count);
+        while (batch.Count < count)
+        {
+            if (!stream.MoveNext())
+            {
+                stream = open().GetEnumerator();
+                if (!stream.MoveNext()) throw new InvalidOperationException("the data source is empty");
+            }
+
+            batch.Add(stream.Current);
+            Position++;
+        }
+
+        return batch;
+    }
+
+    public void Seek(long position)
+    {
+        stream = open().GetEnumerator();
+        Position = 0;
+        while (Position < position) Next((int)Math.Min(4096, position - Position));
+    }
+
+    public static ExampleSource Tasks(IReadOnlyList<string> tasks, int seed, Split split) => new(() => TaskSuite.Stream(tasks, seed, split));
+
+    public static ExampleSource List(IReadOnlyList<Example> examples) => new(() => examples);
+}
+
+/// <summary>
+/// The training loop: batches from an <see cref="ExampleSource"/>, gradient accumulation, global-norm clipping,
+/// a learning-rate schedule, metrics.jsonl, and checkpoints (model, optimizer state, step, data position) written
+/// atomically so that a resumed run ends bit-identical to an uninterrupted one.
+/// </summary>
+public sealed class TrainingRun
+{
+    private readonly LlamaModel model;
+    private readonly Optimizer optimizer;
+    private readonly LearningRateSchedule schedule;
+    private readonly ExampleSource data;
+    private readonly ByteTokenizer tokenizer = new();
+
+    public TrainingRun(LlamaModel model, Optimizer optimizer, LearningRateSchedule schedule, ExampleSource data, TrainOptions options)
+    {
+        this.model = model;
+        this.optimizer = optimizer;
+        this.schedule = schedule;
+        this.data = data;
+        Options = options;
+        if (options.BatchSize <= 0 || options.GradAccumulation <= 0 || options.SeqLen <= 0)
+        {
+            throw new ArgumentException($"batch size ({options.BatchSize}), gradient accumulation ({options.GradAccumulation}) and sequence length ({options.SeqLen}) must be positive");
+        }
+    }
+
+    public TrainOptions Options { get; }
+
+    /// <summary>Steps completed (restored by <see cref="Resume"/>).</summary>
+    public int Step { get; private set; }
+
+    /// <summary>Runs until <see cref="TrainOptions.Steps"/>; <paramref name="outDir"/> receives metrics.jsonl and checkpoints.</summary>
+    public IReadOnlyList<StepMetrics> Run(string? outDir, Action<StepMetrics>? onStep = null, CancellationToken cancel = default)
+    {
+        var all = new List<StepMetrics>();
+        var clock = Stopwatch.StartNew();
+        StreamWriter? metrics = null;
+        if (outDir != null)
+        {
+            Directory.CreateDirectory(outDir);
+            metrics = new StreamWriter(Path.Combine(outDir, "metrics.jsonl"), append: Step > 0);
+        }
+
+        try
+        {
+            while (Step < Options.Steps && !cancel.IsCancellationRequested)
+            {
+                var stepClock = Stopwatch.StartNew();
+                model.ZeroGrad();
+                double loss = 0;
+                int tokens = 0;
+                for (int micro = 0; micro < Options.GradAccumulation; micro++)
+                {
+                    var batch = data.Next(Options.BatchSize);
+                    var (ids, targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                    var (l, counted) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                    loss += l / Options.GradAccumulation;
+                    tokens += ids.Length;
+                    _ = counted;
+                }
+
+                var grads = model.Parameters.Where(p => p.Trainable).Select(p => p.Grad).ToList();
+                if (Options.GradAccumulation > 1)
+                {
+                    foreach (var g in grads) model.Device.Ops.Scale(g, 1f / Options.GradAccumulation, g);
+                }
+
+                double norm = Options.ClipNorm > 0 ? model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm) : model.Device.Ops.GlobalNorm(grads);
+                float lr = schedule.At(Step);
+                optimizer.Step(lr);
+                Step++;
+                var m = new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds);
+                all.Add(m);
+                metrics?.WriteLine(JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond }));
+                onStep?.Invoke(m);
+                if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
+                {
+                    metrics?.Flush();
+                    SaveCheckpoint(Path.Combine(outDir, "checkpoint"));
+                }
+            }
+        }
+        finally
+        {
+            metrics?.Dispose();
+        }
+
+        return all;
+    }
+
+    /// <summary>
+    /// Writes model, optimizer state and trainer state into a fresh folder, then swaps it into place, so the
+    /// previous checkpoint survives a crash at any point.
+    /// </summary>
+    public void SaveCheckpoint(string folder)
+    {
+        string full = Path.GetFullPath(folder);
+        string tmp = full + $".tmp-{Environment.ProcessId}";
+        if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true);
+        HuggingFaceFolder.Save(model, tmp);
+        var state = optimizer.ExportState().Select(s => new SafeTensorData(s.Name, s.Values, s.Shape)).ToList();
+        SafeTensorsWriter.Write(Path.Combine(tmp, "optimizer.safetensors"), state);
+        var trainerState = new Dictionary<string, object>
+        {
+            ["step"] = Step,
+            ["optimizer_steps"] = optimizer.StepCount,
+            ["data_position"] = data.Position,
+            ["seed"] = Options.Seed,
+            ["optimizer"] = optimizer.GetType().Name,
+        };
+        AtomicFile.WriteText(Path.Combine(tmp, "trainer_state.json"), JsonSerializer.Serialize(trainerState, new JsonSerializerOptions { WriteIndented = true }));
+        string old = full + ".old";
+        if (Directory.Exists(old)) Directory.Delete(old, recursive: true);
+        if (Directory.Exists(full)) Directory.Move(full, old);
+        Directory.Move(tmp, full);
+        if (Directory.Exists(old)) Directory.Delete(old, recursive: true);
+    }
+
+    /// <summary>Restores optimizer state, step and data position from a checkpoint (the model is loaded by the caller).</summary>
+    public void Resume(string folder)
+    {
+        string statePath = Path.Combine(folder, "trainer_state.json");
+        if (!File.Exists(statePath)) throw new FileNotFoundException($"{folder}: not a checkpoint (no trainer_state.json)", statePath);
+        using var doc = JsonDocument.Parse(File.ReadAllText(statePath));
+        var root = doc.RootElement;
+        string kind = root.GetProperty("optimizer").GetString()!;
+        if (kind != optimizer.GetType().Name) throw new InvalidDataException($"{statePath}: checkpoint used {kind}, this run uses {optimizer.GetType().Name}");
+        using var st = SafeTensorsFile.Open(Path.Combine(folder, "optimizer.safetensors"));
+        optimizer.ImportState(name => st.Contains(name) ? st.ReadFloats(name) : null, root.GetProperty("optimizer_steps").GetInt32());
+        Step = root.GetProperty("step").GetInt32();
+        data.Seek(root.GetProperty("data_position").GetInt64());
+    }
+}
