@@ -1,5 +1,9 @@
 using System.CommandLine;
 using PeftSharp.Engine;
+using PeftSharp.Data;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+using PeftSharp.Training;
 using Spectre.Console;
 
 namespace PeftSharp.Trainer;
@@ -27,6 +31,83 @@ public static class Program
         selfcheck.SetAction(r => Commands.SelfCheck(r.GetValue(deviceOption), stdout, stderr));
         root.Subcommands.Add(selfcheck);
 
+        var quiet = new Option<bool>("--quiet") { Description = "Log lines instead of a progress bar" };
+        var data = new Option<string>("--data") { Description = "builtin:tasks | builtin:tasks=add,sort | FILE.jsonl | FILE.txt", DefaultValueFactory = _ => "builtin:tasks" };
+        var steps = new Option<int>("--steps") { Description = "Optimizer steps", DefaultValueFactory = _ => 300 };
+        var outDir = new Option<string>("--out") { Description = "Output folder (model, metrics.jsonl, loss.svg, checkpoint/)", Required = true };
+        var batch = new Option<int>("--batch-size") { DefaultValueFactory = _ => 16 };
+        var seqLen = new Option<int>("--seq-len") { DefaultValueFactory = _ => 40 };
+        var lr = new Option<float>("--lr") { Description = "Peak learning rate (warmup, then cosine to a tenth)", DefaultValueFactory = _ => 3e-3f };
+        var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 1 };
+        var resume = new Option<string?>("--resume") { Description = "Continue from a checkpoint folder (OUT/checkpoint)" };
+        var ckptEvery = new Option<int>("--checkpoint-every") { Description = "Steps between checkpoints (0: none)", DefaultValueFactory = _ => 100 };
+        var config = new Option<string>("--config") { Description = "tiny | small | CONFIG.json", DefaultValueFactory = _ => "tiny" };
+        var modelDir = new Option<string>("--model") { Description = "Hugging Face model folder", Required = true };
+        var method = new Option<string>("--method") { Description = "full (adapter methods arrive with the LoRA, prefix, 1-bit and sparse issues)", DefaultValueFactory = _ => "full" };
+
+        Command TrainCommand(string name, string description, bool finetune)
+        {
+            var c = new Command(name, description);
+            foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet }) c.Options.Add(o);
+            if (finetune)
+            {
+                c.Options.Add(modelDir);
+                c.Options.Add(method);
+            }
+            else
+            {
+                c.Options.Add(config);
+            }
+
+            c.SetAction(r => Commands.Train(r.GetValue(deviceOption), finetune ? r.GetValue(modelDir) : null, finetune ? null : r.GetValue(config),
+                finetune ? r.GetValue(method)! : "full", r.GetValue(data)!, new PeftSharp.Training.TrainOptions
+                {
+                    Steps = Positive("--steps", r.GetValue(steps)),
+                    BatchSize = Positive("--batch-size", r.GetValue(batch)),
+                    SeqLen = Positive("--seq-len", r.GetValue(seqLen)),
+                    LearningRate = r.GetValue(lr) > 0 ? r.GetValue(lr) : throw new ArgumentException($"--lr {r.GetValue(lr)}: must be positive"),
+                    Seed = r.GetValue(seed),
+                    CheckpointEvery = r.GetValue(ckptEvery),
+                    WarmupSteps = Math.Min(20, r.GetValue(steps) / 10),
+                    CompletionOnly = finetune,
+                }, r.GetValue(outDir)!, r.GetValue(resume), r.GetValue(quiet), stdout));
+            return c;
+        }
+
+        root.Subcommands.Add(TrainCommand("pretrain", "Pre-train a model from scratch.", finetune: false));
+        root.Subcommands.Add(TrainCommand("finetune", "Fine-tune a model folder (loss on completions).", finetune: true));
+
+        var eval = new Command("eval", "Loss, perplexity and exact-match accuracy on held-out data.");
+        foreach (var o in new Option[] { deviceOption, modelDir, data, seqLen, seed }) eval.Options.Add(o);
+        eval.SetAction(r => Commands.Eval(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(data)!, r.GetValue(seqLen), r.GetValue(seed), stdout));
+        root.Subcommands.Add(eval);
+
+        var prompt = new Option<string>("--prompt") { Required = true };
+        var maxTokens = new Option<int>("--max-tokens") { DefaultValueFactory = _ => 32 };
+        var temperature = new Option<float>("--temperature") { Description = "0 is greedy", DefaultValueFactory = _ => 0f };
+        var topK = new Option<int>("--top-k") { DefaultValueFactory = _ => 0 };
+        var topP = new Option<float>("--top-p") { DefaultValueFactory = _ => 1f };
+        var generate = new Command("generate", "Generate a completion of --prompt.");
+        foreach (var o in new Option[] { deviceOption, modelDir, prompt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
+        generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt)!, r.GetValue(maxTokens),
+            r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout));
+        root.Subcommands.Add(generate);
+
+        var tokens = new Option<string>("--tokens") { Description = "Comma-separated token ids", Required = true };
+        var logits = new Command("logits", "Print the last position's logits as JSON (for checks against other implementations).");
+        foreach (var o in new Option[] { deviceOption, modelDir, tokens }) logits.Options.Add(o);
+        logits.SetAction(r => Commands.Logits(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(tokens)!, stdout));
+        root.Subcommands.Add(logits);
+
+        var qsOut = new Option<string>("--out") { Description = "Output folder", DefaultValueFactory = _ => "peft-quickstart" };
+        var qsPre = new Option<int>("--pretrain-steps") { DefaultValueFactory = _ => 3000 };
+        var qsFine = new Option<int>("--finetune-steps") { DefaultValueFactory = _ => 600 };
+        var quickstart = new Command("quickstart", "The main job on built-in data: pretrain a tiny model, fine-tune it on a held-out task, evaluate before and after.");
+        foreach (var o in new Option[] { deviceOption, qsOut, qsPre, qsFine, seed, quiet }) quickstart.Options.Add(o);
+        quickstart.SetAction(r => Commands.Quickstart(r.GetValue(deviceOption), r.GetValue(qsOut)!, Positive("--pretrain-steps", r.GetValue(qsPre)),
+            Positive("--finetune-steps", r.GetValue(qsFine)), r.GetValue(seed), r.GetValue(quiet), stdout));
+        root.Subcommands.Add(quickstart);
+
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)
         {
@@ -38,12 +119,14 @@ public static class Program
         {
             return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false });
         }
-        catch (ArgumentException e)
+        catch (Exception e) when (e is ArgumentException or FileNotFoundException or InvalidDataException or NotSupportedException or DirectoryNotFoundException)
         {
-            stderr.WriteLine($"peft: {e.Message}");
+            stderr.WriteLine($"peft: {e.Message.ReplaceLineEndings(" ")}");
             return 2;
         }
     }
+
+    private static int Positive(string flag, int value) => value > 0 ? value : throw new ArgumentException($"{flag} {value}: must be positive");
 }
 
 internal static class Commands
@@ -92,6 +175,97 @@ internal static class Commands
 
         console.MarkupLine(failed == 0 ? $"[green]all kernels agree with the references on {specs.Length} device(s)[/]" : "[red]self-check failed[/]");
         return failed == 0 ? 0 : 1;
+    }
+
+    private static Device OpenDevice(string? spec) => spec is { Length: > 0 } ? Devices.Open(spec) : Devices.OpenDefault();
+
+    public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout)
+    {
+        if (method != "full")
+        {
+            throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full (LoRA, prefix tuning, 1-bit deltas and sparse methods are open issues)");
+        }
+
+        var console = Console(stdout);
+        using var device = OpenDevice(deviceSpec);
+        var (train, held, completionOnly) = Jobs.Data(dataSpec, options.Seed);
+        options = options with { CompletionOnly = options.CompletionOnly || completionOnly };
+        using var model = resume != null ? HuggingFaceFolder.Load(resume, device)
+            : modelDir != null ? HuggingFaceFolder.Load(modelDir, device)
+            : LlamaModel.Create(device, Jobs.Config(configSpec!), options.Seed);
+        var jobs = new Jobs(console, quiet);
+        console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
+        var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume);
+        if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
+        console.MarkupLine($"model, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        return 0;
+    }
+
+    public static int Eval(string? deviceSpec, string modelDir, string dataSpec, int seqLen, int seed, TextWriter stdout)
+    {
+        var console = Console(stdout);
+        using var device = OpenDevice(deviceSpec);
+        using var model = HuggingFaceFolder.Load(modelDir, device);
+        var (_, held, completionOnly) = Jobs.Data(dataSpec, seed);
+        new Jobs(console, true).PrintEval(dataSpec, Evaluator.Evaluate(model, held, seqLen, completionOnly));
+        return 0;
+    }
+
+    public static int Generate(string? deviceSpec, string modelDir, string prompt, int maxTokens, float temperature, int topK, float topP, int seed, TextWriter stdout)
+    {
+        using var device = OpenDevice(deviceSpec);
+        using var model = HuggingFaceFolder.Load(modelDir, device);
+        stdout.WriteLine(Generator.Sample(model, prompt, maxTokens, temperature, topK, topP, seed));
+        return 0;
+    }
+
+    public static int Logits(string? deviceSpec, string modelDir, string tokenList, TextWriter stdout)
+    {
+        var ids = tokenList.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
+            .Select(t => int.TryParse(t, out int v) ? v : throw new ArgumentException($"--tokens: '{t}' is not a token id")).ToArray();
+        if (ids.Length == 0) throw new ArgumentException("--tokens: no token ids given");
+        using var device = OpenDevice(deviceSpec);
+        using var model = HuggingFaceFolder.Load(modelDir, device);
+        var bad = ids.Where(t => t < 0 || t >= model.Config.VocabSize).ToArray();
+        if (bad.Length > 0) throw new ArgumentException($"--tokens: ids {string.Join(", ", bad)} are outside the vocabulary [0, {model.Config.VocabSize})");
+        var logits = model.Logits(ids, batch: 1);
+        var last = logits.AsSpan((ids.Length - 1) * model.Config.VocabSize, model.Config.VocabSize).ToArray();
+        stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(last));
+        return 0;
+    }
+
+    public static int Quickstart(string? deviceSpec, string outDir, int pretrainSteps, int finetuneSteps, int seed, bool quiet, TextWriter stdout)
+    {
+        var console = Console(stdout);
+        using var device = OpenDevice(deviceSpec);
+        var jobs = new Jobs(console, quiet);
+        const string heldOutTask = "reverse";
+        var pretrainTasks = TaskSuite.Tasks.Where(t => t != heldOutTask).ToList();
+        var options = new TrainOptions { Steps = pretrainSteps, BatchSize = 16, SeqLen = 40, LearningRate = 3e-3f, WarmupSteps = 20, Seed = seed, CheckpointEvery = 0 };
+        console.MarkupLine($"[bold]PeftSharp quickstart[/] on {Markup.Escape(device.Info.Spec)} ({Markup.Escape(device.Info.Name)})");
+        console.MarkupLine($"1. pre-train a tiny Llama on the built-in tasks [[{string.Join(", ", pretrainTasks)}]], holding out '{heldOutTask}'");
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var pre = jobs.Train(model, ExampleSource.Tasks(pretrainTasks, seed, Split.Train), options, Path.Combine(outDir, "pretrained"), "pretrain", null);
+        var preHeld = TaskSuite.Stream(pretrainTasks, seed + 1000, Split.HeldOut).Take(70).ToList();
+        var taskHeld = TaskSuite.Stream(new[] { heldOutTask }, seed + 2000, Split.HeldOut).Take(50).ToList();
+        var preOnPre = Evaluator.Evaluate(model, preHeld, options.SeqLen);
+        var before = Evaluator.Evaluate(model, taskHeld, options.SeqLen);
+        console.MarkupLine($"2. full fine-tune on '{heldOutTask}' (loss on completions)");
+        var fineOptions = options with { Steps = finetuneSteps, LearningRate = 1e-3f, WarmupSteps = 10, CompletionOnly = true };
+        jobs.Train(model, ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train), fineOptions, Path.Combine(outDir, "finetuned-full"), "finetune", null);
+        var after = Evaluator.Evaluate(model, taskHeld, options.SeqLen);
+        var afterOnPre = Evaluator.Evaluate(model, preHeld, options.SeqLen);
+        var table = new Table().AddColumns("model", "data (held-out examples)", "loss", "exact match");
+        table.AddRow("pre-trained", "pre-training tasks", $"{preOnPre.Loss:F3}", $"{preOnPre.ExactMatch:P1}");
+        table.AddRow("pre-trained", $"'{heldOutTask}' (unseen task)", $"{before.Loss:F3}", $"{before.ExactMatch:P1}");
+        table.AddRow("full fine-tune", $"'{heldOutTask}'", $"{after.Loss:F3}", $"{after.ExactMatch:P1}");
+        table.AddRow("full fine-tune", "pre-training tasks", $"{afterOnPre.Loss:F3}", $"{afterOnPre.ExactMatch:P1}");
+        console.Write(table);
+        double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;
+        console.MarkupLine($"{model.ParameterCount:N0} parameters (all trainable in full fine-tuning); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
+        console.MarkupLine($"models, metrics.jsonl and loss.svg in [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        return 0;
     }
 
     private static IAnsiConsole Console(TextWriter writer)

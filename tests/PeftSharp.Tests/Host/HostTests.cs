@@ -40,3 +40,78 @@ public sealed class HostTests
         Assert.That(err, Does.Contain("quantum"));
     }
 }
+
+public sealed class HostJobTests
+{
+    private string dir = null!;
+
+    [SetUp]
+    public void MakeDir() => dir = Directory.CreateTempSubdirectory("peftsharp-host-").FullName;
+
+    [TearDown]
+    public void RemoveDir() => Directory.Delete(dir, recursive: true);
+
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+        int code = PeftSharp.Trainer.Program.Run(args, stdout, stderr);
+        return (code, stdout.ToString(), stderr.ToString());
+    }
+
+    [Test]
+    public void PretrainEvalGenerateLogitsFinetuneResume_EndToEnd()
+    {
+        string pre = Path.Combine(dir, "pre");
+        var r = Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "4", "--checkpoint-every", "3", "--out", pre, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(File.Exists(Path.Combine(pre, "model.safetensors")) && File.Exists(Path.Combine(pre, "config.json")) && File.Exists(Path.Combine(pre, "loss.svg")));
+        Assert.That(File.ReadAllLines(Path.Combine(pre, "metrics.jsonl")), Has.Length.EqualTo(6));
+        Assert.That(r.Out, Does.Contain("held-out"));
+
+        r = Run("eval", "--model", pre, "--data", "builtin:tasks=add", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("perplexity").And.Contain("exact match"));
+
+        r = Run("generate", "--model", pre, "--prompt", "copy ab=", "--max-tokens", "4", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+
+        r = Run("logits", "--model", pre, "--tokens", "256,99,111", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var logits = System.Text.Json.JsonSerializer.Deserialize<float[]>(r.Out)!;
+        Assert.That(logits, Has.Length.EqualTo(259));
+
+        string fine = Path.Combine(dir, "fine");
+        r = Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "full", "--steps", "4", "--batch-size", "4", "--out", fine, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+
+        // Resume the pre-training run from its step-3 checkpoint to step 6: same final weights as the uninterrupted run.
+        string resumed = Path.Combine(dir, "resumed");
+        r = Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "4", "--checkpoint-every", "0", "--out", resumed, "--quiet", "--device", "cpu",
+            "--resume", Path.Combine(pre, "checkpoint"));
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(File.ReadAllBytes(Path.Combine(resumed, "model.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(pre, "model.safetensors"))),
+            "resumed run ends bit-identical to the uninterrupted one");
+    }
+
+    [Test]
+    public void BadValues_OneLineErrorsNamingTheFlag()
+    {
+        foreach (var (args, expected) in new (string[], string)[]
+        {
+            (new[] { "pretrain", "--steps", "0", "--out", dir }, "--steps 0"),
+            (new[] { "pretrain", "--data", "builtin:puzzles", "--out", dir, "--steps", "1" }, "builtin:puzzles"),
+            (new[] { "pretrain", "--data", "/no/such/file.jsonl", "--out", dir, "--steps", "1" }, "/no/such/file.jsonl"),
+            (new[] { "finetune", "--model", dir, "--method", "lora", "--out", dir }, "--method lora"),
+            (new[] { "eval", "--model", Path.Combine(dir, "missing") }, "config.json"),
+            (new[] { "logits", "--model", dir, "--tokens", "1,x" }, "'x'"),
+            (new[] { "pretrain", "--out", dir, "--config", "huge" }, "--config huge"),
+        })
+        {
+            var (code, _, err) = Run(args);
+            Assert.That(code, Is.EqualTo(2), string.Join(" ", args));
+            Assert.That(err.Trim().Split('\n'), Has.Length.EqualTo(1), err);
+            Assert.That(err, Does.Contain(expected), string.Join(" ", args));
+        }
+    }
+}

@@ -1,0 +1,109 @@
+using PeftSharp.Data;
+using PeftSharp.Engine;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+using PeftSharp.Training;
+using Spectre.Console;
+
+namespace PeftSharp.Trainer;
+
+/// <summary>The host's jobs: thin wrappers that parse values, call the library and report.</summary>
+internal sealed class Jobs
+{
+    private readonly IAnsiConsole console;
+    private readonly bool quiet;
+
+    public Jobs(IAnsiConsole console, bool quiet)
+    {
+        this.console = console;
+        this.quiet = quiet;
+    }
+
+    /// <summary>builtin:tasks, builtin:tasks=add,sort, a .jsonl file, or a UTF-8 text file.</summary>
+    public static (ExampleSource Train, List<Example> HeldOut, bool CompletionOnly) Data(string spec, int seed, int heldOut = 64)
+    {
+        if (spec.StartsWith("builtin:", StringComparison.Ordinal))
+        {
+            string rest = spec["builtin:".Length..];
+            IReadOnlyList<string> tasks = rest == "tasks" ? TaskSuite.Tasks
+                : rest.StartsWith("tasks=", StringComparison.Ordinal) ? rest["tasks=".Length..].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+                : throw new ArgumentException($"--data {spec}: use builtin:tasks or builtin:tasks=NAME,NAME (tasks: {string.Join(", ", TaskSuite.Tasks)})");
+            var held = TaskSuite.Stream(tasks, seed + 1000, Split.HeldOut).Take(heldOut).ToList();
+            return (ExampleSource.Tasks(tasks, seed, Split.Train), held, false);
+        }
+
+        if (!File.Exists(spec)) throw new ArgumentException($"--data {spec}: file not found");
+        var examples = spec.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase) ? DataFiles.ReadJsonl(spec) : DataFiles.ReadText(spec);
+        bool completionOnly = examples.Any(e => e.Prompt.Length > 0);
+        int h = Math.Min(heldOut, examples.Count / 10);
+        return (ExampleSource.List(examples.Skip(h).ToList()), examples.Take(h).ToList(), completionOnly);
+    }
+
+    public static LlamaConfig Config(string spec) => spec switch
+    {
+        "tiny" => LlamaConfig.Tiny,
+        "small" => new LlamaConfig
+        {
+            HiddenSize = 256, IntermediateSize = 688, NumAttentionHeads = 8, NumKeyValueHeads = 4, NumHiddenLayers = 6,
+            VocabSize = ByteTokenizer.VocabSize, RmsNormEps = 1e-5f, MaxPositionEmbeddings = 512, TieWordEmbeddings = true,
+        },
+        _ when File.Exists(spec) => LlamaConfig.Parse(File.ReadAllText(spec), spec),
+        _ => throw new ArgumentException($"--config {spec}: use tiny, small or a config.json path"),
+    };
+
+    /// <summary>Trains with progress; writes metrics.jsonl, loss.svg and the final model (HF folder) to outDir.</summary>
+    public IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions options, string outDir, string title, string? resume)
+    {
+        using var opt = new AdamW(model.Parameters, weightDecay: options.WeightDecay);
+        var schedule = new LearningRateSchedule.Warmup(options.LearningRate, options.WarmupSteps, options.Steps, Cosine: true, MinLearningRate: options.LearningRate / 10);
+        var run = new TrainingRun(model, opt, schedule, data, options);
+        if (resume != null) run.Resume(resume);
+        IReadOnlyList<StepMetrics> metrics;
+        if (quiet)
+        {
+            metrics = run.Run(outDir, m =>
+            {
+                if (m.Step % 50 == 0 || m.Step == options.Steps) console.WriteLine($"{title} step {m.Step}/{options.Steps} loss {m.Loss:F4} lr {m.LearningRate:G3} {m.TokensPerSecond:F0} tok/s");
+            });
+        }
+        else
+        {
+            metrics = Array.Empty<StepMetrics>();
+            console.Progress()
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                .Start(ctx =>
+                {
+                    var task = ctx.AddTask(title, maxValue: options.Steps);
+                    task.Value = run.Step;
+                    metrics = run.Run(outDir, m =>
+                    {
+                        task.Value = m.Step;
+                        task.Description = $"{title}: loss {m.Loss:F3}, {m.TokensPerSecond:F0} tok/s";
+                    });
+                });
+        }
+
+        HuggingFaceFolder.Save(model, outDir);
+        var all = ReadAllMetrics(outDir, metrics);
+        PeftSharp.Formats.AtomicFile.WriteText(Path.Combine(outDir, "loss.svg"), LossCurve.Svg(all, title));
+        return metrics;
+    }
+
+    private static IReadOnlyList<StepMetrics> ReadAllMetrics(string outDir, IReadOnlyList<StepMetrics> fallback)
+    {
+        string path = Path.Combine(outDir, "metrics.jsonl");
+        if (!File.Exists(path)) return fallback;
+        var list = new List<StepMetrics>();
+        foreach (var line in File.ReadLines(path))
+        {
+            using var d = System.Text.Json.JsonDocument.Parse(line);
+            var r = d.RootElement;
+            list.Add(new StepMetrics(r.GetProperty("step").GetInt32(), r.GetProperty("loss").GetDouble(), r.GetProperty("grad_norm").GetDouble(), r.GetProperty("lr").GetSingle(), r.GetProperty("tokens_per_second").GetDouble(), 0));
+        }
+
+        return list;
+    }
+
+    public void PrintEval(string label, EvalResult r) =>
+        console.MarkupLine($"{Markup.Escape(label)}: loss [bold]{r.Loss:F4}[/], perplexity {r.Perplexity:F2}, exact match [bold]{r.ExactMatch:P1}[/] of {r.Examples}");
+}
