@@ -57,6 +57,22 @@ public sealed class Tensor : IDisposable
         return new Tensor(Device, Name, (int[])newShape.Clone(), Storage, Offset, ownsStorage: false) { Parent = this };
     }
 
+    /// <summary>
+    /// A view of the contiguous elements [offset, offset + prod(shape)) with the given shape, sharing storage (for
+    /// example rows [len, len + n) of a KV cache); disposing it frees nothing.
+    /// </summary>
+    public Tensor View(int offset, params int[] shape)
+    {
+        ThrowIfDisposed();
+        int n = ShapeUtil.Product(shape, Name);
+        if (offset < 0 || (long)offset + n > Length)
+        {
+            throw new ArgumentException($"view [{offset}, {(long)offset + n}) {ShapeUtil.Format(shape)} is outside {this} ({Length} elements)");
+        }
+
+        return new Tensor(Device, Name, (int[])shape.Clone(), Storage, Offset + offset, ownsStorage: false) { Parent = this };
+    }
+
     /// <summary>Copies the elements to a new host array (synchronizes the device).</summary>
     public float[] ToArray()
     {

@@ -338,6 +338,70 @@ public sealed class LlamaModel : IDisposable
         else ops.Copy(dxPart, dx);
     }
 
+    /// <summary>
+    /// Runs <paramref name="newTokens"/> (one sequence) through the model at positions cache.Length onward, appending
+    /// their keys and values to <paramref name="cache"/>; returns the logits (V) of the last new token. Attention reads
+    /// the cached keys and values instead of recomputing them (bottom-right causal alignment over the cache).
+    /// </summary>
+    public float[] DecodeStep(KvCache cache, int[] newTokens)
+    {
+        var c = Config;
+        int tn = newTokens.Length, start = cache.Length, total = start + tn;
+        if (tn == 0) throw new ArgumentException("DecodeStep needs at least one token");
+        if (total > cache.Capacity) throw new ArgumentException($"KV cache holds {cache.Capacity} positions; {start} used + {tn} new do not fit");
+        int dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
+        var ops = Device.Ops;
+        using var ids = Device.FromIndices("input_ids", newTokens);
+        using var pos = Device.FromIndices("positions", Enumerable.Range(start, tn).ToArray());
+        var x = Device.Zeros("x", tn, dm);
+        using var hbuf = Device.Zeros("h", tn, dm);
+        using var rstd = Device.Zeros("rstd", tn);
+        using var q = Device.Zeros("q", 1, tn, h, d);
+        using var o = Device.Zeros("attn", 1, tn, h, d);
+        using var lse = Device.Zeros("lse", 1, h, tn);
+        using var tmp = Device.Zeros("tmp", tn, dm);
+        using var gate = Device.Zeros("gate", tn, c.IntermediateSize);
+        using var up = Device.Zeros("up", tn, c.IntermediateSize);
+        try
+        {
+            ops.Embedding(ids, this["model.embed_tokens.weight"].Value, x);
+            for (int i = 0; i < c.NumHiddenLayers; i++)
+            {
+                string p = $"model.layers.{i}.";
+                ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
+                ops.Linear(hbuf, this[p + "self_attn.q_proj.weight"].Value, Flat(q, tn));
+                var kNew = cache.Keys[i].View(start * hkv * d, 1, tn, hkv, d);
+                var vNew = cache.Values[i].View(start * hkv * d, 1, tn, hkv, d);
+                ops.Linear(hbuf, this[p + "self_attn.k_proj.weight"].Value, Flat(kNew, tn));
+                ops.Linear(hbuf, this[p + "self_attn.v_proj.weight"].Value, Flat(vNew, tn));
+                ops.Rope(q, pos, q, c.RopeTheta);
+                ops.Rope(kNew, pos, kNew, c.RopeTheta);
+                ops.Attention(q, cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d), o, lse, causal: true);
+                ops.Linear(Flat(o, tn), this[p + "self_attn.o_proj.weight"].Value, tmp);
+                ops.Add(x, tmp, x);
+                ops.RmsNorm(x, this[p + "post_attention_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
+                ops.Linear(hbuf, this[p + "mlp.gate_proj.weight"].Value, gate);
+                ops.Linear(hbuf, this[p + "mlp.up_proj.weight"].Value, up);
+                ops.SwiGlu(gate, up, gate);
+                ops.Linear(gate, this[p + "mlp.down_proj.weight"].Value, tmp);
+                ops.Add(x, tmp, x);
+            }
+
+            cache.Length = total;
+            var last = x.View((tn - 1) * dm, 1, dm);
+            using var hl = Device.Zeros("h_last", 1, dm);
+            using var rl = Device.Zeros("rstd_last", 1);
+            ops.RmsNorm(last, this["model.norm.weight"].Value, hl, rl, c.RmsNormEps);
+            using var logits = Device.Zeros("logits", 1, c.VocabSize);
+            ops.Linear(hl, LmHead, logits);
+            return logits.ToArray();
+        }
+        finally
+        {
+            x.Dispose();
+        }
+    }
+
     public void ZeroGrad()
     {
         foreach (var p in parameters) p.ZeroGrad();

@@ -34,10 +34,7 @@ public static class Evaluator
     }
 }
 
-/// <summary>
-/// Text generation. This first version recomputes the whole sequence for every new token (no KV cache yet), which
-/// is fine for the tiny models the built-in tasks use and slow for long outputs.
-/// </summary>
+/// <summary>Text generation with a KV cache: the prompt is run once (prefill), then one token per step.</summary>
 public static class Generator
 {
     public static string Greedy(LlamaModel model, string prompt, int maxTokens) => Sample(model, prompt, maxTokens, temperature: 0f, topK: 0, topP: 1f, seed: 0);
@@ -50,15 +47,17 @@ public static class Generator
         var seq = new List<int> { ByteTokenizer.Bos };
         seq.AddRange(tok.Encode(prompt));
         var output = new List<int>();
-        int vocab = model.Config.VocabSize;
-        for (int i = 0; i < maxTokens && seq.Count < model.Config.MaxPositionEmbeddings; i++)
+        int capacity = Math.Min(model.Config.MaxPositionEmbeddings, seq.Count + maxTokens);
+        if (seq.Count > capacity) throw new ArgumentException($"prompt of {seq.Count} tokens exceeds max_position_embeddings = {model.Config.MaxPositionEmbeddings}");
+        using var cache = new KvCache(model, capacity);
+        var last = model.DecodeStep(cache, seq.ToArray());
+        for (int i = 0; i < maxTokens; i++)
         {
-            var logits = model.Logits(seq.ToArray(), batch: 1);
-            var last = logits.AsSpan((seq.Count - 1) * vocab, vocab).ToArray();
             int next = temperature <= 0f ? ArgMax(last) : Draw(last, temperature, topK, topP, rng);
             if (next == ByteTokenizer.Eos) break;
-            seq.Add(next);
             output.Add(next);
+            if (cache.Length >= capacity) break;
+            last = model.DecodeStep(cache, new[] { next });
         }
 
         return tok.Decode(output);

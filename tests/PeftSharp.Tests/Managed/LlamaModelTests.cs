@@ -156,3 +156,28 @@ public sealed class LlamaModelTests
         return Linear(Norm(xs, "model.norm.weight"), c.TieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight", c.VocabSize, dm);
     }
 }
+
+public sealed class KvCacheTests
+{
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void DecodeWithCache_EqualsFullRecomputation(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = LlamaConfig.Tiny with { NumHiddenLayers = 2, HiddenSize = 32, IntermediateSize = 40, NumAttentionHeads = 4, NumKeyValueHeads = 2, VocabSize = 37 };
+        using var model = LlamaModel.Create(device, config, seed: 4);
+        var tokens = new[] { 3, 14, 15, 9, 2, 6, 5, 35 };
+        var full = model.Logits(tokens, batch: 1);
+        using var cache = new KvCache(model, 16);
+        // Prefill 3 tokens, then one at a time: every step's logits equal the full pass at that position.
+        var step = model.DecodeStep(cache, tokens[..3]);
+        Check.Close(step, full.AsSpan(2 * 37, 37), (2e-5, 2e-4), $"{backend} prefill");
+        for (int i = 3; i < tokens.Length; i++)
+        {
+            step = model.DecodeStep(cache, new[] { tokens[i] });
+            Check.Close(step, full.AsSpan(i * 37, 37), (2e-5, 2e-4), $"{backend} position {i}");
+        }
+
+        Assert.That(cache.Length, Is.EqualTo(tokens.Length));
+        Assert.Throws<ArgumentException>(() => model.DecodeStep(cache, new int[9]));
+    }
+}

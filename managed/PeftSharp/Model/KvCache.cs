@@ -1,0 +1,37 @@
+using PeftSharp.Engine;
+
+namespace PeftSharp.Model;
+
+/// <summary>
+/// Keys and values of one sequence for every layer, (1, capacity, Hkv, D) each, after rotary embedding; the first
+/// <see cref="Length"/> positions are filled. Generation appends to it one step at a time.
+/// </summary>
+public sealed class KvCache : IDisposable
+{
+    public KvCache(LlamaModel model, int capacity)
+    {
+        var c = model.Config;
+        if (capacity <= 0 || capacity > c.MaxPositionEmbeddings)
+        {
+            throw new ArgumentException($"KV cache capacity {capacity} must be in [1, max_position_embeddings = {c.MaxPositionEmbeddings}]");
+        }
+
+        Capacity = capacity;
+        Keys = Enumerable.Range(0, c.NumHiddenLayers).Select(i => model.Device.Zeros($"cache.{i}.k", 1, capacity, c.NumKeyValueHeads, c.HeadDim)).ToArray();
+        Values = Enumerable.Range(0, c.NumHiddenLayers).Select(i => model.Device.Zeros($"cache.{i}.v", 1, capacity, c.NumKeyValueHeads, c.HeadDim)).ToArray();
+    }
+
+    public int Capacity { get; }
+
+    /// <summary>Positions filled so far.</summary>
+    public int Length { get; internal set; }
+
+    internal Tensor[] Keys { get; }
+
+    internal Tensor[] Values { get; }
+
+    public void Dispose()
+    {
+        foreach (var t in Keys.Concat(Values)) t.Dispose();
+    }
+}
