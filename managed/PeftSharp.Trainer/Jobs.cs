@@ -7,6 +7,16 @@ using Spectre.Console;
 
 namespace PeftSharp.Trainer;
 
+/// <summary>Training flags beyond <see cref="TrainOptions"/>.</summary>
+internal sealed record TrainExtras
+{
+    public IReadOnlyList<string> Freeze { get; init; } = Array.Empty<string>();
+    public float LayerDecay { get; init; } = 1f;
+    public float EmaDecay { get; init; }
+    public string Optimizer { get; init; } = "adamw";
+    public float Momentum { get; init; } = 0.9f;
+}
+
 /// <summary>The host's jobs: thin wrappers that parse values, call the library and report.</summary>
 internal sealed class Jobs
 {
@@ -52,9 +62,19 @@ internal sealed class Jobs
     };
 
     /// <summary>Trains with progress; writes metrics.jsonl, loss.svg and the final model (HF folder) to outDir.</summary>
-    public IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions options, string outDir, string title, string? resume)
+    public IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions options, string outDir, string title, string? resume, TrainExtras? extras = null)
     {
-        using var opt = new AdamW(model.Parameters, weightDecay: options.WeightDecay);
+        extras ??= new TrainExtras();
+        if (extras.Freeze.Count > 0) console.WriteLine($"froze {ParameterTools.Freeze(model, extras.Freeze)} parameter tensors");
+        if (extras.EmaDecay > 0 && resume != null) throw new ArgumentException("--ema with --resume: the EMA is not stored in checkpoints yet; resume without --ema");
+        var scale = extras.LayerDecay < 1f ? ParameterTools.LayerDecay(model.Config, extras.LayerDecay) : (_ => 1f);
+        using Optimizer opt = extras.Optimizer switch
+        {
+            "adamw" => new AdamW(model.Parameters, weightDecay: options.WeightDecay) { LearningRateScale = scale },
+            "sgd" => new Sgd(model.Parameters, momentum: extras.Momentum, weightDecay: 0f) { LearningRateScale = scale },
+            _ => throw new ArgumentException($"--optimizer {extras.Optimizer}: use adamw or sgd"),
+        };
+        using var ema = extras.EmaDecay > 0 ? new WeightEma(model, extras.EmaDecay) : null;
         var schedule = new LearningRateSchedule.Warmup(options.LearningRate, options.WarmupSteps, options.Steps, Cosine: true, MinLearningRate: options.LearningRate / 10);
         var run = new TrainingRun(model, opt, schedule, data, options);
         if (resume != null) run.Resume(resume);
@@ -63,6 +83,7 @@ internal sealed class Jobs
         {
             metrics = run.Run(outDir, m =>
             {
+                ema?.Update();
                 if (m.Step % 50 == 0 || m.Step == options.Steps) console.WriteLine($"{title} step {m.Step}/{options.Steps} loss {m.Loss:F4} lr {m.LearningRate:G3} {m.TokensPerSecond:F0} tok/s");
             });
         }
@@ -77,12 +98,14 @@ internal sealed class Jobs
                     task.Value = run.Step;
                     metrics = run.Run(outDir, m =>
                     {
+                        ema?.Update();
                         task.Value = m.Step;
                         task.Description = $"{title}: loss {m.Loss:F3}, {m.TokensPerSecond:F0} tok/s";
                     });
                 });
         }
 
+        ema?.CopyToModel(); // the saved (and evaluated) model is the average
         HuggingFaceFolder.Save(model, outDir);
         var all = ReadAllMetrics(outDir, metrics);
         PeftSharp.Formats.AtomicFile.WriteText(Path.Combine(outDir, "loss.svg"), LossCurve.Svg(all, title));

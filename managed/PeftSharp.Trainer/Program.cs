@@ -43,12 +43,20 @@ public static class Program
         var ckptEvery = new Option<int>("--checkpoint-every") { Description = "Steps between checkpoints (0: none)", DefaultValueFactory = _ => 100 };
         var config = new Option<string>("--config") { Description = "tiny | small | CONFIG.json", DefaultValueFactory = _ => "tiny" };
         var modelDir = new Option<string>("--model") { Description = "Hugging Face model folder", Required = true };
+        var freeze = new Option<string[]>("--freeze") { Description = "Freeze parameters whose name matches (glob, repeatable): --freeze 'model.embed_tokens.*'", AllowMultipleArgumentsPerToken = true };
+        var layerDecay = new Option<float>("--layer-decay") { Description = "Layer-wise learning-rate decay factor in (0, 1]", DefaultValueFactory = _ => 1f };
+        var emaDecay = new Option<float>("--ema") { Description = "Keep an EMA of the weights with this decay and save it", DefaultValueFactory = _ => 0f };
+        var clipPer = new Option<bool>("--clip-per-parameter") { Description = "Clip each gradient to --clip on its own" };
+        var clip = new Option<double>("--clip") { Description = "Gradient norm clip (0: off)", DefaultValueFactory = _ => 1.0 };
+        var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
+        var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
+        var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method") { Description = "full (adapter methods arrive with the LoRA, prefix, 1-bit and sparse issues)", DefaultValueFactory = _ => "full" };
 
         Command TrainCommand(string name, string description, bool finetune)
         {
             var c = new Command(name, description);
-            foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet }) c.Options.Add(o);
+            foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
                 c.Options.Add(modelDir);
@@ -70,7 +78,17 @@ public static class Program
                     CheckpointEvery = r.GetValue(ckptEvery),
                     WarmupSteps = Math.Min(20, r.GetValue(steps) / 10),
                     CompletionOnly = finetune,
-                }, r.GetValue(outDir)!, r.GetValue(resume), r.GetValue(quiet), stdout));
+                    ClipNorm = r.GetValue(clip),
+                    ClipPerParameter = r.GetValue(clipPer),
+                    GradAccumulation = Positive("--grad-accum", r.GetValue(accum)),
+                }, r.GetValue(outDir)!, r.GetValue(resume), r.GetValue(quiet), stdout, new TrainExtras
+                {
+                    Freeze = r.GetValue(freeze) ?? Array.Empty<string>(),
+                    LayerDecay = r.GetValue(layerDecay),
+                    EmaDecay = r.GetValue(emaDecay),
+                    Optimizer = r.GetValue(optimizerKind)!,
+                    Momentum = r.GetValue(momentum),
+                }));
             return c;
         }
 
@@ -179,7 +197,7 @@ internal static class Commands
 
     private static Device OpenDevice(string? spec) => spec is { Length: > 0 } ? Devices.Open(spec) : Devices.OpenDefault();
 
-    public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout)
+    public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainExtras extras)
     {
         if (method != "full")
         {
@@ -195,7 +213,7 @@ internal static class Commands
             : LlamaModel.Create(device, Jobs.Config(configSpec!), options.Seed);
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
-        var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume);
+        var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, extras);
         if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
         console.MarkupLine($"model, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;

@@ -20,6 +20,9 @@ public abstract class Optimizer : IDisposable
     /// <summary>Steps taken so far.</summary>
     public int StepCount { get; protected set; }
 
+    /// <summary>Multiplies the learning rate per parameter (layer-wise decay); 1 for all by default.</summary>
+    public Func<string, float> LearningRateScale { get; init; } = _ => 1f;
+
     /// <summary>Applies one update at <paramref name="learningRate"/> to every trainable parameter.</summary>
     public abstract void Step(float learningRate);
 
@@ -73,7 +76,7 @@ public sealed class AdamW : Optimizer
             }
 
             float decay = DecayFilter(p.Name) ? WeightDecay : 0f;
-            p.Value.Device.Ops.AdamW(p.Value, p.Grad, s.M, s.V, new AdamWStep(learningRate, Beta1, Beta2, Epsilon, decay, StepCount));
+            p.Value.Device.Ops.AdamW(p.Value, p.Grad, s.M, s.V, new AdamWStep(learningRate * LearningRateScale(p.Name), Beta1, Beta2, Epsilon, decay, StepCount));
         }
     }
 
@@ -142,7 +145,7 @@ public sealed class Sgd : Optimizer
                 momentum[p] = buf;
             }
 
-            p.Value.Device.Ops.Sgd(p.Value, p.Grad, buf, new SgdStep(learningRate, Momentum, WeightDecay, Nesterov));
+            p.Value.Device.Ops.Sgd(p.Value, p.Grad, buf, new SgdStep(learningRate * LearningRateScale(p.Name), Momentum, WeightDecay, Nesterov));
         }
     }
 

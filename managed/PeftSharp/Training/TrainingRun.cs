@@ -18,6 +18,8 @@ public sealed record TrainOptions
     public float WeightDecay { get; init; } = 0.01f;
     /// <summary>Global gradient-norm clip; 0 disables.</summary>
     public double ClipNorm { get; init; } = 1.0;
+    /// <summary>Clip each parameter's gradient on its own instead of the global norm.</summary>
+    public bool ClipPerParameter { get; init; }
     /// <summary>Train on completions only (fine-tuning), or on every token (pre-training).</summary>
     public bool CompletionOnly { get; init; }
     public int CheckpointEvery { get; init; }
@@ -140,7 +142,9 @@ public sealed class TrainingRun
                     foreach (var g in grads) model.Device.Ops.Scale(g, 1f / Options.GradAccumulation, g);
                 }
 
-                double norm = Options.ClipNorm > 0 ? model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm) : model.Device.Ops.GlobalNorm(grads);
+                double norm = Options.ClipNorm <= 0 ? model.Device.Ops.GlobalNorm(grads)
+                    : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.Parameters, Options.ClipNorm)
+                    : model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm);
                 float lr = schedule.At(Step);
                 optimizer.Step(lr);
                 Step++;

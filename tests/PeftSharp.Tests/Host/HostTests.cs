@@ -82,7 +82,12 @@ public sealed class HostJobTests
         Assert.That(logits, Has.Length.EqualTo(259));
 
         string fine = Path.Combine(dir, "fine");
-        r = Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "full", "--steps", "4", "--batch-size", "4", "--out", fine, "--quiet", "--device", "cpu");
+        r = Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "full", "--steps", "4", "--batch-size", "4", "--out", fine, "--quiet", "--device", "cpu",
+            "--freeze", "model.embed_tokens.*", "--layer-decay", "0.8", "--ema", "0.9", "--grad-accum", "2", "--clip-per-parameter");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("froze 1 parameter tensors"));
+        string sgd = Path.Combine(dir, "sgd");
+        r = Run("finetune", "--model", pre, "--data", "builtin:tasks=add", "--optimizer", "sgd", "--steps", "2", "--batch-size", "2", "--out", sgd, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
 
         // Resume the pre-training run from its step-3 checkpoint to step 6: same final weights as the uninterrupted run.
@@ -106,6 +111,8 @@ public sealed class HostJobTests
             (new[] { "eval", "--model", Path.Combine(dir, "missing") }, "config.json"),
             (new[] { "logits", "--model", dir, "--tokens", "1,x" }, "'x'"),
             (new[] { "pretrain", "--out", dir, "--config", "huge" }, "--config huge"),
+            (new[] { "pretrain", "--out", dir, "--steps", "1", "--freeze", "*.nothing.*" }, "*.nothing.*"),
+            (new[] { "pretrain", "--out", dir, "--steps", "1", "--optimizer", "lion" }, "--optimizer lion"),
         })
         {
             var (code, _, err) = Run(args);
