@@ -101,10 +101,10 @@ public static class Program
         root.Subcommands.Add(eval);
 
         var prompt = new Option<string>("--prompt") { Required = true };
-        var maxTokens = new Option<int>("--max-tokens") { DefaultValueFactory = _ => 32 };
-        var temperature = new Option<float>("--temperature") { Description = "0 is greedy", DefaultValueFactory = _ => 0f };
-        var topK = new Option<int>("--top-k") { DefaultValueFactory = _ => 0 };
-        var topP = new Option<float>("--top-p") { DefaultValueFactory = _ => 1f };
+        var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
+        var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
+        var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
+        var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
         var generate = new Command("generate", "Generate a completion of --prompt.");
         foreach (var o in new Option[] { deviceOption, modelDir, prompt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
         generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt)!, r.GetValue(maxTokens),
@@ -197,6 +197,22 @@ internal static class Commands
 
     private static Device OpenDevice(string? spec) => spec is { Length: > 0 } ? Devices.Open(spec) : Devices.OpenDefault();
 
+    /// <summary>
+    /// Text commands encode with the built-in byte tokenizer; a model with another vocabulary would get wrong token
+    /// ids silently, so that is an error until tokenizer.json / tokenizer.model support lands.
+    /// </summary>
+    private static LlamaModel LoadTextModel(string folder, Device device)
+    {
+        var config = HuggingFaceFolder.ReadConfig(folder);
+        if (config.VocabSize != ByteTokenizer.VocabSize)
+        {
+            throw new NotSupportedException(
+                $"{folder}: vocab_size {config.VocabSize} is not the built-in byte tokenizer's {ByteTokenizer.VocabSize}; reading tokenizer.json / tokenizer.model is not implemented yet, so text commands cannot run on this model (peft logits --tokens works)");
+        }
+
+        return HuggingFaceFolder.Load(folder, device);
+    }
+
     public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainExtras extras)
     {
         if (method != "full")
@@ -208,8 +224,8 @@ internal static class Commands
         using var device = OpenDevice(deviceSpec);
         var (train, held, completionOnly) = Jobs.Data(dataSpec, options.Seed);
         options = options with { CompletionOnly = options.CompletionOnly || completionOnly };
-        using var model = resume != null ? HuggingFaceFolder.Load(resume, device)
-            : modelDir != null ? HuggingFaceFolder.Load(modelDir, device)
+        using var model = resume != null ? LoadTextModel(resume, device)
+            : modelDir != null ? LoadTextModel(modelDir, device)
             : LlamaModel.Create(device, Jobs.Config(configSpec!), options.Seed);
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
@@ -223,17 +239,26 @@ internal static class Commands
     {
         var console = Console(stdout);
         using var device = OpenDevice(deviceSpec);
-        using var model = HuggingFaceFolder.Load(modelDir, device);
+        using var model = LoadTextModel(modelDir, device);
         var (_, held, completionOnly) = Jobs.Data(dataSpec, seed);
         new Jobs(console, true).PrintEval(dataSpec, Evaluator.Evaluate(model, held, seqLen, completionOnly));
         return 0;
     }
 
-    public static int Generate(string? deviceSpec, string modelDir, string prompt, int maxTokens, float temperature, int topK, float topP, int seed, TextWriter stdout)
+    public static int Generate(string? deviceSpec, string modelDir, string prompt, int? maxTokens, float? temperature, int? topK, float? topP, int seed, TextWriter stdout)
     {
         using var device = OpenDevice(deviceSpec);
-        using var model = HuggingFaceFolder.Load(modelDir, device);
-        stdout.WriteLine(Generator.Sample(model, prompt, maxTokens, temperature, topK, topP, seed));
+        using var model = LoadTextModel(modelDir, device);
+        // Flags win; then the folder's generation_config.json; then greedy, 32 tokens.
+        var g = GenerationConfig.Read(modelDir);
+        int max = maxTokens ?? g.MaxNewTokens ?? 32;
+        float temp = temperature ?? (g.DoSample == false ? 0f : g.Temperature ?? 0f);
+        int k = topK ?? g.TopK ?? 0;
+        float p = topP ?? g.TopP ?? 1f;
+        if (max <= 0) throw new ArgumentException($"--max-tokens {max}: must be positive");
+        if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
+        if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
+        stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
         return 0;
     }
 

@@ -75,6 +75,10 @@ public sealed class HostJobTests
 
         r = Run("generate", "--model", pre, "--prompt", "copy ab=", "--max-tokens", "4", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        File.WriteAllText(Path.Combine(pre, "generation_config.json"), "{\"do_sample\": true, \"temperature\": 0.7, \"top_k\": 5, \"max_new_tokens\": 3}");
+        r = Run("generate", "--model", pre, "--prompt", "add 1+1=", "--seed", "4", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out.TrimEnd('\n').Length, Is.LessThanOrEqualTo(3 * 4), "max_new_tokens from generation_config.json bounds the output");
 
         r = Run("logits", "--model", pre, "--tokens", "256,99,111", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
@@ -99,6 +103,14 @@ public sealed class HostJobTests
             "resumed run ends bit-identical to the uninterrupted one");
     }
 
+    private string OtherVocabModel()
+    {
+        string m = Path.Combine(dir, "vocab300");
+        Directory.CreateDirectory(m);
+        File.WriteAllText(Path.Combine(m, "config.json"), (PeftSharp.Model.LlamaConfig.Tiny with { VocabSize = 300 }).ToJson());
+        return m;
+    }
+
     [Test]
     public void BadValues_OneLineErrorsNamingTheFlag()
     {
@@ -113,6 +125,7 @@ public sealed class HostJobTests
             (new[] { "pretrain", "--out", dir, "--config", "huge" }, "--config huge"),
             (new[] { "pretrain", "--out", dir, "--steps", "1", "--freeze", "*.nothing.*" }, "*.nothing.*"),
             (new[] { "pretrain", "--out", dir, "--steps", "1", "--optimizer", "lion" }, "--optimizer lion"),
+            (new[] { "eval", "--model", OtherVocabModel() }, "vocab_size 300"),
         })
         {
             var (code, _, err) = Run(args);
