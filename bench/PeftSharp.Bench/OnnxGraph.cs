@@ -21,6 +21,27 @@ internal sealed class OnnxGraph
         return this;
     }
 
+    /// <summary>An int64 graph input (token ids).</summary>
+    public OnnxGraph InputInt64(string name, params long[] shape)
+    {
+        inputs.Add(ValueInfo(name, shape, elemType: 7));
+        return this;
+    }
+
+    /// <summary>A constant int64 tensor (shapes, slice bounds, gather indices).</summary>
+    public OnnxGraph ConstantInt64(string name, long[] data, params long[] shape)
+    {
+        var t = new Proto();
+        foreach (long d in shape) t.Varint(1, (ulong)d);
+        t.Varint(2, 7); // data_type INT64
+        t.String(8, name);
+        var raw = new byte[data.Length * 8];
+        Buffer.BlockCopy(data, 0, raw, 0, raw.Length);
+        t.Bytes(9, raw);
+        initializers.Add(t.ToArray());
+        return this;
+    }
+
     public OnnxGraph Output(string name, params long[] shape)
     {
         outputs.Add(ValueInfo(name, shape));
@@ -102,7 +123,7 @@ internal sealed class OnnxGraph
         return m.ToArray();
     }
 
-    private static byte[] ValueInfo(string name, long[] shape)
+    private static byte[] ValueInfo(string name, long[] shape, int elemType = 1)
     {
         var dims = new Proto();
         foreach (long d in shape)
@@ -113,7 +134,7 @@ internal sealed class OnnxGraph
         }
 
         var tensor = new Proto();
-        tensor.Varint(1, 1); // FLOAT
+        tensor.Varint(1, (ulong)elemType); // 1 FLOAT, 7 INT64
         tensor.Message(2, dims.ToArray());
         var type = new Proto();
         type.Message(1, tensor.ToArray());

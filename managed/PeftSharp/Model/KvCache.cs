@@ -26,6 +26,13 @@ public sealed class KvCache : IDisposable
     /// <summary>Positions filled so far.</summary>
     public int Length { get; internal set; }
 
+    /// <summary>Forgets positions from <paramref name="length"/> on (rewinding a generation); their slots are reused.</summary>
+    public void Truncate(int length)
+    {
+        if (length < 0 || length > Length) throw new ArgumentException($"cannot truncate a KV cache of length {Length} to {length}");
+        Length = length;
+    }
+
     internal Tensor[] Keys { get; }
 
     internal Tensor[] Values { get; }
