@@ -29,18 +29,7 @@ internal sealed class OnnxGraph
     }
 
     /// <summary>A constant int64 tensor (shapes, slice bounds, gather indices).</summary>
-    public OnnxGraph ConstantInt64(string name, long[] data, params long[] shape)
-    {
-        var t = new Proto();
-        foreach (long d in shape) t.Varint(1, (ulong)d);
-        t.Varint(2, 7); // data_type INT64
-        t.String(8, name);
-        var raw = new byte[data.Length * 8];
-        Buffer.BlockCopy(data, 0, raw, 0, raw.Length);
-        t.Bytes(9, raw);
-        initializers.Add(t.ToArray());
-        return this;
-    }
+    public OnnxGraph ConstantInt64(string name, long[] data, params long[] shape) => Initializer(name, data, 7, 8, shape);
 
     public OnnxGraph Output(string name, params long[] shape)
     {
@@ -49,13 +38,16 @@ internal sealed class OnnxGraph
     }
 
     /// <summary>A constant float tensor (ONNX initializer).</summary>
-    public OnnxGraph Constant(string name, float[] data, params long[] shape)
+    public OnnxGraph Constant(string name, float[] data, params long[] shape) => Initializer(name, data, 1, 4, shape);
+
+    /// <summary>A TensorProto initializer: dims (1), data_type (2: 1 FLOAT, 7 INT64), name (8), raw_data (9).</summary>
+    private OnnxGraph Initializer(string name, Array data, int dataType, int elementSize, long[] shape)
     {
         var t = new Proto();
         foreach (long d in shape) t.Varint(1, (ulong)d);
-        t.Varint(2, 1); // data_type FLOAT
+        t.Varint(2, (ulong)dataType);
         t.String(8, name);
-        var raw = new byte[data.Length * 4];
+        var raw = new byte[data.Length * elementSize];
         Buffer.BlockCopy(data, 0, raw, 0, raw.Length);
         t.Bytes(9, raw);
         initializers.Add(t.ToArray());

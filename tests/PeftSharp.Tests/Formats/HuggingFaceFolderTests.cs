@@ -1,4 +1,5 @@
 using NUnit.Framework;
+using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Engine;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
@@ -6,15 +7,8 @@ using PeftSharp.Model;
 
 namespace PeftSharp.Tests.Formats;
 
-public sealed class HuggingFaceFolderTests
+public sealed class HuggingFaceFolderTests : TempDirectoryTest
 {
-    private string dir = null!;
-
-    [SetUp]
-    public void MakeDir() => dir = Directory.CreateTempSubdirectory("peftsharp-hf-").FullName;
-
-    [TearDown]
-    public void RemoveDir() => Directory.Delete(dir, recursive: true);
 
     [TestCase(long.MaxValue, TestName = "Folder_RoundTrip_SingleFile_BitExact")]
     [TestCase(40_000L, TestName = "Folder_RoundTrip_Sharded_BitExact")]
@@ -22,21 +16,21 @@ public sealed class HuggingFaceFolderTests
     {
         using var device = new CpuDevice();
         using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 1);
-        HuggingFaceFolder.Save(model, dir, StorageType.F32, shardBytes);
+        HuggingFaceFolder.Save(model, TempDir, StorageType.F32, shardBytes);
         if (shardBytes != long.MaxValue)
         {
-            Assert.That(File.Exists(Path.Combine(dir, HuggingFaceFolder.IndexFile)));
-            Assert.That(Directory.GetFiles(dir, "model-*-of-*.safetensors").Length, Is.GreaterThan(1));
+            Assert.That(File.Exists(Path.Combine(TempDir, HuggingFaceFolder.IndexFile)));
+            Assert.That(Directory.GetFiles(TempDir, "model-*-of-*.safetensors").Length, Is.GreaterThan(1));
         }
 
-        using var loaded = HuggingFaceFolder.Load(dir, device);
+        using var loaded = HuggingFaceFolder.Load(TempDir, device);
         Assert.That(loaded.Config, Is.EqualTo(model.Config));
         foreach (var p in model.Parameters)
         {
             Assert.That(loaded[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), p.Name);
         }
 
-        Assert.That(Directory.GetFiles(dir, "*.tmp"), Is.Empty);
+        Assert.That(Directory.GetFiles(TempDir, "*.tmp"), Is.Empty);
     }
 
     [Test]
@@ -44,8 +38,8 @@ public sealed class HuggingFaceFolderTests
     {
         using var device = new CpuDevice();
         using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 2);
-        HuggingFaceFolder.Save(model, dir, StorageType.BF16);
-        using var loaded = HuggingFaceFolder.Load(dir, device);
+        HuggingFaceFolder.Save(model, TempDir, StorageType.BF16);
+        using var loaded = HuggingFaceFolder.Load(TempDir, device);
         var original = model["model.norm.weight"].Value.ToArray(); // ones: exact in bf16
         Assert.That(loaded["model.norm.weight"].Value.ToArray(), Is.EqualTo(original));
         var w = model["model.layers.0.mlp.up_proj.weight"].Value.ToArray();
@@ -65,9 +59,9 @@ public sealed class HuggingFaceFolderTests
                 : new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray()))
             .Append(new SafeTensorData("model.layers.9.extra.weight", new float[1], new[] { 1 }))
             .ToList();
-        SafeTensorsWriter.Write(Path.Combine(dir, HuggingFaceFolder.SingleFile), tensors);
-        File.WriteAllText(Path.Combine(dir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
-        var e = Assert.Throws<InvalidDataException>(() => HuggingFaceFolder.Load(dir, device))!;
+        SafeTensorsWriter.Write(Path.Combine(TempDir, HuggingFaceFolder.SingleFile), tensors);
+        File.WriteAllText(Path.Combine(TempDir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
+        var e = Assert.Throws<InvalidDataException>(() => HuggingFaceFolder.Load(TempDir, device))!;
         Assert.That(e.Message, Does.Contain("missing model.norm.weight")
             .And.Contain("model.layers.1.mlp.up_proj.weight is [2, 5], expected [172, 64]")
             .And.Contain("unexpected tensor model.layers.9.extra.weight"));
@@ -77,8 +71,8 @@ public sealed class HuggingFaceFolderTests
     public void Load_NotAModelFolder_ClearError()
     {
         using var device = new CpuDevice();
-        Assert.That(Assert.Throws<FileNotFoundException>(() => HuggingFaceFolder.Load(dir, device))!.Message, Does.Contain("config.json"));
-        File.WriteAllText(Path.Combine(dir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
-        Assert.That(Assert.Throws<FileNotFoundException>(() => HuggingFaceFolder.Load(dir, device))!.Message, Does.Contain("model.safetensors"));
+        Assert.That(Assert.Throws<FileNotFoundException>(() => HuggingFaceFolder.Load(TempDir, device))!.Message, Does.Contain("config.json"));
+        File.WriteAllText(Path.Combine(TempDir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
+        Assert.That(Assert.Throws<FileNotFoundException>(() => HuggingFaceFolder.Load(TempDir, device))!.Message, Does.Contain("model.safetensors"));
     }
 }

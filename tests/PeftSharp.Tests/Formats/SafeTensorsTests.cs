@@ -1,21 +1,15 @@
 using System.Buffers.Binary;
 using System.Text;
 using NUnit.Framework;
+using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Engine;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 
 namespace PeftSharp.Tests.Formats;
 
-public sealed class SafeTensorsTests
+public sealed class SafeTensorsTests : TempDirectoryTest
 {
-    private string dir = null!;
-
-    [SetUp]
-    public void MakeDir() => dir = Directory.CreateTempSubdirectory("peftsharp-st-").FullName;
-
-    [TearDown]
-    public void RemoveDir() => Directory.Delete(dir, recursive: true);
 
     /// <summary>A file built byte by byte: length, JSON header, raw little-endian data, as the format defines it.</summary>
     private static byte[] Build(string headerJson, byte[] data)
@@ -30,7 +24,7 @@ public sealed class SafeTensorsTests
 
     private string WriteBytes(byte[] bytes)
     {
-        string p = Path.Combine(dir, "model.safetensors");
+        string p = Path.Combine(TempDir, "model.safetensors");
         File.WriteAllBytes(p, bytes);
         return p;
     }
@@ -62,7 +56,7 @@ public sealed class SafeTensorsTests
     [TestCase(StorageType.BF16)]
     public void WriteThenRead_RoundTripsAndPadsHeaderTo8(StorageType type)
     {
-        string p = Path.Combine(dir, "out.safetensors");
+        string p = Path.Combine(TempDir, "out.safetensors");
         var values = new[] { 0f, 1f, -3f, 0.75f, 8f, -0.5f };
         SafeTensorsWriter.Write(p, new[] { new SafeTensorData("x", values, new[] { 3, 2 }, type), new SafeTensorData("empty", Array.Empty<float>(), new[] { 0, 4 }, type) },
             new Dictionary<string, string> { ["format"] = "pt" });
@@ -72,7 +66,7 @@ public sealed class SafeTensorsTests
         Assert.That(f.ReadFloats("x"), Is.EqualTo(values));
         Assert.That(f["x"].DType, Is.EqualTo(type.ToString()));
         Assert.That(f.ReadFloats("empty"), Is.Empty);
-        Assert.That(Directory.GetFiles(dir), Has.Length.EqualTo(1), "no temporary file left behind");
+        Assert.That(Directory.GetFiles(TempDir), Has.Length.EqualTo(1), "no temporary file left behind");
     }
 
     private static readonly object[] Corrupt =
@@ -117,7 +111,7 @@ public sealed class SafeTensorsTests
     [Test]
     public void Write_FailureLeavesExistingFileIntact()
     {
-        string p = Path.Combine(dir, "keep.safetensors");
+        string p = Path.Combine(TempDir, "keep.safetensors");
         SafeTensorsWriter.Write(p, new[] { new SafeTensorData("x", new[] { 1f }, new[] { 1 }) });
         var before = File.ReadAllBytes(p);
         Assert.Throws<InvalidOperationException>(() => AtomicFile.Write(p, s =>
@@ -126,6 +120,6 @@ public sealed class SafeTensorsTests
             throw new InvalidOperationException("simulated crash mid-write");
         }));
         Assert.That(File.ReadAllBytes(p), Is.EqualTo(before));
-        Assert.That(Directory.GetFiles(dir), Has.Length.EqualTo(1));
+        Assert.That(Directory.GetFiles(TempDir), Has.Length.EqualTo(1));
     }
 }

@@ -1,21 +1,26 @@
 using NUnit.Framework;
+using PeftSharp.Tests.Infrastructure;
 
 namespace PeftSharp.Tests.Host;
 
-public sealed class HostTests
+/// <summary>Runs the `peft` host in-process and captures its output.</summary>
+internal static class Peft
 {
-    private static (int Code, string Out, string Err) Run(params string[] args)
+    public static (int Code, string Out, string Err) Run(params string[] args)
     {
         var stdout = new StringWriter();
         var stderr = new StringWriter();
         int code = PeftSharp.Trainer.Program.Run(args, stdout, stderr);
         return (code, stdout.ToString(), stderr.ToString());
     }
+}
 
+public sealed class HostTests
+{
     [Test]
     public void Devices_ListsCpuAndAutoChoice()
     {
-        var (code, output, _) = Run("devices");
+        var (code, output, _) = Peft.Run("devices");
         Assert.That(code, Is.EqualTo(0));
         Assert.That(output, Does.Contain("cpu").And.Contain("auto picks"));
     }
@@ -23,7 +28,7 @@ public sealed class HostTests
     [Test]
     public void SelfCheck_OnCpu_AllOpsPass()
     {
-        var (code, output, err) = Run("selfcheck", "--device", "cpu");
+        var (code, output, err) = Peft.Run("selfcheck", "--device", "cpu");
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(output, Does.Contain("matmul").And.Contain("attention").And.Not.Contain("FAILED"));
     }
@@ -31,72 +36,57 @@ public sealed class HostTests
     [Test]
     public void BadFlagOrDevice_OneLineErrorAndNonZeroExit()
     {
-        var (code, _, err) = Run("selfcheck", "--devise", "cpu");
+        var (code, _, err) = Peft.Run("selfcheck", "--devise", "cpu");
         Assert.That(code, Is.EqualTo(2));
         Assert.That(err, Does.Contain("--devise"));
-        (code, _, err) = Run("selfcheck", "--device", "quantum");
+        (code, _, err) = Peft.Run("selfcheck", "--device", "quantum");
         Assert.That(code, Is.EqualTo(2));
         Assert.That(err.Trim().Split('\n'), Has.Length.EqualTo(1));
         Assert.That(err, Does.Contain("quantum"));
     }
 }
 
-public sealed class HostJobTests
+public sealed class HostJobTests : TempDirectoryTest
 {
-    private string dir = null!;
-
-    [SetUp]
-    public void MakeDir() => dir = Directory.CreateTempSubdirectory("peftsharp-host-").FullName;
-
-    [TearDown]
-    public void RemoveDir() => Directory.Delete(dir, recursive: true);
-
-    private static (int Code, string Out, string Err) Run(params string[] args)
-    {
-        var stdout = new StringWriter();
-        var stderr = new StringWriter();
-        int code = PeftSharp.Trainer.Program.Run(args, stdout, stderr);
-        return (code, stdout.ToString(), stderr.ToString());
-    }
 
     [Test]
     public void PretrainEvalGenerateLogitsFinetuneResume_EndToEnd()
     {
-        string pre = Path.Combine(dir, "pre");
-        var r = Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "4", "--checkpoint-every", "3", "--out", pre, "--quiet", "--device", "cpu");
+        string pre = Path.Combine(TempDir, "pre");
+        var r = Peft.Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "4", "--checkpoint-every", "3", "--out", pre, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(File.Exists(Path.Combine(pre, "model.safetensors")) && File.Exists(Path.Combine(pre, "config.json")) && File.Exists(Path.Combine(pre, "loss.svg")));
         Assert.That(File.ReadAllLines(Path.Combine(pre, "metrics.jsonl")), Has.Length.EqualTo(6));
         Assert.That(r.Out, Does.Contain("held-out"));
 
-        r = Run("eval", "--model", pre, "--data", "builtin:tasks=add", "--device", "cpu");
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=add", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("perplexity").And.Contain("exact match"));
 
-        r = Run("generate", "--model", pre, "--prompt", "copy ab=", "--max-tokens", "4", "--device", "cpu");
+        r = Peft.Run("generate", "--model", pre, "--prompt", "copy ab=", "--max-tokens", "4", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         File.WriteAllText(Path.Combine(pre, "generation_config.json"), "{\"do_sample\": true, \"temperature\": 0.7, \"top_k\": 5, \"max_new_tokens\": 3}");
-        r = Run("generate", "--model", pre, "--prompt", "add 1+1=", "--seed", "4", "--device", "cpu");
+        r = Peft.Run("generate", "--model", pre, "--prompt", "add 1+1=", "--seed", "4", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out.TrimEnd('\n').Length, Is.LessThanOrEqualTo(3 * 4), "max_new_tokens from generation_config.json bounds the output");
 
-        r = Run("logits", "--model", pre, "--tokens", "256,99,111", "--device", "cpu");
+        r = Peft.Run("logits", "--model", pre, "--tokens", "256,99,111", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         var logits = System.Text.Json.JsonSerializer.Deserialize<float[]>(r.Out)!;
         Assert.That(logits, Has.Length.EqualTo(259));
 
-        string fine = Path.Combine(dir, "fine");
-        r = Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "full", "--steps", "4", "--batch-size", "4", "--out", fine, "--quiet", "--device", "cpu",
+        string fine = Path.Combine(TempDir, "fine");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "full", "--steps", "4", "--batch-size", "4", "--out", fine, "--quiet", "--device", "cpu",
             "--freeze", "model.embed_tokens.*", "--layer-decay", "0.8", "--ema", "0.9", "--grad-accum", "2", "--clip-per-parameter");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("froze 1 parameter tensors"));
-        string sgd = Path.Combine(dir, "sgd");
-        r = Run("finetune", "--model", pre, "--data", "builtin:tasks=add", "--optimizer", "sgd", "--steps", "2", "--batch-size", "2", "--out", sgd, "--quiet", "--device", "cpu");
+        string sgd = Path.Combine(TempDir, "sgd");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=add", "--optimizer", "sgd", "--steps", "2", "--batch-size", "2", "--out", sgd, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
 
         // Resume the pre-training run from its step-3 checkpoint to step 6: same final weights as the uninterrupted run.
-        string resumed = Path.Combine(dir, "resumed");
-        r = Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "4", "--checkpoint-every", "0", "--out", resumed, "--quiet", "--device", "cpu",
+        string resumed = Path.Combine(TempDir, "resumed");
+        r = Peft.Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "4", "--checkpoint-every", "0", "--out", resumed, "--quiet", "--device", "cpu",
             "--resume", Path.Combine(pre, "checkpoint"));
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(File.ReadAllBytes(Path.Combine(resumed, "model.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(pre, "model.safetensors"))),
@@ -105,7 +95,7 @@ public sealed class HostJobTests
 
     private string OtherVocabModel()
     {
-        string m = Path.Combine(dir, "vocab300");
+        string m = Path.Combine(TempDir, "vocab300");
         Directory.CreateDirectory(m);
         File.WriteAllText(Path.Combine(m, "config.json"), (PeftSharp.Model.LlamaConfig.Tiny with { VocabSize = 300 }).ToJson());
         return m;
@@ -116,19 +106,19 @@ public sealed class HostJobTests
     {
         foreach (var (args, expected) in new (string[], string)[]
         {
-            (new[] { "pretrain", "--steps", "0", "--out", dir }, "--steps 0"),
-            (new[] { "pretrain", "--data", "builtin:puzzles", "--out", dir, "--steps", "1" }, "builtin:puzzles"),
-            (new[] { "pretrain", "--data", "/no/such/file.jsonl", "--out", dir, "--steps", "1" }, "/no/such/file.jsonl"),
-            (new[] { "finetune", "--model", dir, "--method", "lora", "--out", dir }, "--method lora"),
-            (new[] { "eval", "--model", Path.Combine(dir, "missing") }, "config.json"),
-            (new[] { "logits", "--model", dir, "--tokens", "1,x" }, "'x'"),
-            (new[] { "pretrain", "--out", dir, "--config", "huge" }, "--config huge"),
-            (new[] { "pretrain", "--out", dir, "--steps", "1", "--freeze", "*.nothing.*" }, "*.nothing.*"),
-            (new[] { "pretrain", "--out", dir, "--steps", "1", "--optimizer", "lion" }, "--optimizer lion"),
+            (new[] { "pretrain", "--steps", "0", "--out", TempDir }, "--steps 0"),
+            (new[] { "pretrain", "--data", "builtin:puzzles", "--out", TempDir, "--steps", "1" }, "builtin:puzzles"),
+            (new[] { "pretrain", "--data", "/no/such/file.jsonl", "--out", TempDir, "--steps", "1" }, "/no/such/file.jsonl"),
+            (new[] { "finetune", "--model", TempDir, "--method", "lora", "--out", TempDir }, "--method lora"),
+            (new[] { "eval", "--model", Path.Combine(TempDir, "missing") }, "config.json"),
+            (new[] { "logits", "--model", TempDir, "--tokens", "1,x" }, "'x'"),
+            (new[] { "pretrain", "--out", TempDir, "--config", "huge" }, "--config huge"),
+            (new[] { "pretrain", "--out", TempDir, "--steps", "1", "--freeze", "*.nothing.*" }, "*.nothing.*"),
+            (new[] { "pretrain", "--out", TempDir, "--steps", "1", "--optimizer", "lion" }, "--optimizer lion"),
             (new[] { "eval", "--model", OtherVocabModel() }, "vocab_size 300"),
         })
         {
-            var (code, _, err) = Run(args);
+            var (code, _, err) = Peft.Run(args);
             Assert.That(code, Is.EqualTo(2), string.Join(" ", args));
             Assert.That(err.Trim().Split('\n'), Has.Length.EqualTo(1), err);
             Assert.That(err, Does.Contain(expected), string.Join(" ", args));
