@@ -1,5 +1,6 @@
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
 
 namespace PeftSharp.Engine;
@@ -138,4 +139,5 @@ public abstract class Device : IDisposable
     protected internal abstract void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step);
     protected internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
     protected internal abstract double SumCore(Tensor x, bool squares);
+    protected internal abstract void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s);
 }

@@ -1,5 +1,6 @@
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
 
 namespace PeftSharp.Engine;
@@ -93,6 +94,28 @@ public sealed class Ops
             using var dy2 = dy.Reshape(dy.Length / dy.Dim(-1), dy.Dim(-1));
             MatMul(dy2, x2, dw, transposeA: true, beta: accumulateWeight ? 1f : 0f);
         }
+    }
+
+    /// <summary>
+    /// Mixed-adapter LoRA delta: y_i += s_a (x_i A_a^T) B_a^T for each row i whose adapter a = rowAdapters[i] is not -1.
+    /// x (M, K) and y (M, N) are the linear layer's input and output (add the base product x W^T separately, once for
+    /// the whole batch); B A is never formed. Adapters of any ranks share one launch.
+    /// </summary>
+    public void LoraMixed(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters)
+    {
+        Check("lora", x, y);
+        CheckIndex("lora", rowAdapters);
+        if (!ReferenceEquals(pool.Device, device)) throw new ArgumentException($"lora: the adapter pool lives on {pool.Device.Info.Spec}, not on {device.Info.Spec}");
+        if (x.Dim(-1) != pool.InFeatures) throw new ArgumentException($"lora: x {x} has {x.Dim(-1)} input features; the pool's adapters take {pool.InFeatures}");
+        int rows = x.Length / Math.Max(1, pool.InFeatures);
+        Expect("lora", y, rows * pool.OutFeatures, $"(M = {rows}, N = {pool.OutFeatures}) for x {x}");
+        if (rowAdapters.Length != rows) throw new ArgumentException($"lora: row adapters {rowAdapters} must name one adapter (or -1) per row of x {x} ({rows})");
+        foreach (int a in rowAdapters.Host)
+        {
+            if (a < -1 || a >= pool.Count) throw new ArgumentException($"lora: adapter index {a} in {rowAdapters} is outside [-1, {pool.Count})");
+        }
+
+        if (pool.Count > 0 && rows > 0) device.LoraMixedCore(x, y, pool, rowAdapters, new LoraBatchShape(rows, pool.InFeatures, pool.OutFeatures, pool.MaxRank));
     }
 
     /// <summary>y = a + b (same shape; y may alias an input).</summary>

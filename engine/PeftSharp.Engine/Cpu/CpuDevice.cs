@@ -2,6 +2,7 @@ using System.Numerics.Tensors;
 using System.Runtime.Intrinsics;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
 
 namespace PeftSharp.Engine.Cpu;
@@ -426,6 +427,51 @@ public sealed unsafe class CpuDevice : Device
         double acc = 0;
         foreach (double v in partial) acc += v;
         return acc;
+    }
+
+    /// <summary>
+    /// Rows grouped by adapter (SGMV): for each adapter, gather its rows, t = X_a A_a^T and d = s t B_a^T through the
+    /// packed GEMM, then add d into those rows of y. Groups run in parallel; each group's rows are its own.
+    /// </summary>
+    protected internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
+    {
+        var groups = new List<int>[pool.Count];
+        var ids = rowAdapters.Host;
+        for (int i = 0; i < ids.Length; i++)
+        {
+            if (ids[i] >= 0) (groups[ids[i]] ??= new List<int>()).Add(i);
+        }
+
+        var xa = Arr(x);
+        var ya = Arr(y);
+        var aPool = Arr(pool.APool);
+        var bPool = Arr(pool.BPool);
+        int xo = x.Offset, yo = y.Offset, apo = pool.APool.Offset, bpo = pool.BPool.Offset;
+        var work = Enumerable.Range(0, pool.Count).Where(a => groups[a] != null).ToArray();
+        bool inner = work.Length == 1;
+        void Group(int a)
+        {
+            var rows = groups[a];
+            int m = rows.Count, r = pool.RanksHost[a];
+            var xs = new float[m * s.K];
+            for (int j = 0; j < m; j++) xa.AsSpan(xo + rows[j] * s.K, s.K).CopyTo(xs.AsSpan(j * s.K, s.K));
+            var t = new float[m * r];
+            var d = new float[m * s.N];
+            fixed (float* px = xs, pt = t, pd = d, pa = aPool, pb = bPool)
+            {
+                Gemm.Sgemm(false, true, m, r, s.K, 1f, px, s.K, pa + apo + pool.AOffsetsHost[a], s.K, 0f, pt, r, inner);
+                Gemm.Sgemm(false, true, m, s.N, r, pool.ScalesHost[a], pt, r, pb + bpo + pool.BOffsetsHost[a], r, 0f, pd, s.N, inner);
+            }
+
+            for (int j = 0; j < m; j++)
+            {
+                var row = ya.AsSpan(yo + rows[j] * s.N, s.N);
+                TensorPrimitives.Add(row, d.AsSpan(j * s.N, s.N), row);
+            }
+        }
+
+        if (work.Length > 1) Parallel.ForEach(work, Group);
+        else foreach (int a in work) Group(a);
     }
 
     /// <summary>Runs body(row) for every row, in parallel when the rows hold enough work.</summary>

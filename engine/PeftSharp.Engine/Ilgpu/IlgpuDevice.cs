@@ -6,6 +6,7 @@ using ILGPU.Runtime.OpenCL;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
 using Buffer = ILGPU.Runtime.MemoryBuffer1D<float, ILGPU.Stride1D.Dense>;
 using IndexBuffer = ILGPU.Runtime.MemoryBuffer1D<int, ILGPU.Stride1D.Dense>;
@@ -344,6 +345,14 @@ public sealed class IlgpuDevice : Device
         if (p.Length == 0) return;
         var buf = momentum != null ? V(momentum) : V(g); // not read when momentum is 0
         kernels.Sgd.Value(p.Length, V(p), V(g), buf, step.LearningRate, step.Momentum, step.WeightDecay, step.Nesterov ? 1 : 0);
+    }
+
+    protected internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
+    {
+        using var t = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));
+        kernels.LoraShrink.Value(s.M * s.RMax, V(x), V(pool.APool), V(pool.AOffsets), V(pool.Ranks), V(rowAdapters), t.View, s);
+        if (s.N > 0) kernels.LoraExpand.Value(s.M * s.N, t.View, V(pool.BPool), V(pool.BOffsets), V(pool.Ranks), V(pool.Scales), V(rowAdapters), V(y), s);
+        accelerator.Synchronize(); // t is freed on return
     }
 
     protected internal override double SumCore(Tensor x, bool squares)

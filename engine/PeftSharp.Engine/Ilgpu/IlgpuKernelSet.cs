@@ -2,6 +2,7 @@ using ILGPU;
 using ILGPU.Runtime;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
 using AV = ILGPU.ArrayView<float>;
 using AVI = ILGPU.ArrayView<int>;
@@ -49,6 +50,8 @@ internal sealed class IlgpuKernelSet
         CrossEntropyLoss = Load<Action<Index1D, AV, AVI, AV, AV, int, int>>(nameof(CrossEntropyKernels.LossKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, AV, int, int>(CrossEntropyKernels.LossKernel));
         CrossEntropyBackward = Load<Action<Index1D, AV, AVI, AV, AV, int, int, float>>(nameof(CrossEntropyKernels.BackwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, AV, int, int, float>(CrossEntropyKernels.BackwardKernel));
         AdamW = Load<Action<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>>(nameof(OptimizerKernels.AdamWKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>(OptimizerKernels.AdamWKernel));
+        LoraShrink = Load<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.ShrinkKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>(LoraKernels.ShrinkKernel));
+        LoraExpand = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.ExpandKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>(LoraKernels.ExpandKernel));
         Sgd = Load<Action<Index1D, AV, AV, AV, float, float, float, int>>(nameof(OptimizerKernels.SgdKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, float, float, float, int>(OptimizerKernels.SgdKernel));
     }
 
@@ -81,6 +84,8 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AVI, AV, AV, int, int, float>> CrossEntropyBackward { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>> AdamW { get; }
     public Lazy<Action<Index1D, AV, AV, AV, float, float, float, int>> Sgd { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>> LoraShrink { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>> LoraExpand { get; }
 
     private Lazy<T> Load<T>(string kernel, Func<T> load) => new(() =>
     {

@@ -1,0 +1,85 @@
+namespace PeftSharp.Engine;
+
+/// <summary>One LoRA adapter for a linear layer (N, K): A (R, K), B (N, R), y += scale * (x A^T) B^T.</summary>
+public sealed record LoraAdapterData(string Name, float[] A, float[] B, int Rank, float Scale);
+
+/// <summary>
+/// Many LoRA adapters of one linear layer in a single device pool, ranks free to differ, so one launch serves a
+/// batch whose rows each pick their adapter (or none). Layout as <c>LoraBatchShape</c> describes.
+/// </summary>
+public sealed class LoraAdapterPool : IDisposable
+{
+    private LoraAdapterPool(Device device, int inFeatures, int outFeatures, IReadOnlyList<LoraAdapterData> adapters)
+    {
+        Device = device;
+        InFeatures = inFeatures;
+        OutFeatures = outFeatures;
+        Names = adapters.Select(a => a.Name).ToArray();
+        RanksHost = adapters.Select(a => a.Rank).ToArray();
+        ScalesHost = adapters.Select(a => a.Scale).ToArray();
+        AOffsetsHost = new int[adapters.Count];
+        BOffsetsHost = new int[adapters.Count];
+        int ao = 0, bo = 0;
+        for (int i = 0; i < adapters.Count; i++)
+        {
+            AOffsetsHost[i] = ao;
+            BOffsetsHost[i] = bo;
+            ao += adapters[i].Rank * inFeatures;
+            bo += outFeatures * adapters[i].Rank;
+        }
+
+        MaxRank = adapters.Count == 0 ? 0 : adapters.Max(a => a.Rank);
+        APool = device.FromArray("lora_A pool", adapters.SelectMany(a => a.A).ToArray(), ao);
+        BPool = device.FromArray("lora_B pool", adapters.SelectMany(a => a.B).ToArray(), bo);
+        AOffsets = device.FromIndices("lora_A offsets", AOffsetsHost);
+        BOffsets = device.FromIndices("lora_B offsets", BOffsetsHost);
+        Ranks = device.FromIndices("lora ranks", RanksHost);
+        Scales = device.FromArray("lora scales", ScalesHost, adapters.Count);
+    }
+
+    public Device Device { get; }
+    public int InFeatures { get; }
+    public int OutFeatures { get; }
+    public int Count => Names.Count;
+    public int MaxRank { get; }
+    public IReadOnlyList<string> Names { get; }
+
+    internal int[] RanksHost { get; }
+    internal float[] ScalesHost { get; }
+    internal int[] AOffsetsHost { get; }
+    internal int[] BOffsetsHost { get; }
+    internal Tensor APool { get; }
+    internal Tensor BPool { get; }
+    internal IndexTensor AOffsets { get; }
+    internal IndexTensor BOffsets { get; }
+    internal IndexTensor Ranks { get; }
+    internal Tensor Scales { get; }
+
+    /// <summary>Uploads the adapters; every shape is checked and every offender named.</summary>
+    public static LoraAdapterPool Create(Device device, int inFeatures, int outFeatures, IReadOnlyList<LoraAdapterData> adapters)
+    {
+        var problems = new List<string>();
+        foreach (var a in adapters)
+        {
+            if (a.Rank <= 0) problems.Add($"adapter '{a.Name}' has rank {a.Rank}");
+            else
+            {
+                if (a.A.Length != a.Rank * inFeatures) problems.Add($"adapter '{a.Name}' lora_A has {a.A.Length} values, expected [{a.Rank}, {inFeatures}]");
+                if (a.B.Length != outFeatures * a.Rank) problems.Add($"adapter '{a.Name}' lora_B has {a.B.Length} values, expected [{outFeatures}, {a.Rank}]");
+            }
+        }
+
+        if (problems.Count > 0) throw new ArgumentException($"LoRA pool for a [{outFeatures}, {inFeatures}] layer: {string.Join("; ", problems)}");
+        return new LoraAdapterPool(device, inFeatures, outFeatures, adapters);
+    }
+
+    public void Dispose()
+    {
+        APool.Dispose();
+        BPool.Dispose();
+        AOffsets.Dispose();
+        BOffsets.Dispose();
+        Ranks.Dispose();
+        Scales.Dispose();
+    }
+}

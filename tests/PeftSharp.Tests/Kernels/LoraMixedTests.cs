@@ -1,0 +1,102 @@
+using NUnit.Framework;
+using PeftSharp.Engine;
+using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Kernels;
+
+public sealed class LoraMixedTests : BackendTest
+{
+    public LoraMixedTests(string backend)
+        : base(backend)
+    {
+    }
+
+    private static LoraAdapterData Adapter(string name, int rank, int k, int n, int seed, float scale, bool zeroB = false) =>
+        new(name, TestData.Uniform(rank * k, seed), zeroB ? new float[n * rank] : TestData.Uniform(n * rank, seed + 1), rank, scale);
+
+    // (M, K, N, ranks): rank 1, ranks that differ inside one batch, K not a multiple of 32, N = 1, one row.
+    private static readonly object[] Shapes =
+    {
+        new TestCaseData(1, 1, 1, new[] { 1 }).SetName("{m}_M1_K1_N1_R1"),
+        new TestCaseData(7, 33, 5, new[] { 4, 1, 8 }).SetName("{m}_M7_K33_N5_Ranks4_1_8"),
+        new TestCaseData(9, 20, 1, new[] { 2, 16 }).SetName("{m}_M9_K20_N1_Ranks2_16"),
+        new TestCaseData(12, 65, 19, new[] { 3, 3, 5, 7 }).SetName("{m}_M12_K65_N19_FourAdapters"),
+    };
+
+    [TestCaseSource(nameof(Shapes))]
+    public void LoraMixed_MatchesReference_RowsWithoutAdapterUntouched(int m, int k, int n, int[] ranks)
+    {
+        var adapters = ranks.Select((r, i) => Adapter($"a{i}", r, k, n, 10 * i + 1, 0.5f + i)).ToList();
+        var rowAdapters = Enumerable.Range(0, m).Select(i => i % (ranks.Length + 1) - 1).ToArray(); // includes -1 rows
+        var x = TestData.Uniform(m * k, 3);
+        var y0 = TestData.Uniform(m * n, 4);
+        var expected = (float[])y0.Clone();
+        var aPool = adapters.SelectMany(a => a.A).ToArray();
+        var bPool = adapters.SelectMany(a => a.B).ToArray();
+        var aOff = new int[ranks.Length];
+        var bOff = new int[ranks.Length];
+        for (int i = 1; i < ranks.Length; i++)
+        {
+            aOff[i] = aOff[i - 1] + ranks[i - 1] * k;
+            bOff[i] = bOff[i - 1] + n * ranks[i - 1];
+        }
+
+        LoraReference.MixedForward(x, expected, aPool, bPool, aOff, bOff, ranks, adapters.Select(a => a.Scale).ToArray(), rowAdapters, new LoraBatchShape(m, k, n, ranks.Max()));
+        using var pool = LoraAdapterPool.Create(Device, k, n, adapters);
+        var y = Input("y", y0, m, n);
+        Ops.LoraMixed(Input("x", x, m, k), y, pool, Indices("row_adapters", rowAdapters));
+        Expect(y, expected, Tolerances.Dot(k + ranks.Max()), "mixed lora");
+        var result = y.ToArray();
+        for (int i = 0; i < m; i++)
+        {
+            if (rowAdapters[i] == -1) Assert.That(result.AsSpan(i * n, n).ToArray(), Is.EqualTo(y0.AsSpan(i * n, n).ToArray()), $"{Backend} row {i} has no adapter");
+        }
+    }
+
+    [Test]
+    public void LoraMixed_EqualsEachRowAlone_AndZeroBIsTheBase()
+    {
+        const int m = 6, k = 10, n = 7;
+        var adapters = new[] { Adapter("math", 4, k, n, 1, 2f), Adapter("code", 2, k, n, 5, 0.25f), Adapter("fresh", 8, k, n, 9, 1f, zeroB: true) };
+        using var pool = LoraAdapterPool.Create(Device, k, n, adapters);
+        var x = TestData.Uniform(m * k, 7);
+        var rows = new[] { 0, 1, 2, -1, 1, 0 };
+        var batched = Input("y", new float[m * n], m, n);
+        Ops.LoraMixed(Input("x", x, m, k), batched, pool, Indices("rows", rows));
+        var all = batched.ToArray();
+        for (int i = 0; i < m; i++)
+        {
+            var one = Input("y1", new float[n], 1, n);
+            Ops.LoraMixed(Input("x1", x.AsSpan(i * k, k).ToArray(), 1, k), one, pool, Indices("row", new[] { rows[i] }));
+            Check.Close(all.AsSpan(i * n, n), one.ToArray(), Tolerances.Dot(k), $"{Backend} row {i} batched vs alone");
+            if (rows[i] == 2 || rows[i] == -1) Assert.That(one.ToArray(), Is.All.EqualTo(0f), "B = 0 (or no adapter) adds nothing to the base");
+        }
+
+        // The fused path equals the unfused formula with dense matmuls: (x A^T) B^T scaled.
+        var a0 = adapters[0];
+        var t = new float[m * 4];
+        MatMulReference.Forward(x, a0.A, t, new MatMulShape(1, m, 4, k, false, true, true));
+        var d = new float[m * n];
+        MatMulReference.Forward(t, a0.B, d, new MatMulShape(1, m, n, 4, false, true, true), alpha: a0.Scale);
+        Check.Close(all.AsSpan(0, n), d.AsSpan(0, n), Tolerances.Dot(k), $"{Backend} row 0 against x A^T B^T");
+    }
+
+    [Test]
+    public void LoraPool_BadShapesAndIndices_ListEveryOffender()
+    {
+        var e = Assert.Throws<ArgumentException>(() => LoraAdapterPool.Create(Device, 8, 4, new[]
+        {
+            new LoraAdapterData("ok", new float[16], new float[8], 2, 1f),
+            new LoraAdapterData("short_a", new float[15], new float[8], 2, 1f),
+            new LoraAdapterData("wide_b", new float[16], new float[9], 2, 1f),
+        }))!;
+        Assert.That(e.Message, Does.Contain("'short_a' lora_A has 15 values, expected [2, 8]").And.Contain("'wide_b' lora_B has 9 values, expected [4, 2]").And.Not.Contain("'ok'"));
+        using var pool = LoraAdapterPool.Create(Device, 8, 4, new[] { new LoraAdapterData("ok", new float[16], new float[8], 2, 1f) });
+        var e2 = Assert.Throws<ArgumentException>(() => Ops.LoraMixed(Input("x", new float[16], 2, 8), Input("y", new float[8], 2, 4), pool, Indices("rows", new[] { 0, 3 })))!;
+        Assert.That(e2.Message, Does.Contain("adapter index 3"));
+        var e3 = Assert.Throws<ArgumentException>(() => Ops.LoraMixed(Input("x", new float[18], 2, 9), Input("y", new float[8], 2, 4), pool, Indices("rows", new[] { 0, 0 })))!;
+        Assert.That(e3.Message, Does.Contain("9 input features"));
+    }
+}
