@@ -1,0 +1,244 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
+using PeftSharp.Model;
+
+namespace PeftSharp.Formats;
+
+/// <summary>The parts of a PEFT LoRA adapter_config.json that PeftSharp honours.</summary>
+public sealed record LoraAdapterConfig
+{
+    public int R { get; init; } = 8;
+    public float LoraAlpha { get; init; } = 8;
+    public float LoraDropout { get; init; }
+    public bool UseRsLora { get; init; }
+    /// <summary>List form: module names matched by their last component; or one string: "all-linear" or a regex over the module path.</summary>
+    public IReadOnlyList<string> TargetModules { get; init; } = Array.Empty<string>();
+    public string? TargetRegex { get; init; }
+    public IReadOnlyList<int>? LayersToTransform { get; init; }
+    public IReadOnlyDictionary<string, int> RankPattern { get; init; } = new Dictionary<string, int>();
+    public IReadOnlyDictionary<string, float> AlphaPattern { get; init; } = new Dictionary<string, float>();
+    public string? BaseModelNameOrPath { get; init; }
+    public string TaskType { get; init; } = "CAUSAL_LM";
+
+    /// <summary>The seven linear layers of a Llama block, as PEFT's "all-linear" selects them (the LM head excluded).</summary>
+    public static readonly string[] LlamaLinear = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" };
+
+    /// <summary>Rank and alpha for a module, with rank_pattern / alpha_pattern keys matched as a suffix of the module path.</summary>
+    public (int Rank, float Alpha) For(string module)
+    {
+        int r = RankPattern.FirstOrDefault(p => module == p.Key || module.EndsWith("." + p.Key, StringComparison.Ordinal)).Value;
+        float a = AlphaPattern.FirstOrDefault(p => module == p.Key || module.EndsWith("." + p.Key, StringComparison.Ordinal)).Value;
+        return (r > 0 ? r : R, a > 0 ? a : LoraAlpha);
+    }
+
+    /// <summary>PEFT's scaling: alpha / r, or alpha / sqrt(r) with use_rslora.</summary>
+    public float Scale(string module)
+    {
+        var (r, a) = For(module);
+        return UseRsLora ? a / MathF.Sqrt(r) : a / r;
+    }
+
+    /// <summary>The module paths of <paramref name="model"/> this config targets.</summary>
+    public IEnumerable<string> TargetsIn(LlamaConfig model)
+    {
+        for (int i = 0; i < model.NumHiddenLayers; i++)
+        {
+            if (LayersToTransform != null && !LayersToTransform.Contains(i)) continue;
+            foreach (var name in LlamaLinear)
+            {
+                string path = $"model.layers.{i}.{(name is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn")}.{name}";
+                bool hit = TargetRegex switch
+                {
+                    "all-linear" => true,
+                    { } rx => Regex.IsMatch(path, "^(?:" + rx + ")$"),
+                    null => TargetModules.Contains(name),
+                };
+                if (hit) yield return path;
+            }
+        }
+    }
+}
+
+/// <summary>
+/// A PEFT LoRA adapter folder: adapter_config.json and adapter_model.safetensors with PEFT's key names
+/// (base_model.model.{module}.lora_A.weight [r, in], .lora_B.weight [out, r]). Reading checks every key against the
+/// model's modules and shapes and every config option against what PeftSharp supports, and reports all offenders in
+/// one error: silent mismatches are PEFT users' most reported pain.
+/// </summary>
+public sealed class PeftLoraAdapter
+{
+    public const string ConfigFile = "adapter_config.json";
+    public const string WeightsFile = "adapter_model.safetensors";
+    private const string Prefix = "base_model.model.";
+
+    public PeftLoraAdapter(LoraAdapterConfig config, IReadOnlyDictionary<string, (float[] A, float[] B)> modules)
+    {
+        Config = config;
+        Modules = modules;
+    }
+
+    public LoraAdapterConfig Config { get; }
+
+    /// <summary>Module path (model.layers.0.self_attn.q_proj) to A (r, in) and B (out, r), row-major.</summary>
+    public IReadOnlyDictionary<string, (float[] A, float[] B)> Modules { get; }
+
+    public static LoraAdapterConfig ParseConfig(string json, string source)
+    {
+        JsonObject o;
+        try
+        {
+            o = JsonNode.Parse(json) as JsonObject ?? throw new InvalidDataException($"{source}: not a JSON object");
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{source}: not valid JSON: {e.Message}", e);
+        }
+
+        var problems = new List<string>();
+        string? peftType = o["peft_type"]?.GetValue<string>();
+        if (peftType != "LORA") problems.Add($"peft_type is '{peftType}', this reader takes LORA");
+        if (o["use_dora"]?.GetValue<bool>() == true) problems.Add("use_dora = true is not supported yet");
+        if (o["fan_in_fan_out"]?.GetValue<bool>() == true) problems.Add("fan_in_fan_out = true is for Conv1D models (GPT-2), not Llama");
+        if (o["bias"]?.GetValue<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
+        if (o["modules_to_save"] is JsonArray { Count: > 0 } mts) problems.Add($"modules_to_save [{string.Join(", ", mts)}] is not supported");
+        if (o["layers_pattern"] is JsonNode lp && lp.GetValueKind() != JsonValueKind.Null) problems.Add("layers_pattern is not supported");
+        var targets = new List<string>();
+        string? regex = null;
+        switch (o["target_modules"])
+        {
+            case JsonArray arr:
+                targets.AddRange(arr.Select(t => t!.GetValue<string>()));
+                var unknown = targets.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
+                if (unknown.Count > 0) problems.Add($"target_modules [{string.Join(", ", unknown)}] name no Llama linear layer ({string.Join(", ", LoraAdapterConfig.LlamaLinear)})");
+                break;
+            case JsonValue v when v.GetValueKind() == JsonValueKind.String:
+                regex = v.GetValue<string>();
+                break;
+            default:
+                problems.Add("target_modules is missing");
+                break;
+        }
+
+        List<int>? layers = o["layers_to_transform"] switch
+        {
+            JsonArray a => a.Select(n => n!.GetValue<int>()).ToList(),
+            JsonValue v when v.GetValueKind() == JsonValueKind.Number => new List<int> { v.GetValue<int>() },
+            _ => null,
+        };
+        if (problems.Count > 0) throw new NotSupportedException($"{source}: {string.Join("; ", problems)}");
+        return new LoraAdapterConfig
+        {
+            R = o["r"]?.GetValue<int>() ?? 8,
+            LoraAlpha = o["lora_alpha"] is { } la ? (float)la.GetValue<double>() : 8,
+            LoraDropout = o["lora_dropout"] is { } ld ? (float)ld.GetValue<double>() : 0,
+            UseRsLora = o["use_rslora"]?.GetValue<bool>() ?? false,
+            TargetModules = targets,
+            TargetRegex = regex,
+            LayersToTransform = layers,
+            RankPattern = (o["rank_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.GetValue<int>()) ?? new Dictionary<string, int>(),
+            AlphaPattern = (o["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => (float)p.Value!.GetValue<double>()) ?? new Dictionary<string, float>(),
+            BaseModelNameOrPath = o["base_model_name_or_path"]?.GetValue<string>(),
+            TaskType = o["task_type"]?.GetValue<string>() ?? "CAUSAL_LM",
+        };
+    }
+
+    /// <summary>Reads a PEFT folder for a model with <paramref name="model"/>'s configuration.</summary>
+    public static PeftLoraAdapter Load(string folder, LlamaConfig model)
+    {
+        string configPath = Path.Combine(folder, ConfigFile);
+        if (!File.Exists(configPath)) throw new FileNotFoundException($"{folder}: no {ConfigFile}; is this a PEFT adapter folder?", configPath);
+        var config = ParseConfig(File.ReadAllText(configPath), configPath);
+        string weights = Path.Combine(folder, WeightsFile);
+        if (!File.Exists(weights)) throw new FileNotFoundException($"{folder}: no {WeightsFile} (adapter_model.bin is not read: pickle files can run code)", weights);
+        using var file = SafeTensorsFile.Open(weights);
+        var targets = config.TargetsIn(model).ToList();
+        var problems = new List<string>();
+        var modules = new Dictionary<string, (float[], float[])>();
+        var used = new HashSet<string>();
+        foreach (var module in targets)
+        {
+            var (r, _) = config.For(module);
+            var (outF, inF) = LinearShape(model, module);
+            string ka = $"{Prefix}{module}.lora_A.weight", kb = $"{Prefix}{module}.lora_B.weight";
+            bool ok = true;
+            foreach (var (key, shape) in new[] { (ka, new long[] { r, inF }), (kb, new long[] { outF, r }) })
+            {
+                if (!file.Contains(key))
+                {
+                    problems.Add($"missing {key} [{string.Join(", ", shape)}]");
+                    ok = false;
+                }
+                else if (!file[key].Shape.SequenceEqual(shape))
+                {
+                    problems.Add($"{key} is {file[key].ShapeText}, expected [{string.Join(", ", shape)}]");
+                    ok = false;
+                }
+
+                used.Add(key);
+            }
+
+            if (ok) modules[module] = (file.ReadFloats(ka), file.ReadFloats(kb));
+        }
+
+        foreach (var t in file.Tensors.Where(t => !used.Contains(t.Name)))
+        {
+            problems.Add($"{t.Name} matches no targeted module of this model");
+        }
+
+        if (problems.Count > 0) throw new InvalidDataException($"{folder}: the adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
+        return new PeftLoraAdapter(config, modules);
+    }
+
+    /// <summary>(out, in) of a Llama linear module path.</summary>
+    public static (int Out, int In) LinearShape(LlamaConfig c, string module)
+    {
+        int q = c.NumAttentionHeads * c.HeadDim, kv = c.NumKeyValueHeads * c.HeadDim;
+        string leaf = module[(module.LastIndexOf('.') + 1)..];
+        return leaf switch
+        {
+            "q_proj" => (q, c.HiddenSize),
+            "k_proj" or "v_proj" => (kv, c.HiddenSize),
+            "o_proj" => (c.HiddenSize, q),
+            "gate_proj" or "up_proj" => (c.IntermediateSize, c.HiddenSize),
+            "down_proj" => (c.HiddenSize, c.IntermediateSize),
+            _ => throw new ArgumentException($"'{module}' is not a Llama linear module"),
+        };
+    }
+
+    /// <summary>Writes adapter_config.json and adapter_model.safetensors as PEFT does (each file atomically).</summary>
+    public void Save(string folder, LlamaConfig model)
+    {
+        Directory.CreateDirectory(folder);
+        var tensors = new List<SafeTensorData>();
+        foreach (var (module, (a, b)) in Modules.OrderBy(m => m.Key, StringComparer.Ordinal))
+        {
+            var (r, _) = Config.For(module);
+            var (outF, inF) = LinearShape(model, module);
+            tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_A.weight", a, new[] { r, inF }));
+            tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_B.weight", b, new[] { outF, r }));
+        }
+
+        SafeTensorsWriter.Write(Path.Combine(folder, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        var o = new JsonObject
+        {
+            ["peft_type"] = "LORA",
+            ["task_type"] = Config.TaskType,
+            ["r"] = Config.R,
+            ["lora_alpha"] = Config.LoraAlpha,
+            ["lora_dropout"] = Config.LoraDropout,
+            ["use_rslora"] = Config.UseRsLora,
+            ["use_dora"] = false,
+            ["fan_in_fan_out"] = false,
+            ["bias"] = "none",
+            ["target_modules"] = Config.TargetRegex != null ? JsonValue.Create(Config.TargetRegex) : new JsonArray(Config.TargetModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray()),
+            ["rank_pattern"] = new JsonObject(Config.RankPattern.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value))),
+            ["alpha_pattern"] = new JsonObject(Config.AlphaPattern.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value))),
+            ["base_model_name_or_path"] = Config.BaseModelNameOrPath,
+            ["modules_to_save"] = null,
+            ["inference_mode"] = true,
+        };
+        if (Config.LayersToTransform != null) o["layers_to_transform"] = new JsonArray(Config.LayersToTransform.Select(i => (JsonNode)i).ToArray());
+        AtomicFile.WriteText(Path.Combine(folder, ConfigFile), o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+}

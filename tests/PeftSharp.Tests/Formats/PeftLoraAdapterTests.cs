@@ -1,0 +1,164 @@
+using System.Buffers.Binary;
+using System.Text;
+using NUnit.Framework;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Formats;
+
+public sealed class PeftLoraAdapterTests : TempDirectoryTest
+{
+    private static readonly LlamaConfig Model = LlamaConfig.Tiny; // hidden 64, 4 heads x 16, 2 KV heads, 2 layers
+
+    /// <summary>adapter_config.json as PEFT 0.13 writes it (fields we ignore included).</summary>
+    private const string PeftConfig = """
+        {
+          "alpha_pattern": {},
+          "auto_mapping": null,
+          "base_model_name_or_path": "peftsharp/tiny",
+          "bias": "none",
+          "fan_in_fan_out": false,
+          "inference_mode": true,
+          "init_lora_weights": true,
+          "layer_replication": null,
+          "layers_pattern": null,
+          "layers_to_transform": null,
+          "loftq_config": {},
+          "lora_alpha": 16,
+          "lora_dropout": 0.05,
+          "megatron_config": null,
+          "megatron_core": "megatron.core",
+          "modules_to_save": null,
+          "peft_type": "LORA",
+          "r": 2,
+          "rank_pattern": {},
+          "revision": null,
+          "target_modules": ["v_proj", "q_proj"],
+          "task_type": "CAUSAL_LM",
+          "use_dora": false,
+          "use_rslora": false
+        }
+        """;
+
+    /// <summary>Writes adapter_model.safetensors byte by byte: header with PEFT's keys, then little-endian F32 data.</summary>
+    private static Dictionary<string, float[]> WriteFolder(string folder, string config, Func<string, long[], long[]>? reshape = null, string? extraKey = null, string? dropKey = null)
+    {
+        Directory.CreateDirectory(folder);
+        File.WriteAllText(Path.Combine(folder, "adapter_config.json"), config);
+        var tensors = new List<(string Key, long[] Shape, float[] Data)>();
+        int seed = 1;
+        for (int l = 0; l < 2; l++)
+        {
+            foreach (var (proj, outF) in new[] { ("q_proj", 64L), ("v_proj", 32L) })
+            {
+                string m = $"base_model.model.model.layers.{l}.self_attn.{proj}";
+                tensors.Add(($"{m}.lora_A.weight", new[] { 2L, 64 }, TestData.Uniform(2 * 64, seed++)));
+                tensors.Add(($"{m}.lora_B.weight", new[] { outF, 2 }, TestData.Uniform((int)outF * 2, seed++)));
+            }
+        }
+
+        if (extraKey != null) tensors.Add((extraKey, new[] { 2L }, new float[2]));
+        tensors.RemoveAll(t => t.Key == dropKey);
+        if (reshape != null)
+        {
+            // A reshaped tensor gets data of its new size, so the file stays valid safetensors and the adapter check is what fails.
+            tensors = tensors.Select(t =>
+            {
+                var shape = reshape(t.Key, t.Shape);
+                long n = shape.Aggregate(1L, (a, b) => a * b);
+                return (t.Key, shape, n == t.Data.Length ? t.Data : new float[n]);
+            }).ToList();
+        }
+        var header = new StringBuilder("{\"__metadata__\":{\"format\":\"pt\"}");
+        long offset = 0;
+        foreach (var t in tensors)
+        {
+            header.Append($",\"{t.Key}\":{{\"dtype\":\"F32\",\"shape\":[{string.Join(",", t.Shape)}],\"data_offsets\":[{offset},{offset + t.Data.Length * 4}]}}");
+            offset += t.Data.Length * 4;
+        }
+
+        header.Append('}');
+        while ((header.Length) % 8 != 0) header.Append(' ');
+        var bytes = new List<byte>(new byte[8]);
+        BinaryPrimitives.WriteUInt64LittleEndian(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(bytes), (ulong)header.Length);
+        bytes.AddRange(Encoding.UTF8.GetBytes(header.ToString()));
+        foreach (var t in tensors)
+        {
+            foreach (float v in t.Data) bytes.AddRange(BitConverter.GetBytes(v));
+        }
+
+        File.WriteAllBytes(Path.Combine(folder, "adapter_model.safetensors"), bytes.ToArray());
+        return tensors.ToDictionary(t => t.Key, t => t.Data);
+    }
+
+    [Test]
+    public void PeftFolder_WrittenByteByByte_LoadsWithPeftScaling()
+    {
+        var written = WriteFolder(TempDir, PeftConfig);
+        var adapter = PeftLoraAdapter.Load(TempDir, Model);
+        Assert.That(adapter.Modules.Keys.Order(), Is.EqualTo(new[]
+        {
+            "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+        }));
+        Assert.That(adapter.Modules["model.layers.1.self_attn.v_proj"].B, Is.EqualTo(written["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]));
+        Assert.That(adapter.Config.Scale("model.layers.0.self_attn.q_proj"), Is.EqualTo(8f), "lora_alpha / r = 16 / 2");
+        Assert.That(adapter.Config with { UseRsLora = true }, Has.Property("R").EqualTo(2));
+        Assert.That((adapter.Config with { UseRsLora = true }).Scale("model.layers.0.self_attn.q_proj"), Is.EqualTo(16f / MathF.Sqrt(2)).Within(1e-6));
+    }
+
+    [Test]
+    public void SaveThenLoad_IsExact_AndKeysArePefts()
+    {
+        WriteFolder(Path.Combine(TempDir, "in"), PeftConfig);
+        var adapter = PeftLoraAdapter.Load(Path.Combine(TempDir, "in"), Model);
+        string outDir = Path.Combine(TempDir, "out");
+        adapter.Save(outDir, Model);
+        using (var f = SafeTensorsFile.Open(Path.Combine(outDir, "adapter_model.safetensors")))
+        {
+            Assert.That(f.Tensors.Select(t => t.Name), Does.Contain("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+            Assert.That(f.Tensors.Select(t => t.Name), Has.None.Contains(".default."));
+        }
+
+        var again = PeftLoraAdapter.Load(outDir, Model);
+        foreach (var (m, (a, b)) in adapter.Modules)
+        {
+            Assert.That(again.Modules[m].A, Is.EqualTo(a), m);
+            Assert.That(again.Modules[m].B, Is.EqualTo(b), m);
+        }
+    }
+
+    [Test]
+    public void TargetSelection_AllLinearRegexLayersAndRankPattern()
+    {
+        var cfg = PeftLoraAdapter.ParseConfig("""{"peft_type": "LORA", "target_modules": "all-linear"}""", "cfg");
+        Assert.That(cfg.TargetsIn(Model).Count(), Is.EqualTo(14));
+        cfg = PeftLoraAdapter.ParseConfig("""{"peft_type": "LORA", "target_modules": ".*\\.mlp\\.(up|down)_proj", "layers_to_transform": [1]}""", "cfg");
+        Assert.That(cfg.TargetsIn(Model), Is.EqualTo(new[] { "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj" }));
+        cfg = PeftLoraAdapter.ParseConfig("""{"peft_type": "LORA", "target_modules": ["q_proj"], "r": 8, "lora_alpha": 16, "rank_pattern": {"model.layers.1.self_attn.q_proj": 4}}""", "cfg");
+        Assert.That(cfg.For("model.layers.1.self_attn.q_proj").Rank, Is.EqualTo(4));
+        Assert.That(cfg.Scale("model.layers.0.self_attn.q_proj"), Is.EqualTo(2f));
+    }
+
+    [Test]
+    public void Mismatches_EveryOffenderListed()
+    {
+        WriteFolder(TempDir, PeftConfig,
+            reshape: (k, s) => k.EndsWith("layers.1.self_attn.q_proj.lora_B.weight", StringComparison.Ordinal) ? new[] { 63L, 2 } : s,
+            extraKey: "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
+            dropKey: "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight");
+        var e = Assert.Throws<InvalidDataException>(() => PeftLoraAdapter.Load(TempDir, Model))!;
+        Assert.That(e.Message, Does.Contain("missing base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight [2, 64]")
+            .And.Contain("layers.1.self_attn.q_proj.lora_B.weight is [63, 2], expected [64, 2]")
+            .And.Contain("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight matches no targeted module"));
+    }
+
+    [Test]
+    public void UnsupportedOptions_AllNamedInOneError()
+    {
+        var e = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
+            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "use_dora": true, "bias": "all", "modules_to_save": ["lm_head"]}""", "adapter_config.json"))!;
+        Assert.That(e.Message, Does.Contain("use_dora").And.Contain("bias = 'all'").And.Contain("modules_to_save [lm_head]").And.Contain("c_attn"));
+        Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig("""{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}""", "x"));
+    }
+}
