@@ -117,6 +117,12 @@ public static class Program
         logits.SetAction(r => Commands.Logits(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(tokens)!, stdout));
         root.Subcommands.Add(logits);
 
+        var adapterDir = new Option<string>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)", Required = true };
+        var merge = new Command("merge", "Merge a PEFT LoRA adapter into the model and write a Hugging Face folder.");
+        foreach (var o in new Option[] { deviceOption, modelDir, adapterDir, outDir }) merge.Options.Add(o);
+        merge.SetAction(r => Commands.Merge(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(adapterDir)!, r.GetValue(outDir)!, stdout));
+        root.Subcommands.Add(merge);
+
         var qsOut = new Option<string>("--out") { Description = "Output folder", DefaultValueFactory = _ => "peft-quickstart" };
         var qsPre = new Option<int>("--pretrain-steps") { DefaultValueFactory = _ => 3000 };
         var qsFine = new Option<int>("--finetune-steps") { DefaultValueFactory = _ => 600 };
@@ -274,6 +280,23 @@ internal static class Commands
         var logits = model.Logits(ids, batch: 1);
         var last = logits.AsSpan((ids.Length - 1) * model.Config.VocabSize, model.Config.VocabSize).ToArray();
         stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(last));
+        return 0;
+    }
+
+    public static int Merge(string? deviceSpec, string modelDir, string adapterDir, string outDir, TextWriter stdout)
+    {
+        using var device = OpenDevice(deviceSpec);
+        using var model = HuggingFaceFolder.Load(modelDir, device);
+        var adapter = PeftLoraAdapter.Load(adapterDir, model.Config);
+        LoraMerge.Merge(model, adapter);
+        HuggingFaceFolder.Save(model, outDir);
+        foreach (var extra in new[] { "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json" })
+        {
+            string src = Path.Combine(modelDir, extra);
+            if (File.Exists(src)) File.Copy(src, Path.Combine(outDir, extra), overwrite: true);
+        }
+
+        stdout.WriteLine($"merged {adapter.Modules.Count} LoRA modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")}) into {Path.GetFullPath(outDir)}");
         return 0;
     }
 
