@@ -70,8 +70,8 @@ internal sealed class Jobs
         var scale = extras.LayerDecay < 1f ? ParameterTools.LayerDecay(model.Config, extras.LayerDecay) : (_ => 1f);
         using Optimizer opt = extras.Optimizer switch
         {
-            "adamw" => new AdamW(model.Parameters, weightDecay: options.WeightDecay) { LearningRateScale = scale },
-            "sgd" => new Sgd(model.Parameters, momentum: extras.Momentum, weightDecay: 0f) { LearningRateScale = scale },
+            "adamw" => new AdamW(model.AllParameters, weightDecay: options.WeightDecay) { LearningRateScale = scale },
+            "sgd" => new Sgd(model.AllParameters, momentum: extras.Momentum, weightDecay: 0f) { LearningRateScale = scale },
             _ => throw new ArgumentException($"--optimizer {extras.Optimizer}: use adamw or sgd"),
         };
         using var ema = extras.EmaDecay > 0 ? new WeightEma(model, extras.EmaDecay) : null;

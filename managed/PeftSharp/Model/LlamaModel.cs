@@ -2,6 +2,9 @@ using PeftSharp.Engine;
 
 namespace PeftSharp.Model;
 
+/// <summary>A LoRA layer on one linear module: y += Scale * (x A^T) B^T.</summary>
+public sealed record LoraLayer(Parameter A, Parameter B, int Rank, float Scale);
+
 /// <summary>
 /// A Llama-family decoder (transformers' LlamaForCausalLM) over the engine's Ops: token embedding, pre-norm blocks of
 /// RMSNorm, rotary grouped-query causal attention and a SwiGLU MLP with residuals, a final norm and the LM head (tied
@@ -13,6 +16,7 @@ public sealed class LlamaModel : IDisposable
 {
     private readonly Dictionary<string, Parameter> byName = new();
     private readonly List<Parameter> parameters = new();
+    private readonly Dictionary<string, LoraLayer> lora = new();
 
     private LlamaModel(Device device, LlamaConfig config)
     {
@@ -24,7 +28,14 @@ public sealed class LlamaModel : IDisposable
 
     public LlamaConfig Config { get; }
 
+    /// <summary>The base model's parameters (what a Hugging Face folder holds).</summary>
     public IReadOnlyList<Parameter> Parameters => parameters;
+
+    /// <summary>LoRA layers by module path (model.layers.0.self_attn.q_proj).</summary>
+    public IReadOnlyDictionary<string, LoraLayer> Lora => lora;
+
+    /// <summary>Everything an optimizer steps: the base parameters and the LoRA matrices.</summary>
+    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => new[] { l.A, l.B }));
 
     public Parameter this[string name] => byName.TryGetValue(name, out var p)
         ? p
@@ -163,9 +174,11 @@ public sealed class LlamaModel : IDisposable
         public IndexTensor Ids = null!, Positions = null!;
         public List<LayerActivations> Layers = new();
         public Tensor XFinal = null!, HFinal = null!, RstdFinal = null!, Logits = null!;
+        public Dictionary<string, Tensor> LoraT = new();
 
         public void Dispose()
         {
+            foreach (var t in LoraT.Values) t.Dispose();
             foreach (var l in Layers) l.Dispose();
             foreach (var t in new IDisposable?[] { Ids, Positions, XFinal, HFinal, RstdFinal, Logits }) t?.Dispose();
         }
@@ -192,6 +205,7 @@ public sealed class LlamaModel : IDisposable
             pass.Ids = Device.FromIndices("input_ids", tokens);
             pass.Positions = Device.FromIndices("positions", Enumerable.Range(0, n).Select(i => i % t).ToArray());
             var x = Device.Zeros("x0", n, dm);
+            var keep = keepActivations ? pass.LoraT : null;
             ops.Embedding(pass.Ids, this["model.embed_tokens.weight"].Value, x);
             for (int i = 0; i < c.NumHiddenLayers; i++)
             {
@@ -204,16 +218,16 @@ public sealed class LlamaModel : IDisposable
                 a.Q = Device.Zeros("q", batch, t, h, d);
                 a.K = Device.Zeros("k", batch, t, hkv, d);
                 a.V = Device.Zeros("v", batch, t, hkv, d);
-                ops.Linear(a.H, this[p + "self_attn.q_proj.weight"].Value, Flat(a.Q, n));
-                ops.Linear(a.H, this[p + "self_attn.k_proj.weight"].Value, Flat(a.K, n));
-                ops.Linear(a.H, this[p + "self_attn.v_proj.weight"].Value, Flat(a.V, n));
+                Project(p + "self_attn.q_proj", a.H, Flat(a.Q, n), keep);
+                Project(p + "self_attn.k_proj", a.H, Flat(a.K, n), keep);
+                Project(p + "self_attn.v_proj", a.H, Flat(a.V, n), keep);
                 ops.Rope(a.Q, pass.Positions, a.Q, c.RopeTheta);
                 ops.Rope(a.K, pass.Positions, a.K, c.RopeTheta);
                 a.O = Device.Zeros("attn", batch, t, h, d);
                 a.Lse = Device.Zeros("lse", batch, h, t);
                 ops.Attention(a.Q, a.K, a.V, a.O, a.Lse, causal: true);
                 a.X1 = Device.Zeros("x1", n, dm);
-                ops.Linear(Flat(a.O, n), this[p + "self_attn.o_proj.weight"].Value, a.X1);
+                Project(p + "self_attn.o_proj", Flat(a.O, n), a.X1, keep);
                 ops.Add(a.X1, x, a.X1);
                 a.H2 = Device.Zeros("h2", n, dm);
                 a.Rstd2 = Device.Zeros("rstd2", n);
@@ -221,11 +235,11 @@ public sealed class LlamaModel : IDisposable
                 a.Gate = Device.Zeros("gate", n, c.IntermediateSize);
                 a.Up = Device.Zeros("up", n, c.IntermediateSize);
                 a.Act = Device.Zeros("act", n, c.IntermediateSize);
-                ops.Linear(a.H2, this[p + "mlp.gate_proj.weight"].Value, a.Gate);
-                ops.Linear(a.H2, this[p + "mlp.up_proj.weight"].Value, a.Up);
+                Project(p + "mlp.gate_proj", a.H2, a.Gate, keep);
+                Project(p + "mlp.up_proj", a.H2, a.Up, keep);
                 ops.SwiGlu(a.Gate, a.Up, a.Act);
                 var x2 = Device.Zeros("x2", n, dm);
-                ops.Linear(a.Act, this[p + "mlp.down_proj.weight"].Value, x2);
+                Project(p + "mlp.down_proj", a.Act, x2, keep);
                 ops.Add(x2, a.X1, x2);
                 x = x2;
                 if (!keepActivations)
@@ -276,20 +290,20 @@ public sealed class LlamaModel : IDisposable
                 string p = $"model.layers.{i}.";
                 var a = pass.Layers[i];
                 // MLP: x2 = x1 + down(swiglu(gate(h2), up(h2))), h2 = norm(x1). dx holds dL/dx2.
-                ops.LinearBackward(a.Act, this[p + "mlp.down_proj.weight"].Value, dx, dInter, GradOf(p + "mlp.down_proj.weight"), accumulateWeight: true);
+                ProjectBackward(p + "mlp.down_proj", a.Act, dx, dInter, pass);
                 ops.SwiGluBackward(a.Gate, a.Up, dInter, dGate, dUp);
-                ops.LinearBackward(a.H2, this[p + "mlp.gate_proj.weight"].Value, dGate, dTmp, GradOf(p + "mlp.gate_proj.weight"), accumulateWeight: true);
+                ProjectBackward(p + "mlp.gate_proj", a.H2, dGate, dTmp, pass);
                 using (var dh2 = Device.Zeros("dh2", n, dm))
                 {
                     ops.Copy(dTmp, dh2);
-                    ops.LinearBackward(a.H2, this[p + "mlp.up_proj.weight"].Value, dUp, dTmp, GradOf(p + "mlp.up_proj.weight"), accumulateWeight: true);
+                    ProjectBackward(p + "mlp.up_proj", a.H2, dUp, dTmp, pass);
                     ops.Add(dh2, dTmp, dh2);
                     AddNormBackward(dh2, a.X1, p + "post_attention_layernorm.weight", a.Rstd2, dx, accumulateInput: true); // dx = dL/dx1
                 }
 
                 // Attention: x1 = x + o_proj(attn(rope(q(h)), rope(k(h)), v(h))), h = norm(x).
                 using var dO = Device.Zeros("dattn", a.O.Shape.ToArray());
-                ops.LinearBackward(Flat(a.O, n), this[p + "self_attn.o_proj.weight"].Value, dx, Flat(dO, n), GradOf(p + "self_attn.o_proj.weight"), accumulateWeight: true);
+                ProjectBackward(p + "self_attn.o_proj", Flat(a.O, n), dx, Flat(dO, n), pass);
                 using var dq = Device.Zeros("dq", a.Q.Shape.ToArray());
                 using var dk = Device.Zeros("dk", a.K.Shape.ToArray());
                 using var dv = Device.Zeros("dv", a.V.Shape.ToArray());
@@ -297,10 +311,10 @@ public sealed class LlamaModel : IDisposable
                 ops.Rope(dq, pass.Positions, dq, c.RopeTheta, inverse: true);
                 ops.Rope(dk, pass.Positions, dk, c.RopeTheta, inverse: true);
                 using var dhAttn = Device.Zeros("dh", n, dm);
-                ops.LinearBackward(a.H, this[p + "self_attn.q_proj.weight"].Value, Flat(dq, n), dhAttn, GradOf(p + "self_attn.q_proj.weight"), accumulateWeight: true);
-                ops.LinearBackward(a.H, this[p + "self_attn.k_proj.weight"].Value, Flat(dk, n), dTmp, GradOf(p + "self_attn.k_proj.weight"), accumulateWeight: true);
+                ProjectBackward(p + "self_attn.q_proj", a.H, Flat(dq, n), dhAttn, pass);
+                ProjectBackward(p + "self_attn.k_proj", a.H, Flat(dk, n), dTmp, pass);
                 ops.Add(dhAttn, dTmp, dhAttn);
-                ops.LinearBackward(a.H, this[p + "self_attn.v_proj.weight"].Value, Flat(dv, n), dTmp, GradOf(p + "self_attn.v_proj.weight"), accumulateWeight: true);
+                ProjectBackward(p + "self_attn.v_proj", a.H, Flat(dv, n), dTmp, pass);
                 ops.Add(dhAttn, dTmp, dhAttn);
                 AddNormBackward(dhAttn, a.X, p + "input_layernorm.weight", a.Rstd1, dx, accumulateInput: true); // dx = dL/dx
             }
@@ -369,21 +383,21 @@ public sealed class LlamaModel : IDisposable
             {
                 string p = $"model.layers.{i}.";
                 ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
-                ops.Linear(hbuf, this[p + "self_attn.q_proj.weight"].Value, Flat(q, tn));
+                Project(p + "self_attn.q_proj", hbuf, Flat(q, tn), null);
                 var kNew = cache.Keys[i].View(start * hkv * d, 1, tn, hkv, d);
                 var vNew = cache.Values[i].View(start * hkv * d, 1, tn, hkv, d);
-                ops.Linear(hbuf, this[p + "self_attn.k_proj.weight"].Value, Flat(kNew, tn));
-                ops.Linear(hbuf, this[p + "self_attn.v_proj.weight"].Value, Flat(vNew, tn));
+                Project(p + "self_attn.k_proj", hbuf, Flat(kNew, tn), null);
+                Project(p + "self_attn.v_proj", hbuf, Flat(vNew, tn), null);
                 ops.Rope(q, pos, q, c.RopeTheta);
                 ops.Rope(kNew, pos, kNew, c.RopeTheta);
                 ops.Attention(q, cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d), o, lse, causal: true);
-                ops.Linear(Flat(o, tn), this[p + "self_attn.o_proj.weight"].Value, tmp);
+                Project(p + "self_attn.o_proj", Flat(o, tn), tmp, null);
                 ops.Add(x, tmp, x);
                 ops.RmsNorm(x, this[p + "post_attention_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
-                ops.Linear(hbuf, this[p + "mlp.gate_proj.weight"].Value, gate);
-                ops.Linear(hbuf, this[p + "mlp.up_proj.weight"].Value, up);
+                Project(p + "mlp.gate_proj", hbuf, gate, null);
+                Project(p + "mlp.up_proj", hbuf, up, null);
                 ops.SwiGlu(gate, up, gate);
-                ops.Linear(gate, this[p + "mlp.down_proj.weight"].Value, tmp);
+                Project(p + "mlp.down_proj", gate, tmp, null);
                 ops.Add(x, tmp, x);
             }
 
@@ -402,14 +416,88 @@ public sealed class LlamaModel : IDisposable
         }
     }
 
+    /// <summary>
+    /// Adds a LoRA layer to every module <paramref name="config"/> targets: A (r, in) from PEFT's default init
+    /// (uniform in +-1/sqrt(in), i.e. kaiming_uniform with a = sqrt(5)), B (out, r) zero, so the model is unchanged
+    /// until B trains. With <paramref name="freezeBase"/>, every base parameter stops training.
+    /// </summary>
+    public void AddLora(PeftSharp.Formats.LoraAdapterConfig config, int seed, bool freezeBase = true, PeftSharp.Formats.PeftLoraAdapter? from = null)
+    {
+        var targets = config.TargetsIn(Config).ToList();
+        if (targets.Count == 0) throw new ArgumentException($"LoRA target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
+        var rng = new Random(seed);
+        foreach (var module in targets)
+        {
+            if (lora.ContainsKey(module)) throw new InvalidOperationException($"{module} already has a LoRA layer");
+            var (outF, inF) = PeftSharp.Formats.PeftLoraAdapter.LinearShape(Config, module);
+            int r = config.For(module).Rank;
+            float[] a, b;
+            if (from != null && from.Modules.TryGetValue(module, out var w))
+            {
+                (a, b) = w;
+            }
+            else
+            {
+                float bound = 1f / MathF.Sqrt(inF);
+                a = Enumerable.Range(0, r * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray();
+                b = new float[outF * r];
+            }
+
+            lora[module] = new LoraLayer(
+                new Parameter($"base_model.model.{module}.lora_A.weight", Device.FromArray(module + ".lora_A", a, r, inF)),
+                new Parameter($"base_model.model.{module}.lora_B.weight", Device.FromArray(module + ".lora_B", b, outF, r)),
+                r, config.Scale(module));
+        }
+
+        if (freezeBase)
+        {
+            foreach (var p in parameters) p.Trainable = false;
+        }
+    }
+
+    /// <summary>The LoRA layers as a PEFT adapter (for <c>PeftLoraAdapter.Save</c>).</summary>
+    public PeftSharp.Formats.PeftLoraAdapter ExportLora(PeftSharp.Formats.LoraAdapterConfig config) =>
+        new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())));
+
+    /// <summary>y = x W^T for the module's base weight, plus s (x A^T) B^T when it has a LoRA layer. x (rows, in), y (rows, out).</summary>
+    private void Project(string module, Tensor x, Tensor y, Dictionary<string, Tensor>? keep)
+    {
+        var ops = Device.Ops;
+        ops.Linear(x, this[module + ".weight"].Value, y);
+        if (!lora.TryGetValue(module, out var l)) return;
+        var t = Device.Zeros(module + ".lora_t", x.Dim(0), l.Rank);
+        ops.Linear(x, l.A.Value, t);
+        ops.MatMul(t, l.B.Value, y, transposeB: true, alpha: l.Scale, beta: 1f);
+        if (keep != null) keep[module] = t;
+        else t.Dispose();
+    }
+
+    /// <summary>
+    /// Backward of <see cref="Project"/>: dx = dy W (+ s (dy B) A), dW += dy^T x when trainable, and for LoRA
+    /// dB += s dy^T t, dA += (s dy B)^T x, with t = x A^T saved by the forward.
+    /// </summary>
+    private void ProjectBackward(string module, Tensor x, Tensor dy, Tensor dx, Pass pass)
+    {
+        var ops = Device.Ops;
+        ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
+        if (!lora.TryGetValue(module, out var l)) return;
+        var t = pass.LoraT[module];
+        if (l.B.Trainable) ops.MatMul(dy, t, l.B.Grad, transposeA: true, alpha: l.Scale, beta: 1f);
+        using var dt = Device.Zeros(module + ".lora_dt", x.Dim(0), l.Rank);
+        ops.MatMul(dy, l.B.Value, dt, alpha: l.Scale);
+        if (l.A.Trainable) ops.MatMul(dt, x, l.A.Grad, transposeA: true, beta: 1f);
+        ops.MatMul(dt, l.A.Value, dx, beta: 1f);
+    }
+
     public void ZeroGrad()
     {
-        foreach (var p in parameters) p.ZeroGrad();
+        foreach (var p in AllParameters) p.ZeroGrad();
     }
 
     public void Dispose()
     {
-        foreach (var p in parameters) p.Dispose();
+        foreach (var p in AllParameters) p.Dispose();
+        lora.Clear();
         parameters.Clear();
         byName.Clear();
     }

@@ -73,7 +73,7 @@ public sealed class WeightEma : IDisposable
     {
         if (decay is < 0 or >= 1) throw new ArgumentException($"EMA decay {decay} must be in [0, 1)");
         Decay = decay;
-        shadows = model.Parameters.Where(p => p.Trainable).Select(p =>
+        shadows = model.AllParameters.Where(p => p.Trainable).Select(p =>
         {
             var s = model.Device.Zeros(p.Name + ".ema", p.Value.Shape.ToArray());
             model.Device.Ops.Copy(p.Value, s);

@@ -136,14 +136,14 @@ public sealed class TrainingRun
                     _ = counted;
                 }
 
-                var grads = model.Parameters.Where(p => p.Trainable).Select(p => p.Grad).ToList();
+                var grads = model.AllParameters.Where(p => p.Trainable).Select(p => p.Grad).ToList();
                 if (Options.GradAccumulation > 1)
                 {
                     foreach (var g in grads) model.Device.Ops.Scale(g, 1f / Options.GradAccumulation, g);
                 }
 
                 double norm = Options.ClipNorm <= 0 ? model.Device.Ops.GlobalNorm(grads)
-                    : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.Parameters, Options.ClipNorm)
+                    : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.AllParameters, Options.ClipNorm)
                     : model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm);
                 float lr = schedule.At(Step);
                 optimizer.Step(lr);
