@@ -21,7 +21,9 @@ public sealed class LlamaModelTests
     private static Func<string, int[], float[]> Weights(int seed) => (name, shape) =>
     {
         int n = shape.Aggregate(1, (a, b) => a * b);
-        var v = TestData.Uniform(n, seed + name.GetHashCode(StringComparison.Ordinal) % 1000, -0.5f, 0.5f);
+        // A stable per-name seed (string.GetHashCode is randomized per process, which made these weights differ run to run).
+        int nameSeed = name.Aggregate(17, (h, c) => unchecked(h * 31 + c)) & 0x7fff;
+        var v = TestData.Uniform(n, seed + nameSeed, -0.5f, 0.5f);
         if (name.EndsWith("norm.weight", StringComparison.Ordinal)) v = v.Select(x => 1f + x).ToArray();
         return v;
     };
@@ -37,7 +39,9 @@ public sealed class LlamaModelTests
         using var model = LlamaModel.FromTensors(device, Micro(tied), Weights(3));
         model.ZeroGrad();
         model.Loss(Tokens, Targets, batch: 2, backward: true);
-        const double h = 1e-2;
+        // h = 3e-3: at 1e-2 the truncation error through a nearly degenerate RMSNorm row reached 28% for one weight
+        // draw (it converged to the analytic value as h shrank); fp32 loss rounding at 3e-3 is about 5e-5.
+        const double h = 3e-3;
         int checkedCount = 0;
         foreach (var p in model.Parameters)
         {
@@ -57,7 +61,6 @@ public sealed class LlamaModelTests
                 double lm = model.Loss(Tokens, Targets, 2, backward: false).Loss;
                 p.Value.CopyFrom(values);
                 double numeric = (lp - lm) / ((double)plus[i] - minus[i]);
-                // fp32 forward: loss rounding ~3e-7 / 2h = 1.5e-5, plus the O(h^2) term of the central difference.
                 Assert.That(grad[i], Is.EqualTo(numeric).Within(3e-4 + 3e-2 * Math.Abs(numeric)), $"{p.Name}[{i}]");
                 checkedCount++;
             }

@@ -30,7 +30,9 @@ public sealed class LoraTrainingTests : TempDirectoryTest
         model["model.embed_tokens.weight"].Trainable = true;
         model.ZeroGrad();
         model.Loss(Tokens, Targets, 2, backward: true);
-        const double h = 1e-2;
+        // h = 3e-3: at 1e-2 the truncation error through a nearly degenerate RMSNorm row reached 28% for one weight
+        // draw (it converged to the analytic value as h shrank); fp32 loss rounding at 3e-3 is about 5e-5.
+        const double h = 3e-3;
         foreach (var p in model.AllParameters.Where(p => p.Trainable))
         {
             var values = p.Value.ToArray();
