@@ -15,6 +15,8 @@ internal sealed record TrainExtras
     public float EmaDecay { get; init; }
     public string Optimizer { get; init; } = "adamw";
     public float Momentum { get; init; } = 0.9f;
+    /// <summary>Set for --method lora.</summary>
+    public LoraAdapterConfig? Lora { get; init; }
 }
 
 /// <summary>The host's jobs: thin wrappers that parse values, call the library and report.</summary>
@@ -62,7 +64,7 @@ internal sealed class Jobs
     };
 
     /// <summary>Trains with progress; writes metrics.jsonl, loss.svg and the final model (HF folder) to outDir.</summary>
-    public IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions options, string outDir, string title, string? resume, TrainExtras? extras = null)
+    public IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions options, string outDir, string title, string? resume, TrainExtras? extras = null, Action<string>? save = null)
     {
         extras ??= new TrainExtras();
         if (extras.Freeze.Count > 0) console.WriteLine($"froze {ParameterTools.Freeze(model, extras.Freeze)} parameter tensors");
@@ -106,7 +108,8 @@ internal sealed class Jobs
         }
 
         ema?.CopyToModel(); // the saved (and evaluated) model is the average
-        HuggingFaceFolder.Save(model, outDir);
+        if (save != null) save(outDir);
+        else HuggingFaceFolder.Save(model, outDir);
         var all = ReadAllMetrics(outDir, metrics);
         PeftSharp.Formats.AtomicFile.WriteText(Path.Combine(outDir, "loss.svg"), LossCurve.Svg(all, title));
         return metrics;

@@ -51,7 +51,11 @@ public static class Program
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
-        var method = new Option<string>("--method") { Description = "full (adapter methods arrive with the LoRA, prefix, 1-bit and sparse issues)", DefaultValueFactory = _ => "full" };
+        var method = new Option<string>("--method") { Description = "full | lora (prefix, 1-bit and sparse methods arrive with their issues)", DefaultValueFactory = _ => "full" };
+        var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
+        var alpha = new Option<float>("--alpha") { Description = "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)", DefaultValueFactory = _ => 16f };
+        var targetsOpt = new Option<string>("--targets") { Description = "all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "all-linear" };
+        var rslora = new Option<bool>("--rslora") { Description = "rank-stabilised scaling alpha / sqrt(r)" };
 
         Command TrainCommand(string name, string description, bool finetune)
         {
@@ -59,8 +63,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                c.Options.Add(modelDir);
-                c.Options.Add(method);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora }) c.Options.Add(o);
             }
             else
             {
@@ -88,6 +91,7 @@ public static class Program
                     EmaDecay = r.GetValue(emaDecay),
                     Optimizer = r.GetValue(optimizerKind)!,
                     Momentum = r.GetValue(momentum),
+                    Lora = finetune && r.GetValue(method) == "lora" ? Commands.LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) : null,
                 }));
             return c;
         }
@@ -221,9 +225,9 @@ internal static class Commands
 
     public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainExtras extras)
     {
-        if (method != "full")
+        if (method is not ("full" or "lora"))
         {
-            throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full (LoRA, prefix tuning, 1-bit deltas and sparse methods are open issues)");
+            throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full or lora (prefix tuning, 1-bit deltas and sparse methods are open issues)");
         }
 
         var console = Console(stdout);
@@ -235,9 +239,19 @@ internal static class Commands
             : LlamaModel.Create(device, Jobs.Config(configSpec!), options.Seed);
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
-        var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, extras);
+        Action<string>? save = null;
+        if (extras.Lora is { } lora)
+        {
+            if (resume != null) throw new ArgumentException("--resume with --method lora: resuming adapter training is not implemented yet");
+            model.AddLora(lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) }, options.Seed);
+            long trainable = model.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
+            console.MarkupLine($"LoRA r = {lora.R}, alpha = {lora.LoraAlpha}{(lora.UseRsLora ? " (rsLoRA)" : "")} on {model.Lora.Count} modules: {trainable:N0} trainable parameters ({100.0 * trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})");
+            save = dir => model.ExportLora(lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) }).Save(dir, model.Config);
+        }
+
+        var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, extras, save);
         if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
-        console.MarkupLine($"model, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        console.MarkupLine($"{(extras.Lora != null ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }
 
@@ -283,6 +297,25 @@ internal static class Commands
         return 0;
     }
 
+    public static LoraAdapterConfig LoraConfigFrom(int rank, float alpha, string targets, bool rsLora)
+    {
+        if (rank <= 0) throw new ArgumentException($"--rank {rank}: must be positive");
+        if (alpha <= 0) throw new ArgumentException($"--alpha {alpha}: must be positive");
+        var list = targets.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        if (targets != "all-linear")
+        {
+            var unknown = list.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
+            if (unknown.Count > 0 || list.Length == 0) throw new ArgumentException($"--targets {targets}: use all-linear or names from {string.Join(", ", LoraAdapterConfig.LlamaLinear)} (unknown: {string.Join(", ", unknown)})");
+        }
+
+        return new LoraAdapterConfig
+        {
+            R = rank, LoraAlpha = alpha, UseRsLora = rsLora,
+            TargetRegex = targets == "all-linear" ? "all-linear" : null,
+            TargetModules = targets == "all-linear" ? Array.Empty<string>() : list,
+        };
+    }
+
     public static int Merge(string? deviceSpec, string modelDir, string adapterDir, string outDir, TextWriter stdout)
     {
         using var device = OpenDevice(deviceSpec);
@@ -322,14 +355,26 @@ internal static class Commands
         jobs.Train(model, ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train), fineOptions, Path.Combine(outDir, "finetuned-full"), "finetune", null);
         var after = Evaluator.Evaluate(model, taskHeld, options.SeqLen);
         var afterOnPre = Evaluator.Evaluate(model, preHeld, options.SeqLen);
-        var table = new Table().AddColumns("model", "data (held-out examples)", "loss", "exact match");
-        table.AddRow("pre-trained", "pre-training tasks", $"{preOnPre.Loss:F3}", $"{preOnPre.ExactMatch:P1}");
-        table.AddRow("pre-trained", $"'{heldOutTask}' (unseen task)", $"{before.Loss:F3}", $"{before.ExactMatch:P1}");
-        table.AddRow("full fine-tune", $"'{heldOutTask}'", $"{after.Loss:F3}", $"{after.ExactMatch:P1}");
-        table.AddRow("full fine-tune", "pre-training tasks", $"{afterOnPre.Loss:F3}", $"{afterOnPre.ExactMatch:P1}");
+        console.MarkupLine($"3. LoRA fine-tune of the pre-trained model on '{heldOutTask}' (r = 8, all-linear, base frozen)");
+        using var loraModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+        var loraConfig = LoraConfigFrom(8, 16f, "all-linear", false);
+        loraModel.AddLora(loraConfig, seed);
+        long loraTrainable = loraModel.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
+        jobs.Train(loraModel, ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train), fineOptions with { LearningRate = 3e-3f },
+            Path.Combine(outDir, "finetuned-lora"), "lora", null, null, dir => loraModel.ExportLora(loraConfig).Save(dir, loraModel.Config));
+        var loraAfter = Evaluator.Evaluate(loraModel, taskHeld, options.SeqLen);
+        var loraOnPre = Evaluator.Evaluate(loraModel, preHeld, options.SeqLen);
+        var table = new Table().AddColumns("model", "trainable", "data (held-out examples)", "loss", "exact match");
+        string all = $"{model.ParameterCount:N0}";
+        table.AddRow("pre-trained", "-", "pre-training tasks", $"{preOnPre.Loss:F3}", $"{preOnPre.ExactMatch:P1}");
+        table.AddRow("pre-trained", "-", $"'{heldOutTask}' (unseen task)", $"{before.Loss:F3}", $"{before.ExactMatch:P1}");
+        table.AddRow("full fine-tune", all, $"'{heldOutTask}'", $"{after.Loss:F3}", $"{after.ExactMatch:P1}");
+        table.AddRow("full fine-tune", all, "pre-training tasks", $"{afterOnPre.Loss:F3}", $"{afterOnPre.ExactMatch:P1}");
+        table.AddRow("LoRA r=8", $"{loraTrainable:N0}", $"'{heldOutTask}'", $"{loraAfter.Loss:F3}", $"{loraAfter.ExactMatch:P1}");
+        table.AddRow("LoRA r=8", $"{loraTrainable:N0}", "pre-training tasks", $"{loraOnPre.Loss:F3}", $"{loraOnPre.ExactMatch:P1}");
         console.Write(table);
         double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;
-        console.MarkupLine($"{model.ParameterCount:N0} parameters (all trainable in full fine-tuning); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
+        console.MarkupLine($"{model.ParameterCount:N0} parameters; LoRA trains {loraTrainable:N0} ({100.0 * loraTrainable / model.ParameterCount:F1}%); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
         console.MarkupLine($"models, metrics.jsonl and loss.svg in [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }

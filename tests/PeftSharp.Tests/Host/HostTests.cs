@@ -80,6 +80,14 @@ public sealed class HostJobTests : TempDirectoryTest
             "--freeze", "model.embed_tokens.*", "--layer-decay", "0.8", "--ema", "0.9", "--grad-accum", "2", "--clip-per-parameter");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("froze 1 parameter tensors"));
+        string lora = Path.Combine(TempDir, "lora");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "lora", "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj",
+            "--steps", "3", "--batch-size", "2", "--out", lora, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("trainable parameters"));
+        Assert.That(File.Exists(Path.Combine(lora, "adapter_config.json")) && File.Exists(Path.Combine(lora, "adapter_model.safetensors")));
+        r = Peft.Run("merge", "--model", pre, "--adapter", lora, "--out", Path.Combine(TempDir, "lora-merged"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
         string sgd = Path.Combine(TempDir, "sgd");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=add", "--optimizer", "sgd", "--steps", "2", "--batch-size", "2", "--out", sgd, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
@@ -109,7 +117,8 @@ public sealed class HostJobTests : TempDirectoryTest
             (new[] { "pretrain", "--steps", "0", "--out", TempDir }, "--steps 0"),
             (new[] { "pretrain", "--data", "builtin:puzzles", "--out", TempDir, "--steps", "1" }, "builtin:puzzles"),
             (new[] { "pretrain", "--data", "/no/such/file.jsonl", "--out", TempDir, "--steps", "1" }, "/no/such/file.jsonl"),
-            (new[] { "finetune", "--model", TempDir, "--method", "lora", "--out", TempDir }, "--method lora"),
+            (new[] { "finetune", "--model", TempDir, "--method", "dora", "--out", TempDir }, "--method dora"),
+            (new[] { "finetune", "--model", TempDir, "--method", "lora", "--targets", "q_proj,attn", "--out", TempDir }, "--targets q_proj,attn"),
             (new[] { "eval", "--model", Path.Combine(TempDir, "missing") }, "config.json"),
             (new[] { "logits", "--model", TempDir, "--tokens", "1,x" }, "'x'"),
             (new[] { "pretrain", "--out", TempDir, "--config", "huge" }, "--config huge"),
