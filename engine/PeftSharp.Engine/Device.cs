@@ -78,7 +78,7 @@ public abstract class Device : IDisposable
     {
         var whole = new Tensor(this, t.Name, new[] { t.Length + 2 * pad }, t.Storage, t.Offset - pad, ownsStorage: false);
         var all = whole.ToArray();
-        return all.AsSpan(0, pad).ToArray().Concat(all.AsSpan(pad + t.Length, pad).ToArray()).ToArray();
+        return all[..pad].Concat(all[(pad + t.Length)..]).ToArray();
     }
 
     /// <summary>Waits until every queued op has finished.</summary>

@@ -30,10 +30,10 @@ public static class Devices
     /// <summary>Why a backend found nothing (driver missing, PoCL absent...), for `peft devices`.</summary>
     public static IReadOnlyList<string> ProbeNotes { get; private set; } = Array.Empty<string>();
 
-    /// <summary>The spec auto resolves to.</summary>
-    public static string AutoSpec()
+    /// <summary>The spec auto resolves to, among <paramref name="found"/> (probed now when not given).</summary>
+    public static string AutoSpec(IReadOnlyList<DeviceInfo>? found = null)
     {
-        var all = List();
+        var all = found ?? List();
         var cuda = all.FirstOrDefault(d => d.Kind == DeviceKind.Cuda);
         if (cuda != null) return cuda.Spec;
         var gpu = all.FirstOrDefault(d => d.Kind == DeviceKind.OpenCL && d.Detail.Contains("GPU", StringComparison.Ordinal));

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Numerics.Tensors;
+using System.Runtime.InteropServices;
 
 namespace PeftSharp.Engine;
 
@@ -31,12 +32,20 @@ public static class Precision
         switch (type)
         {
             case StorageType.F32:
-                for (int i = 0; i < n; i++) destination[i] = BinaryPrimitives.ReadSingleLittleEndian(raw.Slice(i * 4, 4));
+                if (BitConverter.IsLittleEndian)
+                {
+                    MemoryMarshal.Cast<byte, float>(raw).CopyTo(destination);
+                }
+                else
+                {
+                    for (int i = 0; i < n; i++) destination[i] = BinaryPrimitives.ReadSingleLittleEndian(raw.Slice(i * 4, 4));
+                }
+
                 break;
             case StorageType.F16:
                 if (BitConverter.IsLittleEndian)
                 {
-                    TensorPrimitives.ConvertToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(raw), destination);
+                    TensorPrimitives.ConvertToSingle(MemoryMarshal.Cast<byte, Half>(raw), destination);
                 }
                 else
                 {
@@ -61,7 +70,15 @@ public static class Precision
         switch (type)
         {
             case StorageType.F32:
-                for (int i = 0; i < n; i++) BinaryPrimitives.WriteSingleLittleEndian(raw.Slice(i * 4, 4), source[i]);
+                if (BitConverter.IsLittleEndian)
+                {
+                    MemoryMarshal.AsBytes(source).CopyTo(raw);
+                }
+                else
+                {
+                    for (int i = 0; i < n; i++) BinaryPrimitives.WriteSingleLittleEndian(raw.Slice(i * 4, 4), source[i]);
+                }
+
                 break;
             case StorageType.F16:
                 for (int i = 0; i < n; i++) BinaryPrimitives.WriteHalfLittleEndian(raw.Slice(i * 2, 2), (Half)source[i]);

@@ -163,7 +163,7 @@ internal static class Commands
     {
         var console = Console(stdout);
         var all = Devices.List();
-        string auto = Devices.AutoSpec();
+        string auto = Devices.AutoSpec(all);
         var table = new Table().AddColumns("spec", "kind", "name", "memory", "warp", "max group", "detail");
         foreach (var d in all)
         {

@@ -124,9 +124,9 @@ public sealed class LlamaModel : IDisposable
         return Math.Sqrt(-2.0 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2);
     }
 
-    private Tensor LmHead => (Config.TieWordEmbeddings ? this["model.embed_tokens.weight"] : this["lm_head.weight"]).Value;
-
     private Parameter LmHeadParameter => Config.TieWordEmbeddings ? this["model.embed_tokens.weight"] : this["lm_head.weight"];
+
+    private Tensor LmHead => LmHeadParameter.Value;
 
     /// <summary>Logits (B * T, V) for <paramref name="tokens"/> (B, T), as a host array.</summary>
     public float[] Logits(int[] tokens, int batch)
@@ -170,7 +170,7 @@ public sealed class LlamaModel : IDisposable
 
     private sealed class Pass : IDisposable
     {
-        public int Batch, Tokens, SeqLen;
+        public int Tokens;
         public IndexTensor Ids = null!, Positions = null!;
         public List<LayerActivations> Layers = new();
         public Tensor XFinal = null!, HFinal = null!, RstdFinal = null!, Logits = null!;
@@ -199,7 +199,7 @@ public sealed class LlamaModel : IDisposable
         }
 
         var ops = Device.Ops;
-        var pass = new Pass { Batch = batch, Tokens = n, SeqLen = t };
+        var pass = new Pass { Tokens = n };
         try
         {
             pass.Ids = Device.FromIndices("input_ids", tokens);
@@ -285,6 +285,8 @@ public sealed class LlamaModel : IDisposable
             using var dInter = Device.Zeros("dinter", n, c.IntermediateSize);
             using var dGate = Device.Zeros("dgate", n, c.IntermediateSize);
             using var dUp = Device.Zeros("dup", n, c.IntermediateSize);
+            using var dh2 = Device.Zeros("dh2", n, dm);
+            using var dhAttn = Device.Zeros("dh", n, dm);
             for (int i = c.NumHiddenLayers - 1; i >= 0; i--)
             {
                 string p = $"model.layers.{i}.";
@@ -292,14 +294,10 @@ public sealed class LlamaModel : IDisposable
                 // MLP: x2 = x1 + down(swiglu(gate(h2), up(h2))), h2 = norm(x1). dx holds dL/dx2.
                 ProjectBackward(p + "mlp.down_proj", a.Act, dx, dInter, pass);
                 ops.SwiGluBackward(a.Gate, a.Up, dInter, dGate, dUp);
-                ProjectBackward(p + "mlp.gate_proj", a.H2, dGate, dTmp, pass);
-                using (var dh2 = Device.Zeros("dh2", n, dm))
-                {
-                    ops.Copy(dTmp, dh2);
-                    ProjectBackward(p + "mlp.up_proj", a.H2, dUp, dTmp, pass);
-                    ops.Add(dh2, dTmp, dh2);
-                    AddNormBackward(dh2, a.X1, p + "post_attention_layernorm.weight", a.Rstd2, dx, accumulateInput: true); // dx = dL/dx1
-                }
+                ProjectBackward(p + "mlp.gate_proj", a.H2, dGate, dh2, pass);
+                ProjectBackward(p + "mlp.up_proj", a.H2, dUp, dTmp, pass);
+                ops.Add(dh2, dTmp, dh2);
+                AddNormBackward(dh2, a.X1, p + "post_attention_layernorm.weight", a.Rstd2, dx, accumulateInput: true); // dx = dL/dx1
 
                 // Attention: x1 = x + o_proj(attn(rope(q(h)), rope(k(h)), v(h))), h = norm(x).
                 using var dO = Device.Zeros("dattn", a.O.Shape.ToArray());
@@ -310,7 +308,6 @@ public sealed class LlamaModel : IDisposable
                 ops.AttentionBackward(a.Q, a.K, a.V, a.O, a.Lse, dO, dq, dk, dv, causal: true);
                 ops.Rope(dq, pass.Positions, dq, c.RopeTheta, inverse: true);
                 ops.Rope(dk, pass.Positions, dk, c.RopeTheta, inverse: true);
-                using var dhAttn = Device.Zeros("dh", n, dm);
                 ProjectBackward(p + "self_attn.q_proj", a.H, Flat(dq, n), dhAttn, pass);
                 ProjectBackward(p + "self_attn.k_proj", a.H, Flat(dk, n), dTmp, pass);
                 ops.Add(dhAttn, dTmp, dhAttn);

@@ -130,10 +130,9 @@ public sealed class TrainingRun
                 {
                     var batch = data.Next(Options.BatchSize);
                     var (ids, targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
-                    var (l, counted) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                    var (l, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
                     loss += l / Options.GradAccumulation;
                     tokens += ids.Length;
-                    _ = counted;
                 }
 
                 var grads = model.AllParameters.Where(p => p.Trainable).Select(p => p.Grad).ToList();
