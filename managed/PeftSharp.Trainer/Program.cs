@@ -3,6 +3,7 @@ using PeftSharp.Engine;
 using PeftSharp.Data;
 using PeftSharp.Formats;
 using PeftSharp.Model;
+using PeftSharp.Serving;
 using PeftSharp.Training;
 using Spectre.Console;
 
@@ -104,15 +105,17 @@ public static class Program
         eval.SetAction(r => Commands.Eval(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(data)!, r.GetValue(seqLen), r.GetValue(seed), stdout));
         root.Subcommands.Add(eval);
 
-        var prompt = new Option<string>("--prompt") { Required = true };
+        var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
+        var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
+        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT LoRA adapters: name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
         var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
         var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
-        var generate = new Command("generate", "Generate a completion of --prompt.");
-        foreach (var o in new Option[] { deviceOption, modelDir, prompt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
-        generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt)!, r.GetValue(maxTokens),
-            r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout));
+        var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
+        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
+        generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt), r.GetValue(requestsOpt),
+            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
         root.Subcommands.Add(generate);
 
         var tokens = new Option<string>("--tokens") { Description = "Comma-separated token ids", Required = true };
@@ -265,8 +268,11 @@ internal static class Commands
         return 0;
     }
 
-    public static int Generate(string? deviceSpec, string modelDir, string prompt, int? maxTokens, float? temperature, int? topK, float? topP, int seed, TextWriter stdout)
+    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, int? maxTokens,
+        float? temperature, int? topK, float? topP, int seed, TextWriter stdout, TextWriter stderr)
     {
+        if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
+        var named = RequestFile.ParseNamedFolders("--adapters", adapters);
         using var device = OpenDevice(deviceSpec);
         using var model = LoadTextModel(modelDir, device);
         // Flags win; then the folder's generation_config.json; then greedy, 32 tokens.
@@ -278,7 +284,41 @@ internal static class Commands
         if (max <= 0) throw new ArgumentException($"--max-tokens {max}: must be positive");
         if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
         if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
-        stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
+        var defaults = new GenerationRequest("", null, max, temp, k, p, seed);
+        if (prompt != null && named.Count == 0)
+        {
+            stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
+            return 0;
+        }
+
+        using var set = new VariantSet(model);
+        foreach (var (name, folder) in named) set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
+        var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
+        foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        var results = BatchGenerator.Generate(model, requests, set);
+        watch.Stop();
+        if (requestsPath == null)
+        {
+            stdout.WriteLine(results[0].Completion);
+            return 0;
+        }
+
+        for (int i = 0; i < results.Count; i++)
+        {
+            var line = new System.Text.Json.Nodes.JsonObject
+            {
+                ["index"] = i,
+                ["variant"] = results[i].Request.Variant ?? "base",
+                ["prompt"] = results[i].Request.Prompt,
+                ["completion"] = results[i].Completion,
+                ["tokens"] = results[i].Tokens,
+            };
+            stdout.WriteLine(line.ToJsonString());
+        }
+
+        int total = results.Sum(r => r.Tokens);
+        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in {watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s)");
         return 0;
     }
 

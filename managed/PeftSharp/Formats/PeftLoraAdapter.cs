@@ -39,6 +39,11 @@ public sealed record LoraAdapterConfig
         return UseRsLora ? a / MathF.Sqrt(r) : a / r;
     }
 
+    /// <summary>Every linear module path of a Llama model (model.layers.{i}.self_attn.q_proj, ...), layer by layer.</summary>
+    public static IEnumerable<string> LlamaLinearModules(LlamaConfig model) =>
+        Enumerable.Range(0, model.NumHiddenLayers).SelectMany(i => LlamaLinear.Select(name =>
+            $"model.layers.{i}.{(name is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn")}.{name}"));
+
     /// <summary>The module paths of <paramref name="model"/> this config targets.</summary>
     public IEnumerable<string> TargetsIn(LlamaConfig model)
     {

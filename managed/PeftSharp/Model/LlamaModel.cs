@@ -354,63 +354,95 @@ public sealed class LlamaModel : IDisposable
     /// their keys and values to <paramref name="cache"/>; returns the logits (V) of the last new token. Attention reads
     /// the cached keys and values instead of recomputing them (bottom-right causal alignment over the cache).
     /// </summary>
-    public float[] DecodeStep(KvCache cache, int[] newTokens)
+    public float[] DecodeStep(KvCache cache, int[] newTokens, IRowVariants? variants = null) =>
+        DecodeBatch(new[] { cache }, new[] { newTokens }, variants)[0];
+
+    /// <summary>
+    /// One step for many sequences at once: sequence j appends <paramref name="newTokens"/>[j] to
+    /// <paramref name="caches"/>[j]. The rows of every sequence are stacked into one (N, Dm) batch so each linear
+    /// layer runs once for all of them (with <paramref name="variants"/> adding each row's own LoRA, 1-bit or sparse
+    /// delta over the shared base weight); attention runs per sequence over its own cache. Returns the logits (V) of
+    /// each sequence's last new token.
+    /// </summary>
+    public float[][] DecodeBatch(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null)
     {
         var c = Config;
-        int tn = newTokens.Length, start = cache.Length, total = start + tn;
-        if (tn == 0) throw new ArgumentException("DecodeStep needs at least one token");
-        if (total > cache.Capacity) throw new ArgumentException($"KV cache holds {cache.Capacity} positions; {start} used + {tn} new do not fit");
-        int dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
-        var ops = Device.Ops;
-        using var ids = Device.FromIndices("input_ids", newTokens);
-        using var pos = Device.FromIndices("positions", Enumerable.Range(start, tn).ToArray());
-        var x = Device.Zeros("x", tn, dm);
-        using var hbuf = Device.Zeros("h", tn, dm);
-        using var rstd = Device.Zeros("rstd", tn);
-        using var q = Device.Zeros("q", 1, tn, h, d);
-        using var o = Device.Zeros("attn", 1, tn, h, d);
-        using var lse = Device.Zeros("lse", 1, h, tn);
-        using var tmp = Device.Zeros("tmp", tn, dm);
-        using var gate = Device.Zeros("gate", tn, c.IntermediateSize);
-        using var up = Device.Zeros("up", tn, c.IntermediateSize);
-        try
+        if (caches.Count != newTokens.Count || caches.Count == 0)
         {
-            ops.Embedding(ids, this["model.embed_tokens.weight"].Value, x);
-            for (int i = 0; i < c.NumHiddenLayers; i++)
+            throw new ArgumentException($"DecodeBatch needs one token list per cache ({caches.Count} caches, {newTokens.Count} token lists)");
+        }
+
+        if (caches.Distinct().Count() != caches.Count) throw new ArgumentException("DecodeBatch: a KV cache appears twice in one step");
+        int seqs = caches.Count, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
+        var rowStart = new int[seqs + 1];
+        for (int j = 0; j < seqs; j++)
+        {
+            int tn = newTokens[j].Length;
+            if (tn == 0) throw new ArgumentException($"DecodeBatch: sequence {j} has no new token");
+            if (caches[j].Length + tn > caches[j].Capacity)
             {
-                string p = $"model.layers.{i}.";
-                ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
-                Project(p + "self_attn.q_proj", hbuf, Flat(q, tn), null);
-                var kNew = cache.Keys[i].View(start * hkv * d, 1, tn, hkv, d);
-                var vNew = cache.Values[i].View(start * hkv * d, 1, tn, hkv, d);
-                Project(p + "self_attn.k_proj", hbuf, Flat(kNew, tn), null);
-                Project(p + "self_attn.v_proj", hbuf, Flat(vNew, tn), null);
-                ops.Rope(q, pos, q, c.RopeTheta);
-                ops.Rope(kNew, pos, kNew, c.RopeTheta);
-                ops.Attention(q, cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d), o, lse, causal: true);
-                Project(p + "self_attn.o_proj", Flat(o, tn), tmp, null);
-                ops.Add(x, tmp, x);
-                ops.RmsNorm(x, this[p + "post_attention_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
-                Project(p + "mlp.gate_proj", hbuf, gate, null);
-                Project(p + "mlp.up_proj", hbuf, up, null);
-                ops.SwiGlu(gate, up, gate);
-                Project(p + "mlp.down_proj", gate, tmp, null);
-                ops.Add(x, tmp, x);
+                throw new ArgumentException($"KV cache {j} holds {caches[j].Capacity} positions; {caches[j].Length} used + {tn} new do not fit");
             }
 
-            cache.Length = total;
-            var last = x.View((tn - 1) * dm, 1, dm);
-            using var hl = Device.Zeros("h_last", 1, dm);
-            using var rl = Device.Zeros("rstd_last", 1);
-            ops.RmsNorm(last, this["model.norm.weight"].Value, hl, rl, c.RmsNormEps);
-            using var logits = Device.Zeros("logits", 1, c.VocabSize);
-            ops.Linear(hl, LmHead, logits);
-            return logits.ToArray();
+            rowStart[j + 1] = rowStart[j] + tn;
         }
-        finally
+
+        int n = rowStart[seqs];
+        if (variants != null && variants.Rows != n) throw new ArgumentException($"DecodeBatch: the variant batch covers {variants.Rows} rows, the step has {n}");
+        var ops = Device.Ops;
+        using var ids = Device.FromIndices("input_ids", newTokens.SelectMany(t => t).ToArray());
+        using var pos = Device.FromIndices("positions", Enumerable.Range(0, seqs).SelectMany(j => Enumerable.Range(caches[j].Length, newTokens[j].Length)).ToArray());
+        using var x = Device.Zeros("x", n, dm);
+        using var hbuf = Device.Zeros("h", n, dm);
+        using var rstd = Device.Zeros("rstd", n);
+        using var q = Device.Zeros("q", 1, n, h, d);
+        using var k = Device.Zeros("k", 1, n, hkv, d);
+        using var v = Device.Zeros("v", 1, n, hkv, d);
+        using var o = Device.Zeros("attn", 1, n, h, d);
+        using var lse = Device.Zeros("lse", 1, h, n);
+        using var tmp = Device.Zeros("tmp", n, dm);
+        using var gate = Device.Zeros("gate", n, c.IntermediateSize);
+        using var up = Device.Zeros("up", n, c.IntermediateSize);
+        ops.Embedding(ids, this["model.embed_tokens.weight"].Value, x);
+        for (int i = 0; i < c.NumHiddenLayers; i++)
         {
-            x.Dispose();
+            string p = $"model.layers.{i}.";
+            ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
+            Project(p + "self_attn.q_proj", hbuf, Flat(q, n), null, variants);
+            Project(p + "self_attn.k_proj", hbuf, Flat(k, n), null, variants);
+            Project(p + "self_attn.v_proj", hbuf, Flat(v, n), null, variants);
+            ops.Rope(q, pos, q, c.RopeTheta);
+            ops.Rope(k, pos, k, c.RopeTheta);
+            for (int j = 0; j < seqs; j++)
+            {
+                var cache = caches[j];
+                int r0 = rowStart[j], tn = rowStart[j + 1] - r0, start = cache.Length, total = start + tn;
+                ops.Copy(k.View(r0 * hkv * d, 1, tn, hkv, d), cache.Keys[i].View(start * hkv * d, 1, tn, hkv, d));
+                ops.Copy(v.View(r0 * hkv * d, 1, tn, hkv, d), cache.Values[i].View(start * hkv * d, 1, tn, hkv, d));
+                ops.Attention(q.View(r0 * h * d, 1, tn, h, d), cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d),
+                    o.View(r0 * h * d, 1, tn, h, d), lse.View(0, 1, h, tn), causal: true);
+            }
+
+            Project(p + "self_attn.o_proj", Flat(o, n), tmp, null, variants);
+            ops.Add(x, tmp, x);
+            ops.RmsNorm(x, this[p + "post_attention_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
+            Project(p + "mlp.gate_proj", hbuf, gate, null, variants);
+            Project(p + "mlp.up_proj", hbuf, up, null, variants);
+            ops.SwiGlu(gate, up, gate);
+            Project(p + "mlp.down_proj", gate, tmp, null, variants);
+            ops.Add(x, tmp, x);
         }
+
+        for (int j = 0; j < seqs; j++) caches[j].Length += newTokens[j].Length;
+        using var last = Device.Zeros("x_last", seqs, dm);
+        for (int j = 0; j < seqs; j++) ops.Copy(x.View((rowStart[j + 1] - 1) * dm, 1, dm), last.View(j * dm, 1, dm));
+        using var hl = Device.Zeros("h_last", seqs, dm);
+        using var rl = Device.Zeros("rstd_last", seqs);
+        ops.RmsNorm(last, this["model.norm.weight"].Value, hl, rl, c.RmsNormEps);
+        using var logits = Device.Zeros("logits", seqs, c.VocabSize);
+        ops.Linear(hl, LmHead, logits);
+        var all = logits.ToArray();
+        return Enumerable.Range(0, seqs).Select(j => all.AsSpan(j * c.VocabSize, c.VocabSize).ToArray()).ToArray();
     }
 
     /// <summary>
@@ -457,10 +489,11 @@ public sealed class LlamaModel : IDisposable
         new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())));
 
     /// <summary>y = x W^T for the module's base weight, plus s (x A^T) B^T when it has a LoRA layer. x (rows, in), y (rows, out).</summary>
-    private void Project(string module, Tensor x, Tensor y, Dictionary<string, Tensor>? keep)
+    private void Project(string module, Tensor x, Tensor y, Dictionary<string, Tensor>? keep, IRowVariants? variants = null)
     {
         var ops = Device.Ops;
         ops.Linear(x, this[module + ".weight"].Value, y);
+        variants?.Apply(module, x, y);
         if (!lora.TryGetValue(module, out var l)) return;
         var t = Device.Zeros(module + ".lora_t", x.Dim(0), l.Rank);
         ops.Linear(x, l.A.Value, t);

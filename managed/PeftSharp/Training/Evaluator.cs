@@ -63,7 +63,7 @@ public static class Generator
         return tok.Decode(output);
     }
 
-    private static int ArgMax(float[] v)
+    internal static int ArgMax(float[] v)
     {
         int best = 0;
         for (int i = 1; i < v.Length; i++)
@@ -74,7 +74,7 @@ public static class Generator
         return best;
     }
 
-    private static int Draw(float[] logits, float temperature, int topK, float topP, Random rng)
+    internal static int Draw(float[] logits, float temperature, int topK, float topP, Random rng)
     {
         var order = Enumerable.Range(0, logits.Length).OrderByDescending(i => logits[i]).ToList();
         if (topK > 0) order = order.Take(topK).ToList();

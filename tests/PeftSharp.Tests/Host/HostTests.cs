@@ -134,3 +134,48 @@ public sealed class HostJobTests : TempDirectoryTest
         }
     }
 }
+
+public sealed class HostServingTests : TempDirectoryTest
+{
+    [Test]
+    public void GenerateRequests_MixedAdapters_EachLineMatchesItsAdapterAlone()
+    {
+        using var device = new PeftSharp.Engine.Cpu.CpuDevice();
+        using var model = PeftSharp.Model.LlamaModel.Create(device, PeftSharp.Model.LlamaConfig.Tiny, seed: 12);
+        string baseDir = Path.Combine(TempDir, "base"), adapterDir = Path.Combine(TempDir, "a"), mergedDir = Path.Combine(TempDir, "merged");
+        PeftSharp.Formats.HuggingFaceFolder.Save(model, baseDir);
+        var adapter = PeftSharp.Tests.Managed.ServingTests.Adapter(model.Config, 4, PeftSharp.Formats.LoraAdapterConfig.LlamaLinear, 40, scaleB: 0.5f);
+        adapter.Save(adapterDir, model.Config);
+        PeftSharp.Model.LoraMerge.Merge(model, adapter);
+        PeftSharp.Formats.HuggingFaceFolder.Save(model, mergedDir);
+        string requests = Path.Combine(TempDir, "requests.jsonl");
+        File.WriteAllLines(requests, new[]
+        {
+            "{\"prompt\": \"abc\", \"adapter\": \"a\"}",
+            "{\"prompt\": \"abc\"}",
+            "",
+            "{\"prompt\": \"xyz\", \"variant\": \"a\", \"max_tokens\": 3}",
+        });
+        var r = Peft.Run("generate", "--model", baseDir, "--adapters", $"a={adapterDir}", "--requests", requests, "--max-tokens", "5", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var lines = r.Out.Trim().Split('\n').Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!).ToArray();
+        Assert.That(lines, Has.Length.EqualTo(3));
+        Assert.That(r.Err, Does.Contain("3 requests over 2 variants in one batch"));
+        string Alone(string dir, string prompt, string max) => Peft.Run("generate", "--model", dir, "--prompt", prompt, "--max-tokens", max, "--device", "cpu").Out.TrimEnd('\n');
+        Assert.That(lines[0]["completion"]!.GetValue<string>(), Is.EqualTo(Alone(mergedDir, "abc", "5")));
+        Assert.That(lines[1]["completion"]!.GetValue<string>(), Is.EqualTo(Alone(baseDir, "abc", "5")));
+        Assert.That(lines[2]["completion"]!.GetValue<string>(), Is.EqualTo(Alone(mergedDir, "xyz", "3")));
+        Assert.That(lines[1]["variant"]!.GetValue<string>(), Is.EqualTo("base"));
+
+        File.WriteAllText(requests, "{\"prompt\": \"abc\", \"adapter\": \"zzz\"}\n");
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"a={adapterDir}", "--requests", requests, "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(2));
+        Assert.That(r.Err, Does.Contain("no variant named 'zzz'"));
+        File.WriteAllText(requests, "{\"prompt\": \"abc\"}\n{\"promt\": 1}\n");
+        r = Peft.Run("generate", "--model", baseDir, "--requests", requests, "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(2));
+        Assert.That(r.Err, Does.Contain("requests.jsonl:2"));
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", "a", "--prompt", "x", "--device", "cpu");
+        Assert.That(r.Err, Does.Contain("expected name=FOLDER"));
+    }
+}

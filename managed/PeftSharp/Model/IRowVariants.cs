@@ -1,0 +1,17 @@
+using PeftSharp.Engine;
+
+namespace PeftSharp.Model;
+
+/// <summary>
+/// What each row of a batch adds on top of the shared base weights: a LoRA adapter, a 1-bit delta, a sparse delta,
+/// several of these, or nothing. The model computes y = x W^T once for the whole batch, then calls
+/// <see cref="Apply"/> so every row gets its own variant's delta for that module.
+/// </summary>
+public interface IRowVariants
+{
+    /// <summary>Rows of the batch this binding covers (N).</summary>
+    int Rows { get; }
+
+    /// <summary>y (N, out) += each row's variant delta applied to x (N, in) for the linear <paramref name="module"/>.</summary>
+    void Apply(string module, Tensor x, Tensor y);
+}

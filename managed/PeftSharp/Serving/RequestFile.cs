@@ -1,0 +1,81 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace PeftSharp.Serving;
+
+/// <summary>
+/// Generation requests as JSONL, one object per line: {"prompt": "...", "variant": "name"} with optional
+/// "max_tokens", "temperature", "top_k", "top_p", "seed"; "adapter" and "delta" are accepted in place of "variant".
+/// A missing variant (or "base") is the base model. Malformed lines are an error naming the file and line.
+/// </summary>
+public static class RequestFile
+{
+    public static IReadOnlyList<GenerationRequest> Read(string path, GenerationRequest defaults)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"requests file {path} does not exist", path);
+        var list = new List<GenerationRequest>();
+        int line = 0;
+        foreach (var raw in File.ReadLines(path))
+        {
+            line++;
+            if (string.IsNullOrWhiteSpace(raw)) continue;
+            string where = $"{path}:{line}";
+            JsonObject o;
+            try
+            {
+                o = JsonNode.Parse(raw) as JsonObject ?? throw new InvalidDataException($"{where}: not a JSON object");
+            }
+            catch (JsonException e)
+            {
+                throw new InvalidDataException($"{where}: not valid JSON: {e.Message}", e);
+            }
+
+            var unknown = o.Select(p => p.Key).Except(new[] { "prompt", "variant", "adapter", "delta", "max_tokens", "temperature", "top_k", "top_p", "seed", "id" }).ToList();
+            if (unknown.Count > 0) throw new InvalidDataException($"{where}: unknown keys {string.Join(", ", unknown)}");
+            try
+            {
+                string prompt = o["prompt"]?.GetValue<string>() ?? throw new InvalidDataException($"{where}: no \"prompt\"");
+                var names = new[] { "variant", "adapter", "delta" }.Where(k => o[k] != null).ToList();
+                if (names.Count > 1) throw new InvalidDataException($"{where}: give one of {string.Join(", ", names)}, not several");
+                var r = defaults with
+                {
+                    Prompt = prompt,
+                    Variant = names.Count == 1 ? o[names[0]]!.GetValue<string>() : null,
+                    MaxTokens = o["max_tokens"]?.GetValue<int>() ?? defaults.MaxTokens,
+                    Temperature = o["temperature"] is { } t ? (float)t.GetValue<double>() : defaults.Temperature,
+                    TopK = o["top_k"]?.GetValue<int>() ?? defaults.TopK,
+                    TopP = o["top_p"] is { } p ? (float)p.GetValue<double>() : defaults.TopP,
+                    Seed = o["seed"]?.GetValue<int>() ?? defaults.Seed + list.Count,
+                };
+                if (r.MaxTokens <= 0) throw new InvalidDataException($"{where}: max_tokens {r.MaxTokens} must be positive");
+                if (r.Temperature < 0) throw new InvalidDataException($"{where}: temperature {r.Temperature} must be >= 0");
+                if (r.TopP is <= 0 or > 1) throw new InvalidDataException($"{where}: top_p {r.TopP} must be in (0, 1]");
+                list.Add(r);
+            }
+            catch (Exception e) when (e is InvalidOperationException or FormatException)
+            {
+                throw new InvalidDataException($"{where}: a value has the wrong type: {e.Message}", e);
+            }
+        }
+
+        if (list.Count == 0) throw new InvalidDataException($"{path}: no requests");
+        return list;
+    }
+
+    /// <summary>name=DIR,name=DIR (also repeatable) into (name, folder) pairs; a bad entry or a repeated name is an error.</summary>
+    public static IReadOnlyList<(string Name, string Folder)> ParseNamedFolders(string flag, IEnumerable<string> values)
+    {
+        var result = new List<(string, string)>();
+        foreach (var entry in values.SelectMany(v => v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)))
+        {
+            int eq = entry.IndexOf('=');
+            if (eq <= 0 || eq == entry.Length - 1) throw new ArgumentException($"{flag} '{entry}': expected name=FOLDER");
+            string name = entry[..eq], folder = entry[(eq + 1)..];
+            if (result.Any(r => r.Item1 == name)) throw new ArgumentException($"{flag}: the name '{name}' is given twice");
+            if (!Directory.Exists(folder)) throw new ArgumentException($"{flag} {name}={folder}: no such folder");
+            result.Add((name, folder));
+        }
+
+        return result;
+    }
+}

@@ -1,0 +1,126 @@
+using NUnit.Framework;
+using PeftSharp.Engine.Cpu;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+using PeftSharp.Serving;
+using PeftSharp.Tests.Infrastructure;
+using PeftSharp.Training;
+
+namespace PeftSharp.Tests.Managed;
+
+/// <summary>Many sequences and many variants in one model step give what each sequence gets alone.</summary>
+public sealed class ServingTests
+{
+    // A step's rows go through linears with a different row count than a single sequence's, so the CPU GEMM may take
+    // another blocking path (small-M dot products vs. packed panels) and sum in another order: fp32 rounding only.
+    private static readonly (double Atol, double Rtol) StepTolerance = (2e-5, 2e-4);
+
+    internal static PeftLoraAdapter Adapter(LlamaConfig c, int rank, string[] targets, int seed, float scaleB = 0.2f)
+    {
+        var config = new LoraAdapterConfig { R = rank, LoraAlpha = 2 * rank, TargetModules = targets };
+        var modules = config.TargetsIn(c).ToDictionary(m => m, m =>
+        {
+            var (o, i) = PeftLoraAdapter.LinearShape(c, m);
+            return (TestData.Uniform(rank * i, seed++, -0.2f, 0.2f), TestData.Uniform(o * rank, seed++, -scaleB, scaleB));
+        });
+        return new PeftLoraAdapter(config, modules);
+    }
+
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void DecodeBatch_EqualsEachSequenceAlone(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = LlamaConfig.Tiny with { HiddenSize = 32, IntermediateSize = 40, NumAttentionHeads = 4, NumKeyValueHeads = 2, VocabSize = 37 };
+        using var model = LlamaModel.Create(device, config, seed: 6);
+        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5 }, new[] { 9, 2, 6, 5, 3 } };
+        var alone = prompts.Select(p =>
+        {
+            using var cache = new KvCache(model, 8);
+            var first = model.DecodeStep(cache, p);
+            return (first, model.DecodeStep(cache, new[] { 7 }));
+        }).ToArray();
+        var caches = prompts.Select(_ => new KvCache(model, 8)).ToArray();
+        try
+        {
+            var prefill = model.DecodeBatch(caches, prompts);
+            var next = model.DecodeBatch(caches, prompts.Select(_ => new[] { 7 }).ToArray());
+            for (int j = 0; j < prompts.Length; j++)
+            {
+                Check.Close(prefill[j], alone[j].first, StepTolerance, $"{backend} prefill of sequence {j}");
+                Check.Close(next[j], alone[j].Item2, StepTolerance, $"{backend} next step of sequence {j}");
+                Assert.That(caches[j].Length, Is.EqualTo(prompts[j].Length + 1));
+            }
+        }
+        finally
+        {
+            foreach (var c in caches) c.Dispose();
+        }
+    }
+
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void MixedVariantStep_EqualsEachRowWithItsAdapterMerged(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = LlamaConfig.Tiny with { HiddenSize = 32, IntermediateSize = 40, NumAttentionHeads = 4, NumKeyValueHeads = 2, VocabSize = 37 };
+        using var model = LlamaModel.Create(device, config, seed: 8);
+        // Two adapters of different ranks on different module sets; rows: base, a, b, a.
+        var a = Adapter(config, 4, new[] { "q_proj", "v_proj", "down_proj" }, 100);
+        var b = Adapter(config, 2, LoraAdapterConfig.LlamaLinear, 200);
+        using var set = new VariantSet(model);
+        set.AddLora("a", a);
+        set.AddLora("b", b);
+        string?[] names = { null, "a", "b", "a" };
+        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9, 2 }, new[] { 6 } };
+        var caches = prompts.Select(_ => new KvCache(model, 8)).ToArray();
+        float[][] batched;
+        try
+        {
+            var rows = prompts.SelectMany((p, j) => Enumerable.Repeat(set.IndexOf(names[j]), p.Length)).ToArray();
+            using var bound = set.Bind(rows);
+            batched = model.DecodeBatch(caches, prompts, bound);
+        }
+        finally
+        {
+            foreach (var c in caches) c.Dispose();
+        }
+
+        for (int j = 0; j < prompts.Length; j++)
+        {
+            var adapter = names[j] switch { "a" => a, "b" => b, _ => null };
+            if (adapter != null) LoraMerge.Merge(model, adapter);
+            using (var cache = new KvCache(model, 8))
+            {
+                // Merged weights round W + s B A once in fp32, the batch adds s (x A^T) B^T separately: rounding only.
+                Check.Close(batched[j], model.DecodeStep(cache, prompts[j]), StepTolerance, $"{backend} request {j} ({names[j] ?? "base"})");
+            }
+
+            if (adapter != null) LoraMerge.Unmerge(model, adapter);
+        }
+
+        Assert.That(batched[1], Is.Not.EqualTo(batched[0]).Within(1e-3), "the adapter changes the logits, so the check above can fail");
+    }
+
+    [Test]
+    public void BatchGenerator_MixedAdapters_MatchesGreedyWithEachAdapterMerged()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 9);
+        var a = Adapter(model.Config, 4, LoraAdapterConfig.LlamaLinear, 300, scaleB: 0.5f);
+        using var set = new VariantSet(model);
+        set.AddLora("a", a);
+        var requests = new[]
+        {
+            new GenerationRequest("abc", "a", MaxTokens: 6),
+            new GenerationRequest("abc", null, MaxTokens: 6),
+            new GenerationRequest("hello", "a", MaxTokens: 3),
+        };
+        var results = BatchGenerator.Generate(model, requests, set);
+        string baseAbc = Generator.Greedy(model, "abc", 6);
+        LoraMerge.Merge(model, a);
+        Assert.That(results[0].Completion, Is.EqualTo(Generator.Greedy(model, "abc", 6)));
+        Assert.That(results[2].Completion, Is.EqualTo(Generator.Greedy(model, "hello", 3)));
+        Assert.That(results[1].Completion, Is.EqualTo(baseAbc));
+        Assert.That(results[0].Completion, Is.Not.EqualTo(baseAbc), "the adapter must change the output, or the test could not fail");
+        Assert.Throws<ArgumentException>(() => BatchGenerator.Generate(model, new[] { new GenerationRequest("x", "nope") }, set));
+    }
+}
