@@ -1,3 +1,4 @@
+using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
@@ -140,4 +141,6 @@ public abstract class Device : IDisposable
     protected internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
     protected internal abstract double SumCore(Tensor x, bool squares);
     protected internal abstract void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s);
+    protected internal abstract void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s);
+    protected internal abstract void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s);
 }

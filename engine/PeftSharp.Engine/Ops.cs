@@ -1,3 +1,4 @@
+using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
@@ -116,6 +117,48 @@ public sealed class Ops
         }
 
         if (pool.Count > 0 && rows > 0) device.LoraMixedCore(x, y, pool, rowAdapters, new LoraBatchShape(rows, pool.InFeatures, pool.OutFeatures, pool.MaxRank));
+    }
+
+    /// <summary>
+    /// y (M, N) += each row's 1-bit delta: for row i with variant v = rowVariants[i] (-1: none), sum over v's rounds of
+    /// scale_j * x_i S_j^T, straight from the packed sign words (no dense delta). Run after the shared base product.
+    /// </summary>
+    public void BitDeltaMixed(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants)
+    {
+        Check("1-bit", x, y);
+        CheckIndex("1-bit", rowVariants);
+        if (!ReferenceEquals(pool.Device, device)) throw new ArgumentException($"1-bit: the delta pool lives on {pool.Device.Info.Spec}, not on {device.Info.Spec}");
+        if (x.Dim(-1) != pool.InFeatures) throw new ArgumentException($"1-bit: x {x} has {x.Dim(-1)} input features; the pool's deltas take {pool.InFeatures}");
+        int rows = x.Length / Math.Max(1, pool.InFeatures);
+        Expect("1-bit", y, rows * pool.OutFeatures, $"(M = {rows}, N = {pool.OutFeatures}) for x {x}");
+        if (rowVariants.Length != rows) throw new ArgumentException($"1-bit: row variants {rowVariants} must name one variant (or -1) per row of x {x} ({rows})");
+        foreach (int v in rowVariants.Host)
+        {
+            if (v < -1 || v >= pool.Count) throw new ArgumentException($"1-bit: variant index {v} in {rowVariants} is outside [-1, {pool.Count})");
+        }
+
+        if (pool.Count > 0 && rows > 0 && pool.OutFeatures > 0) device.BitDeltaMixedCore(x, y, pool, rowVariants, new BitDeltaShape(rows, pool.InFeatures, pool.OutFeatures));
+    }
+
+    /// <summary>
+    /// dense (N, K) = (accumulate ? dense : 0) + factor * sum over variant <paramref name="variant"/>'s rounds of
+    /// scale_j S_j: the decoded delta, or (accumulate, factor +1 / -1) merging it into a weight and taking it out again.
+    /// <paramref name="scales"/>, when given, replaces the pool's scales (one per round), as scale distillation needs.
+    /// </summary>
+    public void BitDeltaDecode(BitDeltaPool pool, int variant, Tensor dense, bool accumulate = false, float factor = 1f, IReadOnlyList<float>? scales = null)
+    {
+        Check("1-bit decode", dense);
+        if (!ReferenceEquals(pool.Device, device)) throw new ArgumentException($"1-bit decode: the delta pool lives on {pool.Device.Info.Spec}, not on {device.Info.Spec}");
+        if (variant < 0 || variant >= pool.Count) throw new ArgumentException($"1-bit decode: variant {variant} is outside [0, {pool.Count})");
+        Expect("1-bit decode", dense, pool.OutFeatures * pool.InFeatures, $"(N = {pool.OutFeatures}, K = {pool.InFeatures})");
+        var s = new BitDeltaShape(pool.OutFeatures, pool.InFeatures, pool.OutFeatures);
+        if (dense.Length == 0) return;
+        if (scales != null && scales.Count != pool.RoundsHost[variant]) throw new ArgumentException($"1-bit decode: {scales.Count} scales given for {pool.RoundsHost[variant]} rounds");
+        for (int j = 0; j < pool.RoundsHost[variant]; j++)
+        {
+            int slot = pool.FirstHost[variant] + j;
+            device.BitDeltaDecodeCore(pool, slot, dense, factor * (scales?[j] ?? pool.ScalesHost[slot]), accumulate || j > 0 ? 1f : 0f, s);
+        }
     }
 
     /// <summary>y = a + b (same shape; y may alias an input).</summary>

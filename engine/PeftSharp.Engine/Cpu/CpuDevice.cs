@@ -1,6 +1,7 @@
 using System.Numerics.Tensors;
 using System.Runtime.Intrinsics;
 using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
@@ -428,6 +429,12 @@ public sealed unsafe class CpuDevice : Device
         foreach (double v in partial) acc += v;
         return acc;
     }
+
+    protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
+        BitDeltaCpu.Mixed(Arr(x), x.Offset, Arr(y), y.Offset, pool.Signs.Host, Arr(pool.Scales), pool.Scales.Offset, pool.FirstHost, pool.RoundsHost, rowVariants.Host, s);
+
+    protected internal override void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s) =>
+        BitDeltaCpu.Decode(pool.Signs.Host, slot, Arr(dense), dense.Offset, alpha, beta, s);
 
     /// <summary>
     /// Rows grouped by adapter (SGMV): for each adapter, gather its rows, t = X_a A_a^T and d = s t B_a^T through the

@@ -5,6 +5,7 @@ using ILGPU.Runtime.Cuda;
 using ILGPU.Runtime.OpenCL;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
@@ -353,6 +354,15 @@ public sealed class IlgpuDevice : Device
         kernels.LoraShrink.Value(s.M * s.RMax, V(x), V(pool.APool), V(pool.AOffsets), V(pool.Ranks), V(rowAdapters), t.View, s);
         if (s.N > 0) kernels.LoraExpand.Value(s.M * s.N, t.View, V(pool.BPool), V(pool.BOffsets), V(pool.Ranks), V(pool.Scales), V(rowAdapters), V(y), s);
         accelerator.Synchronize(); // t is freed on return
+    }
+
+    protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
+        kernels.BitDeltaMixed.Value(s.M * s.N, V(x), V(pool.Signs), V(pool.Scales), V(pool.First), V(pool.Rounds), V(rowVariants), V(y), s);
+
+    protected internal override void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s)
+    {
+        var words = V(pool.Signs).SubView((long)slot * s.N * s.W, (long)s.N * s.W);
+        kernels.BitDeltaDecode.Value(s.N * s.K, words, V(dense), alpha, beta, s);
     }
 
     protected internal override double SumCore(Tensor x, bool squares)

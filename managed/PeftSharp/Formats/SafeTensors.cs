@@ -208,6 +208,17 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         return values;
     }
 
+    /// <summary>An I32 tensor's values (packed bit words, indices); any other dtype is an error naming it.</summary>
+    public int[] ReadInts(string name)
+    {
+        var e = this[name];
+        if (e.DType != "I32") throw new InvalidDataException($"{Path}: tensor '{name}' is {e.DType}, expected I32");
+        var raw = GetBytes(name);
+        var values = new int[e.Elements];
+        for (int i = 0; i < values.Length; i++) values[i] = BinaryPrimitives.ReadInt32LittleEndian(raw.Slice(4 * i));
+        return values;
+    }
+
     /// <summary>Loads a tensor onto a device as fp32.</summary>
     public Tensor Load(Device device, string name)
     {
@@ -232,8 +243,35 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     }
 }
 
-/// <summary>A tensor to write: fp32 values, a shape, and the storage type on disk.</summary>
-public sealed record SafeTensorData(string Name, float[] Values, int[] Shape, StorageType Type = StorageType.F32);
+/// <summary>A tensor to write: fp32 values, a shape, and the storage type on disk; or, with <see cref="Ints"/>, an I32 tensor.</summary>
+public sealed record SafeTensorData(string Name, float[] Values, int[] Shape, StorageType Type = StorageType.F32)
+{
+    /// <summary>When set, the tensor is written as I32 from these values (packed bit words, indices) and Values is ignored.</summary>
+    public int[]? Ints { get; init; }
+
+    public static SafeTensorData Int32(string name, int[] values, int[] shape) => new(name, Array.Empty<float>(), shape) { Ints = values };
+
+    internal int Count => Ints?.Length ?? Values.Length;
+
+    internal string DType => Ints != null ? "I32" : Type.ToString();
+
+    internal int ElementSize => Ints != null ? 4 : Precision.Size(Type);
+
+    internal byte[] Bytes()
+    {
+        var raw = new byte[Count * ElementSize];
+        if (Ints != null)
+        {
+            for (int i = 0; i < Ints.Length; i++) BinaryPrimitives.WriteInt32LittleEndian(raw.AsSpan(4 * i), Ints[i]);
+        }
+        else
+        {
+            Precision.FromFloat(Values, Type, raw);
+        }
+
+        return raw;
+    }
+}
 
 /// <summary>
 /// Writes safetensors files: header padded with spaces to a multiple of 8 as the reference writer does, tensors in
@@ -250,7 +288,7 @@ public static class SafeTensorsWriter
             if (!names.Add(t.Name)) throw new ArgumentException($"{path}: tensor '{t.Name}' appears twice");
             if (t.Name == "__metadata__") throw new ArgumentException($"{path}: '__metadata__' is reserved and cannot name a tensor");
             long n = t.Shape.Aggregate(1L, (a, d) => a * d);
-            if (n != t.Values.Length) throw new ArgumentException($"{path}: tensor '{t.Name}' has {t.Values.Length} values for shape [{string.Join(", ", t.Shape)}]");
+            if (n != t.Count) throw new ArgumentException($"{path}: tensor '{t.Name}' has {t.Count} values for shape [{string.Join(", ", t.Shape)}]");
         }
 
         using var header = new MemoryStream();
@@ -267,9 +305,9 @@ public static class SafeTensorsWriter
             long offset = 0;
             foreach (var t in tensors)
             {
-                long bytes = (long)t.Values.Length * Precision.Size(t.Type);
+                long bytes = (long)t.Count * t.ElementSize;
                 w.WriteStartObject(t.Name);
-                w.WriteString("dtype", t.Type.ToString());
+                w.WriteString("dtype", t.DType);
                 w.WriteStartArray("shape");
                 foreach (int d in t.Shape) w.WriteNumberValue(d);
                 w.WriteEndArray();
@@ -293,12 +331,7 @@ public static class SafeTensorsWriter
             stream.Write(len);
             header.Position = 0;
             header.CopyTo(stream);
-            foreach (var t in tensors)
-            {
-                var raw = new byte[t.Values.Length * Precision.Size(t.Type)];
-                Precision.FromFloat(t.Values, t.Type, raw);
-                stream.Write(raw);
-            }
+            foreach (var t in tensors) stream.Write(t.Bytes());
         });
     }
 }

@@ -122,6 +122,20 @@ public sealed record LlamaConfig
         return config;
     }
 
+    /// <summary>The fields in which two configs differ, as "name: a vs b" (empty when they describe the same graph).</summary>
+    public static IReadOnlyList<string> Differences(LlamaConfig a, LlamaConfig b)
+    {
+        var fields = new (string Name, object A, object B)[]
+        {
+            ("hidden_size", a.HiddenSize, b.HiddenSize), ("intermediate_size", a.IntermediateSize, b.IntermediateSize),
+            ("num_attention_heads", a.NumAttentionHeads, b.NumAttentionHeads), ("num_key_value_heads", a.NumKeyValueHeads, b.NumKeyValueHeads),
+            ("num_hidden_layers", a.NumHiddenLayers, b.NumHiddenLayers), ("vocab_size", a.VocabSize, b.VocabSize),
+            ("head_dim", a.HeadDim, b.HeadDim), ("tie_word_embeddings", a.TieWordEmbeddings, b.TieWordEmbeddings),
+            ("rms_norm_eps", a.RmsNormEps, b.RmsNormEps), ("rope_theta", a.RopeTheta, b.RopeTheta),
+        };
+        return fields.Where(f => !f.A.Equals(f.B)).Select(f => $"{f.Name}: {f.A} vs {f.B}").ToList();
+    }
+
     /// <summary>The config.json a Hugging Face LlamaForCausalLM reads.</summary>
     public string ToJson()
     {

@@ -153,8 +153,38 @@ public sealed class LlamaModel : IDisposable
         using var losses = Device.Zeros("losses", tokens.Length);
         int counted = ops.CrossEntropy(pass.Logits, tgt, losses);
         double loss = counted == 0 ? 0 : ops.Sum(losses) / counted;
-        if (backward && counted > 0) Backward(pass, tgt, counted);
+        if (backward && counted > 0)
+        {
+            using var dLogits = Device.Zeros("dlogits", tokens.Length, Config.VocabSize);
+            ops.CrossEntropyBackward(pass.Logits, tgt, dLogits, 1f / counted);
+            Backward(pass, dLogits);
+        }
+
         return (loss, counted);
+    }
+
+    /// <summary>
+    /// Mean squared error between this model's logits for <paramref name="tokens"/> (B, T) and
+    /// <paramref name="teacher"/> (B * T, V), averaged over every logit (distillation, as BitDelta's scale
+    /// distillation uses). With <paramref name="backward"/>, gradients are added to each trainable parameter's Grad.
+    /// </summary>
+    public double LogitMse(int[] tokens, int batch, float[] teacher, bool backward)
+    {
+        int count = tokens.Length * Config.VocabSize;
+        if (teacher.Length != count) throw new ArgumentException($"teacher logits have {teacher.Length} values, expected {tokens.Length} x {Config.VocabSize}");
+        var ops = Device.Ops;
+        using var pass = Forward(tokens, batch, keepActivations: backward);
+        using var diff = Device.FromArray("teacher_logits", teacher, tokens.Length, Config.VocabSize);
+        ops.Scale(diff, -1f, diff);
+        ops.Add(pass.Logits, diff, diff); // logits - teacher
+        double mse = ops.SumSquares(diff) / count;
+        if (backward)
+        {
+            ops.Scale(diff, 2f / count, diff);
+            Backward(pass, diff);
+        }
+
+        return mse;
     }
 
     private sealed class LayerActivations : IDisposable
@@ -267,13 +297,12 @@ public sealed class LlamaModel : IDisposable
     /// <summary>A (rows, last two dims merged) view: (B, T, H, D) as (N, H * D).</summary>
     private static Tensor Flat(Tensor t, int rows) => t.Reshape(rows, t.Length / rows);
 
-    private void Backward(Pass pass, IndexTensor targets, int counted)
+    /// <summary>Backpropagates dL/dlogits (N, V) through the pass, adding into every trainable parameter's Grad.</summary>
+    private void Backward(Pass pass, Tensor dLogits)
     {
         var c = Config;
         var ops = Device.Ops;
         int n = pass.Tokens, dm = c.HiddenSize;
-        using var dLogits = Device.Zeros("dlogits", n, c.VocabSize);
-        ops.CrossEntropyBackward(pass.Logits, targets, dLogits, 1f / counted);
         var head = LmHeadParameter;
         using var dh = Device.Zeros("dh_final", n, dm);
         ops.LinearBackward(pass.HFinal, LmHead, dLogits, dh, head.Trainable ? head.Grad : null, accumulateWeight: true);

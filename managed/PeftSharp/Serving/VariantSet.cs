@@ -1,3 +1,4 @@
+using PeftSharp.Compression;
 using PeftSharp.Engine;
 using PeftSharp.Formats;
 using PeftSharp.Model;
@@ -5,14 +6,14 @@ using PeftSharp.Model;
 namespace PeftSharp.Serving;
 
 /// <summary>
-/// Named variants of one base model, served together: each variant is a LoRA adapter (later also 1-bit and sparse
-/// deltas) over the shared base weights. For every linear module the variants that touch it live in one device pool,
-/// so a batch whose rows belong to different variants runs each layer as one base matmul plus one mixed-adapter
-/// launch. Index -1 is the base model.
+/// Named variants of one base model, served together: each variant is a LoRA adapter or a 1-bit delta over the
+/// shared base weights. For every linear module the variants that touch it live in one device pool per kind, so a
+/// batch whose rows belong to different variants runs each layer as one base matmul plus one mixed launch per kind
+/// (the 1-bit product reads the packed sign words directly). Index -1 is the base model.
 /// </summary>
 public sealed class VariantSet : IDisposable
 {
-    private readonly List<(string Name, PeftLoraAdapter? Lora)> variants = new();
+    private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta)> variants = new();
     private readonly Dictionary<string, ModulePools> pools = new();
     private bool dirty = true;
 
@@ -31,7 +32,26 @@ public sealed class VariantSet : IDisposable
     public int AddLora(string name, PeftLoraAdapter adapter)
     {
         CheckName(name);
-        variants.Add((name, adapter));
+        variants.Add((name, adapter, null));
+        dirty = true;
+        return variants.Count - 1;
+    }
+
+    /// <summary>
+    /// Registers a 1-bit delta as a variant; returns its index. The delta must have been made from this base, and may
+    /// only change linear weights: embeddings, norms and the LM head are shared by the whole batch.
+    /// </summary>
+    public int AddDelta(string name, BitDelta delta)
+    {
+        CheckName(name);
+        delta.CheckBase(Model, $"1-bit delta '{name}'");
+        if (delta.Dense.Count > 0)
+        {
+            throw new NotSupportedException(
+                $"1-bit delta '{name}' also changes {string.Join(", ", delta.Dense.Keys)}; a mixed batch shares those with the base, so serve this fine-tune merged (peft merge --delta) or compress one that kept them frozen");
+        }
+
+        variants.Add((name, null, delta));
         dirty = true;
         return variants.Count - 1;
     }
@@ -71,19 +91,30 @@ public sealed class VariantSet : IDisposable
         foreach (var module in LoraAdapterConfig.LlamaLinearModules(c))
         {
             var (outF, inF) = PeftLoraAdapter.LinearShape(c, module);
-            var slots = new int[variants.Count];
-            var data = new List<LoraAdapterData>();
+            var loraSlots = new int[variants.Count];
+            var deltaSlots = new int[variants.Count];
+            var lora = new List<LoraAdapterData>();
+            var deltas = new List<BitDeltaData>();
             for (int v = 0; v < variants.Count; v++)
             {
-                slots[v] = -1;
-                if (variants[v].Lora is { } lora && lora.Modules.TryGetValue(module, out var w))
+                loraSlots[v] = deltaSlots[v] = -1;
+                if (variants[v].Lora is { } adapter && adapter.Modules.TryGetValue(module, out var w))
                 {
-                    slots[v] = data.Count;
-                    data.Add(new LoraAdapterData(variants[v].Name, w.A, w.B, lora.Config.For(module).Rank, lora.Config.Scale(module)));
+                    loraSlots[v] = lora.Count;
+                    lora.Add(new LoraAdapterData(variants[v].Name, w.A, w.B, adapter.Config.For(module).Rank, adapter.Config.Scale(module)));
+                }
+
+                if (variants[v].Delta is { } delta && delta.Modules.TryGetValue(module, out var d))
+                {
+                    deltaSlots[v] = deltas.Count;
+                    deltas.Add(d.ToPoolData(variants[v].Name));
                 }
             }
 
-            if (data.Count > 0) pools[module] = new ModulePools(LoraAdapterPool.Create(Model.Device, inF, outF, data), slots);
+            if (lora.Count + deltas.Count == 0) continue;
+            pools[module] = new ModulePools(
+                lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, loraSlots,
+                deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, deltaSlots);
         }
 
         dirty = false;
@@ -99,22 +130,29 @@ public sealed class VariantSet : IDisposable
 
     internal sealed class ModulePools : IDisposable
     {
-        public ModulePools(LoraAdapterPool lora, int[] loraSlots)
+        public ModulePools(LoraAdapterPool? lora, int[] loraSlots, BitDeltaPool? delta, int[] deltaSlots)
         {
             Lora = lora;
             LoraSlots = loraSlots;
-            LoraKey = string.Join(",", loraSlots);
+            Delta = delta;
+            DeltaSlots = deltaSlots;
         }
 
-        public LoraAdapterPool Lora { get; }
+        public LoraAdapterPool? Lora { get; }
 
         /// <summary>Variant index to its slot in <see cref="Lora"/> (-1: the variant has no adapter here).</summary>
         public int[] LoraSlots { get; }
 
-        /// <summary>Modules with the same slot map share one row-index tensor per batch.</summary>
-        public string LoraKey { get; }
+        public BitDeltaPool? Delta { get; }
 
-        public void Dispose() => Lora.Dispose();
+        /// <summary>Variant index to its slot in <see cref="Delta"/> (-1: the variant has no 1-bit delta here).</summary>
+        public int[] DeltaSlots { get; }
+
+        public void Dispose()
+        {
+            Lora?.Dispose();
+            Delta?.Dispose();
+        }
     }
 }
 
@@ -136,14 +174,23 @@ public sealed class RowVariantBatch : IRowVariants, IDisposable
     public void Apply(string module, Tensor x, Tensor y)
     {
         if (!set.TryGetPools(module, out var p)) return;
-        if (!rowSlots.TryGetValue(p.LoraKey, out var idx))
+        var ops = set.Model.Device.Ops;
+        if (p.Lora != null && RowSlots(p.LoraSlots) is { } loraRows) ops.LoraMixed(x, y, p.Lora, loraRows);
+        if (p.Delta != null && RowSlots(p.DeltaSlots) is { } deltaRows) ops.BitDeltaMixed(x, y, p.Delta, deltaRows);
+    }
+
+    /// <summary>Each row's slot in a pool with this variant-to-slot map; null when no row uses the pool. Modules with the same map share one tensor.</summary>
+    private IndexTensor? RowSlots(int[] slotOfVariant)
+    {
+        string key = string.Join(",", slotOfVariant);
+        if (!rowSlots.TryGetValue(key, out var idx))
         {
-            var slots = rowVariants.Select(v => v < 0 ? -1 : p.LoraSlots[v]).ToArray();
-            idx = slots.Any(s => s >= 0) ? set.Model.Device.FromIndices("row_adapters", slots) : null; // null: no row uses this pool
-            rowSlots[p.LoraKey] = idx;
+            var slots = rowVariants.Select(v => v < 0 ? -1 : slotOfVariant[v]).ToArray();
+            idx = slots.Any(s => s >= 0) ? set.Model.Device.FromIndices("row_slots", slots) : null;
+            rowSlots[key] = idx;
         }
 
-        if (idx != null) set.Model.Device.Ops.LoraMixed(x, y, p.Lora, idx);
+        return idx;
     }
 
     public void Dispose()

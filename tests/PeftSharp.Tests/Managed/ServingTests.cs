@@ -100,6 +100,50 @@ public sealed class ServingTests
         Assert.That(batched[1], Is.Not.EqualTo(batched[0]).Within(1e-3), "the adapter changes the logits, so the check above can fail");
     }
 
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void MixedBatchOfBaseLoraAndOneBitRows_EqualsEachRowAlone(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = BitDeltaCompressionTests.Small;
+        using var model = LlamaModel.Create(device, config, seed: 10);
+        using var fineA = BitDeltaCompressionTests.FineTuneOf(model, 500);
+        using var fineB = BitDeltaCompressionTests.FineTuneOf(model, 600);
+        var deltaA = PeftSharp.Compression.BitDelta.Compress(model, fineA, rounds: 1);
+        var deltaB = PeftSharp.Compression.BitDelta.Compress(model, fineB, rounds: 2);
+        var lora = Adapter(config, 3, new[] { "q_proj", "up_proj" }, 700);
+        using var set = new VariantSet(model);
+        set.AddDelta("bits-a", deltaA);
+        set.AddLora("lora", lora);
+        set.AddDelta("bits-b", deltaB);
+        string?[] names = { "bits-a", null, "lora", "bits-b", "bits-a" };
+        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9 }, new[] { 2, 6, 5 }, new[] { 7, 7 } };
+        var caches = prompts.Select(_ => new KvCache(model, 8)).ToArray();
+        float[][] batched;
+        try
+        {
+            using var bound = set.Bind(prompts.SelectMany((p, j) => Enumerable.Repeat(set.IndexOf(names[j]), p.Length)).ToArray());
+            batched = model.DecodeBatch(caches, prompts, bound);
+        }
+        finally
+        {
+            foreach (var c in caches) c.Dispose();
+        }
+
+        for (int j = 0; j < prompts.Length; j++)
+        {
+            using var alone = LlamaModel.FromTensors(device, config, (name, _) => model[name].Value.ToArray());
+            if (names[j] == "lora") LoraMerge.Merge(alone, lora);
+            if (names[j] == "bits-a") deltaA.MergeInto(alone);
+            if (names[j] == "bits-b") deltaB.MergeInto(alone);
+            using var cache = new KvCache(alone, 8);
+            Check.Close(batched[j], alone.DecodeStep(cache, prompts[j]), StepTolerance, $"{backend} row group {j} ({names[j] ?? "base"})");
+        }
+
+        Assert.That(batched[0], Is.Not.EqualTo(batched[4]).Within(1e-4), "different prompts");
+        using var changed = BitDeltaCompressionTests.FineTuneOf(model, 800, changeNorm: true);
+        Assert.Throws<NotSupportedException>(() => set.AddDelta("norm", PeftSharp.Compression.BitDelta.Compress(model, changed)));
+    }
+
     [Test]
     public void BatchGenerator_MixedAdapters_MatchesGreedyWithEachAdapterMerged()
     {
