@@ -1,5 +1,6 @@
 using System.CommandLine;
 using PeftSharp.Engine;
+using PeftSharp.Compression;
 using PeftSharp.Data;
 using PeftSharp.Formats;
 using PeftSharp.Model;
@@ -108,14 +109,15 @@ public static class Program
         var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
         var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
         var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT LoRA adapters: name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
+        var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit delta folders (peft compress): name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
         var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
         var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
         var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
-        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
+        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, deltasOpt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
         generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt), r.GetValue(requestsOpt),
-            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
+            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
         root.Subcommands.Add(generate);
 
         var tokens = new Option<string>("--tokens") { Description = "Comma-separated token ids", Required = true };
@@ -124,10 +126,23 @@ public static class Program
         logits.SetAction(r => Commands.Logits(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(tokens)!, stdout));
         root.Subcommands.Add(logits);
 
-        var adapterDir = new Option<string>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)", Required = true };
-        var merge = new Command("merge", "Merge a PEFT LoRA adapter into the model and write a Hugging Face folder.");
-        foreach (var o in new Option[] { deviceOption, modelDir, adapterDir, outDir }) merge.Options.Add(o);
-        merge.SetAction(r => Commands.Merge(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(adapterDir)!, r.GetValue(outDir)!, stdout));
+        var adapterDir = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)" };
+        var deltaDir = new Option<string?>("--delta") { Description = "1-bit delta folder (peft compress)" };
+        var merge = new Command("merge", "Merge a PEFT LoRA adapter or a 1-bit delta into the model and write a Hugging Face folder.");
+        foreach (var o in new Option[] { deviceOption, modelDir, adapterDir, deltaDir, outDir }) merge.Options.Add(o);
+        merge.SetAction(r => Commands.Merge(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(outDir)!, stdout));
+
+        var baseDir = new Option<string>("--base") { Description = "The base model folder", Required = true };
+        var fineDir = new Option<string>("--finetuned") { Description = "The fine-tuned model folder", Required = true };
+        var distillSteps = new Option<int>("--distill-steps") { Description = "Scale distillation steps (0 keeps the mean |delta| scales)", DefaultValueFactory = _ => 100 };
+        var distillLr = new Option<float>("--distill-lr") { Description = "Scale distillation step, relative to each scale", DefaultValueFactory = _ => 0.02f };
+        var calib = new Option<string>("--calib") { Description = "Calibration text: builtin:tasks | builtin:tasks=NAME | FILE.jsonl | FILE.txt", DefaultValueFactory = _ => "builtin:tasks" };
+        var rounds = new Option<int>("--rounds") { Description = "Residual rounds (k sign matrices and k scales per weight)", DefaultValueFactory = _ => 1 };
+        var compress = new Command("compress", "Compress a fine-tune to 1-bit deltas over its base (BitDelta), with scale distillation.");
+        foreach (var o in new Option[] { deviceOption, baseDir, fineDir, outDir, distillSteps, distillLr, calib, rounds, batch, seqLen, seed }) compress.Options.Add(o);
+        compress.SetAction(r => Commands.Compress(r.GetValue(deviceOption), r.GetValue(baseDir)!, r.GetValue(fineDir)!, r.GetValue(outDir)!, r.GetValue(distillSteps),
+            r.GetValue(distillLr), r.GetValue(calib)!, r.GetValue(rounds), r.GetValue(batch), r.GetValue(seqLen), r.GetValue(seed), stdout));
+        root.Subcommands.Add(compress);
         root.Subcommands.Add(merge);
 
         var qsOut = new Option<string>("--out") { Description = "Output folder", DefaultValueFactory = _ => "peft-quickstart" };
@@ -198,7 +213,7 @@ internal static class Commands
                 table.AddRow(r.Op, r.Shape, r.MaxError.ToString("G3"), r.Tolerance.ToString("G3"), $"{r.Elapsed.TotalMilliseconds:F1} ms", r.Passed ? "[green]ok[/]" : "[red]FAILED[/]");
             }
 
-            console.Write(table);
+        console.Write(table);
             int bad = results.Count(r => !r.Passed);
             if (bad > 0) stderr.WriteLine($"peft: {bad} self-check op(s) failed on {device.Info.Spec}");
             failed += bad;
@@ -268,11 +283,12 @@ internal static class Commands
         return 0;
     }
 
-    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, int? maxTokens,
+    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, int? maxTokens,
         float? temperature, int? topK, float? topP, int seed, TextWriter stdout, TextWriter stderr)
     {
         if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
         var named = RequestFile.ParseNamedFolders("--adapters", adapters);
+        var namedDeltas = RequestFile.ParseNamedFolders("--deltas", deltas);
         using var device = OpenDevice(deviceSpec);
         using var model = LoadTextModel(modelDir, device);
         // Flags win; then the folder's generation_config.json; then greedy, 32 tokens.
@@ -285,7 +301,7 @@ internal static class Commands
         if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
         if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
         var defaults = new GenerationRequest("", null, max, temp, k, p, seed);
-        if (prompt != null && named.Count == 0)
+        if (prompt != null && named.Count + namedDeltas.Count == 0)
         {
             stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
             return 0;
@@ -293,6 +309,7 @@ internal static class Commands
 
         using var set = new VariantSet(model);
         foreach (var (name, folder) in named) set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
+        foreach (var (name, folder) in namedDeltas) set.AddDelta(name, BitDelta.Load(folder, model));
         var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
         foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
         var watch = System.Diagnostics.Stopwatch.StartNew();
@@ -356,21 +373,86 @@ internal static class Commands
         };
     }
 
-    public static int Merge(string? deviceSpec, string modelDir, string adapterDir, string outDir, TextWriter stdout)
+    public static int Merge(string? deviceSpec, string modelDir, string? adapterDir, string? deltaDir, string outDir, TextWriter stdout)
     {
+        if ((adapterDir == null) == (deltaDir == null)) throw new ArgumentException("merge: give either --adapter or --delta");
         using var device = OpenDevice(deviceSpec);
         using var model = HuggingFaceFolder.Load(modelDir, device);
-        var adapter = PeftLoraAdapter.Load(adapterDir, model.Config);
-        LoraMerge.Merge(model, adapter);
-        HuggingFaceFolder.Save(model, outDir);
-        foreach (var extra in new[] { "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json" })
+        string what;
+        if (adapterDir != null)
         {
-            string src = Path.Combine(modelDir, extra);
-            if (File.Exists(src)) File.Copy(src, Path.Combine(outDir, extra), overwrite: true);
+            var adapter = PeftLoraAdapter.Load(adapterDir, model.Config);
+            LoraMerge.Merge(model, adapter);
+            what = $"{adapter.Modules.Count} LoRA modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")})";
+        }
+        else
+        {
+            var delta = BitDelta.Load(deltaDir!, model);
+            delta.MergeInto(model);
+            what = $"{delta.Modules.Count} 1-bit deltas ({delta.Rounds} round{(delta.Rounds == 1 ? "" : "s")}) and {delta.Dense.Count} dense tensors";
         }
 
-        stdout.WriteLine($"merged {adapter.Modules.Count} LoRA modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")}) into {Path.GetFullPath(outDir)}");
+        HuggingFaceFolder.Save(model, outDir);
+        CopyModelExtras(modelDir, outDir);
+        stdout.WriteLine($"merged {what} into {Path.GetFullPath(outDir)}");
         return 0;
+    }
+
+    private static void CopyModelExtras(string from, string to)
+    {
+        foreach (var extra in new[] { "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json" })
+        {
+            string src = Path.Combine(from, extra);
+            if (File.Exists(src)) File.Copy(src, Path.Combine(to, extra), overwrite: true);
+        }
+    }
+
+    /// <summary>Calibration batches of (batch, seqLen) tokens from a data spec: the first <paramref name="evalBatches"/> are held out.</summary>
+    internal static (List<int[]> Train, List<int[]> Eval) CalibrationBatches(string spec, int batchSize, int seqLen, int trainBatches, int evalBatches, int seed)
+    {
+        var (source, _, _) = Jobs.Data(spec, seed);
+        var tok = new ByteTokenizer();
+        var all = Enumerable.Range(0, trainBatches + evalBatches).Select(_ => Batcher.Encode(source.Next(batchSize), tok, seqLen, completionOnly: false).Tokens).ToList();
+        return (all.Skip(evalBatches).ToList(), all.Take(evalBatches).ToList());
+    }
+
+    public static int Compress(string? deviceSpec, string baseDir, string fineDir, string outDir, int distillSteps, float distillLr, string calib, int rounds,
+        int batchSize, int seqLen, int seed, TextWriter stdout)
+    {
+        if (distillSteps < 0) throw new ArgumentException($"--distill-steps {distillSteps}: must be >= 0");
+        if (distillLr <= 0) throw new ArgumentException($"--distill-lr {distillLr}: must be positive");
+        if (rounds < 1) throw new ArgumentException($"--rounds {rounds}: must be at least 1");
+        using var device = OpenDevice(deviceSpec);
+        using var baseModel = HuggingFaceFolder.Load(baseDir, device);
+        using var fine = HuggingFaceFolder.Load(fineDir, device);
+        var delta = BitDelta.Compress(baseModel, fine, rounds);
+        var report = new DistillReport(double.NaN, double.NaN, 0, delta);
+        if (baseModel.Config.VocabSize == ByteTokenizer.VocabSize)
+        {
+            var (train, eval) = CalibrationBatches(calib, batchSize, seqLen, Math.Min(Math.Max(distillSteps, 1), 64), 4, seed);
+            report = ScaleDistillation.Run(delta, baseModel, fine, train, eval, batchSize, distillSteps, distillLr);
+        }
+        else if (distillSteps > 0)
+        {
+            throw new NotSupportedException($"--distill-steps {distillSteps}: calibration text needs the byte tokenizer (vocab_size {ByteTokenizer.VocabSize}); this model's vocab_size is {baseModel.Config.VocabSize}. Use --distill-steps 0");
+        }
+
+        report.Delta.Save(outDir, baseModel.Config);
+        stdout.WriteLine(CompressionSummary(baseModel, report));
+        return 0;
+    }
+
+    internal static string CompressionSummary(LlamaModel baseModel, DistillReport report)
+    {
+        var d = report.Delta;
+        long linearParams = d.Modules.Keys.Sum(m => (long)baseModel[m + ".weight"].Value.Length);
+        double vsFp16 = linearParams * 2.0 / Math.Max(1, d.PackedBytes);
+        double wholeFp16 = baseModel.ParameterCount * 2.0 / Math.Max(1, d.PackedBytes + d.DenseBytes);
+        string distill = double.IsNaN(report.LogitMseBefore) ? "no calibration" : report.Steps == 0
+            ? $"logit MSE {report.LogitMseBefore:E3} (no distillation)"
+            : $"logit MSE {report.LogitMseBefore:E3} -> {report.LogitMseAfter:E3} after {report.Steps} distillation steps";
+        return $"compressed {d.Modules.Count} linear weights to {d.Rounds} bit{(d.Rounds == 1 ? "" : "s")} per weight: {d.PackedBytes:N0} bytes, {vsFp16:F1}x smaller than fp16 linears; " +
+            $"{d.Dense.Count} other tensors kept dense ({d.DenseBytes:N0} bytes); whole variant {wholeFp16:F1}x smaller than an fp16 copy; {distill}";
     }
 
     public static int Quickstart(string? deviceSpec, string outDir, int pretrainSteps, int finetuneSteps, int seed, bool quiet, TextWriter stdout)
@@ -404,6 +486,22 @@ internal static class Commands
             Path.Combine(outDir, "finetuned-lora"), "lora", null, null, dir => loraModel.ExportLora(loraConfig).Save(dir, loraModel.Config));
         var loraAfter = Evaluator.Evaluate(loraModel, taskHeld, options.SeqLen);
         var loraOnPre = Evaluator.Evaluate(loraModel, preHeld, options.SeqLen);
+        console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales");
+        using var baseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+        var delta = BitDelta.Compress(baseModel, model);
+        var (calibTrain, calibEval) = CalibrationBatches($"builtin:tasks", 8, options.SeqLen, 32, 4, seed + 11);
+        var distilled = ScaleDistillation.Run(delta, baseModel, model, calibTrain, calibEval, 8, steps: 60, learningRate: 0.02f);
+        distilled.Delta.Save(Path.Combine(outDir, "finetuned-1bit"), baseModel.Config);
+        EvalResult Compressed(BitDelta d)
+        {
+            using var m = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+            d.MergeInto(m);
+            return Evaluator.Evaluate(m, taskHeld, options.SeqLen);
+        }
+
+        var bitBefore = Compressed(delta);
+        var bitAfter = Compressed(distilled.Delta);
+        console.WriteLine(CompressionSummary(baseModel, distilled));
         var table = new Table().AddColumns("model", "trainable", "data (held-out examples)", "loss", "exact match");
         string all = $"{model.ParameterCount:N0}";
         table.AddRow("pre-trained", "-", "pre-training tasks", $"{preOnPre.Loss:F3}", $"{preOnPre.ExactMatch:P1}");
@@ -412,6 +510,9 @@ internal static class Commands
         table.AddRow("full fine-tune", all, "pre-training tasks", $"{afterOnPre.Loss:F3}", $"{afterOnPre.ExactMatch:P1}");
         table.AddRow("LoRA r=8", $"{loraTrainable:N0}", $"'{heldOutTask}'", $"{loraAfter.Loss:F3}", $"{loraAfter.ExactMatch:P1}");
         table.AddRow("LoRA r=8", $"{loraTrainable:N0}", "pre-training tasks", $"{loraOnPre.Loss:F3}", $"{loraOnPre.ExactMatch:P1}");
+        string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
+        table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
+        table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");
         console.Write(table);
         double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;
         console.MarkupLine($"{model.ParameterCount:N0} parameters; LoRA trains {loraTrainable:N0} ({100.0 * loraTrainable / model.ParameterCount:F1}%); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");

@@ -179,3 +179,46 @@ public sealed class HostServingTests : TempDirectoryTest
         Assert.That(r.Err, Does.Contain("expected name=FOLDER"));
     }
 }
+
+public sealed class HostCompressTests : TempDirectoryTest
+{
+    [Test]
+    public void CompressMergeGenerate_OneBitDeltas_EndToEnd()
+    {
+        using var device = new PeftSharp.Engine.Cpu.CpuDevice();
+        using var b = PeftSharp.Model.LlamaModel.Create(device, PeftSharp.Model.LlamaConfig.Tiny, seed: 21);
+        using var f = PeftSharp.Tests.Managed.BitDeltaCompressionTests.FineTuneOf(b, 900, size: 0.5f); // large enough to change greedy text
+        string baseDir = Path.Combine(TempDir, "base"), fineDir = Path.Combine(TempDir, "fine"), deltaDir = Path.Combine(TempDir, "delta"), mergedDir = Path.Combine(TempDir, "merged");
+        PeftSharp.Formats.HuggingFaceFolder.Save(b, baseDir);
+        PeftSharp.Formats.HuggingFaceFolder.Save(f, fineDir);
+        var r = Peft.Run("compress", "--base", baseDir, "--finetuned", fineDir, "--out", deltaDir, "--distill-steps", "0", "--batch-size", "2", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("compressed 14 linear weights to 1 bit per weight").And.Contain("no distillation"));
+        // --distill-steps 0 keeps mean |delta| exactly.
+        var saved = PeftSharp.Compression.BitDelta.Load(deltaDir, b);
+        var expected = PeftSharp.Compression.BitDelta.Compress(b, f);
+        foreach (var (m, d) in expected.Modules) Assert.That(saved.Modules[m].Scales, Is.EqualTo(d.Scales), m);
+
+        r = Peft.Run("merge", "--model", baseDir, "--delta", deltaDir, "--out", mergedDir, "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("merged 14 1-bit deltas (1 round) and 0 dense tensors"));
+
+        string requests = Path.Combine(TempDir, "requests.jsonl");
+        File.WriteAllLines(requests, new[] { "{\"prompt\": \"abc\", \"delta\": \"ft\"}", "{\"prompt\": \"abc\"}" });
+        r = Peft.Run("generate", "--model", baseDir, "--deltas", $"ft={deltaDir}", "--requests", requests, "--max-tokens", "5", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var lines = r.Out.Trim().Split('\n').Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!["completion"]!.GetValue<string>()).ToArray();
+        string Alone(string dir) => Peft.Run("generate", "--model", dir, "--prompt", "abc", "--max-tokens", "5", "--device", "cpu").Out.TrimEnd('\n');
+        Assert.That(lines[0], Is.EqualTo(Alone(mergedDir)));
+        Assert.That(lines[1], Is.EqualTo(Alone(baseDir)));
+        Assert.That(lines[0], Is.Not.EqualTo(lines[1]), "the delta changes the output, so the checks above can fail");
+
+        // The delta refuses a different base.
+        r = Peft.Run("merge", "--model", fineDir, "--delta", deltaDir, "--out", Path.Combine(TempDir, "x"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(2));
+        Assert.That(r.Err, Does.Contain("only applies to its own base"));
+        r = Peft.Run("compress", "--base", baseDir, "--finetuned", fineDir, "--out", deltaDir, "--rounds", "0");
+        Assert.That(r.Code, Is.EqualTo(2));
+        Assert.That(r.Err, Does.Contain("--rounds 0"));
+    }
+}

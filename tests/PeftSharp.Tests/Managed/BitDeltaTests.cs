@@ -13,7 +13,7 @@ public sealed class BitDeltaCompressionTests : TempDirectoryTest
     internal static readonly LlamaConfig Small = LlamaConfig.Tiny with { HiddenSize = 32, IntermediateSize = 40, NumAttentionHeads = 4, NumKeyValueHeads = 2, VocabSize = 37 };
 
     /// <summary>A "fine-tune": the base plus noise whose size differs row by row on every linear weight (and, when asked, a changed norm).</summary>
-    internal static LlamaModel FineTuneOf(LlamaModel b, int seed, bool changeNorm = false)
+    internal static LlamaModel FineTuneOf(LlamaModel b, int seed, bool changeNorm = false, float size = 0.02f)
     {
         var linear = LoraAdapterConfig.LlamaLinearModules(b.Config).Select(m => m + ".weight").ToHashSet();
         return LlamaModel.FromTensors(b.Device, b.Config, (name, shape) =>
@@ -21,7 +21,7 @@ public sealed class BitDeltaCompressionTests : TempDirectoryTest
             var v = b[name].Value.ToArray();
             if (linear.Contains(name))
             {
-                var noise = TestData.Uniform(v.Length, seed++, -0.02f, 0.02f);
+                var noise = TestData.Uniform(v.Length, seed++, -size, size);
                 for (int i = 0; i < v.Length; i++) v[i] += noise[i] * (1 + (i / shape[1]) % 3);
             }
             else if (changeNorm && name == "model.norm.weight")
