@@ -118,6 +118,7 @@ public abstract class Device : IDisposable
     protected internal abstract void AddCore(Tensor a, Tensor b, Tensor y);
     protected internal abstract void MulCore(Tensor a, Tensor b, Tensor y);
     protected internal abstract void ScaleCore(Tensor x, float s, Tensor y);
+    protected internal abstract void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols);
     protected internal abstract void AxpyCore(float alpha, Tensor x, Tensor y);
     protected internal abstract void FillCore(Tensor y, float value);
     protected internal abstract void CopyCore(Tensor source, Tensor destination);

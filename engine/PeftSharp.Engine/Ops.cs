@@ -182,6 +182,16 @@ public sealed class Ops
         device.ScaleCore(x, s, y);
     }
 
+    /// <summary>y[r, j] = x[r, j] * c[j]: scales each column of x (rows, cols) by c (cols); y may alias x.</summary>
+    public void ScaleColumns(Tensor x, Tensor c, Tensor y)
+    {
+        SameShape("scale columns", x, y);
+        Check("scale columns", c);
+        int cols = c.Length;
+        if (cols == 0 || x.Dim(-1) != cols) throw new ArgumentException($"scale columns: x {x} has {x.Dim(-1)} columns, c {c} has {cols} values");
+        if (x.Length > 0) device.ScaleColumnsCore(x, c, y, cols);
+    }
+
     /// <summary>y += alpha * x (gradient accumulation).</summary>
     public void Axpy(float alpha, Tensor x, Tensor y)
     {

@@ -207,6 +207,8 @@ public sealed class IlgpuDevice : Device
         if (y.Length > 0) kernels.Mul.Value(y.Length, V(a), V(b), V(y));
     }
 
+    protected internal override void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols) => kernels.ScaleColumns.Value(x.Length, V(x), V(c), V(y), cols);
+
     protected internal override void ScaleCore(Tensor x, float s, Tensor y)
     {
         if (y.Length > 0) kernels.Scale.Value(y.Length, V(x), s, V(y));

@@ -28,6 +28,7 @@ internal sealed class IlgpuKernelSet
         Add = Load<Action<Index1D, AV, AV, AV>>(nameof(ElementwiseKernels.AddKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV>(ElementwiseKernels.AddKernel));
         Mul = Load<Action<Index1D, AV, AV, AV>>(nameof(ElementwiseKernels.MulKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV>(ElementwiseKernels.MulKernel));
         Scale = Load<Action<Index1D, AV, float, AV>>(nameof(ElementwiseKernels.ScaleKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, float, AV>(ElementwiseKernels.ScaleKernel));
+        ScaleColumns = Load<Action<Index1D, AV, AV, AV, int>>(nameof(ElementwiseKernels.ScaleColumnsKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, int>(ElementwiseKernels.ScaleColumnsKernel));
         Axpy = Load<Action<Index1D, float, AV, AV>>(nameof(ElementwiseKernels.AxpyKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, float, AV, AV>(ElementwiseKernels.AxpyKernel));
         Fill = Load<Action<Index1D, AV, float>>(nameof(ElementwiseKernels.FillKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, float>(ElementwiseKernels.FillKernel));
         Silu = Load<Action<Index1D, AV, AV>>(nameof(ElementwiseKernels.SiluKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV>(ElementwiseKernels.SiluKernel));
@@ -63,6 +64,7 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AV>> Add { get; }
     public Lazy<Action<Index1D, AV, AV, AV>> Mul { get; }
     public Lazy<Action<Index1D, AV, float, AV>> Scale { get; }
+    public Lazy<Action<Index1D, AV, AV, AV, int>> ScaleColumns { get; }
     public Lazy<Action<Index1D, float, AV, AV>> Axpy { get; }
     public Lazy<Action<Index1D, AV, float>> Fill { get; }
     public Lazy<Action<Index1D, AV, AV>> Silu { get; }

@@ -13,6 +13,9 @@ public static class ElementwiseKernels
 
     public static void ScaleKernel(Index1D i, ArrayView<float> x, float s, ArrayView<float> y) => y[i] = x[i] * s;
 
+    /// <summary>y[r, j] = x[r, j] * c[j]: x, y (rows, cols), c (cols). One thread per element.</summary>
+    public static void ScaleColumnsKernel(Index1D i, ArrayView<float> x, ArrayView<float> c, ArrayView<float> y, int cols) => y[i] = x[i] * c[i % cols];
+
     /// <summary>y += alpha * x.</summary>
     public static void AxpyKernel(Index1D i, float alpha, ArrayView<float> x, ArrayView<float> y) => y[i] += alpha * x[i];
 

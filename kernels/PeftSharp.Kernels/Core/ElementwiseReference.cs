@@ -13,6 +13,12 @@ public static class ElementwiseReference
         for (int i = 0; i < y.Length; i++) y[i] = (float)((double)a[i] * b[i]);
     }
 
+    /// <summary>y[r, j] = x[r, j] * c[j] for x, y (rows, cols) and c (cols).</summary>
+    public static void ScaleColumns(ReadOnlySpan<float> x, ReadOnlySpan<float> c, Span<float> y)
+    {
+        for (int i = 0; i < x.Length; i++) y[i] = (float)((double)x[i] * c[i % c.Length]);
+    }
+
     public static void Scale(ReadOnlySpan<float> x, float s, Span<float> y)
     {
         for (int i = 0; i < y.Length; i++) y[i] = (float)((double)x[i] * s);

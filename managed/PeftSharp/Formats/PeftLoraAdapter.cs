@@ -12,6 +12,8 @@ public sealed record LoraAdapterConfig
     public float LoraAlpha { get; init; } = 8;
     public float LoraDropout { get; init; }
     public bool UseRsLora { get; init; }
+    /// <summary>DoRA: a trained magnitude vector per targeted module (lora_magnitude_vector, [out]).</summary>
+    public bool UseDora { get; init; }
     /// <summary>List form: module names matched by their last component; or one string: "all-linear" or a regex over the module path.</summary>
     public IReadOnlyList<string> TargetModules { get; init; } = Array.Empty<string>();
     public string? TargetRegex { get; init; }
@@ -77,16 +79,21 @@ public sealed class PeftLoraAdapter
     public const string WeightsFile = "adapter_model.safetensors";
     private const string Prefix = "base_model.model.";
 
-    public PeftLoraAdapter(LoraAdapterConfig config, IReadOnlyDictionary<string, (float[] A, float[] B)> modules)
+    public PeftLoraAdapter(LoraAdapterConfig config, IReadOnlyDictionary<string, (float[] A, float[] B)> modules, IReadOnlyDictionary<string, float[]>? magnitudes = null)
     {
         Config = config;
         Modules = modules;
+        Magnitudes = magnitudes ?? new Dictionary<string, float[]>();
+        if (config.UseDora && Magnitudes.Count != modules.Count) throw new ArgumentException($"a DoRA adapter needs a magnitude vector for each of its {modules.Count} modules, got {Magnitudes.Count}");
     }
 
     public LoraAdapterConfig Config { get; }
 
     /// <summary>Module path (model.layers.0.self_attn.q_proj) to A (r, in) and B (out, r), row-major.</summary>
     public IReadOnlyDictionary<string, (float[] A, float[] B)> Modules { get; }
+
+    /// <summary>DoRA's magnitude vector (out) per module; empty for plain LoRA.</summary>
+    public IReadOnlyDictionary<string, float[]> Magnitudes { get; }
 
     public static LoraAdapterConfig ParseConfig(string json, string source)
     {
@@ -103,7 +110,6 @@ public sealed class PeftLoraAdapter
         var problems = new List<string>();
         string? peftType = o["peft_type"]?.GetValue<string>();
         if (peftType != "LORA") problems.Add($"peft_type is '{peftType}', this reader takes LORA");
-        if (o["use_dora"]?.GetValue<bool>() == true) problems.Add("use_dora = true is not supported yet");
         if (o["fan_in_fan_out"]?.GetValue<bool>() == true) problems.Add("fan_in_fan_out = true is for Conv1D models (GPT-2), not Llama");
         if (o["bias"]?.GetValue<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
         if (o["modules_to_save"] is JsonArray { Count: > 0 } mts) problems.Add($"modules_to_save [{string.Join(", ", mts)}] is not supported");
@@ -138,6 +144,7 @@ public sealed class PeftLoraAdapter
             LoraAlpha = o["lora_alpha"] is { } la ? (float)la.GetValue<double>() : 8,
             LoraDropout = o["lora_dropout"] is { } ld ? (float)ld.GetValue<double>() : 0,
             UseRsLora = o["use_rslora"]?.GetValue<bool>() ?? false,
+            UseDora = o["use_dora"]?.GetValue<bool>() ?? false,
             TargetModules = targets,
             TargetRegex = regex,
             LayersToTransform = layers,
@@ -160,6 +167,7 @@ public sealed class PeftLoraAdapter
         var targets = config.TargetsIn(model).ToList();
         var problems = new List<string>();
         var modules = new Dictionary<string, (float[], float[])>();
+        var magnitudes = new Dictionary<string, float[]>();
         var used = new HashSet<string>();
         foreach (var module in targets)
         {
@@ -184,6 +192,14 @@ public sealed class PeftLoraAdapter
             }
 
             if (ok) modules[module] = (file.ReadFloats(ka), file.ReadFloats(kb));
+            if (config.UseDora)
+            {
+                string km = $"{Prefix}{module}.lora_magnitude_vector";
+                used.Add(km);
+                if (!file.Contains(km)) problems.Add($"missing {km} [{outF}] (use_dora is true)");
+                else if (!file[km].Shape.SequenceEqual(new long[] { outF })) problems.Add($"{km} is {file[km].ShapeText}, expected [{outF}]");
+                else magnitudes[module] = file.ReadFloats(km);
+            }
         }
 
         foreach (var t in file.Tensors.Where(t => !used.Contains(t.Name)))
@@ -192,7 +208,7 @@ public sealed class PeftLoraAdapter
         }
 
         if (problems.Count > 0) throw new InvalidDataException($"{folder}: the adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
-        return new PeftLoraAdapter(config, modules);
+        return new PeftLoraAdapter(config, modules, magnitudes);
     }
 
     /// <summary>(out, in) of a Llama linear module path.</summary>
@@ -222,6 +238,7 @@ public sealed class PeftLoraAdapter
             var (outF, inF) = LinearShape(model, module);
             tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_A.weight", a, new[] { r, inF }));
             tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_B.weight", b, new[] { outF, r }));
+            if (Magnitudes.TryGetValue(module, out var m)) tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_magnitude_vector", m, new[] { outF }));
         }
 
         SafeTensorsWriter.Write(Path.Combine(folder, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
@@ -233,7 +250,7 @@ public sealed class PeftLoraAdapter
             ["lora_alpha"] = Config.LoraAlpha,
             ["lora_dropout"] = Config.LoraDropout,
             ["use_rslora"] = Config.UseRsLora,
-            ["use_dora"] = false,
+            ["use_dora"] = Config.UseDora,
             ["fan_in_fan_out"] = false,
             ["bias"] = "none",
             ["target_modules"] = Config.TargetRegex != null ? JsonValue.Create(Config.TargetRegex) : new JsonArray(Config.TargetModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray()),

@@ -2,8 +2,36 @@ using PeftSharp.Engine;
 
 namespace PeftSharp.Model;
 
-/// <summary>A LoRA layer on one linear module: y += Scale * (x A^T) B^T.</summary>
-public sealed record LoraLayer(Parameter A, Parameter B, int Rank, float Scale);
+/// <summary>
+/// A LoRA layer on one linear module: y = x W^T + Scale * (dropout(x) A^T) B^T. With DoRA, a trained magnitude m
+/// (out) rescales each output: y = m / ||W + Scale B A||_row * (x W^T + Scale (x A^T) B^T), the norm treated as a
+/// constant in the backward pass as PEFT does.
+/// </summary>
+public sealed class LoraLayer
+{
+    public LoraLayer(Parameter a, Parameter b, int rank, float scale, float dropout = 0f, Parameter? magnitude = null)
+    {
+        A = a;
+        B = b;
+        Rank = rank;
+        Scale = scale;
+        Dropout = dropout;
+        Magnitude = magnitude;
+    }
+
+    public Parameter A { get; }
+    public Parameter B { get; }
+    public int Rank { get; }
+    public float Scale { get; }
+
+    /// <summary>Probability of zeroing an input of the LoRA branch while training (inputs kept are scaled by 1 / (1 - p)).</summary>
+    public float Dropout { get; }
+
+    /// <summary>DoRA's magnitude vector (out), or null for plain LoRA.</summary>
+    public Parameter? Magnitude { get; }
+
+    public IEnumerable<Parameter> Parameters => Magnitude == null ? new[] { A, B } : new[] { A, B, Magnitude };
+}
 
 /// <summary>
 /// A Llama-family decoder (transformers' LlamaForCausalLM) over the engine's Ops: token embedding, pre-norm blocks of
@@ -35,7 +63,13 @@ public sealed class LlamaModel : IDisposable
     public IReadOnlyDictionary<string, LoraLayer> Lora => lora;
 
     /// <summary>Everything an optimizer steps: the base parameters and the LoRA matrices.</summary>
-    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => new[] { l.A, l.B }));
+    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => l.Parameters));
+
+    /// <summary>
+    /// Seeds the LoRA dropout masks of the next training forward pass (a trainer sets it from its seed and step, so
+    /// a resumed run draws the same masks as an uninterrupted one).
+    /// </summary>
+    public int DropoutSeed { get; set; }
 
     public Parameter this[string name] => byName.TryGetValue(name, out var p)
         ? p
@@ -198,17 +232,30 @@ public sealed class LlamaModel : IDisposable
         }
     }
 
+    /// <summary>What a LoRA module's forward keeps for its backward.</summary>
+    private sealed class LoraSaved : IDisposable
+    {
+        public Tensor T = null!;           // (rows, R): x A^T (of the dropped-out x)
+        public Tensor? Mask, XDropped;     // (rows, in) when dropout is on
+        public Tensor? Z, C, InvNorm;      // DoRA: the unscaled output (rows, out), m / norm and 1 / norm (out)
+
+        public void Dispose()
+        {
+            foreach (var t in new[] { T, Mask, XDropped, Z, C, InvNorm }) t?.Dispose();
+        }
+    }
+
     private sealed class Pass : IDisposable
     {
         public int Tokens;
         public IndexTensor Ids = null!, Positions = null!;
         public List<LayerActivations> Layers = new();
         public Tensor XFinal = null!, HFinal = null!, RstdFinal = null!, Logits = null!;
-        public Dictionary<string, Tensor> LoraT = new();
+        public Dictionary<string, LoraSaved> Lora = new();
 
         public void Dispose()
         {
-            foreach (var t in LoraT.Values) t.Dispose();
+            foreach (var t in Lora.Values) t.Dispose();
             foreach (var l in Layers) l.Dispose();
             foreach (var t in new IDisposable?[] { Ids, Positions, XFinal, HFinal, RstdFinal, Logits }) t?.Dispose();
         }
@@ -235,7 +282,7 @@ public sealed class LlamaModel : IDisposable
             pass.Ids = Device.FromIndices("input_ids", tokens);
             pass.Positions = Device.FromIndices("positions", Enumerable.Range(0, n).Select(i => i % t).ToArray());
             var x = Device.Zeros("x0", n, dm);
-            var keep = keepActivations ? pass.LoraT : null;
+            var keep = keepActivations ? pass.Lora : null;
             ops.Embedding(pass.Ids, this["model.embed_tokens.weight"].Value, x);
             for (int i = 0; i < c.NumHiddenLayers; i++)
             {
@@ -477,12 +524,15 @@ public sealed class LlamaModel : IDisposable
     /// <summary>
     /// Adds a LoRA layer to every module <paramref name="config"/> targets: A (r, in) from PEFT's default init
     /// (uniform in +-1/sqrt(in), i.e. kaiming_uniform with a = sqrt(5)), B (out, r) zero, so the model is unchanged
-    /// until B trains. With <paramref name="freezeBase"/>, every base parameter stops training.
+    /// until B trains; with use_dora, a magnitude m = ||W||_row. Weights come from <paramref name="from"/> where it
+    /// has them. With <paramref name="freezeBase"/>, every base parameter stops training; with
+    /// <paramref name="trainA"/> false, A stays at its random init and only B (and m) train.
     /// </summary>
-    public void AddLora(PeftSharp.Formats.LoraAdapterConfig config, int seed, bool freezeBase = true, PeftSharp.Formats.PeftLoraAdapter? from = null)
+    public void AddLora(PeftSharp.Formats.LoraAdapterConfig config, int seed, bool freezeBase = true, PeftSharp.Formats.PeftLoraAdapter? from = null, bool trainA = true)
     {
         var targets = config.TargetsIn(Config).ToList();
         if (targets.Count == 0) throw new ArgumentException($"LoRA target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
+        if (config.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"lora_dropout {config.LoraDropout} must be in [0, 1)");
         var rng = new Random(seed);
         foreach (var module in targets)
         {
@@ -501,10 +551,29 @@ public sealed class LlamaModel : IDisposable
                 b = new float[outF * r];
             }
 
-            lora[module] = new LoraLayer(
+            Parameter? magnitude = null;
+            if (config.UseDora)
+            {
+                float[] m;
+                if (from != null && from.Magnitudes.TryGetValue(module, out var fm))
+                {
+                    m = fm;
+                }
+                else
+                {
+                    var host = this[module + ".weight"].Value.ToArray();
+                    m = Enumerable.Range(0, outF).Select(row => (float)Math.Sqrt(host.AsSpan(row * inF, inF).ToArray().Sum(v => (double)v * v))).ToArray();
+                }
+
+                magnitude = new Parameter($"base_model.model.{module}.lora_magnitude_vector", Device.FromArray(module + ".lora_magnitude_vector", m, outF));
+            }
+
+            var layer = new LoraLayer(
                 new Parameter($"base_model.model.{module}.lora_A.weight", Device.FromArray(module + ".lora_A", a, r, inF)),
                 new Parameter($"base_model.model.{module}.lora_B.weight", Device.FromArray(module + ".lora_B", b, outF, r)),
-                r, config.Scale(module));
+                r, config.Scale(module), config.LoraDropout, magnitude);
+            layer.A.Trainable = trainA;
+            lora[module] = layer;
         }
 
         if (freezeBase)
@@ -513,39 +582,162 @@ public sealed class LlamaModel : IDisposable
         }
     }
 
+    /// <summary>Removes every LoRA layer (after merging them, or to start a fresh one), freeing its tensors.</summary>
+    public void RemoveLora()
+    {
+        foreach (var l in lora.Values)
+        {
+            foreach (var p in l.Parameters) p.Dispose();
+        }
+
+        lora.Clear();
+    }
+
     /// <summary>The LoRA layers as a PEFT adapter (for <c>PeftLoraAdapter.Save</c>).</summary>
     public PeftSharp.Formats.PeftLoraAdapter ExportLora(PeftSharp.Formats.LoraAdapterConfig config) =>
-        new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())));
+        new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())),
+            lora.Where(l => l.Value.Magnitude != null).ToDictionary(l => l.Key, l => l.Value.Magnitude!.Value.ToArray()));
 
-    /// <summary>y = x W^T for the module's base weight, plus s (x A^T) B^T when it has a LoRA layer. x (rows, in), y (rows, out).</summary>
-    private void Project(string module, Tensor x, Tensor y, Dictionary<string, Tensor>? keep, IRowVariants? variants = null)
+    /// <summary>
+    /// y = x W^T for the module's base weight, then each row's variant delta, then the module's own LoRA (and DoRA)
+    /// layer when it has one. x (rows, in), y (rows, out). With <paramref name="keep"/> (training), dropout is applied
+    /// to the LoRA branch and what the backward needs is saved.
+    /// </summary>
+    private void Project(string module, Tensor x, Tensor y, Dictionary<string, LoraSaved>? keep, IRowVariants? variants = null)
     {
         var ops = Device.Ops;
         ops.Linear(x, this[module + ".weight"].Value, y);
         variants?.Apply(module, x, y);
         if (!lora.TryGetValue(module, out var l)) return;
-        var t = Device.Zeros(module + ".lora_t", x.Dim(0), l.Rank);
-        ops.Linear(x, l.A.Value, t);
-        ops.MatMul(t, l.B.Value, y, transposeB: true, alpha: l.Scale, beta: 1f);
-        if (keep != null) keep[module] = t;
-        else t.Dispose();
+        int rows = x.Dim(0);
+        var saved = new LoraSaved();
+        try
+        {
+            var input = x;
+            if (keep != null && l.Dropout > 0f)
+            {
+                saved.Mask = Device.FromArray(module + ".dropout_mask", DropoutMask(module, rows * x.Dim(1), l.Dropout), rows, x.Dim(1));
+                saved.XDropped = Device.Zeros(module + ".x_dropped", rows, x.Dim(1));
+                ops.Mul(x, saved.Mask, saved.XDropped);
+                input = saved.XDropped;
+            }
+
+            saved.T = Device.Zeros(module + ".lora_t", rows, l.Rank);
+            ops.Linear(input, l.A.Value, saved.T);
+            ops.MatMul(saved.T, l.B.Value, y, transposeB: true, alpha: l.Scale, beta: 1f);
+            if (l.Magnitude != null)
+            {
+                var norm = DoraNorms(module, l);
+                var m = l.Magnitude.Value.ToArray();
+                saved.C = Device.FromArray(module + ".dora_scale", m.Select((v, i) => (float)(v / norm[i])).ToArray(), m.Length);
+                saved.InvNorm = Device.FromArray(module + ".dora_inv_norm", norm.Select(v => (float)(1.0 / v)).ToArray(), m.Length);
+                if (keep != null)
+                {
+                    saved.Z = Device.Zeros(module + ".dora_z", y.Shape.ToArray());
+                    ops.Copy(y, saved.Z);
+                }
+
+                ops.ScaleColumns(y, saved.C, y);
+            }
+        }
+        catch
+        {
+            saved.Dispose();
+            throw;
+        }
+
+        if (keep != null) keep[module] = saved;
+        else saved.Dispose();
+    }
+
+    /// <summary>||W + s B A|| of every output row (out), in double: DoRA's column norm, a constant to the backward.</summary>
+    private double[] DoraNorms(string module, LoraLayer l)
+    {
+        var w = this[module + ".weight"].Value;
+        using var merged = Device.Zeros(module + ".dora_w", w.Shape.ToArray());
+        Device.Ops.Copy(w, merged);
+        Device.Ops.MatMul(l.B.Value, l.A.Value, merged, alpha: l.Scale, beta: 1f);
+        var host = merged.ToArray();
+        int n = w.Dim(0), k = w.Dim(1);
+        var norms = new double[n];
+        for (int r = 0; r < n; r++)
+        {
+            double acc = 0;
+            for (int c = 0; c < k; c++) acc += (double)host[r * k + c] * host[r * k + c];
+            norms[r] = Math.Max(Math.Sqrt(acc), 1e-12);
+        }
+
+        return norms;
+    }
+
+    /// <summary>Inverted dropout: each entry is 0 with probability p, else 1 / (1 - p); seeded by DropoutSeed and the module.</summary>
+    private float[] DropoutMask(string module, int length, float p)
+    {
+        int moduleIndex = PeftSharp.Formats.LoraAdapterConfig.LlamaLinearModules(Config).TakeWhile(m => m != module).Count();
+        var rng = new Random(unchecked(DropoutSeed * 1_000_003 + moduleIndex * 7919 + 17));
+        float keep = 1f / (1f - p);
+        var mask = new float[length];
+        for (int i = 0; i < length; i++) mask[i] = rng.NextDouble() < p ? 0f : keep;
+        return mask;
     }
 
     /// <summary>
-    /// Backward of <see cref="Project"/>: dx = dy W (+ s (dy B) A), dW += dy^T x when trainable, and for LoRA
-    /// dB += s dy^T t, dA += (s dy B)^T x, with t = x A^T saved by the forward.
+    /// Backward of <see cref="Project"/>: for DoRA, dm += sum_rows(dy * z) / norm and dy becomes dy * m / norm; then
+    /// dx = dy W (+ s (dy B) A, masked by dropout), dW += dy^T x when trainable, dB += s dy^T t, dA += (s dy B)^T x_dropped.
     /// </summary>
     private void ProjectBackward(string module, Tensor x, Tensor dy, Tensor dx, Pass pass)
     {
         var ops = Device.Ops;
-        ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
-        if (!lora.TryGetValue(module, out var l)) return;
-        var t = pass.LoraT[module];
-        if (l.B.Trainable) ops.MatMul(dy, t, l.B.Grad, transposeA: true, alpha: l.Scale, beta: 1f);
-        using var dt = Device.Zeros(module + ".lora_dt", x.Dim(0), l.Rank);
-        ops.MatMul(dy, l.B.Value, dt, alpha: l.Scale);
-        if (l.A.Trainable) ops.MatMul(dt, x, l.A.Grad, transposeA: true, beta: 1f);
-        ops.MatMul(dt, l.A.Value, dx, beta: 1f);
+        if (!lora.TryGetValue(module, out var l))
+        {
+            ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
+            return;
+        }
+
+        var saved = pass.Lora[module];
+        int rows = x.Dim(0);
+        Tensor? scaledDy = null;
+        try
+        {
+            if (l.Magnitude != null)
+            {
+                if (l.Magnitude.Trainable)
+                {
+                    using var prod = Device.Zeros(module + ".dora_dy_z", dy.Shape.ToArray());
+                    ops.Mul(dy, saved.Z!, prod);
+                    using var ones = Device.FromArray("ones", Enumerable.Repeat(1f, rows).ToArray(), 1, rows);
+                    using var colSum = Device.Zeros(module + ".dora_dm", 1, dy.Dim(1));
+                    ops.MatMul(ones, prod, colSum);
+                    ops.ScaleColumns(colSum, saved.InvNorm!, colSum);
+                    ops.Axpy(1f, colSum.Reshape(dy.Dim(1)), l.Magnitude.Grad);
+                }
+
+                scaledDy = Device.Zeros(module + ".dora_dy", dy.Shape.ToArray());
+                ops.ScaleColumns(dy, saved.C!, scaledDy);
+                dy = scaledDy;
+            }
+
+            ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
+            if (l.B.Trainable) ops.MatMul(dy, saved.T, l.B.Grad, transposeA: true, alpha: l.Scale, beta: 1f);
+            using var dt = Device.Zeros(module + ".lora_dt", rows, l.Rank);
+            ops.MatMul(dy, l.B.Value, dt, alpha: l.Scale);
+            if (l.A.Trainable) ops.MatMul(dt, saved.XDropped ?? x, l.A.Grad, transposeA: true, beta: 1f);
+            if (saved.Mask == null)
+            {
+                ops.MatMul(dt, l.A.Value, dx, beta: 1f);
+            }
+            else
+            {
+                using var dxLora = Device.Zeros(module + ".lora_dx", x.Shape.ToArray());
+                ops.MatMul(dt, l.A.Value, dxLora);
+                ops.Mul(dxLora, saved.Mask, dxLora);
+                ops.Add(dx, dxLora, dx);
+            }
+        }
+        finally
+        {
+            scaledDy?.Dispose();
+        }
     }
 
     public void ZeroGrad()

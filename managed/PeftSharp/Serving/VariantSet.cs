@@ -32,6 +32,11 @@ public sealed class VariantSet : IDisposable
     public int AddLora(string name, PeftLoraAdapter adapter)
     {
         CheckName(name);
+        if (adapter.Config.UseDora)
+        {
+            throw new NotSupportedException($"adapter '{name}' is DoRA: its per-row magnitude rescaling is not in the mixed-adapter kernel yet; serve it merged (peft merge)");
+        }
+
         variants.Add((name, adapter, null));
         dirty = true;
         return variants.Count - 1;

@@ -14,6 +14,25 @@ public sealed class ElementwiseTests : BackendTest
     // Lengths: 1, odd, one past a SIMD width, one past the CPU backend's 4096 chunk.
     private static readonly int[] Lengths = { 1, 7, 33, 4097 };
 
+    [TestCase(1, 1, TestName = "{m}_Rows1_Cols1")]
+    [TestCase(5, 7, TestName = "{m}_Rows5_Cols7")]
+    [TestCase(3, 33, TestName = "{m}_Rows3_Cols33")]
+    public void ScaleColumns_MatchesReference_AndWorksInPlace(int rows, int cols)
+    {
+        var x = TestData.Uniform(rows * cols, 5);
+        var c = TestData.Uniform(cols, 6);
+        var expected = new float[rows * cols];
+        ElementwiseReference.ScaleColumns(x, c, expected);
+        var tx = Input("x", x, rows, cols);
+        var tc = Input("c", c, cols);
+        var y = Output("y", rows, cols);
+        Ops.ScaleColumns(tx, tc, y);
+        Expect(y, expected, Tolerances.Elementwise, "scale columns");
+        Ops.ScaleColumns(tx, tc, tx);
+        Expect(tx, expected, Tolerances.Elementwise, "scale columns in place");
+        Assert.Throws<ArgumentException>(() => Ops.ScaleColumns(tx, Input("c_short", new float[cols + 1], cols + 1), tx));
+    }
+
     [TestCaseSource(nameof(Lengths))]
     public void AddMulScaleAxpy_MatchReference(int n)
     {
