@@ -17,6 +17,10 @@ internal sealed record TrainExtras
     public float Momentum { get; init; } = 0.9f;
     /// <summary>Set for --method lora.</summary>
     public LoraAdapterConfig? Lora { get; init; }
+    /// <summary>Train B only (A frozen at its random init).</summary>
+    public bool LoraBOnly { get; init; }
+    /// <summary>lora | lora-ga.</summary>
+    public string LoraInit { get; init; } = "lora";
 }
 
 /// <summary>The host's jobs: thin wrappers that parse values, call the library and report.</summary>

@@ -53,11 +53,16 @@ public static class Program
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
-        var method = new Option<string>("--method") { Description = "full | lora (prefix, 1-bit and sparse methods arrive with their issues)", DefaultValueFactory = _ => "full" };
+        var method = new Option<string>("--method") { Description = "full | lora (prefix tuning and sparse methods arrive with their issues; 1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
         var alpha = new Option<float>("--alpha") { Description = "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)", DefaultValueFactory = _ => 16f };
         var targetsOpt = new Option<string>("--targets") { Description = "all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "all-linear" };
         var rslora = new Option<bool>("--rslora") { Description = "rank-stabilised scaling alpha / sqrt(r)" };
+        var dora = new Option<bool>("--dora") { Description = "DoRA: train a magnitude vector per module beside the low-rank direction" };
+        var bOnly = new Option<bool>("--b-only") { Description = "Train only B; A stays at its random init" };
+        var loraDropout = new Option<float>("--dropout") { Description = "LoRA dropout on the adapter's input while training", DefaultValueFactory = _ => 0f };
+        var loraInit = new Option<string>("--init") { Description = "lora (A random, B zero) | lora-ga (A, B from the SVD of the full gradient)", DefaultValueFactory = _ => "lora" };
+        var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)", DefaultValueFactory = _ => 0 };
 
         Command TrainCommand(string name, string description, bool finetune)
         {
@@ -65,7 +70,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora }) c.Options.Add(o);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery }) c.Options.Add(o);
             }
             else
             {
@@ -86,6 +91,7 @@ public static class Program
                     ClipNorm = r.GetValue(clip),
                     ClipPerParameter = r.GetValue(clipPer),
                     GradAccumulation = Positive("--grad-accum", r.GetValue(accum)),
+                    ChainEvery = finetune ? r.GetValue(chainEvery) : 0,
                 }, r.GetValue(outDir)!, r.GetValue(resume), r.GetValue(quiet), stdout, new TrainExtras
                 {
                     Freeze = r.GetValue(freeze) ?? Array.Empty<string>(),
@@ -93,7 +99,11 @@ public static class Program
                     EmaDecay = r.GetValue(emaDecay),
                     Optimizer = r.GetValue(optimizerKind)!,
                     Momentum = r.GetValue(momentum),
-                    Lora = finetune && r.GetValue(method) == "lora" ? Commands.LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) : null,
+                    Lora = finetune && r.GetValue(method) == "lora"
+                        ? Commands.LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) with { UseDora = r.GetValue(dora), LoraDropout = r.GetValue(loraDropout) }
+                        : null,
+                    LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
+                    LoraBOnly = finetune && r.GetValue(bOnly),
                 }));
             return c;
         }
@@ -248,6 +258,9 @@ internal static class Commands
             throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full or lora (prefix tuning, 1-bit deltas and sparse methods are open issues)");
         }
 
+        bool loraOnlyFlags = extras.LoraBOnly || extras.LoraInit != "lora" || options.ChainEvery != 0;
+        if (extras.Lora == null && loraOnlyFlags) throw new ArgumentException("--b-only, --init and --chain-every apply to --method lora");
+        if (options.ChainEvery < 0) throw new ArgumentException($"--chain-every {options.ChainEvery}: must be >= 0");
         var console = Console(stdout);
         using var device = OpenDevice(deviceSpec);
         var (train, held, completionOnly) = Jobs.Data(dataSpec, options.Seed);
@@ -260,16 +273,39 @@ internal static class Commands
         Action<string>? save = null;
         if (extras.Lora is { } lora)
         {
-            if (resume != null) throw new ArgumentException("--resume with --method lora: resuming adapter training is not implemented yet");
-            model.AddLora(lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) }, options.Seed);
+            if (lora.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"--dropout {lora.LoraDropout}: must be in [0, 1)");
+            if (lora.UseDora && lora.LoraDropout > 0f) throw new NotSupportedException("--dora with --dropout: PEFT applies DoRA's rescaling to the dropped-out base product, which is not implemented; use one of them");
+            if (extras.LoraInit is not ("lora" or "lora-ga")) throw new ArgumentException($"--init {extras.LoraInit}: use lora or lora-ga");
+            if (extras.LoraInit == "lora-ga" && (lora.UseDora || extras.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
+            if (resume != null && extras.LoraInit == "lora-ga") throw new NotSupportedException("--resume with --init lora-ga: the initial factors that the export needs are not in checkpoints yet");
+            var named = lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) };
+            if (extras.LoraInit == "lora-ga" && resume == null)
+            {
+                var tok = new ByteTokenizer();
+                var batches = Enumerable.Range(0, 4).Select(_ => Batcher.Encode(train.Next(options.BatchSize), tok, options.SeqLen, options.CompletionOnly)).ToList();
+                train.Seek(0);
+                LoraGa.AddLora(model, named, batches, options.BatchSize, options.Seed);
+            }
+            else
+            {
+                model.AddLora(named, options.Seed, trainA: !extras.LoraBOnly);
+            }
+
             long trainable = model.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
-            console.MarkupLine($"LoRA r = {lora.R}, alpha = {lora.LoraAlpha}{(lora.UseRsLora ? " (rsLoRA)" : "")} on {model.Lora.Count} modules: {trainable:N0} trainable parameters ({100.0 * trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})");
-            save = dir => model.ExportLora(lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) }).Save(dir, model.Config);
+            string kind = $"{(lora.UseDora ? "DoRA" : "LoRA")} r = {lora.R}, alpha = {lora.LoraAlpha}{(lora.UseRsLora ? " (rsLoRA)" : "")}{(extras.LoraBOnly ? ", B only" : "")}{(extras.LoraInit == "lora-ga" ? ", LoRA-GA init" : "")}{(lora.LoraDropout > 0 ? $", dropout {lora.LoraDropout}" : "")}{(options.ChainEvery > 0 ? $", chained every {options.ChainEvery} steps" : "")}";
+            console.MarkupLine($"{Markup.Escape(kind)} on {model.Lora.Count} modules: {trainable:N0} trainable parameters ({100.0 * trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})");
+            save = options.ChainEvery > 0
+                ? dir =>
+                {
+                    model.MergeLoraAndRestart(options.Seed);
+                    HuggingFaceFolder.Save(model, dir);
+                }
+                : dir => model.ExportLora(named).Save(dir, model.Config);
         }
 
         var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, extras, save);
         if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
-        console.MarkupLine($"{(extras.Lora != null ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        console.MarkupLine($"{(extras.Lora != null && options.ChainEvery == 0 ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }
 

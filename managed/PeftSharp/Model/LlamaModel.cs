@@ -45,6 +45,8 @@ public sealed class LlamaModel : IDisposable
     private readonly Dictionary<string, Parameter> byName = new();
     private readonly List<Parameter> parameters = new();
     private readonly Dictionary<string, LoraLayer> lora = new();
+    private readonly Dictionary<string, (float[] A0, float[] B0)> loraInit = new();
+    private int chainRestarts;
 
     private LlamaModel(Device device, LlamaConfig config)
     {
@@ -582,6 +584,60 @@ public sealed class LlamaModel : IDisposable
         }
     }
 
+    /// <summary>
+    /// Chain of LoRA: merges every LoRA layer into its base weight (W += s B A, or DoRA's rescaled form), then starts
+    /// it afresh in place (A from the default init with <paramref name="seed"/>, B = 0, m = ||W||_row), so the model
+    /// computes the same function and the optimizer keeps the same parameter objects.
+    /// </summary>
+    public void MergeLoraAndRestart(int seed)
+    {
+        var ops = Device.Ops;
+        var rng = new Random(seed);
+        foreach (var (module, l) in lora)
+        {
+            var w = this[module + ".weight"].Value;
+            int outF = w.Dim(0), inF = w.Dim(1);
+            if (l.Magnitude != null)
+            {
+                var norm = DoraNorms(module, l);
+                var m = l.Magnitude.Value.ToArray();
+                ops.MatMul(l.B.Value, l.A.Value, w, alpha: l.Scale, beta: 1f);
+                var host = w.ToArray();
+                for (int i = 0; i < host.Length; i++) host[i] *= (float)(m[i / inF] / norm[i / inF]);
+                w.CopyFrom(host);
+                l.Magnitude.Value.CopyFrom(Enumerable.Range(0, outF).Select(r => (float)Math.Sqrt(host.AsSpan(r * inF, inF).ToArray().Sum(v => (double)v * v))).ToArray());
+            }
+            else
+            {
+                ops.MatMul(l.B.Value, l.A.Value, w, alpha: l.Scale, beta: 1f);
+            }
+
+            float bound = 1f / MathF.Sqrt(inF);
+            l.A.Value.CopyFrom(Enumerable.Range(0, l.Rank * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray());
+            ops.Fill(l.B.Value, 0f);
+        }
+
+        loraInit.Clear();
+        chainRestarts++;
+    }
+
+    /// <summary>How many times <see cref="MergeLoraAndRestart"/> has folded the adapters into the base.</summary>
+    public int ChainRestarts => chainRestarts;
+
+    /// <summary>
+    /// For initialisations with a non-zero product (LoRA-GA): W -= s B0 A0 keeps the model's function, and the
+    /// initial factors are remembered so <see cref="ExportLora"/> can express the adapter against the original base.
+    /// </summary>
+    public void AbsorbLoraInit(string module, float[] a0, float[] b0)
+    {
+        var l = lora[module];
+        var w = this[module + ".weight"].Value;
+        using var ta = Device.FromArray("a0", a0, l.Rank, w.Dim(1));
+        using var tb = Device.FromArray("b0", b0, w.Dim(0), l.Rank);
+        Device.Ops.MatMul(tb, ta, w, alpha: -l.Scale, beta: 1f);
+        loraInit[module] = (a0, b0);
+    }
+
     /// <summary>Removes every LoRA layer (after merging them, or to start a fresh one), freeing its tensors.</summary>
     public void RemoveLora()
     {
@@ -591,12 +647,48 @@ public sealed class LlamaModel : IDisposable
         }
 
         lora.Clear();
+        loraInit.Clear();
     }
 
-    /// <summary>The LoRA layers as a PEFT adapter (for <c>PeftLoraAdapter.Save</c>).</summary>
-    public PeftSharp.Formats.PeftLoraAdapter ExportLora(PeftSharp.Formats.LoraAdapterConfig config) =>
-        new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())),
-            lora.Where(l => l.Value.Magnitude != null).ToDictionary(l => l.Key, l => l.Value.Magnitude!.Value.ToArray()));
+    /// <summary>
+    /// The LoRA layers as a PEFT adapter (for <c>PeftLoraAdapter.Save</c>). After a LoRA-GA initialisation the base
+    /// weights hold W - s B0 A0, so the adapter is exported against the original W: rank 2r with A' = [A; A0] and
+    /// B' = [B, -B0], and alpha doubled (sqrt-2 times under rsLoRA) so the scale s stays the same.
+    /// </summary>
+    public PeftSharp.Formats.PeftLoraAdapter ExportLora(PeftSharp.Formats.LoraAdapterConfig config)
+    {
+        if (chainRestarts > 0)
+        {
+            throw new InvalidOperationException($"the base weights have absorbed {chainRestarts} earlier LoRA links (chain of LoRA); the current adapter alone does not reproduce the model: save the model instead");
+        }
+
+        var magnitudes = lora.Where(l => l.Value.Magnitude != null).ToDictionary(l => l.Key, l => l.Value.Magnitude!.Value.ToArray());
+        if (loraInit.Count == 0) return new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())), magnitudes);
+        if (config.RankPattern.Count > 0 || config.AlphaPattern.Count > 0) throw new NotSupportedException("exporting a LoRA-GA adapter with rank_pattern or alpha_pattern is not supported");
+        int r2 = 2 * config.R;
+        var doubled = config with { R = r2, LoraAlpha = config.UseRsLora ? config.LoraAlpha * MathF.Sqrt(2f) : config.LoraAlpha * 2 };
+        var modules = new Dictionary<string, (float[], float[])>();
+        foreach (var (module, l) in lora)
+        {
+            var (a0, b0) = loraInit[module];
+            var a = l.A.Value.ToArray();
+            var b = l.B.Value.ToArray();
+            int r = l.Rank, outF = b.Length / r;
+            var b2 = new float[outF * r2];
+            for (int o = 0; o < outF; o++)
+            {
+                for (int j = 0; j < r; j++)
+                {
+                    b2[o * r2 + j] = b[o * r + j];
+                    b2[o * r2 + r + j] = -b0[o * r + j];
+                }
+            }
+
+            modules[module] = (a.Concat(a0).ToArray(), b2);
+        }
+
+        return new(doubled, modules, magnitudes);
+    }
 
     /// <summary>
     /// y = x W^T for the module's base weight, then each row's variant delta, then the module's own LoRA (and DoRA)

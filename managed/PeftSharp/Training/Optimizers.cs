@@ -32,6 +32,9 @@ public abstract class Optimizer : IDisposable
     /// <summary>Restores state written by <see cref="ExportState"/> and the step count.</summary>
     public abstract void ImportState(Func<string, float[]?> read, int stepCount);
 
+    /// <summary>Forgets the state of <paramref name="reset"/> (fresh moments), as a restarted adapter needs.</summary>
+    public abstract void ResetState(IEnumerable<Parameter> reset);
+
     public virtual void Dispose()
     {
     }
@@ -102,6 +105,18 @@ public sealed class AdamW : Optimizer
         }
     }
 
+    public override void ResetState(IEnumerable<Parameter> reset)
+    {
+        foreach (var p in reset)
+        {
+            if (state.Remove(p, out var s))
+            {
+                s.M.Dispose();
+                s.V.Dispose();
+            }
+        }
+    }
+
     public override void Dispose()
     {
         foreach (var (m, v) in state.Values)
@@ -160,6 +175,14 @@ public sealed class Sgd : Optimizer
         foreach (var p in Parameters)
         {
             if (read(p.Name + ".momentum_buffer") is { } b) momentum[p] = p.Value.Device.FromArray(p.Name + ".momentum_buffer", b, p.Value.Shape.ToArray());
+        }
+    }
+
+    public override void ResetState(IEnumerable<Parameter> reset)
+    {
+        foreach (var p in reset)
+        {
+            if (momentum.Remove(p, out var b)) b.Dispose();
         }
     }
 

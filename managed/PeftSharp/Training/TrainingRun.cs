@@ -23,6 +23,8 @@ public sealed record TrainOptions
     /// <summary>Train on completions only (fine-tuning), or on every token (pre-training).</summary>
     public bool CompletionOnly { get; init; }
     public int CheckpointEvery { get; init; }
+    /// <summary>Chain of LoRA: every this many steps, merge the LoRA layers into the base and start fresh ones (0: off).</summary>
+    public int ChainEvery { get; init; }
     public int Seed { get; init; } = 1;
 }
 
@@ -103,6 +105,9 @@ public sealed class TrainingRun
 
     public TrainOptions Options { get; }
 
+    /// <summary>The checkpoint file holding adapter parameters beside the base model's HF folder.</summary>
+    public const string AdapterStateFile = "adapter_state.safetensors";
+
     /// <summary>Steps completed (restored by <see cref="Resume"/>).</summary>
     public int Step { get; private set; }
 
@@ -130,6 +135,7 @@ public sealed class TrainingRun
                 {
                     var batch = data.Next(Options.BatchSize);
                     var (ids, targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                    model.DropoutSeed = unchecked(Options.Seed * 1_000_003 + Step * 131 + micro);
                     var (l, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
                     loss += l / Options.GradAccumulation;
                     tokens += ids.Length;
@@ -147,6 +153,12 @@ public sealed class TrainingRun
                 float lr = schedule.At(Step);
                 optimizer.Step(lr);
                 Step++;
+                if (Options.ChainEvery > 0 && Step % Options.ChainEvery == 0 && Step < Options.Steps && model.Lora.Count > 0)
+                {
+                    model.MergeLoraAndRestart(unchecked(Options.Seed + Step));
+                    optimizer.ResetState(model.Lora.Values.SelectMany(l => l.Parameters));
+                }
+
                 var m = new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds);
                 all.Add(m);
                 metrics?.WriteLine(JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond }));
@@ -178,6 +190,9 @@ public sealed class TrainingRun
         HuggingFaceFolder.Save(model, tmp);
         var state = optimizer.ExportState().Select(s => new SafeTensorData(s.Name, s.Values, s.Shape)).ToList();
         SafeTensorsWriter.Write(Path.Combine(tmp, "optimizer.safetensors"), state);
+        // Adapter parameters (LoRA A, B, DoRA magnitudes) by their PEFT names; the base is the HF folder above.
+        var adapter = model.Lora.Values.SelectMany(l => l.Parameters).Select(p => new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray())).ToList();
+        if (adapter.Count > 0) SafeTensorsWriter.Write(Path.Combine(tmp, AdapterStateFile), adapter);
         var trainerState = new Dictionary<string, object>
         {
             ["step"] = Step,
@@ -207,5 +222,23 @@ public sealed class TrainingRun
         optimizer.ImportState(name => st.Contains(name) ? st.ReadFloats(name) : null, root.GetProperty("optimizer_steps").GetInt32());
         Step = root.GetProperty("step").GetInt32();
         data.Seek(root.GetProperty("data_position").GetInt64());
+        var adapterParams = model.Lora.Values.SelectMany(l => l.Parameters).ToList();
+        string adapterPath = Path.Combine(folder, AdapterStateFile);
+        if (adapterParams.Count > 0 != File.Exists(adapterPath))
+        {
+            throw new InvalidDataException($"{folder}: the checkpoint {(File.Exists(adapterPath) ? "holds adapter parameters but this run has no adapter" : "holds no adapter parameters but this run trains an adapter")}");
+        }
+
+        if (adapterParams.Count > 0)
+        {
+            using var af = SafeTensorsFile.Open(adapterPath);
+            var problems = adapterParams.Where(p => !af.Contains(p.Name) || af[p.Name].Elements != p.Value.Length).Select(p => p.Name).ToList();
+            if (problems.Count > 0 || af.Tensors.Count != adapterParams.Count)
+            {
+                throw new InvalidDataException($"{adapterPath}: the adapter in the checkpoint does not match this run's ({af.Tensors.Count} tensors there, {adapterParams.Count} here; missing or resized: {string.Join(", ", problems)})");
+            }
+
+            foreach (var p in adapterParams) p.Value.CopyFrom(af.ReadFloats(p.Name));
+        }
     }
 }

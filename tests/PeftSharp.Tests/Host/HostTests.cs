@@ -88,6 +88,33 @@ public sealed class HostJobTests : TempDirectoryTest
         Assert.That(File.Exists(Path.Combine(lora, "adapter_config.json")) && File.Exists(Path.Combine(lora, "adapter_model.safetensors")));
         r = Peft.Run("merge", "--model", pre, "--adapter", lora, "--out", Path.Combine(TempDir, "lora-merged"), "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
+
+        // The LoRA family's flags, each for a couple of steps: DoRA, B only with dropout, LoRA-GA (rank-2r export),
+        // chain of LoRA (saves the merged model), and resuming adapter training from its checkpoint.
+        foreach (var (name, extra, expect) in new[]
+        {
+            ("dora", new[] { "--dora" }, "DoRA r = 4"),
+            ("bonly", new[] { "--b-only", "--dropout", "0.1" }, "B only, dropout 0.1"),
+            ("ga", new[] { "--init", "lora-ga" }, "LoRA-GA init"),
+            ("chain", new[] { "--chain-every", "2" }, "chained every 2 steps"),
+        })
+        {
+            string dir = Path.Combine(TempDir, name);
+            r = Peft.Run(new[] { "finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "lora", "--rank", "4", "--steps", "4", "--batch-size", "2",
+                "--checkpoint-every", "2", "--out", dir, "--quiet", "--device", "cpu" }.Concat(extra).ToArray());
+            Assert.That(r.Code, Is.EqualTo(0), $"{name}: {r.Err}");
+            Assert.That(r.Out, Does.Contain(expect), name);
+            Assert.That(File.Exists(Path.Combine(dir, name == "chain" ? "model.safetensors" : "adapter_model.safetensors")), name);
+        }
+
+        Assert.That(PeftSharp.Formats.PeftLoraAdapter.ParseConfig(File.ReadAllText(Path.Combine(TempDir, "ga", "adapter_config.json")), "ga").R, Is.EqualTo(8), "LoRA-GA exports rank 2r");
+        Assert.That(File.ReadAllText(Path.Combine(TempDir, "dora", "adapter_config.json")), Does.Contain("\"use_dora\": true"));
+        string dora2 = Path.Combine(TempDir, "dora-resumed");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "lora", "--rank", "4", "--dora", "--steps", "4", "--batch-size", "2",
+            "--checkpoint-every", "2", "--out", dora2, "--quiet", "--device", "cpu", "--resume", Path.Combine(TempDir, "dora", "checkpoint"));
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(File.ReadAllBytes(Path.Combine(dora2, "adapter_model.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(TempDir, "dora", "adapter_model.safetensors"))),
+            "resuming from the final checkpoint restores the adapter state exactly (the managed TrainingRunTests interrupt runs midway)");
         string sgd = Path.Combine(TempDir, "sgd");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=add", "--optimizer", "sgd", "--steps", "2", "--batch-size", "2", "--out", sgd, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
@@ -118,6 +145,7 @@ public sealed class HostJobTests : TempDirectoryTest
             (new[] { "pretrain", "--data", "builtin:puzzles", "--out", TempDir, "--steps", "1" }, "builtin:puzzles"),
             (new[] { "pretrain", "--data", "/no/such/file.jsonl", "--out", TempDir, "--steps", "1" }, "/no/such/file.jsonl"),
             (new[] { "finetune", "--model", TempDir, "--method", "dora", "--out", TempDir }, "--method dora"),
+            (new[] { "finetune", "--model", TempDir, "--method", "full", "--b-only", "--out", TempDir }, "apply to --method lora"),
             (new[] { "finetune", "--model", TempDir, "--method", "lora", "--targets", "q_proj,attn", "--out", TempDir }, "--targets q_proj,attn"),
             (new[] { "eval", "--model", Path.Combine(TempDir, "missing") }, "config.json"),
             (new[] { "logits", "--model", TempDir, "--tokens", "1,x" }, "'x'"),

@@ -9,14 +9,14 @@ namespace PeftSharp.Tests.Managed;
 
 public sealed class LoraTrainingTests : TempDirectoryTest
 {
-    private static readonly LlamaConfig Micro = new()
+    internal static readonly LlamaConfig Micro = new()
     {
         HiddenSize = 8, IntermediateSize = 11, NumAttentionHeads = 2, NumKeyValueHeads = 1, NumHiddenLayers = 2,
         VocabSize = 13, RmsNormEps = 1e-5f, MaxPositionEmbeddings = 16, TieWordEmbeddings = false,
     };
 
-    private static readonly int[] Tokens = { 1, 5, 12, 0, 7, 7 };
-    private static readonly int[] Targets = { 5, 12, 3, 7, -100, 9 };
+    internal static readonly int[] Tokens = { 1, 5, 12, 0, 7, 7 };
+    internal static readonly int[] Targets = { 5, 12, 3, 7, -100, 9 };
 
     [Test]
     public void LoraGradients_MatchFiniteDifferences_ThroughEveryProjection()

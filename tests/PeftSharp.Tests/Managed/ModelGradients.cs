@@ -14,15 +14,19 @@ internal static class ModelGradients
 
     /// <summary>
     /// Checks <paramref name="samples"/> random entries of each parameter against (L(w + h) - L(w - h)) / 2h, after the
-    /// caller ran one backward pass into zeroed gradients. Returns the number of entries checked.
+    /// caller ran one backward pass into zeroed gradients. Returns the number of entries checked. With
+    /// <paramref name="training"/>, the loss is evaluated in training mode (LoRA dropout on, same masks as the
+    /// caller's pass as long as DropoutSeed is unchanged).
     /// </summary>
-    public static int Check(LlamaModel model, IEnumerable<Parameter> parameters, int[] tokens, int[] targets, int batch, int samples)
+    public static int Check(LlamaModel model, IEnumerable<Parameter> parameters, int[] tokens, int[] targets, int batch, int samples, bool training = false)
     {
         int count = 0;
-        foreach (var p in parameters)
+        var list = parameters.ToList();
+        var grads = list.ToDictionary(p => p, p => p.Grad.ToArray()); // read before a training-mode loss adds to them
+        foreach (var p in list)
         {
             var values = p.Value.ToArray();
-            var grad = p.Grad.ToArray();
+            var grad = grads[p];
             var rng = new Random(p.Name.Length);
             for (int s = 0; s < samples; s++)
             {
@@ -30,11 +34,11 @@ internal static class ModelGradients
                 var plus = (float[])values.Clone();
                 plus[i] += (float)Step;
                 p.Value.CopyFrom(plus);
-                double lp = model.Loss(tokens, targets, batch, backward: false).Loss;
+                double lp = model.Loss(tokens, targets, batch, backward: training).Loss;
                 var minus = (float[])values.Clone();
                 minus[i] -= (float)Step;
                 p.Value.CopyFrom(minus);
-                double lm = model.Loss(tokens, targets, batch, backward: false).Loss;
+                double lm = model.Loss(tokens, targets, batch, backward: training).Loss;
                 p.Value.CopyFrom(values);
                 double numeric = (lp - lm) / ((double)plus[i] - minus[i]);
                 Assert.That(grad[i], Is.EqualTo(numeric).Within(3e-4 + 3e-2 * Math.Abs(numeric)), $"{p.Name}[{i}]");

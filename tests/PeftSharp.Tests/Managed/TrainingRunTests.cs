@@ -12,30 +12,44 @@ public sealed class TrainingRunTests
     private static readonly LlamaConfig Config = LlamaConfig.Tiny with { NumHiddenLayers = 1, HiddenSize = 32, IntermediateSize = 64, NumAttentionHeads = 2, NumKeyValueHeads = 1 };
     private static readonly TrainOptions Options = new() { Steps = 8, BatchSize = 4, SeqLen = 24, WarmupSteps = 2, CheckpointEvery = 4, Seed = 5 };
 
-    private static (LlamaModel, AdamW, TrainingRun) Setup(CpuDevice device, LlamaModel? model = null)
+    private static (LlamaModel, AdamW, TrainingRun) Setup(CpuDevice device, string adapter, LlamaModel? model = null)
     {
         model ??= LlamaModel.Create(device, Config, Options.Seed);
-        var opt = new AdamW(model.Parameters, weightDecay: Options.WeightDecay);
+        var options = Options;
+        switch (adapter)
+        {
+            case "lora-dropout-chain": // dropout masks seeded by the step; the base absorbs a link at step 3, before the step-4 checkpoint
+                model.AddLora(new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetRegex = "all-linear", LoraDropout = 0.2f }, seed: 3);
+                options = options with { ChainEvery = 3 };
+                break;
+            case "dora":
+                model.AddLora(new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetModules = new[] { "q_proj", "down_proj" }, UseDora = true }, seed: 3);
+                break;
+        }
+
+        var opt = new AdamW(model.AllParameters, weightDecay: Options.WeightDecay);
         var trainer = new TrainingRun(model, opt, new LearningRateSchedule.Warmup(Options.LearningRate, Options.WarmupSteps, Options.Steps),
-            ExampleSource.Tasks(TaskSuite.Tasks, Options.Seed, Split.Train), Options);
+            ExampleSource.Tasks(TaskSuite.Tasks, Options.Seed, Split.Train), options);
         return (model, opt, trainer);
     }
 
-    [Test]
-    public void Resume_EndsBitIdenticalToAnUninterruptedRun()
+    [TestCase("full", TestName = "Resume_FullTraining_EndsBitIdenticalToAnUninterruptedRun")]
+    [TestCase("lora-dropout-chain", TestName = "Resume_LoraWithDropoutAndChain_EndsBitIdenticalToAnUninterruptedRun")]
+    [TestCase("dora", TestName = "Resume_Dora_EndsBitIdenticalToAnUninterruptedRun")]
+    public void Resume_EndsBitIdenticalToAnUninterruptedRun(string adapter)
     {
         string dir = Directory.CreateTempSubdirectory("peftsharp-resume-").FullName;
         try
         {
             using var device = new CpuDevice();
-            var (full, fullOpt, fullTrainer) = Setup(device);
+            var (full, fullOpt, fullTrainer) = Setup(device, adapter);
             using (full)
             using (fullOpt)
             {
                 fullTrainer.Run(null);
 
                 // Interrupted run: stop after the checkpoint at step 4, then start a new process's worth of objects.
-                var (first, firstOpt, firstTrainer) = Setup(device);
+                var (first, firstOpt, firstTrainer) = Setup(device, adapter);
                 using (first)
                 using (firstOpt)
                 {
@@ -49,7 +63,7 @@ public sealed class TrainingRunTests
 
                 string ckpt = Path.Combine(dir, "checkpoint");
                 using var resumedModel = HuggingFaceFolder.Load(ckpt, device);
-                var (_, resumedOpt, resumed) = Setup(device, resumedModel);
+                var (_, resumedOpt, resumed) = Setup(device, adapter, resumedModel);
                 using (resumedOpt)
                 {
                     resumed.Resume(ckpt);
@@ -57,10 +71,14 @@ public sealed class TrainingRunTests
                     resumed.Run(dir);
                 }
 
-                foreach (var p in full.Parameters)
+                var resumedAll = resumedModel.AllParameters.ToDictionary(p => p.Name);
+                Assert.That(resumedAll.Count, Is.EqualTo(full.AllParameters.Count()));
+                foreach (var p in full.AllParameters)
                 {
-                    Assert.That(resumedModel[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), p.Name);
+                    Assert.That(resumedAll[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), p.Name);
                 }
+
+                if (adapter != "full") Assert.That(full.Lora.Values.Any(l => l.B.Value.ToArray().Any(v => v != 0f)), "the adapter trained");
 
                 Assert.That(File.ReadAllLines(Path.Combine(dir, "metrics.jsonl")), Has.Length.EqualTo(8));
             }
