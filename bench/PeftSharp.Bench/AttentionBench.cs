@@ -83,7 +83,7 @@ public class AttentionBench
 
     private (Tensor, Tensor, Tensor, Tensor, Tensor) Upload(Device d) => (
         d.FromArray("q", qs, B, T, H, D), d.FromArray("k", ks, B, T, H, D), d.FromArray("v", vs, B, T, H, D),
-        d.Zeros("o", B, T, H, D), d.Zeros("lse", B, H, T));
+        d.Zeros("o", B, T, H, D), d.Zeros("lse", B, T, H));
 
     private static float[] ToBhtd(float[] bthd)
     {

@@ -132,6 +132,7 @@ public abstract class Device : IDisposable
     protected internal abstract void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim);
     protected internal abstract void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse);
     protected internal abstract void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s);
+    protected internal abstract void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d);
     protected internal abstract void AttentionBackwardCore(
         Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s);
     protected internal abstract void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim);

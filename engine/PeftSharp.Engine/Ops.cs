@@ -12,7 +12,7 @@ namespace PeftSharp.Engine;
 /// callers accumulate gradients with <see cref="Axpy"/> or a matmul's beta. Inputs are never disposed.
 /// Shape letters: B batch, T tokens, H heads, Hkv key/value heads, D head dim, M/N/K matmul, V vocabulary.
 /// </summary>
-public sealed class Ops
+public sealed partial class Ops
 {
     private readonly Device device;
 
@@ -310,7 +310,7 @@ public sealed class Ops
 
     /// <summary>
     /// Grouped-query attention with online softmax. q (B, Tq, H, D); k, v (B, Tk, Hkv, D); o (B, Tq, H, D);
-    /// lse (B, H, Tq) receives each row's log-sum-exp (-infinity where a query sees no key, whose output is 0).
+    /// lse (B, Tq, H) receives each row's log-sum-exp (-infinity where a query sees no key, whose output is 0).
     /// Causal masking is bottom-right aligned (query i is at position i + Tk - Tq). Scale defaults to 1/sqrt(D).
     /// </summary>
     public void Attention(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float? scale = null)
@@ -448,7 +448,7 @@ public sealed class Ops
         if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"{op}: v {v} must have the shape of k {k}");
         if (hkv == 0 || h % hkv != 0) throw new ArgumentException($"{op}: H = {h} of q {q} must be a multiple of Hkv = {hkv} of k {k}");
         if (!o.Shape.SequenceEqual(q.Shape)) throw new ArgumentException($"{op}: o {o} must have the shape of q {q}");
-        Expect(op, lse, b * h * tq, $"(B = {b}, H = {h}, Tq = {tq})");
+        Expect(op, lse, b * h * tq, $"(B = {b}, Tq = {tq}, H = {h})");
         return new AttentionShape(b, tq, tk, h, hkv, d, causal, scale ?? (float)(1.0 / Math.Sqrt(d)));
     }
 

@@ -63,7 +63,7 @@ public static class SelfCheck
             using var tk = device.FromArray("k", k, 2, 13, 2, 16);
             using var tv = device.FromArray("v", v, 2, 13, 2, 16);
             using var to = device.Zeros("o", 2, 13, 4, 16);
-            using var tl = device.Zeros("lse", 2, 4, 13);
+            using var tl = device.Zeros("lse", 2, 13, 4);
             ops.Attention(tq, tk, tv, to, tl, causal: true, scale: 0.25f);
             return Math.Max(MaxError(to.ToArray(), o), MaxError(tl.ToArray(), lse));
         }));

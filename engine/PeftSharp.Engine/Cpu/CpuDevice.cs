@@ -439,6 +439,36 @@ public sealed unsafe class CpuDevice : Device
         return acc;
     }
 
+    protected internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d)
+    {
+        float[] a1 = Arr(o1), a2 = Arr(o2), ao = Arr(o), l1a = Arr(lse1), l2a = Arr(lse2), la = Arr(lse);
+        int p1 = o1.Offset, p2 = o2.Offset, po = o.Offset, q1 = lse1.Offset, q2 = lse2.Offset, ql = lse.Offset;
+        ForRows(rows, d, r =>
+        {
+            float l1 = l1a[q1 + r], l2 = l2a[q2 + r];
+            var dst = ao.AsSpan(po + r * d, d);
+            if (float.IsNegativeInfinity(l2))
+            {
+                if (float.IsNegativeInfinity(l1)) dst.Clear();
+                else a1.AsSpan(p1 + r * d, d).CopyTo(dst);
+                la[ql + r] = l1;
+                return;
+            }
+
+            if (float.IsNegativeInfinity(l1))
+            {
+                a2.AsSpan(p2 + r * d, d).CopyTo(dst);
+                la[ql + r] = l2;
+                return;
+            }
+
+            float m = MathF.Max(l1, l2), e1 = MathF.Exp(l1 - m), e2 = MathF.Exp(l2 - m), inv = 1f / (e1 + e2);
+            TensorPrimitives.Multiply(a1.AsSpan(p1 + r * d, d), e1 * inv, dst);
+            TensorPrimitives.MultiplyAdd(a2.AsSpan(p2 + r * d, d), e2 * inv, dst, dst);
+            la[ql + r] = m + MathF.Log(e1 + e2);
+        });
+    }
+
     protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
         BitDeltaCpu.Mixed(Arr(x), x.Offset, Arr(y), y.Offset, pool.Signs.Host, Arr(pool.Scales), pool.Scales.Offset, pool.FirstHost, pool.RoundsHost, rowVariants.Host, s);
 

@@ -358,6 +358,9 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // t is freed on return
     }
 
+    protected internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d) =>
+        kernels.AttentionMerge.Value(rows, V(o1), V(lse1), V(o2), V(lse2), V(o), V(lse), d);
+
     protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
         kernels.BitDeltaMixed.Value(s.M * s.N, V(x), V(pool.Signs), V(pool.Scales), V(pool.First), V(pool.Rounds), V(rowVariants), V(y), s);
 

@@ -54,6 +54,7 @@ internal sealed class IlgpuKernelSet
         AdamW = Load<Action<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>>(nameof(OptimizerKernels.AdamWKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>(OptimizerKernels.AdamWKernel));
         LoraShrink = Load<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.ShrinkKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>(LoraKernels.ShrinkKernel));
         LoraExpand = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.ExpandKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>(LoraKernels.ExpandKernel));
+        AttentionMerge = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, int>>(nameof(AttentionMergeKernels.MergeKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, int>(AttentionMergeKernels.MergeKernel));
         BitDeltaMixed = Load<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>>(nameof(BitDeltaKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>(BitDeltaKernels.MixedKernel));
         BitDeltaDecode = Load<Action<Index1D, AVI, AV, float, float, BitDeltaShape>>(nameof(BitDeltaKernels.DecodeKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AVI, AV, float, float, BitDeltaShape>(BitDeltaKernels.DecodeKernel));
         Sgd = Load<Action<Index1D, AV, AV, AV, float, float, float, int>>(nameof(OptimizerKernels.SgdKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, float, float, float, int>(OptimizerKernels.SgdKernel));
@@ -92,6 +93,7 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>> LoraShrink { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>> LoraExpand { get; }
     public Lazy<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>> BitDeltaMixed { get; }
+    public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, int>> AttentionMerge { get; }
     public Lazy<Action<Index1D, AVI, AV, float, float, BitDeltaShape>> BitDeltaDecode { get; }
 
     private Lazy<T> Load<T>(string kernel, Func<T> load) => new(() =>

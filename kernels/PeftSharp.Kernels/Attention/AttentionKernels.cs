@@ -11,20 +11,20 @@ namespace PeftSharp.Kernels.Attention;
 /// </summary>
 public static class AttentionKernels
 {
-    /// <summary>Forward, one thread per (b, h, i). o accumulates in place and is rescaled as the max grows.</summary>
+    /// <summary>Forward, one thread per (b, i, h). o accumulates in place and is rescaled as the max grows.</summary>
     public static void ForwardKernel(
-        Index1D index,          // over B * H * Tq, ordered (b, h, i)
+        Index1D index,          // over B * Tq * H, ordered (b, i, h): the row of o and of lse
         ArrayView<float> q,     // (B, Tq, H, D)
         ArrayView<float> k,     // (B, Tk, Hkv, D)
         ArrayView<float> v,     // (B, Tk, Hkv, D)
         ArrayView<float> o,     // (B, Tq, H, D)
-        ArrayView<float> lse,   // (B, H, Tq)
+        ArrayView<float> lse,   // (B, Tq, H)
         AttentionShape s)
     {
-        int i = index % s.Tq;
-        int bh = index / s.Tq;
-        int h = bh % s.H;
-        int b = bh / s.H;
+        int h = index % s.H;
+        int bi = index / s.H;
+        int i = bi % s.Tq;
+        int b = bi / s.Tq;
         int hk = h / s.Group;
         int qi = s.QIndex(b, i, h);
         int n = s.VisibleKeys(i);
@@ -56,38 +56,36 @@ public static class AttentionKernels
         lse[index] = max + XMath.Log(sum);
     }
 
-    /// <summary>delta[b, h, i] = sum_d dO * O, the softmax backward's row term. One thread per (b, h, i).</summary>
+    /// <summary>delta[b, i, h] = sum_d dO * O, the softmax backward's row term. One thread per (b, i, h).</summary>
     public static void DeltaKernel(
-        Index1D index,          // over B * H * Tq
+        Index1D index,          // over B * Tq * H
         ArrayView<float> o,     // (B, Tq, H, D)
         ArrayView<float> dO,    // (B, Tq, H, D)
-        ArrayView<float> delta, // (B, H, Tq)
+        ArrayView<float> delta, // (B, Tq, H)
         AttentionShape s)
     {
-        int i = index % s.Tq;
-        int bh = index / s.Tq;
-        int qi = s.QIndex(bh / s.H, i, bh % s.H);
+        int qi = index * s.D; // rows of o are (b, i, h) in the same order
         float acc = 0f;
         for (int d = 0; d < s.D; d++) acc += dO[qi + d] * o[qi + d];
         delta[index] = acc;
     }
 
-    /// <summary>dq, one thread per (b, h, i), probabilities recomputed from lse.</summary>
+    /// <summary>dq, one thread per (b, i, h), probabilities recomputed from lse.</summary>
     public static void BackwardQueryKernel(
-        Index1D index,          // over B * H * Tq
+        Index1D index,          // over B * Tq * H
         ArrayView<float> q,     // (B, Tq, H, D)
         ArrayView<float> k,     // (B, Tk, Hkv, D)
         ArrayView<float> v,     // (B, Tk, Hkv, D)
-        ArrayView<float> lse,   // (B, H, Tq)
-        ArrayView<float> delta, // (B, H, Tq)
+        ArrayView<float> lse,   // (B, Tq, H)
+        ArrayView<float> delta, // (B, Tq, H)
         ArrayView<float> dO,    // (B, Tq, H, D)
         ArrayView<float> dq,    // (B, Tq, H, D)
         AttentionShape s)
     {
-        int i = index % s.Tq;
-        int bh = index / s.Tq;
-        int h = bh % s.H;
-        int b = bh / s.H;
+        int h = index % s.H;
+        int bi = index / s.H;
+        int i = bi % s.Tq;
+        int b = bi / s.Tq;
         int hk = h / s.Group;
         int qi = s.QIndex(b, i, h);
         int n = s.VisibleKeys(i);
@@ -115,8 +113,8 @@ public static class AttentionKernels
         ArrayView<float> q,     // (B, Tq, H, D)
         ArrayView<float> k,     // (B, Tk, Hkv, D)
         ArrayView<float> v,     // (B, Tk, Hkv, D)
-        ArrayView<float> lse,   // (B, H, Tq)
-        ArrayView<float> delta, // (B, H, Tq)
+        ArrayView<float> lse,   // (B, Tq, H)
+        ArrayView<float> delta, // (B, Tq, H)
         ArrayView<float> dO,    // (B, Tq, H, D)
         ArrayView<float> dk,    // (B, Tk, Hkv, D)
         ArrayView<float> dv,    // (B, Tk, Hkv, D)

@@ -12,7 +12,7 @@ public static class AttentionReference
         ReadOnlySpan<float> k, // (B, Tk, Hkv, D)
         ReadOnlySpan<float> v, // (B, Tk, Hkv, D)
         Span<float> o,         // (B, Tq, H, D)
-        Span<float> lse,       // (B, H, Tq)
+        Span<float> lse,       // (B, Tq, H)
         AttentionShape s)
     {
         var scores = new double[Math.Max(s.Tk, 1)];

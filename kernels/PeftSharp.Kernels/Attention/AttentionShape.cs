@@ -54,5 +54,6 @@ public readonly struct AttentionShape
 
     public int KIndex(int b, int j, int hk) => ((b * Tk + j) * Hkv + hk) * D;
 
-    public int LseIndex(int b, int h, int i) => (b * H + h) * Tq + i;
+    /// <summary>lse is (B, Tq, H): one entry per row of o, in o's row order, so flattening (B, Tq) keeps it aligned.</summary>
+    public int LseIndex(int b, int h, int i) => (b * Tq + i) * H + h;
 }

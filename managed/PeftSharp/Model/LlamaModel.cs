@@ -303,7 +303,7 @@ public sealed class LlamaModel : IDisposable
                 ops.Rope(a.Q, pass.Positions, a.Q, c.RopeTheta);
                 ops.Rope(a.K, pass.Positions, a.K, c.RopeTheta);
                 a.O = Device.Zeros("attn", batch, t, h, d);
-                a.Lse = Device.Zeros("lse", batch, h, t);
+                a.Lse = Device.Zeros("lse", batch, t, h);
                 ops.Attention(a.Q, a.K, a.V, a.O, a.Lse, causal: true);
                 a.X1 = Device.Zeros("x1", n, dm);
                 Project(p + "self_attn.o_proj", Flat(a.O, n), a.X1, keep);
@@ -477,7 +477,7 @@ public sealed class LlamaModel : IDisposable
         using var k = Device.Zeros("k", 1, n, hkv, d);
         using var v = Device.Zeros("v", 1, n, hkv, d);
         using var o = Device.Zeros("attn", 1, n, h, d);
-        using var lse = Device.Zeros("lse", 1, h, n);
+        using var lse = Device.Zeros("lse", 1, n, h);
         using var tmp = Device.Zeros("tmp", n, dm);
         using var gate = Device.Zeros("gate", n, c.IntermediateSize);
         using var up = Device.Zeros("up", n, c.IntermediateSize);
@@ -498,7 +498,7 @@ public sealed class LlamaModel : IDisposable
                 ops.Copy(k.View(r0 * hkv * d, 1, tn, hkv, d), cache.Keys[i].View(start * hkv * d, 1, tn, hkv, d));
                 ops.Copy(v.View(r0 * hkv * d, 1, tn, hkv, d), cache.Values[i].View(start * hkv * d, 1, tn, hkv, d));
                 ops.Attention(q.View(r0 * h * d, 1, tn, h, d), cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d),
-                    o.View(r0 * h * d, 1, tn, h, d), lse.View(0, 1, h, tn), causal: true);
+                    o.View(r0 * h * d, 1, tn, h, d), lse.View(r0 * h, 1, tn, h), causal: true);
             }
 
             Project(p + "self_attn.o_proj", Flat(o, n), tmp, null, variants);

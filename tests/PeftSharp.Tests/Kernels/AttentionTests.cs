@@ -40,7 +40,7 @@ public sealed class AttentionTests : BackendTest
         var tk2 = Input("k", k, b, tk, hkv, d);
         var tv = Input("v", v, b, tk, hkv, d);
         var o = Output("o", b, tq, h, d);
-        var lse = Output("lse", b, h, tq);
+        var lse = Output("lse", b, tq, h);
         Ops.Attention(tq2, tk2, tv, o, lse, causal);
         Expect(o, eo, Tolerances.Attention, "attention o");
         Expect(lse, el, Tolerances.Attention, "attention lse");
@@ -52,7 +52,7 @@ public sealed class AttentionTests : BackendTest
         var dq = Output("dq", b, tq, h, d);
         var dk = Output("dk", b, tk, hkv, d);
         var dv = Output("dv", b, tk, hkv, d);
-        Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, h, tq), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal);
+        Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, tq, h), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal);
         Expect(dq, edq, Tolerances.Attention, "attention dq");
         Expect(dk, edk, Tolerances.Attention, "attention dk");
         Expect(dv, edv, Tolerances.Attention, "attention dv");
