@@ -119,15 +119,16 @@ public static class Program
         var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
         var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
         var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT LoRA adapters: name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
+        var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };
         var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit delta folders (peft compress): name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
         var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
         var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
         var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
-        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, deltasOpt, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
+        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, deltasOpt, noSharing, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
         generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt), r.GetValue(requestsOpt),
-            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
+            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(noSharing), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
         root.Subcommands.Add(generate);
 
         var tokens = new Option<string>("--tokens") { Description = "Comma-separated token ids", Required = true };
@@ -319,7 +320,7 @@ internal static class Commands
         return 0;
     }
 
-    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, int? maxTokens,
+    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, bool noSharing, int? maxTokens,
         float? temperature, int? topK, float? topP, int seed, TextWriter stdout, TextWriter stderr)
     {
         if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
@@ -337,7 +338,7 @@ internal static class Commands
         if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
         if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
         var defaults = new GenerationRequest("", null, max, temp, k, p, seed);
-        if (prompt != null && named.Count + namedDeltas.Count == 0)
+        if (prompt != null && named.Count + namedDeltas.Count == 0 && !noSharing)
         {
             stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
             return 0;
@@ -349,7 +350,7 @@ internal static class Commands
         var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
         foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
         var watch = System.Diagnostics.Stopwatch.StartNew();
-        var results = BatchGenerator.Generate(model, requests, set);
+        var (results, sharing) = BatchGenerator.GenerateWithReport(model, requests, set, noSharing ? PrefixSharing.Off : PrefixSharing.Auto);
         watch.Stop();
         if (requestsPath == null)
         {
@@ -371,7 +372,8 @@ internal static class Commands
         }
 
         int total = results.Sum(r => r.Tokens);
-        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in {watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s)");
+        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in {watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s); " +
+            (sharing.Prefixes > 0 ? $"{sharing.Prefixes} shared prefixes read by {sharing.SharingSequences} requests, {sharing.TokensSaved} prefix tokens not recomputed" : "no shared prefixes"));
         return 0;
     }
 
@@ -546,10 +548,25 @@ internal static class Commands
         table.AddRow("full fine-tune", all, "pre-training tasks", $"{afterOnPre.Loss:F3}", $"{afterOnPre.ExactMatch:P1}");
         table.AddRow("LoRA r=8", $"{loraTrainable:N0}", $"'{heldOutTask}'", $"{loraAfter.Loss:F3}", $"{loraAfter.ExactMatch:P1}");
         table.AddRow("LoRA r=8", $"{loraTrainable:N0}", "pre-training tasks", $"{loraOnPre.Loss:F3}", $"{loraOnPre.ExactMatch:P1}");
+        console.MarkupLine($"5. batched generation: 32 '{heldOutTask}' requests behind one shared few-shot prompt, on the full fine-tune, with and without prefix sharing");
+        var shots = string.Concat(TaskSuite.Stream(new[] { heldOutTask }, seed + 3, Split.Train).Take(12).Select(e => e.Prompt + e.Completion + "\n"));
+        var shotRequests = taskHeld.Take(32).Select(e => new GenerationRequest(e.Prompt, MaxTokens: new ByteTokenizer().Encode(e.Completion).Length + 1, SharedPrefix: shots)).ToList();
+        BatchGenerator.GenerateWithReport(model, shotRequests.Take(2).ToList(), null, PrefixSharing.Told); // warm up both paths
+        BatchGenerator.GenerateWithReport(model, shotRequests.Take(2).ToList(), null, PrefixSharing.Off);
+        var sharedClock = System.Diagnostics.Stopwatch.StartNew();
+        var (sharedOut, sharedReport) = BatchGenerator.GenerateWithReport(model, shotRequests, null, PrefixSharing.Told);
+        double sharedSeconds = sharedClock.Elapsed.TotalSeconds;
+        var copyClock = System.Diagnostics.Stopwatch.StartNew();
+        var (copyOut, _) = BatchGenerator.GenerateWithReport(model, shotRequests, null, PrefixSharing.Off);
+        double copySeconds = copyClock.Elapsed.TotalSeconds;
+        bool same = sharedOut.Select(r => r.Completion).SequenceEqual(copyOut.Select(r => r.Completion));
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
         table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");
         console.Write(table);
+        int shotTokens = 1 + new ByteTokenizer().Encode(shots).Length;
+        console.MarkupLine($"shared prompt of {shotTokens} tokens, 32 requests: {sharedSeconds * 1000:F0} ms with one shared copy of its keys and values ({sharedReport.TokensSaved:N0} prompt tokens not recomputed), " +
+            $"{copySeconds * 1000:F0} ms with a copy per request: [bold]{copySeconds / Math.Max(sharedSeconds, 1e-9):F1}x[/] faster; same tokens: {(same ? "yes" : "[red]NO[/]")}");
         double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;
         console.MarkupLine($"{model.ParameterCount:N0} parameters; LoRA trains {loraTrainable:N0} ({100.0 * loraTrainable / model.ParameterCount:F1}%); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
         console.MarkupLine($"models, metrics.jsonl and loss.svg in [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");

@@ -442,13 +442,17 @@ public sealed class LlamaModel : IDisposable
     /// delta over the shared base weight); attention runs per sequence over its own cache. Returns the logits (V) of
     /// each sequence's last new token.
     /// </summary>
-    public float[][] DecodeBatch(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null)
+    public float[][] DecodeBatch(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null, IReadOnlyList<KvCache?>? prefixes = null)
     {
         var c = Config;
         if (caches.Count != newTokens.Count || caches.Count == 0)
         {
             throw new ArgumentException($"DecodeBatch needs one token list per cache ({caches.Count} caches, {newTokens.Count} token lists)");
         }
+
+        if (prefixes != null && prefixes.Count != caches.Count) throw new ArgumentException($"DecodeBatch: {prefixes.Count} prefix entries for {caches.Count} sequences");
+        if (prefixes != null && prefixes.Any(pf => pf != null && caches.Contains(pf))) throw new ArgumentException("DecodeBatch: a shared prefix cannot also be a sequence's own cache");
+        int PrefixLength(int j) => prefixes?[j]?.Length ?? 0;
 
         if (caches.Distinct().Count() != caches.Count) throw new ArgumentException("DecodeBatch: a KV cache appears twice in one step");
         int seqs = caches.Count, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
@@ -462,6 +466,11 @@ public sealed class LlamaModel : IDisposable
                 throw new ArgumentException($"KV cache {j} holds {caches[j].Capacity} positions; {caches[j].Length} used + {tn} new do not fit");
             }
 
+            if (PrefixLength(j) + caches[j].Length + tn > c.MaxPositionEmbeddings)
+            {
+                throw new ArgumentException($"sequence {j}: shared prefix {PrefixLength(j)} + {caches[j].Length} cached + {tn} new positions exceed max_position_embeddings = {c.MaxPositionEmbeddings}");
+            }
+
             rowStart[j + 1] = rowStart[j] + tn;
         }
 
@@ -469,7 +478,18 @@ public sealed class LlamaModel : IDisposable
         if (variants != null && variants.Rows != n) throw new ArgumentException($"DecodeBatch: the variant batch covers {variants.Rows} rows, the step has {n}");
         var ops = Device.Ops;
         using var ids = Device.FromIndices("input_ids", newTokens.SelectMany(t => t).ToArray());
-        using var pos = Device.FromIndices("positions", Enumerable.Range(0, seqs).SelectMany(j => Enumerable.Range(caches[j].Length, newTokens[j].Length)).ToArray());
+        using var pos = Device.FromIndices("positions", Enumerable.Range(0, seqs).SelectMany(j => Enumerable.Range(PrefixLength(j) + caches[j].Length, newTokens[j].Length)).ToArray());
+        // Runs of consecutive sequences reading the same shared prefix: their query rows attend to it as one matrix.
+        var prefixRuns = new List<(KvCache Prefix, int Row0, int Rows)>();
+        for (int j = 0; j < seqs;)
+        {
+            var pf = prefixes?[j];
+            int e = j;
+            while (e < seqs && ReferenceEquals(prefixes?[e], pf)) e++;
+            if (pf != null && pf.Length > 0) prefixRuns.Add((pf, rowStart[j], rowStart[e] - rowStart[j]));
+            j = e;
+        }
+
         using var x = Device.Zeros("x", n, dm);
         using var hbuf = Device.Zeros("h", n, dm);
         using var rstd = Device.Zeros("rstd", n);
@@ -499,6 +519,17 @@ public sealed class LlamaModel : IDisposable
                 ops.Copy(v.View(r0 * hkv * d, 1, tn, hkv, d), cache.Values[i].View(start * hkv * d, 1, tn, hkv, d));
                 ops.Attention(q.View(r0 * h * d, 1, tn, h, d), cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d),
                     o.View(r0 * h * d, 1, tn, h, d), lse.View(r0 * h, 1, tn, h), causal: true);
+            }
+
+            // Hydragen: every run's queries against its shared prefix in one pass, merged exactly by log-sum-exp.
+            foreach (var (pf, r0, rows) in prefixRuns)
+            {
+                using var po = Device.Zeros("prefix_attn", 1, rows, h, d);
+                using var pl = Device.Zeros("prefix_lse", 1, rows, h);
+                ops.Attention(q.View(r0 * h * d, 1, rows, h, d), pf.Keys[i].View(0, 1, pf.Length, hkv, d), pf.Values[i].View(0, 1, pf.Length, hkv, d), po, pl, causal: false);
+                var rowsO = o.View(r0 * h * d, 1, rows, h, d);
+                var rowsL = lse.View(r0 * h, 1, rows, h);
+                ops.AttentionMerge(rowsO, rowsL, po, pl, rowsO, rowsL);
             }
 
             Project(p + "self_attn.o_proj", Flat(o, n), tmp, null, variants);

@@ -5,7 +5,8 @@ namespace PeftSharp.Serving;
 
 /// <summary>
 /// Generation requests as JSONL, one object per line: {"prompt": "...", "variant": "name"} with optional
-/// "max_tokens", "temperature", "top_k", "top_p", "seed"; "adapter" and "delta" are accepted in place of "variant".
+/// "max_tokens", "temperature", "top_k", "top_p", "seed", and "shared_prefix" (text before the prompt that requests
+/// giving the same one read from one shared KV cache); "adapter" and "delta" are accepted in place of "variant".
 /// A missing variant (or "base") is the base model. Malformed lines are an error naming the file and line.
 /// </summary>
 public static class RequestFile
@@ -30,7 +31,7 @@ public static class RequestFile
                 throw new InvalidDataException($"{where}: not valid JSON: {e.Message}", e);
             }
 
-            var unknown = o.Select(p => p.Key).Except(new[] { "prompt", "variant", "adapter", "delta", "max_tokens", "temperature", "top_k", "top_p", "seed", "id" }).ToList();
+            var unknown = o.Select(p => p.Key).Except(new[] { "prompt", "variant", "adapter", "delta", "max_tokens", "temperature", "top_k", "top_p", "seed", "id", "shared_prefix" }).ToList();
             if (unknown.Count > 0) throw new InvalidDataException($"{where}: unknown keys {string.Join(", ", unknown)}");
             try
             {
@@ -46,6 +47,7 @@ public static class RequestFile
                     TopK = o["top_k"]?.GetValue<int>() ?? defaults.TopK,
                     TopP = o["top_p"] is { } p ? (float)p.GetValue<double>() : defaults.TopP,
                     Seed = o["seed"]?.GetValue<int>() ?? defaults.Seed + list.Count,
+                    SharedPrefix = o["shared_prefix"]?.GetValue<string>(),
                 };
                 if (r.MaxTokens <= 0) throw new InvalidDataException($"{where}: max_tokens {r.MaxTokens} must be positive");
                 if (r.Temperature < 0) throw new InvalidDataException($"{where}: temperature {r.Temperature} must be >= 0");

@@ -144,6 +144,68 @@ public sealed class ServingTests
         Assert.Throws<NotSupportedException>(() => set.AddDelta("norm", PeftSharp.Compression.BitDelta.Compress(model, changed)));
     }
 
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void DecodeBatch_WithASharedPrefixCache_EqualsEachSequenceWithThePrefixInItsOwnCache(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = LlamaConfig.Tiny with { HiddenSize = 32, IntermediateSize = 40, NumAttentionHeads = 4, NumKeyValueHeads = 2, VocabSize = 37 };
+        using var model = LlamaModel.Create(device, config, seed: 14);
+        int[] prefix = { 1, 9, 9, 4, 30 };
+        int[][] suffixes = { new[] { 3 }, new[] { 5, 8 }, new[] { 2, 2, 6 } };
+        using var shared = new KvCache(model, prefix.Length);
+        model.DecodeStep(shared, prefix);
+        var caches = suffixes.Select(_ => new KvCache(model, 6)).ToArray();
+        try
+        {
+            var first = model.DecodeBatch(caches, suffixes, prefixes: caches.Select(_ => shared).ToArray());
+            var second = model.DecodeBatch(caches, suffixes.Select(_ => new[] { 7 }).ToArray(), prefixes: caches.Select(_ => shared).ToArray());
+            for (int j = 0; j < suffixes.Length; j++)
+            {
+                using var own = new KvCache(model, 12);
+                Check.Close(first[j], model.DecodeStep(own, prefix.Concat(suffixes[j]).ToArray()), StepTolerance, $"{backend} sequence {j} prefill over the shared prefix");
+                Check.Close(second[j], model.DecodeStep(own, new[] { 7 }), StepTolerance, $"{backend} sequence {j} next step");
+            }
+
+            Assert.That(shared.Length, Is.EqualTo(prefix.Length), "the shared prefix is read, never written");
+        }
+        finally
+        {
+            foreach (var c in caches) c.Dispose();
+        }
+    }
+
+    [Test]
+    public void BatchGenerator_SharedPrefixes_ToldAndDetected_GiveTheSameTokensAsWithout()
+    {
+        using var device = new CpuDevice();
+        // Unit-scale weights, so the generated text depends on the whole context (a 0.02-init model repeats one byte).
+        using var model = LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) => name.EndsWith("norm.weight", StringComparison.Ordinal)
+            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
+            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * 7 + shape[0], -0.3f, 0.3f));
+        var a = Adapter(model.Config, 4, LoraAdapterConfig.LlamaLinear, 310, scaleB: 0.5f);
+        using var set = new VariantSet(model);
+        set.AddLora("a", a);
+        const string system = "You reverse strings. Example: abc -> cba. Now: ";
+        var requests = new List<GenerationRequest>();
+        foreach (var (prompt, variant) in new[] { ("hello", (string?)null), ("world", "a"), ("abc", null), ("xyz", "a"), ("q", null) })
+        {
+            requests.Add(new GenerationRequest(prompt, variant, MaxTokens: 5, SharedPrefix: system));       // told
+            requests.Add(new GenerationRequest("detect me: " + prompt, variant, MaxTokens: 4, Temperature: 0.8f, Seed: prompt.Length)); // found
+        }
+
+        var (off, none) = BatchGenerator.GenerateWithReport(model, requests, set, PrefixSharing.Off);
+        var (shared, report) = BatchGenerator.GenerateWithReport(model, requests, set, PrefixSharing.Auto);
+        Assert.That(none, Is.EqualTo(new SharingReport(0, 0, 0)));
+        // Told: one prefix per variant (base, a); found: "[BOS]detect me: " per variant.
+        Assert.That(report.Prefixes, Is.EqualTo(4));
+        Assert.That(report.SharingSequences, Is.EqualTo(10));
+        Assert.That(shared.Select(r => r.Completion), Is.EqualTo(off.Select(r => r.Completion)));
+        Assert.That(off.Select(r => r.Completion).Distinct().Count(), Is.GreaterThan(6), "outputs depend on the context, so a wrong prefix would show");
+        var told = BatchGenerator.GenerateWithReport(model, requests, set, PrefixSharing.Told);
+        Assert.That(told.Sharing.Prefixes, Is.EqualTo(2));
+        Assert.That(told.Results.Select(r => r.Completion), Is.EqualTo(off.Select(r => r.Completion)));
+    }
+
     [Test]
     public void BatchGenerator_MixedAdapters_MatchesGreedyWithEachAdapterMerged()
     {
