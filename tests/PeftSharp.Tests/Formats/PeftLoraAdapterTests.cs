@@ -157,8 +157,8 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
     public void UnsupportedOptions_AllNamedInOneError()
     {
         var e = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
-            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "use_dora": true, "bias": "all", "modules_to_save": ["lm_head"]}""", "adapter_config.json"))!;
-        Assert.That(e.Message, Does.Contain("use_dora").And.Contain("bias = 'all'").And.Contain("modules_to_save [lm_head]").And.Contain("c_attn"));
+            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "fan_in_fan_out": true, "bias": "all", "modules_to_save": ["lm_head"]}""", "adapter_config.json"))!;
+        Assert.That(e.Message, Does.Contain("fan_in_fan_out").And.Contain("bias = 'all'").And.Contain("modules_to_save [lm_head]").And.Contain("c_attn"));
         Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig("""{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}""", "x"));
     }
 }
