@@ -47,6 +47,7 @@ public sealed class LlamaModel : IDisposable
     private readonly Dictionary<string, LoraLayer> lora = new();
     private readonly Dictionary<string, (float[] A0, float[] B0)> loraInit = new();
     private int chainRestarts;
+    private VirtualPrefix? prefix;
 
     private LlamaModel(Device device, LlamaConfig config)
     {
@@ -65,7 +66,89 @@ public sealed class LlamaModel : IDisposable
     public IReadOnlyDictionary<string, LoraLayer> Lora => lora;
 
     /// <summary>Everything an optimizer steps: the base parameters and the LoRA matrices.</summary>
-    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => l.Parameters));
+    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => l.Parameters)).Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+
+    /// <summary>Prefix tuning's virtual tokens, when added (<see cref="AddPrefixTuning"/>).</summary>
+    public VirtualPrefix? Prefix => prefix;
+
+    /// <summary>
+    /// Adds prefix tuning (P-tuning v2 without the reparameterising MLP): <paramref name="tokens"/> trainable virtual
+    /// tokens per layer, keys and values (P, Hkv, D) drawn from normal(0, 1) as PEFT's prefix embedding initialises
+    /// them, or taken from <paramref name="keys"/> and <paramref name="values"/> (one array per layer). The base
+    /// freezes.
+    /// </summary>
+    public void AddPrefixTuning(int tokens, int seed, IReadOnlyList<float[]>? keys = null, IReadOnlyList<float[]>? values = null)
+    {
+        if (prefix != null) throw new InvalidOperationException("the model already has prefix tuning");
+        if (tokens <= 0) throw new ArgumentException($"num_virtual_tokens {tokens} must be positive");
+        var c = Config;
+        int size = tokens * c.NumKeyValueHeads * c.HeadDim;
+        var rng = new Random(seed);
+        float[] Init(IReadOnlyList<float[]>? given, int layer, string what)
+        {
+            if (given == null) return Enumerable.Range(0, size).Select(_ => (float)Gaussian(rng)).ToArray();
+            if (given.Count != c.NumHiddenLayers || given[layer].Length != size)
+            {
+                throw new ArgumentException($"prefix {what}: expected {c.NumHiddenLayers} layers of {tokens} x {c.NumKeyValueHeads} x {c.HeadDim} values");
+            }
+
+            return given[layer];
+        }
+
+        var k = new List<Parameter>();
+        var v = new List<Parameter>();
+        for (int l = 0; l < c.NumHiddenLayers; l++)
+        {
+            k.Add(new Parameter($"prefix.{l}.key", Device.FromArray($"prefix.{l}.key", Init(keys, l, "keys"), tokens, c.NumKeyValueHeads, c.HeadDim)));
+            v.Add(new Parameter($"prefix.{l}.value", Device.FromArray($"prefix.{l}.value", Init(values, l, "values"), tokens, c.NumKeyValueHeads, c.HeadDim)));
+        }
+
+        prefix = new VirtualPrefix(k, v);
+        foreach (var p in parameters) p.Trainable = false;
+    }
+
+    /// <summary>
+    /// Mean cross-entropy of G completions of one prompt, the prompt encoded once (Prefix Grouper): each completion
+    /// is predicted from the prompt and its own earlier tokens, exactly as in a batch with the prompt copied before
+    /// each completion (loss on completion tokens only). Completions are padded with <paramref name="pad"/> to one
+    /// length; padding is not counted. With <paramref name="backward"/>, gradients are added to trainable parameters.
+    /// </summary>
+    public (double Loss, int Counted) GroupedLoss(int[] prompt, IReadOnlyList<int[]> completions, bool backward, int pad = 0)
+    {
+        if (prompt.Length == 0) throw new ArgumentException("a grouped batch needs a prompt of at least one token");
+        if (completions.Count == 0 || completions.Any(cpl => cpl.Length == 0)) throw new ArgumentException("a grouped batch needs one or more non-empty completions");
+        if (prefix != null) throw new NotSupportedException("grouped completions together with prefix tuning are not supported yet");
+        int g = completions.Count, len = completions.Max(cpl => cpl.Length), shared = prompt.Length - 1, each = len;
+        // Completion rows: [last prompt token, c0 .. c(len-2)] predicting [c0 .. c(len-1)].
+        var tokens = new int[shared + g * each];
+        var targets = new int[tokens.Length];
+        Array.Copy(prompt, tokens, shared);
+        Array.Fill(targets, -100, 0, shared);
+        for (int j = 0; j < g; j++)
+        {
+            int at = shared + j * each;
+            for (int r = 0; r < each; r++)
+            {
+                tokens[at + r] = r == 0 ? prompt[^1] : r - 1 < completions[j].Length ? completions[j][r - 1] : pad;
+                targets[at + r] = r < completions[j].Length ? completions[j][r] : -100;
+            }
+        }
+
+        var ops = Device.Ops;
+        using var pass = Forward(tokens, new GroupedLayout(shared, g, each), keepActivations: backward);
+        using var tgt = Device.FromIndices("targets", targets);
+        using var losses = Device.Zeros("losses", tokens.Length);
+        int counted = ops.CrossEntropy(pass.Logits, tgt, losses);
+        double loss = counted == 0 ? 0 : ops.Sum(losses) / counted;
+        if (backward && counted > 0)
+        {
+            using var dLogits = Device.Zeros("dlogits", tokens.Length, Config.VocabSize);
+            ops.CrossEntropyBackward(pass.Logits, tgt, dLogits, 1f / counted);
+            Backward(pass, dLogits);
+        }
+
+        return (loss, counted);
+    }
 
     /// <summary>
     /// Seeds the LoRA dropout masks of the next training forward pass (a trainer sets it from its seed and step, so
@@ -250,6 +333,7 @@ public sealed class LlamaModel : IDisposable
     private sealed class Pass : IDisposable
     {
         public int Tokens;
+        public AttentionLayout Layout = null!;
         public IndexTensor Ids = null!, Positions = null!;
         public List<LayerActivations> Layers = new();
         public Tensor XFinal = null!, HFinal = null!, RstdFinal = null!, Logits = null!;
@@ -265,24 +349,31 @@ public sealed class LlamaModel : IDisposable
 
     private Pass Forward(int[] tokens, int batch, bool keepActivations)
     {
-        var c = Config;
         if (batch <= 0 || tokens.Length % batch != 0)
         {
             throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
         }
 
-        int n = tokens.Length, t = n / batch, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
-        if (t > c.MaxPositionEmbeddings)
+        return Forward(tokens, new BatchLayout(batch, tokens.Length / batch, prefix), keepActivations);
+    }
+
+    private Pass Forward(int[] tokens, AttentionLayout layout, bool keepActivations)
+    {
+        var c = Config;
+        int n = tokens.Length, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
+        if (layout.Rows != n) throw new ArgumentException($"{n} tokens for an attention layout of {layout.Rows} rows");
+        int maxPosition = n == 0 ? 0 : layout.Positions.Max() + 1;
+        if (maxPosition > c.MaxPositionEmbeddings)
         {
-            throw new ArgumentException($"sequence length {t} exceeds max_position_embeddings = {c.MaxPositionEmbeddings}");
+            throw new ArgumentException($"sequence length {maxPosition} exceeds max_position_embeddings = {c.MaxPositionEmbeddings}");
         }
 
         var ops = Device.Ops;
-        var pass = new Pass { Tokens = n };
+        var pass = new Pass { Tokens = n, Layout = layout };
         try
         {
             pass.Ids = Device.FromIndices("input_ids", tokens);
-            pass.Positions = Device.FromIndices("positions", Enumerable.Range(0, n).Select(i => i % t).ToArray());
+            pass.Positions = Device.FromIndices("positions", layout.Positions);
             var x = Device.Zeros("x0", n, dm);
             var keep = keepActivations ? pass.Lora : null;
             ops.Embedding(pass.Ids, this["model.embed_tokens.weight"].Value, x);
@@ -294,17 +385,17 @@ public sealed class LlamaModel : IDisposable
                 a.H = Device.Zeros("h", n, dm);
                 a.Rstd1 = Device.Zeros("rstd1", n);
                 ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, a.H, a.Rstd1, c.RmsNormEps);
-                a.Q = Device.Zeros("q", batch, t, h, d);
-                a.K = Device.Zeros("k", batch, t, hkv, d);
-                a.V = Device.Zeros("v", batch, t, hkv, d);
+                a.Q = Device.Zeros("q", 1, n, h, d);
+                a.K = Device.Zeros("k", 1, n, hkv, d);
+                a.V = Device.Zeros("v", 1, n, hkv, d);
                 Project(p + "self_attn.q_proj", a.H, Flat(a.Q, n), keep);
                 Project(p + "self_attn.k_proj", a.H, Flat(a.K, n), keep);
                 Project(p + "self_attn.v_proj", a.H, Flat(a.V, n), keep);
                 ops.Rope(a.Q, pass.Positions, a.Q, c.RopeTheta);
                 ops.Rope(a.K, pass.Positions, a.K, c.RopeTheta);
-                a.O = Device.Zeros("attn", batch, t, h, d);
-                a.Lse = Device.Zeros("lse", batch, t, h);
-                ops.Attention(a.Q, a.K, a.V, a.O, a.Lse, causal: true);
+                a.O = Device.Zeros("attn", 1, n, h, d);
+                a.Lse = Device.Zeros("lse", 1, n, h);
+                layout.Forward(ops, i, a.Q, a.K, a.V, a.O, a.Lse);
                 a.X1 = Device.Zeros("x1", n, dm);
                 Project(p + "self_attn.o_proj", Flat(a.O, n), a.X1, keep);
                 ops.Add(a.X1, x, a.X1);
@@ -383,7 +474,7 @@ public sealed class LlamaModel : IDisposable
                 using var dq = Device.Zeros("dq", a.Q.Shape.ToArray());
                 using var dk = Device.Zeros("dk", a.K.Shape.ToArray());
                 using var dv = Device.Zeros("dv", a.V.Shape.ToArray());
-                ops.AttentionBackward(a.Q, a.K, a.V, a.O, a.Lse, dO, dq, dk, dv, causal: true);
+                pass.Layout.Backward(ops, i, a.Q, a.K, a.V, a.O, a.Lse, dO, dq, dk, dv);
                 ops.Rope(dq, pass.Positions, dq, c.RopeTheta, inverse: true);
                 ops.Rope(dk, pass.Positions, dk, c.RopeTheta, inverse: true);
                 ProjectBackward(p + "self_attn.q_proj", a.H, Flat(dq, n), dhAttn, pass);
@@ -452,7 +543,8 @@ public sealed class LlamaModel : IDisposable
 
         if (prefixes != null && prefixes.Count != caches.Count) throw new ArgumentException($"DecodeBatch: {prefixes.Count} prefix entries for {caches.Count} sequences");
         if (prefixes != null && prefixes.Any(pf => pf != null && caches.Contains(pf))) throw new ArgumentException("DecodeBatch: a shared prefix cannot also be a sequence's own cache");
-        int PrefixLength(int j) => prefixes?[j]?.Length ?? 0;
+        int virtualTokens = prefix?.Tokens ?? 0;
+        int PrefixLength(int j) => virtualTokens + (prefixes?[j]?.Length ?? 0);
 
         if (caches.Distinct().Count() != caches.Count) throw new ArgumentException("DecodeBatch: a KV cache appears twice in one step");
         int seqs = caches.Count, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
@@ -519,6 +611,16 @@ public sealed class LlamaModel : IDisposable
                 ops.Copy(v.View(r0 * hkv * d, 1, tn, hkv, d), cache.Values[i].View(start * hkv * d, 1, tn, hkv, d));
                 ops.Attention(q.View(r0 * h * d, 1, tn, h, d), cache.Keys[i].View(0, 1, total, hkv, d), cache.Values[i].View(0, 1, total, hkv, d),
                     o.View(r0 * h * d, 1, tn, h, d), lse.View(r0 * h, 1, tn, h), causal: true);
+            }
+
+            // Prefix tuning: every row reads the layer's virtual tokens, one pass for the whole batch.
+            if (prefix != null)
+            {
+                using var vo = Device.Zeros("virtual_attn", 1, n, h, d);
+                using var vl = Device.Zeros("virtual_lse", 1, n, h);
+                var level = prefix.Level(i, 1);
+                ops.Attention(q, level.Keys, level.Values, vo, vl, causal: false);
+                ops.AttentionMerge(o, lse, vo, vl, o, lse);
             }
 
             // Hydragen: every run's queries against its shared prefix in one pass, merged exactly by log-sum-exp.
@@ -871,6 +973,7 @@ public sealed class LlamaModel : IDisposable
     public void Dispose()
     {
         foreach (var p in AllParameters) p.Dispose();
+        prefix = null;
         lora.Clear();
         parameters.Clear();
         byName.Clear();
