@@ -134,20 +134,7 @@ public sealed class LlamaModel : IDisposable
             }
         }
 
-        var ops = Device.Ops;
-        using var pass = Forward(tokens, new GroupedLayout(shared, g, each), keepActivations: backward);
-        using var tgt = Device.FromIndices("targets", targets);
-        using var losses = Device.Zeros("losses", tokens.Length);
-        int counted = ops.CrossEntropy(pass.Logits, tgt, losses);
-        double loss = counted == 0 ? 0 : ops.Sum(losses) / counted;
-        if (backward && counted > 0)
-        {
-            using var dLogits = Device.Zeros("dlogits", tokens.Length, Config.VocabSize);
-            ops.CrossEntropyBackward(pass.Logits, tgt, dLogits, 1f / counted);
-            Backward(pass, dLogits);
-        }
-
-        return (loss, counted);
+        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each), backward);
     }
 
     /// <summary>
@@ -266,8 +253,19 @@ public sealed class LlamaModel : IDisposable
             throw new ArgumentException($"targets has {targets.Length} entries for {tokens.Length} tokens");
         }
 
+        if (batch <= 0 || tokens.Length % batch != 0)
+        {
+            throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
+        }
+
+        return CrossEntropyLoss(tokens, targets, new BatchLayout(batch, tokens.Length / batch, prefix), backward);
+    }
+
+    /// <summary>Mean cross-entropy over the counted targets of a pass in <paramref name="layout"/>, with its backward.</summary>
+    private (double Loss, int Counted) CrossEntropyLoss(int[] tokens, int[] targets, AttentionLayout layout, bool backward)
+    {
         var ops = Device.Ops;
-        using var pass = Forward(tokens, batch, keepActivations: backward);
+        using var pass = Forward(tokens, layout, keepActivations: backward);
         using var tgt = Device.FromIndices("targets", targets);
         using var losses = Device.Zeros("losses", tokens.Length);
         int counted = ops.CrossEntropy(pass.Logits, tgt, losses);
