@@ -19,6 +19,8 @@ internal sealed record TrainExtras
     public LoraAdapterConfig? Lora { get; init; }
     /// <summary>Train B only (A frozen at its random init).</summary>
     public bool LoraBOnly { get; init; }
+    /// <summary>Prefix tuning's virtual tokens (0: the default, 8).</summary>
+    public int VirtualTokens { get; init; }
     /// <summary>lora | lora-ga.</summary>
     public string LoraInit { get; init; } = "lora";
 }

@@ -53,7 +53,9 @@ public static class Program
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
-        var method = new Option<string>("--method") { Description = "full | lora (prefix tuning and sparse methods arrive with their issues; 1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var method = new Option<string>("--method") { Description = "full | lora | prefix (sparse methods arrive with their issue; 1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer", DefaultValueFactory = _ => 0 };
+        var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
         var alpha = new Option<float>("--alpha") { Description = "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)", DefaultValueFactory = _ => 16f };
         var targetsOpt = new Option<string>("--targets") { Description = "all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "all-linear" };
@@ -70,7 +72,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery }) c.Options.Add(o);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions }) c.Options.Add(o);
             }
             else
             {
@@ -92,6 +94,7 @@ public static class Program
                     ClipPerParameter = r.GetValue(clipPer),
                     GradAccumulation = Positive("--grad-accum", r.GetValue(accum)),
                     ChainEvery = finetune ? r.GetValue(chainEvery) : 0,
+                    GroupCompletions = finetune && r.GetValue(groupCompletions),
                 }, r.GetValue(outDir)!, r.GetValue(resume), r.GetValue(quiet), stdout, new TrainExtras
                 {
                     Freeze = r.GetValue(freeze) ?? Array.Empty<string>(),
@@ -104,6 +107,7 @@ public static class Program
                         : null,
                     LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
                     LoraBOnly = finetune && r.GetValue(bOnly),
+                    VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
                 }));
             return c;
         }
@@ -119,6 +123,7 @@ public static class Program
         var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
         var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
         var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT LoRA adapters: name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
+        var prefixAdapter = new Option<string?>("--prefix") { Description = "A PEFT prefix-tuning folder whose virtual tokens every request reads" };
         var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };
         var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit delta folders (peft compress): name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
         var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
@@ -126,9 +131,9 @@ public static class Program
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
         var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
-        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, deltasOpt, noSharing, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
+        foreach (var o in new Option[] { deviceOption, modelDir, prompt, requestsOpt, adaptersOpt, deltasOpt, prefixAdapter, noSharing, maxTokens, temperature, topK, topP, seed }) generate.Options.Add(o);
         generate.SetAction(r => Commands.Generate(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(prompt), r.GetValue(requestsOpt),
-            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(noSharing), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
+            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(seed), stdout, stderr));
         root.Subcommands.Add(generate);
 
         var tokens = new Option<string>("--tokens") { Description = "Comma-separated token ids", Required = true };
@@ -254,10 +259,12 @@ internal static class Commands
 
     public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainExtras extras)
     {
-        if (method is not ("full" or "lora"))
+        if (method is not ("full" or "lora" or "prefix"))
         {
-            throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full or lora (prefix tuning, 1-bit deltas and sparse methods are open issues)");
+            throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full, lora or prefix (1-bit deltas come from peft compress; sparse methods are an open issue)");
         }
+
+        if (method != "prefix" && extras.VirtualTokens != 0) throw new ArgumentException("--virtual-tokens applies to --method prefix");
 
         bool loraOnlyFlags = extras.LoraBOnly || extras.LoraInit != "lora" || options.ChainEvery != 0;
         if (extras.Lora == null && loraOnlyFlags) throw new ArgumentException("--b-only, --init and --chain-every apply to --method lora");
@@ -272,6 +279,17 @@ internal static class Commands
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
         Action<string>? save = null;
+        if (method == "prefix")
+        {
+            int tokens = extras.VirtualTokens == 0 ? 8 : extras.VirtualTokens;
+            if (tokens < 0) throw new ArgumentException($"--virtual-tokens {tokens}: must be positive");
+            if (options.GroupCompletions) throw new NotSupportedException("--group-completions with --method prefix is not supported yet");
+            model.AddPrefixTuning(tokens, options.Seed);
+            long trainable = model.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
+            console.MarkupLine($"prefix tuning: {tokens} virtual tokens per layer, {trainable:N0} trainable parameters ({100.0 * trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})");
+            save = dir => PeftPrefixAdapter.From(model, Path.GetFullPath(modelDir!)).Save(dir, model.Config);
+        }
+
         if (extras.Lora is { } lora)
         {
             if (lora.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"--dropout {lora.LoraDropout}: must be in [0, 1)");
@@ -306,7 +324,7 @@ internal static class Commands
 
         var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, extras, save);
         if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
-        console.MarkupLine($"{(extras.Lora != null && options.ChainEvery == 0 ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        console.MarkupLine($"{((extras.Lora != null && options.ChainEvery == 0) || method == "prefix" ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }
 
@@ -320,7 +338,7 @@ internal static class Commands
         return 0;
     }
 
-    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, bool noSharing, int? maxTokens,
+    public static int Generate(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, string? prefixDir, bool noSharing, int? maxTokens,
         float? temperature, int? topK, float? topP, int seed, TextWriter stdout, TextWriter stderr)
     {
         if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
@@ -328,6 +346,12 @@ internal static class Commands
         var namedDeltas = RequestFile.ParseNamedFolders("--deltas", deltas);
         using var device = OpenDevice(deviceSpec);
         using var model = LoadTextModel(modelDir, device);
+        if (prefixDir != null)
+        {
+            var pa = PeftPrefixAdapter.Load(prefixDir, model.Config);
+            model.AddPrefixTuning(pa.VirtualTokens, seed, pa.Keys, pa.Values);
+        }
+
         // Flags win; then the folder's generation_config.json; then greedy, 32 tokens.
         var g = GenerationConfig.Read(modelDir);
         int max = maxTokens ?? g.MaxNewTokens ?? 32;
@@ -524,6 +548,14 @@ internal static class Commands
             Path.Combine(outDir, "finetuned-lora"), "lora", null, null, dir => loraModel.ExportLora(loraConfig).Save(dir, loraModel.Config));
         var loraAfter = Evaluator.Evaluate(loraModel, taskHeld, options.SeqLen);
         var loraOnPre = Evaluator.Evaluate(loraModel, preHeld, options.SeqLen);
+        const int virtualTokens = 32;
+        console.MarkupLine($"3b. prefix tuning of the pre-trained model on '{heldOutTask}' ({virtualTokens} virtual tokens per layer, base frozen)");
+        using var prefixModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+        prefixModel.AddPrefixTuning(virtualTokens, seed);
+        long prefixTrainable = prefixModel.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
+        jobs.Train(prefixModel, ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train), fineOptions with { LearningRate = 5e-2f },
+            Path.Combine(outDir, "finetuned-prefix"), "prefix", null, null, dir => PeftPrefixAdapter.From(prefixModel).Save(dir, prefixModel.Config));
+        var prefixAfter = Evaluator.Evaluate(prefixModel, taskHeld, options.SeqLen);
         console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales");
         using var baseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var delta = BitDelta.Compress(baseModel, model);
@@ -560,6 +592,7 @@ internal static class Commands
         var (copyOut, _) = BatchGenerator.GenerateWithReport(model, shotRequests, null, PrefixSharing.Off);
         double copySeconds = copyClock.Elapsed.TotalSeconds;
         bool same = sharedOut.Select(r => r.Completion).SequenceEqual(copyOut.Select(r => r.Completion));
+        table.AddRow($"prefix tuning ({virtualTokens} tokens)", $"{prefixTrainable:N0}", $"'{heldOutTask}'", $"{prefixAfter.Loss:F3}", $"{prefixAfter.ExactMatch:P1}");
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
         table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");

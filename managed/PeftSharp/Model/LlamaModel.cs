@@ -111,9 +111,10 @@ public sealed class LlamaModel : IDisposable
     /// Mean cross-entropy of G completions of one prompt, the prompt encoded once (Prefix Grouper): each completion
     /// is predicted from the prompt and its own earlier tokens, exactly as in a batch with the prompt copied before
     /// each completion (loss on completion tokens only). Completions are padded with <paramref name="pad"/> to one
-    /// length; padding is not counted. With <paramref name="backward"/>, gradients are added to trainable parameters.
+    /// length; padding is not counted. With <paramref name="backward"/>, gradients (times
+    /// <paramref name="gradientWeight"/>, for averaging over several groups) are added to trainable parameters.
     /// </summary>
-    public (double Loss, int Counted) GroupedLoss(int[] prompt, IReadOnlyList<int[]> completions, bool backward, int pad = 0)
+    public (double Loss, int Counted) GroupedLoss(int[] prompt, IReadOnlyList<int[]> completions, bool backward, int pad = 0, float gradientWeight = 1f)
     {
         if (prompt.Length == 0) throw new ArgumentException("a grouped batch needs a prompt of at least one token");
         if (completions.Count == 0 || completions.Any(cpl => cpl.Length == 0)) throw new ArgumentException("a grouped batch needs one or more non-empty completions");
@@ -134,7 +135,7 @@ public sealed class LlamaModel : IDisposable
             }
         }
 
-        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each), backward);
+        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each), backward, gradientWeight);
     }
 
     /// <summary>
@@ -262,7 +263,7 @@ public sealed class LlamaModel : IDisposable
     }
 
     /// <summary>Mean cross-entropy over the counted targets of a pass in <paramref name="layout"/>, with its backward.</summary>
-    private (double Loss, int Counted) CrossEntropyLoss(int[] tokens, int[] targets, AttentionLayout layout, bool backward)
+    private (double Loss, int Counted) CrossEntropyLoss(int[] tokens, int[] targets, AttentionLayout layout, bool backward, float gradientWeight = 1f)
     {
         var ops = Device.Ops;
         using var pass = Forward(tokens, layout, keepActivations: backward);
@@ -273,7 +274,7 @@ public sealed class LlamaModel : IDisposable
         if (backward && counted > 0)
         {
             using var dLogits = Device.Zeros("dlogits", tokens.Length, Config.VocabSize);
-            ops.CrossEntropyBackward(pass.Logits, tgt, dLogits, 1f / counted);
+            ops.CrossEntropyBackward(pass.Logits, tgt, dLogits, gradientWeight / counted);
             Backward(pass, dLogits);
         }
 

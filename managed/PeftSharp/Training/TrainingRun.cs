@@ -25,6 +25,8 @@ public sealed record TrainOptions
     public int CheckpointEvery { get; init; }
     /// <summary>Chain of LoRA: every this many steps, merge the LoRA layers into the base and start fresh ones (0: off).</summary>
     public int ChainEvery { get; init; }
+    /// <summary>Prefix Grouper: examples of a batch that share a prompt train as one prompt with several completions (loss on completions).</summary>
+    public bool GroupCompletions { get; init; }
     public int Seed { get; init; } = 1;
 }
 
@@ -134,10 +136,18 @@ public sealed class TrainingRun
                 for (int micro = 0; micro < Options.GradAccumulation; micro++)
                 {
                     var batch = data.Next(Options.BatchSize);
-                    var (ids, targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
                     model.DropoutSeed = unchecked(Options.Seed * 1_000_003 + Step * 131 + micro);
-                    var (l, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
-                    loss += l / Options.GradAccumulation;
+                    if (Options.GroupCompletions)
+                    {
+                        var (l, rows) = GroupedStep(batch);
+                        loss += l / Options.GradAccumulation;
+                        tokens += rows;
+                        continue;
+                    }
+
+                    var (ids, targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                    var (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                    loss += bl / Options.GradAccumulation;
                     tokens += ids.Length;
                 }
 
@@ -179,6 +189,36 @@ public sealed class TrainingRun
     }
 
     /// <summary>
+    /// One micro-batch as prompt groups: each distinct prompt is encoded once with all its completions
+    /// (<see cref="LlamaModel.GroupedLoss"/>), each group's gradient weighted by its share of the batch's completion
+    /// tokens, so the step equals the plain completion-only batch. Returns the mean loss and the rows computed.
+    /// </summary>
+    private (double Loss, int Rows) GroupedStep(IReadOnlyList<Example> batch)
+    {
+        var groups = batch.GroupBy(e => e.Prompt).Select(g => (
+            Prompt: new[] { ByteTokenizer.Bos }.Concat(tokenizer.Encode(g.Key)).ToArray(),
+            Completions: g.Select(e => tokenizer.Encode(e.Completion).Append(ByteTokenizer.Eos).ToArray()).ToArray())).ToList();
+        int total = groups.Sum(g => g.Completions.Sum(c => c.Length));
+        double loss = 0;
+        int rows = 0;
+        foreach (var (prompt, completions) in groups)
+        {
+            int counted = completions.Sum(c => c.Length);
+            if (prompt.Length + completions.Max(c => c.Length) > Options.SeqLen + 1)
+            {
+                throw new ArgumentException($"a prompt of {prompt.Length} tokens with completions up to {completions.Max(c => c.Length)} needs more than the sequence length {Options.SeqLen}");
+            }
+
+            float weight = (float)counted / total;
+            var (l, _) = model.GroupedLoss(prompt, completions, backward: true, ByteTokenizer.Pad, weight);
+            loss += l * weight;
+            rows += prompt.Length - 1 + completions.Length * completions.Max(c => c.Length);
+        }
+
+        return (loss, rows);
+    }
+
+    /// <summary>
     /// Writes model, optimizer state and trainer state into a fresh folder, then swaps it into place, so the
     /// previous checkpoint survives a crash at any point.
     /// </summary>
@@ -190,8 +230,8 @@ public sealed class TrainingRun
         HuggingFaceFolder.Save(model, tmp);
         var state = optimizer.ExportState().Select(s => new SafeTensorData(s.Name, s.Values, s.Shape)).ToList();
         SafeTensorsWriter.Write(Path.Combine(tmp, "optimizer.safetensors"), state);
-        // Adapter parameters (LoRA A, B, DoRA magnitudes) by their PEFT names; the base is the HF folder above.
-        var adapter = model.Lora.Values.SelectMany(l => l.Parameters).Select(p => new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray())).ToList();
+        // Adapter parameters (LoRA A, B, DoRA magnitudes, prefix tokens) by name; the base is the HF folder above.
+        var adapter = AdapterParameters().Select(p => new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray())).ToList();
         if (adapter.Count > 0) SafeTensorsWriter.Write(Path.Combine(tmp, AdapterStateFile), adapter);
         var trainerState = new Dictionary<string, object>
         {
@@ -209,6 +249,9 @@ public sealed class TrainingRun
         if (Directory.Exists(old)) Directory.Delete(old, recursive: true);
     }
 
+    /// <summary>What trains beside the base model's own parameters: LoRA layers, DoRA magnitudes, virtual tokens.</summary>
+    private List<Parameter> AdapterParameters() => model.AllParameters.Except(model.Parameters).ToList();
+
     /// <summary>Restores optimizer state, step and data position from a checkpoint (the model is loaded by the caller).</summary>
     public void Resume(string folder)
     {
@@ -222,7 +265,7 @@ public sealed class TrainingRun
         optimizer.ImportState(name => st.Contains(name) ? st.ReadFloats(name) : null, root.GetProperty("optimizer_steps").GetInt32());
         Step = root.GetProperty("step").GetInt32();
         data.Seek(root.GetProperty("data_position").GetInt64());
-        var adapterParams = model.Lora.Values.SelectMany(l => l.Parameters).ToList();
+        var adapterParams = AdapterParameters();
         string adapterPath = Path.Combine(folder, AdapterStateFile);
         if (adapterParams.Count > 0 != File.Exists(adapterPath))
         {

@@ -108,6 +108,20 @@ public sealed class HostJobTests : TempDirectoryTest
         }
 
         Assert.That(PeftSharp.Formats.PeftLoraAdapter.ParseConfig(File.ReadAllText(Path.Combine(TempDir, "ga", "adapter_config.json")), "ga").R, Is.EqualTo(8), "LoRA-GA exports rank 2r");
+
+        // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
+        string prefixDir = Path.Combine(TempDir, "prefix");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--steps", "2", "--batch-size", "2",
+            "--out", prefixDir, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("prefix tuning: 4 virtual tokens per layer"));
+        Assert.That(File.ReadAllText(Path.Combine(prefixDir, "adapter_config.json")), Does.Contain("PREFIX_TUNING"));
+        r = Peft.Run("generate", "--model", pre, "--prefix", prefixDir, "--prompt", "abc", "--max-tokens", "3", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        string jsonl = Path.Combine(TempDir, "grouped.jsonl");
+        File.WriteAllLines(jsonl, Enumerable.Range(0, 12).Select(i => $"{{\"prompt\": \"p{i / 3}\", \"completion\": \"c{i}\"}}"));
+        r = Peft.Run("finetune", "--model", pre, "--data", jsonl, "--group-completions", "--steps", "2", "--batch-size", "6", "--out", Path.Combine(TempDir, "grouped"), "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(File.ReadAllText(Path.Combine(TempDir, "dora", "adapter_config.json")), Does.Contain("\"use_dora\": true"));
         string dora2 = Path.Combine(TempDir, "dora-resumed");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "lora", "--rank", "4", "--dora", "--steps", "4", "--batch-size", "2",

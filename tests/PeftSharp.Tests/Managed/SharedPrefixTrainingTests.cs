@@ -78,3 +78,40 @@ public sealed class SharedPrefixTrainingTests
         }
     }
 }
+
+public sealed class PeftPrefixAdapterTests : PeftSharp.Tests.Infrastructure.TempDirectoryTest
+{
+    [Test]
+    public void PrefixFolder_UsesPeftsLayout_RoundTripsExactly_AndRejectsMismatches()
+    {
+        var config = LoraTrainingTests.Micro; // 2 layers, Hkv = 1, D = 4: token_dim 4
+        const int p = 3, tokenDim = 4, layers = 2;
+        // prompt_embeddings written as PEFT lays it out: row t = [layer 0 key, layer 0 value, layer 1 key, layer 1 value].
+        var emb = new float[p * layers * 2 * tokenDim];
+        for (int t = 0; t < p; t++)
+        for (int l = 0; l < layers; l++)
+        for (int kv = 0; kv < 2; kv++)
+        for (int e = 0; e < tokenDim; e++)
+        {
+            emb[((t * layers + l) * 2 + kv) * tokenDim + e] = 1000 * t + 100 * l + 10 * kv + e;
+        }
+
+        string dir = Path.Combine(TempDir, "prefix");
+        Directory.CreateDirectory(dir);
+        PeftSharp.Formats.SafeTensorsWriter.Write(Path.Combine(dir, "adapter_model.safetensors"), new[] { new PeftSharp.Formats.SafeTensorData("prompt_embeddings", emb, new[] { p, layers * 2 * tokenDim }) });
+        File.WriteAllText(Path.Combine(dir, "adapter_config.json"), """{"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 4, "num_transformer_submodules": 1, "num_attention_heads": 1, "num_layers": 2, "encoder_hidden_size": 8, "prefix_projection": false}""");
+        var a = PeftSharp.Formats.PeftPrefixAdapter.Load(dir, config);
+        Assert.That(a.Keys[1].AsSpan(2 * tokenDim, tokenDim).ToArray(), Is.EqualTo(new float[] { 2100, 2101, 2102, 2103 }), "layer 1's key of virtual token 2");
+        Assert.That(a.Values[0].AsSpan(0, tokenDim).ToArray(), Is.EqualTo(new float[] { 10, 11, 12, 13 }), "layer 0's value of virtual token 0");
+        string back = Path.Combine(TempDir, "back");
+        a.Save(back, config);
+        using (var f = PeftSharp.Formats.SafeTensorsFile.Open(Path.Combine(back, "adapter_model.safetensors")))
+        {
+            Assert.That(f.ReadFloats("prompt_embeddings"), Is.EqualTo(emb), "save writes the same layout back");
+        }
+
+        File.WriteAllText(Path.Combine(dir, "adapter_config.json"), """{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 8, "num_layers": 4, "prefix_projection": true}""");
+        var e2 = Assert.Throws<InvalidDataException>(() => PeftSharp.Formats.PeftPrefixAdapter.Load(dir, config))!;
+        Assert.That(e2.Message, Does.Contain("prefix_projection").And.Contain("num_layers is 4").And.Contain("token_dim is 8"));
+    }
+}

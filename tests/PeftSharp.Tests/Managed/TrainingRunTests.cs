@@ -116,4 +116,28 @@ public sealed class TrainingRunTests
         string s1 = Generator.Sample(model, "add 1+2=", 6, 1.0f, 20, 0.9f, seed: 3);
         Assert.That(Generator.Sample(model, "add 1+2=", 6, 1.0f, 20, 0.9f, seed: 3), Is.EqualTo(s1));
     }
+
+    [Test]
+    public void GroupCompletions_TakesTheSameStepAsThePlainCompletionOnlyBatch()
+    {
+        using var device = new CpuDevice();
+        // Three prompts with two to four completions each, in one batch.
+        var examples = Enumerable.Range(0, 9).Select(i => new Example("t", $"prompt {i % 3}:", $"answer {i}")).ToList();
+        float[] After(bool grouped)
+        {
+            using var model = LlamaModel.Create(device, Config, seed: 8);
+            using var opt = new Sgd(model.Parameters);
+            var options = new TrainOptions { Steps = 1, BatchSize = 9, SeqLen = 24, CompletionOnly = true, GroupCompletions = grouped, ClipNorm = 0, Seed = 1 };
+            new TrainingRun(model, opt, new LearningRateSchedule.Constant(0.5f), ExampleSource.List(examples), options).Run(null);
+            return model["model.layers.0.self_attn.k_proj.weight"].Value.ToArray().Concat(model["model.embed_tokens.weight"].Value.ToArray()).ToArray();
+        }
+
+        var plain = After(false);
+        var grouped = After(true);
+        var start = LlamaModel.Create(device, Config, seed: 8);
+        var w0 = start["model.layers.0.self_attn.k_proj.weight"].Value.ToArray().Concat(start["model.embed_tokens.weight"].Value.ToArray()).ToArray();
+        start.Dispose();
+        Assert.That(plain.Zip(w0).Any(p => p.First != p.Second), "the step moved the weights");
+        PeftSharp.Tests.Infrastructure.Check.Close(grouped, plain, (1e-6, 1e-4), "weights after one grouped step vs one plain step");
+    }
 }
