@@ -143,6 +143,12 @@ public abstract class Device : IDisposable
     protected internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
     protected internal abstract double SumCore(Tensor x, bool squares);
     protected internal abstract void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s);
+    protected internal abstract void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step);
+    protected internal abstract void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step);
+    protected internal abstract void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha);
+    protected internal abstract void GatherCore(Tensor w, IndexTensor idx, Tensor values);
+    protected internal abstract void DareCore(Tensor x, Tensor y, float p, int seed);
+    protected internal abstract void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows);
     protected internal abstract void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s);
     protected internal abstract void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s);
 }

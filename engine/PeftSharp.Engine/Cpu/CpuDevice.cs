@@ -439,6 +439,91 @@ public sealed unsafe class CpuDevice : Device
         return acc;
     }
 
+    protected internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step)
+    {
+        float[] pa = Arr(p), ga = Arr(g), ma = Arr(m), va = Arr(v);
+        int po = p.Offset, go = g.Offset, mo = m.Offset, vo = v.Offset;
+        var ix = idx.Host;
+        float lr = step.LearningRate, b1 = step.Beta1, b2 = step.Beta2, eps = step.Epsilon, bc1 = step.BiasCorrection1, bc2 = step.BiasCorrection2;
+        float decay = 1f - lr * step.WeightDecay;
+        ForRows(ix.Length, 1, j =>
+        {
+            int i = ix[j];
+            float gi = ga[go + i];
+            float mi = b1 * ma[mo + j] + (1f - b1) * gi;
+            float vi = b2 * va[vo + j] + (1f - b2) * gi * gi;
+            ma[mo + j] = mi;
+            va[vo + j] = vi;
+            pa[po + i] = pa[po + i] * decay - lr * (mi / bc1) / (MathF.Sqrt(vi / bc2) + eps);
+        });
+    }
+
+    protected internal override void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step)
+    {
+        float[] pa = Arr(p), ga = Arr(g);
+        float[]? ba = momentum == null ? null : Arr(momentum);
+        int po = p.Offset, go = g.Offset, bo = momentum?.Offset ?? 0;
+        var ix = idx.Host;
+        ForRows(ix.Length, 1, j =>
+        {
+            int i = ix[j];
+            float gi = ga[go + i] + step.WeightDecay * pa[po + i];
+            if (step.Momentum != 0f)
+            {
+                float bi = step.Momentum * ba![bo + j] + gi;
+                ba[bo + j] = bi;
+                gi = bi;
+            }
+
+            pa[po + i] -= step.LearningRate * gi;
+        });
+    }
+
+    protected internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha)
+    {
+        float[] wa = Arr(w), va = Arr(values);
+        int wo = w.Offset, vo = values.Offset;
+        var ix = idx.Host;
+        for (int j = 0; j < ix.Length; j++) wa[wo + ix[j]] += alpha * va[vo + j];
+    }
+
+    protected internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values)
+    {
+        float[] wa = Arr(w), va = Arr(values);
+        int wo = w.Offset, vo = values.Offset;
+        var ix = idx.Host;
+        for (int j = 0; j < ix.Length; j++) va[vo + j] = wa[wo + ix[j]];
+    }
+
+    protected internal override void DareCore(Tensor x, Tensor y, float p, int seed)
+    {
+        float[] xa = Arr(x), ya = Arr(y);
+        int xo = x.Offset, yo = y.Offset;
+        ForRows(x.Length, 1, i => ya[yo + i] = PeftSharp.Kernels.Sparse.SparseKernels.Uniform(seed, i) >= p ? (p == 0f ? xa[xo + i] : xa[xo + i] / (1f - p)) : 0f);
+    }
+
+    protected internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows)
+    {
+        float[] xa = Arr(x), ya = Arr(y), vals = Arr(pool.Vals);
+        int xo = x.Offset, yo = y.Offset, n = pool.OutFeatures, k = pool.InFeatures;
+        var rs = pool.RowStartHost;
+        var cols = pool.Cols.Host;
+        var rv = rowVariants.Host;
+        ForRows(rows, n, r =>
+        {
+            int v = rv[r];
+            if (v < 0) return;
+            var xr = xa.AsSpan(xo + r * k, k);
+            for (int o = 0; o < n; o++)
+            {
+                int at = v * (n + 1) + o;
+                float acc = 0f;
+                for (int e = rs[at]; e < rs[at + 1]; e++) acc += vals[e] * xr[cols[e]];
+                ya[yo + r * n + o] += acc;
+            }
+        });
+    }
+
     protected internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d)
     {
         float[] a1 = Arr(o1), a2 = Arr(o2), ao = Arr(o), l1a = Arr(lse1), l2a = Arr(lse2), la = Arr(lse);

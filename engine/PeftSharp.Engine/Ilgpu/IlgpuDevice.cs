@@ -358,6 +358,23 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // t is freed on return
     }
 
+    protected internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step) =>
+        kernels.MaskedAdamW.Value(idx.Length, V(p), V(g), V(idx), V(m), V(v), step.LearningRate, step.Beta1, step.Beta2, step.Epsilon, step.WeightDecay,
+            step.BiasCorrection1, step.BiasCorrection2);
+
+    protected internal override void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step) =>
+        kernels.MaskedSgd.Value(idx.Length, V(p), V(g), V(idx), momentum != null ? V(momentum) : V(g), step.LearningRate, step.Momentum, step.WeightDecay);
+
+    protected internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha) =>
+        kernels.ScatterAdd.Value(idx.Length, V(w), V(idx), V(values), alpha);
+
+    protected internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Gather.Value(idx.Length, V(w), V(idx), V(values));
+
+    protected internal override void DareCore(Tensor x, Tensor y, float p, int seed) => kernels.Dare.Value(x.Length, V(x), V(y), p, seed);
+
+    protected internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows) =>
+        kernels.SparseMixed.Value(rows * pool.OutFeatures, V(x), V(pool.RowStart), V(pool.Cols), V(pool.Vals), V(rowVariants), V(y), pool.OutFeatures, pool.InFeatures);
+
     protected internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d) =>
         kernels.AttentionMerge.Value(rows, V(o1), V(lse1), V(o2), V(lse2), V(o), V(lse), d);
 

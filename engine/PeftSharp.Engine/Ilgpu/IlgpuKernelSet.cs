@@ -5,6 +5,7 @@ using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
+using PeftSharp.Kernels.Sparse;
 using AV = ILGPU.ArrayView<float>;
 using AVI = ILGPU.ArrayView<int>;
 
@@ -54,6 +55,12 @@ internal sealed class IlgpuKernelSet
         AdamW = Load<Action<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>>(nameof(OptimizerKernels.AdamWKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, float, float, float, float, float, float, float>(OptimizerKernels.AdamWKernel));
         LoraShrink = Load<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.ShrinkKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>(LoraKernels.ShrinkKernel));
         LoraExpand = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.ExpandKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>(LoraKernels.ExpandKernel));
+        MaskedAdamW = Load<Action<Index1D, AV, AV, AVI, AV, AV, float, float, float, float, float, float, float>>(nameof(SparseKernels.MaskedAdamWKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AV, AV, float, float, float, float, float, float, float>(SparseKernels.MaskedAdamWKernel));
+        MaskedSgd = Load<Action<Index1D, AV, AV, AVI, AV, float, float, float>>(nameof(SparseKernels.MaskedSgdKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AV, float, float, float>(SparseKernels.MaskedSgdKernel));
+        ScatterAdd = Load<Action<Index1D, AV, AVI, AV, float>>(nameof(SparseKernels.ScatterAddKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, float>(SparseKernels.ScatterAddKernel));
+        Gather = Load<Action<Index1D, AV, AVI, AV>>(nameof(SparseKernels.GatherKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV>(SparseKernels.GatherKernel));
+        Dare = Load<Action<Index1D, AV, AV, float, int>>(nameof(SparseKernels.DareKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, float, int>(SparseKernels.DareKernel));
+        SparseMixed = Load<Action<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>>(nameof(SparseKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>(SparseKernels.MixedKernel));
         AttentionMerge = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, int>>(nameof(AttentionMergeKernels.MergeKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, int>(AttentionMergeKernels.MergeKernel));
         BitDeltaMixed = Load<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>>(nameof(BitDeltaKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>(BitDeltaKernels.MixedKernel));
         BitDeltaDecode = Load<Action<Index1D, AVI, AV, float, float, BitDeltaShape>>(nameof(BitDeltaKernels.DecodeKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AVI, AV, float, float, BitDeltaShape>(BitDeltaKernels.DecodeKernel));
@@ -94,6 +101,12 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>> LoraExpand { get; }
     public Lazy<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>> BitDeltaMixed { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, int>> AttentionMerge { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AV, AV, float, float, float, float, float, float, float>> MaskedAdamW { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AV, float, float, float>> MaskedSgd { get; }
+    public Lazy<Action<Index1D, AV, AVI, AV, float>> ScatterAdd { get; }
+    public Lazy<Action<Index1D, AV, AVI, AV>> Gather { get; }
+    public Lazy<Action<Index1D, AV, AV, float, int>> Dare { get; }
+    public Lazy<Action<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>> SparseMixed { get; }
     public Lazy<Action<Index1D, AVI, AV, float, float, BitDeltaShape>> BitDeltaDecode { get; }
 
     private Lazy<T> Load<T>(string kernel, Func<T> load) => new(() =>
