@@ -104,17 +104,7 @@ public sealed partial class Ops
     /// </summary>
     public void LoraMixed(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters)
     {
-        Check("lora", x, y);
-        CheckIndex("lora", rowAdapters);
-        if (!ReferenceEquals(pool.Device, device)) throw new ArgumentException($"lora: the adapter pool lives on {pool.Device.Info.Spec}, not on {device.Info.Spec}");
-        if (x.Dim(-1) != pool.InFeatures) throw new ArgumentException($"lora: x {x} has {x.Dim(-1)} input features; the pool's adapters take {pool.InFeatures}");
-        int rows = x.Length / Math.Max(1, pool.InFeatures);
-        Expect("lora", y, rows * pool.OutFeatures, $"(M = {rows}, N = {pool.OutFeatures}) for x {x}");
-        if (rowAdapters.Length != rows) throw new ArgumentException($"lora: row adapters {rowAdapters} must name one adapter (or -1) per row of x {x} ({rows})");
-        foreach (int a in rowAdapters.Host)
-        {
-            if (a < -1 || a >= pool.Count) throw new ArgumentException($"lora: adapter index {a} in {rowAdapters} is outside [-1, {pool.Count})");
-        }
+        int rows = CheckMixed("lora", "adapter", x, y, pool.Device, pool.InFeatures, pool.OutFeatures, pool.Count, rowAdapters);
 
         if (pool.Count > 0 && rows > 0) device.LoraMixedCore(x, y, pool, rowAdapters, new LoraBatchShape(rows, pool.InFeatures, pool.OutFeatures, pool.MaxRank));
     }
@@ -125,17 +115,7 @@ public sealed partial class Ops
     /// </summary>
     public void BitDeltaMixed(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants)
     {
-        Check("1-bit", x, y);
-        CheckIndex("1-bit", rowVariants);
-        if (!ReferenceEquals(pool.Device, device)) throw new ArgumentException($"1-bit: the delta pool lives on {pool.Device.Info.Spec}, not on {device.Info.Spec}");
-        if (x.Dim(-1) != pool.InFeatures) throw new ArgumentException($"1-bit: x {x} has {x.Dim(-1)} input features; the pool's deltas take {pool.InFeatures}");
-        int rows = x.Length / Math.Max(1, pool.InFeatures);
-        Expect("1-bit", y, rows * pool.OutFeatures, $"(M = {rows}, N = {pool.OutFeatures}) for x {x}");
-        if (rowVariants.Length != rows) throw new ArgumentException($"1-bit: row variants {rowVariants} must name one variant (or -1) per row of x {x} ({rows})");
-        foreach (int v in rowVariants.Host)
-        {
-            if (v < -1 || v >= pool.Count) throw new ArgumentException($"1-bit: variant index {v} in {rowVariants} is outside [-1, {pool.Count})");
-        }
+        int rows = CheckMixed("1-bit", "variant", x, y, pool.Device, pool.InFeatures, pool.OutFeatures, pool.Count, rowVariants);
 
         if (pool.Count > 0 && rows > 0 && pool.OutFeatures > 0) device.BitDeltaMixedCore(x, y, pool, rowVariants, new BitDeltaShape(rows, pool.InFeatures, pool.OutFeatures));
     }
@@ -487,6 +467,24 @@ public sealed partial class Ops
         {
             if (id < 0 || id >= limit) throw new ArgumentException($"{op}: id {id} in {ids} is outside [0, {limit}), the {what}");
         }
+    }
+
+    /// <summary>Checks a mixed-variant call: x (M, K) and y (M, N) against the pool, one index in [-1, count) per row. Returns M.</summary>
+    private int CheckMixed(string op, string kind, Tensor x, Tensor y, Device poolDevice, int inFeatures, int outFeatures, int count, IndexTensor rowIndex)
+    {
+        Check(op, x, y);
+        CheckIndex(op, rowIndex);
+        if (!ReferenceEquals(poolDevice, device)) throw new ArgumentException($"{op}: the pool lives on {poolDevice.Info.Spec}, not on {device.Info.Spec}");
+        if (x.Dim(-1) != inFeatures) throw new ArgumentException($"{op}: x {x} has {x.Dim(-1)} input features; the pool's {kind}s take {inFeatures}");
+        int rows = x.Length / Math.Max(1, inFeatures);
+        Expect(op, y, rows * outFeatures, $"(M = {rows}, N = {outFeatures}) for x {x}");
+        if (rowIndex.Length != rows) throw new ArgumentException($"{op}: row {kind}s {rowIndex} must name one {kind} (or -1) per row of x {x} ({rows})");
+        foreach (int a in rowIndex.Host)
+        {
+            if (a < -1 || a >= count) throw new ArgumentException($"{op}: {kind} index {a} in {rowIndex} is outside [-1, {count})");
+        }
+
+        return rows;
     }
 
     private static void Expect(string op, Tensor t, int length, string what)

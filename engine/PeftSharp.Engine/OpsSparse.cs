@@ -65,17 +65,7 @@ public sealed partial class Ops
     /// <summary>y (M, N) += each row's sparse delta applied to x (M, K): rows with variant -1 are untouched.</summary>
     public void SparseDeltaMixed(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants)
     {
-        Check("sparse mixed", x, y);
-        CheckIndex("sparse mixed", rowVariants);
-        if (!ReferenceEquals(pool.Device, device)) throw new ArgumentException($"sparse mixed: the pool lives on {pool.Device.Info.Spec}, not on {device.Info.Spec}");
-        if (x.Dim(-1) != pool.InFeatures) throw new ArgumentException($"sparse mixed: x {x} has {x.Dim(-1)} input features; the pool's deltas take {pool.InFeatures}");
-        int rows = x.Length / Math.Max(1, pool.InFeatures);
-        Expect("sparse mixed", y, rows * pool.OutFeatures, $"(M = {rows}, N = {pool.OutFeatures}) for x {x}");
-        if (rowVariants.Length != rows) throw new ArgumentException($"sparse mixed: row variants {rowVariants} must name one variant (or -1) per row of x {x} ({rows})");
-        foreach (int v in rowVariants.Host)
-        {
-            if (v < -1 || v >= pool.Count) throw new ArgumentException($"sparse mixed: variant index {v} in {rowVariants} is outside [-1, {pool.Count})");
-        }
+        int rows = CheckMixed("sparse mixed", "variant", x, y, pool.Device, pool.InFeatures, pool.OutFeatures, pool.Count, rowVariants);
 
         if (pool.Count > 0 && rows > 0 && pool.OutFeatures > 0) device.SparseDeltaMixedCore(x, y, pool, rowVariants, rows);
     }
