@@ -3,6 +3,7 @@ using PeftSharp.Engine;
 using PeftSharp.Compression;
 using PeftSharp.Data;
 using PeftSharp.Formats;
+using PeftSharp.Merging;
 using PeftSharp.Model;
 using PeftSharp.Serving;
 using PeftSharp.Training;
@@ -143,10 +144,12 @@ public static class Program
         root.Subcommands.Add(logits);
 
         var adapterDir = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)" };
-        var deltaDir = new Option<string?>("--delta") { Description = "1-bit delta folder (peft compress)" };
-        var merge = new Command("merge", "Merge a PEFT LoRA adapter or a 1-bit delta into the model and write a Hugging Face folder.");
-        foreach (var o in new Option[] { deviceOption, modelDir, adapterDir, deltaDir, outDir }) merge.Options.Add(o);
-        merge.SetAction(r => Commands.Merge(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(outDir)!, stdout));
+        var deltaDir = new Option<string?>("--delta") { Description = "1-bit delta (peft compress) or sparse delta folder" };
+        var mergeConfig = new Option<string?>("--config") { Description = "A mergekit config (YAML or JSON): linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties" };
+        var mergeModel = new Option<string?>("--model") { Description = "Hugging Face model folder (not with --config, which names its models)" };
+        var merge = new Command("merge", "Merge a PEFT LoRA adapter, a 1-bit or sparse delta into a model, or several models by a mergekit config; writes a Hugging Face folder.");
+        foreach (var o in new Option[] { deviceOption, mergeModel, adapterDir, deltaDir, mergeConfig, outDir }) merge.Options.Add(o);
+        merge.SetAction(r => Commands.Merge(r.GetValue(deviceOption), r.GetValue(mergeModel), r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(mergeConfig), r.GetValue(outDir)!, stdout));
 
         var baseDir = new Option<string>("--base") { Description = "The base model folder", Required = true };
         var fineDir = new Option<string>("--finetuned") { Description = "The fine-tuned model folder", Required = true };
@@ -435,17 +438,35 @@ internal static class Commands
         };
     }
 
-    public static int Merge(string? deviceSpec, string modelDir, string? adapterDir, string? deltaDir, string outDir, TextWriter stdout)
+    public static int Merge(string? deviceSpec, string? modelDir, string? adapterDir, string? deltaDir, string? configPath, string outDir, TextWriter stdout)
     {
-        if ((adapterDir == null) == (deltaDir == null)) throw new ArgumentException("merge: give either --adapter or --delta");
+        if (new[] { adapterDir, deltaDir, configPath }.Count(x => x != null) != 1) throw new ArgumentException("merge: give one of --adapter, --delta or --config");
         using var device = OpenDevice(deviceSpec);
+        if (configPath != null)
+        {
+            if (modelDir != null) throw new ArgumentException("merge --config: the config names its models (base_model, models); drop --model");
+            var config = MergeConfig.Load(configPath);
+            using var merged = MergeRunner.Run(config, Path.GetDirectoryName(Path.GetFullPath(configPath))!, device);
+            HuggingFaceFolder.Save(merged, outDir, MergeRunner.Storage(config));
+            string lines = config.LinesAlpha is float a ? $", LiNeS layer scaling {a} -> {config.LinesBeta}" : "";
+            stdout.WriteLine($"merged {config.Models.Count} models by {MergeConfig.Methods.First(m => m.Value == config.Method).Key}{lines} into {Path.GetFullPath(outDir)} ({config.Dtype})");
+            return 0;
+        }
+
+        if (modelDir == null) throw new ArgumentException("merge: --model is required with --adapter or --delta");
         using var model = HuggingFaceFolder.Load(modelDir, device);
         string what;
         if (adapterDir != null)
         {
             var adapter = PeftLoraAdapter.Load(adapterDir, model.Config);
             LoraMerge.Merge(model, adapter);
-            what = $"{adapter.Modules.Count} LoRA modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")})";
+            what = $"{adapter.Modules.Count} {(adapter.Config.UseDora ? "DoRA" : "LoRA")} modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")})";
+        }
+        else if (File.Exists(Path.Combine(deltaDir!, SparseDelta.ConfigFile)))
+        {
+            var sparse = SparseDelta.Load(deltaDir!, model);
+            sparse.ApplyTo(model);
+            what = $"a sparse delta of {sparse.Nonzeros:N0} entries over {sparse.Entries.Count} tensors";
         }
         else
         {

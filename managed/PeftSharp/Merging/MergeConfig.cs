@@ -1,0 +1,166 @@
+using System.Globalization;
+using YamlDotNet.RepresentationModel;
+
+namespace PeftSharp.Merging;
+
+/// <summary>One input of a merge: a model (or adapter, or delta) folder and its options.</summary>
+public sealed record MergeModelEntry(string Model, MergeInput Parameters);
+
+/// <summary>
+/// A merge described in mergekit's schema (YAML or JSON): `merge_method`, `base_model`, `models[].model`,
+/// `models[].parameters.weight|density|gamma`, `parameters.normalize|lambda|int8_mask` (and top-level defaults for
+/// the per-model options), `dtype`. PeftSharp adds `parameters.lines_alpha` and `parameters.lines_beta` for LiNeS-style
+/// layer scaling of the merged task vector. Anything else is an error naming it, so a config never half-applies.
+/// </summary>
+public sealed record MergeConfig(
+    MergeMethod Method, string? BaseModel, IReadOnlyList<MergeModelEntry> Models, bool Normalize, float Lambda, string Dtype,
+    float? LinesAlpha, float? LinesBeta)
+{
+    public static readonly IReadOnlyDictionary<string, MergeMethod> Methods = new Dictionary<string, MergeMethod>
+    {
+        ["linear"] = MergeMethod.Linear,
+        ["task_arithmetic"] = MergeMethod.TaskArithmetic,
+        ["ties"] = MergeMethod.Ties,
+        ["dare_linear"] = MergeMethod.DareLinear,
+        ["dare_ties"] = MergeMethod.DareTies,
+        ["breadcrumbs"] = MergeMethod.Breadcrumbs,
+        ["breadcrumbs_ties"] = MergeMethod.BreadcrumbsTies,
+    };
+
+    private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "name" };
+    private static readonly string[] ModelKeys = { "weight", "density", "gamma" };
+    private static readonly string[] GlobalKeys = { "normalize", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma" };
+
+    public static MergeConfig Load(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"merge config {path} does not exist", path);
+        return Parse(File.ReadAllText(path), path);
+    }
+
+    public static MergeConfig Parse(string text, string source)
+    {
+        YamlMappingNode root;
+        try
+        {
+            var stream = new YamlStream();
+            stream.Load(new StringReader(text));
+            root = stream.Documents.Count == 1 && stream.Documents[0].RootNode is YamlMappingNode m
+                ? m
+                : throw new InvalidDataException($"{source}: expected one YAML (or JSON) mapping");
+        }
+        catch (YamlDotNet.Core.YamlException e)
+        {
+            throw new InvalidDataException($"{source}: not valid YAML at line {e.Start.Line}: {e.Message}", e);
+        }
+
+        var problems = new List<string>();
+        var top = Map(root);
+        foreach (var k in top.Keys.Except(TopKeys)) problems.Add(k == "slices" ? "slices (layer-range merges) are not supported" : $"unknown key '{k}'");
+        string methodName = Scalar(top, "merge_method", problems) ?? "";
+        if (!Methods.TryGetValue(methodName, out var method))
+        {
+            problems.Add($"merge_method '{methodName}' is not supported (supported: {string.Join(", ", Methods.Keys)})");
+        }
+
+        string? baseModel = top.TryGetValue("base_model", out var b) ? ScalarOf(b, "base_model", problems) : null;
+        var global = top.TryGetValue("parameters", out var gp) ? Options(gp, "parameters", GlobalKeys, problems) : new Dictionary<string, string>();
+        float Num(IReadOnlyDictionary<string, string> d, string key, float fallback, string where)
+        {
+            if (!d.TryGetValue(key, out var v)) return fallback;
+            if (float.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out float f)) return f;
+            problems.Add($"{where}.{key} '{v}' is not a number");
+            return fallback;
+        }
+
+        bool Flag(string key, bool fallback)
+        {
+            if (!global.TryGetValue(key, out var v)) return fallback;
+            if (bool.TryParse(v, out bool f)) return f;
+            problems.Add($"parameters.{key} '{v}' is not true or false");
+            return fallback;
+        }
+
+        var models = new List<MergeModelEntry>();
+        if (!top.TryGetValue("models", out var ms) || ms is not YamlSequenceNode seq)
+        {
+            problems.Add("models must be a list of {model: ..., parameters: ...}");
+        }
+        else
+        {
+            int i = 0;
+            foreach (var node in seq.Children)
+            {
+                string where = $"models[{i++}]";
+                if (node is not YamlMappingNode mm)
+                {
+                    problems.Add($"{where} must be a mapping");
+                    continue;
+                }
+
+                var entry = Map(mm);
+                foreach (var k in entry.Keys.Except(new[] { "model", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
+                string? model = Scalar(entry, "model", problems, where);
+                var p = entry.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems) : new Dictionary<string, string>();
+                if (model != null)
+                {
+                    models.Add(new MergeModelEntry(model, new MergeInput(
+                        Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
+                        Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
+                        Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))));
+                }
+            }
+        }
+
+        string dtype = top.TryGetValue("dtype", out var dt) ? ScalarOf(dt, "dtype", problems) ?? "float32" : "float32";
+        if (dtype is not ("float32" or "float16" or "bfloat16")) problems.Add($"dtype '{dtype}' is not float32, float16 or bfloat16");
+        if (method != MergeMethod.Linear && baseModel == null && Methods.ContainsKey(methodName)) problems.Add($"{methodName} needs a base_model");
+        bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        var config = new MergeConfig(method, baseModel, models, Flag("normalize", normalizeDefault), Num(global, "lambda", 1f, "parameters"), dtype,
+            global.ContainsKey("lines_alpha") ? Num(global, "lines_alpha", 0f, "parameters") : null,
+            global.ContainsKey("lines_beta") ? Num(global, "lines_beta", 1f, "parameters") : null);
+        Flag("int8_mask", false); // a memory setting in mergekit; the result does not depend on it
+        if (config.LinesAlpha.HasValue != config.LinesBeta.HasValue) problems.Add("lines_alpha and lines_beta go together");
+        if (problems.Count > 0) throw new InvalidDataException($"{source}: {string.Join("; ", problems)}");
+        return config;
+    }
+
+    private static Dictionary<string, YamlNode> Map(YamlMappingNode m) =>
+        m.Children.ToDictionary(c => ((YamlScalarNode)c.Key).Value ?? "", c => c.Value);
+
+    private static string? Scalar(Dictionary<string, YamlNode> d, string key, List<string> problems, string where = "")
+    {
+        if (!d.TryGetValue(key, out var n))
+        {
+            problems.Add($"{(where.Length > 0 ? where + ": " : "")}{key} is missing");
+            return null;
+        }
+
+        return ScalarOf(n, key, problems);
+    }
+
+    private static string? ScalarOf(YamlNode n, string key, List<string> problems)
+    {
+        if (n is YamlScalarNode s) return s.Value;
+        problems.Add($"{key} must be a single value");
+        return null;
+    }
+
+    private static Dictionary<string, string> Options(YamlNode n, string where, string[] allowed, List<string> problems)
+    {
+        var result = new Dictionary<string, string>();
+        if (n is not YamlMappingNode m)
+        {
+            problems.Add($"{where} must be a mapping");
+            return result;
+        }
+
+        foreach (var (k, v) in Map(m))
+        {
+            if (!allowed.Contains(k)) problems.Add($"{where}: option '{k}' is not supported");
+            else if (v is YamlScalarNode s) result[k] = s.Value ?? "";
+            else problems.Add($"{where}.{k}: per-layer (gradient) values are not supported, give one number");
+        }
+
+        return result;
+    }
+}

@@ -1,0 +1,97 @@
+using System.Text.RegularExpressions;
+using PeftSharp.Compression;
+using PeftSharp.Engine;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+
+namespace PeftSharp.Merging;
+
+/// <summary>
+/// Runs a <see cref="MergeConfig"/>: loads the base and every input (a Hugging Face model folder, a PEFT LoRA adapter,
+/// a 1-bit delta or a sparse delta, the last three densified onto the base), merges every parameter with
+/// <see cref="TaskVectorMerge"/>, applies LiNeS layer scaling when asked, and returns the merged model. Inputs are
+/// held in memory at once (fine for the model sizes PeftSharp trains; streaming per tensor is not implemented).
+/// </summary>
+public static class MergeRunner
+{
+    public static LlamaModel Run(MergeConfig config, string configDirectory, Device device)
+    {
+        string Resolve(string path) => Path.IsPathRooted(path) || Directory.Exists(path) ? path : Path.Combine(configDirectory, path);
+        LlamaModel? baseModel = config.BaseModel != null ? HuggingFaceFolder.Load(Resolve(config.BaseModel), device) : null;
+        var inputs = new List<LlamaModel>();
+        try
+        {
+            foreach (var entry in config.Models) inputs.Add(LoadInput(Resolve(entry.Model), baseModel, device));
+            var reference = baseModel ?? inputs[0];
+            foreach (var m in inputs)
+            {
+                var diff = LlamaConfig.Differences(reference.Config, m.Config);
+                if (diff.Count > 0) throw new InvalidDataException($"a merged model's config differs: {string.Join("; ", diff)}");
+            }
+
+            var inputOptions = config.Models.Select(e => e.Parameters).ToArray();
+            return LlamaModel.FromTensors(device, reference.Config, (name, _) =>
+            {
+                var merged = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
+                    inputOptions, config.Normalize, config.Lambda, Seed(name));
+                if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)
+                {
+                    var b = baseModel[name].Value.ToArray();
+                    float s = TaskVectorMerge.LinesScale(LayerOf(name), reference.Config.NumHiddenLayers, alpha, beta);
+                    for (int i = 0; i < merged.Length; i++) merged[i] = b[i] + s * (merged[i] - b[i]);
+                }
+
+                return merged;
+            });
+        }
+        finally
+        {
+            foreach (var m in inputs) m.Dispose();
+            baseModel?.Dispose();
+        }
+    }
+
+    /// <summary>The storage type a config's dtype names.</summary>
+    public static StorageType Storage(MergeConfig c) => c.Dtype switch { "float16" => StorageType.F16, "bfloat16" => StorageType.BF16, _ => StorageType.F32 };
+
+    private static LlamaModel LoadInput(string folder, LlamaModel? baseModel, Device device)
+    {
+        if (File.Exists(Path.Combine(folder, HuggingFaceFolder.ConfigFile))) return HuggingFaceFolder.Load(folder, device);
+        bool adapter = File.Exists(Path.Combine(folder, PeftLoraAdapter.ConfigFile));
+        bool bits = File.Exists(Path.Combine(folder, BitDelta.ConfigFile));
+        bool sparse = File.Exists(Path.Combine(folder, SparseDelta.ConfigFile));
+        if (!adapter && !bits && !sparse)
+        {
+            throw new FileNotFoundException($"{folder}: neither a model folder (config.json) nor a PEFT adapter, 1-bit delta or sparse delta folder");
+        }
+
+        if (baseModel == null) throw new InvalidDataException($"{folder} is an adapter or delta: the merge needs a base_model to apply it to");
+        var model = LlamaModel.FromTensors(device, baseModel.Config, (name, _) => baseModel[name].Value.ToArray());
+        try
+        {
+            if (adapter) LoraMerge.Merge(model, PeftLoraAdapter.Load(folder, baseModel.Config));
+            else if (bits) BitDelta.Load(folder, baseModel).MergeInto(model);
+            else SparseDelta.Load(folder, baseModel).ApplyTo(model);
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>A stable per-tensor seed for DARE (FNV-1a of the name; string.GetHashCode differs per process).</summary>
+    private static int Seed(string name)
+    {
+        uint h = 2166136261;
+        foreach (char c in name) h = (h ^ c) * 16777619;
+        return (int)h;
+    }
+
+    private static int? LayerOf(string name)
+    {
+        var m = Regex.Match(name, @"^model\.layers\.(\d+)\.");
+        return m.Success ? int.Parse(m.Groups[1].Value) : null;
+    }
+}

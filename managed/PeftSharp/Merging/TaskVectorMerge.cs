@@ -1,0 +1,152 @@
+using PeftSharp.Kernels.Sparse;
+
+namespace PeftSharp.Merging;
+
+/// <summary>The merge methods PeftSharp implements, by mergekit's names.</summary>
+public enum MergeMethod
+{
+    Linear,
+    TaskArithmetic,
+    Ties,
+    DareLinear,
+    DareTies,
+    Breadcrumbs,
+    BreadcrumbsTies,
+}
+
+/// <summary>One input's options (mergekit's per-model parameters).</summary>
+public sealed record MergeInput(float Weight = 1f, float Density = 1f, float Gamma = 0.01f);
+
+/// <summary>
+/// Merging of one tensor from several fine-tunes of a base, as mergekit defines the methods. Task vectors are
+/// tau_i = theta_i - theta_base. Linear: sum w_i theta_i (over sum w_i when normalised). Task arithmetic: theta_base +
+/// lambda sum w_i tau_i. TIES: trim each tau_i to its top-density fraction by magnitude, elect each entry's sign as
+/// the sign of sum w_i tau_i, average the agreeing entries (weights normalised over them), theta_base + lambda x that.
+/// DARE: drop each entry of tau_i with probability 1 - density and rescale the rest by 1 / density (seeded), then
+/// linear (task arithmetic) or TIES sign consensus without trimming. Breadcrumbs: keep the entries of tau_i whose
+/// magnitude ranks between the top gamma fraction and the top gamma + density fraction (both tails dropped), then
+/// task arithmetic or TIES consensus. Plain loops in double: the specification and the implementation at once.
+/// </summary>
+public static class TaskVectorMerge
+{
+    /// <summary>
+    /// Merges one tensor. <paramref name="baseValues"/> may be null only for Linear. <paramref name="seed"/> seeds DARE
+    /// (callers derive it per tensor and input). Returns the merged values.
+    /// </summary>
+    public static float[] Merge(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
+        bool normalize, float lambda, int seed)
+    {
+        if (models.Count == 0) throw new ArgumentException("a merge needs at least one model");
+        if (models.Count != inputs.Count) throw new ArgumentException($"{models.Count} models but {inputs.Count} parameter sets");
+        int n = models[0].Length;
+        if (models.Any(m => m.Length != n) || (baseValues != null && baseValues.Length != n)) throw new ArgumentException("merged tensors differ in size");
+        var result = new float[n];
+        if (method == MergeMethod.Linear)
+        {
+            double total = normalize ? inputs.Sum(i => (double)i.Weight) : 1;
+            if (total == 0) throw new ArgumentException("linear merge: the weights sum to zero");
+            for (int e = 0; e < n; e++)
+            {
+                double acc = 0;
+                for (int m = 0; m < models.Count; m++) acc += inputs[m].Weight * (double)models[m][e];
+                result[e] = (float)(acc / total);
+            }
+
+            return result;
+        }
+
+        if (baseValues == null) throw new ArgumentException($"{method} needs a base model");
+        var tau = new double[models.Count][];
+        for (int m = 0; m < models.Count; m++)
+        {
+            var t = new double[n];
+            for (int e = 0; e < n; e++) t[e] = (double)models[m][e] - baseValues[e];
+            tau[m] = method switch
+            {
+                MergeMethod.Ties => KeepBand(t, 0, inputs[m].Density),
+                MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies => KeepBand(t, inputs[m].Gamma, inputs[m].Density),
+                MergeMethod.DareLinear or MergeMethod.DareTies => Dare(t, inputs[m].Density, unchecked(seed * 31 + m)),
+                _ => t,
+            };
+        }
+
+        bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        for (int e = 0; e < n; e++)
+        {
+            double merged;
+            if (consensus)
+            {
+                double sum = 0;
+                for (int m = 0; m < models.Count; m++) sum += inputs[m].Weight * tau[m][e];
+                int sign = Math.Sign(sum);
+                double acc = 0, weights = 0;
+                for (int m = 0; m < models.Count; m++)
+                {
+                    if (sign != 0 && Math.Sign(tau[m][e]) == sign)
+                    {
+                        acc += inputs[m].Weight * tau[m][e];
+                        weights += inputs[m].Weight;
+                    }
+                }
+
+                merged = normalize ? (weights == 0 ? 0 : acc / weights) : acc;
+            }
+            else
+            {
+                double acc = 0, weights = 0;
+                for (int m = 0; m < models.Count; m++)
+                {
+                    acc += inputs[m].Weight * tau[m][e];
+                    weights += inputs[m].Weight;
+                }
+
+                merged = normalize && weights != 0 ? acc / weights : acc;
+            }
+
+            result[e] = (float)(baseValues[e] + lambda * merged);
+        }
+
+        return result;
+    }
+
+    /// <summary>
+    /// Keeps the entries whose magnitude ranks in (gamma, gamma + density] from the top (ties broken by position),
+    /// zeroes the rest: gamma = 0 is TIES' trim to the top-density fraction; gamma &gt; 0 also drops the largest
+    /// gamma fraction (Model Breadcrumbs).
+    /// </summary>
+    public static double[] KeepBand(double[] t, float gamma, float density)
+    {
+        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
+        if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
+        int n = t.Length;
+        // mergekit's counts: TIES keeps int(density n) largest; Breadcrumbs drops int(gamma n) largest and
+        // int((1 - density - gamma) n) smallest.
+        // In double with a guard: (1f - 0.5f - 0.1f) * 10 is 3.9999998 in float, which would keep one entry too many.
+        int skip = (int)Math.Floor((double)(decimal)gamma * n + 1e-9);
+        int keep = gamma == 0f
+            ? (int)Math.Floor((double)(decimal)density * n + 1e-9)
+            : n - skip - (int)Math.Floor((1 - (double)(decimal)density - (double)(decimal)gamma) * n + 1e-9);
+        if (skip == 0 && keep >= n) return t;
+        var order = Enumerable.Range(0, n).OrderByDescending(i => Math.Abs(t[i])).ThenBy(i => i).ToArray();
+        var result = new double[n];
+        for (int r = skip; r < Math.Min(n, skip + keep); r++) result[order[r]] = t[order[r]];
+        return result;
+    }
+
+    /// <summary>DARE on a task vector: drop with probability 1 - density, rescale the kept by 1 / density (seeded, as the kernel does).</summary>
+    public static double[] Dare(double[] t, float density, int seed)
+    {
+        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
+        float p = 1f - density;
+        var result = new double[t.Length];
+        for (int i = 0; i < t.Length; i++) result[i] = SparseKernels.Uniform(seed, i) >= p ? (p == 0f ? t[i] : t[i] / density) : 0;
+        return result;
+    }
+
+    /// <summary>
+    /// LiNeS-style layer scaling of a task vector: layer l of L gets alpha + (beta - alpha) l / (L - 1) (shallow
+    /// layers kept near the base, deep layers full); parameters outside the layers get alpha.
+    /// </summary>
+    public static float LinesScale(int? layer, int layers, float alpha, float beta) =>
+        layer is int l && layers > 1 ? alpha + (beta - alpha) * l / (layers - 1) : layer is not null ? beta : alpha;
+}

@@ -1,0 +1,154 @@
+using NUnit.Framework;
+using PeftSharp.Engine.Cpu;
+using PeftSharp.Formats;
+using PeftSharp.Merging;
+using PeftSharp.Model;
+using PeftSharp.Tests.Infrastructure;
+
+namespace PeftSharp.Tests.Managed;
+
+public sealed class MergingTests : TempDirectoryTest
+{
+    private static float[] Merge(MergeMethod method, float[] b, float[][] models, MergeInput[] inputs, bool normalize, float lambda = 1f) =>
+        TaskVectorMerge.Merge(method, b, models, inputs, normalize, lambda, seed: 1);
+
+    [Test]
+    public void TaskArithmeticLinearTiesBreadcrumbs_MatchHandComputedExamples()
+    {
+        var zero = new float[4];
+        // Task arithmetic: base + lambda sum w tau = 0 + 2 * ([1,2,3,0] + 0.5 [3,-2,1,0]).
+        Assert.That(Merge(MergeMethod.TaskArithmetic, zero, new[] { new[] { 1f, 2, 3, 0 }, new[] { 3f, -2, 1, 0 } }, new[] { new MergeInput(1), new MergeInput(0.5f) }, false, 2f),
+            Is.EqualTo(new[] { 5f, 2, 7, 0 }));
+        // Linear, normalised: (m1 + 3 m2) / 4.
+        Assert.That(Merge(MergeMethod.Linear, null!, new[] { new[] { 4f, 0, 8, 1 }, new[] { 0f, 4, 0, 1 } }, new[] { new MergeInput(1), new MergeInput(3) }, true),
+            Is.EqualTo(new[] { 1f, 3, 2, 1 }));
+        // TIES: trim tau1 and tau2 to their top half by magnitude ([0,-2,0,4], [-3,0,2,0]), tau3 kept whole; elect signs by
+        // the sum ([-1, -3, 1, 7] -> -, -, +, +); average the agreeing entries: [-3, (-2 - 1) / 2, 2, (4 + 3) / 2].
+        var ties = Merge(MergeMethod.Ties, zero,
+            new[] { new[] { 1f, -2, 0.5f, 4 }, new[] { -3f, 1.5f, 2, 0.1f }, new[] { 2f, -1, -1, 3 } },
+            new[] { new MergeInput(1, 0.5f), new MergeInput(1, 0.5f), new MergeInput(1, 1f) }, true);
+        Assert.That(ties, Is.EqualTo(new[] { -3f, -1.5f, 2, 3.5f }));
+        // Breadcrumbs with gamma 0.1, density 0.5 over 10 entries: drop the largest one and the smallest four.
+        var tau = new[] { 5f, -4, 3, -2, 1, 0.5f, -0.2f, 0.1f, 0.05f, 0.01f };
+        var crumbs = Merge(MergeMethod.Breadcrumbs, new float[10], new[] { tau }, new[] { new MergeInput(1, 0.5f, 0.1f) }, false);
+        Assert.That(crumbs, Is.EqualTo(new[] { 0f, -4, 3, -2, 1, 0.5f, 0, 0, 0, 0 }));
+        // DARE at density 1 drops nothing: dare_linear equals task arithmetic.
+        var models = new[] { TestData.Uniform(50, 1), TestData.Uniform(50, 2) };
+        var b = TestData.Uniform(50, 3);
+        var inputs = new[] { new MergeInput(0.7f, 1f), new MergeInput(0.3f, 1f) };
+        Assert.That(Merge(MergeMethod.DareLinear, b, models, inputs, false), Is.EqualTo(Merge(MergeMethod.TaskArithmetic, b, models, inputs, false)));
+        // DARE at density 0.5: each entry of each task vector is dropped or doubled.
+        var dare = TaskVectorMerge.Dare(new double[] { 1, 1, 1, 1, 1, 1, 1, 1 }, 0.5f, seed: 3);
+        Assert.That(dare, Is.All.EqualTo(0.0).Or.EqualTo(2.0));
+        Assert.That(TaskVectorMerge.LinesScale(0, 4, 0.2f, 1f), Is.EqualTo(0.2f));
+        Assert.That(TaskVectorMerge.LinesScale(3, 4, 0.2f, 1f), Is.EqualTo(1f));
+    }
+
+    [Test]
+    public void MergekitConfig_ReadsTheSchema_AndNamesEveryUnsupportedOption()
+    {
+        var c = MergeConfig.Parse("""
+            merge_method: ties
+            base_model: base
+            models:
+              - model: a
+                parameters: {weight: 0.7, density: 0.4}
+              - model: b
+                parameters:
+                  weight: 0.3
+            parameters:
+              normalize: false
+              int8_mask: true
+              density: 0.9
+            dtype: bfloat16
+            """, "merge.yaml");
+        Assert.That(c.Method, Is.EqualTo(MergeMethod.Ties));
+        Assert.That(c.Models.Select(m => m.Parameters), Is.EqualTo(new[] { new MergeInput(0.7f, 0.4f, 0.01f), new MergeInput(0.3f, 0.9f, 0.01f) }));
+        Assert.That((c.Normalize, c.Lambda, c.Dtype), Is.EqualTo((false, 1f, "bfloat16")));
+        Assert.That(MergeConfig.Parse("""{"merge_method": "linear", "models": [{"model": "x"}]}""", "merge.json").Normalize, Is.True, "JSON works; linear normalises by default");
+
+        var e = Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("""
+            merge_method: slerp
+            base_model: base
+            slices: []
+            models:
+              - model: a
+                parameters: {weight: [0, 0.5, 1], epsilon: 0.1}
+            parameters: {t: 0.5}
+            """, "bad.yaml"))!;
+        Assert.That(e.Message, Does.Contain("merge_method 'slerp' is not supported").And.Contain("slices").And.Contain("per-layer (gradient) values")
+            .And.Contain("option 'epsilon'").And.Contain("option 't'"));
+        Assert.That(Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
+    }
+
+    [Test]
+    public void PeftMergeConfig_MergesModelsAdaptersAndDeltas_AsTheMethodPrescribes()
+    {
+        using var device = new CpuDevice();
+        var config = BitDeltaCompressionTests.Small;
+        using var b = LlamaModel.Create(device, config, seed: 30);
+        using var fa = BitDeltaCompressionTests.FineTuneOf(b, 31);
+        using var fb = BitDeltaCompressionTests.FineTuneOf(b, 32);
+        string dir = TempDir;
+        HuggingFaceFolder.Save(b, Path.Combine(dir, "base"));
+        HuggingFaceFolder.Save(fa, Path.Combine(dir, "a"));
+        SparseDelta.Between(b, fb).Save(Path.Combine(dir, "b-sparse"), config); // a sparse delta input, densified onto the base
+        File.WriteAllText(Path.Combine(dir, "merge.yaml"), """
+            merge_method: ties
+            base_model: base
+            models:
+              - model: a
+                parameters: {weight: 0.6, density: 0.3}
+              - model: b-sparse
+                parameters: {weight: 0.4, density: 0.3}
+            parameters: {lambda: 0.9}
+            """);
+        var r = PeftSharp.Tests.Host.Peft.Run("merge", "--config", Path.Combine(dir, "merge.yaml"), "--out", Path.Combine(dir, "merged"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("merged 2 models by ties"));
+        using var merged = HuggingFaceFolder.Load(Path.Combine(dir, "merged"), device);
+        foreach (var name in new[] { "model.layers.1.mlp.down_proj.weight", "model.norm.weight" })
+        {
+            var expected = TaskVectorMerge.Merge(MergeMethod.Ties, b[name].Value.ToArray(), new[] { fa[name].Value.ToArray(), fb[name].Value.ToArray() },
+                new[] { new MergeInput(0.6f, 0.3f), new MergeInput(0.4f, 0.3f) }, true, 0.9f, seed: 0);
+            Check.Close(merged[name].Value.ToArray(), expected, (1e-7, 1e-6), name);
+        }
+
+        var trimmed = merged["model.layers.1.mlp.down_proj.weight"].Value.ToArray().Zip(b["model.layers.1.mlp.down_proj.weight"].Value.ToArray()).Count(p => p.First == p.Second);
+        Assert.That(trimmed, Is.GreaterThan(0), "TIES left some entries at the base (trimmed by both inputs)");
+        r = PeftSharp.Tests.Host.Peft.Run("merge", "--config", Path.Combine(dir, "missing.yaml"), "--out", Path.Combine(dir, "x"));
+        Assert.That(r.Code, Is.EqualTo(2));
+    }
+
+    [Test]
+    public void SparseDeltas_DisjointOnesComposeToTheirSum_FolderRoundTrips_WrongBaseIsRejected()
+    {
+        using var device = new CpuDevice();
+        var config = BitDeltaCompressionTests.Small;
+        using var b = LlamaModel.Create(device, config, seed: 40);
+        using var f = BitDeltaCompressionTests.FineTuneOf(b, 41);
+        const string name = "model.layers.0.mlp.up_proj.weight";
+        int numel = b[name].Value.Length;
+        var d1 = SparseDelta.Between(b, f, new Dictionary<string, int[]> { [name] = Enumerable.Range(0, numel).Where(i => i % 3 == 0).ToArray() });
+        var d2 = SparseDelta.Between(b, f, new Dictionary<string, int[]> { [name] = Enumerable.Range(0, numel).Where(i => i % 3 == 1).ToArray() });
+        using var seq = LlamaModel.FromTensors(device, config, (n, _) => b[n].Value.ToArray());
+        d1.ApplyTo(seq);
+        d2.ApplyTo(seq);
+        using var summed = LlamaModel.FromTensors(device, config, (n, _) => b[n].Value.ToArray());
+        var sum = d1.Add(d2);
+        Assert.That(sum.Nonzeros, Is.EqualTo(d1.Nonzeros + d2.Nonzeros), "disjoint: the union");
+        sum.ApplyTo(summed);
+        Assert.That(summed[name].Value.ToArray(), Is.EqualTo(seq[name].Value.ToArray()));
+        var fine = f[name].Value.ToArray();
+        var got = summed[name].Value.ToArray();
+        var baseW = b[name].Value.ToArray();
+        for (int i = 0; i < numel; i++) Assert.That(got[i], i % 3 == 2 ? Is.EqualTo(baseW[i]) : Is.EqualTo(fine[i]).Within(1e-7f), $"entry {i}");
+
+        string dir = Path.Combine(TempDir, "sparse");
+        sum.Save(dir, config);
+        var back = SparseDelta.Load(dir, b);
+        Assert.That(back.Entries[name].Index, Is.EqualTo(sum.Entries[name].Index));
+        Assert.That(back.Entries[name].Values, Is.EqualTo(sum.Entries[name].Values));
+        Assert.That(Assert.Throws<InvalidDataException>(() => SparseDelta.Load(dir, f))!.Message, Does.Contain("only applies to its own base"));
+    }
+}
