@@ -178,16 +178,7 @@ public sealed class BitDelta
     public static BitDelta Load(string folder, LlamaModel baseModel)
     {
         string configPath = Path.Combine(folder, ConfigFile);
-        if (!File.Exists(configPath)) throw new FileNotFoundException($"{folder}: no {ConfigFile}; is this a 1-bit delta folder (peft compress)?", configPath);
-        JsonObject o;
-        try
-        {
-            o = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject ?? throw new InvalidDataException($"{configPath}: not a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new InvalidDataException($"{configPath}: not valid JSON: {e.Message}", e);
-        }
+        var o = JsonConfigFile.Read(folder, ConfigFile, "1-bit delta (peft compress)");
 
         if (o["method"]?.GetValue<string>() != Method) throw new NotSupportedException($"{configPath}: method '{o["method"]}' is not {Method}");
         string fingerprint = o["base_fingerprint"]?.GetValue<string>() ?? throw new InvalidDataException($"{configPath}: no base_fingerprint");

@@ -74,16 +74,7 @@ public sealed class PeftPrefixAdapter
     public static PeftPrefixAdapter Load(string folder, LlamaConfig model)
     {
         string configPath = Path.Combine(folder, PeftLoraAdapter.ConfigFile);
-        if (!File.Exists(configPath)) throw new FileNotFoundException($"{folder}: no {PeftLoraAdapter.ConfigFile}; is this a PEFT adapter folder?", configPath);
-        JsonObject o;
-        try
-        {
-            o = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject ?? throw new InvalidDataException($"{configPath}: not a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new InvalidDataException($"{configPath}: not valid JSON: {e.Message}", e);
-        }
+        var o = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter");
 
         int l = model.NumHiddenLayers, tokenDim = model.NumKeyValueHeads * model.HeadDim;
         var problems = new List<string>();

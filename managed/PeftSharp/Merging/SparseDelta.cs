@@ -104,16 +104,7 @@ public sealed class SparseDelta
     public static SparseDelta Load(string folder, LlamaModel baseModel)
     {
         string configPath = Path.Combine(folder, ConfigFile);
-        if (!File.Exists(configPath)) throw new FileNotFoundException($"{folder}: no {ConfigFile}; is this a sparse delta folder?", configPath);
-        JsonObject o;
-        try
-        {
-            o = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject ?? throw new InvalidDataException($"{configPath}: not a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new InvalidDataException($"{configPath}: not valid JSON: {e.Message}", e);
-        }
+        var o = JsonConfigFile.Read(folder, ConfigFile, "sparse delta");
 
         string fingerprint = o["base_fingerprint"]?.GetValue<string>() ?? throw new InvalidDataException($"{configPath}: no base_fingerprint");
         using var file = SafeTensorsFile.Open(Path.Combine(folder, WeightsFile));

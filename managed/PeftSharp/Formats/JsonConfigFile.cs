@@ -1,0 +1,22 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace PeftSharp.Formats;
+
+/// <summary>The small JSON config beside an adapter or delta: read with errors that name the file and the folder's kind.</summary>
+public static class JsonConfigFile
+{
+    public static JsonObject Read(string folder, string file, string kind)
+    {
+        string path = Path.Combine(folder, file);
+        if (!File.Exists(path)) throw new FileNotFoundException($"{folder}: no {file}; is this a {kind} folder?", path);
+        try
+        {
+            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new InvalidDataException($"{path}: not a JSON object");
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e);
+        }
+    }
+}
