@@ -19,6 +19,11 @@ internal sealed record TrainExtras
     public LoraAdapterConfig? Lora { get; init; }
     /// <summary>Train B only (A frozen at its random init).</summary>
     public bool LoraBOnly { get; init; }
+    /// <summary>Sparse fine-tuning: the trainable entries of each parameter (stepped by a masked AdamW).</summary>
+    public IReadOnlyDictionary<string, int[]>? SparseMasks { get; init; }
+    /// <summary>Sparse fine-tuning density (0: the default, 0.01) and mask source.</summary>
+    public double Density { get; init; }
+    public string MaskSource { get; init; } = "gradient";
     /// <summary>Prefix tuning's virtual tokens (0: the default, 8).</summary>
     public int VirtualTokens { get; init; }
     /// <summary>lora | lora-ga.</summary>
@@ -76,7 +81,7 @@ internal sealed class Jobs
         if (extras.Freeze.Count > 0) console.WriteLine($"froze {ParameterTools.Freeze(model, extras.Freeze)} parameter tensors");
         if (extras.EmaDecay > 0 && resume != null) throw new ArgumentException("--ema with --resume: the EMA is not stored in checkpoints yet; resume without --ema");
         var scale = extras.LayerDecay < 1f ? ParameterTools.LayerDecay(model.Config, extras.LayerDecay) : (_ => 1f);
-        using Optimizer opt = extras.Optimizer switch
+        using Optimizer opt = extras.SparseMasks != null ? new MaskedAdamW(model.AllParameters, extras.SparseMasks, weightDecay: 0f) { LearningRateScale = scale } : extras.Optimizer switch
         {
             "adamw" => new AdamW(model.AllParameters, weightDecay: options.WeightDecay) { LearningRateScale = scale },
             "sgd" => new Sgd(model.AllParameters, momentum: extras.Momentum, weightDecay: 0f) { LearningRateScale = scale },

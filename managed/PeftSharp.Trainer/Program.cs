@@ -54,7 +54,9 @@ public static class Program
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
-        var method = new Option<string>("--method") { Description = "full | lora | prefix (sparse methods arrive with their issue; 1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var method = new Option<string>("--method") { Description = "full | lora | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train (e.g. 0.01)", DefaultValueFactory = _ => 0 };
+        var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
         var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer", DefaultValueFactory = _ => 0 };
         var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
@@ -73,7 +75,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions }) c.Options.Add(o);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource }) c.Options.Add(o);
             }
             else
             {
@@ -109,6 +111,8 @@ public static class Program
                     LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
                     LoraBOnly = finetune && r.GetValue(bOnly),
                     VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
+                    Density = finetune ? r.GetValue(density) : 0,
+                    MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
                 }));
             return c;
         }
@@ -262,10 +266,12 @@ internal static class Commands
 
     public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainExtras extras)
     {
-        if (method is not ("full" or "lora" or "prefix"))
+        if (method is not ("full" or "lora" or "prefix" or "sparse"))
         {
-            throw new ArgumentException($"--method {method}: not implemented yet; this build fine-tunes with --method full, lora or prefix (1-bit deltas come from peft compress; sparse methods are an open issue)");
+            throw new ArgumentException($"--method {method}: use full, lora, prefix or sparse (1-bit deltas come from peft compress)");
         }
+
+        if (method != "sparse" && (extras.Density != 0 || extras.MaskSource != "gradient")) throw new ArgumentException("--density and --mask apply to --method sparse");
 
         if (method != "prefix" && extras.VirtualTokens != 0) throw new ArgumentException("--virtual-tokens applies to --method prefix");
 
@@ -282,6 +288,33 @@ internal static class Commands
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
         Action<string>? save = null;
+        if (method == "sparse")
+        {
+            double d = extras.Density == 0 ? 0.01 : extras.Density;
+            if (d is <= 0 or > 1) throw new ArgumentException($"--density {d}: must be in (0, 1]");
+            var source = extras.MaskSource switch
+            {
+                "gradient" => MaskSource.Gradient,
+                "weight" => MaskSource.Weight,
+                "random" => MaskSource.Random,
+                _ => throw new ArgumentException($"--mask {extras.MaskSource}: use gradient, weight or random"),
+            };
+            if (resume != null) throw new NotSupportedException("--resume with --method sparse: the masks are not in checkpoints yet");
+            var tok = new ByteTokenizer();
+            var batches = Enumerable.Range(0, 4).Select(_ => Batcher.Encode(train.Next(options.BatchSize), tok, options.SeqLen, options.CompletionOnly)).ToList();
+            train.Seek(0);
+            var masks = SparseMasks.Select(model, d, source, options.Seed, batches, options.BatchSize);
+            extras = extras with { SparseMasks = masks };
+            long nnz = masks.Values.Sum(m => (long)m.Length);
+            console.MarkupLine($"sparse fine-tuning: {nnz:N0} of {model.ParameterCount:N0} entries train ({100.0 * nnz / model.ParameterCount:F2}%, masks by {extras.MaskSource}); optimizer state {2 * nnz:N0} floats");
+            var initial = model.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+            save = dir =>
+            {
+                using var start = LlamaModel.FromTensors(model.Device, model.Config, (name, _) => initial[name]);
+                SparseDelta.Between(start, model, masks).Save(dir, model.Config);
+            };
+        }
+
         if (method == "prefix")
         {
             int tokens = extras.VirtualTokens == 0 ? 8 : extras.VirtualTokens;
@@ -327,7 +360,7 @@ internal static class Commands
 
         var metrics = jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, extras, save);
         if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
-        console.MarkupLine($"{((extras.Lora != null && options.ChainEvery == 0) || method == "prefix" ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        console.MarkupLine($"{(method == "sparse" ? "sparse delta (sparse_config.json, sparse_delta.safetensors)" : (extras.Lora != null && options.ChainEvery == 0) || method == "prefix" ? "PEFT adapter (adapter_config.json, adapter_model.safetensors)" : "model")}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }
 
@@ -577,6 +610,21 @@ internal static class Commands
         jobs.Train(prefixModel, ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train), fineOptions with { LearningRate = 5e-2f },
             Path.Combine(outDir, "finetuned-prefix"), "prefix", null, null, dir => PeftPrefixAdapter.From(prefixModel).Save(dir, prefixModel.Config));
         var prefixAfter = Evaluator.Evaluate(prefixModel, taskHeld, options.SeqLen);
+        console.MarkupLine($"3c. sparse fine-tune of the pre-trained model on '{heldOutTask}': 1% of each tensor's entries, chosen by gradient magnitude");
+        using var sparseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+        var sparseData = ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train);
+        var tok = new ByteTokenizer();
+        var sparseMasks = SparseMasks.Select(sparseModel, 0.01, MaskSource.Gradient, seed,
+            Enumerable.Range(0, 4).Select(_ => Batcher.Encode(sparseData.Next(options.BatchSize), tok, options.SeqLen, completionOnly: true)).ToList(), options.BatchSize);
+        sparseData.Seek(0);
+        long sparseTrainable = sparseMasks.Values.Sum(m => (long)m.Length);
+        using (var pretrained = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
+        {
+            jobs.Train(sparseModel, sparseData, fineOptions with { LearningRate = 3e-2f }, Path.Combine(outDir, "finetuned-sparse"), "sparse", null,
+                new TrainExtras { SparseMasks = sparseMasks }, dir => SparseDelta.Between(pretrained, sparseModel, sparseMasks).Save(dir, sparseModel.Config));
+        }
+
+        var sparseAfter = Evaluator.Evaluate(sparseModel, taskHeld, options.SeqLen);
         console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales");
         using var baseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var delta = BitDelta.Compress(baseModel, model);
@@ -614,6 +662,7 @@ internal static class Commands
         double copySeconds = copyClock.Elapsed.TotalSeconds;
         bool same = sharedOut.Select(r => r.Completion).SequenceEqual(copyOut.Select(r => r.Completion));
         table.AddRow($"prefix tuning ({virtualTokens} tokens)", $"{prefixTrainable:N0}", $"'{heldOutTask}'", $"{prefixAfter.Loss:F3}", $"{prefixAfter.ExactMatch:P1}");
+        table.AddRow("sparse fine-tune (1%)", $"{sparseTrainable:N0}", $"'{heldOutTask}'", $"{sparseAfter.Loss:F3}", $"{sparseAfter.ExactMatch:P1}");
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
         table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");

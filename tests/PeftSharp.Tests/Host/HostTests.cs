@@ -122,6 +122,16 @@ public sealed class HostJobTests : TempDirectoryTest
         File.WriteAllLines(jsonl, Enumerable.Range(0, 12).Select(i => $"{{\"prompt\": \"p{i / 3}\", \"completion\": \"c{i}\"}}"));
         r = Peft.Run("finetune", "--model", pre, "--data", jsonl, "--group-completions", "--steps", "2", "--batch-size", "6", "--out", Path.Combine(TempDir, "grouped"), "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
+
+        // Sparse fine-tuning writes a sparse delta folder that peft merge --delta applies.
+        string sparseDir = Path.Combine(TempDir, "sparse");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "sparse", "--density", "0.02", "--mask", "random", "--steps", "2",
+            "--batch-size", "2", "--out", sparseDir, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("sparse fine-tuning:").And.Contain("masks by random"));
+        r = Peft.Run("merge", "--model", pre, "--delta", sparseDir, "--out", Path.Combine(TempDir, "sparse-merged"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("a sparse delta of"));
         Assert.That(File.ReadAllText(Path.Combine(TempDir, "dora", "adapter_config.json")), Does.Contain("\"use_dora\": true"));
         string dora2 = Path.Combine(TempDir, "dora-resumed");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "lora", "--rank", "4", "--dora", "--steps", "4", "--batch-size", "2",

@@ -152,3 +152,48 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(Assert.Throws<InvalidDataException>(() => SparseDelta.Load(dir, f))!.Message, Does.Contain("only applies to its own base"));
     }
 }
+
+public sealed class SparseFinetuneTests
+{
+    [Test]
+    public void MaskedAdamW_TrainsOnlyTheMask_WithStateForTheMaskAlone_AndGradientMasksPickTheLargestGradients()
+    {
+        using var device = new CpuDevice();
+        var config = LoraTrainingTests.Micro;
+        using var model = LlamaModel.Create(device, config, seed: 50);
+        var tokens = LoraTrainingTests.Tokens;
+        var targets = LoraTrainingTests.Targets;
+        var masks = PeftSharp.Training.SparseMasks.Select(model, 0.05, PeftSharp.Training.MaskSource.Gradient, seed: 1, new[] { (tokens, targets) }, batchSize: 2);
+        // The gradient mask of a tensor holds its largest |gradient| entries.
+        model.ZeroGrad();
+        model.Loss(tokens, targets, 2, backward: true);
+        const string name = "model.layers.1.mlp.down_proj.weight";
+        var g = model[name].Grad.ToArray().Select(Math.Abs).ToArray();
+        float threshold = masks[name].Min(i => g[i]);
+        Assert.That(Enumerable.Range(0, g.Length).Where(i => !masks[name].Contains(i)).All(i => g[i] <= threshold), "no unmasked entry has a larger gradient");
+
+        var before = model.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+        using var opt = new PeftSharp.Training.MaskedAdamW(model.AllParameters, masks);
+        long nnz = masks.Values.Sum(m => (long)m.Length);
+        Assert.That(opt.StateFloats, Is.EqualTo(2 * nnz));
+        Assert.That(nnz, Is.LessThan(model.ParameterCount / 10));
+        for (int s = 0; s < 3; s++)
+        {
+            model.ZeroGrad();
+            model.Loss(tokens, targets, 2, backward: true);
+            opt.Step(1e-2f);
+        }
+
+        foreach (var p in model.Parameters)
+        {
+            var now = p.Value.ToArray();
+            var masked = masks[p.Name].ToHashSet();
+            for (int i = 0; i < now.Length; i++)
+            {
+                if (!masked.Contains(i)) Assert.That(now[i], Is.EqualTo(before[p.Name][i]), $"{p.Name}[{i}] is outside the mask");
+            }
+
+            Assert.That(masks[p.Name].Any(i => now[i] != before[p.Name][i]), $"{p.Name}: the masked entries moved");
+        }
+    }
+}
