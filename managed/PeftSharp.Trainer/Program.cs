@@ -130,7 +130,7 @@ public static class Program
         var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT LoRA adapters: name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
         var prefixAdapter = new Option<string?>("--prefix") { Description = "A PEFT prefix-tuning folder whose virtual tokens every request reads" };
         var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };
-        var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit delta folders (peft compress): name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
+        var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit (peft compress) or sparse delta folders: name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
         var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
         var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
@@ -406,7 +406,11 @@ internal static class Commands
 
         using var set = new VariantSet(model);
         foreach (var (name, folder) in named) set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
-        foreach (var (name, folder) in namedDeltas) set.AddDelta(name, BitDelta.Load(folder, model));
+        foreach (var (name, folder) in namedDeltas)
+        {
+            if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) set.AddSparse(name, SparseDelta.Load(folder, model));
+            else set.AddDelta(name, BitDelta.Load(folder, model));
+        }
         var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
         foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
         var watch = System.Diagnostics.Stopwatch.StartNew();

@@ -1,19 +1,20 @@
 using PeftSharp.Compression;
 using PeftSharp.Engine;
 using PeftSharp.Formats;
+using PeftSharp.Merging;
 using PeftSharp.Model;
 
 namespace PeftSharp.Serving;
 
 /// <summary>
-/// Named variants of one base model, served together: each variant is a LoRA adapter or a 1-bit delta over the
-/// shared base weights. For every linear module the variants that touch it live in one device pool per kind, so a
+/// Named variants of one base model, served together: each variant is a LoRA adapter, a 1-bit delta or a sparse
+/// delta over the shared base weights. For every linear module the variants that touch it live in one device pool per kind, so a
 /// batch whose rows belong to different variants runs each layer as one base matmul plus one mixed launch per kind
 /// (the 1-bit product reads the packed sign words directly). Index -1 is the base model.
 /// </summary>
 public sealed class VariantSet : IDisposable
 {
-    private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta)> variants = new();
+    private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta, SparseDelta? Sparse)> variants = new();
     private readonly Dictionary<string, ModulePools> pools = new();
     private bool dirty = true;
 
@@ -37,7 +38,7 @@ public sealed class VariantSet : IDisposable
             throw new NotSupportedException($"adapter '{name}' is DoRA: its per-row magnitude rescaling is not in the mixed-adapter kernel yet; serve it merged (peft merge)");
         }
 
-        variants.Add((name, adapter, null));
+        variants.Add((name, adapter, null, null));
         dirty = true;
         return variants.Count - 1;
     }
@@ -56,7 +57,7 @@ public sealed class VariantSet : IDisposable
                 $"1-bit delta '{name}' also changes {string.Join(", ", delta.Dense.Keys)}; a mixed batch shares those with the base, so serve this fine-tune merged (peft merge --delta) or compress one that kept them frozen");
         }
 
-        variants.Add((name, null, delta));
+        variants.Add((name, null, delta, null));
         dirty = true;
         return variants.Count - 1;
     }
@@ -82,6 +83,27 @@ public sealed class VariantSet : IDisposable
         return new RowVariantBatch(this, rowVariants.ToArray());
     }
 
+    /// <summary>
+    /// Registers a sparse delta as a variant; returns its index. It must have been made from this base and may only
+    /// change linear weights (the rest of the model is shared by the batch).
+    /// </summary>
+    public int AddSparse(string name, SparseDelta delta)
+    {
+        CheckName(name);
+        if (delta.BaseFingerprint != BitDelta.Fingerprint(Model)) throw new InvalidDataException($"sparse delta '{name}' was made from another base: a delta only applies to its own base");
+        var linear = LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
+        var other = delta.Entries.Keys.Where(k => !linear.Contains(k)).ToList();
+        if (other.Count > 0)
+        {
+            throw new NotSupportedException(
+                $"sparse delta '{name}' also changes {string.Join(", ", other)}; a mixed batch shares those with the base, so serve this fine-tune merged (peft merge --delta) or train one that kept them frozen");
+        }
+
+        variants.Add((name, null, null, delta));
+        dirty = true;
+        return variants.Count - 1;
+    }
+
     private void CheckName(string name)
     {
         if (string.IsNullOrWhiteSpace(name) || name == "base") throw new ArgumentException($"'{name}' cannot name a variant ('base' means no variant)");
@@ -98,11 +120,13 @@ public sealed class VariantSet : IDisposable
             var (outF, inF) = PeftLoraAdapter.LinearShape(c, module);
             var loraSlots = new int[variants.Count];
             var deltaSlots = new int[variants.Count];
+            var sparseSlots = new int[variants.Count];
             var lora = new List<LoraAdapterData>();
             var deltas = new List<BitDeltaData>();
+            var sparse = new List<SparseDeltaData>();
             for (int v = 0; v < variants.Count; v++)
             {
-                loraSlots[v] = deltaSlots[v] = -1;
+                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = -1;
                 if (variants[v].Lora is { } adapter && adapter.Modules.TryGetValue(module, out var w))
                 {
                     loraSlots[v] = lora.Count;
@@ -114,12 +138,19 @@ public sealed class VariantSet : IDisposable
                     deltaSlots[v] = deltas.Count;
                     deltas.Add(d.ToPoolData(variants[v].Name));
                 }
+
+                if (variants[v].Sparse is { } sd && sd.Entries.TryGetValue(module + ".weight", out var e))
+                {
+                    sparseSlots[v] = sparse.Count;
+                    sparse.Add(new SparseDeltaData(variants[v].Name, e.Index, e.Values));
+                }
             }
 
-            if (lora.Count + deltas.Count == 0) continue;
+            if (lora.Count + deltas.Count + sparse.Count == 0) continue;
             pools[module] = new ModulePools(
                 lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, loraSlots,
-                deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, deltaSlots);
+                deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, deltaSlots,
+                sparse.Count > 0 ? SparseDeltaPool.Create(Model.Device, inF, outF, sparse) : null, sparseSlots);
         }
 
         dirty = false;
@@ -135,13 +166,20 @@ public sealed class VariantSet : IDisposable
 
     internal sealed class ModulePools : IDisposable
     {
-        public ModulePools(LoraAdapterPool? lora, int[] loraSlots, BitDeltaPool? delta, int[] deltaSlots)
+        public ModulePools(LoraAdapterPool? lora, int[] loraSlots, BitDeltaPool? delta, int[] deltaSlots, SparseDeltaPool? sparse, int[] sparseSlots)
         {
             Lora = lora;
             LoraSlots = loraSlots;
             Delta = delta;
             DeltaSlots = deltaSlots;
+            Sparse = sparse;
+            SparseSlots = sparseSlots;
         }
+
+        public SparseDeltaPool? Sparse { get; }
+
+        /// <summary>Variant index to its slot in <see cref="Sparse"/> (-1: none here).</summary>
+        public int[] SparseSlots { get; }
 
         public LoraAdapterPool? Lora { get; }
 
@@ -157,6 +195,7 @@ public sealed class VariantSet : IDisposable
         {
             Lora?.Dispose();
             Delta?.Dispose();
+            Sparse?.Dispose();
         }
     }
 }
@@ -182,6 +221,7 @@ public sealed class RowVariantBatch : IRowVariants, IDisposable
         var ops = set.Model.Device.Ops;
         if (p.Lora != null && RowSlots(p.LoraSlots) is { } loraRows) ops.LoraMixed(x, y, p.Lora, loraRows);
         if (p.Delta != null && RowSlots(p.DeltaSlots) is { } deltaRows) ops.BitDeltaMixed(x, y, p.Delta, deltaRows);
+        if (p.Sparse != null && RowSlots(p.SparseSlots) is { } sparseRows) ops.SparseDeltaMixed(x, y, p.Sparse, sparseRows);
     }
 
     /// <summary>Each row's slot in a pool with this variant-to-slot map; null when no row uses the pool. Modules with the same map share one tensor.</summary>

@@ -101,7 +101,7 @@ public sealed class ServingTests
     }
 
     [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
-    public void MixedBatchOfBaseLoraAndOneBitRows_EqualsEachRowAlone(string backend)
+    public void MixedBatchOfBaseLoraOneBitAndSparseRows_EqualsEachRowAlone(string backend)
     {
         var device = TestBackends.Get(backend);
         var config = BitDeltaCompressionTests.Small;
@@ -111,12 +111,16 @@ public sealed class ServingTests
         var deltaA = PeftSharp.Compression.BitDelta.Compress(model, fineA, rounds: 1);
         var deltaB = PeftSharp.Compression.BitDelta.Compress(model, fineB, rounds: 2);
         var lora = Adapter(config, 3, new[] { "q_proj", "up_proj" }, 700);
+        using var fineC = BitDeltaCompressionTests.FineTuneOf(model, 650);
+        var linear = LoraAdapterConfig.LlamaLinearModules(config).Select(m => m + ".weight").ToArray();
+        var sparse = PeftSharp.Merging.SparseDelta.Between(model, fineC, linear.ToDictionary(n => n, n => Enumerable.Range(0, model[n].Value.Length).Where(i => i % 7 == 0).ToArray()));
         using var set = new VariantSet(model);
         set.AddDelta("bits-a", deltaA);
         set.AddLora("lora", lora);
         set.AddDelta("bits-b", deltaB);
-        string?[] names = { "bits-a", null, "lora", "bits-b", "bits-a" };
-        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9 }, new[] { 2, 6, 5 }, new[] { 7, 7 } };
+        set.AddSparse("sparse", sparse);
+        string?[] names = { "bits-a", null, "lora", "bits-b", "bits-a", "sparse" };
+        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9 }, new[] { 2, 6, 5 }, new[] { 7, 7 }, new[] { 1, 2 } };
         var caches = prompts.Select(_ => new KvCache(model, 8)).ToArray();
         float[][] batched;
         try
@@ -135,6 +139,7 @@ public sealed class ServingTests
             if (names[j] == "lora") LoraMerge.Merge(alone, lora);
             if (names[j] == "bits-a") deltaA.MergeInto(alone);
             if (names[j] == "bits-b") deltaB.MergeInto(alone);
+            if (names[j] == "sparse") sparse.ApplyTo(alone);
             using var cache = new KvCache(alone, 8);
             Check.Close(batched[j], alone.DecodeStep(cache, prompts[j]), StepTolerance, $"{backend} row group {j} ({names[j] ?? "base"})");
         }
