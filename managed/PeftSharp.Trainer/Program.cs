@@ -166,6 +166,15 @@ public static class Program
         compress.SetAction(r => Commands.Compress(r.GetValue(deviceOption), r.GetValue(baseDir)!, r.GetValue(fineDir)!, r.GetValue(outDir)!, r.GetValue(distillSteps),
             r.GetValue(distillLr), r.GetValue(calib)!, r.GetValue(rounds), r.GetValue(batch), r.GetValue(seqLen), r.GetValue(seed), stdout));
         root.Subcommands.Add(compress);
+
+        var budget = new Option<double>("--budget") { Description = "Fraction of all parameters to graft (e.g. 0.001)", DefaultValueFactory = _ => 0.001 };
+        var localizeSteps = new Option<int>("--steps") { Description = "Mask optimisation steps", DefaultValueFactory = _ => 30 };
+        var localizeData = new Option<string>("--data") { Description = "The fine-tune's task data (builtin:tasks=NAME | FILE.jsonl)", DefaultValueFactory = _ => "builtin:tasks" };
+        var localize = new Command("localize", "Skill localization: find the few fine-tuned entries that, grafted onto the base, keep the fine-tune's task performance; writes a sparse delta.");
+        foreach (var o in new Option[] { deviceOption, baseDir, fineDir, outDir, budget, localizeSteps, localizeData, batch, seqLen, seed }) localize.Options.Add(o);
+        localize.SetAction(r => Commands.Localize(r.GetValue(deviceOption), r.GetValue(baseDir)!, r.GetValue(fineDir)!, r.GetValue(outDir)!, r.GetValue(budget),
+            r.GetValue(localizeSteps), r.GetValue(localizeData)!, r.GetValue(batch), r.GetValue(seqLen), r.GetValue(seed), stdout));
+        root.Subcommands.Add(localize);
         root.Subcommands.Add(merge);
 
         var qsOut = new Option<string>("--out") { Description = "Output folder", DefaultValueFactory = _ => "peft-quickstart" };
@@ -562,6 +571,26 @@ internal static class Commands
         return 0;
     }
 
+    public static int Localize(string? deviceSpec, string baseDir, string fineDir, string outDir, double budget, int steps, string dataSpec, int batchSize, int seqLen, int seed, TextWriter stdout)
+    {
+        if (budget is <= 0 or > 1) throw new ArgumentException($"--budget {budget}: must be in (0, 1]");
+        if (steps < 0) throw new ArgumentException($"--steps {steps}: must be >= 0");
+        using var device = OpenDevice(deviceSpec);
+        using var baseModel = LoadTextModel(baseDir, device);
+        using var fine = LoadTextModel(fineDir, device);
+        var (train, held, _) = Jobs.Data(dataSpec, seed);
+        var tok = new ByteTokenizer();
+        var batches = Enumerable.Range(0, 8).Select(_ => Batcher.Encode(train.Next(batchSize), tok, seqLen, completionOnly: true)).ToList();
+        var result = Grafting.Localize(baseModel, fine, batches, batchSize, budget, steps);
+        result.Delta.Save(outDir, baseModel.Config);
+        result.Delta.ApplyTo(baseModel);
+        var grafted = Evaluator.Evaluate(baseModel, held, seqLen);
+        var full = Evaluator.Evaluate(fine, held, seqLen);
+        stdout.WriteLine($"grafted {result.Entries:N0} entries ({100 * result.Density:F3}% of the model): task loss {result.LossBefore:F4} -> {result.LossAfter:F4} over {steps} mask steps; " +
+            $"held-out exact match {grafted.ExactMatch:P1} grafted vs {full.ExactMatch:P1} fine-tuned; sparse delta in {Path.GetFullPath(outDir)}");
+        return 0;
+    }
+
     internal static string CompressionSummary(LlamaModel baseModel, DistillReport report)
     {
         var d = report.Delta;
@@ -642,6 +671,17 @@ internal static class Commands
             return Evaluator.Evaluate(m, taskHeld, options.SeqLen);
         }
 
+        console.MarkupLine($"4b. skill localization: graft 0.1% of the full fine-tune's entries onto the pre-trained model");
+        var graftBatches = Enumerable.Range(0, 8).Select(_ => Batcher.Encode(sparseData.Next(options.BatchSize), tok, options.SeqLen, completionOnly: true)).ToList();
+        var graft = Grafting.Localize(baseModel, model, graftBatches, options.BatchSize, budget: 0.001, steps: 30);
+        graft.Delta.Save(Path.Combine(outDir, "grafted"), baseModel.Config);
+        EvalResult grafted;
+        using (var g = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
+        {
+            graft.Delta.ApplyTo(g);
+            grafted = Evaluator.Evaluate(g, taskHeld, options.SeqLen);
+        }
+
         var bitBefore = Compressed(delta);
         var bitAfter = Compressed(distilled.Delta);
         console.WriteLine(CompressionSummary(baseModel, distilled));
@@ -667,6 +707,7 @@ internal static class Commands
         bool same = sharedOut.Select(r => r.Completion).SequenceEqual(copyOut.Select(r => r.Completion));
         table.AddRow($"prefix tuning ({virtualTokens} tokens)", $"{prefixTrainable:N0}", $"'{heldOutTask}'", $"{prefixAfter.Loss:F3}", $"{prefixAfter.ExactMatch:P1}");
         table.AddRow("sparse fine-tune (1%)", $"{sparseTrainable:N0}", $"'{heldOutTask}'", $"{sparseAfter.Loss:F3}", $"{sparseAfter.ExactMatch:P1}");
+        table.AddRow("grafted 0.1% of full FT", $"{graft.Entries:N0}", $"'{heldOutTask}'", $"{grafted.Loss:F3}", $"{grafted.ExactMatch:P1}");
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
         table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");

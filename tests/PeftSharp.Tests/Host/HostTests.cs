@@ -269,6 +269,12 @@ public sealed class HostCompressTests : TempDirectoryTest
         r = Peft.Run("merge", "--model", fineDir, "--delta", deltaDir, "--out", Path.Combine(TempDir, "x"), "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(2));
         Assert.That(r.Err, Does.Contain("only applies to its own base"));
+        string graftDir = Path.Combine(TempDir, "graft");
+        r = Peft.Run("localize", "--base", baseDir, "--finetuned", fineDir, "--budget", "0.001", "--steps", "2", "--data", "builtin:tasks=copy", "--batch-size", "2",
+            "--out", graftDir, "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("grafted").And.Contain("(0.100% of the model)"));
+        Assert.That(File.Exists(Path.Combine(graftDir, "sparse_config.json")));
         r = Peft.Run("compress", "--base", baseDir, "--finetuned", fineDir, "--out", deltaDir, "--rounds", "0");
         Assert.That(r.Code, Is.EqualTo(2));
         Assert.That(r.Err, Does.Contain("--rounds 0"));

@@ -197,3 +197,31 @@ public sealed class SparseFinetuneTests
         }
     }
 }
+
+public sealed class GraftingTests
+{
+    [Test]
+    public void Localize_StaysWithinTheBudget_GraftsFineTunedValues_AndLowersTheTaskLossBelowTheLargestChangesMask()
+    {
+        using var device = new CpuDevice();
+        var config = LoraTrainingTests.Micro;
+        using var b = LlamaModel.Create(device, config, seed: 60);
+        using var f = BitDeltaCompressionTests.FineTuneOf(b, 61, size: 0.3f);
+        var batches = new[] { (LoraTrainingTests.Tokens, LoraTrainingTests.Targets) };
+        var noSteps = PeftSharp.Training.Grafting.Localize(b, f, batches, 2, budget: 0.05, steps: 0);
+        var tuned = PeftSharp.Training.Grafting.Localize(b, f, batches, 2, budget: 0.05, steps: 20);
+        long total = b.ParameterCount;
+        Assert.That(tuned.Entries, Is.EqualTo((long)Math.Round(0.05 * total)));
+        Assert.That(tuned.Delta.Nonzeros, Is.EqualTo(tuned.Entries));
+        Assert.That(noSteps.LossAfter, Is.EqualTo(noSteps.LossBefore), "zero steps keep the |delta| mask");
+        TestContext.Out.WriteLine($"task loss with the largest changes grafted {noSteps.LossAfter:F4}, after mask steps {tuned.LossAfter:F4}");
+        Assert.That(tuned.LossAfter, Is.LessThan(noSteps.LossAfter), "optimising the mask lowers the task loss");
+        const string name = "model.layers.0.mlp.up_proj.weight";
+        if (tuned.Delta.Entries.TryGetValue(name, out var e))
+        {
+            var fv = f[name].Value.ToArray();
+            var bv = b[name].Value.ToArray();
+            for (int j = 0; j < e.Index.Length; j++) Assert.That(bv[e.Index[j]] + e.Values[j], Is.EqualTo(fv[e.Index[j]]).Within(1e-6f));
+        }
+    }
+}
