@@ -21,6 +21,8 @@ internal sealed record TrainExtras
     public bool LoraBOnly { get; init; }
     /// <summary>Sparse fine-tuning: the trainable entries of each parameter (stepped by a masked AdamW).</summary>
     public IReadOnlyDictionary<string, int[]>? SparseMasks { get; init; }
+    /// <summary>SpIEL drop-and-regrow interval for sparse fine-tuning (0: fixed mask).</summary>
+    public int RegrowEvery { get; init; }
     /// <summary>Sparse fine-tuning density (0: the default, 0.01) and mask source.</summary>
     public double Density { get; init; }
     public string MaskSource { get; init; } = "gradient";
@@ -35,6 +37,9 @@ internal sealed class Jobs
 {
     private readonly IAnsiConsole console;
     private readonly bool quiet;
+
+    /// <summary>The masks a sparse run ended with (they move under SpIEL regrowth).</summary>
+    public IReadOnlyDictionary<string, int[]>? LastMasks { get; private set; }
 
     public Jobs(IAnsiConsole console, bool quiet)
     {
@@ -88,6 +93,7 @@ internal sealed class Jobs
             _ => throw new ArgumentException($"--optimizer {extras.Optimizer}: use adamw or sgd"),
         };
         using var ema = extras.EmaDecay > 0 ? new WeightEma(model, extras.EmaDecay) : null;
+        var regrow = extras.RegrowEvery > 0 && opt is MaskedAdamW masked ? new SparseRegrow(masked, extras.RegrowEvery) : null;
         var schedule = new LearningRateSchedule.Warmup(options.LearningRate, options.WarmupSteps, options.Steps, Cosine: true, MinLearningRate: options.LearningRate / 10);
         var run = new TrainingRun(model, opt, schedule, data, options);
         if (resume != null) run.Resume(resume);
@@ -97,6 +103,7 @@ internal sealed class Jobs
             metrics = run.Run(outDir, m =>
             {
                 ema?.Update();
+                regrow?.AfterStep(m.Step);
                 if (m.Step % 50 == 0 || m.Step == options.Steps) console.WriteLine($"{title} step {m.Step}/{options.Steps} loss {m.Loss:F4} lr {m.LearningRate:G3} {m.TokensPerSecond:F0} tok/s");
             });
         }
@@ -112,6 +119,7 @@ internal sealed class Jobs
                     metrics = run.Run(outDir, m =>
                     {
                         ema?.Update();
+                        regrow?.AfterStep(m.Step);
                         task.Value = m.Step;
                         task.Description = $"{title}: loss {m.Loss:F3}, {m.TokensPerSecond:F0} tok/s";
                     });
@@ -119,6 +127,8 @@ internal sealed class Jobs
         }
 
         ema?.CopyToModel(); // the saved (and evaluated) model is the average
+        if (regrow != null) console.WriteLine($"SpIEL: {regrow.Regrown:N0} entries dropped and regrown over the run (every {regrow.Every} steps)");
+        if (opt is MaskedAdamW final) LastMasks = final.Masks;
         if (save != null) save(outDir);
         else HuggingFaceFolder.Save(model, outDir);
         var all = ReadAllMetrics(outDir, metrics);

@@ -56,6 +56,7 @@ public static class Program
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method") { Description = "full | lora | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
         var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train (e.g. 0.01)", DefaultValueFactory = _ => 0 };
+        var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients (SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
         var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
         var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer", DefaultValueFactory = _ => 0 };
         var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
@@ -75,7 +76,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource }) c.Options.Add(o);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery }) c.Options.Add(o);
             }
             else
             {
@@ -113,6 +114,7 @@ public static class Program
                     VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
                     Density = finetune ? r.GetValue(density) : 0,
                     MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
+                    RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
                 }));
             return c;
         }
@@ -280,7 +282,8 @@ internal static class Commands
             throw new ArgumentException($"--method {method}: use full, lora, prefix or sparse (1-bit deltas come from peft compress)");
         }
 
-        if (method != "sparse" && (extras.Density != 0 || extras.MaskSource != "gradient")) throw new ArgumentException("--density and --mask apply to --method sparse");
+        if (method != "sparse" && (extras.Density != 0 || extras.MaskSource != "gradient" || extras.RegrowEvery != 0)) throw new ArgumentException("--density, --mask and --regrow-every apply to --method sparse");
+        if (extras.RegrowEvery < 0) throw new ArgumentException($"--regrow-every {extras.RegrowEvery}: must be >= 0");
 
         if (method != "prefix" && extras.VirtualTokens != 0) throw new ArgumentException("--virtual-tokens applies to --method prefix");
 
@@ -320,7 +323,7 @@ internal static class Commands
             save = dir =>
             {
                 using var start = LlamaModel.FromTensors(model.Device, model.Config, (name, _) => initial[name]);
-                SparseDelta.Between(start, model, masks).Save(dir, model.Config);
+                SparseDelta.Between(start, model, jobs.LastMasks ?? masks).Save(dir, model.Config); // masks move under --regrow-every
             };
         }
 

@@ -127,7 +127,26 @@ public static class TaskVectorMerge
             ? (int)Math.Floor((double)(decimal)density * n + 1e-9)
             : n - skip - (int)Math.Floor((1 - (double)(decimal)density - (double)(decimal)gamma) * n + 1e-9);
         if (skip == 0 && keep >= n) return t;
-        var order = Enumerable.Range(0, n).OrderByDescending(i => Math.Abs(t[i])).ThenBy(i => i).ToArray();
+        // Rank by (|t| descending, position ascending). A primitive sort orders the magnitudes; equal magnitudes can
+        // only matter where a band edge cuts through them, and there they are resolved by position.
+        var keys = new double[n];
+        var order = new int[n];
+        for (int i = 0; i < n; i++)
+        {
+            keys[i] = -Math.Abs(t[i]);
+            order[i] = i;
+        }
+
+        Array.Sort(keys, order);
+        foreach (int edge in new[] { skip, Math.Min(n, skip + keep) })
+        {
+            if (edge <= 0 || edge >= n || keys[edge - 1] != keys[edge]) continue;
+            int lo = edge - 1, hi = edge;
+            while (lo > 0 && keys[lo - 1] == keys[edge]) lo--;
+            while (hi < n - 1 && keys[hi + 1] == keys[edge]) hi++;
+            Array.Sort(order, lo, hi - lo + 1);
+        }
+
         var result = new double[n];
         for (int r = skip; r < Math.Min(n, skip + keep); r++) result[order[r]] = t[order[r]];
         return result;

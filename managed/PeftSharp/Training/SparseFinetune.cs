@@ -109,6 +109,40 @@ public sealed class MaskedAdamW : Optimizer
         }
     }
 
+    /// <summary>The current mask of each parameter.</summary>
+    public IReadOnlyDictionary<string, int[]> Masks => state.ToDictionary(s => s.Key.Name, s => s.Value.Mask.Values.ToArray());
+
+    /// <summary>
+    /// Swaps a parameter's mask: entries that stay keep their moments, new entries start at zero (SpIEL's regrowth).
+    /// </summary>
+    public void Replace(Parameter p, int[] mask)
+    {
+        if (!state.TryGetValue(p, out var old)) throw new ArgumentException($"{p.Name} has no mask in this optimizer");
+        var d = p.Value.Device;
+        var oldIdx = old.Mask.Values.ToArray();
+        var oldM = old.M.ToArray();
+        var oldV = old.V.ToArray();
+        var at = new Dictionary<int, int>();
+        for (int j = 0; j < oldIdx.Length; j++) at[oldIdx[j]] = j;
+        var sorted = mask.OrderBy(i => i).ToArray();
+        int n = Math.Max(1, sorted.Length);
+        var m = new float[n];
+        var v = new float[n];
+        for (int j = 0; j < sorted.Length; j++)
+        {
+            if (at.TryGetValue(sorted[j], out int k))
+            {
+                m[j] = oldM[k];
+                v[j] = oldV[k];
+            }
+        }
+
+        old.Mask.Dispose();
+        old.M.Dispose();
+        old.V.Dispose();
+        state[p] = (d.FromIndices(p.Name + ".mask", sorted), d.FromArray(p.Name + ".exp_avg", m, n), d.FromArray(p.Name + ".exp_avg_sq", v, n));
+    }
+
     public override IEnumerable<(string Name, float[] Values, int[] Shape)> ExportState()
     {
         foreach (var (p, (_, m, v)) in state)
@@ -150,5 +184,67 @@ public sealed class MaskedAdamW : Optimizer
         }
 
         state.Clear();
+    }
+}
+
+/// <summary>
+/// SpIEL-style periodic drop and regrow for sparse fine-tuning at a fixed budget: after every step the gradient
+/// magnitudes are accumulated; every <see cref="Every"/> steps each parameter drops the <see cref="DropFraction"/>
+/// of its masked entries whose change from the start is smallest (resetting them to their starting value) and grows
+/// as many new entries where the accumulated gradient is largest, so the count stays the same.
+/// </summary>
+public sealed class SparseRegrow
+{
+    private readonly MaskedAdamW optimizer;
+    private readonly Dictionary<string, float[]> start;
+    private readonly Dictionary<string, float[]> accumulated;
+
+    public SparseRegrow(MaskedAdamW optimizer, int every, float dropFraction = 0.2f)
+    {
+        if (every <= 0) throw new ArgumentException($"regrow interval {every} must be positive");
+        if (dropFraction is <= 0f or > 1f) throw new ArgumentException($"drop fraction {dropFraction} must be in (0, 1]");
+        this.optimizer = optimizer;
+        Every = every;
+        DropFraction = dropFraction;
+        start = optimizer.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+        accumulated = optimizer.Parameters.ToDictionary(p => p.Name, p => new float[p.Value.Length]);
+    }
+
+    public int Every { get; }
+
+    public float DropFraction { get; }
+
+    /// <summary>Entries swapped so far.</summary>
+    public long Regrown { get; private set; }
+
+    /// <summary>Call after each optimizer step (the step's gradients are still in Grad).</summary>
+    public void AfterStep(int step)
+    {
+        foreach (var p in optimizer.Parameters)
+        {
+            var g = p.Grad.ToArray();
+            var acc = accumulated[p.Name];
+            for (int i = 0; i < g.Length; i++) acc[i] += Math.Abs(g[i]);
+        }
+
+        if (step % Every != 0) return;
+        var masks = optimizer.Masks;
+        foreach (var p in optimizer.Parameters)
+        {
+            var mask = masks[p.Name];
+            int drop = (int)Math.Round(DropFraction * mask.Length);
+            if (drop == 0) continue;
+            var w = p.Value.ToArray();
+            var w0 = start[p.Name];
+            var dropped = mask.OrderBy(i => Math.Abs(w[i] - w0[i])).ThenBy(i => i).Take(drop).ToHashSet();
+            var inMask = mask.ToHashSet();
+            var acc = accumulated[p.Name];
+            var grown = Enumerable.Range(0, w.Length).Where(i => !inMask.Contains(i)).OrderByDescending(i => acc[i]).ThenBy(i => i).Take(drop).ToArray();
+            foreach (int i in dropped) w[i] = w0[i];
+            p.Value.CopyFrom(w);
+            optimizer.Replace(p, mask.Where(i => !dropped.Contains(i)).Concat(grown).ToArray());
+            Array.Clear(acc);
+            Regrown += grown.Length;
+        }
     }
 }

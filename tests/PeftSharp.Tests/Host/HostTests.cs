@@ -125,10 +125,10 @@ public sealed class HostJobTests : TempDirectoryTest
 
         // Sparse fine-tuning writes a sparse delta folder that peft merge --delta applies.
         string sparseDir = Path.Combine(TempDir, "sparse");
-        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "sparse", "--density", "0.02", "--mask", "random", "--steps", "2",
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "sparse", "--density", "0.02", "--mask", "random", "--regrow-every", "1", "--steps", "2",
             "--batch-size", "2", "--out", sparseDir, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
-        Assert.That(r.Out, Does.Contain("sparse fine-tuning:").And.Contain("masks by random"));
+        Assert.That(r.Out, Does.Contain("sparse fine-tuning:").And.Contain("masks by random").And.Contain("dropped and regrown"));
         r = Peft.Run("merge", "--model", pre, "--delta", sparseDir, "--out", Path.Combine(TempDir, "sparse-merged"), "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("a sparse delta of"));

@@ -32,6 +32,8 @@ public sealed class MergingTests : TempDirectoryTest
         var tau = new[] { 5f, -4, 3, -2, 1, 0.5f, -0.2f, 0.1f, 0.05f, 0.01f };
         var crumbs = Merge(MergeMethod.Breadcrumbs, new float[10], new[] { tau }, new[] { new MergeInput(1, 0.5f, 0.1f) }, false);
         Assert.That(crumbs, Is.EqualTo(new[] { 0f, -4, 3, -2, 1, 0.5f, 0, 0, 0, 0 }));
+        // Equal magnitudes across a band edge are kept by position, whichever way the sort left them.
+        Assert.That(TaskVectorMerge.KeepBand(new double[] { 1, -1, 2, 1, 1, -1 }, 0f, 0.5f), Is.EqualTo(new double[] { 1, -1, 2, 0, 0, 0 }));
         // DARE at density 1 drops nothing: dare_linear equals task arithmetic.
         var models = new[] { TestData.Uniform(50, 1), TestData.Uniform(50, 2) };
         var b = TestData.Uniform(50, 3);
@@ -223,5 +225,43 @@ public sealed class GraftingTests
             var bv = b[name].Value.ToArray();
             for (int j = 0; j < e.Index.Length; j++) Assert.That(bv[e.Index[j]] + e.Values[j], Is.EqualTo(fv[e.Index[j]]).Within(1e-6f));
         }
+    }
+}
+
+public sealed class SparseRegrowTests
+{
+    [Test]
+    public void Regrow_KeepsTheBudget_SwapsEntries_AndResetsDroppedOnesToTheirStart()
+    {
+        using var device = new CpuDevice();
+        var config = LoraTrainingTests.Micro;
+        using var model = LlamaModel.Create(device, config, seed: 70);
+        var start = model.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+        var masks = PeftSharp.Training.SparseMasks.Select(model, 0.1, PeftSharp.Training.MaskSource.Random, seed: 2);
+        using var opt = new PeftSharp.Training.MaskedAdamW(model.AllParameters, masks);
+        var regrow = new PeftSharp.Training.SparseRegrow(opt, every: 2, dropFraction: 0.25f);
+        for (int step = 1; step <= 4; step++)
+        {
+            model.ZeroGrad();
+            model.Loss(LoraTrainingTests.Tokens, LoraTrainingTests.Targets, 2, backward: true);
+            opt.Step(1e-2f);
+            regrow.AfterStep(step);
+        }
+
+        var now = opt.Masks;
+        Assert.That(regrow.Regrown, Is.GreaterThan(0));
+        foreach (var p in model.Parameters)
+        {
+            Assert.That(now[p.Name], Has.Length.EqualTo(masks[p.Name].Length), $"{p.Name}: the budget holds");
+            Assert.That(now[p.Name].Distinct().Count(), Is.EqualTo(now[p.Name].Length));
+            var w = p.Value.ToArray();
+            var inMask = now[p.Name].ToHashSet();
+            for (int i = 0; i < w.Length; i++)
+            {
+                if (!inMask.Contains(i)) Assert.That(w[i], Is.EqualTo(start[p.Name][i]), $"{p.Name}[{i}] is outside the final mask, so at its start value");
+            }
+        }
+
+        Assert.That(model.Parameters.Any(p => !now[p.Name].SequenceEqual(masks[p.Name])), "some masks moved");
     }
 }
