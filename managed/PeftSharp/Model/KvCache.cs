@@ -8,8 +8,9 @@ namespace PeftSharp.Model;
 /// </summary>
 public sealed class KvCache : IDisposable
 {
-    public KvCache(LlamaModel model, int capacity)
+    public KvCache(LlamaModel model, int capacity, KvCache? parent = null)
     {
+        Parent = parent;
         var c = model.Config;
         if (capacity <= 0 || capacity > c.MaxPositionEmbeddings)
         {
@@ -22,6 +23,24 @@ public sealed class KvCache : IDisposable
     }
 
     public int Capacity { get; }
+
+    /// <summary>
+    /// The shared prefix this cache continues (null: none). Its positions start after the parent chain's, and a
+    /// sequence decoding into this cache attends to the whole chain, root first. Parents are read, never written.
+    /// </summary>
+    public KvCache? Parent { get; }
+
+    /// <summary>This cache's ancestors, root first.</summary>
+    public IEnumerable<KvCache> Chain
+    {
+        get
+        {
+            var list = new List<KvCache>();
+            for (var p = Parent; p != null; p = p.Parent) list.Add(p);
+            list.Reverse();
+            return list;
+        }
+    }
 
     /// <summary>Positions filled so far.</summary>
     public int Length { get; internal set; }

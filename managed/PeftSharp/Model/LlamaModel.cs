@@ -541,9 +541,18 @@ public sealed class LlamaModel : IDisposable
         }
 
         if (prefixes != null && prefixes.Count != caches.Count) throw new ArgumentException($"DecodeBatch: {prefixes.Count} prefix entries for {caches.Count} sequences");
-        if (prefixes != null && prefixes.Any(pf => pf != null && caches.Contains(pf))) throw new ArgumentException("DecodeBatch: a shared prefix cannot also be a sequence's own cache");
+        // Each sequence reads the chain of shared prefixes above its own cache: its cache's parents, or (older form)
+        // the prefix given for it and that prefix's parents.
+        var chains = Enumerable.Range(0, caches.Count).Select(j =>
+        {
+            var given = prefixes?[j];
+            if (given != null && caches[j].Parent != null && !ReferenceEquals(given, caches[j].Parent)) throw new ArgumentException($"DecodeBatch: sequence {j}'s cache already continues another prefix");
+            var top = caches[j].Parent ?? given;
+            return top == null ? new List<KvCache>() : top.Chain.Append(top).ToList();
+        }).ToArray();
+        if (chains.Any(ch => ch.Any(caches.Contains))) throw new ArgumentException("DecodeBatch: a shared prefix cannot also be a sequence's own cache");
         int virtualTokens = prefix?.Tokens ?? 0;
-        int PrefixLength(int j) => virtualTokens + (prefixes?[j]?.Length ?? 0);
+        int PrefixLength(int j) => virtualTokens + chains[j].Sum(pf => pf.Length);
 
         if (caches.Distinct().Count() != caches.Count) throw new ArgumentException("DecodeBatch: a KV cache appears twice in one step");
         int seqs = caches.Count, dm = c.HiddenSize, d = c.HeadDim, h = c.NumAttentionHeads, hkv = c.NumKeyValueHeads;
@@ -570,15 +579,24 @@ public sealed class LlamaModel : IDisposable
         var ops = Device.Ops;
         using var ids = Device.FromIndices("input_ids", newTokens.SelectMany(t => t).ToArray());
         using var pos = Device.FromIndices("positions", Enumerable.Range(0, seqs).SelectMany(j => Enumerable.Range(PrefixLength(j) + caches[j].Length, newTokens[j].Length)).ToArray());
-        // Runs of consecutive sequences reading the same shared prefix: their query rows attend to it as one matrix.
+        // Runs of consecutive sequences reading the same shared prefix (at any depth of their chains): their query rows
+        // attend to it as one matrix.
         var prefixRuns = new List<(KvCache Prefix, int Row0, int Rows)>();
-        for (int j = 0; j < seqs;)
+        foreach (var pf in chains.SelectMany(ch => ch).Distinct())
         {
-            var pf = prefixes?[j];
-            int e = j;
-            while (e < seqs && ReferenceEquals(prefixes?[e], pf)) e++;
-            if (pf != null && pf.Length > 0) prefixRuns.Add((pf, rowStart[j], rowStart[e] - rowStart[j]));
-            j = e;
+            for (int j = 0; j < seqs;)
+            {
+                if (!chains[j].Contains(pf))
+                {
+                    j++;
+                    continue;
+                }
+
+                int e = j;
+                while (e < seqs && chains[e].Contains(pf)) e++;
+                if (pf.Length > 0) prefixRuns.Add((pf, rowStart[j], rowStart[e] - rowStart[j]));
+                j = e;
+            }
         }
 
         using var x = Device.Zeros("x", n, dm);

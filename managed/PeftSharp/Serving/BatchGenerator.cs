@@ -7,9 +7,15 @@ namespace PeftSharp.Serving;
 /// <summary>
 /// One generation request: a prompt, the variant that serves it (null: the base model) and its sampling.
 /// <paramref name="SharedPrefix"/>, when given, is text that precedes the prompt and that every request with the same
-/// shared prefix and variant reads from one copy of its keys and values.
+/// shared prefix and variant reads from one copy of its keys and values. <paramref name="SharedPrefixes"/> gives a
+/// chain of them instead (a tree across requests: system prompt, then a few-shot block, ...), root first.
 /// </summary>
-public sealed record GenerationRequest(string Prompt, string? Variant = null, int MaxTokens = 32, float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0, string? SharedPrefix = null);
+public sealed record GenerationRequest(string Prompt, string? Variant = null, int MaxTokens = 32, float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0,
+    string? SharedPrefix = null, IReadOnlyList<string>? SharedPrefixes = null)
+{
+    /// <summary>The told prefix levels, root first.</summary>
+    public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
+}
 
 /// <summary>What a request produced: its completion and the number of tokens generated.</summary>
 public sealed record GenerationResult(GenerationRequest Request, string Completion, int Tokens);
@@ -50,60 +56,89 @@ public static class BatchGenerator
             ? -1
             : throw new ArgumentException($"request names variant '{r.Variant}' but no variants are loaded"))).ToArray();
         var full = new int[n][];
+        var levelEnds = new int[n][]; // token count through each told level ([BOS] included in the first)
         for (int i = 0; i < n; i++)
         {
             var r = requests[i];
             if (r.MaxTokens < 0) throw new ArgumentException($"request {i}: max tokens {r.MaxTokens} is negative");
-            full[i] = new[] { ByteTokenizer.Bos }.Concat(tok.Encode((r.SharedPrefix ?? "") + r.Prompt)).ToArray();
+            var tokens = new List<int> { ByteTokenizer.Bos };
+            var ends = new List<int>();
+            foreach (var level in r.PrefixLevels)
+            {
+                tokens.AddRange(tok.Encode(level));
+                ends.Add(tokens.Count);
+            }
+
+            tokens.AddRange(tok.Encode(r.Prompt));
+            full[i] = tokens.ToArray();
+            levelEnds[i] = ends.ToArray();
             if (full[i].Length > model.Config.MaxPositionEmbeddings) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds max_position_embeddings = {model.Config.MaxPositionEmbeddings}");
         }
 
-        var prefixLength = PlanPrefixes(requests, variantOf, full, sharing, tok);
+        var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing);
         var outputs = requests.Select(_ => new List<int>()).ToArray();
         var rngs = requests.Select(r => new Random(r.Seed)).ToArray();
         var caches = new KvCache?[n];
-        var prefixOf = new KvCache?[n];
         var users = new Dictionary<KvCache, int>();
+        var nodes = new List<(KvCache Cache, int[] Tokens, int Variant, int Depth)>();
+        var chainOf = Enumerable.Range(0, n).Select(_ => new List<KvCache>()).ToArray();
         try
         {
-            // Distinct prefixes (variant, tokens), each computed once in one batched step.
-            var distinct = Enumerable.Range(0, n).Where(i => prefixLength[i] > 0)
-                .GroupBy(i => (variantOf[i], string.Join(",", full[i].Take(prefixLength[i])))).ToList();
-            var made = new List<(KvCache Cache, int[] Tokens, int Variant)>();
-            foreach (var g in distinct)
+            // The prefix tree: one node per distinct (variant, tokens through that level), computed level by level
+            // (each level's nodes in one batched step, reading their parents), each holding its own level's tokens.
+            var byKey = new Dictionary<string, KvCache>();
+            int depth = chainEnds.Max(e => e.Length);
+            for (int level = 0; level < depth; level++)
             {
-                int first = g.First();
-                var cache = new KvCache(model, prefixLength[first]);
-                made.Add((cache, full[first][..prefixLength[first]], variantOf[first]));
-                foreach (int i in g) prefixOf[i] = cache;
-                users[cache] = g.Count();
-            }
+                var fresh = new List<(KvCache Cache, int[] Tokens, int Variant)>();
+                for (int i = 0; i < n; i++)
+                {
+                    if (level >= chainEnds[i].Length) continue;
+                    int from = level == 0 ? 0 : chainEnds[i][level - 1], to = chainEnds[i][level];
+                    string key = variantOf[i] + ":" + string.Join(",", full[i].Take(to));
+                    if (!byKey.TryGetValue(key, out var cache))
+                    {
+                        var parent = level == 0 ? null : chainOf[i][level - 1];
+                        cache = new KvCache(model, to - from, parent);
+                        byKey[key] = cache;
+                        fresh.Add((cache, full[i][from..to], variantOf[i]));
+                        nodes.Add((cache, full[i][from..to], variantOf[i], level));
+                        users[cache] = 0;
+                        if (parent != null) users[parent]++;
+                    }
 
-            if (made.Count > 0)
-            {
-                using var bound = variants?.Bind(made.SelectMany(m => Enumerable.Repeat(m.Variant, m.Tokens.Length)).ToArray());
-                model.DecodeBatch(made.Select(m => m.Cache).ToArray(), made.Select(m => m.Tokens).ToArray(), bound);
+                    chainOf[i].Add(cache);
+                }
+
+                if (fresh.Count > 0)
+                {
+                    using var bound = variants?.Bind(fresh.SelectMany(m => Enumerable.Repeat(m.Variant, m.Tokens.Length)).ToArray());
+                    model.DecodeBatch(fresh.Select(m => m.Cache).ToArray(), fresh.Select(m => m.Tokens).ToArray(), bound);
+                }
             }
 
             var pending = new int[n][];
             for (int i = 0; i < n; i++)
             {
-                int p = prefixLength[i];
+                int p = chainEnds[i].Length == 0 ? 0 : chainEnds[i][^1];
+                var parent = chainOf[i].Count == 0 ? null : chainOf[i][^1];
+                if (parent != null) users[parent]++;
                 int capacity = Math.Min(model.Config.MaxPositionEmbeddings - p, full[i].Length - p + requests[i].MaxTokens);
-                caches[i] = new KvCache(model, capacity);
+                caches[i] = new KvCache(model, capacity, parent);
                 pending[i] = full[i][p..];
             }
 
-            // Sequences reading one prefix sit side by side, so their rows form one matrix against it.
-            var live = Enumerable.Range(0, n).Where(i => requests[i].MaxTokens > 0).OrderBy(i => prefixOf[i] == null ? -1 : made.FindIndex(m => m.Cache == prefixOf[i])).ToList();
-            foreach (int i in Enumerable.Range(0, n).Where(i => requests[i].MaxTokens <= 0)) Release(prefixOf[i], users);
+            // Sequences under one prefix sit side by side at every level, so their rows form one matrix against it.
+            var live = Enumerable.Range(0, n).Where(i => requests[i].MaxTokens > 0)
+                .OrderBy(i => string.Join(",", chainOf[i].Select(c => nodes.FindIndex(m => m.Cache == c).ToString("D6")))).ThenBy(i => i).ToList();
+            foreach (int i in Enumerable.Range(0, n).Where(i => requests[i].MaxTokens <= 0)) Release(caches[i]!.Parent, users);
             while (live.Count > 0)
             {
                 var rows = live.SelectMany(i => Enumerable.Repeat(variantOf[i], pending[i].Length)).ToArray();
                 float[][] logits;
                 using (var bound = variants?.Bind(rows))
                 {
-                    logits = model.DecodeBatch(live.Select(i => caches[i]!).ToArray(), live.Select(i => pending[i]).ToArray(), bound, live.Select(i => prefixOf[i]).ToArray());
+                    logits = model.DecodeBatch(live.Select(i => caches[i]!).ToArray(), live.Select(i => pending[i]).ToArray(), bound);
                 }
 
                 var next = new List<int>();
@@ -117,7 +152,7 @@ public static class BatchGenerator
                     done |= outputs[i].Count >= r.MaxTokens || caches[i]!.Length >= caches[i]!.Capacity;
                     if (done)
                     {
-                        Release(prefixOf[i], users);
+                        Release(caches[i]!.Parent, users);
                         continue;
                     }
 
@@ -129,7 +164,8 @@ public static class BatchGenerator
             }
 
             var results = Enumerable.Range(0, n).Select(i => new GenerationResult(requests[i], tok.Decode(outputs[i]), outputs[i].Count)).ToArray();
-            var report = new SharingReport(made.Count, prefixLength.Count(p => p > 0), distinct.Sum(g => (long)(g.Count() - 1) * prefixLength[g.First()]));
+            long saved = nodes.Sum(m => (long)(Enumerable.Range(0, n).Count(i => chainOf[i].Contains(m.Cache)) - 1) * m.Tokens.Length);
+            var report = new SharingReport(nodes.Count, Enumerable.Range(0, n).Count(i => chainOf[i].Count > 0), saved);
             return (results, report);
         }
         finally
@@ -139,34 +175,45 @@ public static class BatchGenerator
         }
     }
 
-    /// <summary>A shared prefix's last reader is done: its keys and values are freed.</summary>
+    /// <summary>A reader of a shared prefix is done: the last reader frees it, and then its own parent loses a reader.</summary>
     private static void Release(KvCache? prefix, Dictionary<KvCache, int> users)
     {
-        if (prefix == null) return;
-        if (--users[prefix] == 0) prefix.Dispose();
+        while (prefix != null && --users[prefix] == 0)
+        {
+            prefix.Dispose();
+            prefix = prefix.Parent;
+        }
     }
 
     /// <summary>
-    /// How many leading tokens of each request come from a shared prefix: the told prefix ([BOS] + SharedPrefix)
-    /// where two or more requests of a variant give the same one; with Auto, also the longest common token prefix of
-    /// the remaining requests of each variant when it is at least <see cref="MinDetectedPrefix"/> long. Every request
-    /// keeps at least one prompt token of its own.
+    /// Where each request's shared prefix levels end (token counts, root first). Told levels: a level is shared when
+    /// two or more requests of a variant give the same levels up to it. With Auto, requests with no told level that
+    /// share a variant also share their longest common token prefix when it is at least
+    /// <see cref="MinDetectedPrefix"/> long. Every request keeps at least one prompt token of its own.
     /// </summary>
-    private static int[] PlanPrefixes(IReadOnlyList<GenerationRequest> requests, int[] variantOf, int[][] full, PrefixSharing sharing, ByteTokenizer tok)
+    private static int[][] PlanPrefixes(IReadOnlyList<GenerationRequest> requests, int[] variantOf, int[][] full, int[][] levelEnds, PrefixSharing sharing)
     {
         int n = requests.Count;
-        var length = new int[n];
-        if (sharing == PrefixSharing.Off) return length;
-        foreach (var g in Enumerable.Range(0, n).Where(i => requests[i].SharedPrefix != null).GroupBy(i => (variantOf[i], requests[i].SharedPrefix)))
+        var chains = Enumerable.Range(0, n).Select(_ => Array.Empty<int>()).ToArray();
+        if (sharing == PrefixSharing.Off) return chains;
+        for (int i = 0; i < n; i++)
         {
-            if (g.Count() < 2) continue;
-            int p = 1 + tok.Encode(g.Key.SharedPrefix!).Length;
-            foreach (int i in g) length[i] = Math.Min(p, full[i].Length - 1);
+            var ends = new List<int>();
+            for (int level = 0; level < levelEnds[i].Length; level++)
+            {
+                int to = levelEnds[i][level];
+                int sharers = Enumerable.Range(0, n).Count(k => variantOf[k] == variantOf[i] && levelEnds[k].Length > level && levelEnds[k][level] == to
+                    && full[k].Take(to).SequenceEqual(full[i].Take(to)));
+                if (sharers < 2 || to >= full[i].Length) break; // unshared, or nothing of its own would be left
+                ends.Add(to);
+            }
+
+            chains[i] = ends.ToArray();
         }
 
         if (sharing == PrefixSharing.Auto)
         {
-            foreach (var g in Enumerable.Range(0, n).Where(i => length[i] == 0 && requests[i].MaxTokens > 0).GroupBy(i => variantOf[i]))
+            foreach (var g in Enumerable.Range(0, n).Where(i => requests[i].PrefixLevels.Count == 0 && requests[i].MaxTokens > 0).GroupBy(i => variantOf[i]))
             {
                 var members = g.ToList();
                 if (members.Count < 2) continue;
@@ -180,18 +227,11 @@ public static class BatchGenerator
 
                 if (lcp >= MinDetectedPrefix)
                 {
-                    foreach (int i in members) length[i] = lcp;
+                    foreach (int i in members) chains[i] = new[] { lcp };
                 }
             }
         }
 
-        // Prefixes must agree within a group (the told ones may have been capped differently): share the shortest.
-        foreach (var g in Enumerable.Range(0, n).Where(i => length[i] > 0).GroupBy(i => (variantOf[i], requests[i].SharedPrefix ?? "")))
-        {
-            int p = g.Min(i => length[i]);
-            foreach (int i in g) length[i] = p;
-        }
-
-        return length;
+        return chains;
     }
 }

@@ -6,7 +6,7 @@ namespace PeftSharp.Serving;
 /// <summary>
 /// Generation requests as JSONL, one object per line: {"prompt": "...", "variant": "name"} with optional
 /// "max_tokens", "temperature", "top_k", "top_p", "seed", and "shared_prefix" (text before the prompt that requests
-/// giving the same one read from one shared KV cache); "adapter" and "delta" are accepted in place of "variant".
+/// giving the same one read from one shared KV cache; a list of texts makes a chain of levels, root first); "adapter" and "delta" are accepted in place of "variant".
 /// A missing variant (or "base") is the base model. Malformed lines are an error naming the file and line.
 /// </summary>
 public static class RequestFile
@@ -47,7 +47,8 @@ public static class RequestFile
                     TopK = o["top_k"]?.GetValue<int>() ?? defaults.TopK,
                     TopP = o["top_p"] is { } p ? (float)p.GetValue<double>() : defaults.TopP,
                     Seed = o["seed"]?.GetValue<int>() ?? defaults.Seed + list.Count,
-                    SharedPrefix = o["shared_prefix"]?.GetValue<string>(),
+                    SharedPrefix = o["shared_prefix"] is JsonValue sp ? sp.GetValue<string>() : null,
+                    SharedPrefixes = o["shared_prefix"] is JsonArray levels ? levels.Select(l => l!.GetValue<string>()).ToArray() : null,
                 };
                 if (r.MaxTokens <= 0) throw new InvalidDataException($"{where}: max_tokens {r.MaxTokens} must be positive");
                 if (r.Temperature < 0) throw new InvalidDataException($"{where}: temperature {r.Temperature} must be >= 0");

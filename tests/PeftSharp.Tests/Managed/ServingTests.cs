@@ -212,6 +212,31 @@ public sealed class ServingTests
     }
 
     [Test]
+    public void BatchGenerator_ATreeOfToldPrefixes_SystemThenFewShot_GivesTheSameTokensAsWithout()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) => name.EndsWith("norm.weight", StringComparison.Ordinal)
+            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
+            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * 11 + shape[0], -0.3f, 0.3f));
+        const string system = "System: reverse what you are given. ";
+        string[] shots = { "abc -> cba; ", "hello -> olleh; " };
+        var requests = new List<GenerationRequest>();
+        for (int i = 0; i < 6; i++)
+        {
+            requests.Add(new GenerationRequest($"q{i} ->", MaxTokens: 4, SharedPrefixes: new[] { system, shots[i % 2] }));
+        }
+
+        requests.Add(new GenerationRequest("alone ->", MaxTokens: 4, SharedPrefixes: new[] { system, "a unique block; " }));
+        var (off, _) = BatchGenerator.GenerateWithReport(model, requests, null, PrefixSharing.Off);
+        var (tree, report) = BatchGenerator.GenerateWithReport(model, requests, null, PrefixSharing.Told);
+        // Nodes: the system prompt (7 readers), each few-shot block (3 readers each); the unique block stays in its request.
+        Assert.That(report.Prefixes, Is.EqualTo(3));
+        Assert.That(report.SharingSequences, Is.EqualTo(7));
+        Assert.That(tree.Select(r => r.Completion), Is.EqualTo(off.Select(r => r.Completion)));
+        Assert.That(off.Select(r => r.Completion).Distinct().Count(), Is.GreaterThan(3), "outputs depend on the context");
+    }
+
+    [Test]
     public void BatchGenerator_MixedAdapters_MatchesGreedyWithEachAdapterMerged()
     {
         using var device = new CpuDevice();
