@@ -84,7 +84,6 @@ internal sealed class Jobs
     {
         extras ??= new TrainExtras();
         if (extras.Freeze.Count > 0) console.WriteLine($"froze {ParameterTools.Freeze(model, extras.Freeze)} parameter tensors");
-        if (extras.EmaDecay > 0 && resume != null) throw new ArgumentException("--ema with --resume: the EMA is not stored in checkpoints yet; resume without --ema");
         var scale = extras.LayerDecay < 1f ? ParameterTools.LayerDecay(model.Config, extras.LayerDecay) : (_ => 1f);
         using Optimizer opt = extras.SparseMasks != null ? new MaskedAdamW(model.AllParameters, extras.SparseMasks, weightDecay: 0f) { LearningRateScale = scale } : extras.Optimizer switch
         {
@@ -96,6 +95,7 @@ internal sealed class Jobs
         var regrow = extras.RegrowEvery > 0 && opt is MaskedAdamW masked ? new SparseRegrow(masked, extras.RegrowEvery) : null;
         var schedule = new LearningRateSchedule.Warmup(options.LearningRate, options.WarmupSteps, options.Steps, Cosine: true, MinLearningRate: options.LearningRate / 10);
         var run = new TrainingRun(model, opt, schedule, data, options);
+        if (ema != null) run.ExtraStates.Add(ema); // the EMA travels in checkpoints and resumes with the run
         if (resume != null) run.Resume(resume);
         IReadOnlyList<StepMetrics> metrics;
         if (quiet)

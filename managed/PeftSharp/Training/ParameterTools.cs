@@ -65,7 +65,7 @@ public static class ParameterTools
 }
 
 /// <summary>Exponential moving average of the trainable weights: shadow = decay * shadow + (1 - decay) * weight.</summary>
-public sealed class WeightEma : IDisposable
+public sealed class WeightEma : IDisposable, ICheckpointState
 {
     private readonly List<(Parameter Param, Tensor Shadow)> shadows;
 
@@ -97,6 +97,22 @@ public sealed class WeightEma : IDisposable
     public void CopyToModel()
     {
         foreach (var (p, s) in shadows) p.Value.Device.Ops.Copy(s, p.Value);
+    }
+
+    public string File => "ema.safetensors";
+
+    public IEnumerable<PeftSharp.Formats.SafeTensorData> Export() =>
+        shadows.Select(x => new PeftSharp.Formats.SafeTensorData(x.Param.Name, x.Shadow.ToArray(), x.Shadow.Shape.ToArray()));
+
+    public void Import(PeftSharp.Formats.SafeTensorsFile file)
+    {
+        var problems = shadows.Where(x => !file.Contains(x.Param.Name) || file[x.Param.Name].Elements != x.Shadow.Length).Select(x => x.Param.Name).ToList();
+        if (problems.Count > 0 || file.Tensors.Count != shadows.Count)
+        {
+            throw new InvalidDataException($"{file.Path}: the EMA in the checkpoint does not match this run's ({file.Tensors.Count} tensors there, {shadows.Count} here; missing or resized: {string.Join(", ", problems)})");
+        }
+
+        foreach (var (p, s) in shadows) s.CopyFrom(file.ReadFloats(p.Name));
     }
 
     public void Dispose()

@@ -79,6 +79,18 @@ public sealed class ExampleSource
     public static ExampleSource List(IReadOnlyList<Example> examples) => new(() => examples);
 }
 
+/// <summary>More state a checkpoint carries beside the model and optimizer (an EMA of the weights, ...): one safetensors file.</summary>
+public interface ICheckpointState
+{
+    /// <summary>File name inside the checkpoint folder.</summary>
+    string File { get; }
+
+    IEnumerable<SafeTensorData> Export();
+
+    /// <summary>Restores from the file; every mismatch is an error naming it.</summary>
+    void Import(SafeTensorsFile file);
+}
+
 /// <summary>
 /// The training loop: batches from an <see cref="ExampleSource"/>, gradient accumulation, global-norm clipping,
 /// a learning-rate schedule, metrics.jsonl, and checkpoints (model, optimizer state, step, data position) written
@@ -106,6 +118,9 @@ public sealed class TrainingRun
     }
 
     public TrainOptions Options { get; }
+
+    /// <summary>State saved in every checkpoint and restored by <see cref="Resume"/> (add before resuming).</summary>
+    public List<ICheckpointState> ExtraStates { get; } = new();
 
     /// <summary>The checkpoint file holding adapter parameters beside the base model's HF folder.</summary>
     public const string AdapterStateFile = "adapter_state.safetensors";
@@ -233,6 +248,7 @@ public sealed class TrainingRun
         // Adapter parameters (LoRA A, B, DoRA magnitudes, prefix tokens) by name; the base is the HF folder above.
         var adapter = AdapterParameters().Select(p => new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray())).ToList();
         if (adapter.Count > 0) SafeTensorsWriter.Write(Path.Combine(tmp, AdapterStateFile), adapter);
+        foreach (var extra in ExtraStates) SafeTensorsWriter.Write(Path.Combine(tmp, extra.File), extra.Export().ToList());
         var trainerState = new Dictionary<string, object>
         {
             ["step"] = Step,
@@ -282,6 +298,14 @@ public sealed class TrainingRun
             }
 
             foreach (var p in adapterParams) p.Value.CopyFrom(af.ReadFloats(p.Name));
+        }
+
+        foreach (var extra in ExtraStates)
+        {
+            string path = Path.Combine(folder, extra.File);
+            if (!File.Exists(path)) throw new InvalidDataException($"{folder}: the checkpoint has no {extra.File}, which this run needs to resume");
+            using var ef = SafeTensorsFile.Open(path);
+            extra.Import(ef);
         }
     }
 }

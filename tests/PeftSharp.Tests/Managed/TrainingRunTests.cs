@@ -140,4 +140,54 @@ public sealed class TrainingRunTests
         Assert.That(plain.Zip(w0).Any(p => p.First != p.Second), "the step moved the weights");
         PeftSharp.Tests.Infrastructure.Check.Close(grouped, plain, (1e-6, 1e-4), "weights after one grouped step vs one plain step");
     }
+
+    [Test]
+    public void Resume_WithAnEmaOfTheWeights_EndsWithTheSameAverage()
+    {
+        string dir = Directory.CreateTempSubdirectory("peftsharp-ema-").FullName;
+        try
+        {
+            using var device = new CpuDevice();
+            float[][] Averages(WeightEma ema) => ema.Export().Select(t => t.Values).ToArray();
+            var (full, fullOpt, fullTrainer) = Setup(device, "full");
+            using var fullEma = new WeightEma(full, 0.8f);
+            fullTrainer.ExtraStates.Add(fullEma);
+            using (full)
+            using (fullOpt)
+            {
+                fullTrainer.Run(null, _ => fullEma.Update());
+                var (first, firstOpt, firstTrainer) = Setup(device, "full");
+                using (first)
+                using (firstOpt)
+                using (var firstEma = new WeightEma(first, 0.8f))
+                {
+                    firstTrainer.ExtraStates.Add(firstEma);
+                    using var stop = new CancellationTokenSource();
+                    firstTrainer.Run(dir, m =>
+                    {
+                        firstEma.Update();
+                        if (m.Step == 4) stop.Cancel();
+                    }, stop.Token);
+                }
+
+                string ckpt = Path.Combine(dir, "checkpoint");
+                Assert.That(File.Exists(Path.Combine(ckpt, "ema.safetensors")));
+                using var resumedModel = HuggingFaceFolder.Load(ckpt, device);
+                var (_, resumedOpt, resumed) = Setup(device, "full", resumedModel);
+                using var resumedEma = new WeightEma(resumedModel, 0.8f);
+                resumed.ExtraStates.Add(resumedEma);
+                using (resumedOpt)
+                {
+                    resumed.Resume(ckpt);
+                    resumed.Run(dir, _ => resumedEma.Update());
+                }
+
+                Assert.That(Averages(resumedEma), Is.EqualTo(Averages(fullEma)), "the EMA resumes bit-identically");
+            }
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }
