@@ -110,6 +110,21 @@ public sealed partial class Ops
     }
 
     /// <summary>
+    /// Backward of <see cref="LoraMixed"/> with the base frozen, many adapters trained in one batch: for each row of
+    /// adapter a, dB_a += s_a dy^T (x A_a^T), dA_a += (s_a dy B_a)^T x, and dx += (s_a dy B_a) A_a. da and db have the
+    /// pool's layout (every adapter's A, then every B, concatenated) and are accumulated into, as is dx when given.
+    /// </summary>
+    public void LoraMixedBackward(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db)
+    {
+        int rows = CheckMixed("lora backward", "adapter", x, dy, pool.Device, pool.InFeatures, pool.OutFeatures, pool.Count, rowAdapters);
+        Check("lora backward", da, db);
+        Expect("lora backward", da, pool.APool.Length, $"the A pool's {pool.APool.Length} values");
+        Expect("lora backward", db, pool.BPool.Length, $"the B pool's {pool.BPool.Length} values");
+        if (dx != null) SameShape("lora backward", x, dx);
+        if (pool.Count > 0 && rows > 0) device.LoraMixedBackwardCore(x, dy, pool, rowAdapters, dx, da, db, new LoraBatchShape(rows, pool.InFeatures, pool.OutFeatures, pool.MaxRank));
+    }
+
+    /// <summary>
     /// y (M, N) += each row's 1-bit delta: for row i with variant v = rowVariants[i] (-1: none), sum over v's rounds of
     /// scale_j * x_i S_j^T, straight from the packed sign words (no dense delta). Run after the shared base product.
     /// </summary>

@@ -439,6 +439,49 @@ public sealed unsafe class CpuDevice : Device
         return acc;
     }
 
+    /// <summary>Rows grouped by adapter, as the forward: per group T = X A^T, dB += s dY^T T, dT = s dY B, dA += dT^T X, dX += dT A.</summary>
+    protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
+    {
+        var ids = rowAdapters.Host;
+        float[] xa = Arr(x), dya = Arr(dy), aPool = Arr(pool.APool), bPool = Arr(pool.BPool), daa = Arr(da), dba = Arr(db);
+        float[]? dxa = dx == null ? null : Arr(dx);
+        int xo = x.Offset, dyo = dy.Offset, apo = pool.APool.Offset, bpo = pool.BPool.Offset, dao = da.Offset, dbo = db.Offset, dxo = dx?.Offset ?? 0;
+        for (int a = 0; a < pool.Count; a++)
+        {
+            var rows = Enumerable.Range(0, ids.Length).Where(i => ids[i] == a).ToArray();
+            if (rows.Length == 0) continue;
+            int m = rows.Length, r = pool.RanksHost[a];
+            float scale = pool.ScalesHost[a];
+            var xs = new float[m * s.K];
+            var gs = new float[m * s.N];
+            for (int j = 0; j < m; j++)
+            {
+                xa.AsSpan(xo + rows[j] * s.K, s.K).CopyTo(xs.AsSpan(j * s.K, s.K));
+                dya.AsSpan(dyo + rows[j] * s.N, s.N).CopyTo(gs.AsSpan(j * s.N, s.N));
+            }
+
+            var t = new float[m * r];
+            var dt = new float[m * r];
+            var dxs = new float[m * s.K];
+            fixed (float* px = xs, pg = gs, pt = t, pdt = dt, pdx = dxs, pa = aPool, pb = bPool, pda = daa, pdb = dba)
+            {
+                float* aOf = pa + apo + pool.AOffsetsHost[a], bOf = pb + bpo + pool.BOffsetsHost[a];
+                Gemm.Sgemm(false, true, m, r, s.K, 1f, px, s.K, aOf, s.K, 0f, pt, r, true);                                   // T = X A^T
+                Gemm.Sgemm(true, false, s.N, r, m, scale, pg, s.N, pt, r, 1f, pdb + dbo + pool.BOffsetsHost[a], r, true);     // dB += s dY^T T
+                Gemm.Sgemm(false, false, m, r, s.N, scale, pg, s.N, bOf, r, 0f, pdt, r, true);                                // dT = s dY B
+                Gemm.Sgemm(true, false, r, s.K, m, 1f, pdt, r, px, s.K, 1f, pda + dao + pool.AOffsetsHost[a], s.K, true);      // dA += dT^T X
+                Gemm.Sgemm(false, false, m, s.K, r, 1f, pdt, r, aOf, s.K, 0f, pdx, s.K, true);                                // dX = dT A
+            }
+
+            if (dxa == null) continue;
+            for (int j = 0; j < m; j++)
+            {
+                var row = dxa.AsSpan(dxo + rows[j] * s.K, s.K);
+                TensorPrimitives.Add(row, dxs.AsSpan(j * s.K, s.K), row);
+            }
+        }
+    }
+
     protected internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step)
     {
         float[] pa = Arr(p), ga = Arr(g), ma = Arr(m), va = Arr(v);

@@ -358,6 +358,18 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // t is freed on return
     }
 
+    protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
+    {
+        using var t = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));
+        using var dt = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));
+        kernels.LoraShrink.Value(s.M * s.RMax, V(x), V(pool.APool), V(pool.AOffsets), V(pool.Ranks), V(rowAdapters), t.View, s);
+        kernels.LoraDt.Value(s.M * s.RMax, V(dy), V(pool.BPool), V(pool.BOffsets), V(pool.Ranks), V(pool.Scales), V(rowAdapters), dt.View, s);
+        if (db.Length > 0) kernels.LoraGradB.Value(db.Length, V(dy), t.View, V(pool.BOffsets), V(pool.Ranks), V(pool.Scales), V(rowAdapters), V(db), pool.Count, s);
+        if (da.Length > 0) kernels.LoraGradA.Value(da.Length, V(x), dt.View, V(pool.AOffsets), V(rowAdapters), V(da), pool.Count, s);
+        if (dx != null && s.K > 0) kernels.LoraGradX.Value(s.M * s.K, dt.View, V(pool.APool), V(pool.AOffsets), V(pool.Ranks), V(rowAdapters), V(dx), s);
+        accelerator.Synchronize(); // t and dt are freed on return
+    }
+
     protected internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step) =>
         kernels.MaskedAdamW.Value(idx.Length, V(p), V(g), V(idx), V(m), V(v), step.LearningRate, step.Beta1, step.Beta2, step.Epsilon, step.WeightDecay,
             step.BiasCorrection1, step.BiasCorrection2);

@@ -61,6 +61,10 @@ internal sealed class IlgpuKernelSet
         Gather = Load<Action<Index1D, AV, AVI, AV>>(nameof(SparseKernels.GatherKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV>(SparseKernels.GatherKernel));
         Dare = Load<Action<Index1D, AV, AV, float, int>>(nameof(SparseKernels.DareKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, float, int>(SparseKernels.DareKernel));
         SparseMixed = Load<Action<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>>(nameof(SparseKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>(SparseKernels.MixedKernel));
+        LoraDt = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.DtKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>(LoraKernels.DtKernel));
+        LoraGradB = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, int, LoraBatchShape>>(nameof(LoraKernels.GradBKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, int, LoraBatchShape>(LoraKernels.GradBKernel));
+        LoraGradA = Load<Action<Index1D, AV, AV, AVI, AVI, AV, int, LoraBatchShape>>(nameof(LoraKernels.GradAKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, int, LoraBatchShape>(LoraKernels.GradAKernel));
+        LoraGradX = Load<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.GradXKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>(LoraKernels.GradXKernel));
         AttentionMerge = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, int>>(nameof(AttentionMergeKernels.MergeKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, int>(AttentionMergeKernels.MergeKernel));
         BitDeltaMixed = Load<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>>(nameof(BitDeltaKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>(BitDeltaKernels.MixedKernel));
         BitDeltaDecode = Load<Action<Index1D, AVI, AV, float, float, BitDeltaShape>>(nameof(BitDeltaKernels.DecodeKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AVI, AV, float, float, BitDeltaShape>(BitDeltaKernels.DecodeKernel));
@@ -101,6 +105,10 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>> LoraExpand { get; }
     public Lazy<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>> BitDeltaMixed { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, int>> AttentionMerge { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>> LoraDt { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, int, LoraBatchShape>> LoraGradB { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, int, LoraBatchShape>> LoraGradA { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>> LoraGradX { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AV, AV, float, float, float, float, float, float, float>> MaskedAdamW { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AV, float, float, float>> MaskedSgd { get; }
     public Lazy<Action<Index1D, AV, AVI, AV, float>> ScatterAdd { get; }

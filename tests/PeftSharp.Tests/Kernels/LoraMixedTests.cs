@@ -55,6 +55,35 @@ public sealed class LoraMixedTests : BackendTest
         }
     }
 
+    [TestCaseSource(nameof(Shapes))]
+    public void LoraMixedBackward_MatchesReference_ManyAdaptersTrainedInOneBatch(int m, int k, int n, int[] ranks)
+    {
+        var adapters = ranks.Select((r, i) => Adapter($"a{i}", r, k, n, 10 * i + 1, 0.5f + i)).ToList();
+        var rowAdapters = Enumerable.Range(0, m).Select(i => i % (ranks.Length + 1) - 1).ToArray();
+        var x = TestData.Uniform(m * k, 3);
+        var dy = TestData.Uniform(m * n, 5);
+        using var pool = LoraAdapterPool.Create(Device, k, n, adapters);
+        var aPool = adapters.SelectMany(a => a.A).ToArray();
+        var bPool = adapters.SelectMany(a => a.B).ToArray();
+        var dx0 = TestData.Uniform(m * k, 6);
+        var da0 = TestData.Uniform(aPool.Length, 7);
+        var db0 = TestData.Uniform(bPool.Length, 8);
+        var edx = (float[])dx0.Clone();
+        var eda = (float[])da0.Clone();
+        var edb = (float[])db0.Clone();
+        LoraReference.MixedBackward(x, dy, aPool, bPool, pool.AOffsetsHost, pool.BOffsetsHost, pool.RanksHost, pool.ScalesHost, rowAdapters, edx, eda, edb,
+            new LoraBatchShape(m, k, n, ranks.Max()));
+        var dx = Input("dx", dx0, m, k);
+        var da = Input("da", da0, aPool.Length);
+        var db = Input("db", db0, bPool.Length);
+        Ops.LoraMixedBackward(Input("x", x, m, k), Input("dy", dy, m, n), pool, Indices("rows", rowAdapters), dx, da, db);
+        // Sums over up to M rows of K- or N-long products, accumulated into the given values.
+        var tol = Tolerances.Dot(m * Math.Max(k, n));
+        Expect(dx, edx, tol, "dx");
+        Expect(da, eda, tol, "dA pool");
+        Expect(db, edb, tol, "dB pool");
+    }
+
     [Test]
     public void LoraMixed_EqualsEachRowAlone_AndZeroBIsTheBase()
     {
@@ -98,5 +127,50 @@ public sealed class LoraMixedTests : BackendTest
         Assert.That(e2.Message, Does.Contain("adapter index 3"));
         var e3 = Assert.Throws<ArgumentException>(() => Ops.LoraMixed(Input("x", new float[18], 2, 9), Input("y", new float[8], 2, 4), pool, Indices("rows", new[] { 0, 0 })))!;
         Assert.That(e3.Message, Does.Contain("9 input features"));
+    }
+}
+
+/// <summary>The backward reference is the forward reference's gradient: checked by central differences in double.</summary>
+public sealed class LoraMixedReferenceGradientTests
+{
+    [Test]
+    public void MixedBackwardReference_IsTheGradientOfMixedForward()
+    {
+        const int m = 5, k = 6, n = 4;
+        int[] ranks = { 2, 3 };
+        var s = new LoraBatchShape(m, k, n, 3);
+        var aPool = TestData.Uniform(2 * k + 3 * k, 1);
+        var bPool = TestData.Uniform(n * 2 + n * 3, 2);
+        int[] aOff = { 0, 2 * k }, bOff = { 0, n * 2 };
+        float[] scales = { 0.7f, 1.3f };
+        int[] rows = { 0, -1, 1, 1, 0 };
+        var x = TestData.Uniform(m * k, 3);
+        var dy = TestData.Uniform(m * n, 4);
+        double Loss(float[] xv, float[] av, float[] bv)
+        {
+            var y = new float[m * n];
+            LoraReference.MixedForward(xv, y, av, bv, aOff, bOff, ranks, scales, rows, s);
+            return y.Select((v, i) => (double)v * dy[i]).Sum();
+        }
+
+        var dx = new float[m * k];
+        var da = new float[aPool.Length];
+        var db = new float[bPool.Length];
+        LoraReference.MixedBackward(x, dy, aPool, bPool, aOff, bOff, ranks, scales, rows, dx, da, db, s);
+        const float h = 1e-2f;
+        foreach (var (name, values, grad) in new[] { ("x", x, dx), ("A", aPool, da), ("B", bPool, db) })
+        {
+            for (int i = 0; i < values.Length; i += 3)
+            {
+                float keep = values[i];
+                values[i] = keep + h;
+                double lp = Loss(x, aPool, bPool);
+                values[i] = keep - h;
+                double lm = Loss(x, aPool, bPool);
+                values[i] = keep;
+                // The loss is linear in each of x, A, B separately, so central differences are exact up to fp32 rounding.
+                Assert.That(grad[i], Is.EqualTo((lp - lm) / (2 * h)).Within(2e-3), $"{name}[{i}]");
+            }
+        }
     }
 }
