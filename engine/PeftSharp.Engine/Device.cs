@@ -123,6 +123,8 @@ public abstract class Device : IDisposable
     protected internal abstract void FillCore(Tensor y, float value);
     protected internal abstract void CopyCore(Tensor source, Tensor destination);
     protected internal abstract void SiluCore(Tensor x, Tensor y);
+    protected internal abstract void TanhCore(Tensor x, Tensor y);
+    protected internal abstract void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx);
     protected internal abstract void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx);
     protected internal abstract void SwiGluCore(Tensor gate, Tensor up, Tensor y);
     protected internal abstract void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp);

@@ -207,6 +207,20 @@ public sealed partial class Ops
     }
 
     /// <summary>y = x * sigmoid(x).</summary>
+    /// <summary>y = tanh(x); y may alias x.</summary>
+    public void Tanh(Tensor x, Tensor y)
+    {
+        SameShape("tanh", x, y);
+        if (x.Length > 0) device.TanhCore(x, y);
+    }
+
+    /// <summary>dx = dy * (1 - y^2), y the forward's output.</summary>
+    public void TanhBackward(Tensor y, Tensor dy, Tensor dx)
+    {
+        SameShape("tanh backward", y, dy, dx);
+        if (y.Length > 0) device.TanhBackwardCore(y, dy, dx);
+    }
+
     public void Silu(Tensor x, Tensor y)
     {
         SameShape("silu", x, y);

@@ -26,6 +26,8 @@ internal sealed record TrainExtras
     /// <summary>Sparse fine-tuning density (0: the default, 0.01) and mask source.</summary>
     public double Density { get; init; }
     public string MaskSource { get; init; } = "gradient";
+    /// <summary>Prefix tuning's reparameterising MLP width (0: none).</summary>
+    public int PrefixProjection { get; init; }
     /// <summary>Prefix tuning's virtual tokens (0: the default, 8).</summary>
     public int VirtualTokens { get; init; }
     /// <summary>lora | lora-ga.</summary>

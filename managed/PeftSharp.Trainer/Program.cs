@@ -58,6 +58,7 @@ public static class Program
         var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train (e.g. 0.01)", DefaultValueFactory = _ => 0 };
         var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients (SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
         var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
+        var prefixProjection = new Option<int>("--prefix-projection") { Description = "Prefix tuning through a reparameterising MLP with this hidden size (P-tuning v2; 0: train the keys and values directly)", DefaultValueFactory = _ => 0 };
         var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer", DefaultValueFactory = _ => 0 };
         var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
@@ -76,7 +77,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery }) c.Options.Add(o);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(o);
             }
             else
             {
@@ -112,6 +113,7 @@ public static class Program
                     LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
                     LoraBOnly = finetune && r.GetValue(bOnly),
                     VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
+                    PrefixProjection = finetune ? r.GetValue(prefixProjection) : 0,
                     Density = finetune ? r.GetValue(density) : 0,
                     MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
                     RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
@@ -285,7 +287,8 @@ internal static class Commands
         if (method != "sparse" && (extras.Density != 0 || extras.MaskSource != "gradient" || extras.RegrowEvery != 0)) throw new ArgumentException("--density, --mask and --regrow-every apply to --method sparse");
         if (extras.RegrowEvery < 0) throw new ArgumentException($"--regrow-every {extras.RegrowEvery}: must be >= 0");
 
-        if (method != "prefix" && extras.VirtualTokens != 0) throw new ArgumentException("--virtual-tokens applies to --method prefix");
+        if (method != "prefix" && (extras.VirtualTokens != 0 || extras.PrefixProjection != 0)) throw new ArgumentException("--virtual-tokens and --prefix-projection apply to --method prefix");
+        if (extras.PrefixProjection < 0) throw new ArgumentException($"--prefix-projection {extras.PrefixProjection}: must be >= 0");
 
         bool loraOnlyFlags = extras.LoraBOnly || extras.LoraInit != "lora" || options.ChainEvery != 0;
         if (extras.Lora == null && loraOnlyFlags) throw new ArgumentException("--b-only, --init and --chain-every apply to --method lora");
@@ -332,9 +335,10 @@ internal static class Commands
             int tokens = extras.VirtualTokens == 0 ? 8 : extras.VirtualTokens;
             if (tokens < 0) throw new ArgumentException($"--virtual-tokens {tokens}: must be positive");
             if (options.GroupCompletions) throw new NotSupportedException("--group-completions with --method prefix is not supported yet");
-            model.AddPrefixTuning(tokens, options.Seed);
+            model.AddPrefixTuning(tokens, options.Seed, projectionHidden: extras.PrefixProjection);
             long trainable = model.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
-            console.MarkupLine($"prefix tuning: {tokens} virtual tokens per layer, {trainable:N0} trainable parameters ({100.0 * trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})");
+            string through = extras.PrefixProjection > 0 ? $" through a {extras.PrefixProjection}-wide MLP (exported as the keys and values it computes)" : "";
+            console.MarkupLine($"prefix tuning: {tokens} virtual tokens per layer{through}, {trainable:N0} trainable parameters ({100.0 * trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})");
             save = dir => PeftPrefixAdapter.From(model, Path.GetFullPath(modelDir!)).Save(dir, model.Config);
         }
 

@@ -85,6 +85,16 @@ public sealed unsafe class CpuDevice : Device
 
     protected internal override void CopyCore(Tensor source, Tensor destination) => S(source).CopyTo(S(destination));
 
+    protected internal override void TanhCore(Tensor x, Tensor y) => TensorPrimitives.Tanh(S(x), S(y));
+
+    protected internal override void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx)
+    {
+        var ys = S(y).ToArray();
+        TensorPrimitives.Multiply(ys, ys, ys);
+        TensorPrimitives.Subtract(1f, ys, ys);
+        TensorPrimitives.Multiply(S(dy), ys, S(dx));
+    }
+
     protected internal override void SiluCore(Tensor x, Tensor y)
     {
         // silu(x) = x * sigmoid(x)

@@ -229,6 +229,10 @@ public sealed class IlgpuDevice : Device
         if (source.Length > 0) V(source).CopyTo(V(destination));
     }
 
+    protected internal override void TanhCore(Tensor x, Tensor y) => kernels.Tanh.Value(x.Length, V(x), V(y));
+
+    protected internal override void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx) => kernels.TanhBackward.Value(y.Length, V(y), V(dy), V(dx));
+
     protected internal override void SiluCore(Tensor x, Tensor y)
     {
         if (y.Length > 0) kernels.Silu.Value(y.Length, V(x), V(y));

@@ -32,6 +32,8 @@ internal sealed class IlgpuKernelSet
         ScaleColumns = Load<Action<Index1D, AV, AV, AV, int>>(nameof(ElementwiseKernels.ScaleColumnsKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, int>(ElementwiseKernels.ScaleColumnsKernel));
         Axpy = Load<Action<Index1D, float, AV, AV>>(nameof(ElementwiseKernels.AxpyKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, float, AV, AV>(ElementwiseKernels.AxpyKernel));
         Fill = Load<Action<Index1D, AV, float>>(nameof(ElementwiseKernels.FillKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, float>(ElementwiseKernels.FillKernel));
+        Tanh = Load<Action<Index1D, AV, AV>>(nameof(ElementwiseKernels.TanhKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV>(ElementwiseKernels.TanhKernel));
+        TanhBackward = Load<Action<Index1D, AV, AV, AV>>(nameof(ElementwiseKernels.TanhBackwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV>(ElementwiseKernels.TanhBackwardKernel));
         Silu = Load<Action<Index1D, AV, AV>>(nameof(ElementwiseKernels.SiluKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV>(ElementwiseKernels.SiluKernel));
         SiluBackward = Load<Action<Index1D, AV, AV, AV>>(nameof(ElementwiseKernels.SiluBackwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV>(ElementwiseKernels.SiluBackwardKernel));
         SwiGlu = Load<Action<Index1D, AV, AV, AV>>(nameof(ElementwiseKernels.SwiGluKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV>(ElementwiseKernels.SwiGluKernel));
@@ -80,6 +82,8 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, float, AV, AV>> Axpy { get; }
     public Lazy<Action<Index1D, AV, float>> Fill { get; }
     public Lazy<Action<Index1D, AV, AV>> Silu { get; }
+    public Lazy<Action<Index1D, AV, AV>> Tanh { get; }
+    public Lazy<Action<Index1D, AV, AV, AV>> TanhBackward { get; }
     public Lazy<Action<Index1D, AV, AV, AV>> SiluBackward { get; }
     public Lazy<Action<Index1D, AV, AV, AV>> SwiGlu { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV>> SwiGluBackward { get; }

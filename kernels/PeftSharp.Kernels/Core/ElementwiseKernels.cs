@@ -25,6 +25,12 @@ public static class ElementwiseKernels
 
     public static void SiluKernel(Index1D i, ArrayView<float> x, ArrayView<float> y) => y[i] = x[i] * Sigmoid(x[i]);
 
+    /// <summary>y = tanh(x), as 1 - 2 / (e^(2x) + 1) (exact limits at +-infinity).</summary>
+    public static void TanhKernel(Index1D i, ArrayView<float> x, ArrayView<float> y) => y[i] = 1f - 2f / (XMath.Exp(2f * x[i]) + 1f);
+
+    /// <summary>dx = dy * (1 - y^2) from the forward's output y.</summary>
+    public static void TanhBackwardKernel(Index1D i, ArrayView<float> y, ArrayView<float> dy, ArrayView<float> dx) => dx[i] = dy[i] * (1f - y[i] * y[i]);
+
     public static void SiluBackwardKernel(Index1D i, ArrayView<float> x, ArrayView<float> dy, ArrayView<float> dx)
     {
         float s = Sigmoid(x[i]);

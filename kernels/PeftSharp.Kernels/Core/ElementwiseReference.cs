@@ -41,6 +41,16 @@ public static class ElementwiseReference
         return s * (1 + x * (1 - s));
     }
 
+    public static void Tanh(ReadOnlySpan<float> x, Span<float> y)
+    {
+        for (int i = 0; i < y.Length; i++) y[i] = (float)Math.Tanh(x[i]);
+    }
+
+    public static void TanhBackward(ReadOnlySpan<float> y, ReadOnlySpan<float> dy, Span<float> dx)
+    {
+        for (int i = 0; i < dx.Length; i++) dx[i] = (float)(dy[i] * (1.0 - (double)y[i] * y[i]));
+    }
+
     public static void Silu(ReadOnlySpan<float> x, Span<float> y)
     {
         for (int i = 0; i < y.Length; i++) y[i] = (float)Silu(x[i]);

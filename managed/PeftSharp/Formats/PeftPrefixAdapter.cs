@@ -8,7 +8,8 @@ namespace PeftSharp.Formats;
 /// A PEFT prefix-tuning folder (peft_type PREFIX_TUNING): adapter_config.json and adapter_model.safetensors holding
 /// `prompt_embeddings` [num_virtual_tokens, num_layers * 2 * token_dim]. PEFT views it as (P, L * 2, Hkv, D) and
 /// hands entry 2l to layer l as its keys and 2l + 1 as its values (token_dim = Hkv * D, num_attention_heads = Hkv for
-/// grouped-query models). Saved without the reparameterising MLP (prefix_projection false).
+/// grouped-query models). Saved without the reparameterising MLP (prefix_projection false): a prefix trained through
+/// one is exported as the keys and values it computes, which is all inference needs.
 /// </summary>
 public sealed class PeftPrefixAdapter
 {
@@ -34,6 +35,7 @@ public sealed class PeftPrefixAdapter
     public static PeftPrefixAdapter From(LlamaModel model, string? baseModel = null)
     {
         var p = model.Prefix ?? throw new InvalidOperationException("the model has no prefix tuning to export");
+        p.Materialize(); // a reparameterised prefix exports the keys and values its MLP computes now
         return new PeftPrefixAdapter(p.Tokens, p.Keys.Select(k => k.Value.ToArray()).ToArray(), p.Values.Select(v => v.Value.ToArray()).ToArray(), baseModel);
     }
 

@@ -77,16 +77,17 @@ public sealed class LlamaModel : IDisposable
     /// them, or taken from <paramref name="keys"/> and <paramref name="values"/> (one array per layer). The base
     /// freezes.
     /// </summary>
-    public void AddPrefixTuning(int tokens, int seed, IReadOnlyList<float[]>? keys = null, IReadOnlyList<float[]>? values = null)
+    public void AddPrefixTuning(int tokens, int seed, IReadOnlyList<float[]>? keys = null, IReadOnlyList<float[]>? values = null, int projectionHidden = 0)
     {
         if (prefix != null) throw new InvalidOperationException("the model already has prefix tuning");
         if (tokens <= 0) throw new ArgumentException($"num_virtual_tokens {tokens} must be positive");
+        if (projectionHidden < 0 || (projectionHidden > 0 && keys != null)) throw new ArgumentException("a prefix projection starts from its own initialisation, not from given keys and values");
         var c = Config;
-        int size = tokens * c.NumKeyValueHeads * c.HeadDim;
+        int tokenDim = c.NumKeyValueHeads * c.HeadDim, size = tokens * tokenDim;
         var rng = new Random(seed);
         float[] Init(IReadOnlyList<float[]>? given, int layer, string what)
         {
-            if (given == null) return Enumerable.Range(0, size).Select(_ => (float)Gaussian(rng)).ToArray();
+            if (given == null) return projectionHidden > 0 ? new float[size] : Enumerable.Range(0, size).Select(_ => (float)Gaussian(rng)).ToArray();
             if (given.Count != c.NumHiddenLayers || given[layer].Length != size)
             {
                 throw new ArgumentException($"prefix {what}: expected {c.NumHiddenLayers} layers of {tokens} x {c.NumKeyValueHeads} x {c.HeadDim} values");
@@ -103,7 +104,26 @@ public sealed class LlamaModel : IDisposable
             v.Add(new Parameter($"prefix.{l}.value", Device.FromArray($"prefix.{l}.value", Init(values, l, "values"), tokens, c.NumKeyValueHeads, c.HeadDim)));
         }
 
-        prefix = new VirtualPrefix(k, v);
+        PrefixProjection? projection = null;
+        if (projectionHidden > 0)
+        {
+            // PyTorch's defaults: the embedding from normal(0, 1), each Linear's weight and bias uniform in +-1/sqrt(fan_in).
+            Parameter Uniform(string name, int fanIn, params int[] shape)
+            {
+                float bound = 1f / MathF.Sqrt(fanIn);
+                int n = shape.Aggregate(1, (a, b) => a * b);
+                return new Parameter(name, Device.FromArray(name, Enumerable.Range(0, n).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray(), shape));
+            }
+
+            int outDim = c.NumHiddenLayers * 2 * tokenDim;
+            projection = new PrefixProjection(
+                new Parameter("prefix.embedding", Device.FromArray("prefix.embedding", Enumerable.Range(0, size).Select(_ => (float)Gaussian(rng)).ToArray(), tokens, tokenDim)),
+                Uniform("prefix.transform.0.weight", tokenDim, projectionHidden, tokenDim), Uniform("prefix.transform.0.bias", tokenDim, projectionHidden),
+                Uniform("prefix.transform.2.weight", projectionHidden, outDim, projectionHidden), Uniform("prefix.transform.2.bias", projectionHidden, outDim));
+        }
+
+        prefix = new VirtualPrefix(k, v, projection);
+        prefix.Materialize();
         foreach (var p in parameters) p.Trainable = false;
     }
 
@@ -368,6 +388,7 @@ public sealed class LlamaModel : IDisposable
         }
 
         var ops = Device.Ops;
+        prefix?.Materialize(); // a reparameterised prefix is recomputed from its (possibly just stepped) MLP
         var pass = new Pass { Tokens = n, Layout = layout };
         try
         {
@@ -484,6 +505,7 @@ public sealed class LlamaModel : IDisposable
                 AddNormBackward(dhAttn, a.X, p + "input_layernorm.weight", a.Rstd1, dx, accumulateInput: true); // dx = dL/dx
             }
 
+            if (prefix?.Projection != null) prefix.Projection.Backward(prefix);
             var embed = this["model.embed_tokens.weight"];
             if (embed.Trainable)
             {
@@ -552,6 +574,7 @@ public sealed class LlamaModel : IDisposable
         }).ToArray();
         if (chains.Any(ch => ch.Any(caches.Contains))) throw new ArgumentException("DecodeBatch: a shared prefix cannot also be a sequence's own cache");
         int virtualTokens = prefix?.Tokens ?? 0;
+        prefix?.Materialize();
         int PrefixLength(int j) => virtualTokens + chains[j].Sum(pf => pf.Length);
 
         if (caches.Distinct().Count() != caches.Count) throw new ArgumentException("DecodeBatch: a KV cache appears twice in one step");
@@ -990,6 +1013,7 @@ public sealed class LlamaModel : IDisposable
     public void Dispose()
     {
         foreach (var p in AllParameters) p.Dispose();
+        prefix?.Dispose();
         prefix = null;
         lora.Clear();
         parameters.Clear();

@@ -111,10 +111,10 @@ public sealed class HostJobTests : TempDirectoryTest
 
         // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
         string prefixDir = Path.Combine(TempDir, "prefix");
-        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--steps", "2", "--batch-size", "2",
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--prefix-projection", "8", "--steps", "2", "--batch-size", "2",
             "--out", prefixDir, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
-        Assert.That(r.Out, Does.Contain("prefix tuning: 4 virtual tokens per layer"));
+        Assert.That(r.Out, Does.Contain("prefix tuning: 4 virtual tokens per layer through a 8-wide MLP"));
         Assert.That(File.ReadAllText(Path.Combine(prefixDir, "adapter_config.json")), Does.Contain("PREFIX_TUNING"));
         r = Peft.Run("generate", "--model", pre, "--prefix", prefixDir, "--prompt", "abc", "--max-tokens", "3", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);

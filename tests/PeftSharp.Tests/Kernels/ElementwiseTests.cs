@@ -14,6 +14,24 @@ public sealed class ElementwiseTests : BackendTest
     // Lengths: 1, odd, one past a SIMD width, one past the CPU backend's 4096 chunk.
     private static readonly int[] Lengths = { 1, 7, 33, 4097 };
 
+    [TestCaseSource(nameof(Lengths))]
+    public void TanhAndBackward_MatchReference(int n)
+    {
+        var x = TestData.Uniform(n, 11, -6f, 6f);
+        x[0] = 30f; // saturates without overflow
+        var dy = TestData.Uniform(n, 12);
+        var ey = new float[n];
+        ElementwiseReference.Tanh(x, ey);
+        var y = Output("y", n);
+        Ops.Tanh(Input("x", x, n), y);
+        Expect(y, ey, Tolerances.Transcendental, "tanh");
+        var edx = new float[n];
+        ElementwiseReference.TanhBackward(ey, dy, edx);
+        var dx = Output("dx", n);
+        Ops.TanhBackward(Input("y_ref", ey, n), Input("dy", dy, n), dx);
+        Expect(dx, edx, Tolerances.Elementwise, "tanh backward");
+    }
+
     [TestCase(1, 1, TestName = "{m}_Rows1_Cols1")]
     [TestCase(5, 7, TestName = "{m}_Rows5_Cols7")]
     [TestCase(3, 33, TestName = "{m}_Rows3_Cols33")]

@@ -79,6 +79,45 @@ public sealed class SharedPrefixTrainingTests
     }
 }
 
+public sealed class PrefixProjectionTests : PeftSharp.Tests.Infrastructure.TempDirectoryTest
+{
+    [Test]
+    public void PrefixProjection_GradientsMatchFiniteDifferences_AndTheExportReproducesTheModel()
+    {
+        using var device = new CpuDevice();
+        var config = LoraTrainingTests.Micro;
+        using var model = LlamaModel.FromTensors(device, config, (name, shape) =>
+        {
+            int n = shape.Aggregate(1, (a, b) => a * b);
+            var v = TestData.Uniform(n, (name.Aggregate(17, (h, c) => unchecked(h * 31 + c)) & 0x7fff) + 3, -0.5f, 0.5f);
+            return name.EndsWith("norm.weight", StringComparison.Ordinal) ? v.Select(x => 1f + x).ToArray() : v;
+        });
+        model.AddPrefixTuning(tokens: 2, seed: 5, projectionHidden: 6);
+        var trainable = model.AllParameters.Where(p => p.Trainable).ToList();
+        Assert.That(trainable.Select(p => p.Name), Is.EquivalentTo(new[] { "prefix.embedding", "prefix.transform.0.weight", "prefix.transform.0.bias", "prefix.transform.2.weight", "prefix.transform.2.bias" }));
+        var tokens = LoraTrainingTests.Tokens;
+        var targets = LoraTrainingTests.Targets;
+        model.ZeroGrad();
+        model.Loss(tokens, targets, 2, backward: true);
+        Assert.That(ModelGradients.Check(model, trainable, tokens, targets, batch: 2, samples: 3), Is.EqualTo(3 * trainable.Count));
+
+        using (var opt = new PeftSharp.Training.AdamW(model.AllParameters, weightDecay: 0f))
+        {
+            model.ZeroGrad();
+            model.Loss(tokens, targets, 2, backward: true);
+            opt.Step(1e-2f);
+        }
+
+        var logits = model.Logits(tokens, 2);
+        string dir = Path.Combine(TempDir, "prefix");
+        PeftSharp.Formats.PeftPrefixAdapter.From(model).Save(dir, config);
+        var loaded = PeftSharp.Formats.PeftPrefixAdapter.Load(dir, config);
+        using var plain = LlamaModel.FromTensors(device, config, (name, _) => model[name].Value.ToArray());
+        plain.AddPrefixTuning(loaded.VirtualTokens, seed: 0, loaded.Keys, loaded.Values);
+        Check.Close(plain.Logits(tokens, 2), logits, (1e-6, 1e-5), "the exported keys and values reproduce the reparameterised model");
+    }
+}
+
 public sealed class PeftPrefixAdapterTests : PeftSharp.Tests.Infrastructure.TempDirectoryTest
 {
     [Test]
