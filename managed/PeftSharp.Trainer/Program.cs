@@ -131,7 +131,7 @@ public static class Program
 
         var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
         var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
-        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT LoRA adapters: name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
+        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT adapters (LoRA or prefix tuning): name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
         var prefixAdapter = new Option<string?>("--prefix") { Description = "A PEFT prefix-tuning folder whose virtual tokens every request reads" };
         var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };
         var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit (peft compress) or sparse delta folders: name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
@@ -421,7 +421,12 @@ internal static class Commands
         }
 
         using var set = new VariantSet(model);
-        foreach (var (name, folder) in named) set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
+        foreach (var (name, folder) in named)
+        {
+            bool prefixTuning = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter")["peft_type"]?.GetValue<string>() == "PREFIX_TUNING";
+            if (prefixTuning) set.AddPrefix(name, PeftPrefixAdapter.Load(folder, model.Config));
+            else set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
+        }
         foreach (var (name, folder) in namedDeltas)
         {
             if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) set.AddSparse(name, SparseDelta.Load(folder, model));

@@ -25,6 +25,32 @@ public sealed class KvCache : IDisposable
     public int Capacity { get; }
 
     /// <summary>
+    /// A cache filled with given keys and values, one (P, Hkv, D) array per layer, already rotated: prefix tuning's
+    /// virtual tokens as a shared prefix that sequences continue (a prefix-tuned variant in a mixed batch).
+    /// </summary>
+    public static KvCache FromValues(LlamaModel model, IReadOnlyList<float[]> keys, IReadOnlyList<float[]> values)
+    {
+        var c = model.Config;
+        int row = c.NumKeyValueHeads * c.HeadDim;
+        if (keys.Count != c.NumHiddenLayers || values.Count != c.NumHiddenLayers || keys[0].Length == 0 || keys[0].Length % row != 0)
+        {
+            throw new ArgumentException($"prefix keys and values must be {c.NumHiddenLayers} layers of (P, {c.NumKeyValueHeads}, {c.HeadDim})");
+        }
+
+        int p = keys[0].Length / row;
+        var cache = new KvCache(model, p);
+        for (int l = 0; l < c.NumHiddenLayers; l++)
+        {
+            if (keys[l].Length != p * row || values[l].Length != p * row) throw new ArgumentException($"prefix layer {l}: keys and values must both be ({p}, {c.NumKeyValueHeads}, {c.HeadDim})");
+            cache.Keys[l].CopyFrom(keys[l]);
+            cache.Values[l].CopyFrom(values[l]);
+        }
+
+        cache.Length = p;
+        return cache;
+    }
+
+    /// <summary>
     /// The shared prefix this cache continues (null: none). Its positions start after the parent chain's, and a
     /// sequence decoding into this cache attends to the whole chain, root first. Parents are read, never written.
     /// </summary>

@@ -98,13 +98,13 @@ public static class BatchGenerator
                     string key = variantOf[i] + ":" + string.Join(",", full[i].Take(to));
                     if (!byKey.TryGetValue(key, out var cache))
                     {
-                        var parent = level == 0 ? null : chainOf[i][level - 1];
+                        var parent = level == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][level - 1];
                         cache = new KvCache(model, to - from, parent);
                         byKey[key] = cache;
                         fresh.Add((cache, full[i][from..to], variantOf[i]));
                         nodes.Add((cache, full[i][from..to], variantOf[i], level));
                         users[cache] = 0;
-                        if (parent != null) users[parent]++;
+                        if (parent != null && users.ContainsKey(parent)) users[parent]++;
                     }
 
                     chainOf[i].Add(cache);
@@ -121,16 +121,16 @@ public static class BatchGenerator
             for (int i = 0; i < n; i++)
             {
                 int p = chainEnds[i].Length == 0 ? 0 : chainEnds[i][^1];
-                var parent = chainOf[i].Count == 0 ? null : chainOf[i][^1];
-                if (parent != null) users[parent]++;
+                var parent = chainOf[i].Count == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][^1];
+                if (parent != null && users.ContainsKey(parent)) users[parent]++;
                 int capacity = Math.Min(model.Config.MaxPositionEmbeddings - p, full[i].Length - p + requests[i].MaxTokens);
                 caches[i] = new KvCache(model, capacity, parent);
                 pending[i] = full[i][p..];
             }
 
             // Sequences under one prefix sit side by side at every level, so their rows form one matrix against it.
-            var live = Enumerable.Range(0, n).Where(i => requests[i].MaxTokens > 0)
-                .OrderBy(i => string.Join(",", chainOf[i].Select(c => nodes.FindIndex(m => m.Cache == c).ToString("D6")))).ThenBy(i => i).ToList();
+            var live = Enumerable.Range(0, n).Where(i => requests[i].MaxTokens > 0).OrderBy(i => variants?.PrefixOf(variantOf[i]) == null ? -1 : variantOf[i])
+                .ThenBy(i => string.Join(",", chainOf[i].Select(c => nodes.FindIndex(m => m.Cache == c).ToString("D6")))).ThenBy(i => i).ToList();
             foreach (int i in Enumerable.Range(0, n).Where(i => requests[i].MaxTokens <= 0)) Release(caches[i]!.Parent, users);
             while (live.Count > 0)
             {
@@ -178,7 +178,7 @@ public static class BatchGenerator
     /// <summary>A reader of a shared prefix is done: the last reader frees it, and then its own parent loses a reader.</summary>
     private static void Release(KvCache? prefix, Dictionary<KvCache, int> users)
     {
-        while (prefix != null && --users[prefix] == 0)
+        while (prefix != null && users.ContainsKey(prefix) && --users[prefix] == 0) // variant prefixes belong to the VariantSet
         {
             prefix.Dispose();
             prefix = prefix.Parent;

@@ -16,6 +16,7 @@ public sealed class VariantSet : IDisposable
 {
     private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta, SparseDelta? Sparse)> variants = new();
     private readonly Dictionary<string, ModulePools> pools = new();
+    private readonly Dictionary<int, KvCache> prefixes = new();
     private bool dirty = true;
 
     public VariantSet(LlamaModel model)
@@ -104,6 +105,23 @@ public sealed class VariantSet : IDisposable
         return variants.Count - 1;
     }
 
+    /// <summary>
+    /// Registers a prefix-tuning adapter as a variant; returns its index. Its virtual tokens become a shared prefix
+    /// cache that the variant's sequences continue, so prefix-tuned rows batch with every other kind.
+    /// </summary>
+    public int AddPrefix(string name, PeftPrefixAdapter adapter)
+    {
+        CheckName(name);
+        var cache = KvCache.FromValues(Model, adapter.Keys, adapter.Values);
+        variants.Add((name, null, null, null));
+        prefixes[variants.Count - 1] = cache;
+        dirty = true;
+        return variants.Count - 1;
+    }
+
+    /// <summary>The virtual-token prefix a variant's sequences continue, or null.</summary>
+    public KvCache? PrefixOf(int variant) => variant >= 0 && prefixes.TryGetValue(variant, out var c) ? c : null;
+
     private void CheckName(string name)
     {
         if (string.IsNullOrWhiteSpace(name) || name == "base") throw new ArgumentException($"'{name}' cannot name a variant ('base' means no variant)");
@@ -162,6 +180,8 @@ public sealed class VariantSet : IDisposable
     {
         foreach (var p in pools.Values) p.Dispose();
         pools.Clear();
+        foreach (var c in prefixes.Values) c.Dispose();
+        prefixes.Clear();
     }
 
     internal sealed class ModulePools : IDisposable

@@ -237,6 +237,41 @@ public sealed class ServingTests
     }
 
     [Test]
+    public void BatchGenerator_PrefixTunedLoraAndBaseRowsInOneBatch_MatchEachModelAlone()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) => name.EndsWith("norm.weight", StringComparison.Ordinal)
+            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
+            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * 13 + shape[0], -0.3f, 0.3f));
+        var c = model.Config;
+        int size = 3 * c.NumKeyValueHeads * c.HeadDim;
+        var keys = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 90 + l, -2f, 2f)).ToArray();
+        var values = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 95 + l, -2f, 2f)).ToArray();
+        var lora = Adapter(c, 4, LoraAdapterConfig.LlamaLinear, 320, scaleB: 0.5f);
+        using var set = new VariantSet(model);
+        set.AddPrefix("p", new PeftPrefixAdapter(3, keys, values));
+        set.AddLora("l", lora);
+        var requests = new[]
+        {
+            new GenerationRequest("abc", "p", MaxTokens: 5), new GenerationRequest("abc", "l", MaxTokens: 5),
+            new GenerationRequest("abc", null, MaxTokens: 5), new GenerationRequest("xyz!", "p", MaxTokens: 4),
+        };
+        var batched = BatchGenerator.Generate(model, requests, set);
+        string baseOut = Generator.Greedy(model, "abc", 5);
+        using (var prefixed = LlamaModel.FromTensors(device, c, (name, _) => model[name].Value.ToArray()))
+        {
+            prefixed.AddPrefixTuning(3, seed: 0, keys, values);
+            Assert.That(batched[0].Completion, Is.EqualTo(Generator.Greedy(prefixed, "abc", 5)));
+            Assert.That(batched[3].Completion, Is.EqualTo(Generator.Greedy(prefixed, "xyz!", 4)));
+        }
+
+        LoraMerge.Merge(model, lora);
+        Assert.That(batched[1].Completion, Is.EqualTo(Generator.Greedy(model, "abc", 5)));
+        Assert.That(batched[2].Completion, Is.EqualTo(baseOut));
+        Assert.That(batched[0].Completion, Is.Not.EqualTo(baseOut), "the prefix changes the output, so the check can fail");
+    }
+
+    [Test]
     public void BatchGenerator_MixedAdapters_MatchesGreedyWithEachAdapterMerged()
     {
         using var device = new CpuDevice();
