@@ -15,6 +15,12 @@ public sealed class ServingTests
     // another blocking path (small-M dot products vs. packed panels) and sum in another order: fp32 rounding only.
     private static readonly (double Atol, double Rtol) StepTolerance = (2e-5, 2e-4);
 
+    /// <summary>The tiny config with weights in +-0.3 and unit norms: generated text then depends on the whole context.</summary>
+    private static LlamaModel UnitScaleTiny(PeftSharp.Engine.Device device, int salt) => LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) =>
+        name.EndsWith("norm.weight", StringComparison.Ordinal)
+            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
+            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * salt + shape[0], -0.3f, 0.3f));
+
     internal static PeftLoraAdapter Adapter(LlamaConfig c, int rank, string[] targets, int seed, float scaleB = 0.2f)
     {
         var config = new LoraAdapterConfig { R = rank, LoraAlpha = 2 * rank, TargetModules = targets };
@@ -184,9 +190,7 @@ public sealed class ServingTests
     {
         using var device = new CpuDevice();
         // Unit-scale weights, so the generated text depends on the whole context (a 0.02-init model repeats one byte).
-        using var model = LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) => name.EndsWith("norm.weight", StringComparison.Ordinal)
-            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
-            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * 7 + shape[0], -0.3f, 0.3f));
+        using var model = UnitScaleTiny(device, 7);
         var a = Adapter(model.Config, 4, LoraAdapterConfig.LlamaLinear, 310, scaleB: 0.5f);
         using var set = new VariantSet(model);
         set.AddLora("a", a);
@@ -215,9 +219,7 @@ public sealed class ServingTests
     public void BatchGenerator_ATreeOfToldPrefixes_SystemThenFewShot_GivesTheSameTokensAsWithout()
     {
         using var device = new CpuDevice();
-        using var model = LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) => name.EndsWith("norm.weight", StringComparison.Ordinal)
-            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
-            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * 11 + shape[0], -0.3f, 0.3f));
+        using var model = UnitScaleTiny(device, 11);
         const string system = "System: reverse what you are given. ";
         string[] shots = { "abc -> cba; ", "hello -> olleh; " };
         var requests = new List<GenerationRequest>();
@@ -240,9 +242,7 @@ public sealed class ServingTests
     public void BatchGenerator_PrefixTunedLoraAndBaseRowsInOneBatch_MatchEachModelAlone()
     {
         using var device = new CpuDevice();
-        using var model = LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) => name.EndsWith("norm.weight", StringComparison.Ordinal)
-            ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
-            : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * 13 + shape[0], -0.3f, 0.3f));
+        using var model = UnitScaleTiny(device, 13);
         var c = model.Config;
         int size = 3 * c.NumKeyValueHeads * c.HeadDim;
         var keys = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 90 + l, -2f, 2f)).ToArray();
