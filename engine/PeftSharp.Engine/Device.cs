@@ -145,6 +145,7 @@ public abstract class Device : IDisposable
     protected internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
     protected internal abstract double SumCore(Tensor x, bool squares);
     protected internal abstract void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s);
+    protected internal abstract void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n);
     protected internal abstract void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s);
     protected internal abstract void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step);
     protected internal abstract void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step);

@@ -110,6 +110,24 @@ public sealed partial class Ops
     }
 
     /// <summary>
+    /// DoRA rows of a mixed batch: y[i, :] *= scales[slot[i], :] (each DoRA adapter's m / ||W + s B A||_row) for rows
+    /// whose slot is not -1, after the batch's LoRA delta was added. y (M, N), scales (slots, N).
+    /// </summary>
+    public void DoraScale(Tensor y, Tensor scales, IndexTensor rowSlots)
+    {
+        Check("dora scale", y, scales);
+        CheckIndex("dora scale", rowSlots);
+        if (y.Rank != 2 || scales.Rank != 2 || scales.Dim(1) != y.Dim(1)) throw new ArgumentException($"dora scale: y {y} must be (M, N) and scales {scales} (slots, N)");
+        if (rowSlots.Length != y.Dim(0)) throw new ArgumentException($"dora scale: row slots {rowSlots} must name one slot (or -1) per row of y {y}");
+        foreach (int slot in rowSlots.Host)
+        {
+            if (slot < -1 || slot >= scales.Dim(0)) throw new ArgumentException($"dora scale: slot {slot} in {rowSlots} is outside [-1, {scales.Dim(0)})");
+        }
+
+        if (y.Length > 0) device.DoraScaleCore(y, scales, rowSlots, y.Dim(1));
+    }
+
+    /// <summary>
     /// Backward of <see cref="LoraMixed"/> with the base frozen, many adapters trained in one batch: for each row of
     /// adapter a, dB_a += s_a dy^T (x A_a^T), dA_a += (s_a dy B_a)^T x, and dx += (s_a dy B_a) A_a. da and db have the
     /// pool's layout (every adapter's A, then every B, concatenated) and are accumulated into, as is dx when given.

@@ -449,6 +449,19 @@ public sealed unsafe class CpuDevice : Device
         return acc;
     }
 
+    protected internal override void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n)
+    {
+        float[] ya = Arr(y), sa = Arr(scales);
+        int yo = y.Offset, so = scales.Offset;
+        var slots = rowSlots.Host;
+        for (int i = 0; i < slots.Length; i++)
+        {
+            if (slots[i] < 0) continue;
+            var row = ya.AsSpan(yo + i * n, n);
+            TensorPrimitives.Multiply(row, sa.AsSpan(so + slots[i] * n, n), row);
+        }
+    }
+
     /// <summary>Rows grouped by adapter, as the forward: per group T = X A^T, dB += s dY^T T, dT = s dY B, dA += dT^T X, dX += dT A.</summary>
     protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
     {

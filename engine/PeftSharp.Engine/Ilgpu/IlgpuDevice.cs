@@ -362,6 +362,9 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // t is freed on return
     }
 
+    protected internal override void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n) =>
+        kernels.DoraScale.Value(y.Length, V(y), V(scales), V(rowSlots), n);
+
     protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
     {
         using var t = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));

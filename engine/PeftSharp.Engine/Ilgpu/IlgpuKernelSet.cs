@@ -63,6 +63,7 @@ internal sealed class IlgpuKernelSet
         Gather = Load<Action<Index1D, AV, AVI, AV>>(nameof(SparseKernels.GatherKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV>(SparseKernels.GatherKernel));
         Dare = Load<Action<Index1D, AV, AV, float, int>>(nameof(SparseKernels.DareKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, float, int>(SparseKernels.DareKernel));
         SparseMixed = Load<Action<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>>(nameof(SparseKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>(SparseKernels.MixedKernel));
+        DoraScale = Load<Action<Index1D, AV, AV, AVI, int>>(nameof(LoraKernels.DoraScaleKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, int>(LoraKernels.DoraScaleKernel));
         LoraDt = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>>(nameof(LoraKernels.DtKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>(LoraKernels.DtKernel));
         LoraGradB = Load<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, int, LoraBatchShape>>(nameof(LoraKernels.GradBKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, int, LoraBatchShape>(LoraKernels.GradBKernel));
         LoraGradA = Load<Action<Index1D, AV, AV, AVI, AVI, AV, int, LoraBatchShape>>(nameof(LoraKernels.GradAKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AVI, AV, int, LoraBatchShape>(LoraKernels.GradAKernel));
@@ -110,6 +111,7 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AVI, AV, AVI, AVI, AVI, AV, BitDeltaShape>> BitDeltaMixed { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, int>> AttentionMerge { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, LoraBatchShape>> LoraDt { get; }
+    public Lazy<Action<Index1D, AV, AV, AVI, int>> DoraScale { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, AVI, AV, int, LoraBatchShape>> LoraGradB { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AV, int, LoraBatchShape>> LoraGradA { get; }
     public Lazy<Action<Index1D, AV, AV, AVI, AVI, AVI, AV, LoraBatchShape>> LoraGradX { get; }

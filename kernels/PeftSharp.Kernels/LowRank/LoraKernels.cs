@@ -159,4 +159,21 @@ public static class LoraKernels
         for (int q = 0; q < ranks[a]; q++) acc += dt[i * s.RMax + q] * aPool[aOffsets[a] + q * s.K + k];
         dx[index] += acc;
     }
+
+    /// <summary>
+    /// DoRA in a mixed batch: y[i, n] *= scales[slot[i], n] (m / ||W + s B A||_row of the row's adapter) for rows with
+    /// a slot, after their LoRA delta was added. One thread per (i, n).
+    /// </summary>
+    public static void DoraScaleKernel(
+        Index1D index,               // over M * N
+        ArrayView<float> y,          // (M, N)
+        ArrayView<float> scales,     // (slots, N)
+        ArrayView<int> rowSlot,      // (M), -1: not DoRA
+        int n)
+    {
+        int i = index / n;
+        int slot = rowSlot[i];
+        if (slot < 0) return;
+        y[index] *= scales[slot * n + (index - i * n)];
+    }
 }

@@ -84,4 +84,14 @@ public static class LoraReference
             }
         }
     }
+
+    /// <summary>y[i, :] *= scales[slot[i], :] for rows with slot &gt;= 0.</summary>
+    public static void DoraScale(Span<float> y, ReadOnlySpan<float> scales, ReadOnlySpan<int> rowSlot, int n)
+    {
+        for (int i = 0; i < rowSlot.Length; i++)
+        {
+            if (rowSlot[i] < 0) continue;
+            for (int c = 0; c < n; c++) y[i * n + c] = (float)((double)y[i * n + c] * scales[rowSlot[i] * n + c]);
+        }
+    }
 }

@@ -34,10 +34,6 @@ public sealed class VariantSet : IDisposable
     public int AddLora(string name, PeftLoraAdapter adapter)
     {
         CheckName(name);
-        if (adapter.Config.UseDora)
-        {
-            throw new NotSupportedException($"adapter '{name}' is DoRA: its per-row magnitude rescaling is not in the mixed-adapter kernel yet; serve it merged (peft merge)");
-        }
 
         variants.Add((name, adapter, null, null));
         dirty = true;
@@ -139,16 +135,23 @@ public sealed class VariantSet : IDisposable
             var loraSlots = new int[variants.Count];
             var deltaSlots = new int[variants.Count];
             var sparseSlots = new int[variants.Count];
+            var doraSlots = new int[variants.Count];
+            var doraScales = new List<float[]>();
             var lora = new List<LoraAdapterData>();
             var deltas = new List<BitDeltaData>();
             var sparse = new List<SparseDeltaData>();
             for (int v = 0; v < variants.Count; v++)
             {
-                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = -1;
+                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = doraSlots[v] = -1;
                 if (variants[v].Lora is { } adapter && adapter.Modules.TryGetValue(module, out var w))
                 {
                     loraSlots[v] = lora.Count;
                     lora.Add(new LoraAdapterData(variants[v].Name, w.A, w.B, adapter.Config.For(module).Rank, adapter.Config.Scale(module)));
+                    if (adapter.Magnitudes.TryGetValue(module, out var m))
+                    {
+                        doraSlots[v] = doraScales.Count;
+                        doraScales.Add(DoraColumnScale(module, w.A, w.B, adapter.Config.For(module).Rank, adapter.Config.Scale(module), m));
+                    }
                 }
 
                 if (variants[v].Delta is { } delta && delta.Modules.TryGetValue(module, out var d))
@@ -168,13 +171,37 @@ public sealed class VariantSet : IDisposable
             pools[module] = new ModulePools(
                 lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, loraSlots,
                 deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, deltaSlots,
-                sparse.Count > 0 ? SparseDeltaPool.Create(Model.Device, inF, outF, sparse) : null, sparseSlots);
+                sparse.Count > 0 ? SparseDeltaPool.Create(Model.Device, inF, outF, sparse) : null, sparseSlots)
+            {
+                DoraScales = doraScales.Count > 0 ? Model.Device.FromArray("dora scales", doraScales.SelectMany(x => x).ToArray(), doraScales.Count, outF) : null,
+                DoraSlots = doraSlots,
+            };
         }
 
         dirty = false;
     }
 
     internal bool TryGetPools(string module, out ModulePools p) => pools.TryGetValue(module, out p!);
+
+    /// <summary>DoRA's per-output factor m / ||W + s B A||_row for one module of one adapter (the norm a constant, as PEFT has it).</summary>
+    private float[] DoraColumnScale(string module, float[] a, float[] b, int rank, float scale, float[] magnitude)
+    {
+        var w = Model[module + ".weight"].Value;
+        var d = Model.Device;
+        using var merged = d.Zeros("dora_w", w.Shape.ToArray());
+        using var ta = d.FromArray("a", a, rank, w.Dim(1));
+        using var tb = d.FromArray("b", b, w.Dim(0), rank);
+        d.Ops.Copy(w, merged);
+        d.Ops.MatMul(tb, ta, merged, alpha: scale, beta: 1f);
+        var host = merged.ToArray();
+        int k = w.Dim(1);
+        return Enumerable.Range(0, w.Dim(0)).Select(r =>
+        {
+            double acc = 0;
+            for (int c = 0; c < k; c++) acc += (double)host[r * k + c] * host[r * k + c];
+            return (float)(magnitude[r] / Math.Max(Math.Sqrt(acc), 1e-12));
+        }).ToArray();
+    }
 
     public void Dispose()
     {
@@ -198,6 +225,11 @@ public sealed class VariantSet : IDisposable
 
         public SparseDeltaPool? Sparse { get; }
 
+        /// <summary>DoRA adapters' per-output factors (slots, N), and each variant's slot (-1: not DoRA here).</summary>
+        public Tensor? DoraScales { get; init; }
+
+        public int[] DoraSlots { get; init; } = Array.Empty<int>();
+
         /// <summary>Variant index to its slot in <see cref="Sparse"/> (-1: none here).</summary>
         public int[] SparseSlots { get; }
 
@@ -216,6 +248,7 @@ public sealed class VariantSet : IDisposable
             Lora?.Dispose();
             Delta?.Dispose();
             Sparse?.Dispose();
+            DoraScales?.Dispose();
         }
     }
 }
@@ -240,6 +273,7 @@ public sealed class RowVariantBatch : IRowVariants, IDisposable
         if (!set.TryGetPools(module, out var p)) return;
         var ops = set.Model.Device.Ops;
         if (p.Lora != null && RowSlots(p.LoraSlots) is { } loraRows) ops.LoraMixed(x, y, p.Lora, loraRows);
+        if (p.DoraScales != null && RowSlots(p.DoraSlots) is { } doraRows) ops.DoraScale(y, p.DoraScales, doraRows); // after the row's LoRA delta
         if (p.Delta != null && RowSlots(p.DeltaSlots) is { } deltaRows) ops.BitDeltaMixed(x, y, p.Delta, deltaRows);
         if (p.Sparse != null && RowSlots(p.SparseSlots) is { } sparseRows) ops.SparseDeltaMixed(x, y, p.Sparse, sparseRows);
     }

@@ -85,6 +85,21 @@ public sealed class LoraMixedTests : BackendTest
     }
 
     [Test]
+    public void DoraScale_MatchesReference_OnlyDoraRowsChange()
+    {
+        const int m = 5, n = 7;
+        var y0 = TestData.Uniform(m * n, 1);
+        var scales = TestData.Uniform(2 * n, 2, 0.5f, 1.5f);
+        int[] slots = { 1, -1, 0, 1, -1 };
+        var expected = (float[])y0.Clone();
+        LoraReference.DoraScale(expected, scales, slots, n);
+        var y = Input("y", y0, m, n);
+        Ops.DoraScale(y, Input("scales", scales, 2, n), Indices("slots", slots));
+        Expect(y, expected, Tolerances.Elementwise, "dora scale");
+        Assert.Throws<ArgumentException>(() => Ops.DoraScale(y, Input("s2", scales, 2, n), Indices("bad", new[] { 2, 0, 0, 0, 0 })));
+    }
+
+    [Test]
     public void LoraMixed_EqualsEachRowAlone_AndZeroBIsTheBase()
     {
         const int m = 6, k = 10, n = 7;

@@ -72,11 +72,16 @@ public sealed class ServingTests
         // Two adapters of different ranks on different module sets; rows: base, a, b, a.
         var a = Adapter(config, 4, new[] { "q_proj", "v_proj", "down_proj" }, 100);
         var b = Adapter(config, 2, LoraAdapterConfig.LlamaLinear, 200);
+        // A DoRA adapter: magnitudes away from the row norms, so its rescaling shows.
+        var dora = new PeftLoraAdapter(a.Config with { UseDora = true, TargetModules = new[] { "k_proj", "up_proj" } },
+            Adapter(config, 4, new[] { "k_proj", "up_proj" }, 150).Modules,
+            new LoraAdapterConfig { TargetModules = new[] { "k_proj", "up_proj" } }.TargetsIn(config).ToDictionary(m => m, m => TestData.Uniform(PeftLoraAdapter.LinearShape(config, m).Out, m.Length, 0.5f, 1.5f)));
         using var set = new VariantSet(model);
         set.AddLora("a", a);
         set.AddLora("b", b);
-        string?[] names = { null, "a", "b", "a" };
-        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9, 2 }, new[] { 6 } };
+        set.AddLora("dora", dora);
+        string?[] names = { null, "a", "b", "a", "dora" };
+        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9, 2 }, new[] { 6 }, new[] { 2, 7 } };
         var caches = prompts.Select(_ => new KvCache(model, 8)).ToArray();
         float[][] batched;
         try
@@ -92,15 +97,15 @@ public sealed class ServingTests
 
         for (int j = 0; j < prompts.Length; j++)
         {
-            var adapter = names[j] switch { "a" => a, "b" => b, _ => null };
-            if (adapter != null) LoraMerge.Merge(model, adapter);
+            var adapter = names[j] switch { "a" => a, "b" => b, "dora" => dora, _ => null };
+            var record = adapter != null ? LoraMerge.Merge(model, adapter) : null;
             using (var cache = new KvCache(model, 8))
             {
                 // Merged weights round W + s B A once in fp32, the batch adds s (x A^T) B^T separately: rounding only.
                 Check.Close(batched[j], model.DecodeStep(cache, prompts[j]), StepTolerance, $"{backend} request {j} ({names[j] ?? "base"})");
             }
 
-            if (adapter != null) LoraMerge.Unmerge(model, adapter);
+            if (adapter != null) LoraMerge.Unmerge(model, adapter, record);
         }
 
         Assert.That(batched[1], Is.Not.EqualTo(batched[0]).Within(1e-3), "the adapter changes the logits, so the check above can fail");
