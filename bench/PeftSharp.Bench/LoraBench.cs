@@ -10,7 +10,7 @@ namespace PeftSharp.Bench;
 /// adapter's rows as their own batch (base + LoRA per group), (b) a weight merged per request (W + s B A, then that
 /// row's product), and (c) the base product alone, the floor. All validated against a double computation in setup.
 /// </summary>
-[Config(typeof(BenchConfig))]
+[Config(typeof(Config))]
 public class LoraBench
 {
     private const int Rows = 32, Hidden = 2048;
@@ -135,6 +135,29 @@ public class LoraBench
             device.Ops.Copy(w, merged);
             device.Ops.MatMul(adapterB[a], adapterA[a], merged, alpha: adapters[a].Scale, beta: 1f);
             device.Ops.Linear(rowX[i], merged, rowY[i]);
+        }
+    }
+
+    /// <summary>Bytes a method must read at least: the base weight once per product, the adapters' A and B, x and y.</summary>
+    internal static double BytesRead(BenchmarkDotNet.Running.BenchmarkCase c)
+    {
+        int adapters = (int)c.Parameters["Adapters"], rank = (int)c.Parameters["Rank"];
+        double w = 4.0 * Hidden * Hidden, lora = 4.0 * 2 * rank * Hidden, act = 4.0 * Rows * Hidden * 2;
+        return c.Descriptor.WorkloadMethod.Name switch
+        {
+            nameof(BaseOnly) => w + act,
+            nameof(Mixed) => w + adapters * lora + act,
+            nameof(PerAdapterBatches) => adapters * (w + lora) + act,
+            _ => Rows * (3 * w + lora) + act, // copy W, add B A over it, read it back per request
+        };
+    }
+
+    private sealed class Config : BenchConfig
+    {
+        public Config()
+        {
+            AddColumn(new BandwidthColumn(BytesRead, false));
+            AddColumn(new BandwidthColumn(BytesRead, true));
         }
     }
 }
