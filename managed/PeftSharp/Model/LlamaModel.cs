@@ -736,8 +736,7 @@ public sealed class LlamaModel : IDisposable
                 }
                 else
                 {
-                    var host = this[module + ".weight"].Value.ToArray();
-                    m = Enumerable.Range(0, outF).Select(row => (float)Math.Sqrt(host.AsSpan(row * inF, inF).ToArray().Sum(v => (double)v * v))).ToArray();
+                    m = LoraMerge.RowNorms(this[module + ".weight"].Value.ToArray(), outF, inF).Select(v => (float)v).ToArray();
                 }
 
                 magnitude = new Parameter($"base_model.model.{module}.lora_magnitude_vector", Device.FromArray(module + ".lora_magnitude_vector", m, outF));
@@ -778,7 +777,7 @@ public sealed class LlamaModel : IDisposable
                 var host = w.ToArray();
                 for (int i = 0; i < host.Length; i++) host[i] *= (float)(m[i / inF] / norm[i / inF]);
                 w.CopyFrom(host);
-                l.Magnitude.Value.CopyFrom(Enumerable.Range(0, outF).Select(r => (float)Math.Sqrt(host.AsSpan(r * inF, inF).ToArray().Sum(v => (double)v * v))).ToArray());
+                l.Magnitude.Value.CopyFrom(LoraMerge.RowNorms(host, outF, inF).Select(v => (float)v).ToArray());
             }
             else
             {
@@ -916,24 +915,8 @@ public sealed class LlamaModel : IDisposable
     }
 
     /// <summary>||W + s B A|| of every output row (out), in double: DoRA's column norm, a constant to the backward.</summary>
-    private double[] DoraNorms(string module, LoraLayer l)
-    {
-        var w = this[module + ".weight"].Value;
-        using var merged = Device.Zeros(module + ".dora_w", w.Shape.ToArray());
-        Device.Ops.Copy(w, merged);
-        Device.Ops.MatMul(l.B.Value, l.A.Value, merged, alpha: l.Scale, beta: 1f);
-        var host = merged.ToArray();
-        int n = w.Dim(0), k = w.Dim(1);
-        var norms = new double[n];
-        for (int r = 0; r < n; r++)
-        {
-            double acc = 0;
-            for (int c = 0; c < k; c++) acc += (double)host[r * k + c] * host[r * k + c];
-            norms[r] = Math.Max(Math.Sqrt(acc), 1e-12);
-        }
-
-        return norms;
-    }
+    private double[] DoraNorms(string module, LoraLayer l) =>
+        LoraMerge.MergedRowNorms(this[module + ".weight"].Value, l.A.Value, l.B.Value, l.Scale).Select(v => Math.Max(v, 1e-12)).ToArray();
 
     /// <summary>Inverted dropout: each entry is 0 with probability p, else 1 / (1 - p); seeded by DropoutSeed and the module.</summary>
     private float[] DropoutMask(string module, int length, float p)

@@ -19,17 +19,8 @@ public static class LoraMerge
             AddProduct(model, adapter, module, a, b, +1f);
             if (adapter.Magnitudes.TryGetValue(module, out var m))
             {
-                var host = w.ToArray();
-                int n = w.Dim(0), k = w.Dim(1);
-                var norm = new float[n];
-                var scale = new float[n];
-                for (int r = 0; r < n; r++)
-                {
-                    double acc = 0;
-                    for (int c = 0; c < k; c++) acc += (double)host[r * k + c] * host[r * k + c];
-                    norm[r] = (float)Math.Max(Math.Sqrt(acc), 1e-12);
-                    scale[r] = m[r] / norm[r];
-                }
+                var norm = RowNorms(w.ToArray(), w.Dim(0), w.Dim(1)).Select(v => (float)Math.Max(v, 1e-12)).ToArray();
+                var scale = norm.Select((v, r) => m[r] / v).ToArray();
 
                 ScaleRows(w, scale);
                 norms[module] = norm;
@@ -69,6 +60,30 @@ public static class LoraMerge
         using var ta = device.FromArray(module + ".lora_A", a, r, w.Dim(1));
         using var tb = device.FromArray(module + ".lora_B", b, w.Dim(0), r);
         device.Ops.MatMul(tb, ta, w, alpha: sign * adapter.Config.Scale(module), beta: 1f);
+    }
+
+    /// <summary>The L2 norm of each row of <paramref name="w"/> (rows, cols), summed in double in row order.</summary>
+    public static double[] RowNorms(float[] w, int rows, int cols)
+    {
+        var norms = new double[rows];
+        for (int r = 0; r < rows; r++)
+        {
+            double acc = 0;
+            for (int c = 0; c < cols; c++) acc += (double)w[r * cols + c] * w[r * cols + c];
+            norms[r] = Math.Sqrt(acc);
+        }
+
+        return norms;
+    }
+
+    /// <summary>||W + s B A|| of every output row (DoRA's norm), forming W + s B A once on the device.</summary>
+    public static double[] MergedRowNorms(PeftSharp.Engine.Tensor w, PeftSharp.Engine.Tensor a, PeftSharp.Engine.Tensor b, float scale)
+    {
+        var d = w.Device;
+        using var merged = d.Zeros("dora_w", w.Shape.ToArray());
+        d.Ops.Copy(w, merged);
+        d.Ops.MatMul(b, a, merged, alpha: scale, beta: 1f);
+        return RowNorms(merged.ToArray(), w.Dim(0), w.Dim(1));
     }
 
     /// <summary>W[r, :] *= scale[r] for W (out, in), through the host (a merge is a one-off).</summary>

@@ -187,20 +187,9 @@ public sealed class VariantSet : IDisposable
     private float[] DoraColumnScale(string module, float[] a, float[] b, int rank, float scale, float[] magnitude)
     {
         var w = Model[module + ".weight"].Value;
-        var d = Model.Device;
-        using var merged = d.Zeros("dora_w", w.Shape.ToArray());
-        using var ta = d.FromArray("a", a, rank, w.Dim(1));
-        using var tb = d.FromArray("b", b, w.Dim(0), rank);
-        d.Ops.Copy(w, merged);
-        d.Ops.MatMul(tb, ta, merged, alpha: scale, beta: 1f);
-        var host = merged.ToArray();
-        int k = w.Dim(1);
-        return Enumerable.Range(0, w.Dim(0)).Select(r =>
-        {
-            double acc = 0;
-            for (int c = 0; c < k; c++) acc += (double)host[r * k + c] * host[r * k + c];
-            return (float)(magnitude[r] / Math.Max(Math.Sqrt(acc), 1e-12));
-        }).ToArray();
+        using var ta = Model.Device.FromArray("a", a, rank, w.Dim(1));
+        using var tb = Model.Device.FromArray("b", b, w.Dim(0), rank);
+        return LoraMerge.MergedRowNorms(w, ta, tb, scale).Select((norm, r) => (float)(magnitude[r] / Math.Max(norm, 1e-12))).ToArray();
     }
 
     public void Dispose()
