@@ -169,12 +169,12 @@ public sealed class VariantSet : IDisposable
 
             if (lora.Count + deltas.Count + sparse.Count == 0) continue;
             pools[module] = new ModulePools(
-                lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, loraSlots,
-                deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, deltaSlots,
-                sparse.Count > 0 ? SparseDeltaPool.Create(Model.Device, inF, outF, sparse) : null, sparseSlots)
+                lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, new SlotMap(loraSlots),
+                deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, new SlotMap(deltaSlots),
+                sparse.Count > 0 ? SparseDeltaPool.Create(Model.Device, inF, outF, sparse) : null, new SlotMap(sparseSlots))
             {
                 DoraScales = doraScales.Count > 0 ? Model.Device.FromArray("dora scales", doraScales.SelectMany(x => x).ToArray(), doraScales.Count, outF) : null,
-                DoraSlots = doraSlots,
+                DoraSlots = new SlotMap(doraSlots),
             };
         }
 
@@ -200,9 +200,24 @@ public sealed class VariantSet : IDisposable
         prefixes.Clear();
     }
 
+    /// <summary>Variant index to its slot in one pool (-1: none there), with a key that is equal for equal maps.</summary>
+    internal sealed class SlotMap
+    {
+        public SlotMap(int[] slots)
+        {
+            Slots = slots;
+            Key = string.Join(",", slots);
+        }
+
+        public int[] Slots { get; }
+
+        /// <summary>Computed once: modules whose maps are equal share one row-slot tensor per batch.</summary>
+        public string Key { get; }
+    }
+
     internal sealed class ModulePools : IDisposable
     {
-        public ModulePools(LoraAdapterPool? lora, int[] loraSlots, BitDeltaPool? delta, int[] deltaSlots, SparseDeltaPool? sparse, int[] sparseSlots)
+        public ModulePools(LoraAdapterPool? lora, SlotMap loraSlots, BitDeltaPool? delta, SlotMap deltaSlots, SparseDeltaPool? sparse, SlotMap sparseSlots)
         {
             Lora = lora;
             LoraSlots = loraSlots;
@@ -217,20 +232,20 @@ public sealed class VariantSet : IDisposable
         /// <summary>DoRA adapters' per-output factors (slots, N), and each variant's slot (-1: not DoRA here).</summary>
         public Tensor? DoraScales { get; init; }
 
-        public int[] DoraSlots { get; init; } = Array.Empty<int>();
+        public SlotMap DoraSlots { get; init; } = new(Array.Empty<int>());
 
         /// <summary>Variant index to its slot in <see cref="Sparse"/> (-1: none here).</summary>
-        public int[] SparseSlots { get; }
+        public SlotMap SparseSlots { get; }
 
         public LoraAdapterPool? Lora { get; }
 
         /// <summary>Variant index to its slot in <see cref="Lora"/> (-1: the variant has no adapter here).</summary>
-        public int[] LoraSlots { get; }
+        public SlotMap LoraSlots { get; }
 
         public BitDeltaPool? Delta { get; }
 
         /// <summary>Variant index to its slot in <see cref="Delta"/> (-1: the variant has no 1-bit delta here).</summary>
-        public int[] DeltaSlots { get; }
+        public SlotMap DeltaSlots { get; }
 
         public void Dispose()
         {
@@ -268,14 +283,13 @@ public sealed class RowVariantBatch : IRowVariants, IDisposable
     }
 
     /// <summary>Each row's slot in a pool with this variant-to-slot map; null when no row uses the pool. Modules with the same map share one tensor.</summary>
-    private IndexTensor? RowSlots(int[] slotOfVariant)
+    private IndexTensor? RowSlots(VariantSet.SlotMap map)
     {
-        string key = string.Join(",", slotOfVariant);
-        if (!rowSlots.TryGetValue(key, out var idx))
+        if (!rowSlots.TryGetValue(map.Key, out var idx))
         {
-            var slots = rowVariants.Select(v => v < 0 ? -1 : slotOfVariant[v]).ToArray();
+            var slots = rowVariants.Select(v => v < 0 ? -1 : map.Slots[v]).ToArray();
             idx = slots.Any(s => s >= 0) ? set.Model.Device.FromIndices("row_slots", slots) : null;
-            rowSlots[key] = idx;
+            rowSlots[map.Key] = idx;
         }
 
         return idx;
