@@ -95,7 +95,7 @@ public static class BatchGenerator
                 {
                     if (level >= chainEnds[i].Length) continue;
                     int from = level == 0 ? 0 : chainEnds[i][level - 1], to = chainEnds[i][level];
-                    string key = variantOf[i] + ":" + string.Join(",", full[i].Take(to));
+                    string key = PrefixKey(variantOf[i], full[i], to);
                     if (!byKey.TryGetValue(key, out var cache))
                     {
                         var parent = level == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][level - 1];
@@ -175,6 +175,9 @@ public static class BatchGenerator
         }
     }
 
+    /// <summary>Identifies a prefix: the variant that computes it and its tokens (through <paramref name="to"/>).</summary>
+    private static string PrefixKey(int variant, int[] tokens, int to) => variant + ":" + string.Join(",", tokens.Take(to));
+
     /// <summary>A reader of a shared prefix is done: the last reader frees it, and then its own parent loses a reader.</summary>
     private static void Release(KvCache? prefix, Dictionary<KvCache, int> users)
     {
@@ -196,14 +199,24 @@ public static class BatchGenerator
         int n = requests.Count;
         var chains = Enumerable.Range(0, n).Select(_ => Array.Empty<int>()).ToArray();
         if (sharing == PrefixSharing.Off) return chains;
+        // How many requests give each (level, variant, tokens through that level): one pass, not a scan per request.
+        var sharersOf = new Dictionary<string, int>();
+        for (int i = 0; i < n; i++)
+        {
+            for (int level = 0; level < levelEnds[i].Length; level++)
+            {
+                string key = level + "|" + PrefixKey(variantOf[i], full[i], levelEnds[i][level]);
+                sharersOf[key] = sharersOf.GetValueOrDefault(key) + 1;
+            }
+        }
+
         for (int i = 0; i < n; i++)
         {
             var ends = new List<int>();
             for (int level = 0; level < levelEnds[i].Length; level++)
             {
                 int to = levelEnds[i][level];
-                int sharers = Enumerable.Range(0, n).Count(k => variantOf[k] == variantOf[i] && levelEnds[k].Length > level && levelEnds[k][level] == to
-                    && full[k].Take(to).SequenceEqual(full[i].Take(to)));
+                int sharers = sharersOf[level + "|" + PrefixKey(variantOf[i], full[i], to)];
                 if (sharers < 2 || to >= full[i].Length) break; // unshared, or nothing of its own would be left
                 ends.Add(to);
             }
