@@ -315,9 +315,7 @@ internal static class Commands
                 _ => throw new ArgumentException($"--mask {extras.MaskSource}: use gradient, weight or random"),
             };
             if (resume != null) throw new NotSupportedException("--resume with --method sparse: the masks are not in checkpoints yet");
-            var tok = new ByteTokenizer();
-            var batches = Enumerable.Range(0, 4).Select(_ => Batcher.Encode(train.Next(options.BatchSize), tok, options.SeqLen, options.CompletionOnly)).ToList();
-            train.Seek(0);
+            var batches = train.EncodeBatches(4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
             var masks = SparseMasks.Select(model, d, source, options.Seed, batches, options.BatchSize);
             extras = extras with { SparseMasks = masks };
             long nnz = masks.Values.Sum(m => (long)m.Length);
@@ -352,9 +350,7 @@ internal static class Commands
             var named = lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) };
             if (extras.LoraInit == "lora-ga" && resume == null)
             {
-                var tok = new ByteTokenizer();
-                var batches = Enumerable.Range(0, 4).Select(_ => Batcher.Encode(train.Next(options.BatchSize), tok, options.SeqLen, options.CompletionOnly)).ToList();
-                train.Seek(0);
+                var batches = train.EncodeBatches(4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
                 LoraGa.AddLora(model, named, batches, options.BatchSize, options.Seed);
             }
             else
@@ -552,8 +548,7 @@ internal static class Commands
     internal static (List<int[]> Train, List<int[]> Eval) CalibrationBatches(string spec, int batchSize, int seqLen, int trainBatches, int evalBatches, int seed)
     {
         var (source, _, _) = Jobs.Data(spec, seed);
-        var tok = new ByteTokenizer();
-        var all = Enumerable.Range(0, trainBatches + evalBatches).Select(_ => Batcher.Encode(source.Next(batchSize), tok, seqLen, completionOnly: false).Tokens).ToList();
+        var all = source.EncodeBatches(trainBatches + evalBatches, batchSize, seqLen, completionOnly: false, rewind: false).Select(b => b.Tokens).ToList();
         return (all.Skip(evalBatches).ToList(), all.Take(evalBatches).ToList());
     }
 
@@ -591,8 +586,7 @@ internal static class Commands
         using var baseModel = LoadTextModel(baseDir, device);
         using var fine = LoadTextModel(fineDir, device);
         var (train, held, _) = Jobs.Data(dataSpec, seed);
-        var tok = new ByteTokenizer();
-        var batches = Enumerable.Range(0, 8).Select(_ => Batcher.Encode(train.Next(batchSize), tok, seqLen, completionOnly: true)).ToList();
+        var batches = train.EncodeBatches(8, batchSize, seqLen, completionOnly: true, rewind: false);
         var result = Grafting.Localize(baseModel, fine, batches, batchSize, budget, steps);
         result.Delta.Save(outDir, baseModel.Config);
         result.Delta.ApplyTo(baseModel);
@@ -658,10 +652,8 @@ internal static class Commands
         console.MarkupLine($"3c. sparse fine-tune of the pre-trained model on '{heldOutTask}': 1% of each tensor's entries, chosen by gradient magnitude");
         using var sparseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var sparseData = ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train);
-        var tok = new ByteTokenizer();
         var sparseMasks = SparseMasks.Select(sparseModel, 0.01, MaskSource.Gradient, seed,
-            Enumerable.Range(0, 4).Select(_ => Batcher.Encode(sparseData.Next(options.BatchSize), tok, options.SeqLen, completionOnly: true)).ToList(), options.BatchSize);
-        sparseData.Seek(0);
+            sparseData.EncodeBatches(4, options.BatchSize, options.SeqLen, completionOnly: true, rewind: true), options.BatchSize);
         long sparseTrainable = sparseMasks.Values.Sum(m => (long)m.Length);
         using (var pretrained = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
         {
@@ -684,7 +676,7 @@ internal static class Commands
         }
 
         console.MarkupLine($"4b. skill localization: graft 0.1% of the full fine-tune's entries onto the pre-trained model");
-        var graftBatches = Enumerable.Range(0, 8).Select(_ => Batcher.Encode(sparseData.Next(options.BatchSize), tok, options.SeqLen, completionOnly: true)).ToList();
+        var graftBatches = sparseData.EncodeBatches(8, options.BatchSize, options.SeqLen, completionOnly: true, rewind: false);
         var graft = Grafting.Localize(baseModel, model, graftBatches, options.BatchSize, budget: 0.001, steps: 30);
         graft.Delta.Save(Path.Combine(outDir, "grafted"), baseModel.Config);
         EvalResult grafted;

@@ -74,6 +74,20 @@ public sealed class ExampleSource
         while (Position < position) Next((int)Math.Min(4096, position - Position));
     }
 
+    /// <summary>
+    /// The next <paramref name="count"/> batches encoded as training encodes them (<see cref="Batcher"/>): for a look
+    /// at the data before training (masks, initialisations, calibration). With <paramref name="rewind"/> the source
+    /// returns to where it was, so training then sees the same examples.
+    /// </summary>
+    public List<(int[] Tokens, int[] Targets)> EncodeBatches(int count, int batchSize, int seqLen, bool completionOnly, bool rewind)
+    {
+        long start = Position;
+        var tokenizer = new ByteTokenizer();
+        var batches = Enumerable.Range(0, count).Select(_ => Batcher.Encode(Next(batchSize), tokenizer, seqLen, completionOnly)).ToList();
+        if (rewind) Seek(start);
+        return batches;
+    }
+
     public static ExampleSource Tasks(IReadOnlyList<string> tasks, int seed, Split split) => new(() => TaskSuite.Stream(tasks, seed, split));
 
     public static ExampleSource List(IReadOnlyList<Example> examples) => new(() => examples);
