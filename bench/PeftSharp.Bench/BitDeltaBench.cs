@@ -23,7 +23,7 @@ public class BitDeltaBench
     private BitDeltaPool pool = null!;
     private IndexTensor rowVariants = null!;
     private Tensor[] dense = null!;
-    private List<(int Variant, int[] Rows, Tensor X, Tensor Y)> groups = null!;
+    private VariantGroups groups = null!;
 
     /// <summary>"rows x variants".</summary>
     [Params("8x8", "32x8", "32x32")]
@@ -59,11 +59,7 @@ public class BitDeltaBench
             device.Ops.BitDeltaDecode(one, 0, t, accumulate: true);
             return t;
         }).ToArray();
-        groups = Enumerable.Range(0, v).Select(a =>
-        {
-            var rows = Enumerable.Range(0, m).Where(i => assignment[i] == a).ToArray();
-            return (a, rows, device.FromArray("x_group", rows.SelectMany(i => xs.AsSpan(i * h, h).ToArray()).ToArray(), rows.Length, h), device.Zeros("y_group", rows.Length, h));
-        }).ToList();
+        groups = new VariantGroups(device, xs, assignment, v, h);
 
         int words = BitDeltaShape.WordsPerRow(h);
         double Expected(int idx)
@@ -84,28 +80,15 @@ public class BitDeltaBench
         foreach (var (name, run) in new (string, Action)[] { ("dense per variant", DensePerVariant), ("decode then matmul", DecodeThenMatMul) })
         {
             run();
-            var result = new float[m * h];
-            foreach (var g in groups)
-            {
-                var gy = g.Y.ToArray();
-                for (int j = 0; j < g.Rows.Length; j++) gy.AsSpan(j * h, h).CopyTo(result.AsSpan(g.Rows[j] * h, h));
-            }
-
-            Validate.Sampled(name, result, Expected, 1e-3, samples: 32);
+            Validate.Sampled(name, groups.Scatter(m), Expected, 1e-3, samples: 32);
         }
     }
 
     [GlobalCleanup]
     public void Cleanup()
     {
-        foreach (var g in groups)
-        {
-            g.X.Dispose();
-            g.Y.Dispose();
-        }
-
         foreach (var d in dense) d.Dispose();
-        foreach (var d in new IDisposable[] { x, w, y, scratch, pool, rowVariants, device }) d.Dispose();
+        foreach (var d in new IDisposable[] { groups, x, w, y, scratch, pool, rowVariants, device }) d.Dispose();
     }
 
     [Benchmark(Baseline = true, Description = "base matmul only (floor)")]
@@ -121,13 +104,13 @@ public class BitDeltaBench
     [Benchmark(Description = "(a) dense fp32 weight per variant")]
     public void DensePerVariant()
     {
-        foreach (var g in groups) device.Ops.Linear(g.X, dense[g.Variant], g.Y);
+        foreach (var g in groups.Groups) device.Ops.Linear(g.X, dense[g.Variant], g.Y);
     }
 
     [Benchmark(Description = "(b) decode to dense, then matmul")]
     public void DecodeThenMatMul()
     {
-        foreach (var g in groups)
+        foreach (var g in groups.Groups)
         {
             device.Ops.Copy(w, scratch);
             device.Ops.BitDeltaDecode(pool, g.Variant, scratch, accumulate: true);

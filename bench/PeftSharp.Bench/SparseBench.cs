@@ -116,7 +116,7 @@ public class SparseServingBench
     private SparseDeltaPool pool = null!;
     private IndexTensor rowVariants = null!;
     private Tensor[] dense = null!;
-    private List<(int Variant, Tensor X, Tensor Y)> groups = null!;
+    private VariantGroups groups = null!;
 
     [GlobalSetup]
     public void Setup()
@@ -144,36 +144,19 @@ public class SparseServingBench
             device.Ops.ScatterAdd(t, idx, val);
             return t;
         }).ToArray();
-        groups = Enumerable.Range(0, Variants).Select(v =>
-        {
-            var rows = Enumerable.Range(0, Rows).Where(i => assignment[i] == v).ToArray();
-            return (v, device.FromArray("xg", rows.SelectMany(i => xs.AsSpan(i * Hidden, Hidden).ToArray()).ToArray(), rows.Length, Hidden), device.Zeros("yg", rows.Length, Hidden));
-        }).ToList();
+        groups = new VariantGroups(device, xs, assignment, Variants, Hidden);
         Fused();
         var fused = y.ToArray();
         DensePerVariant();
-        var viaDense = new float[Rows * Hidden];
-        foreach (var (v, _, gy) in groups)
-        {
-            var rows = Enumerable.Range(0, Rows).Where(i => assignment[i] == v).ToArray();
-            var a = gy.ToArray();
-            for (int j = 0; j < rows.Length; j++) a.AsSpan(j * Hidden, Hidden).CopyTo(viaDense.AsSpan(rows[j] * Hidden, Hidden));
-        }
-
+        var viaDense = groups.Scatter(Rows);
         Validate.Sampled("sparse mixed vs dense per variant", fused, i => viaDense[i], 1e-4);
     }
 
     [GlobalCleanup]
     public void Cleanup()
     {
-        foreach (var g in groups)
-        {
-            g.X.Dispose();
-            g.Y.Dispose();
-        }
-
         foreach (var d in dense) d.Dispose();
-        foreach (var d in new IDisposable[] { x, w, y, pool, rowVariants, device }) d.Dispose();
+        foreach (var d in new IDisposable[] { groups, x, w, y, pool, rowVariants, device }) d.Dispose();
     }
 
     [Benchmark(Baseline = true, Description = "base matmul only (floor)")]
@@ -189,7 +172,7 @@ public class SparseServingBench
     [Benchmark(Description = "dense fp32 weight per variant")]
     public void DensePerVariant()
     {
-        foreach (var (v, gx, gy) in groups) device.Ops.Linear(gx, dense[v], gy);
+        foreach (var g in groups.Groups) device.Ops.Linear(g.X, dense[g.Variant], g.Y);
     }
 }
 
