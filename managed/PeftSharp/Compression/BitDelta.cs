@@ -119,12 +119,14 @@ public sealed class BitDelta
     }
 
     /// <summary>Throws unless <paramref name="model"/> is the base this delta was made from.</summary>
-    public void CheckBase(LlamaModel model, string what)
+    public void CheckBase(LlamaModel model, string what) => CheckFingerprint(BaseFingerprint, Fingerprint(model), what);
+
+    /// <summary>The one check every delta kind makes: the base it was made from (expected) is the model at hand (actual).</summary>
+    public static void CheckFingerprint(string expected, string actual, string what)
     {
-        string actual = Fingerprint(model);
-        if (actual != BaseFingerprint)
+        if (actual != expected)
         {
-            throw new InvalidDataException($"{what} was made from a base with fingerprint {BaseFingerprint[..16]}..., but this model's is {actual[..16]}...: a delta only applies to its own base");
+            throw new InvalidDataException($"{what} was made from a base with fingerprint {expected[..16]}..., but this model's is {actual[..16]}...: a delta only applies to its own base");
         }
     }
 

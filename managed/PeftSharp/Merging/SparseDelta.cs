@@ -137,8 +137,7 @@ public sealed class SparseDelta
         }
 
         if (problems.Count > 0) throw new InvalidDataException($"{folder}: the sparse delta does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
-        string actual = BitDelta.Fingerprint(baseModel);
-        if (actual != fingerprint) throw new InvalidDataException($"{folder} was made from a base with fingerprint {fingerprint[..16]}..., but this model's is {actual[..16]}...: a delta only applies to its own base");
+        BitDelta.CheckFingerprint(fingerprint, BitDelta.Fingerprint(baseModel), folder);
         return new SparseDelta(entries, fingerprint);
     }
 }

@@ -26,6 +26,11 @@ public sealed class VariantSet : IDisposable
 
     public LlamaModel Model { get; }
 
+    /// <summary>The base's fingerprint, hashed once for every delta registered (the served base does not change).</summary>
+    private string BaseFingerprint => baseFingerprint ??= BitDelta.Fingerprint(Model);
+
+    private string? baseFingerprint;
+
     public int Count => variants.Count;
 
     public IReadOnlyList<string> Names => variants.Select(v => v.Name).ToArray();
@@ -47,7 +52,7 @@ public sealed class VariantSet : IDisposable
     public int AddDelta(string name, BitDelta delta)
     {
         CheckName(name);
-        delta.CheckBase(Model, $"1-bit delta '{name}'");
+        BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"1-bit delta '{name}'");
         if (delta.Dense.Count > 0)
         {
             throw new NotSupportedException(
@@ -87,7 +92,7 @@ public sealed class VariantSet : IDisposable
     public int AddSparse(string name, SparseDelta delta)
     {
         CheckName(name);
-        if (delta.BaseFingerprint != BitDelta.Fingerprint(Model)) throw new InvalidDataException($"sparse delta '{name}' was made from another base: a delta only applies to its own base");
+        BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"sparse delta '{name}'");
         var linear = LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
         var other = delta.Entries.Keys.Where(k => !linear.Contains(k)).ToList();
         if (other.Count > 0)
