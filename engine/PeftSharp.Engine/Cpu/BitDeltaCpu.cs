@@ -25,23 +25,15 @@ internal static unsafe class BitDeltaCpu
         int[] rowVariant,            // (M)
         BitDeltaShape s)
     {
-        var groups = new Dictionary<int, List<int>>();
-        for (int i = 0; i < s.M; i++)
-        {
-            int v = rowVariant[i];
-            if (v >= 0)
-            {
-                if (!groups.TryGetValue(v, out var rows)) groups[v] = rows = new List<int>();
-                rows.Add(i);
-            }
-        }
+        var groups = CpuDevice.RowsByIndex(rowVariant, first.Length);
 
         // Work items: (variant, block of up to four rows, range of output features), spread over the cores.
         var items = new List<(int V, int[] Rows, int N0, int N1)>();
         int tasksWanted = Math.Max(1, Environment.ProcessorCount * 4);
-        foreach (var (v, rows) in groups)
+        for (int v = 0; v < groups.Length; v++)
         {
-            for (int r = 0; r < rows.Count; r += 4)
+            var rows = groups[v];
+            for (int r = 0; r < rows.Length; r += 4)
             {
                 var block = rows.Skip(r).Take(4).ToArray();
                 int chunk = Math.Max(16, (s.N + tasksWanted - 1) / tasksWanted);

@@ -465,13 +465,13 @@ public sealed unsafe class CpuDevice : Device
     /// <summary>Rows grouped by adapter, as the forward: per group T = X A^T, dB += s dY^T T, dT = s dY B, dA += dT^T X, dX += dT A.</summary>
     protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
     {
-        var ids = rowAdapters.Host;
+        var groups = RowsByIndex(rowAdapters.Host, pool.Count);
         float[] xa = Arr(x), dya = Arr(dy), aPool = Arr(pool.APool), bPool = Arr(pool.BPool), daa = Arr(da), dba = Arr(db);
         float[]? dxa = dx == null ? null : Arr(dx);
         int xo = x.Offset, dyo = dy.Offset, apo = pool.APool.Offset, bpo = pool.BPool.Offset, dao = da.Offset, dbo = db.Offset, dxo = dx?.Offset ?? 0;
         for (int a = 0; a < pool.Count; a++)
         {
-            var rows = Enumerable.Range(0, ids.Length).Where(i => ids[i] == a).ToArray();
+            var rows = groups[a];
             if (rows.Length == 0) continue;
             int m = rows.Length, r = pool.RanksHost[a];
             float scale = pool.ScalesHost[a];
@@ -632,24 +632,19 @@ public sealed unsafe class CpuDevice : Device
     /// </summary>
     protected internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
     {
-        var groups = new List<int>[pool.Count];
-        var ids = rowAdapters.Host;
-        for (int i = 0; i < ids.Length; i++)
-        {
-            if (ids[i] >= 0) (groups[ids[i]] ??= new List<int>()).Add(i);
-        }
+        var groups = RowsByIndex(rowAdapters.Host, pool.Count);
 
         var xa = Arr(x);
         var ya = Arr(y);
         var aPool = Arr(pool.APool);
         var bPool = Arr(pool.BPool);
         int xo = x.Offset, yo = y.Offset, apo = pool.APool.Offset, bpo = pool.BPool.Offset;
-        var work = Enumerable.Range(0, pool.Count).Where(a => groups[a] != null).ToArray();
+        var work = Enumerable.Range(0, pool.Count).Where(a => groups[a].Length > 0).ToArray();
         bool inner = work.Length == 1;
         void Group(int a)
         {
             var rows = groups[a];
-            int m = rows.Count, r = pool.RanksHost[a];
+            int m = rows.Length, r = pool.RanksHost[a];
             var xs = new float[m * s.K];
             for (int j = 0; j < m; j++) xa.AsSpan(xo + rows[j] * s.K, s.K).CopyTo(xs.AsSpan(j * s.K, s.K));
             var t = new float[m * r];
@@ -672,6 +667,18 @@ public sealed unsafe class CpuDevice : Device
     }
 
     /// <summary>Runs body(row) for every row, in parallel when the rows hold enough work.</summary>
+    /// <summary>The rows that name each index in [0, count) (index -1: none), in row order: the groups of a mixed batch.</summary>
+    internal static int[][] RowsByIndex(int[] ids, int count)
+    {
+        var lists = new List<int>[count];
+        for (int i = 0; i < ids.Length; i++)
+        {
+            if (ids[i] >= 0) (lists[ids[i]] ??= new List<int>()).Add(i);
+        }
+
+        return lists.Select(l => l?.ToArray() ?? Array.Empty<int>()).ToArray();
+    }
+
     internal static void ForRows(int rows, int elementsPerRow, Action<int> body)
     {
         long work = (long)rows * Math.Max(elementsPerRow, 1);
