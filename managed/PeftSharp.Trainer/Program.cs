@@ -509,25 +509,9 @@ internal static class Commands
 
         if (modelDir == null) throw new ArgumentException("merge: --model is required with --adapter or --delta");
         using var model = HuggingFaceFolder.Load(modelDir, device);
-        string what;
-        if (adapterDir != null)
-        {
-            var adapter = PeftLoraAdapter.Load(adapterDir, model.Config);
-            LoraMerge.Merge(model, adapter);
-            what = $"{adapter.Modules.Count} {(adapter.Config.UseDora ? "DoRA" : "LoRA")} modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")})";
-        }
-        else if (File.Exists(Path.Combine(deltaDir!, SparseDelta.ConfigFile)))
-        {
-            var sparse = SparseDelta.Load(deltaDir!, model);
-            sparse.ApplyTo(model);
-            what = $"a sparse delta of {sparse.Nonzeros:N0} entries over {sparse.Entries.Count} tensors";
-        }
-        else
-        {
-            var delta = BitDelta.Load(deltaDir!, model);
-            delta.MergeInto(model);
-            what = $"{delta.Modules.Count} 1-bit deltas ({delta.Rounds} round{(delta.Rounds == 1 ? "" : "s")}) and {delta.Dense.Count} dense tensors";
-        }
+        string what = adapterDir != null
+            ? MergeRunner.ApplyFolder(model, adapterDir, adapters: true, deltas: false)
+            : MergeRunner.ApplyFolder(model, deltaDir!, adapters: false, deltas: true);
 
         HuggingFaceFolder.Save(model, outDir);
         CopyModelExtras(modelDir, outDir);

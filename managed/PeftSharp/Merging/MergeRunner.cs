@@ -57,10 +57,7 @@ public static class MergeRunner
     private static LlamaModel LoadInput(string folder, LlamaModel? baseModel, Device device)
     {
         if (File.Exists(Path.Combine(folder, HuggingFaceFolder.ConfigFile))) return HuggingFaceFolder.Load(folder, device);
-        bool adapter = File.Exists(Path.Combine(folder, PeftLoraAdapter.ConfigFile));
-        bool bits = File.Exists(Path.Combine(folder, BitDelta.ConfigFile));
-        bool sparse = File.Exists(Path.Combine(folder, SparseDelta.ConfigFile));
-        if (!adapter && !bits && !sparse)
+        if (!new[] { PeftLoraAdapter.ConfigFile, BitDelta.ConfigFile, SparseDelta.ConfigFile }.Any(f => File.Exists(Path.Combine(folder, f))))
         {
             throw new FileNotFoundException($"{folder}: neither a model folder (config.json) nor a PEFT adapter, 1-bit delta or sparse delta folder");
         }
@@ -69,9 +66,7 @@ public static class MergeRunner
         var model = LlamaModel.FromTensors(device, baseModel.Config, (name, _) => baseModel[name].Value.ToArray());
         try
         {
-            if (adapter) LoraMerge.Merge(model, PeftLoraAdapter.Load(folder, baseModel.Config));
-            else if (bits) BitDelta.Load(folder, baseModel).MergeInto(model);
-            else SparseDelta.Load(folder, baseModel).ApplyTo(model);
+            ApplyFolder(model, folder);
             return model;
         }
         catch
@@ -79,6 +74,33 @@ public static class MergeRunner
             model.Dispose();
             throw;
         }
+    }
+
+    /// <summary>
+    /// Applies an adapter or delta folder to <paramref name="model"/> (which must be the base it was made for): a PEFT
+    /// LoRA/DoRA adapter is merged, a sparse delta added, a 1-bit delta decoded in. With <paramref name="adapters"/> or
+    /// <paramref name="deltas"/> false, that kind is not looked for, so a folder of the other kind fails as not found.
+    /// Returns what was applied, for the user.
+    /// </summary>
+    public static string ApplyFolder(LlamaModel model, string folder, bool adapters = true, bool deltas = true)
+    {
+        if (adapters && (!deltas || File.Exists(Path.Combine(folder, PeftLoraAdapter.ConfigFile))))
+        {
+            var adapter = PeftLoraAdapter.Load(folder, model.Config);
+            LoraMerge.Merge(model, adapter);
+            return $"{adapter.Modules.Count} {(adapter.Config.UseDora ? "DoRA" : "LoRA")} modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")})";
+        }
+
+        if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile)))
+        {
+            var sparse = SparseDelta.Load(folder, model);
+            sparse.ApplyTo(model);
+            return $"a sparse delta of {sparse.Nonzeros:N0} entries over {sparse.Entries.Count} tensors";
+        }
+
+        var delta = BitDelta.Load(folder, model);
+        delta.MergeInto(model);
+        return $"{delta.Modules.Count} 1-bit deltas ({delta.Rounds} round{(delta.Rounds == 1 ? "" : "s")}) and {delta.Dense.Count} dense tensors";
     }
 
     /// <summary>A stable per-tensor seed for DARE (FNV-1a of the name; string.GetHashCode differs per process).</summary>
