@@ -72,11 +72,9 @@ public sealed unsafe class CpuDevice : Device
 
     protected internal override void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols)
     {
-        var xa = Arr(x);
-        var ya = Arr(y);
-        var cs = S(c).ToArray();
-        int xo = x.Offset, yo = y.Offset;
-        ForRows(x.Length / cols, cols, r => TensorPrimitives.Multiply(xa.AsSpan(xo + r * cols, cols), cs, ya.AsSpan(yo + r * cols, cols)));
+        float[] xa = Arr(x), ya = Arr(y), ca = Arr(c);
+        int xo = x.Offset, yo = y.Offset, co = c.Offset;
+        ForRows(x.Length / cols, cols, r => TensorPrimitives.Multiply(xa.AsSpan(xo + r * cols, cols), ca.AsSpan(co, cols), ya.AsSpan(yo + r * cols, cols)));
     }
 
     protected internal override void AxpyCore(float alpha, Tensor x, Tensor y) => TensorPrimitives.MultiplyAdd(S(x), alpha, S(y), S(y));
