@@ -262,19 +262,35 @@ internal static class Commands
     private static Device OpenDevice(string? spec) => spec is { Length: > 0 } ? Devices.Open(spec) : Devices.OpenDefault();
 
     /// <summary>
-    /// Text commands encode with the built-in byte tokenizer; a model with another vocabulary would get wrong token
-    /// ids silently, so that is an error until tokenizer.json / tokenizer.model support lands.
+    /// A model for text commands: its folder's tokenizer.json / tokenizer.model, or the built-in byte tokenizer for
+    /// vocab_size 259. The tokenizer is read here, so a folder without a usable one fails before any work starts.
     /// </summary>
     private static LlamaModel LoadTextModel(string folder, Device device)
     {
         var config = HuggingFaceFolder.ReadConfig(folder);
-        if (config.VocabSize != ByteTokenizer.VocabSize)
+        if (config.VocabSize != ByteTokenizer.VocabSize && !HfTokenizer.Present(folder))
         {
             throw new NotSupportedException(
-                $"{folder}: vocab_size {config.VocabSize} is not the built-in byte tokenizer's {ByteTokenizer.VocabSize}; reading tokenizer.json / tokenizer.model is not implemented yet, so text commands cannot run on this model (peft logits --tokens works)");
+                $"{folder}: vocab_size {config.VocabSize} and no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile}, so text cannot be encoded for it (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer; peft logits --tokens works without one)");
         }
 
-        return HuggingFaceFolder.Load(folder, device);
+        var model = HuggingFaceFolder.Load(folder, device);
+        try
+        {
+            _ = model.Tokenizer;
+        }
+        catch (InvalidOperationException e)
+        {
+            model.Dispose();
+            throw new NotSupportedException($"{folder}: {e.Message} (peft logits --tokens works without one)", e);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+
+        return model;
     }
 
     public static int Train(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainExtras extras)
@@ -315,7 +331,7 @@ internal static class Commands
                 _ => throw new ArgumentException($"--mask {extras.MaskSource}: use gradient, weight or random"),
             };
             if (resume != null) throw new NotSupportedException("--resume with --method sparse: the masks are not in checkpoints yet");
-            var batches = train.EncodeBatches(4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
+            var batches = train.EncodeBatches(model.Tokenizer, 4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
             var masks = SparseMasks.Select(model, d, source, options.Seed, batches, options.BatchSize);
             extras = extras with { SparseMasks = masks };
             long nnz = masks.Values.Sum(m => (long)m.Length);
@@ -350,7 +366,7 @@ internal static class Commands
             var named = lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) };
             if (extras.LoraInit == "lora-ga" && resume == null)
             {
-                var batches = train.EncodeBatches(4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
+                var batches = train.EncodeBatches(model.Tokenizer, 4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
                 LoraGa.AddLora(model, named, batches, options.BatchSize, options.Seed);
             }
             else
@@ -529,10 +545,10 @@ internal static class Commands
     }
 
     /// <summary>Calibration batches of (batch, seqLen) tokens from a data spec: the first <paramref name="evalBatches"/> are held out.</summary>
-    internal static (List<int[]> Train, List<int[]> Eval) CalibrationBatches(string spec, int batchSize, int seqLen, int trainBatches, int evalBatches, int seed)
+    internal static (List<int[]> Train, List<int[]> Eval) CalibrationBatches(ITokenizer tokenizer, string spec, int batchSize, int seqLen, int trainBatches, int evalBatches, int seed)
     {
         var (source, _, _) = Jobs.Data(spec, seed);
-        var all = source.EncodeBatches(trainBatches + evalBatches, batchSize, seqLen, completionOnly: false, rewind: false).Select(b => b.Tokens).ToList();
+        var all = source.EncodeBatches(tokenizer, trainBatches + evalBatches, batchSize, seqLen, completionOnly: false, rewind: false).Select(b => b.Tokens).ToList();
         return (all.Skip(evalBatches).ToList(), all.Take(evalBatches).ToList());
     }
 
@@ -547,14 +563,14 @@ internal static class Commands
         using var fine = HuggingFaceFolder.Load(fineDir, device);
         var delta = BitDelta.Compress(baseModel, fine, rounds);
         var report = new DistillReport(double.NaN, double.NaN, 0, delta);
-        if (baseModel.Config.VocabSize == ByteTokenizer.VocabSize)
+        if (baseModel.HasTokenizer)
         {
-            var (train, eval) = CalibrationBatches(calib, batchSize, seqLen, Math.Min(Math.Max(distillSteps, 1), 64), 4, seed);
+            var (train, eval) = CalibrationBatches(baseModel.Tokenizer, calib, batchSize, seqLen, Math.Min(Math.Max(distillSteps, 1), 64), 4, seed);
             report = ScaleDistillation.Run(delta, baseModel, fine, train, eval, batchSize, distillSteps, distillLr);
         }
         else if (distillSteps > 0)
         {
-            throw new NotSupportedException($"--distill-steps {distillSteps}: calibration text needs the byte tokenizer (vocab_size {ByteTokenizer.VocabSize}); this model's vocab_size is {baseModel.Config.VocabSize}. Use --distill-steps 0");
+            throw new NotSupportedException($"--distill-steps {distillSteps}: calibration text needs a tokenizer, and {baseDir} has no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile} (vocab_size {baseModel.Config.VocabSize}). Use --distill-steps 0");
         }
 
         report.Delta.Save(outDir, baseModel.Config);
@@ -570,7 +586,7 @@ internal static class Commands
         using var baseModel = LoadTextModel(baseDir, device);
         using var fine = LoadTextModel(fineDir, device);
         var (train, held, _) = Jobs.Data(dataSpec, seed);
-        var batches = train.EncodeBatches(8, batchSize, seqLen, completionOnly: true, rewind: false);
+        var batches = train.EncodeBatches(baseModel.Tokenizer, 8, batchSize, seqLen, completionOnly: true, rewind: false);
         var result = Grafting.Localize(baseModel, fine, batches, batchSize, budget, steps);
         result.Delta.Save(outDir, baseModel.Config);
         result.Delta.ApplyTo(baseModel);
@@ -637,7 +653,7 @@ internal static class Commands
         using var sparseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var sparseData = ExampleSource.Tasks(new[] { heldOutTask }, seed + 7, Split.Train);
         var sparseMasks = SparseMasks.Select(sparseModel, 0.01, MaskSource.Gradient, seed,
-            sparseData.EncodeBatches(4, options.BatchSize, options.SeqLen, completionOnly: true, rewind: true), options.BatchSize);
+            sparseData.EncodeBatches(sparseModel.Tokenizer, 4, options.BatchSize, options.SeqLen, completionOnly: true, rewind: true), options.BatchSize);
         long sparseTrainable = sparseMasks.Values.Sum(m => (long)m.Length);
         using (var pretrained = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
         {
@@ -649,7 +665,7 @@ internal static class Commands
         console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales");
         using var baseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var delta = BitDelta.Compress(baseModel, model);
-        var (calibTrain, calibEval) = CalibrationBatches($"builtin:tasks", 8, options.SeqLen, 32, 4, seed + 11);
+        var (calibTrain, calibEval) = CalibrationBatches(baseModel.Tokenizer, $"builtin:tasks", 8, options.SeqLen, 32, 4, seed + 11);
         var distilled = ScaleDistillation.Run(delta, baseModel, model, calibTrain, calibEval, 8, steps: 60, learningRate: 0.02f);
         distilled.Delta.Save(Path.Combine(outDir, "finetuned-1bit"), baseModel.Config);
         EvalResult Compressed(BitDelta d)
@@ -660,7 +676,7 @@ internal static class Commands
         }
 
         console.MarkupLine($"4b. skill localization: graft 0.1% of the full fine-tune's entries onto the pre-trained model");
-        var graftBatches = sparseData.EncodeBatches(8, options.BatchSize, options.SeqLen, completionOnly: true, rewind: false);
+        var graftBatches = sparseData.EncodeBatches(model.Tokenizer, 8, options.BatchSize, options.SeqLen, completionOnly: true, rewind: false);
         var graft = Grafting.Localize(baseModel, model, graftBatches, options.BatchSize, budget: 0.001, steps: 30);
         graft.Delta.Save(Path.Combine(outDir, "grafted"), baseModel.Config);
         EvalResult grafted;
@@ -683,7 +699,7 @@ internal static class Commands
         table.AddRow("LoRA r=8", $"{loraTrainable:N0}", "pre-training tasks", $"{loraOnPre.Loss:F3}", $"{loraOnPre.ExactMatch:P1}");
         console.MarkupLine($"5. batched generation: 32 '{heldOutTask}' requests behind one shared few-shot prompt, on the full fine-tune, with and without prefix sharing");
         var shots = string.Concat(TaskSuite.Stream(new[] { heldOutTask }, seed + 3, Split.Train).Take(12).Select(e => e.Prompt + e.Completion + "\n"));
-        var shotRequests = taskHeld.Take(32).Select(e => new GenerationRequest(e.Prompt, MaxTokens: new ByteTokenizer().Encode(e.Completion).Length + 1, SharedPrefix: shots)).ToList();
+        var shotRequests = taskHeld.Take(32).Select(e => new GenerationRequest(e.Prompt, MaxTokens: ByteTokenizer.Instance.Encode(e.Completion).Length + 1, SharedPrefix: shots)).ToList();
         BatchGenerator.GenerateWithReport(model, shotRequests.Take(2).ToList(), null, PrefixSharing.Told); // warm up both paths
         BatchGenerator.GenerateWithReport(model, shotRequests.Take(2).ToList(), null, PrefixSharing.Off);
         var sharedClock = System.Diagnostics.Stopwatch.StartNew();
@@ -700,7 +716,7 @@ internal static class Commands
         table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");
         console.Write(table);
-        int shotTokens = 1 + new ByteTokenizer().Encode(shots).Length;
+        int shotTokens = 1 + ByteTokenizer.Instance.Encode(shots).Length;
         console.MarkupLine($"shared prompt of {shotTokens} tokens, 32 requests: {sharedSeconds * 1000:F0} ms with one shared copy of its keys and values ({sharedReport.TokensSaved:N0} prompt tokens not recomputed), " +
             $"{copySeconds * 1000:F0} ms with a copy per request: [bold]{copySeconds / Math.Max(sharedSeconds, 1e-9):F1}x[/] faster; same tokens: {(same ? "yes" : "[red]NO[/]")}");
         double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;

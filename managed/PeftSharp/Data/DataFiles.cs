@@ -70,26 +70,25 @@ public static class Batcher
 {
     public const int IgnoreIndex = -100;
 
-    public static (int[] Tokens, int[] Targets) Encode(IReadOnlyList<Example> examples, ByteTokenizer tokenizer, int seqLen, bool completionOnly)
+    public static (int[] Tokens, int[] Targets) Encode(IReadOnlyList<Example> examples, ITokenizer tokenizer, int seqLen, bool completionOnly)
     {
         var tokens = new int[examples.Count * seqLen];
         var targets = new int[examples.Count * seqLen];
-        Array.Fill(tokens, ByteTokenizer.Pad);
+        Array.Fill(tokens, tokenizer.Pad);
         Array.Fill(targets, IgnoreIndex);
         for (int r = 0; r < examples.Count; r++)
         {
             var prompt = tokenizer.Encode(examples[r].Prompt);
-            var completion = tokenizer.Encode(examples[r].Completion);
-            var seq = new List<int> { ByteTokenizer.Bos };
+            var seq = tokenizer.EncodeStart("");
+            int start = seq.Count;
             seq.AddRange(prompt);
-            seq.AddRange(completion);
-            seq.Add(ByteTokenizer.Eos);
+            seq.AddRange(tokenizer.EncodeEnd(examples[r].Completion));
             if (seq.Count > seqLen + 1)
             {
                 throw new ArgumentException($"example '{examples[r].Prompt}{examples[r].Completion}' needs {seq.Count - 1} positions, more than the sequence length {seqLen}");
             }
 
-            int firstTrained = completionOnly ? prompt.Length : 0; // position whose target is the first completion token
+            int firstTrained = completionOnly ? start + prompt.Length - 1 : 0; // position whose target is the first completion token
             for (int i = 0; i + 1 < seq.Count; i++)
             {
                 tokens[r * seqLen + i] = seq[i];

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using PeftSharp.Data;
 using PeftSharp.Engine;
 using PeftSharp.Model;
 
@@ -62,7 +63,9 @@ public static class HuggingFaceFolder
                 throw new InvalidDataException($"{folder}: the weights do not match config.json ({problems.Count} problems): {string.Join("; ", problems)}");
             }
 
-            return LlamaModel.FromTensors(device, config, (name, _) => locate(name).ReadFloats(name));
+            var model = LlamaModel.FromTensors(device, config, (name, _) => locate(name).ReadFloats(name));
+            model.UseTokenizerFiles(folder, HfTokenizer.ReadFiles(folder));
+            return model;
         }
         finally
         {
@@ -177,5 +180,6 @@ public static class HuggingFaceFolder
         }
 
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), model.Config.ToJson());
+        HfTokenizer.WriteFiles(folder, model.TokenizerFiles);
     }
 }

@@ -1,3 +1,4 @@
+using PeftSharp.Data;
 using PeftSharp.Engine;
 
 namespace PeftSharp.Model;
@@ -48,6 +49,7 @@ public sealed class LlamaModel : IDisposable
     private readonly Dictionary<string, (float[] A0, float[] B0)> loraInit = new();
     private int chainRestarts;
     private VirtualPrefix? prefix;
+    private Lazy<ITokenizer>? tokenizer;
 
     private LlamaModel(Device device, LlamaConfig config)
     {
@@ -58,6 +60,46 @@ public sealed class LlamaModel : IDisposable
     public Device Device { get; }
 
     public LlamaConfig Config { get; }
+
+    /// <summary>
+    /// The tokenizer text goes through (training rows, evaluation, generation): the model folder's tokenizer.json or
+    /// tokenizer.model when it was loaded from one that has them (read on first use), else the built-in byte tokenizer
+    /// when vocab_size is 259; otherwise an error. Setting it checks that its ids fit the embedding.
+    /// </summary>
+    public ITokenizer Tokenizer
+    {
+        get => tokenizer?.Value ?? (Config.VocabSize == ByteTokenizer.VocabSize
+            ? ByteTokenizer.Instance
+            : throw new InvalidOperationException($"the model has vocab_size {Config.VocabSize} and no tokenizer: load it from a folder with {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile}, or set Tokenizer (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer)"));
+        set
+        {
+            var checkedValue = CheckTokenizer(value);
+            tokenizer = new Lazy<ITokenizer>(() => checkedValue);
+        }
+    }
+
+    /// <summary>Whether <see cref="Tokenizer"/> has one to give (files from the folder, one set, or vocab_size 259).</summary>
+    public bool HasTokenizer => tokenizer != null || Config.VocabSize == ByteTokenizer.VocabSize;
+
+    /// <summary>Tokenizer files carried from the folder the model was loaded from, written again when it is saved.</summary>
+    public IReadOnlyDictionary<string, byte[]> TokenizerFiles { get; private set; } = new Dictionary<string, byte[]>();
+
+    /// <summary>Gives the model its folder's tokenizer files; they are parsed when <see cref="Tokenizer"/> is first read.</summary>
+    public void UseTokenizerFiles(string folder, IReadOnlyDictionary<string, byte[]> files)
+    {
+        TokenizerFiles = files;
+        tokenizer = files.Count == 0 || !HfTokenizer.Present(folder) ? null : new Lazy<ITokenizer>(() => CheckTokenizer(HfTokenizer.Load(folder)));
+    }
+
+    private ITokenizer CheckTokenizer(ITokenizer t)
+    {
+        if (t.VocabSize > Config.VocabSize)
+        {
+            throw new InvalidDataException($"tokenizer {t.Name} produces ids up to {t.VocabSize - 1}, but the model's vocab_size is {Config.VocabSize}");
+        }
+
+        return t;
+    }
 
     /// <summary>The base model's parameters (what a Hugging Face folder holds).</summary>
     public IReadOnlyList<Parameter> Parameters => parameters;

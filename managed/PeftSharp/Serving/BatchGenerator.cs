@@ -50,7 +50,7 @@ public static class BatchGenerator
         LlamaModel model, IReadOnlyList<GenerationRequest> requests, VariantSet? variants = null, PrefixSharing sharing = PrefixSharing.Auto)
     {
         if (variants != null && !ReferenceEquals(variants.Model, model)) throw new ArgumentException("the variant set belongs to another model");
-        var tok = new ByteTokenizer();
+        var tok = model.Tokenizer;
         int n = requests.Count;
         var variantOf = requests.Select(r => variants?.IndexOf(r.Variant) ?? (string.IsNullOrEmpty(r.Variant) || r.Variant == "base"
             ? -1
@@ -61,7 +61,7 @@ public static class BatchGenerator
         {
             var r = requests[i];
             if (r.MaxTokens < 0) throw new ArgumentException($"request {i}: max tokens {r.MaxTokens} is negative");
-            var tokens = new List<int> { ByteTokenizer.Bos };
+            var tokens = tok.EncodeStart("");
             var ends = new List<int>();
             foreach (var level in r.PrefixLevels)
             {
@@ -70,7 +70,7 @@ public static class BatchGenerator
             }
 
             tokens.AddRange(tok.Encode(r.Prompt));
-            full[i] = tokens.ToArray();
+            full[i] = tokens.Count > 0 ? tokens.ToArray() : throw new ArgumentException($"request {i}: empty prompt, and tokenizer {tok.Name} adds no BOS to continue from");
             levelEnds[i] = ends.ToArray();
             if (full[i].Length > model.Config.MaxPositionEmbeddings) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds max_position_embeddings = {model.Config.MaxPositionEmbeddings}");
         }
@@ -147,7 +147,7 @@ public static class BatchGenerator
                     int i = live[j];
                     var r = requests[i];
                     int t = r.Temperature <= 0f ? Generator.ArgMax(logits[j]) : Generator.Draw(logits[j], r.Temperature, r.TopK, r.TopP, rngs[i]);
-                    bool done = t == ByteTokenizer.Eos;
+                    bool done = t == tok.Eos;
                     if (!done) outputs[i].Add(t);
                     done |= outputs[i].Count >= r.MaxTokens || caches[i]!.Length >= caches[i]!.Capacity;
                     if (done)

@@ -10,7 +10,7 @@ public static class Evaluator
 {
     public static EvalResult Evaluate(LlamaModel model, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int batchSize = 16)
     {
-        var tok = new ByteTokenizer();
+        var tok = model.Tokenizer;
         double lossSum = 0;
         int counted = 0;
         for (int i = 0; i < examples.Count; i += batchSize)
@@ -25,7 +25,7 @@ public static class Evaluator
         int correct = 0;
         foreach (var e in examples)
         {
-            string got = Generator.Greedy(model, e.Prompt, maxTokens: tok.Encode(e.Completion).Length + 1);
+            string got = Generator.Greedy(model, e.Prompt, maxTokens: tok.EncodeEnd(e.Completion).Length);
             if (got == e.Completion) correct++;
         }
 
@@ -42,10 +42,10 @@ public static class Generator
     /// <summary>Samples up to <paramref name="maxTokens"/> tokens after [BOS] prompt, stopping at EOS. Temperature 0 is greedy.</summary>
     public static string Sample(LlamaModel model, string prompt, int maxTokens, float temperature, int topK, float topP, int seed)
     {
-        var tok = new ByteTokenizer();
+        var tok = model.Tokenizer;
         var rng = new Random(seed);
-        var seq = new List<int> { ByteTokenizer.Bos };
-        seq.AddRange(tok.Encode(prompt));
+        var seq = tok.EncodeStart(prompt);
+        if (seq.Count == 0) throw new ArgumentException($"empty prompt: tokenizer {tok.Name} adds no BOS, so there is nothing to continue from");
         var output = new List<int>();
         int capacity = Math.Min(model.Config.MaxPositionEmbeddings, seq.Count + maxTokens);
         if (seq.Count > capacity) throw new ArgumentException($"prompt of {seq.Count} tokens exceeds max_position_embeddings = {model.Config.MaxPositionEmbeddings}");
@@ -54,7 +54,7 @@ public static class Generator
         for (int i = 0; i < maxTokens; i++)
         {
             int next = temperature <= 0f ? ArgMax(last) : Draw(last, temperature, topK, topP, rng);
-            if (next == ByteTokenizer.Eos) break;
+            if (next == tok.Eos) break;
             output.Add(next);
             if (cache.Length >= capacity) break;
             last = model.DecodeStep(cache, new[] { next });

@@ -79,10 +79,9 @@ public sealed class ExampleSource
     /// at the data before training (masks, initialisations, calibration). With <paramref name="rewind"/> the source
     /// returns to where it was, so training then sees the same examples.
     /// </summary>
-    public List<(int[] Tokens, int[] Targets)> EncodeBatches(int count, int batchSize, int seqLen, bool completionOnly, bool rewind)
+    public List<(int[] Tokens, int[] Targets)> EncodeBatches(ITokenizer tokenizer, int count, int batchSize, int seqLen, bool completionOnly, bool rewind)
     {
         long start = Position;
-        var tokenizer = new ByteTokenizer();
         var batches = Enumerable.Range(0, count).Select(_ => Batcher.Encode(Next(batchSize), tokenizer, seqLen, completionOnly)).ToList();
         if (rewind) Seek(start);
         return batches;
@@ -116,7 +115,7 @@ public sealed class TrainingRun
     private readonly Optimizer optimizer;
     private readonly LearningRateSchedule schedule;
     private readonly ExampleSource data;
-    private readonly ByteTokenizer tokenizer = new();
+    private readonly ITokenizer tokenizer;
 
     public TrainingRun(LlamaModel model, Optimizer optimizer, LearningRateSchedule schedule, ExampleSource data, TrainOptions options)
     {
@@ -124,6 +123,7 @@ public sealed class TrainingRun
         this.optimizer = optimizer;
         this.schedule = schedule;
         this.data = data;
+        tokenizer = model.Tokenizer;
         Options = options;
         if (options.BatchSize <= 0 || options.GradAccumulation <= 0 || options.SeqLen <= 0)
         {
@@ -225,8 +225,8 @@ public sealed class TrainingRun
     private (double Loss, int Rows) GroupedStep(IReadOnlyList<Example> batch)
     {
         var groups = batch.GroupBy(e => e.Prompt).Select(g => (
-            Prompt: new[] { ByteTokenizer.Bos }.Concat(tokenizer.Encode(g.Key)).ToArray(),
-            Completions: g.Select(e => tokenizer.Encode(e.Completion).Append(ByteTokenizer.Eos).ToArray()).ToArray())).ToList();
+            Prompt: tokenizer.EncodeStart(g.Key).ToArray(),
+            Completions: g.Select(e => tokenizer.EncodeEnd(e.Completion)).ToArray())).ToList();
         int total = groups.Sum(g => g.Completions.Sum(c => c.Length));
         double loss = 0;
         int rows = 0;
@@ -239,7 +239,7 @@ public sealed class TrainingRun
             }
 
             float weight = (float)counted / total;
-            var (l, _) = model.GroupedLoss(prompt, completions, backward: true, ByteTokenizer.Pad, weight);
+            var (l, _) = model.GroupedLoss(prompt, completions, backward: true, tokenizer.Pad, weight);
             loss += l * weight;
             rows += prompt.Length - 1 + completions.Length * completions.Max(c => c.Length);
         }
