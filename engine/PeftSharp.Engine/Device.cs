@@ -3,6 +3,7 @@ using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
+using PeftSharp.Kernels.Sparse;
 
 namespace PeftSharp.Engine;
 
@@ -151,7 +152,15 @@ public abstract class Device : IDisposable
     protected internal abstract void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step);
     protected internal abstract void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha);
     protected internal abstract void GatherCore(Tensor w, IndexTensor idx, Tensor values);
+    protected internal abstract void ScatterCore(Tensor w, IndexTensor idx, Tensor values);
     protected internal abstract void DareCore(Tensor x, Tensor y, float p, int seed);
+    protected internal abstract void AbsAddCore(Tensor x, Tensor acc);
+
+    /// <summary>Radix-select pass: the 256-bin histogram of the digit at <paramref name="shift"/> of the keys matching prefix under prefixMask.</summary>
+    protected internal abstract int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk);
+
+    /// <summary>The band's indices, ascending (see <see cref="SelectKernels"/>); exactly <paramref name="count"/> of them.</summary>
+    protected internal abstract int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count);
     protected internal abstract void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows);
     protected internal abstract void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s);
     protected internal abstract void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s);

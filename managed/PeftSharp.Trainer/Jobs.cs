@@ -94,10 +94,11 @@ internal sealed class Jobs
             _ => throw new ArgumentException($"--optimizer {extras.Optimizer}: use adamw or sgd"),
         };
         using var ema = extras.EmaDecay > 0 ? new WeightEma(model, extras.EmaDecay) : null;
-        var regrow = extras.RegrowEvery > 0 && opt is MaskedAdamW masked ? new SparseRegrow(masked, extras.RegrowEvery) : null;
+        using var regrow = extras.RegrowEvery > 0 && opt is MaskedAdamW masked ? new SparseRegrow(masked, extras.RegrowEvery) : null;
         var schedule = new LearningRateSchedule.Warmup(options.LearningRate, options.WarmupSteps, options.Steps, Cosine: true, MinLearningRate: options.LearningRate / 10);
         var run = new TrainingRun(model, opt, schedule, data, options);
         if (ema != null) run.ExtraStates.Add(ema); // the EMA travels in checkpoints and resumes with the run
+        if (opt is MaskedAdamW sparse) run.ExtraStates.Add(new SparseState(sparse, regrow)); // masks (and regrow state) too
         if (resume != null) run.Resume(resume);
         IReadOnlyList<StepMetrics> metrics;
         if (quiet)

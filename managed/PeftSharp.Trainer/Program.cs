@@ -330,13 +330,25 @@ internal static class Commands
                 "random" => MaskSource.Random,
                 _ => throw new ArgumentException($"--mask {extras.MaskSource}: use gradient, weight or random"),
             };
-            if (resume != null) throw new NotSupportedException("--resume with --method sparse: the masks are not in checkpoints yet");
-            var batches = train.EncodeBatches(model.Tokenizer, 4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);
-            var masks = SparseMasks.Select(model, d, source, options.Seed, batches, options.BatchSize);
+            // A resumed run takes its masks from the checkpoint and its starting weights from --model (the delta's base).
+            if (resume != null && modelDir == null) throw new ArgumentException("--resume with --method sparse needs --model: the sparse delta is taken against that base");
+            var masks = resume != null
+                ? SparseState.ReadMasks(resume)
+                : SparseMasks.Select(model, d, source, options.Seed, train.EncodeBatches(model.Tokenizer, 4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true), options.BatchSize);
             extras = extras with { SparseMasks = masks };
             long nnz = masks.Values.Sum(m => (long)m.Length);
-            console.MarkupLine($"sparse fine-tuning: {nnz:N0} of {model.ParameterCount:N0} entries train ({100.0 * nnz / model.ParameterCount:F2}%, masks by {extras.MaskSource}); optimizer state {2 * nnz:N0} floats");
-            var initial = model.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+            console.MarkupLine($"sparse fine-tuning: {nnz:N0} of {model.ParameterCount:N0} entries train ({100.0 * nnz / model.ParameterCount:F2}%, masks by {(resume != null ? "the checkpoint" : extras.MaskSource)}); optimizer state {2 * nnz:N0} floats");
+            Dictionary<string, float[]> initial;
+            if (resume == null)
+            {
+                initial = model.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+            }
+            else
+            {
+                using var baseModel = HuggingFaceFolder.Load(modelDir!, device);
+                initial = baseModel.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+            }
+
             save = dir =>
             {
                 using var start = LlamaModel.FromTensors(model.Device, model.Config, (name, _) => initial[name]);

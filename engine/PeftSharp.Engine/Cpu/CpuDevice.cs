@@ -5,6 +5,7 @@ using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
+using PeftSharp.Kernels.Sparse;
 
 namespace PeftSharp.Engine.Cpu;
 
@@ -551,6 +552,14 @@ public sealed unsafe class CpuDevice : Device
         for (int j = 0; j < ix.Length; j++) wa[wo + ix[j]] += alpha * va[vo + j];
     }
 
+    protected internal override void ScatterCore(Tensor w, IndexTensor idx, Tensor values)
+    {
+        float[] wa = Arr(w), va = Arr(values);
+        int wo = w.Offset, vo = values.Offset;
+        var ix = idx.Host;
+        for (int j = 0; j < ix.Length; j++) wa[wo + ix[j]] = va[vo + j];
+    }
+
     protected internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values)
     {
         float[] wa = Arr(w), va = Arr(values);
@@ -564,6 +573,83 @@ public sealed unsafe class CpuDevice : Device
         float[] xa = Arr(x), ya = Arr(y);
         int xo = x.Offset, yo = y.Offset;
         ForRows(x.Length, 1, i => ya[yo + i] = PeftSharp.Kernels.Sparse.SparseKernels.Uniform(seed, i) >= p ? (p == 0f ? xa[xo + i] : xa[xo + i] / (1f - p)) : 0f);
+    }
+
+    protected internal override void AbsAddCore(Tensor x, Tensor acc)
+    {
+        float[] xa = Arr(x), aa = Arr(acc);
+        int xo = x.Offset, ao = acc.Offset;
+        ForRows(x.Length, 1, i => aa[ao + i] += MathF.Abs(xa[xo + i]));
+    }
+
+    /// <summary>The sort key of entry i (as <see cref="SelectKernels.Key"/>).</summary>
+    private static uint SelectKey(float[] xa, int xo, int i, SelectScore score) =>
+        score.Mode == SelectScore.Uniform
+            ? BitConverter.SingleToUInt32Bits(PeftSharp.Kernels.Sparse.SparseKernels.Uniform(score.Seed, i))
+            : BitConverter.SingleToUInt32Bits(xa[xo + i]) & 0x7FFFFFFFu;
+
+    protected internal override int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk)
+    {
+        float[] xa = Arr(x);
+        int xo = x.Offset, n = x.Length, chunks = (n + chunk - 1) / chunk;
+        var total = new int[SelectKernels.Bins];
+        Parallel.For(0, chunks, () => new int[SelectKernels.Bins], (c, _, hist) =>
+        {
+            int end = Math.Min(n, (c + 1) * chunk);
+            for (int i = c * chunk; i < end; i++)
+            {
+                uint key = SelectKey(xa, xo, i, score);
+                if ((key & prefixMask) == prefix) hist[(key >> shift) & 0xFF]++;
+            }
+
+            return hist;
+        }, hist =>
+        {
+            lock (total)
+            {
+                for (int b = 0; b < total.Length; b++) total[b] += hist[b];
+            }
+        });
+        return total;
+    }
+
+    protected internal override int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count)
+    {
+        float[] xa = Arr(x);
+        int xo = x.Offset, chunks = (band.Length + band.Chunk - 1) / band.Chunk;
+        var counts = new int[3 * chunks];
+        Parallel.For(0, chunks, c =>
+        {
+            int end = Math.Min(band.Length, (c + 1) * band.Chunk);
+            for (int i = c * band.Chunk; i < end; i++)
+            {
+                uint key = SelectKey(xa, xo, i, score);
+                if (key == band.KeyLo) counts[3 * c]++;
+                if (key == band.KeyHi) counts[3 * c + 1]++;
+                if (key > band.KeyHi && key < band.KeyLo) counts[3 * c + 2]++;
+            }
+        });
+        var before = SelectPlan.Before(counts, band, count);
+        var output = new int[count];
+        Parallel.For(0, chunks, c =>
+        {
+            int posLo = before[3 * c], posHi = before[3 * c + 1], at = before[3 * c + 2];
+            int end = Math.Min(band.Length, (c + 1) * band.Chunk);
+            for (int i = c * band.Chunk; i < end; i++)
+            {
+                uint key = SelectKey(xa, xo, i, score);
+                bool keep = key > band.KeyHi && key < band.KeyLo;
+                if (key == band.KeyLo || key == band.KeyHi)
+                {
+                    keep = true;
+                    if (key == band.KeyLo) keep = posLo++ >= band.LoStart;
+                    if (key == band.KeyHi) keep = keep && posHi++ < band.HiEnd;
+                }
+
+                if (keep) output[at++] = i;
+            }
+        });
+        return output;
     }
 
     protected internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows)

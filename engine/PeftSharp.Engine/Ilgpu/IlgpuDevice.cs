@@ -9,6 +9,7 @@ using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Kernels.LowRank;
 using PeftSharp.Kernels.Optim;
+using PeftSharp.Kernels.Sparse;
 using Buffer = ILGPU.Runtime.MemoryBuffer1D<float, ILGPU.Stride1D.Dense>;
 using IndexBuffer = ILGPU.Runtime.MemoryBuffer1D<int, ILGPU.Stride1D.Dense>;
 
@@ -387,9 +388,44 @@ public sealed class IlgpuDevice : Device
     protected internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha) =>
         kernels.ScatterAdd.Value(idx.Length, V(w), V(idx), V(values), alpha);
 
+    protected internal override void ScatterCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Scatter.Value(idx.Length, V(w), V(idx), V(values));
+
     protected internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Gather.Value(idx.Length, V(w), V(idx), V(values));
 
     protected internal override void DareCore(Tensor x, Tensor y, float p, int seed) => kernels.Dare.Value(x.Length, V(x), V(y), p, seed);
+
+    protected internal override void AbsAddCore(Tensor x, Tensor acc) => kernels.AbsAdd.Value(x.Length, V(x), V(acc));
+
+    protected internal override int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk)
+    {
+        int chunks = (x.Length + chunk - 1) / chunk;
+        using var hist = accelerator.Allocate1D<int>(chunks * SelectKernels.Bins);
+        using var total = accelerator.Allocate1D<int>(SelectKernels.Bins);
+        kernels.SelectHistogram.Value(chunks, V(x), hist.View, score, prefix, prefixMask, shift, chunk, x.Length);
+        kernels.SelectHistogramSum.Value(SelectKernels.Bins, hist.View, total.View, chunks);
+        var result = new int[SelectKernels.Bins];
+        accelerator.Synchronize();
+        total.View.CopyToCPU(result);
+        return result;
+    }
+
+    protected internal override int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count)
+    {
+        int chunks = (band.Length + band.Chunk - 1) / band.Chunk;
+        using var counts = accelerator.Allocate1D<int>(3 * chunks);
+        kernels.SelectCount.Value(chunks, V(x), counts.View, score, band);
+        var host = new int[3 * chunks];
+        accelerator.Synchronize();
+        counts.View.CopyToCPU(host);
+        var before = SelectPlan.Before(host, band, count);
+        using var beforeBuf = accelerator.Allocate1D(before);
+        using var output = accelerator.Allocate1D<int>(count);
+        kernels.SelectWrite.Value(chunks, V(x), beforeBuf.View, output.View, score, band);
+        var result = new int[count];
+        accelerator.Synchronize();
+        output.View.CopyToCPU(result);
+        return result;
+    }
 
     protected internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows) =>
         kernels.SparseMixed.Value(rows * pool.OutFeatures, V(x), V(pool.RowStart), V(pool.Cols), V(pool.Vals), V(rowVariants), V(y), pool.OutFeatures, pool.InFeatures);

@@ -60,7 +60,13 @@ internal sealed class IlgpuKernelSet
         MaskedAdamW = Load<Action<Index1D, AV, AV, AVI, AV, AV, float, float, float, float, float, float, float>>(nameof(SparseKernels.MaskedAdamWKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AV, AV, float, float, float, float, float, float, float>(SparseKernels.MaskedAdamWKernel));
         MaskedSgd = Load<Action<Index1D, AV, AV, AVI, AV, float, float, float>>(nameof(SparseKernels.MaskedSgdKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, AV, float, float, float>(SparseKernels.MaskedSgdKernel));
         ScatterAdd = Load<Action<Index1D, AV, AVI, AV, float>>(nameof(SparseKernels.ScatterAddKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, float>(SparseKernels.ScatterAddKernel));
+        Scatter = Load<Action<Index1D, AV, AVI, AV>>(nameof(SparseKernels.ScatterKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV>(SparseKernels.ScatterKernel));
         Gather = Load<Action<Index1D, AV, AVI, AV>>(nameof(SparseKernels.GatherKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV>(SparseKernels.GatherKernel));
+        AbsAdd = Load<Action<Index1D, AV, AV>>(nameof(ElementwiseKernels.AbsAddKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV>(ElementwiseKernels.AbsAddKernel));
+        SelectHistogram = Load<Action<Index1D, AV, AVI, SelectScore, uint, uint, int, int, int>>(nameof(SelectKernels.HistogramKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, SelectScore, uint, uint, int, int, int>(SelectKernels.HistogramKernel));
+        SelectHistogramSum = Load<Action<Index1D, AVI, AVI, int>>(nameof(SelectKernels.HistogramSumKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AVI, AVI, int>(SelectKernels.HistogramSumKernel));
+        SelectCount = Load<Action<Index1D, AV, AVI, SelectScore, SelectBand>>(nameof(SelectKernels.CountKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, SelectScore, SelectBand>(SelectKernels.CountKernel));
+        SelectWrite = Load<Action<Index1D, AV, AVI, AVI, SelectScore, SelectBand>>(nameof(SelectKernels.WriteKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AVI, SelectScore, SelectBand>(SelectKernels.WriteKernel));
         Dare = Load<Action<Index1D, AV, AV, float, int>>(nameof(SparseKernels.DareKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, float, int>(SparseKernels.DareKernel));
         SparseMixed = Load<Action<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>>(nameof(SparseKernels.MixedKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>(SparseKernels.MixedKernel));
         DoraScale = Load<Action<Index1D, AV, AV, AVI, int>>(nameof(LoraKernels.DoraScaleKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AVI, int>(LoraKernels.DoraScaleKernel));
@@ -119,7 +125,13 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AVI, AV, float, float, float>> MaskedSgd { get; }
     public Lazy<Action<Index1D, AV, AVI, AV, float>> ScatterAdd { get; }
     public Lazy<Action<Index1D, AV, AVI, AV>> Gather { get; }
+    public Lazy<Action<Index1D, AV, AVI, AV>> Scatter { get; }
     public Lazy<Action<Index1D, AV, AV, float, int>> Dare { get; }
+    public Lazy<Action<Index1D, AV, AV>> AbsAdd { get; }
+    public Lazy<Action<Index1D, AV, AVI, SelectScore, uint, uint, int, int, int>> SelectHistogram { get; }
+    public Lazy<Action<Index1D, AVI, AVI, int>> SelectHistogramSum { get; }
+    public Lazy<Action<Index1D, AV, AVI, SelectScore, SelectBand>> SelectCount { get; }
+    public Lazy<Action<Index1D, AV, AVI, AVI, SelectScore, SelectBand>> SelectWrite { get; }
     public Lazy<Action<Index1D, AV, AVI, AVI, AV, AVI, AV, int, int>> SparseMixed { get; }
     public Lazy<Action<Index1D, AVI, AV, float, float, BitDeltaShape>> BitDeltaDecode { get; }
 

@@ -21,6 +21,9 @@ public static class ElementwiseKernels
 
     public static void FillKernel(Index1D i, ArrayView<float> y, float value) => y[i] = value;
 
+    /// <summary>acc += |x|: accumulated gradient magnitudes (mask selection).</summary>
+    public static void AbsAddKernel(Index1D i, ArrayView<float> x, ArrayView<float> acc) => acc[i] += XMath.Abs(x[i]);
+
     private static float Sigmoid(float x) => 1f / (1f + XMath.Exp(-x));
 
     public static void SiluKernel(Index1D i, ArrayView<float> x, ArrayView<float> y) => y[i] = x[i] * Sigmoid(x[i]);

@@ -25,6 +25,11 @@ public static class ElementwiseReference
     }
 
     /// <summary>y += alpha * x.</summary>
+    public static void AbsAdd(ReadOnlySpan<float> x, Span<float> acc)
+    {
+        for (int i = 0; i < acc.Length; i++) acc[i] = (float)(acc[i] + Math.Abs((double)x[i]));
+    }
+
     public static void Axpy(float alpha, ReadOnlySpan<float> x, Span<float> y)
     {
         for (int i = 0; i < y.Length; i++) y[i] = (float)(y[i] + (double)alpha * x[i]);

@@ -72,6 +72,9 @@ public static class SparseKernels
     public static void ScatterAddKernel(Index1D j, ArrayView<float> w, ArrayView<int> idx, ArrayView<float> values, float alpha) =>
         w[idx[j]] += alpha * values[j];
 
+    /// <summary>w[idx[j]] = values[j] (indices distinct).</summary>
+    public static void ScatterKernel(Index1D j, ArrayView<float> w, ArrayView<int> idx, ArrayView<float> values) => w[idx[j]] = values[j];
+
     /// <summary>values[j] = w[idx[j]].</summary>
     public static void GatherKernel(Index1D j, ArrayView<float> w, ArrayView<int> idx, ArrayView<float> values) => values[j] = w[idx[j]];
 

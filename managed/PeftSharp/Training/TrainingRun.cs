@@ -115,7 +115,7 @@ public sealed class TrainingRun
     private readonly Optimizer optimizer;
     private readonly LearningRateSchedule schedule;
     private readonly ExampleSource data;
-    private readonly ITokenizer tokenizer;
+    private ITokenizer tokenizer => model.Tokenizer; // read when text is first encoded
 
     public TrainingRun(LlamaModel model, Optimizer optimizer, LearningRateSchedule schedule, ExampleSource data, TrainOptions options)
     {
@@ -123,7 +123,6 @@ public sealed class TrainingRun
         this.optimizer = optimizer;
         this.schedule = schedule;
         this.data = data;
-        tokenizer = model.Tokenizer;
         Options = options;
         if (options.BatchSize <= 0 || options.GradAccumulation <= 0 || options.SeqLen <= 0)
         {
@@ -291,6 +290,15 @@ public sealed class TrainingRun
         var root = doc.RootElement;
         string kind = root.GetProperty("optimizer").GetString()!;
         if (kind != optimizer.GetType().Name) throw new InvalidDataException($"{statePath}: checkpoint used {kind}, this run uses {optimizer.GetType().Name}");
+        // Extra states first: a sparse fine-tune's masks decide the layout of the optimizer's moments.
+        foreach (var extra in ExtraStates)
+        {
+            string path = Path.Combine(folder, extra.File);
+            if (!File.Exists(path)) throw new InvalidDataException($"{folder}: the checkpoint has no {extra.File}, which this run needs to resume");
+            using var ef = SafeTensorsFile.Open(path);
+            extra.Import(ef);
+        }
+
         using var st = SafeTensorsFile.Open(Path.Combine(folder, "optimizer.safetensors"));
         optimizer.ImportState(name => st.Contains(name) ? st.ReadFloats(name) : null, root.GetProperty("optimizer_steps").GetInt32());
         Step = root.GetProperty("step").GetInt32();
@@ -312,14 +320,6 @@ public sealed class TrainingRun
             }
 
             foreach (var p in adapterParams) p.Value.CopyFrom(af.ReadFloats(p.Name));
-        }
-
-        foreach (var extra in ExtraStates)
-        {
-            string path = Path.Combine(folder, extra.File);
-            if (!File.Exists(path)) throw new InvalidDataException($"{folder}: the checkpoint has no {extra.File}, which this run needs to resume");
-            using var ef = SafeTensorsFile.Open(path);
-            extra.Import(ef);
         }
     }
 }

@@ -126,9 +126,18 @@ public sealed class HostJobTests : TempDirectoryTest
         // Sparse fine-tuning writes a sparse delta folder that peft merge --delta applies.
         string sparseDir = Path.Combine(TempDir, "sparse");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "sparse", "--density", "0.02", "--mask", "random", "--regrow-every", "1", "--steps", "2",
-            "--batch-size", "2", "--out", sparseDir, "--quiet", "--device", "cpu");
+            "--batch-size", "2", "--checkpoint-every", "1", "--out", sparseDir, "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("sparse fine-tuning:").And.Contain("masks by random").And.Contain("dropped and regrown"));
+        string sparse2 = Path.Combine(TempDir, "sparse-resumed");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "sparse", "--density", "0.02", "--mask", "random", "--regrow-every", "1", "--steps", "2",
+            "--batch-size", "2", "--out", sparse2, "--quiet", "--device", "cpu", "--resume", Path.Combine(sparseDir, "checkpoint"));
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("masks by the checkpoint"));
+        Assert.That(File.ReadAllBytes(Path.Combine(sparse2, "sparse_delta.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(sparseDir, "sparse_delta.safetensors"))),
+            "a resumed sparse fine-tune writes the same delta against --model");
+        r = Peft.Run("finetune", "--data", "builtin:tasks=reverse", "--method", "sparse", "--steps", "2", "--out", sparse2, "--quiet", "--device", "cpu", "--resume", Path.Combine(sparseDir, "checkpoint"));
+        Assert.That(r.Err, Does.Contain("--model"));
         r = Peft.Run("merge", "--model", pre, "--delta", sparseDir, "--out", Path.Combine(TempDir, "sparse-merged"), "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("a sparse delta of"));

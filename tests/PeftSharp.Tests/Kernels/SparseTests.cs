@@ -103,6 +103,21 @@ public sealed class SparseTests : BackendTest
     }
 
     [Test]
+    public void Scatter_SetsTheIndexedEntriesExactly_LeavesTheRestBitIdentical()
+    {
+        const int numel = 1029;
+        var w0 = TestData.Uniform(numel, 21);
+        var idx = Mask(numel, 77, 22);
+        var values = TestData.Uniform(77, 23);
+        var w = Input("w", w0, numel);
+        Ops.Scatter(w, Indices("idx", idx), Input("values", values, 77));
+        var expected = (float[])w0.Clone();
+        for (int j = 0; j < idx.Length; j++) expected[idx[j]] = values[j];
+        Assert.That(w.ToArray(), Is.EqualTo(expected));
+        Assert.Throws<ArgumentException>(() => Ops.Scatter(w, Indices("dup", new[] { 3, 3 }), Input("v2", new float[2], 2)));
+    }
+
+    [Test]
     public void Dare_ZeroDropIsTheIdentity_MatchesReference_AndKeepsTheExpectationAcrossSeeds()
     {
         const int n = 2000;
@@ -129,6 +144,55 @@ public sealed class SparseTests : BackendTest
         double meanError = Enumerable.Range(0, n).Average(i => mean[i] - x[i]);
         Assert.That(Math.Abs(meanError), Is.LessThan(0.02), "no bias over all entries");
         Assert.That(Enumerable.Range(0, n).Count(i => Math.Abs(mean[i] - x[i]) > 0.5 * Math.Abs(x[i]) + 0.05), Is.LessThan(n / 100));
+    }
+
+    /// <summary>
+    /// Band selection against the sort-based reference: exact (indices, no tolerance). "ties" data has few distinct
+    /// magnitudes, both signs and zeros, so the boundary ranks fall inside runs of equal keys and the tie-break by
+    /// index decides; 4099 entries span five chunks of 1024.
+    /// </summary>
+    [TestCase(1, 0, 1, "plain", TestName = "{m}_N1_Top1")]
+    [TestCase(37, 0, 5, "plain", TestName = "{m}_N37_Top5")]
+    [TestCase(37, 3, 10, "ties", TestName = "{m}_N37_Skip3_Count10_Ties")]
+    [TestCase(4099, 0, 300, "plain", TestName = "{m}_N4099_Top300")]
+    [TestCase(4099, 41, 4058, "ties", TestName = "{m}_N4099_DropTop41_KeepRest_Ties")]
+    [TestCase(4099, 700, 1500, "ties", TestName = "{m}_N4099_Band700to2200_Ties")]
+    [TestCase(4099, 17, 2000, "uniform", TestName = "{m}_N4099_SeededRandom")]
+    [TestCase(2048, 0, 2048, "ties", TestName = "{m}_N2048_All")]
+    public void SelectBand_MatchesSortReference(int n, int skip, int count, string data)
+    {
+        var x = TestData.Uniform(n, 11, -2f, 2f);
+        if (data == "ties") x = x.Select((v, i) => i % 5 == 0 ? 0f : MathF.Round(v * 2f) / 2f).ToArray();
+        var score = data == "uniform" ? new SelectScore(SelectScore.Uniform, 1234) : new SelectScore(SelectScore.Magnitude, 0);
+        var expected = SelectReference.Band(x, skip, count, score);
+        var got = Ops.SelectBand(Input("x", x, n), skip, count, score);
+        Assert.That(got, Is.EqualTo(expected));
+    }
+
+    [Test]
+    public void SelectBand_BandsPartitionTheTensor_EmptyBandAndBadRanks()
+    {
+        const int n = 1500;
+        var x = TestData.Uniform(n, 12).Select(v => MathF.Round(v * 4f)).ToArray(); // 9 distinct values: long runs of ties
+        var tx = Input("x", x, n);
+        var parts = new[] { (0, 100), (100, 650), (750, 750) }.SelectMany(b => Ops.SelectBand(tx, b.Item1, b.Item2)).ToList();
+        Assert.That(parts.Order(), Is.EqualTo(Enumerable.Range(0, n)), "consecutive bands are disjoint and cover every entry");
+        Assert.That(Ops.SelectBand(tx, 10, 0), Is.Empty);
+        Assert.Throws<ArgumentException>(() => Ops.SelectBand(tx, 1000, 501));
+        Assert.Throws<ArgumentException>(() => Ops.SelectBand(tx, -1, 3));
+    }
+
+    [Test]
+    public void AbsAdd_MatchesReference()
+    {
+        const int n = 1031;
+        var x = TestData.Uniform(n, 13, -3f, 3f);
+        var acc0 = TestData.Uniform(n, 14, 0f, 1f);
+        var expected = (float[])acc0.Clone();
+        PeftSharp.Kernels.Core.ElementwiseReference.AbsAdd(x, expected);
+        var acc = Input("acc", acc0, n);
+        Ops.AbsAdd(Input("x", x, n), acc);
+        Expect(acc, expected, Tolerances.Elementwise, "abs add");
     }
 
     [TestCase(1, 1, 1, TestName = "{m}_M1_K1_N1")]

@@ -264,4 +264,142 @@ public sealed class SparseRegrowTests
 
         Assert.That(model.Parameters.Any(p => !now[p.Name].SequenceEqual(masks[p.Name])), "some masks moved");
     }
+
+    /// <summary>
+    /// The device-side regrow against the rule written out on the host over whole tensors (the plain form: drop the
+    /// masked entries changed least from the start, grow the unmasked ones with the largest summed |gradient|, ties
+    /// by index): the same masks and the same weights, bit for bit. Gradient-magnitude masks and a weight that
+    /// stays put (the tied-at-zero sums of never-touched entries) both occur here.
+    /// </summary>
+    [Test]
+    public void Regrow_EqualsThePlainHostRule()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LoraTrainingTests.Micro, seed: 71);
+        using var twin = LlamaModel.Create(device, LoraTrainingTests.Micro, seed: 71);
+        var masks = PeftSharp.Training.SparseMasks.Select(model, 0.05, PeftSharp.Training.MaskSource.Weight, seed: 3);
+        using var opt = new PeftSharp.Training.MaskedAdamW(model.AllParameters, masks);
+        using var twinOpt = new PeftSharp.Training.MaskedAdamW(twin.AllParameters, masks);
+        using var regrow = new PeftSharp.Training.SparseRegrow(opt, every: 2, dropFraction: 0.3f);
+        var start = twin.Parameters.ToDictionary(p => p.Name, p => p.Value.ToArray());
+        var acc = twin.Parameters.ToDictionary(p => p.Name, p => new float[p.Value.Length]);
+        for (int step = 1; step <= 6; step++)
+        {
+            foreach (var (m, o) in new[] { (model, (PeftSharp.Training.Optimizer)opt), (twin, twinOpt) })
+            {
+                m.ZeroGrad();
+                m.Loss(LoraTrainingTests.Tokens, LoraTrainingTests.Targets, 2, backward: true);
+                o.Step(1e-2f);
+            }
+
+            regrow.AfterStep(step);
+            foreach (var p in twin.Parameters)
+            {
+                var g = p.Grad.ToArray();
+                var a = acc[p.Name];
+                for (int i = 0; i < g.Length; i++) a[i] += Math.Abs(g[i]);
+            }
+
+            if (step % 2 != 0) continue;
+            var current = twinOpt.Masks;
+            foreach (var p in twin.Parameters)
+            {
+                var mask = current[p.Name];
+                int drop = (int)Math.Round(0.3 * mask.Length);
+                if (drop == 0) continue;
+                var w = p.Value.ToArray();
+                var w0 = start[p.Name];
+                var a = acc[p.Name];
+                var dropped = mask.OrderBy(i => Math.Abs(w[i] - w0[i])).ThenBy(i => i).Take(drop).ToHashSet();
+                var inMask = mask.ToHashSet();
+                var grown = Enumerable.Range(0, w.Length).Where(i => !inMask.Contains(i)).OrderByDescending(i => a[i]).ThenBy(i => i).Take(drop).ToArray();
+                foreach (int i in dropped) w[i] = w0[i];
+                p.Value.CopyFrom(w);
+                twinOpt.Replace(p, mask.Where(i => !dropped.Contains(i)).Concat(grown).ToArray());
+                Array.Clear(a);
+            }
+        }
+
+        var got = opt.Masks;
+        var expected = twinOpt.Masks;
+        foreach (var p in twin.Parameters)
+        {
+            Assert.That(got[p.Name], Is.EqualTo(expected[p.Name]), $"{p.Name} mask");
+            Assert.That(model[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), $"{p.Name} weights");
+        }
+
+        Assert.That(regrow.Regrown, Is.GreaterThan(0));
+    }
+
+    /// <summary>A sparse fine-tune with regrowth interrupted after its step-4 checkpoint and resumed ends bit-identical (weights, masks, swaps).</summary>
+    [Test]
+    public void Resume_SparseWithRegrow_EndsBitIdenticalToAnUninterruptedRun()
+    {
+        string dir = Directory.CreateTempSubdirectory("peftsharp-sparse-resume-").FullName;
+        try
+        {
+            using var device = new CpuDevice();
+            var options = new PeftSharp.Training.TrainOptions { Steps = 8, BatchSize = 4, SeqLen = 24, WarmupSteps = 2, CheckpointEvery = 4, Seed = 5 };
+            (PeftSharp.Training.MaskedAdamW Opt, PeftSharp.Training.SparseRegrow Regrow, PeftSharp.Training.TrainingRun Run) Setup(LlamaModel model, IReadOnlyDictionary<string, int[]> masks)
+            {
+                var opt = new PeftSharp.Training.MaskedAdamW(model.AllParameters, masks);
+                var regrow = new PeftSharp.Training.SparseRegrow(opt, every: 3, dropFraction: 0.25f);
+                var run = new PeftSharp.Training.TrainingRun(model, opt, new PeftSharp.Training.LearningRateSchedule.Warmup(1e-2f, 2, 8),
+                    PeftSharp.Training.ExampleSource.Tasks(PeftSharp.Data.TaskSuite.Tasks, 5, PeftSharp.Data.Split.Train), options);
+                run.ExtraStates.Add(new PeftSharp.Training.SparseState(opt, regrow));
+                return (opt, regrow, run);
+            }
+
+            var config = LlamaConfig.Tiny with { NumHiddenLayers = 1, HiddenSize = 32, IntermediateSize = 64, NumAttentionHeads = 2, NumKeyValueHeads = 1 };
+            using var full = LlamaModel.Create(device, config, seed: 72);
+            var masks = PeftSharp.Training.SparseMasks.Select(full, 0.1, PeftSharp.Training.MaskSource.Random, seed: 4);
+            var (fullOpt, fullRegrow, fullRun) = Setup(full, masks);
+            IReadOnlyDictionary<string, int[]> fullMasks;
+            long fullRegrown;
+            using (fullOpt)
+            using (fullRegrow)
+            {
+                fullRun.Run(null, m => fullRegrow.AfterStep(m.Step));
+                fullMasks = fullOpt.Masks;
+                fullRegrown = fullRegrow.Regrown;
+            }
+
+            using (var first = LlamaModel.Create(device, config, seed: 72))
+            {
+                var (o, r, run) = Setup(first, masks);
+                using (o)
+                using (r)
+                {
+                    using var stop = new CancellationTokenSource();
+                    run.Run(dir, m =>
+                    {
+                        r.AfterStep(m.Step);
+                        if (m.Step == 4) stop.Cancel();
+                    }, stop.Token);
+                }
+            }
+
+            string ckpt = Path.Combine(dir, "checkpoint");
+            using var resumed = PeftSharp.Formats.HuggingFaceFolder.Load(ckpt, device);
+            // Built with the run's first masks on purpose: the regrow at step 3 moved them, and Resume must restore the checkpoint's.
+            Assert.That(PeftSharp.Training.SparseState.ReadMasks(ckpt).Any(kv => !kv.Value.SequenceEqual(masks[kv.Key])), "the checkpoint's masks differ from the first ones");
+            var (opt2, regrow2, run2) = Setup(resumed, masks);
+            using (opt2)
+            using (regrow2)
+            {
+                run2.Resume(ckpt);
+                run2.Run(dir, m => regrow2.AfterStep(m.Step));
+                var masks2 = opt2.Masks;
+                Assert.That(masks2.Keys, Is.EquivalentTo(fullMasks.Keys));
+                foreach (var (name, mask) in fullMasks) Assert.That(masks2[name], Is.EqualTo(mask), $"{name} mask");
+                Assert.That(regrow2.Regrown, Is.EqualTo(fullRegrown).And.GreaterThan(0));
+            }
+
+            foreach (var p in full.Parameters) Assert.That(resumed[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), p.Name);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }
