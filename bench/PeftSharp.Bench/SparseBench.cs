@@ -202,8 +202,18 @@ public class MergeBench
         inputs = Enumerable.Range(0, Inputs).Select(_ => new MergeInput(0.25f, 0.2f)).ToArray();
     }
 
+    /// <summary>parallel = <see cref="TaskVectorMerge.Merge"/>; reference = the single-threaded specification it equals bit for bit.</summary>
+    [Params("parallel", "reference")]
+    public string Impl { get; set; } = "parallel";
+
     [Benchmark(Description = "merge one 1376 x 512 tensor of 4 models")]
-    public float[] Merge() => TaskVectorMerge.Merge(Method == "ties" ? MergeMethod.Ties : MergeMethod.TaskArithmetic, baseValues, models, inputs, true, 1f, seed: 1);
+    public float[] Merge()
+    {
+        var method = Method == "ties" ? MergeMethod.Ties : MergeMethod.TaskArithmetic;
+        return Impl == "parallel"
+            ? TaskVectorMerge.Merge(method, baseValues, models, inputs, true, 1f, seed: 1)
+            : TaskVectorMerge.MergeReference(method, baseValues, models, inputs, true, 1f, seed: 1);
+    }
 
     private sealed class Config : BenchConfig
     {

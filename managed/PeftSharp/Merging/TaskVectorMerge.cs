@@ -25,21 +25,21 @@ public sealed record MergeInput(float Weight = 1f, float Density = 1f, float Gam
 /// DARE: drop each entry of tau_i with probability 1 - density and rescale the rest by 1 / density (seeded), then
 /// linear (task arithmetic) or TIES sign consensus without trimming. Breadcrumbs: keep the entries of tau_i whose
 /// magnitude ranks between the top gamma fraction and the top gamma + density fraction (both tails dropped), then
-/// task arithmetic or TIES consensus. Plain loops in double: the specification and the implementation at once.
+/// task arithmetic or TIES consensus. <see cref="MergeReference"/> is the specification (plain loops in double over
+/// materialised task vectors); <see cref="Merge"/> computes the same doubles in the same order, so its result is
+/// bit-identical, but multithreaded over chunks, with the trims found by a radix select instead of a sort and no task
+/// vector materialised.
 /// </summary>
-public static class TaskVectorMerge
+public static partial class TaskVectorMerge
 {
     /// <summary>
-    /// Merges one tensor. <paramref name="baseValues"/> may be null only for Linear. <paramref name="seed"/> seeds DARE
-    /// (callers derive it per tensor and input). Returns the merged values.
+    /// Merges one tensor (the specification: see the class summary). <paramref name="baseValues"/> may be null only
+    /// for Linear. <paramref name="seed"/> seeds DARE (callers derive it per tensor and input). Returns the merged values.
     /// </summary>
-    public static float[] Merge(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
+    public static float[] MergeReference(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
         bool normalize, float lambda, int seed)
     {
-        if (models.Count == 0) throw new ArgumentException("a merge needs at least one model");
-        if (models.Count != inputs.Count) throw new ArgumentException($"{models.Count} models but {inputs.Count} parameter sets");
-        int n = models[0].Length;
-        if (models.Any(m => m.Length != n) || (baseValues != null && baseValues.Length != n)) throw new ArgumentException("merged tensors differ in size");
+        int n = CheckInputs(baseValues, models, inputs);
         var result = new float[n];
         if (method == MergeMethod.Linear)
         {
@@ -109,6 +109,16 @@ public static class TaskVectorMerge
         return result;
     }
 
+    /// <summary>The tensor length the inputs share; an error when there are none or they disagree.</summary>
+    private static int CheckInputs(float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs)
+    {
+        if (models.Count == 0) throw new ArgumentException("a merge needs at least one model");
+        if (models.Count != inputs.Count) throw new ArgumentException($"{models.Count} models but {inputs.Count} parameter sets");
+        int n = models[0].Length;
+        if (models.Any(m => m.Length != n) || (baseValues != null && baseValues.Length != n)) throw new ArgumentException("merged tensors differ in size");
+        return n;
+    }
+
     /// <summary>
     /// Keeps the entries whose magnitude ranks in (gamma, gamma + density] from the top (ties broken by position),
     /// zeroes the rest: gamma = 0 is TIES' trim to the top-density fraction; gamma &gt; 0 also drops the largest
@@ -119,13 +129,7 @@ public static class TaskVectorMerge
         if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
         if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
         int n = t.Length;
-        // mergekit's counts: TIES keeps int(density n) largest; Breadcrumbs drops int(gamma n) largest and
-        // int((1 - density - gamma) n) smallest.
-        // In double with a guard: (1f - 0.5f - 0.1f) * 10 is 3.9999998 in float, which would keep one entry too many.
-        int skip = (int)Math.Floor((double)(decimal)gamma * n + 1e-9);
-        int keep = gamma == 0f
-            ? (int)Math.Floor((double)(decimal)density * n + 1e-9)
-            : n - skip - (int)Math.Floor((1 - (double)(decimal)density - (double)(decimal)gamma) * n + 1e-9);
+        var (skip, keep) = BandCounts(n, gamma, density);
         if (skip == 0 && keep >= n) return t;
         // Rank by (|t| descending, position ascending). A primitive sort orders the magnitudes; equal magnitudes can
         // only matter where a band edge cuts through them, and there they are resolved by position.

@@ -1,0 +1,243 @@
+using PeftSharp.Kernels.Sparse;
+
+namespace PeftSharp.Merging;
+
+public static partial class TaskVectorMerge
+{
+    private const int Chunk = 1 << 14;
+
+    /// <summary>
+    /// Merges one tensor: the result of <see cref="MergeReference"/>, bit for bit, computed in parallel chunks. Each
+    /// input's trim (TIES, Breadcrumbs) is a band of ranks of |tau| found by <see cref="MagnitudeBand"/>; DARE's draws
+    /// are the counter-based ones, made per element where they are used.
+    /// </summary>
+    public static float[] Merge(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
+        bool normalize, float lambda, int seed)
+    {
+        int n = CheckInputs(baseValues, models, inputs);
+        var result = new float[n];
+        int count = models.Count;
+        var ms = models.ToArray();                                   // arrays, not interface calls, in the loops
+        var wt = inputs.Select(i => (double)i.Weight).ToArray();     // the same doubles the reference's float * double makes
+        int chunks = (n + Chunk - 1) / Chunk;
+        if (method == MergeMethod.Linear)
+        {
+            double total = normalize ? inputs.Sum(i => (double)i.Weight) : 1;
+            if (total == 0) throw new ArgumentException("linear merge: the weights sum to zero");
+            Parallel.For(0, chunks, c =>
+            {
+                for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
+                {
+                    double acc = 0;
+                    for (int m = 0; m < count; m++) acc += wt[m] * ms[m][e];
+                    result[e] = (float)(acc / total);
+                }
+            });
+            return result;
+        }
+
+        if (baseValues == null) throw new ArgumentException($"{method} needs a base model");
+        var b = baseValues;
+
+        // Per input: which entries its task vector keeps (null = all), and DARE's drop probability and seed.
+        var keep = new bool[]?[count];
+        for (int m = 0; m < count; m++)
+        {
+            var input = inputs[m];
+            if (method is MergeMethod.DareLinear or MergeMethod.DareTies && input.Density is <= 0f or > 1f) throw new ArgumentException($"density {input.Density} must be in (0, 1]");
+            keep[m] = method switch
+            {
+                MergeMethod.Ties => MagnitudeBand(models[m], b, 0f, input.Density),
+                MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies => MagnitudeBand(models[m], b, input.Gamma, input.Density),
+                _ => null,
+            };
+        }
+
+        bool dare = method is MergeMethod.DareLinear or MergeMethod.DareTies;
+        var densities = inputs.Select(i => i.Density).ToArray();
+        bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        Parallel.For(0, chunks, () => new double[count], (c, _, tau) =>
+        {
+            for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
+            {
+                for (int m = 0; m < count; m++)
+                {
+                    double t = (double)ms[m][e] - b[e];
+                    if (keep[m] is { } k && !k[e]) t = 0;
+                    if (dare)
+                    {
+                        float density = densities[m], p = 1f - density;
+                        t = SparseKernels.Uniform(unchecked(seed * 31 + m), e) >= p ? (p == 0f ? t : t / density) : 0;
+                    }
+
+                    tau[m] = t;
+                }
+
+                double merged;
+                if (consensus)
+                {
+                    double sum = 0;
+                    for (int m = 0; m < count; m++) sum += wt[m] * tau[m];
+                    int sign = Math.Sign(sum);
+                    double acc = 0, weights = 0;
+                    for (int m = 0; m < count; m++)
+                    {
+                        if (sign != 0 && Math.Sign(tau[m]) == sign)
+                        {
+                            acc += wt[m] * tau[m];
+                            weights += wt[m];
+                        }
+                    }
+
+                    merged = normalize ? (weights == 0 ? 0 : acc / weights) : acc;
+                }
+                else
+                {
+                    double acc = 0, weights = 0;
+                    for (int m = 0; m < count; m++)
+                    {
+                        acc += wt[m] * tau[m];
+                        weights += wt[m];
+                    }
+
+                    merged = normalize && weights != 0 ? acc / weights : acc;
+                }
+
+                result[e] = (float)(b[e] + lambda * merged);
+            }
+
+            return tau;
+        }, _ => { });
+        return result;
+    }
+
+    /// <summary>
+    /// <see cref="KeepBand"/>'s choice for tau = model - base as a flag per entry: ranks by |tau| (double, largest
+    /// first, ties by position) in the band. The rank boundaries' keys come from a radix select on the bits of |tau|
+    /// (8 passes of 8 bits, each a parallel histogram); the entries equal to a boundary key are taken in position order
+    /// with per-chunk counts.
+    /// </summary>
+    public static bool[] MagnitudeBand(float[] model, float[] baseValues, float gamma, float density)
+    {
+        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
+        if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
+        int n = model.Length;
+        var (skip, keepCount) = BandCounts(n, gamma, density);
+        var flags = new bool[n];
+        if (skip == 0 && keepCount >= n)
+        {
+            Array.Fill(flags, true);
+            return flags;
+        }
+
+        int hi = Math.Min(n, skip + keepCount);
+        if (hi <= skip) return flags;
+        var keys = new ulong[n];
+        int chunks = (n + Chunk - 1) / Chunk;
+        Parallel.For(0, chunks, c =>
+        {
+            for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++) keys[e] = (ulong)BitConverter.DoubleToInt64Bits(Math.Abs((double)model[e] - baseValues[e]));
+        });
+        var (keyLo, aboveLo, keyHi, aboveHi) = KeysAtRanks(keys, skip, hi - 1);
+        int loStart = skip - aboveLo, hiEnd = hi - aboveHi;
+        var eqLo = new int[chunks];
+        var eqHi = new int[chunks];
+        Parallel.For(0, chunks, c =>
+        {
+            for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
+            {
+                if (keys[e] == keyLo) eqLo[c]++;
+                if (keys[e] == keyHi) eqHi[c]++;
+            }
+        });
+        var beforeLo = new int[chunks];
+        var beforeHi = new int[chunks];
+        for (int c = 1; c < chunks; c++)
+        {
+            beforeLo[c] = beforeLo[c - 1] + eqLo[c - 1];
+            beforeHi[c] = beforeHi[c - 1] + eqHi[c - 1];
+        }
+
+        Parallel.For(0, chunks, c =>
+        {
+            int posLo = beforeLo[c], posHi = beforeHi[c];
+            for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
+            {
+                ulong key = keys[e];
+                bool k = key > keyHi && key < keyLo;
+                if (key == keyLo || key == keyHi)
+                {
+                    k = true;
+                    if (key == keyLo) k = posLo++ >= loStart;
+                    if (key == keyHi) k = k && posHi++ < hiEnd;
+                }
+
+                flags[e] = k;
+            }
+        });
+        return flags;
+    }
+
+    /// <summary>mergekit's counts: TIES keeps int(density n) largest; Breadcrumbs drops int(gamma n) largest and int((1 - density - gamma) n) smallest.</summary>
+    private static (int Skip, int Keep) BandCounts(int n, float gamma, float density)
+    {
+        // In double with a guard: (1f - 0.5f - 0.1f) * 10 is 3.9999998 in float, which would keep one entry too many.
+        int skip = (int)Math.Floor((double)(decimal)gamma * n + 1e-9);
+        int keep = gamma == 0f
+            ? (int)Math.Floor((double)(decimal)density * n + 1e-9)
+            : n - skip - (int)Math.Floor((1 - (double)(decimal)density - (double)(decimal)gamma) * n + 1e-9);
+        return (skip, keep);
+    }
+
+    /// <summary>
+    /// The keys at two ranks (0 = largest) and how many keys are larger than each: radix select, 8 bits a pass, both
+    /// ranks from the same read of the keys.
+    /// </summary>
+    private static (ulong KeyA, int AboveA, ulong KeyB, int AboveB) KeysAtRanks(ulong[] keys, int rankA, int rankB)
+    {
+        ulong prefixA = 0, prefixB = 0, mask = 0;
+        int aboveA = 0, aboveB = 0;
+        int chunks = (keys.Length + Chunk - 1) / Chunk;
+        for (int shift = 56; shift >= 0; shift -= 8)
+        {
+            var total = new int[512];
+            ulong pa = prefixA, pb = prefixB, pm = mask;
+            int sh = shift;
+            Parallel.For(0, chunks, () => new int[512], (c, _, hist) =>
+            {
+                for (int e = c * Chunk, end = Math.Min(keys.Length, e + Chunk); e < end; e++)
+                {
+                    ulong key = keys[e], high = key & pm;
+                    int digit = (int)((key >> sh) & 0xFF);
+                    if (high == pa) hist[digit]++;
+                    if (high == pb) hist[256 + digit]++;
+                }
+
+                return hist;
+            }, hist =>
+            {
+                lock (total)
+                {
+                    for (int d = 0; d < 512; d++) total[d] += hist[d];
+                }
+            });
+            prefixA |= (ulong)Digit(total, 0, rankA, ref aboveA) << shift;
+            prefixB |= (ulong)Digit(total, 256, rankB, ref aboveB) << shift;
+            mask |= 0xFFUL << shift;
+        }
+
+        return (prefixA, aboveA, prefixB, aboveB);
+    }
+
+    /// <summary>The digit whose bin holds <paramref name="rank"/>, counting from the largest digit; adds the larger bins to <paramref name="above"/>.</summary>
+    private static int Digit(int[] hist, int offset, int rank, ref int above)
+    {
+        for (int d = 255; d >= 0; d--)
+        {
+            if (above + hist[offset + d] > rank) return d;
+            above += hist[offset + d];
+        }
+
+        return 0;
+    }
+}
