@@ -360,7 +360,6 @@ internal static class Commands
         {
             int tokens = extras.VirtualTokens == 0 ? 8 : extras.VirtualTokens;
             if (tokens < 0) throw new ArgumentException($"--virtual-tokens {tokens}: must be positive");
-            if (options.GroupCompletions) throw new NotSupportedException("--group-completions with --method prefix is not supported yet");
             model.AddPrefixTuning(tokens, options.Seed, projectionHidden: extras.PrefixProjection);
             long trainable = model.AllParameters.Where(p => p.Trainable).Sum(p => (long)p.Value.Length);
             string through = extras.PrefixProjection > 0 ? $" through a {extras.PrefixProjection}-wide MLP (exported as the keys and values it computes)" : "";

@@ -85,18 +85,23 @@ internal sealed class BatchLayout : AttentionLayout
 /// length). Each completion attends to [the shared prompt rows' keys and values, its own rows causally]; positions
 /// continue after the prompt for every completion. Carrying the last prompt token into each completion lets its
 /// logit predict that completion's first token; everything equals the batch with the prompt copied G times, and
-/// the shared prompt rows' key/value gradients sum over the completions.
+/// the shared prompt rows' key/value gradients sum over the completions. With prefix tuning the virtual tokens are
+/// one more shared level above the prompt (a two-level tree for the completions, one level for the prompt rows),
+/// and every position starts after them.
 /// </summary>
 internal sealed class GroupedLayout : AttentionLayout
 {
     private readonly int shared, groups, each;
+    private readonly VirtualPrefix? prefix;
 
-    public GroupedLayout(int sharedRows, int groups, int rowsPerCompletion)
+    public GroupedLayout(int sharedRows, int groups, int rowsPerCompletion, VirtualPrefix? prefix = null)
     {
         shared = sharedRows;
         this.groups = groups;
         each = rowsPerCompletion;
-        Positions = Enumerable.Range(0, shared).Concat(Enumerable.Range(0, groups).SelectMany(_ => Enumerable.Range(shared, each))).ToArray();
+        this.prefix = prefix;
+        int start = prefix?.Tokens ?? 0;
+        Positions = Enumerable.Range(0, shared).Concat(Enumerable.Range(0, groups).SelectMany(_ => Enumerable.Range(shared, each))).Select(p => start + p).ToArray();
     }
 
     public override int Rows => shared + groups * each;
@@ -108,6 +113,13 @@ internal sealed class GroupedLayout : AttentionLayout
 
     private (Tensor Shared, Tensor Own) SplitLse(Tensor lse) => (lse.View(0, 1, shared, lse.Dim(2)), lse.View(shared * lse.Dim(2), groups, each, lse.Dim(2)));
 
+    /// <summary>The shared levels above the completions: the virtual tokens (when any), then the prompt rows.</summary>
+    private PrefixLevel[] CompletionLevels(int layer, Tensor ks, Tensor vs)
+    {
+        var prompt = new PrefixLevel(ks, vs, new int[groups]);
+        return prefix == null ? new[] { prompt } : new[] { prefix.Level(layer, groups), prompt };
+    }
+
     public override void Forward(Ops ops, int layer, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse)
     {
         var (qs, qo) = Split(q);
@@ -115,8 +127,13 @@ internal sealed class GroupedLayout : AttentionLayout
         var (vs, vo) = Split(v);
         var (os, oo) = Split(o);
         var (ls, lo) = SplitLse(lse);
-        if (shared > 0) ops.Attention(qs, ks, vs, os, ls, causal: true);
-        ops.SharedPrefixAttention(qo, new[] { new PrefixLevel(ks, vs, new int[groups]) }, ko, vo, oo, lo);
+        if (shared > 0)
+        {
+            if (prefix == null) ops.Attention(qs, ks, vs, os, ls, causal: true);
+            else ops.SharedPrefixAttention(qs, new[] { prefix.Level(layer, 1) }, ks, vs, os, ls);
+        }
+
+        ops.SharedPrefixAttention(qo, CompletionLevels(layer, ks, vs), ko, vo, oo, lo);
     }
 
     public override void Backward(Ops ops, int layer, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv)
@@ -130,13 +147,39 @@ internal sealed class GroupedLayout : AttentionLayout
         var (dqs, dqo) = Split(dq);
         var (dks, dko) = Split(dk);
         var (dvs, dvo) = Split(dv);
-        using var dkShared = k.Device.Zeros("prompt_dk_from_completions", ks.Shape.ToArray());
-        using var dvShared = v.Device.Zeros("prompt_dv_from_completions", vs.Shape.ToArray());
-        ops.SharedPrefixAttentionBackward(qo, new[] { new PrefixLevel(ks, vs, new int[groups]) }, ko, vo, oo, lo, dOo, dqo, new[] { dkShared }, new[] { dvShared }, dko, dvo);
-        if (shared == 0) return;
-        ops.AttentionBackward(qs, ks, vs, os, ls, dOs, dqs, dks, dvs, causal: true);
-        ops.Add(dks, dkShared, dks);
-        ops.Add(dvs, dvShared, dvs);
+        var d = k.Device;
+        using var dkShared = d.Zeros("prompt_dk_from_completions", ks.Shape.ToArray());
+        using var dvShared = d.Zeros("prompt_dv_from_completions", vs.Shape.ToArray());
+        var levels = CompletionLevels(layer, ks, vs);
+        using var dkVirtual = prefix == null ? null : d.Zeros("prefix_dk", levels[0].Keys.Shape.ToArray());
+        using var dvVirtual = prefix == null ? null : d.Zeros("prefix_dv", levels[0].Values.Shape.ToArray());
+        var dLevelK = prefix == null ? new[] { dkShared } : new[] { dkVirtual!, dkShared };
+        var dLevelV = prefix == null ? new[] { dvShared } : new[] { dvVirtual!, dvShared };
+        ops.SharedPrefixAttentionBackward(qo, levels, ko, vo, oo, lo, dOo, dqo, dLevelK, dLevelV, dko, dvo);
+        if (shared > 0)
+        {
+            if (prefix == null)
+            {
+                ops.AttentionBackward(qs, ks, vs, os, ls, dOs, dqs, dks, dvs, causal: true);
+            }
+            else
+            {
+                using var dkPromptVirtual = d.Zeros("prefix_dk_prompt", levels[0].Keys.Shape.ToArray());
+                using var dvPromptVirtual = d.Zeros("prefix_dv_prompt", levels[0].Values.Shape.ToArray());
+                ops.SharedPrefixAttentionBackward(qs, new[] { prefix.Level(layer, 1) }, ks, vs, os, ls, dOs, dqs, new[] { dkPromptVirtual }, new[] { dvPromptVirtual }, dks, dvs);
+                ops.Add(dkVirtual!, dkPromptVirtual, dkVirtual!);
+                ops.Add(dvVirtual!, dvPromptVirtual, dvVirtual!);
+            }
+
+            ops.Add(dks, dkShared, dks);
+            ops.Add(dvs, dvShared, dvs);
+        }
+
+        if (prefix != null)
+        {
+            if (prefix.Keys[layer].Trainable) ops.Axpy(1f, dkVirtual!.Reshape(prefix.Keys[layer].Grad.Shape.ToArray()), prefix.Keys[layer].Grad);
+            if (prefix.Values[layer].Trainable) ops.Axpy(1f, dvVirtual!.Reshape(prefix.Values[layer].Grad.Shape.ToArray()), prefix.Values[layer].Grad);
+        }
     }
 }
 

@@ -180,7 +180,6 @@ public sealed class LlamaModel : IDisposable
     {
         if (prompt.Length == 0) throw new ArgumentException("a grouped batch needs a prompt of at least one token");
         if (completions.Count == 0 || completions.Any(cpl => cpl.Length == 0)) throw new ArgumentException("a grouped batch needs one or more non-empty completions");
-        if (prefix != null) throw new NotSupportedException("grouped completions together with prefix tuning are not supported yet");
         int g = completions.Count, len = completions.Max(cpl => cpl.Length), shared = prompt.Length - 1, each = len;
         // Completion rows: [last prompt token, c0 .. c(len-2)] predicting [c0 .. c(len-1)].
         var tokens = new int[shared + g * each];
@@ -197,7 +196,7 @@ public sealed class LlamaModel : IDisposable
             }
         }
 
-        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each), backward, gradientWeight);
+        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each, prefix), backward, gradientWeight);
     }
 
     /// <summary>

@@ -122,6 +122,10 @@ public sealed class HostJobTests : TempDirectoryTest
         File.WriteAllLines(jsonl, Enumerable.Range(0, 12).Select(i => $"{{\"prompt\": \"p{i / 3}\", \"completion\": \"c{i}\"}}"));
         r = Peft.Run("finetune", "--model", pre, "--data", jsonl, "--group-completions", "--steps", "2", "--batch-size", "6", "--out", Path.Combine(TempDir, "grouped"), "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        r = Peft.Run("finetune", "--model", pre, "--data", jsonl, "--group-completions", "--method", "prefix", "--virtual-tokens", "4", "--steps", "2", "--batch-size", "6",
+            "--out", Path.Combine(TempDir, "grouped-prefix"), "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(File.Exists(Path.Combine(TempDir, "grouped-prefix", "adapter_config.json")), "prefix tuning on grouped completions writes its PEFT folder");
 
         // Sparse fine-tuning writes a sparse delta folder that peft merge --delta applies.
         string sparseDir = Path.Combine(TempDir, "sparse");

@@ -17,13 +17,25 @@ public sealed class SharedPrefixTrainingTests
         return name.EndsWith("norm.weight", StringComparison.Ordinal) ? v.Select(x => 1f + x).ToArray() : v;
     });
 
-    [TestCase(4, new[] { 3, 3, 3 }, TestName = "GroupedLoss_EqualsThePromptCopiedPerCompletion_LossAndEveryGradient_P4_G3")]
-    [TestCase(1, new[] { 2, 4 }, TestName = "GroupedLoss_EqualsThePromptCopiedPerCompletion_LossAndEveryGradient_P1_RaggedCompletions")]
-    public void GroupedLoss_EqualsCopied(int promptLength, int[] completionLengths)
+    [TestCase(4, new[] { 3, 3, 3 }, 0, 0, TestName = "GroupedLoss_EqualsThePromptCopiedPerCompletion_LossAndEveryGradient_P4_G3")]
+    [TestCase(1, new[] { 2, 4 }, 0, 0, TestName = "GroupedLoss_EqualsThePromptCopiedPerCompletion_LossAndEveryGradient_P1_RaggedCompletions")]
+    [TestCase(4, new[] { 3, 1, 2 }, 3, 0, TestName = "GroupedLoss_BehindPrefixTuning_EqualsThePromptCopiedPerCompletion")]
+    [TestCase(1, new[] { 2, 3 }, 2, 5, TestName = "GroupedLoss_BehindAProjectedPrefix_EqualsThePromptCopiedPerCompletion_P1")]
+    public void GroupedLoss_EqualsCopied(int promptLength, int[] completionLengths, int virtualTokens, int projectionHidden)
     {
         using var device = new CpuDevice();
         using var grouped = UnitModel(device, 1);
         using var copied = UnitModel(device, 1);
+        if (virtualTokens > 0)
+        {
+            // The same virtual tokens (same seed) on both; every base parameter trains too, so all gradients are compared.
+            foreach (var m in new[] { grouped, copied })
+            {
+                m.AddPrefixTuning(virtualTokens, seed: 6, projectionHidden: projectionHidden);
+                foreach (var p in m.Parameters) p.Trainable = true;
+            }
+        }
+
         var prompt = TestData.Ints(promptLength, 3, Micro.VocabSize);
         var completions = completionLengths.Select((len, j) => TestData.Ints(len, 10 + j, Micro.VocabSize)).ToArray();
         const int pad = 0;
@@ -49,6 +61,13 @@ public sealed class SharedPrefixTrainingTests
         {
             // Sums over the G copies in one, over the G completions' reads of one shared copy in the other: rounding only.
             Check.Close(grouped[p.Name].Grad.ToArray(), p.Grad.ToArray(), (2e-6, 1e-4), $"gradient of {p.Name}");
+        }
+
+        if (virtualTokens > 0)
+        {
+            var prefixGrads = grouped.Prefix!.Parameters.Zip(copied.Prefix!.Parameters).ToList();
+            Assert.That(prefixGrads.Any(pair => pair.Second.Grad.ToArray().Any(g => g != 0f)), "the virtual tokens get gradients");
+            foreach (var (g, c) in prefixGrads) Check.Close(g.Grad.ToArray(), c.Grad.ToArray(), (2e-6, 1e-4), $"gradient of {c.Name}");
         }
     }
 
