@@ -14,4 +14,11 @@ public interface IRowVariants
 
     /// <summary>y (N, out) += each row's variant delta applied to x (N, in) for the linear <paramref name="module"/>.</summary>
     void Apply(string module, Tensor x, Tensor y);
+
+    /// <summary>
+    /// A whole parameter that row <paramref name="row"/>'s variant uses instead of the base's: a norm weight, the
+    /// embedding table or the LM head (a full fine-tune changes them too; its delta keeps them densely). Null: the
+    /// base's. The model applies these to the rows they cover, runs of rows with the same tensor at once.
+    /// </summary>
+    Tensor? Replacement(string parameter, int row) => null;
 }

@@ -675,10 +675,27 @@ public sealed class LlamaModel : IDisposable
         using var gate = Device.Zeros("gate", n, c.IntermediateSize);
         using var up = Device.Zeros("up", n, c.IntermediateSize);
         ops.Embedding(ids, this["model.embed_tokens.weight"].Value, x);
+        var flatIds = newTokens.SelectMany(t => t).ToArray();
+        foreach (var (r0, rows, table) in ReplacementRuns(variants, "model.embed_tokens.weight", Enumerable.Range(0, n)))
+        {
+            using var runIds = Device.FromIndices("input_ids_variant", flatIds.AsSpan(r0, rows));
+            ops.Embedding(runIds, table, x.View(r0 * dm, rows, dm));
+        }
+
+        // RMSNorm with each row's variant's weight where it has its own (x, hbuf (N, Dm), rstd (N)).
+        void Norm(string name)
+        {
+            ops.RmsNorm(x, this[name].Value, hbuf, rstd, c.RmsNormEps);
+            foreach (var (r0, rows, w) in ReplacementRuns(variants, name, Enumerable.Range(0, n)))
+            {
+                ops.RmsNorm(x.View(r0 * dm, rows, dm), w, hbuf.View(r0 * dm, rows, dm), rstd.View(r0, rows), c.RmsNormEps);
+            }
+        }
+
         for (int i = 0; i < c.NumHiddenLayers; i++)
         {
             string p = $"model.layers.{i}.";
-            ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
+            Norm(p + "input_layernorm.weight");
             Project(p + "self_attn.q_proj", hbuf, Flat(q, n), null, variants);
             Project(p + "self_attn.k_proj", hbuf, Flat(k, n), null, variants);
             Project(p + "self_attn.v_proj", hbuf, Flat(v, n), null, variants);
@@ -717,7 +734,7 @@ public sealed class LlamaModel : IDisposable
 
             Project(p + "self_attn.o_proj", Flat(o, n), tmp, null, variants);
             ops.Add(x, tmp, x);
-            ops.RmsNorm(x, this[p + "post_attention_layernorm.weight"].Value, hbuf, rstd, c.RmsNormEps);
+            Norm(p + "post_attention_layernorm.weight");
             Project(p + "mlp.gate_proj", hbuf, gate, null, variants);
             Project(p + "mlp.up_proj", hbuf, up, null, variants);
             ops.SwiGlu(gate, up, gate);
@@ -731,10 +748,49 @@ public sealed class LlamaModel : IDisposable
         using var hl = Device.Zeros("h_last", seqs, dm);
         using var rl = Device.Zeros("rstd_last", seqs);
         ops.RmsNorm(last, this["model.norm.weight"].Value, hl, rl, c.RmsNormEps);
+        var lastRows = Enumerable.Range(0, seqs).Select(j => rowStart[j + 1] - 1).ToArray();
+        foreach (var (j0, count, w) in ReplacementRuns(variants, "model.norm.weight", lastRows))
+        {
+            ops.RmsNorm(last.View(j0 * dm, count, dm), w, hl.View(j0 * dm, count, dm), rl.View(j0, count), c.RmsNormEps);
+        }
+
         using var logits = Device.Zeros("logits", seqs, c.VocabSize);
         ops.Linear(hl, LmHead, logits);
+        foreach (var (j0, count, head) in ReplacementRuns(variants, LmHeadParameter.Name, lastRows))
+        {
+            ops.Linear(hl.View(j0 * dm, count, dm), head, logits.View(j0 * c.VocabSize, count, c.VocabSize));
+        }
+
         var all = logits.ToArray();
         return Enumerable.Range(0, seqs).Select(j => all.AsSpan(j * c.VocabSize, c.VocabSize).ToArray()).ToArray();
+    }
+
+    /// <summary>
+    /// Runs of consecutive entries of <paramref name="rows"/> whose rows' variants replace <paramref name="parameter"/>
+    /// with the same tensor: (index of the run's first entry, entries, the tensor).
+    /// </summary>
+    private static List<(int Start, int Count, Tensor Value)> ReplacementRuns(IRowVariants? variants, string parameter, IEnumerable<int> rows)
+    {
+        var runs = new List<(int, int, Tensor)>();
+        if (variants == null) return runs;
+        int at = 0;
+        Tensor? current = null;
+        int start = 0;
+        foreach (int row in rows)
+        {
+            var t = variants.Replacement(parameter, row);
+            if (!ReferenceEquals(t, current))
+            {
+                if (current != null) runs.Add((start, at - start, current));
+                current = t;
+                start = at;
+            }
+
+            at++;
+        }
+
+        if (current != null) runs.Add((start, at - start, current));
+        return runs;
     }
 
     /// <summary>

@@ -17,6 +17,7 @@ public sealed class VariantSet : IDisposable
     private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta, SparseDelta? Sparse)> variants = new();
     private readonly Dictionary<string, ModulePools> pools = new();
     private readonly Dictionary<int, KvCache> prefixes = new();
+    private readonly Dictionary<(int Variant, string Parameter), Tensor> replacements = new();
     private bool dirty = true;
 
     public VariantSet(LlamaModel model)
@@ -46,23 +47,43 @@ public sealed class VariantSet : IDisposable
     }
 
     /// <summary>
-    /// Registers a 1-bit delta as a variant; returns its index. The delta must have been made from this base, and may
-    /// only change linear weights: embeddings, norms and the LM head are shared by the whole batch.
+    /// Registers a 1-bit delta as a variant; returns its index. The delta must have been made from this base. The
+    /// embeddings, norms and LM head it keeps densely (a full fine-tune changes them) become that variant's own copies,
+    /// which its rows use in the mixed batch (<see cref="IRowVariants.Replacement"/>).
     /// </summary>
     public int AddDelta(string name, BitDelta delta)
     {
         CheckName(name);
         BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"1-bit delta '{name}'");
-        if (delta.Dense.Count > 0)
-        {
-            throw new NotSupportedException(
-                $"1-bit delta '{name}' also changes {string.Join(", ", delta.Dense.Keys)}; a mixed batch shares those with the base, so serve this fine-tune merged (peft merge --delta) or compress one that kept them frozen");
-        }
-
+        CheckReplaceable(name, delta.Dense.Keys);
         variants.Add((name, null, delta, null));
+        foreach (var (parameter, values) in delta.Dense) AddReplacement(variants.Count - 1, parameter, values);
         dirty = true;
         return variants.Count - 1;
     }
+
+    /// <summary>Parameters a variant may replace whole: everything that is not a linear layer's weight.</summary>
+    private void CheckReplaceable(string name, IEnumerable<string> parameters)
+    {
+        var linear = LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
+        foreach (var p in parameters)
+        {
+            if (linear.Contains(p) || !Model.Has(p)) throw new ArgumentException($"variant '{name}': {p} cannot be replaced per row (only embeddings, norms and the LM head are)");
+        }
+    }
+
+    private void AddReplacement(int variant, string parameter, float[] values)
+    {
+        var shape = Model[parameter].Value.Shape.ToArray();
+        replacements[(variant, parameter)] = Model.Device.FromArray($"{variants[variant].Name}.{parameter}", values, shape);
+    }
+
+    /// <summary>The variant's own copy of a parameter (a norm, the embedding, the LM head), or null: the base's.</summary>
+    public Tensor? ReplacementOf(int variant, string parameter) =>
+        variant >= 0 && replacements.TryGetValue((variant, parameter), out var t) ? t : null;
+
+    /// <summary>Whether any variant replaces a parameter (so batches need to look).</summary>
+    internal bool HasReplacements => replacements.Count > 0;
 
     /// <summary>The index of a variant by name; null, "" and "base" are the base model (-1).</summary>
     public int IndexOf(string? name)
@@ -86,22 +107,25 @@ public sealed class VariantSet : IDisposable
     }
 
     /// <summary>
-    /// Registers a sparse delta as a variant; returns its index. It must have been made from this base and may only
-    /// change linear weights (the rest of the model is shared by the batch).
+    /// Registers a sparse delta as a variant; returns its index. It must have been made from this base. Entries on
+    /// linear weights run through the mixed sparse product; entries on embeddings, norms or the LM head give the variant
+    /// its own dense copy of that parameter (base plus the entries), which its rows use.
     /// </summary>
     public int AddSparse(string name, SparseDelta delta)
     {
         CheckName(name);
         BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"sparse delta '{name}'");
         var linear = LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
-        var other = delta.Entries.Keys.Where(k => !linear.Contains(k)).ToList();
-        if (other.Count > 0)
+        var other = delta.Entries.Where(kv => !linear.Contains(kv.Key)).ToList();
+        CheckReplaceable(name, other.Select(kv => kv.Key));
+        variants.Add((name, null, null, delta));
+        foreach (var (parameter, e) in other)
         {
-            throw new NotSupportedException(
-                $"sparse delta '{name}' also changes {string.Join(", ", other)}; a mixed batch shares those with the base, so serve this fine-tune merged (peft merge --delta) or train one that kept them frozen");
+            var values = Model[parameter].Value.ToArray();
+            for (int j = 0; j < e.Index.Length; j++) values[e.Index[j]] += e.Values[j];
+            AddReplacement(variants.Count - 1, parameter, values);
         }
 
-        variants.Add((name, null, null, delta));
         dirty = true;
         return variants.Count - 1;
     }
@@ -203,6 +227,8 @@ public sealed class VariantSet : IDisposable
         pools.Clear();
         foreach (var c in prefixes.Values) c.Dispose();
         prefixes.Clear();
+        foreach (var t in replacements.Values) t.Dispose();
+        replacements.Clear();
     }
 
     /// <summary>Variant index to its slot in one pool (-1: none there), with a key that is equal for equal maps.</summary>
@@ -276,6 +302,8 @@ public sealed class RowVariantBatch : IRowVariants, IDisposable
     }
 
     public int Rows => rowVariants.Length;
+
+    public Tensor? Replacement(string parameter, int row) => set.HasReplacements ? set.ReplacementOf(rowVariants[row], parameter) : null;
 
     public void Apply(string module, Tensor x, Tensor y)
     {

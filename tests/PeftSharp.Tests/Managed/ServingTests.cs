@@ -156,8 +156,82 @@ public sealed class ServingTests
         }
 
         Assert.That(batched[0], Is.Not.EqualTo(batched[4]).Within(1e-4), "different prompts");
-        using var changed = BitDeltaCompressionTests.FineTuneOf(model, 800, changeNorm: true);
-        Assert.Throws<NotSupportedException>(() => set.AddDelta("norm", PeftSharp.Compression.BitDelta.Compress(model, changed)));
+    }
+
+    /// <summary>
+    /// Variants of a full fine-tune change the embedding (and with it the tied LM head) and norms too: the 1-bit delta
+    /// keeps them densely and a sparse delta may touch them; their rows use their own copies in the mixed batch,
+    /// next to base rows, and each equals the variant merged and run alone.
+    /// </summary>
+    [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
+    public void MixedBatch_VariantsThatChangeNormsAndEmbeddings_EqualEachRowAlone(string backend)
+    {
+        var device = TestBackends.Get(backend);
+        var config = BitDeltaCompressionTests.Small;
+        // Compression on the CPU backend (the simulator is slow and compression is not what is checked here); the
+        // served base has the same values, so the deltas' base fingerprints match it.
+        using var host = new CpuDevice();
+        using var cpuBase = LlamaModel.Create(host, config, seed: 11);
+        using var model = LlamaModel.FromTensors(device, config, (name, _) => cpuBase[name].Value.ToArray());
+        using var full = LlamaModel.FromTensors(host, config, (name, shape) =>
+        {
+            var v = cpuBase[name].Value.ToArray();
+            if (name.EndsWith("norm.weight", StringComparison.Ordinal) || name == "model.embed_tokens.weight")
+            {
+                var noise = TestData.Uniform(v.Length, name.Length, -0.3f, 0.3f);
+                for (int i = 0; i < v.Length; i++) v[i] += noise[i];
+            }
+            else
+            {
+                var noise = TestData.Uniform(v.Length, 900 + name.Length, -0.02f, 0.02f);
+                for (int i = 0; i < v.Length; i++) v[i] += noise[i];
+            }
+
+            return v;
+        });
+        var delta = PeftSharp.Compression.BitDelta.Compress(cpuBase, full, rounds: 1);
+        Assert.That(delta.Dense.Keys, Does.Contain("model.embed_tokens.weight").And.Contain("model.norm.weight").And.Contain("model.layers.0.input_layernorm.weight"));
+        var sparse = PeftSharp.Merging.SparseDelta.Between(cpuBase, full, new Dictionary<string, int[]>
+        {
+            ["model.layers.1.post_attention_layernorm.weight"] = new[] { 0, 3, 5 },
+            ["model.layers.0.mlp.up_proj.weight"] = Enumerable.Range(0, 40).Select(i => i * 7).ToArray(),
+        });
+        using var set = new VariantSet(model);
+        set.AddDelta("full", delta);
+        set.AddSparse("sparse", sparse);
+        string?[] names = { "full", null, "sparse", "full" };
+        int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 8 }, new[] { 9, 2 }, new[] { 2 } };
+        var caches = prompts.Select(_ => new KvCache(model, 8)).ToArray();
+        float[][] batched, second;
+        try
+        {
+            using (var bound = set.Bind(prompts.SelectMany((p, j) => Enumerable.Repeat(set.IndexOf(names[j]), p.Length)).ToArray()))
+            {
+                batched = model.DecodeBatch(caches, prompts, bound);
+            }
+
+            using (var bound = set.Bind(names.Select(set.IndexOf).ToArray()))
+            {
+                second = model.DecodeBatch(caches, prompts.Select(_ => new[] { 6 }).ToArray(), bound);
+            }
+        }
+        finally
+        {
+            foreach (var c in caches) c.Dispose();
+        }
+
+        for (int j = 0; j < prompts.Length; j++)
+        {
+            using var alone = LlamaModel.FromTensors(device, config, (name, _) => model[name].Value.ToArray());
+            if (names[j] == "full") delta.MergeInto(alone);
+            if (names[j] == "sparse") sparse.ApplyTo(alone);
+            using var cache = new KvCache(alone, 8);
+            Check.Close(batched[j], alone.DecodeStep(cache, prompts[j]), StepTolerance, $"{backend} request {j} ({names[j] ?? "base"}) prefill");
+            Check.Close(second[j], alone.DecodeStep(cache, new[] { 6 }), StepTolerance, $"{backend} request {j} ({names[j] ?? "base"}) next token");
+        }
+
+        using var baseCache = new KvCache(model, 8);
+        Assert.That(batched[0], Is.Not.EqualTo(model.DecodeStep(baseCache, prompts[0])).Within(1e-3), "the variant's own norms and embedding change the logits");
     }
 
     [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
