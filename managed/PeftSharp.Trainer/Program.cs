@@ -730,6 +730,33 @@ internal static class Commands
         int shotTokens = 1 + ByteTokenizer.Instance.Encode(shots).Length;
         console.MarkupLine($"shared prompt of {shotTokens} tokens, 32 requests: {sharedSeconds * 1000:F0} ms with one shared copy of its keys and values ({sharedReport.TokensSaved:N0} prompt tokens not recomputed), " +
             $"{copySeconds * 1000:F0} ms with a copy per request: [bold]{copySeconds / Math.Max(sharedSeconds, 1e-9):F1}x[/] faster; same tokens: {(same ? "yes" : "[red]NO[/]")}");
+        console.MarkupLine($"6. one batch, every variant: 8 held-out '{heldOutTask}' prompts each through the LoRA adapter, the prefix-tuning adapter, the sparse delta, " +
+            "the distilled 1-bit delta of the full fine-tune (with its own norms and embedding) and the plain base, all over one copy of the pre-trained weights");
+        using (var servingBase = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
+        using (var variantSet = new VariantSet(servingBase))
+        {
+            variantSet.AddLora("lora", PeftLoraAdapter.Load(Path.Combine(outDir, "finetuned-lora"), servingBase.Config));
+            variantSet.AddPrefix("prefix", PeftPrefixAdapter.Load(Path.Combine(outDir, "finetuned-prefix"), servingBase.Config));
+            variantSet.AddSparse("sparse", SparseDelta.Load(Path.Combine(outDir, "finetuned-sparse"), servingBase));
+            variantSet.AddDelta("1-bit", BitDelta.Load(Path.Combine(outDir, "finetuned-1bit"), servingBase));
+            string[] served = { "lora", "prefix", "sparse", "1-bit", "base" };
+            var examples = taskHeld.Take(8).ToList();
+            var mixedRequests = examples.SelectMany(e => served.Select(v => new GenerationRequest(e.Prompt, v, MaxTokens: ByteTokenizer.Instance.Encode(e.Completion).Length + 1))).ToList();
+            var mixedClock = System.Diagnostics.Stopwatch.StartNew();
+            var mixedOut = BatchGenerator.Generate(servingBase, mixedRequests, variantSet);
+            double mixedSeconds = mixedClock.Elapsed.TotalSeconds;
+            var correct = served.Select((v, k) => examples.Where((e, i) => mixedOut[i * served.Length + k].Completion == e.Completion).Count()).ToArray();
+
+            // The same prompts through each variant on its own (the trained models; the 1-bit delta merged into a copy).
+            using var bitMerged = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+            distilled.Delta.MergeInto(bitMerged);
+            var alone = new[] { loraModel, prefixModel, sparseModel, bitMerged, servingBase };
+            int agree = examples.Select((e, i) => served.Where((v, k) =>
+                Generator.Greedy(alone[k], e.Prompt, mixedRequests[i * served.Length + k].MaxTokens) == mixedOut[i * served.Length + k].Completion).Count()).Sum();
+            console.MarkupLine($"{mixedRequests.Count} requests over {served.Length} variants in one batch, {mixedSeconds * 1000:F0} ms; exact match per variant: " +
+                string.Join(", ", served.Select((v, k) => $"{v} {correct[k]}/{examples.Count}")) + $"; same tokens as each variant run alone: {agree}/{mixedRequests.Count}");
+        }
+
         double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;
         console.MarkupLine($"{model.ParameterCount:N0} parameters; LoRA trains {loraTrainable:N0} ({100.0 * loraTrainable / model.ParameterCount:F1}%); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
         console.MarkupLine($"models, metrics.jsonl and loss.svg in [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
