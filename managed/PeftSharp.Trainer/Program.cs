@@ -373,7 +373,6 @@ internal static class Commands
             if (lora.UseDora && lora.LoraDropout > 0f) throw new NotSupportedException("--dora with --dropout: PEFT applies DoRA's rescaling to the dropped-out base product, which is not implemented; use one of them");
             if (extras.LoraInit is not ("lora" or "lora-ga")) throw new ArgumentException($"--init {extras.LoraInit}: use lora or lora-ga");
             if (extras.LoraInit == "lora-ga" && (lora.UseDora || extras.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
-            if (resume != null && extras.LoraInit == "lora-ga") throw new NotSupportedException("--resume with --init lora-ga: the initial factors that the export needs are not in checkpoints yet");
             var named = lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) };
             if (extras.LoraInit == "lora-ga" && resume == null)
             {

@@ -907,6 +907,24 @@ public sealed class LlamaModel : IDisposable
         loraInit[module] = (a0, b0);
     }
 
+    /// <summary>The initial factors absorbed into the base by <see cref="AbsorbLoraInit"/>, by module (checkpoints carry them).</summary>
+    public IReadOnlyDictionary<string, (float[] A0, float[] B0)> LoraInitFactors => loraInit;
+
+    /// <summary>
+    /// Remembers initial factors whose product the base weights already hold (a resumed LoRA-GA run: the checkpoint's
+    /// weights are W - s B0 A0), without changing the weights again.
+    /// </summary>
+    public void RestoreLoraInit(string module, float[] a0, float[] b0)
+    {
+        if (!lora.TryGetValue(module, out var l)) throw new ArgumentException($"initial LoRA factors for {module}, which has no LoRA layer");
+        if (a0.Length != l.A.Value.Length || b0.Length != l.B.Value.Length)
+        {
+            throw new ArgumentException($"initial LoRA factors for {module}: A0 has {a0.Length} values and B0 {b0.Length}, the layer's A and B have {l.A.Value.Length} and {l.B.Value.Length}");
+        }
+
+        loraInit[module] = (a0, b0);
+    }
+
     /// <summary>Removes every LoRA layer (after merging them, or to start a fresh one), freeing its tensors.</summary>
     public void RemoveLora()
     {

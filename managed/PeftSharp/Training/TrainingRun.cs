@@ -138,6 +138,9 @@ public sealed class TrainingRun
     /// <summary>The checkpoint file holding adapter parameters beside the base model's HF folder.</summary>
     public const string AdapterStateFile = "adapter_state.safetensors";
 
+    /// <summary>Initial LoRA factors absorbed into the base (LoRA-GA), in a checkpoint.</summary>
+    public const string LoraInitFile = "lora_init.safetensors";
+
     /// <summary>Steps completed (restored by <see cref="Resume"/>).</summary>
     public int Step { get; private set; }
 
@@ -261,6 +264,13 @@ public sealed class TrainingRun
         // Adapter parameters (LoRA A, B, DoRA magnitudes, prefix tokens) by name; the base is the HF folder above.
         var adapter = AdapterParameters().Select(p => new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray())).ToList();
         if (adapter.Count > 0) SafeTensorsWriter.Write(Path.Combine(tmp, AdapterStateFile), adapter);
+        // LoRA-GA: the base above holds W - s B0 A0; the export against the original W needs B0 and A0.
+        var init = model.LoraInitFactors.SelectMany(kv => new[]
+        {
+            new SafeTensorData(kv.Key + ".lora_A0", kv.Value.A0, model.Lora[kv.Key].A.Value.Shape.ToArray()),
+            new SafeTensorData(kv.Key + ".lora_B0", kv.Value.B0, model.Lora[kv.Key].B.Value.Shape.ToArray()),
+        }).ToList();
+        if (init.Count > 0) SafeTensorsWriter.Write(Path.Combine(tmp, LoraInitFile), init);
         foreach (var extra in ExtraStates) SafeTensorsWriter.Write(Path.Combine(tmp, extra.File), extra.Export().ToList());
         var trainerState = new Dictionary<string, object>
         {
@@ -320,6 +330,18 @@ public sealed class TrainingRun
             }
 
             foreach (var p in adapterParams) p.Value.CopyFrom(af.ReadFloats(p.Name));
+        }
+
+        string initPath = Path.Combine(folder, LoraInitFile);
+        if (File.Exists(initPath))
+        {
+            using var inf = SafeTensorsFile.Open(initPath);
+            var modules = inf.Tensors.Select(t => t.Name).Where(n => n.EndsWith(".lora_A0", StringComparison.Ordinal)).Select(n => n[..^".lora_A0".Length]).ToList();
+            foreach (var module in modules)
+            {
+                if (!inf.Contains(module + ".lora_B0")) throw new InvalidDataException($"{initPath}: {module}.lora_A0 without {module}.lora_B0");
+                model.RestoreLoraInit(module, inf.ReadFloats(module + ".lora_A0"), inf.ReadFloats(module + ".lora_B0"));
+            }
         }
     }
 }

@@ -3,6 +3,7 @@ using PeftSharp.Data;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;
+using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Training;
 
 namespace PeftSharp.Tests.Managed;
@@ -12,8 +13,11 @@ public sealed class TrainingRunTests
     private static readonly LlamaConfig Config = LlamaConfig.Tiny with { NumHiddenLayers = 1, HiddenSize = 32, IntermediateSize = 64, NumAttentionHeads = 2, NumKeyValueHeads = 1 };
     private static readonly TrainOptions Options = new() { Steps = 8, BatchSize = 4, SeqLen = 24, WarmupSteps = 2, CheckpointEvery = 4, Seed = 5 };
 
+    private static readonly LoraAdapterConfig GaConfig = new() { R = 2, LoraAlpha = 4, TargetModules = new[] { "q_proj", "up_proj" } };
+
     private static (LlamaModel, AdamW, TrainingRun) Setup(CpuDevice device, string adapter, LlamaModel? model = null)
     {
+        bool fresh = model == null;
         model ??= LlamaModel.Create(device, Config, Options.Seed);
         var options = Options;
         switch (adapter)
@@ -21,6 +25,22 @@ public sealed class TrainingRunTests
             case "lora-dropout-chain": // dropout masks seeded by the step; the base absorbs a link at step 3, before the step-4 checkpoint
                 model.AddLora(new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetRegex = "all-linear", LoraDropout = 0.2f }, seed: 3);
                 options = options with { ChainEvery = 3 };
+                break;
+            case "lora-ga": // initial factors with a non-zero product, absorbed into the base (as LoRA-GA does) on a fresh model only
+                model.AddLora(GaConfig, seed: 3);
+                if (fresh)
+                {
+                    int k = 0;
+                    foreach (var (module, l) in model.Lora)
+                    {
+                        var a0 = TestData.Uniform(l.A.Value.Length, 40 + k, -0.3f, 0.3f);
+                        var b0 = TestData.Uniform(l.B.Value.Length, 50 + k++, -0.3f, 0.3f);
+                        l.A.Value.CopyFrom(a0);
+                        l.B.Value.CopyFrom(b0);
+                        model.AbsorbLoraInit(module, a0, b0);
+                    }
+                }
+
                 break;
             case "dora":
                 model.AddLora(new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetModules = new[] { "q_proj", "down_proj" }, UseDora = true }, seed: 3);
@@ -36,6 +56,7 @@ public sealed class TrainingRunTests
     [TestCase("full", TestName = "Resume_FullTraining_EndsBitIdenticalToAnUninterruptedRun")]
     [TestCase("lora-dropout-chain", TestName = "Resume_LoraWithDropoutAndChain_EndsBitIdenticalToAnUninterruptedRun")]
     [TestCase("dora", TestName = "Resume_Dora_EndsBitIdenticalToAnUninterruptedRun")]
+    [TestCase("lora-ga", TestName = "Resume_LoraGaInit_EndsBitIdentical_AndExportsTheSameAdapter")]
     public void Resume_EndsBitIdenticalToAnUninterruptedRun(string adapter)
     {
         string dir = Directory.CreateTempSubdirectory("peftsharp-resume-").FullName;
@@ -79,6 +100,18 @@ public sealed class TrainingRunTests
                 }
 
                 if (adapter != "full") Assert.That(full.Lora.Values.Any(l => l.B.Value.ToArray().Any(v => v != 0f)), "the adapter trained");
+                if (adapter == "lora-ga")
+                {
+                    // The export against the original base needs the absorbed initial factors, which the checkpoint carried.
+                    var expected = full.ExportLora(GaConfig);
+                    var got = resumedModel.ExportLora(GaConfig);
+                    Assert.That(got.Config.R, Is.EqualTo(2 * GaConfig.R));
+                    foreach (var (module, (a, b)) in expected.Modules)
+                    {
+                        Assert.That(got.Modules[module].A, Is.EqualTo(a), module + " A");
+                        Assert.That(got.Modules[module].B, Is.EqualTo(b), module + " B");
+                    }
+                }
 
                 Assert.That(File.ReadAllLines(Path.Combine(dir, "metrics.jsonl")), Has.Length.EqualTo(8));
             }
