@@ -370,7 +370,6 @@ internal static class Commands
         if (extras.Lora is { } lora)
         {
             if (lora.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"--dropout {lora.LoraDropout}: must be in [0, 1)");
-            if (lora.UseDora && lora.LoraDropout > 0f) throw new NotSupportedException("--dora with --dropout: PEFT applies DoRA's rescaling to the dropped-out base product, which is not implemented; use one of them");
             if (extras.LoraInit is not ("lora" or "lora-ga")) throw new ArgumentException($"--init {extras.LoraInit}: use lora or lora-ga");
             if (extras.LoraInit == "lora-ga" && (lora.UseDora || extras.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
             var named = lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) };

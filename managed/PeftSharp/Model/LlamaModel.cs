@@ -1003,6 +1003,27 @@ public sealed class LlamaModel : IDisposable
 
             saved.T = Device.Zeros(module + ".lora_t", rows, l.Rank);
             ops.Linear(input, l.A.Value, saved.T);
+            if (l.Magnitude != null && saved.Mask != null)
+            {
+                // DoRA under dropout, as PEFT computes it: the rescaling applies to the dropped-out input's base
+                // product, y = W x + (c - 1) W xd + c s B A xd = W x - W xd + c z, z = W xd + s B A xd (saved).
+                var norm = DoraNorms(module, l);
+                var m = l.Magnitude.Value.ToArray();
+                saved.C = Device.FromArray(module + ".dora_scale", m.Select((v, i) => (float)(v / norm[i])).ToArray(), m.Length);
+                saved.InvNorm = Device.FromArray(module + ".dora_inv_norm", norm.Select(v => (float)(1.0 / v)).ToArray(), m.Length);
+                saved.Z = Device.Zeros(module + ".dora_z", y.Shape.ToArray());
+                using var wxd = Device.Zeros(module + ".dora_w_xd", y.Shape.ToArray());
+                ops.Linear(input, this[module + ".weight"].Value, wxd);
+                ops.Copy(wxd, saved.Z);
+                ops.MatMul(saved.T, l.B.Value, saved.Z, transposeB: true, alpha: l.Scale, beta: 1f);
+                ops.Axpy(-1f, wxd, y);
+                ops.ScaleColumns(saved.Z, saved.C, wxd);
+                ops.Add(y, wxd, y);
+                if (keep != null) keep[module] = saved;
+                else saved.Dispose();
+                return;
+            }
+
             ops.MatMul(saved.T, l.B.Value, y, transposeB: true, alpha: l.Scale, beta: 1f);
             if (l.Magnitude != null)
             {
@@ -1077,6 +1098,26 @@ public sealed class LlamaModel : IDisposable
 
                 scaledDy = Device.Zeros(module + ".dora_dy", dy.Shape.ToArray());
                 ops.ScaleColumns(dy, saved.C!, scaledDy);
+                if (saved.Mask != null)
+                {
+                    // Under dropout (see Project): W x takes dy; the dropped-out input's paths take g = c dy (z) and
+                    // -dy (the subtracted W xd), so W xd's factor is g - dy, and the low-rank path's g.
+                    ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
+                    using var h = Device.Zeros(module + ".dora_dy_minus", dy.Shape.ToArray());
+                    ops.Copy(scaledDy, h);
+                    ops.Axpy(-1f, dy, h);
+                    using var dxd = Device.Zeros(module + ".dora_dxd", x.Shape.ToArray());
+                    ops.LinearBackward(saved.XDropped!, this[module + ".weight"].Value, h, dxd, GradOf(module + ".weight"), accumulateWeight: true);
+                    if (l.B.Trainable) ops.MatMul(scaledDy, saved.T, l.B.Grad, transposeA: true, alpha: l.Scale, beta: 1f);
+                    using var dtd = Device.Zeros(module + ".lora_dt", rows, l.Rank);
+                    ops.MatMul(scaledDy, l.B.Value, dtd, alpha: l.Scale);
+                    if (l.A.Trainable) ops.MatMul(dtd, saved.XDropped!, l.A.Grad, transposeA: true, beta: 1f);
+                    ops.MatMul(dtd, l.A.Value, dxd, beta: 1f);
+                    ops.Mul(dxd, saved.Mask, dxd);
+                    ops.Add(dx, dxd, dx);
+                    return;
+                }
+
                 dy = scaledDy;
             }
 

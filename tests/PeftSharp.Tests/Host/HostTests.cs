@@ -97,6 +97,7 @@ public sealed class HostJobTests : TempDirectoryTest
             ("bonly", new[] { "--b-only", "--dropout", "0.1" }, "B only, dropout 0.1"),
             ("ga", new[] { "--init", "lora-ga" }, "LoRA-GA init"),
             ("chain", new[] { "--chain-every", "2" }, "chained every 2 steps"),
+            ("dora-dropout", new[] { "--dora", "--dropout", "0.1" }, "DoRA r = 4, alpha = 16, dropout 0.1"),
         })
         {
             string dir = Path.Combine(TempDir, name);

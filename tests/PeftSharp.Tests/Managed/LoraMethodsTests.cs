@@ -45,6 +45,45 @@ public sealed class LoraMethodsTests : TempDirectoryTest
         Assert.That(ModelGradients.Check(model, magnitudes, Tokens, Targets, batch: 2, samples: 3), Is.EqualTo(3 * magnitudes.Count));
     }
 
+    /// <summary>
+    /// DoRA with LoRA dropout, as PEFT trains it: y = W x + (c - 1) W xd + c s B A xd (xd the dropped-out input, c =
+    /// m / ||W + s B A|| held constant). Gradients of m and of the input path against finite differences with the
+    /// pass's dropout masks; with a vanishing drop probability the training loss is the plain DoRA loss; evaluation
+    /// ignores dropout.
+    /// </summary>
+    [Test]
+    public void DoraWithDropout_GradientsMatchFiniteDifferences_AndTheFormulaReducesToDora()
+    {
+        using var device = new CpuDevice();
+        using var model = UnitModel(device);
+        var config = new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetModules = new[] { "q_proj", "v_proj", "up_proj", "down_proj" }, UseDora = true, LoraDropout = 0.3f };
+        model.AddLora(config, seed: 4);
+        RandomizeB(model);
+        foreach (var l in model.Lora.Values) l.Magnitude!.Value.CopyFrom(l.Magnitude.Value.ToArray().Select((v, i) => v * (1f + 0.1f * (i % 3))).ToArray());
+        model["model.embed_tokens.weight"].Trainable = true;
+        model.DropoutSeed = 11;
+        model.ZeroGrad();
+        double trainLoss = model.Loss(Tokens, Targets, 2, backward: true).Loss;
+        double evalLoss = model.Loss(Tokens, Targets, 2, backward: false).Loss;
+        Assert.That(trainLoss, Is.Not.EqualTo(evalLoss).Within(1e-4), "dropout changes the training pass");
+        var checkedParams = model.Lora.Values.Select(l => l.Magnitude!).Append(model["model.embed_tokens.weight"]).ToList();
+        Assert.That(ModelGradients.Check(model, checkedParams, Tokens, Targets, batch: 2, samples: 3, training: true), Is.EqualTo(3 * checkedParams.Count));
+
+        // p -> 0: every mask entry is 1 / (1 - p) ~ 1, so W x - W xd vanishes and y -> c (W x + s B A x), plain DoRA.
+        using var twin = UnitModel(device);
+        twin.AddLora(config with { LoraDropout = 1e-7f }, seed: 4);
+        foreach (var (module, l) in model.Lora)
+        {
+            twin.Lora[module].A.Value.CopyFrom(l.A.Value.ToArray());
+            twin.Lora[module].B.Value.CopyFrom(l.B.Value.ToArray());
+            twin.Lora[module].Magnitude!.Value.CopyFrom(l.Magnitude!.Value.ToArray());
+        }
+
+        twin.ZeroGrad();
+        double nearZero = twin.Loss(Tokens, Targets, 2, backward: true).Loss;
+        Assert.That(nearZero, Is.EqualTo(evalLoss).Within(1e-5 * Math.Abs(evalLoss)));
+    }
+
     [Test]
     public void Dora_InitialMagnitudeIsTheRowNorm_SoTheModelIsUnchanged_MergeAndUnmergeRoundTrip_PeftFolderRoundTrips()
     {
