@@ -14,11 +14,17 @@ internal static unsafe class CpuAttention
     internal readonly record struct Views(
         float[] Q, int QOffset, float[] K, int KOffset, float[] V, int VOffset, float[] O, int OOffset, float[] Lse, int LseOffset);
 
+    /// <summary>
+    /// One task per (sequence, key/value head, block of query positions): the G query heads that share a key/value
+    /// head are packed as rows (position-major) so K and V are read once for all of them, a GEMM with G times the rows
+    /// (at decode, G rows instead of G one-row products).
+    /// </summary>
     public static void Forward(float[] q, int qo, float[] k, int ko, float[] v, int vo, float[] o, int oo, float[] lse, int lo, AttentionShape s)
     {
-        int qb = CpuDevice.AttentionBlock;
+        int g = s.Group;
+        int qb = Math.Max(1, CpuDevice.AttentionBlock / g); // query positions per block: about AttentionBlock rows
         int blocks = (s.Tq + qb - 1) / qb;
-        int tasks = s.B * s.H * blocks;
+        int tasks = s.B * s.Hkv * blocks;
         fixed (float* pq0 = q, pk0 = k, pv0 = v, po0 = o, pl0 = lse)
         {
             float* pq = pq0 + qo, pk = pk0 + ko, pv = pv0 + vo, po = po0 + oo, pl = pl0 + lo;
@@ -26,46 +32,67 @@ internal static unsafe class CpuAttention
             {
                 int blk = t % blocks;
                 int bh = t / blocks;
-                int h = bh % s.H;
-                int b = bh / s.H;
-                int hk = h / s.Group;
+                int hk = bh % s.Hkv;
+                int b = bh / s.Hkv;
                 int i0 = blk * qb;
-                int rows = Math.Min(qb, s.Tq - i0);
-                int keys = s.VisibleKeys(i0 + rows - 1);
-                int ldq = s.H * s.D;
+                int positions = Math.Min(qb, s.Tq - i0);
+                int rows = positions * g;
+                int keys = s.VisibleKeys(i0 + positions - 1);
                 int ldk = s.Hkv * s.D;
-                float* qBlk = pq + s.QIndex(b, i0, h);
-                float* oBlk = po + s.QIndex(b, i0, h);
                 if (keys == 0)
                 {
-                    for (int r = 0; r < rows; r++)
+                    for (int r = 0; r < positions; r++)
                     {
-                        new Span<float>(oBlk + (long)r * ldq, s.D).Clear();
-                        pl[s.LseIndex(b, h, i0 + r)] = float.NegativeInfinity;
+                        for (int j = 0; j < g; j++)
+                        {
+                            new Span<float>(po + s.QIndex(b, i0 + r, hk * g + j), s.D).Clear();
+                            pl[s.LseIndex(b, hk * g + j, i0 + r)] = float.NegativeInfinity;
+                        }
                     }
 
                     return;
                 }
 
+                // For one position the G heads are contiguous (stride D), so a single position needs no packing.
+                bool direct = positions == 1;
+                float[] packed = direct ? Array.Empty<float>() : ArrayPool<float>.Shared.Rent(2 * rows * s.D);
                 float[] strip = ArrayPool<float>.Shared.Rent(rows * keys);
                 try
                 {
-                    fixed (float* ps = strip)
+                    fixed (float* ps = strip, pp = packed)
                     {
-                        Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qBlk, ldq, pk + s.KIndex(b, 0, hk), ldk, 0f, ps, keys, parallel: false);
-                        for (int r = 0; r < rows; r++)
+                        float* qRows = direct ? pq + s.QIndex(b, i0, hk * g) : pp;
+                        float* oRows = direct ? po + s.QIndex(b, i0, hk * g) : pp + (long)rows * s.D;
+                        if (!direct)
                         {
-                            var row = new Span<float>(ps + (long)r * keys, keys);
-                            int n = s.VisibleKeys(i0 + r);
-                            pl[s.LseIndex(b, h, i0 + r)] = SoftmaxPrefix(row, n);
+                            for (int r = 0; r < positions; r++)
+                            {
+                                new ReadOnlySpan<float>(pq + s.QIndex(b, i0 + r, hk * g), g * s.D).CopyTo(new Span<float>(pp + (long)r * g * s.D, g * s.D));
+                            }
                         }
 
-                        Gemm.Sgemm(false, false, rows, s.D, keys, 1f, ps, keys, pv + s.KIndex(b, 0, hk), ldk, 0f, oBlk, ldq, parallel: false);
+                        Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qRows, s.D, pk + s.KIndex(b, 0, hk), ldk, 0f, ps, keys, parallel: false);
+                        for (int r = 0; r < rows; r++)
+                        {
+                            int i = i0 + r / g;
+                            var row = new Span<float>(ps + (long)r * keys, keys);
+                            pl[s.LseIndex(b, hk * g + r % g, i)] = SoftmaxPrefix(row, s.VisibleKeys(i));
+                        }
+
+                        Gemm.Sgemm(false, false, rows, s.D, keys, 1f, ps, keys, pv + s.KIndex(b, 0, hk), ldk, 0f, oRows, s.D, parallel: false);
+                        if (!direct)
+                        {
+                            for (int r = 0; r < positions; r++)
+                            {
+                                new ReadOnlySpan<float>(oRows + (long)r * g * s.D, g * s.D).CopyTo(new Span<float>(po + s.QIndex(b, i0 + r, hk * g), g * s.D));
+                            }
+                        }
                     }
                 }
                 finally
                 {
                     ArrayPool<float>.Shared.Return(strip);
+                    if (!direct) ArrayPool<float>.Shared.Return(packed);
                 }
             }
 
