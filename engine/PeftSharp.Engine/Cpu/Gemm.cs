@@ -36,7 +36,9 @@ internal static unsafe class Gemm
             return;
         }
 
-        if (m > 4 && m <= SmallRows && transB && !transA)
+        // Few rows against a transposed b: the register-blocked inner products, also for 1-4 rows when the dot products
+        // are short (attention's Q K^T at decode, K = head dim), where one library call per output would dominate.
+        if (m <= SmallRows && transB && !transA && (m > 4 || k < 512))
         {
             InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
             return;
@@ -444,7 +446,10 @@ internal static unsafe class Gemm
             }
             else
             {
+                // 32-column blocks in registers (4 rows x 4 vectors), b read once per block for all rows.
+                for (; j0 + 32 <= j1; j0 += 32) Rows4x32(m, k, alpha, a, lda, b + j0, ldb, beta, c + j0, ldc);
                 int w = j1 - j0;
+                if (w == 0) return;
                 for (int i = 0; i < m; i++)
                 {
                     var ci = new Span<float>(c + (long)i * ldc + j0, w);
@@ -460,6 +465,55 @@ internal static unsafe class Gemm
 
         if (parallel && chunks > 1 && (long)n * k >= 1 << 16) Parallel.For(0, chunks, Run);
         else for (int t = 0; t < chunks; t++) Run(t);
+    }
+
+    /// <summary>c[0..m, 0..32) = alpha * a (m, k) b[.., 0..32) + beta * c, m &lt;= 4: 16 accumulators, rows past m repeat the last (dropped).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Rows4x32(int m, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc)
+    {
+        float* a0 = a, a1 = a + (long)Math.Min(1, m - 1) * lda, a2 = a + (long)Math.Min(2, m - 1) * lda, a3 = a + (long)Math.Min(3, m - 1) * lda;
+        Vector256<float> c00 = default, c01 = default, c02 = default, c03 = default, c10 = default, c11 = default, c12 = default, c13 = default;
+        Vector256<float> c20 = default, c21 = default, c22 = default, c23 = default, c30 = default, c31 = default, c32 = default, c33 = default;
+        for (int p = 0; p < k; p++)
+        {
+            float* bp = b + (long)p * ldb;
+            var b0 = Vector256.Load(bp);
+            var b1 = Vector256.Load(bp + 8);
+            var b2 = Vector256.Load(bp + 16);
+            var b3 = Vector256.Load(bp + 24);
+            var x = Vector256.Create(a0[p]);
+            c00 = Vector256.FusedMultiplyAdd(x, b0, c00);
+            c01 = Vector256.FusedMultiplyAdd(x, b1, c01);
+            c02 = Vector256.FusedMultiplyAdd(x, b2, c02);
+            c03 = Vector256.FusedMultiplyAdd(x, b3, c03);
+            x = Vector256.Create(a1[p]);
+            c10 = Vector256.FusedMultiplyAdd(x, b0, c10);
+            c11 = Vector256.FusedMultiplyAdd(x, b1, c11);
+            c12 = Vector256.FusedMultiplyAdd(x, b2, c12);
+            c13 = Vector256.FusedMultiplyAdd(x, b3, c13);
+            x = Vector256.Create(a2[p]);
+            c20 = Vector256.FusedMultiplyAdd(x, b0, c20);
+            c21 = Vector256.FusedMultiplyAdd(x, b1, c21);
+            c22 = Vector256.FusedMultiplyAdd(x, b2, c22);
+            c23 = Vector256.FusedMultiplyAdd(x, b3, c23);
+            x = Vector256.Create(a3[p]);
+            c30 = Vector256.FusedMultiplyAdd(x, b0, c30);
+            c31 = Vector256.FusedMultiplyAdd(x, b1, c31);
+            c32 = Vector256.FusedMultiplyAdd(x, b2, c32);
+            c33 = Vector256.FusedMultiplyAdd(x, b3, c33);
+        }
+
+        Store32(c, c00, c01, c02, c03, alpha, beta);
+        if (m > 1) Store32(c + ldc, c10, c11, c12, c13, alpha, beta);
+        if (m > 2) Store32(c + 2L * ldc, c20, c21, c22, c23, alpha, beta);
+        if (m > 3) Store32(c + 3L * ldc, c30, c31, c32, c33, alpha, beta);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Store32(float* c, Vector256<float> v0, Vector256<float> v1, Vector256<float> v2, Vector256<float> v3, float alpha, float beta)
+    {
+        StoreRow(c, v0, v1, alpha, beta);
+        StoreRow(c + 16, v2, v3, alpha, beta);
     }
 
     private static void ScaleC(int m, int n, float beta, float* c, int ldc)
