@@ -37,8 +37,9 @@ internal static unsafe class Gemm
         }
 
         // Few rows against a transposed b: the register-blocked inner products, also for 1-4 rows when the dot products
-        // are short (attention's Q K^T at decode, K = head dim), where one library call per output would dominate.
-        if (m <= SmallRows && transB && !transA && (m > 4 || k < 512))
+        // are short (attention's Q K^T at decode, K = head dim), where one library call per output would dominate. One
+        // row stays on the dot-product path: the 4 x 4 kernel would repeat it four times.
+        if (m <= SmallRows && transB && !transA && (m > 4 || (m > 1 && k < 512)))
         {
             InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
             return;
