@@ -151,6 +151,13 @@ public static class Program
         logits.SetAction(r => Commands.Logits(r.GetValue(deviceOption), r.GetValue(modelDir)!, r.GetValue(tokens)!, stdout));
         root.Subcommands.Add(logits);
 
+        var text = new Option<string?>("--text") { Description = "Text to encode" };
+        var decodeIds = new Option<string?>("--decode") { Description = "Comma-separated token ids to decode" };
+        var tokenize = new Command("tokenize", "Encode text (or decode ids) with a model folder's tokenizer and print JSON (for checks against other implementations).");
+        foreach (var o in new Option[] { modelDir, text, decodeIds }) tokenize.Options.Add(o);
+        tokenize.SetAction(r => Commands.Tokenize(r.GetValue(modelDir)!, r.GetValue(text), r.GetValue(decodeIds), stdout));
+        root.Subcommands.Add(tokenize);
+
         var adapterDir = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)" };
         var deltaDir = new Option<string?>("--delta") { Description = "1-bit delta (peft compress) or sparse delta folder" };
         var mergeConfig = new Option<string?>("--config") { Description = "A mergekit config (YAML or JSON): linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties" };
@@ -495,6 +502,27 @@ internal static class Commands
         var logits = model.Logits(ids, batch: 1);
         var last = logits.AsSpan((ids.Length - 1) * model.Config.VocabSize, model.Config.VocabSize).ToArray();
         stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(last));
+        return 0;
+    }
+
+    public static int Tokenize(string modelDir, string? text, string? decode, TextWriter stdout)
+    {
+        if ((text == null) == (decode == null)) throw new ArgumentException("tokenize: give exactly one of --text and --decode");
+        var config = HuggingFaceFolder.ReadConfig(modelDir);
+        ITokenizer tok = HfTokenizer.Present(modelDir)
+            ? HfTokenizer.Load(modelDir)
+            : config.VocabSize == ByteTokenizer.VocabSize
+                ? ByteTokenizer.Instance
+                : throw new NotSupportedException($"{modelDir}: vocab_size {config.VocabSize} and no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile}");
+        if (text != null)
+        {
+            stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(new { tokenizer = tok.Name, ids = tok.Encode(text), bos = tok.Bos, eos = tok.Eos, pad = tok.Pad }));
+            return 0;
+        }
+
+        var ids = decode!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
+            .Select(t => int.TryParse(t, out int v) && v >= 0 && v < tok.VocabSize ? v : throw new ArgumentException($"--decode: '{t}' is not a token id of {tok.Name} (0 .. {tok.VocabSize - 1})")).ToArray();
+        stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(new { tokenizer = tok.Name, text = tok.Decode(ids) }));
         return 0;
     }
 

@@ -219,6 +219,14 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         r = Host.Peft.Run("generate", "--model", outDir, "--prompt", "copy 1: ", "--max-tokens", "3", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
 
+        // peft tokenize prints what the fixture's reference gave.
+        var expected = Cases("expected_json.json", "gpt2_style").Single(c => c.Text == "the quickbrown fox").Ids;
+        r = Host.Peft.Run("tokenize", "--model", outDir, "--text", "the quickbrown fox");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(JsonNode.Parse(r.Out)!["ids"]!.AsArray().Select(i => i!.GetValue<int>()), Is.EqualTo(expected));
+        r = Host.Peft.Run("tokenize", "--model", outDir, "--decode", string.Join(",", expected));
+        Assert.That(JsonNode.Parse(r.Out)!["text"]!.GetValue<string>(), Is.EqualTo("the quickbrown fox"));
+
         // Without the tokenizer files the same folder is refused for text, by name.
         File.Delete(Path.Combine(outDir, HfTokenizer.JsonFile));
         r = Host.Peft.Run("generate", "--model", outDir, "--prompt", "copy 1: ", "--device", "cpu");
