@@ -217,7 +217,8 @@ public sealed class HfTokenizer : ITokenizer
         }
 
         if (model["dropout"] is JsonValue dropout && dropout.GetValue<double>() != 0) throw new NotSupportedException($"{path}: BPE dropout is a training-time option; set model.dropout to null");
-        if (model["continuing_subword_prefix"] is JsonValue || model["end_of_word_suffix"] is JsonValue)
+        // GPT-2's file writes both as "" (none); a real prefix or suffix is a WordPiece-style BPE this class does not read.
+        if (model["continuing_subword_prefix"] is JsonValue cp && cp.GetValue<string>().Length > 0 || model["end_of_word_suffix"] is JsonValue ew && ew.GetValue<string>().Length > 0)
         {
             throw new NotSupportedException($"{path}: continuing_subword_prefix / end_of_word_suffix are not supported with byte-level BPE");
         }

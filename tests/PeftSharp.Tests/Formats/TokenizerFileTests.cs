@@ -105,6 +105,15 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         string dir = FolderWith("gpt2_style");
         string path = Path.Combine(dir, HfTokenizer.JsonFile);
         var doc = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+        // GPT-2's own file writes "" for the subword prefix and suffix: none. A real prefix is refused.
+        doc["model"]!["continuing_subword_prefix"] = "";
+        doc["model"]!["end_of_word_suffix"] = "";
+        File.WriteAllText(path, doc.ToJsonString());
+        Assert.That(HfTokenizer.Load(dir).Encode("the quick brown fox"), Is.EqualTo(Cases("expected_json.json", "gpt2_style").Single(c => c.Text == "the quick brown fox").Ids));
+        doc["model"]!["continuing_subword_prefix"] = "##";
+        File.WriteAllText(path, doc.ToJsonString());
+        Assert.That(Assert.Throws<NotSupportedException>(() => HfTokenizer.Load(dir))!.Message, Does.Contain("continuing_subword_prefix"));
+        doc["model"]!["continuing_subword_prefix"] = null;
         doc["model"]!["type"] = "WordPiece";
         File.WriteAllText(path, doc.ToJsonString());
         var e = Assert.Throws<NotSupportedException>(() => HfTokenizer.Load(dir))!;
