@@ -10,12 +10,17 @@ public sealed record MergeModelEntry(string Model, MergeInput Parameters);
 /// A merge described in mergekit's schema (YAML or JSON): `merge_method`, `base_model`, `models[].model`,
 /// `models[].parameters.weight|density|gamma`, `parameters.normalize|lambda|int8_mask` (and top-level defaults for
 /// the per-model options), `dtype`. PeftSharp adds `parameters.lines_alpha` and `parameters.lines_beta` for LiNeS-style
-/// layer scaling of the merged task vector. Anything else is an error naming it, so a config never half-applies.
+/// layer scaling of the merged task vector. `tokenizer_source` is `base` (the default when there is a base model) or a
+/// model path whose tokenizer files the merged folder carries; `union` (a merged vocabulary) is not supported.
+/// Anything else is an error naming it, so a config never half-applies.
 /// </summary>
 public sealed record MergeConfig(
     MergeMethod Method, string? BaseModel, IReadOnlyList<MergeModelEntry> Models, bool Normalize, float Lambda, string Dtype,
     float? LinesAlpha, float? LinesBeta)
 {
+    /// <summary>Whose tokenizer files the merged model carries: "base", a model path, or null (the base, else the first model).</summary>
+    public string? TokenizerSource { get; init; }
+
     public static readonly IReadOnlyDictionary<string, MergeMethod> Methods = new Dictionary<string, MergeMethod>
     {
         ["linear"] = MergeMethod.Linear,
@@ -118,6 +123,10 @@ public sealed record MergeConfig(
         var config = new MergeConfig(method, baseModel, models, Flag("normalize", normalizeDefault), Num(global, "lambda", 1f, "parameters"), dtype,
             global.ContainsKey("lines_alpha") ? Num(global, "lines_alpha", 0f, "parameters") : null,
             global.ContainsKey("lines_beta") ? Num(global, "lines_beta", 1f, "parameters") : null);
+        string? tokenizerSource = top.TryGetValue("tokenizer_source", out var ts) ? ScalarOf(ts, "tokenizer_source", problems) : null;
+        if (tokenizerSource == "union") problems.Add("tokenizer_source 'union' (a merged vocabulary) is not supported; use base or a model path");
+        if (tokenizerSource == "base" && baseModel == null) problems.Add("tokenizer_source 'base' needs a base_model");
+        config = config with { TokenizerSource = tokenizerSource };
         Flag("int8_mask", false); // a memory setting in mergekit; the result does not depend on it
         if (config.LinesAlpha.HasValue != config.LinesBeta.HasValue) problems.Add("lines_alpha and lines_beta go together");
         if (problems.Count > 0) throw new InvalidDataException($"{source}: {string.Join("; ", problems)}");

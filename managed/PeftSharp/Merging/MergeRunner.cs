@@ -30,19 +30,30 @@ public static class MergeRunner
             }
 
             var inputOptions = config.Models.Select(e => e.Parameters).ToArray();
-            return LlamaModel.FromTensors(device, reference.Config, (name, _) =>
+            // The merged folder carries a tokenizer: tokenizer_source's folder, else the base's, else the first model's.
+            string? tokenizerFolder = config.TokenizerSource is { } src && src != "base" ? Resolve(src)
+                : config.BaseModel != null ? Resolve(config.BaseModel)
+                : config.Models.Select(e => Resolve(e.Model)).FirstOrDefault(f => File.Exists(Path.Combine(f, HuggingFaceFolder.ConfigFile)));
+            var merged = LlamaModel.FromTensors(device, reference.Config, (name, _) =>
             {
-                var merged = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
+                var values = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
                     inputOptions, config.Normalize, config.Lambda, Seed(name));
                 if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)
                 {
                     var b = baseModel[name].Value.ToArray();
                     float s = TaskVectorMerge.LinesScale(LayerOf(name), reference.Config.NumHiddenLayers, alpha, beta);
-                    for (int i = 0; i < merged.Length; i++) merged[i] = b[i] + s * (merged[i] - b[i]);
+                    for (int i = 0; i < values.Length; i++) values[i] = b[i] + s * (values[i] - b[i]);
                 }
 
-                return merged;
+                return values;
             });
+            if (tokenizerFolder != null)
+            {
+                if (!Directory.Exists(tokenizerFolder)) throw new DirectoryNotFoundException($"tokenizer_source {tokenizerFolder} does not exist");
+                merged.UseTokenizerFiles(tokenizerFolder, PeftSharp.Data.HfTokenizer.ReadFiles(tokenizerFolder));
+            }
+
+            return merged;
         }
         finally
         {

@@ -111,6 +111,8 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(e.Message, Does.Contain("merge_method 'slerp' is not supported").And.Contain("slices").And.Contain("per-layer (gradient) values")
             .And.Contain("option 'epsilon'").And.Contain("option 't'"));
         Assert.That(Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
+        Assert.That(Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message, Does.Contain("'union'"));
+        Assert.That(MergeConfig.Parse("merge_method: linear\ntokenizer_source: a\nmodels:\n  - model: a\n", "t.yaml").TokenizerSource, Is.EqualTo("a"));
     }
 
     [Test]
@@ -125,6 +127,9 @@ public sealed class MergingTests : TempDirectoryTest
         HuggingFaceFolder.Save(b, Path.Combine(dir, "base"));
         HuggingFaceFolder.Save(fa, Path.Combine(dir, "a"));
         SparseDelta.Between(b, fb).Save(Path.Combine(dir, "b-sparse"), config); // a sparse delta input, densified onto the base
+        // The base's tokenizer files travel to the merged folder (mergekit's default tokenizer_source: base).
+        string tokenizerJson = Path.Combine(TestContext.CurrentContext.TestDirectory, "Fixtures", "Tokenizers", "gpt2_style", "tokenizer.json");
+        File.Copy(tokenizerJson, Path.Combine(dir, "base", "tokenizer.json"));
         File.WriteAllText(Path.Combine(dir, "merge.yaml"), """
             merge_method: ties
             base_model: base
@@ -138,6 +143,7 @@ public sealed class MergingTests : TempDirectoryTest
         var r = PeftSharp.Tests.Host.Peft.Run("merge", "--config", Path.Combine(dir, "merge.yaml"), "--out", Path.Combine(dir, "merged"), "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("merged 2 models by ties"));
+        Assert.That(File.ReadAllBytes(Path.Combine(dir, "merged", "tokenizer.json")), Is.EqualTo(File.ReadAllBytes(tokenizerJson)));
         using var merged = HuggingFaceFolder.Load(Path.Combine(dir, "merged"), device);
         foreach (var name in new[] { "model.layers.1.mlp.down_proj.weight", "model.norm.weight" })
         {
