@@ -30,6 +30,8 @@ internal sealed record TrainExtras
     public int PrefixProjection { get; init; }
     /// <summary>Prefix tuning's virtual tokens (0: the default, 8).</summary>
     public int VirtualTokens { get; init; }
+    /// <summary>One LoRA adapter per task of the data, trained in the same batches (adapter sets).</summary>
+    public bool AdapterPerTask { get; init; }
     /// <summary>lora | lora-ga.</summary>
     public string LoraInit { get; init; } = "lora";
 }
@@ -68,6 +70,12 @@ internal sealed class Jobs
         int h = Math.Min(heldOut, examples.Count / 10);
         return (ExampleSource.List(examples.Skip(h).ToList()), examples.Take(h).ToList(), completionOnly);
     }
+
+    /// <summary>The task names of a builtin:tasks data spec (what --adapter-per-task trains an adapter for).</summary>
+    public static IReadOnlyList<string> TaskNames(string spec) =>
+        spec == "builtin:tasks" ? TaskSuite.Tasks
+        : spec.StartsWith("builtin:tasks=", StringComparison.Ordinal) ? spec["builtin:tasks=".Length..].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+        : throw new ArgumentException($"--data {spec}: --adapter-per-task needs builtin:tasks or builtin:tasks=NAME,NAME (each task gets an adapter)");
 
     public static LlamaConfig Config(string spec) => spec switch
     {

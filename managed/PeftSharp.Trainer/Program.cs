@@ -67,6 +67,7 @@ public static class Program
         var rslora = new Option<bool>("--rslora") { Description = "rank-stabilised scaling alpha / sqrt(r)" };
         var dora = new Option<bool>("--dora") { Description = "DoRA: train a magnitude vector per module beside the low-rank direction" };
         var bOnly = new Option<bool>("--b-only") { Description = "Train only B; A stays at its random init" };
+        var adapterPerTask = new Option<bool>("--adapter-per-task") { Description = "With --method lora and builtin:tasks=A,B,...: one adapter per task, all trained in the same batches (OUT/<task>/ each)" };
         var loraDropout = new Option<float>("--dropout") { Description = "LoRA dropout on the adapter's input while training", DefaultValueFactory = _ => 0f };
         var loraInit = new Option<string>("--init") { Description = "lora (A random, B zero) | lora-ga (A, B from the SVD of the full gradient)", DefaultValueFactory = _ => "lora" };
         var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)", DefaultValueFactory = _ => 0 };
@@ -77,7 +78,7 @@ public static class Program
             foreach (var o in new Option[] { deviceOption, data, steps, outDir, batch, seqLen, lr, seed, resume, ckptEvery, quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(o);
             if (finetune)
             {
-                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(o);
+                foreach (var o in new Option[] { modelDir, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(o);
             }
             else
             {
@@ -112,6 +113,7 @@ public static class Program
                         : null,
                     LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
                     LoraBOnly = finetune && r.GetValue(bOnly),
+                    AdapterPerTask = finetune && r.GetValue(adapterPerTask),
                     VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
                     PrefixProjection = finetune ? r.GetValue(prefixProjection) : 0,
                     Density = finetune ? r.GetValue(density) : 0,
@@ -380,6 +382,35 @@ internal static class Commands
             if (extras.LoraInit is not ("lora" or "lora-ga")) throw new ArgumentException($"--init {extras.LoraInit}: use lora or lora-ga");
             if (extras.LoraInit == "lora-ga" && (lora.UseDora || extras.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
             var named = lora with { BaseModelNameOrPath = Path.GetFullPath(modelDir!) };
+            if (extras.AdapterPerTask)
+            {
+                if (extras.LoraInit != "lora" || extras.LoraBOnly || lora.UseDora || options.ChainEvery > 0 || options.GroupCompletions)
+                {
+                    throw new NotSupportedException("--adapter-per-task trains plain LoRA (with --rank, --alpha, --targets, --rslora, --dropout); not with --dora, --b-only, --init lora-ga, --chain-every or --group-completions");
+                }
+
+                var tasks = Jobs.TaskNames(dataSpec);
+                for (int k = 0; k < tasks.Count; k++) model.AddLoraSet(tasks[k], named, unchecked(options.Seed + 7919 * k));
+                long perTask = model.LoraSets[0].Layers.Values.Sum(l => (long)(l.A.Value.Length + l.B.Value.Length));
+                console.MarkupLine($"LoRA r = {lora.R}, alpha = {lora.LoraAlpha}: one adapter per task ({string.Join(", ", tasks)}), {perTask:N0} parameters each, all in the same batches over the frozen base");
+                save = dir =>
+                {
+                    foreach (var task in tasks) model.ExportLoraSet(task).Save(Path.Combine(dir, task), model.Config);
+                };
+                jobs.Train(model, train, options, outDir, "finetune", resume, extras, save);
+                foreach (var task in tasks)
+                {
+                    using var alone = LlamaModel.FromTensors(model.Device, model.Config, (n, _) => model[n].Value.ToArray());
+                    alone.UseTokenizerFiles(modelDir!, model.TokenizerFiles);
+                    alone.AddLora(named, options.Seed, from: model.ExportLoraSet(task));
+                    var taskHeld = held.Where(e => e.Task == task).ToList();
+                    if (taskHeld.Count > 0) jobs.PrintEval($"held-out '{task}' through its adapter", Evaluator.Evaluate(alone, taskHeld, options.SeqLen, options.CompletionOnly));
+                }
+
+                console.MarkupLine($"PEFT adapters {string.Join(", ", tasks.Select(t => Markup.Escape(Path.Combine(Path.GetFullPath(outDir), t))))}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+                return 0;
+            }
+
             if (extras.LoraInit == "lora-ga" && resume == null)
             {
                 var batches = train.EncodeBatches(model.Tokenizer, 4, options.BatchSize, options.SeqLen, options.CompletionOnly, rewind: true);

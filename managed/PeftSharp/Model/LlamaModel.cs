@@ -50,6 +50,8 @@ public sealed class LlamaModel : IDisposable
     private int chainRestarts;
     private VirtualPrefix? prefix;
     private Lazy<ITokenizer>? tokenizer;
+    private readonly List<LoraSet> loraSets = new();
+    private int[]? setRows; // while a set-batched pass is built: rows of each adapter set, in set order
 
     private LlamaModel(Device device, LlamaConfig config)
     {
@@ -108,7 +110,75 @@ public sealed class LlamaModel : IDisposable
     public IReadOnlyDictionary<string, LoraLayer> Lora => lora;
 
     /// <summary>Everything an optimizer steps: the base parameters and the LoRA matrices.</summary>
-    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => l.Parameters)).Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+    public IEnumerable<Parameter> AllParameters => parameters.Concat(lora.Values.SelectMany(l => l.Parameters))
+        .Concat(loraSets.SelectMany(s => s.Layers.Values.SelectMany(l => l.Parameters))).Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+
+    /// <summary>An adapter trained together with others in one batch (<see cref="AddLoraSet"/>): its name, config and layers by module.</summary>
+    public sealed record LoraSet(string Name, PeftSharp.Formats.LoraAdapterConfig Config, IReadOnlyDictionary<string, LoraLayer> Layers);
+
+    /// <summary>The adapters trained together, in the order a set-batched loss takes its sequences.</summary>
+    public IReadOnlyList<LoraSet> LoraSets => loraSets;
+
+    /// <summary>
+    /// Adds one of several LoRA adapters trained in the same batch over the frozen base: each sequence of a batch
+    /// belongs to one adapter (<see cref="Loss(int[], int[], int, bool, IReadOnlyList{int})"/>), the base product runs
+    /// once for all rows, and each adapter's low-rank path runs on its own contiguous rows (segments, as Punica's SGMV
+    /// lays a batch out). Same initialisation as <see cref="AddLora"/>; DoRA is not supported here.
+    /// </summary>
+    public void AddLoraSet(string name, PeftSharp.Formats.LoraAdapterConfig config, int seed)
+    {
+        if (lora.Count > 0) throw new InvalidOperationException("the model has a single LoRA adapter; adapter sets and AddLora do not mix");
+        if (prefix != null) throw new InvalidOperationException("adapter sets together with prefix tuning are not supported");
+        if (config.UseDora) throw new NotSupportedException($"adapter set '{name}': DoRA in adapter sets is not supported (train DoRA adapters one at a time)");
+        if (string.IsNullOrWhiteSpace(name) || loraSets.Any(s => s.Name == name)) throw new ArgumentException($"adapter set name '{name}' is empty or already used");
+        var targets = config.TargetsIn(Config).ToList();
+        if (targets.Count == 0) throw new ArgumentException($"LoRA target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
+        if (config.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"lora_dropout {config.LoraDropout} must be in [0, 1)");
+        var rng = new Random(seed);
+        var layers = new Dictionary<string, LoraLayer>();
+        foreach (var module in targets)
+        {
+            var (outF, inF) = PeftSharp.Formats.PeftLoraAdapter.LinearShape(Config, module);
+            int r = config.For(module).Rank;
+            float bound = 1f / MathF.Sqrt(inF);
+            var a = Enumerable.Range(0, r * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray();
+            layers[module] = new LoraLayer(
+                new Parameter($"{name}/base_model.model.{module}.lora_A.weight", Device.FromArray($"{name}.{module}.lora_A", a, r, inF)),
+                new Parameter($"{name}/base_model.model.{module}.lora_B.weight", Device.FromArray($"{name}.{module}.lora_B", new float[outF * r], outF, r)),
+                r, config.Scale(module), config.LoraDropout);
+        }
+
+        loraSets.Add(new LoraSet(name, config, layers));
+        foreach (var p in parameters) p.Trainable = false;
+    }
+
+    /// <summary>One adapter of the set as a PEFT adapter (for <c>PeftLoraAdapter.Save</c>).</summary>
+    public PeftSharp.Formats.PeftLoraAdapter ExportLoraSet(string name)
+    {
+        var set = loraSets.FirstOrDefault(s => s.Name == name) ?? throw new ArgumentException($"no adapter set named '{name}' (have: {string.Join(", ", loraSets.Select(s => s.Name))})");
+        return new(set.Config, set.Layers.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())), new Dictionary<string, float[]>());
+    }
+
+    /// <summary>
+    /// Mean cross-entropy of a batch whose sequences belong to the adapter sets: the first
+    /// <paramref name="sequencesPerSet"/>[0] sequences to set 0, the next to set 1, and so on. With
+    /// <paramref name="backward"/>, each adapter's gradients come from its own rows only.
+    /// </summary>
+    public (double Loss, int Counted) Loss(int[] tokens, int[] targets, int batch, bool backward, IReadOnlyList<int> sequencesPerSet)
+    {
+        if (sequencesPerSet.Count != loraSets.Count) throw new ArgumentException($"{sequencesPerSet.Count} sequence counts for {loraSets.Count} adapter sets");
+        if (sequencesPerSet.Any(c => c < 0) || sequencesPerSet.Sum() != batch) throw new ArgumentException($"sequence counts [{string.Join(", ", sequencesPerSet)}] do not add up to the batch of {batch}");
+        if (batch <= 0 || tokens.Length % batch != 0) throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
+        setRows = sequencesPerSet.Select(c => c * (tokens.Length / batch)).ToArray();
+        try
+        {
+            return Loss(tokens, targets, batch, backward);
+        }
+        finally
+        {
+            setRows = null;
+        }
+    }
 
     /// <summary>Prefix tuning's virtual tokens, when added (<see cref="AddPrefixTuning"/>).</summary>
     public VirtualPrefix? Prefix => prefix;
@@ -398,6 +468,7 @@ public sealed class LlamaModel : IDisposable
         public List<LayerActivations> Layers = new();
         public Tensor XFinal = null!, HFinal = null!, RstdFinal = null!, Logits = null!;
         public Dictionary<string, LoraSaved> Lora = new();
+        public int[]? SetRows;
 
         public void Dispose()
         {
@@ -430,7 +501,7 @@ public sealed class LlamaModel : IDisposable
 
         var ops = Device.Ops;
         prefix?.Materialize(); // a reparameterised prefix is recomputed from its (possibly just stepped) MLP
-        var pass = new Pass { Tokens = n, Layout = layout };
+        var pass = new Pass { Tokens = n, Layout = layout, SetRows = setRows };
         try
         {
             pass.Ids = Device.FromIndices("input_ids", tokens);
@@ -987,22 +1058,16 @@ public sealed class LlamaModel : IDisposable
         var ops = Device.Ops;
         ops.Linear(x, this[module + ".weight"].Value, y);
         variants?.Apply(module, x, y);
-        if (!lora.TryGetValue(module, out var l)) return;
-        int rows = x.Dim(0);
+        if (!lora.TryGetValue(module, out var l))
+        {
+            if (setRows != null) ProjectSets(module, x, y, keep);
+            return;
+        }
+
         var saved = new LoraSaved();
         try
         {
-            var input = x;
-            if (keep != null && l.Dropout > 0f)
-            {
-                saved.Mask = Device.FromArray(module + ".dropout_mask", DropoutMask(module, rows * x.Dim(1), l.Dropout), rows, x.Dim(1));
-                saved.XDropped = Device.Zeros(module + ".x_dropped", rows, x.Dim(1));
-                ops.Mul(x, saved.Mask, saved.XDropped);
-                input = saved.XDropped;
-            }
-
-            saved.T = Device.Zeros(module + ".lora_t", rows, l.Rank);
-            ops.Linear(input, l.A.Value, saved.T);
+            var input = Shrink(module, 0, l, x, keep != null, saved);
             if (l.Magnitude != null && saved.Mask != null)
             {
                 // DoRA under dropout, as PEFT computes it: the rescaling applies to the dropped-out input's base
@@ -1050,15 +1115,66 @@ public sealed class LlamaModel : IDisposable
         else saved.Dispose();
     }
 
+    /// <summary>
+    /// The low-rank path's first half for <paramref name="x"/> (rows, in): dropout when training (mask and x_dropped kept
+    /// in <paramref name="saved"/>), then t = x A^T into saved.T. Returns the LoRA input (x or x_dropped).
+    /// </summary>
+    private Tensor Shrink(string module, int salt, LoraLayer l, Tensor x, bool training, LoraSaved saved)
+    {
+        var ops = Device.Ops;
+        int rows = x.Dim(0);
+        var input = x;
+        if (training && l.Dropout > 0f)
+        {
+            saved.Mask = Device.FromArray(module + ".dropout_mask", DropoutMask(module, rows * x.Dim(1), l.Dropout, salt), rows, x.Dim(1));
+            saved.XDropped = Device.Zeros(module + ".x_dropped", rows, x.Dim(1));
+            ops.Mul(x, saved.Mask, saved.XDropped);
+            input = saved.XDropped;
+        }
+
+        saved.T = Device.Zeros(module + ".lora_t", rows, l.Rank);
+        ops.Linear(input, l.A.Value, saved.T);
+        return input;
+    }
+
+    /// <summary>Each adapter set's low-rank path on its own rows (contiguous, in set order), added to y.</summary>
+    private void ProjectSets(string module, Tensor x, Tensor y, Dictionary<string, LoraSaved>? keep)
+    {
+        int inF = x.Dim(1), outF = y.Dim(1), r0 = 0;
+        for (int k = 0; k < loraSets.Count; k++)
+        {
+            int rows = setRows![k];
+            if (rows > 0 && loraSets[k].Layers.TryGetValue(module, out var l))
+            {
+                var saved = new LoraSaved();
+                try
+                {
+                    Shrink(module, k + 1, l, x.View(r0 * inF, rows, inF), keep != null, saved);
+                    Device.Ops.MatMul(saved.T, l.B.Value, y.View(r0 * outF, rows, outF), transposeB: true, alpha: l.Scale, beta: 1f);
+                }
+                catch
+                {
+                    saved.Dispose();
+                    throw;
+                }
+
+                if (keep != null) keep[$"{module}#{k}"] = saved;
+                else saved.Dispose();
+            }
+
+            r0 += rows;
+        }
+    }
+
     /// <summary>||W + s B A|| of every output row (out), in double: DoRA's column norm, a constant to the backward.</summary>
     private double[] DoraNorms(string module, LoraLayer l) =>
         LoraMerge.MergedRowNorms(this[module + ".weight"].Value, l.A.Value, l.B.Value, l.Scale).Select(v => Math.Max(v, 1e-12)).ToArray();
 
     /// <summary>Inverted dropout: each entry is 0 with probability p, else 1 / (1 - p); seeded by DropoutSeed and the module.</summary>
-    private float[] DropoutMask(string module, int length, float p)
+    private float[] DropoutMask(string module, int length, float p, int salt = 0)
     {
         int moduleIndex = PeftSharp.Formats.LoraAdapterConfig.LlamaLinearModules(Config).TakeWhile(m => m != module).Count();
-        var rng = new Random(unchecked(DropoutSeed * 1_000_003 + moduleIndex * 7919 + 17));
+        var rng = new Random(unchecked(DropoutSeed * 1_000_003 + moduleIndex * 7919 + 17 + salt * 104_729));
         float keep = 1f / (1f - p);
         var mask = new float[length];
         for (int i = 0; i < length; i++) mask[i] = rng.NextDouble() < p ? 0f : keep;
@@ -1075,6 +1191,21 @@ public sealed class LlamaModel : IDisposable
         if (!lora.TryGetValue(module, out var l))
         {
             ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
+            if (pass.SetRows != null)
+            {
+                int inF = x.Dim(1), outF = dy.Dim(1), r0 = 0;
+                for (int k = 0; k < loraSets.Count; k++)
+                {
+                    int count = pass.SetRows[k];
+                    if (count > 0 && loraSets[k].Layers.TryGetValue(module, out var lk))
+                    {
+                        ExpandBackward(module, lk, pass.Lora[$"{module}#{k}"], x.View(r0 * inF, count, inF), dy.View(r0 * outF, count, outF), dx.View(r0 * inF, count, inF));
+                    }
+
+                    r0 += count;
+                }
+            }
+
             return;
         }
 
@@ -1122,25 +1253,32 @@ public sealed class LlamaModel : IDisposable
             }
 
             ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
-            if (l.B.Trainable) ops.MatMul(dy, saved.T, l.B.Grad, transposeA: true, alpha: l.Scale, beta: 1f);
-            using var dt = Device.Zeros(module + ".lora_dt", rows, l.Rank);
-            ops.MatMul(dy, l.B.Value, dt, alpha: l.Scale);
-            if (l.A.Trainable) ops.MatMul(dt, saved.XDropped ?? x, l.A.Grad, transposeA: true, beta: 1f);
-            if (saved.Mask == null)
-            {
-                ops.MatMul(dt, l.A.Value, dx, beta: 1f);
-            }
-            else
-            {
-                using var dxLora = Device.Zeros(module + ".lora_dx", x.Shape.ToArray());
-                ops.MatMul(dt, l.A.Value, dxLora);
-                ops.Mul(dxLora, saved.Mask, dxLora);
-                ops.Add(dx, dxLora, dx);
-            }
+            ExpandBackward(module, l, saved, x, dy, dx);
         }
         finally
         {
             scaledDy?.Dispose();
+        }
+    }
+
+    /// <summary>The low-rank path's backward: dB += s dy^T t, dA += (s dy B)^T x_dropped, dx += (s dy B) A (masked by dropout).</summary>
+    private void ExpandBackward(string module, LoraLayer l, LoraSaved saved, Tensor x, Tensor dy, Tensor dx)
+    {
+        var ops = Device.Ops;
+        if (l.B.Trainable) ops.MatMul(dy, saved.T, l.B.Grad, transposeA: true, alpha: l.Scale, beta: 1f);
+        using var dt = Device.Zeros(module + ".lora_dt", x.Dim(0), l.Rank);
+        ops.MatMul(dy, l.B.Value, dt, alpha: l.Scale);
+        if (l.A.Trainable) ops.MatMul(dt, saved.XDropped ?? x, l.A.Grad, transposeA: true, beta: 1f);
+        if (saved.Mask == null)
+        {
+            ops.MatMul(dt, l.A.Value, dx, beta: 1f);
+        }
+        else
+        {
+            using var dxLora = Device.Zeros(module + ".lora_dx", x.Shape.ToArray());
+            ops.MatMul(dt, l.A.Value, dxLora);
+            ops.Mul(dxLora, saved.Mask, dxLora);
+            ops.Add(dx, dxLora, dx);
         }
     }
 

@@ -124,6 +124,11 @@ public sealed class TrainingRun
         this.schedule = schedule;
         this.data = data;
         Options = options;
+        if (model.LoraSets.Count > 0 && (options.GroupCompletions || options.ChainEvery > 0))
+        {
+            throw new NotSupportedException("adapter sets train with plain batches: not with grouped completions or chain of LoRA");
+        }
+
         if (options.BatchSize <= 0 || options.GradAccumulation <= 0 || options.SeqLen <= 0)
         {
             throw new ArgumentException($"batch size ({options.BatchSize}), gradient accumulation ({options.GradAccumulation}) and sequence length ({options.SeqLen}) must be positive");
@@ -176,8 +181,21 @@ public sealed class TrainingRun
                         continue;
                     }
 
-                    var (ids, targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
-                    var (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                    double bl;
+                    int[] ids;
+                    if (model.LoraSets.Count > 0)
+                    {
+                        // Several adapters in one batch: each example's task names its adapter; rows grouped by adapter.
+                        var (ordered, counts) = BySet(batch);
+                        (ids, var targets) = Batcher.Encode(ordered, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                        (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true, counts);
+                    }
+                    else
+                    {
+                        (ids, var targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                        (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                    }
+
                     loss += bl / Options.GradAccumulation;
                     tokens += ids.Length;
                 }
@@ -217,6 +235,19 @@ public sealed class TrainingRun
         }
 
         return all;
+    }
+
+    /// <summary>The batch ordered by adapter set (each example's task names its set), and how many examples each set has.</summary>
+    private (List<Example> Ordered, int[] Counts) BySet(IReadOnlyList<Example> batch)
+    {
+        var index = model.LoraSets.Select((s, i) => (s.Name, i)).ToDictionary(p => p.Name, p => p.i);
+        var keyed = batch.Select(e => (Example: e, Set: index.TryGetValue(e.Task, out int k)
+            ? k
+            : throw new InvalidDataException($"example of task '{e.Task}' has no adapter (adapters: {string.Join(", ", index.Keys)})"))).ToList();
+        var ordered = keyed.OrderBy(p => p.Set).Select(p => p.Example).ToList(); // stable: keeps the stream's order within a set
+        var counts = new int[index.Count];
+        foreach (var (_, set) in keyed) counts[set]++;
+        return (ordered, counts);
     }
 
     /// <summary>

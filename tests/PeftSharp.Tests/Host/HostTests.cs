@@ -203,6 +203,45 @@ public sealed class HostJobTests : TempDirectoryTest
 
 public sealed class HostServingTests : TempDirectoryTest
 {
+    /// <summary>
+    /// --adapter-per-task: one LoRA adapter per task trained in the same batches; each is a PEFT folder that serves
+    /// next to the other in one generation batch; resuming from the last checkpoint writes the same adapters.
+    /// </summary>
+    [Test]
+    public void FinetuneAdapterPerTask_WritesAnAdapterPerTask_ResumesAndServesThemTogether()
+    {
+        using (var device = new PeftSharp.Engine.Cpu.CpuDevice())
+        using (var model = PeftSharp.Model.LlamaModel.Create(device, PeftSharp.Model.LlamaConfig.Tiny, seed: 13))
+        {
+            PeftSharp.Formats.HuggingFaceFolder.Save(model, Path.Combine(TempDir, "base"));
+        }
+
+        string baseDir = Path.Combine(TempDir, "base"), outDir = Path.Combine(TempDir, "sets");
+        string[] flags = { "finetune", "--model", baseDir, "--data", "builtin:tasks=reverse,sort", "--method", "lora", "--rank", "4", "--adapter-per-task", "--steps", "4",
+            "--batch-size", "6", "--checkpoint-every", "2", "--quiet", "--device", "cpu" };
+        var r = Peft.Run(flags.Concat(new[] { "--out", outDir }).ToArray());
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("one adapter per task (reverse, sort)").And.Contain("held-out 'sort' through its adapter"));
+        foreach (var task in new[] { "reverse", "sort" }) Assert.That(File.Exists(Path.Combine(outDir, task, "adapter_model.safetensors")), task);
+        Assert.That(File.ReadAllBytes(Path.Combine(outDir, "reverse", "adapter_model.safetensors")), Is.Not.EqualTo(File.ReadAllBytes(Path.Combine(outDir, "sort", "adapter_model.safetensors"))));
+
+        string resumed = Path.Combine(TempDir, "sets-resumed");
+        r = Peft.Run(flags.Concat(new[] { "--out", resumed, "--resume", Path.Combine(outDir, "checkpoint") }).ToArray());
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        foreach (var task in new[] { "reverse", "sort" })
+        {
+            Assert.That(File.ReadAllBytes(Path.Combine(resumed, task, "adapter_model.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(outDir, task, "adapter_model.safetensors"))), task);
+        }
+
+        string requests = Path.Combine(TempDir, "requests.jsonl");
+        File.WriteAllLines(requests, new[] { "{\"prompt\": \"reverse abc=\", \"adapter\": \"reverse\"}", "{\"prompt\": \"sort cba=\", \"adapter\": \"sort\"}" });
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"reverse={Path.Combine(outDir, "reverse")},sort={Path.Combine(outDir, "sort")}", "--requests", requests, "--max-tokens", "3", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Err, Does.Contain("2 requests over 2 variants in one batch"));
+        r = Peft.Run("finetune", "--model", baseDir, "--data", "builtin:tasks=reverse", "--method", "lora", "--adapter-per-task", "--dora", "--steps", "1", "--out", Path.Combine(TempDir, "x"), "--quiet", "--device", "cpu");
+        Assert.That(r.Err, Does.Contain("--adapter-per-task"));
+    }
+
     [Test]
     public void GenerateRequests_MixedAdapters_EachLineMatchesItsAdapterAlone()
     {

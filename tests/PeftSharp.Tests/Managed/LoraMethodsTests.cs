@@ -46,6 +46,78 @@ public sealed class LoraMethodsTests : TempDirectoryTest
     }
 
     /// <summary>
+    /// Several adapters trained in one batch (adapter sets): sequence 0 belongs to adapter "a" (rank 2), sequences 1-3
+    /// to "b" (rank 3). The joint loss is the token-weighted mean of each adapter's own loss, and each adapter's
+    /// gradient is its single-adapter gradient on its own rows times its share of the counted tokens.
+    /// </summary>
+    [Test]
+    public void LoraSets_OneBatch_EachAdapterGetsTheGradientOfItsOwnRows()
+    {
+        using var device = new CpuDevice();
+        var configA = new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetRegex = "all-linear" };
+        var configB = new LoraAdapterConfig { R = 3, LoraAlpha = 3, TargetModules = new[] { "q_proj", "v_proj", "down_proj" } };
+        const int t = 5;
+        var tokens = TestData.Ints(4 * t, 3, Micro.VocabSize);
+        var targets = TestData.Ints(4 * t, 4, Micro.VocabSize);
+        targets[7] = -100;
+        using var joint = UnitModel(device);
+        joint.AddLoraSet("a", configA, seed: 1);
+        joint.AddLoraSet("b", configB, seed: 2);
+        foreach (var l in joint.LoraSets.SelectMany(set => set.Layers.Values)) l.B.Value.CopyFrom(TestData.Uniform(l.B.Value.Length, l.B.Value.Length + 7, -0.5f, 0.5f));
+        joint.ZeroGrad();
+        var (jointLoss, jointCount) = joint.Loss(tokens, targets, 4, backward: true, new[] { 1, 3 });
+        Assert.That(joint.Parameters.All(p => !p.Trainable), "the base is frozen");
+
+        double weighted = 0;
+        int total = 0;
+        var singles = new List<(LlamaModel Model, int Count)>();
+        try
+        {
+            foreach (var (set, first, count) in new[] { (joint.LoraSets[0], 0, 1), (joint.LoraSets[1], 1, 3) })
+            {
+                var alone = UnitModel(device);
+                singles.Add((alone, 0));
+                alone.AddLora(set.Config, seed: 9);
+                foreach (var (module, l) in set.Layers)
+                {
+                    alone.Lora[module].A.Value.CopyFrom(l.A.Value.ToArray());
+                    alone.Lora[module].B.Value.CopyFrom(l.B.Value.ToArray());
+                }
+
+                alone.ZeroGrad();
+                var (loss, counted) = alone.Loss(tokens[(first * t)..((first + count) * t)], targets[(first * t)..((first + count) * t)], count, backward: true);
+                singles[^1] = (alone, counted);
+                weighted += loss * counted;
+                total += counted;
+            }
+
+            Assert.That(jointCount, Is.EqualTo(total));
+            Assert.That(jointLoss, Is.EqualTo(weighted / total).Within(1e-5 * Math.Abs(jointLoss)), "token-weighted mean of the adapters' losses");
+            for (int k = 0; k < 2; k++)
+            {
+                var (alone, counted) = singles[k];
+                double share = (double)counted / total;
+                foreach (var (module, l) in joint.LoraSets[k].Layers)
+                {
+                    foreach (var (got, single, what) in new[] { (l.A, alone.Lora[module].A, "A"), (l.B, alone.Lora[module].B, "B") })
+                    {
+                        var expected = single.Grad.ToArray().Select(g => (float)(g * share)).ToArray();
+                        Check.Close(got.Grad.ToArray(), expected, (2e-6, 1e-4), $"set {joint.LoraSets[k].Name} {module} {what}");
+                    }
+                }
+            }
+
+            Assert.That(joint.LoraSets[1].Layers["model.layers.0.self_attn.q_proj"].A.Grad.ToArray().Any(g => g != 0f), "b's gradients are not empty");
+            var exported = joint.ExportLoraSet("b");
+            Assert.That(exported.Modules.Keys, Is.EquivalentTo(joint.LoraSets[1].Layers.Keys));
+        }
+        finally
+        {
+            foreach (var (m, _) in singles) m.Dispose();
+        }
+    }
+
+    /// <summary>
     /// DoRA with LoRA dropout, as PEFT trains it: y = W x + (c - 1) W xd + c s B A xd (xd the dropped-out input, c =
     /// m / ||W + s B A|| held constant). Gradients of m and of the input path against finite differences with the
     /// pass's dropout masks; with a vanishing drop probability the training loss is the plain DoRA loss; evaluation
