@@ -1,6 +1,9 @@
 using System.Diagnostics;
 using PeftSharp.Kernels.Attention;
+using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
+using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Sparse;
 
 namespace PeftSharp.Engine;
 
@@ -79,6 +82,70 @@ public static class SelfCheck
             using var tloss = device.Zeros("losses", 7);
             ops.CrossEntropy(tl, tt, tloss);
             return MaxError(tloss.ToArray(), losses);
+        }));
+
+        // The variant families: a row per adapter / delta (and rows with none), shared-prefix merge, mask selection.
+        var rowVariants = new[] { 0, -1, 1, 1, 0, -1, 1 };
+        results.Add(Measure("lora mixed", "M=7 K=33 N=19 ranks 3,5", 1e-4, () =>
+        {
+            var adapters = new[] { new LoraAdapterData("a", Uniform(3 * 33, 9), Uniform(19 * 3, 10), 3, 0.5f), new LoraAdapterData("b", Uniform(5 * 33, 11), Uniform(19 * 5, 12), 5, 2f) };
+            var x = Uniform(7 * 33, 13);
+            var y = Uniform(7 * 19, 14);
+            var expected = (float[])y.Clone();
+            LoraReference.MixedForward(x, expected, adapters.SelectMany(a => a.A).ToArray(), adapters.SelectMany(a => a.B).ToArray(), new[] { 0, 3 * 33 }, new[] { 0, 19 * 3 },
+                new[] { 3, 5 }, new[] { 0.5f, 2f }, rowVariants, new LoraBatchShape(7, 33, 19, 5));
+            using var pool = LoraAdapterPool.Create(device, 33, 19, adapters);
+            using var tx = device.FromArray("x", x, 7, 33);
+            using var ty = device.FromArray("y", y, 7, 19);
+            using var rows = device.FromIndices("rows", rowVariants);
+            ops.LoraMixed(tx, ty, pool, rows);
+            return MaxError(ty.ToArray(), expected);
+        }));
+
+        results.Add(Measure("1-bit mixed", "M=7 K=65 N=19, 2 deltas", 1e-4, () =>
+        {
+            var deltas = new[] { new BitDeltaData("a", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 15), 19, 65) }, new[] { 0.3f }), new BitDeltaData("b", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 16), 19, 65) }, new[] { 0.7f }) };
+            var x = Uniform(7 * 65, 17);
+            var y = Uniform(7 * 19, 18);
+            var expected = (float[])y.Clone();
+            BitDeltaReference.MixedForward(x, expected, deltas.SelectMany(d => d.Signs).SelectMany(w => w).ToArray(), new[] { 0.3f, 0.7f }, new[] { 0, 1 }, new[] { 1, 1 }, rowVariants, new BitDeltaShape(7, 65, 19));
+            using var pool = BitDeltaPool.Create(device, 65, 19, deltas);
+            using var tx = device.FromArray("x", x, 7, 65);
+            using var ty = device.FromArray("y", y, 7, 19);
+            using var rows = device.FromIndices("rows", rowVariants);
+            ops.BitDeltaMixed(tx, ty, pool, rows);
+            return MaxError(ty.ToArray(), expected);
+        }));
+
+        results.Add(Measure("attention merge", "prefix 9 + suffix 5 = full 14, H=4 Hkv=2 D=16", 1e-4, () =>
+        {
+            // Attention over [prefix, suffix] computed as two partial passes merged by log-sum-exp equals the whole.
+            var q = Uniform(5 * 4 * 16, 19);
+            var k = Uniform(14 * 2 * 16, 20);
+            var v = Uniform(14 * 2 * 16, 21);
+            var full = new float[q.Length];
+            var fullLse = new float[5 * 4];
+            AttentionReference.Forward(q, k, v, full, fullLse, new AttentionShape(1, 5, 14, 4, 2, 16, true, 0.25f));
+            using var tq = device.FromArray("q", q, 1, 5, 4, 16);
+            using var tk = device.FromArray("k", k, 1, 14, 2, 16);
+            using var tv = device.FromArray("v", v, 1, 14, 2, 16);
+            using var o1 = device.Zeros("o_prefix", 1, 5, 4, 16);
+            using var l1 = device.Zeros("lse_prefix", 1, 5, 4);
+            using var o2 = device.Zeros("o_suffix", 1, 5, 4, 16);
+            using var l2 = device.Zeros("lse_suffix", 1, 5, 4);
+            ops.Attention(tq, tk.View(0, 1, 9, 2, 16), tv.View(0, 1, 9, 2, 16), o1, l1, causal: false, scale: 0.25f);
+            ops.Attention(tq, tk.View(9 * 2 * 16, 1, 5, 2, 16), tv.View(9 * 2 * 16, 1, 5, 2, 16), o2, l2, causal: true, scale: 0.25f);
+            ops.AttentionMerge(o1, l1, o2, l2, o1, l1);
+            return Math.Max(MaxError(o1.ToArray(), full), MaxError(l1.ToArray(), fullLse));
+        }));
+
+        results.Add(Measure("mask select", "top 300 of 4099 by |x|, with ties", 0, () =>
+        {
+            var x = Uniform(4099, 22).Select((v, i) => i % 5 == 0 ? 0f : MathF.Round(v * 4f) / 4f).ToArray();
+            var expected = SelectReference.Band(x, 41, 300, default);
+            using var tx = device.FromArray("x", x, 4099);
+            var got = ops.SelectBand(tx, 41, 300);
+            return got.SequenceEqual(expected) ? 0 : 1;
         }));
 
         return results;
