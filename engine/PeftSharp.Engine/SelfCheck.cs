@@ -86,35 +86,37 @@ public static class SelfCheck
 
         // The variant families: a row per adapter / delta (and rows with none), shared-prefix merge, mask selection.
         var rowVariants = new[] { 0, -1, 1, 1, 0, -1, 1 };
+        // x (7, K) and y (7, N) from seeds; the reference adds each row's delta to a copy of y, the device to y itself.
+        double Mixed(int k, int n, int seed, Action<float[], float[]> reference, Action<Tensor, Tensor, IndexTensor> run)
+        {
+            var x = Uniform(7 * k, seed);
+            var y = Uniform(7 * n, seed + 1);
+            var expected = (float[])y.Clone();
+            reference(x, expected);
+            using var tx = device.FromArray("x", x, 7, k);
+            using var ty = device.FromArray("y", y, 7, n);
+            using var rows = device.FromIndices("rows", rowVariants);
+            run(tx, ty, rows);
+            return MaxError(ty.ToArray(), expected);
+        }
+
         results.Add(Measure("lora mixed", "M=7 K=33 N=19 ranks 3,5", 1e-4, () =>
         {
             var adapters = new[] { new LoraAdapterData("a", Uniform(3 * 33, 9), Uniform(19 * 3, 10), 3, 0.5f), new LoraAdapterData("b", Uniform(5 * 33, 11), Uniform(19 * 5, 12), 5, 2f) };
-            var x = Uniform(7 * 33, 13);
-            var y = Uniform(7 * 19, 14);
-            var expected = (float[])y.Clone();
-            LoraReference.MixedForward(x, expected, adapters.SelectMany(a => a.A).ToArray(), adapters.SelectMany(a => a.B).ToArray(), new[] { 0, 3 * 33 }, new[] { 0, 19 * 3 },
-                new[] { 3, 5 }, new[] { 0.5f, 2f }, rowVariants, new LoraBatchShape(7, 33, 19, 5));
             using var pool = LoraAdapterPool.Create(device, 33, 19, adapters);
-            using var tx = device.FromArray("x", x, 7, 33);
-            using var ty = device.FromArray("y", y, 7, 19);
-            using var rows = device.FromIndices("rows", rowVariants);
-            ops.LoraMixed(tx, ty, pool, rows);
-            return MaxError(ty.ToArray(), expected);
+            return Mixed(33, 19, 13,
+                (x, y) => LoraReference.MixedForward(x, y, adapters.SelectMany(a => a.A).ToArray(), adapters.SelectMany(a => a.B).ToArray(), new[] { 0, 3 * 33 }, new[] { 0, 19 * 3 },
+                    new[] { 3, 5 }, new[] { 0.5f, 2f }, rowVariants, new LoraBatchShape(7, 33, 19, 5)),
+                (x, y, rows) => ops.LoraMixed(x, y, pool, rows));
         }));
 
         results.Add(Measure("1-bit mixed", "M=7 K=65 N=19, 2 deltas", 1e-4, () =>
         {
             var deltas = new[] { new BitDeltaData("a", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 15), 19, 65) }, new[] { 0.3f }), new BitDeltaData("b", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 16), 19, 65) }, new[] { 0.7f }) };
-            var x = Uniform(7 * 65, 17);
-            var y = Uniform(7 * 19, 18);
-            var expected = (float[])y.Clone();
-            BitDeltaReference.MixedForward(x, expected, deltas.SelectMany(d => d.Signs).SelectMany(w => w).ToArray(), new[] { 0.3f, 0.7f }, new[] { 0, 1 }, new[] { 1, 1 }, rowVariants, new BitDeltaShape(7, 65, 19));
             using var pool = BitDeltaPool.Create(device, 65, 19, deltas);
-            using var tx = device.FromArray("x", x, 7, 65);
-            using var ty = device.FromArray("y", y, 7, 19);
-            using var rows = device.FromIndices("rows", rowVariants);
-            ops.BitDeltaMixed(tx, ty, pool, rows);
-            return MaxError(ty.ToArray(), expected);
+            return Mixed(65, 19, 17,
+                (x, y) => BitDeltaReference.MixedForward(x, y, deltas.SelectMany(d => d.Signs).SelectMany(w => w).ToArray(), new[] { 0.3f, 0.7f }, new[] { 0, 1 }, new[] { 1, 1 }, rowVariants, new BitDeltaShape(7, 65, 19)),
+                (x, y, rows) => ops.BitDeltaMixed(x, y, pool, rows));
         }));
 
         results.Add(Measure("attention merge", "prefix 9 + suffix 5 = full 14, H=4 Hkv=2 D=16", 1e-4, () =>
