@@ -190,43 +190,63 @@ public static partial class TaskVectorMerge
     }
 
     /// <summary>
-    /// The keys at two ranks (0 = largest) and how many keys are larger than each: radix select, 8 bits a pass, both
-    /// ranks from the same read of the keys.
+    /// The keys at two ranks (0 = largest) and how many keys are larger than each. One pass histograms the top 16 bits
+    /// (sign, exponent and 4 mantissa bits of |tau|, where task vectors' magnitudes separate), the keys under each
+    /// rank's 16-bit prefix are copied out (a few percent of them), and 8-bit radix passes finish on those copies.
     /// </summary>
     private static (ulong KeyA, int AboveA, ulong KeyB, int AboveB) KeysAtRanks(ulong[] keys, int rankA, int rankB)
     {
-        ulong prefixA = 0, prefixB = 0, mask = 0;
-        int aboveA = 0, aboveB = 0;
+        const int TopBits = 16;
         int chunks = (keys.Length + Chunk - 1) / Chunk;
-        for (int shift = 56; shift >= 0; shift -= 8)
+        var top = new int[1 << TopBits];
+        Parallel.For(0, chunks, () => new int[1 << TopBits], (c, _, hist) =>
         {
-            var total = new int[512];
-            ulong pa = prefixA, pb = prefixB, pm = mask;
-            int sh = shift;
-            Parallel.For(0, chunks, () => new int[512], (c, _, hist) =>
+            for (int e = c * Chunk, end = Math.Min(keys.Length, e + Chunk); e < end; e++) hist[(int)(keys[e] >> (64 - TopBits))]++;
+            return hist;
+        }, hist =>
+        {
+            lock (top)
             {
-                for (int e = c * Chunk, end = Math.Min(keys.Length, e + Chunk); e < end; e++)
-                {
-                    ulong key = keys[e], high = key & pm;
-                    int digit = (int)((key >> sh) & 0xFF);
-                    if (high == pa) hist[digit]++;
-                    if (high == pb) hist[256 + digit]++;
-                }
+                for (int d = 0; d < top.Length; d++) top[d] += hist[d];
+            }
+        });
+        int aboveA = 0, aboveB = 0;
+        ulong prefixA = (ulong)TopDigit(top, rankA, ref aboveA), prefixB = (ulong)TopDigit(top, rankB, ref aboveB);
+        var candA = keys.Where(k => k >> (64 - TopBits) == prefixA).ToArray();
+        var candB = prefixB == prefixA ? candA : keys.Where(k => k >> (64 - TopBits) == prefixB).ToArray();
+        ulong keyA = Refine(candA, prefixA << (64 - TopBits), rankA, ref aboveA);
+        ulong keyB = Refine(candB, prefixB << (64 - TopBits), rankB, ref aboveB);
+        return (keyA, aboveA, keyB, aboveB);
+    }
 
-                return hist;
-            }, hist =>
+    private static int TopDigit(int[] hist, int rank, ref int above)
+    {
+        for (int d = hist.Length - 1; d >= 0; d--)
+        {
+            if (above + hist[d] > rank) return d;
+            above += hist[d];
+        }
+
+        return 0;
+    }
+
+    /// <summary>The remaining 48 bits of the key at <paramref name="rank"/> among <paramref name="keys"/> (all sharing the top 16), 8 bits a pass.</summary>
+    private static ulong Refine(ulong[] keys, ulong prefix, int rank, ref int above)
+    {
+        ulong mask = 0xFFFFUL << 48;
+        for (int shift = 40; shift >= 0; shift -= 8)
+        {
+            var hist = new int[256];
+            foreach (ulong k in keys)
             {
-                lock (total)
-                {
-                    for (int d = 0; d < 512; d++) total[d] += hist[d];
-                }
-            });
-            prefixA |= (ulong)Digit(total, 0, rankA, ref aboveA) << shift;
-            prefixB |= (ulong)Digit(total, 256, rankB, ref aboveB) << shift;
+                if ((k & mask) == prefix) hist[(int)((k >> shift) & 0xFF)]++;
+            }
+
+            prefix |= (ulong)Digit(hist, 0, rank, ref above) << shift;
             mask |= 0xFFUL << shift;
         }
 
-        return (prefixA, aboveA, prefixB, aboveB);
+        return prefix;
     }
 
     /// <summary>The digit whose bin holds <paramref name="rank"/>, counting from the largest digit; adds the larger bins to <paramref name="above"/>.</summary>
