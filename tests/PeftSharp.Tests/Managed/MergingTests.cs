@@ -76,6 +76,23 @@ public sealed class MergingTests : TempDirectoryTest
         }
     }
 
+    /// <summary>
+    /// Band edges that fall exactly on the boundary between two magnitude classes (10 entries of |tau| = 1, then 90 of
+    /// 0.5, 0.25 ...): the radix select must place rank 10 in the second class, not at the end of the first.
+    /// </summary>
+    [TestCase(0.1f, 0.5f)]
+    [TestCase(0.1f, 0.2f)]
+    [TestCase(0f, 0.3f)]
+    public void MagnitudeBand_EdgesOnClassBoundaries_EqualKeepBand(float gamma, float density)
+    {
+        const int n = 100;
+        var b = new float[n];
+        var model = Enumerable.Range(0, n).Select(i => (i % 2 == 0 ? 1f : -1f) * (i < 10 ? 1f : i < 40 ? 0.5f : i < 70 ? 0.25f : 0.125f)).ToArray();
+        var flags = TaskVectorMerge.MagnitudeBand(model, b, gamma, density);
+        var kept = TaskVectorMerge.KeepBand(model.Select(v => (double)v).ToArray(), gamma, density);
+        Assert.That(flags, Is.EqualTo(kept.Select(v => v != 0).ToArray()));
+    }
+
     [Test]
     public void MergekitConfig_ReadsTheSchema_AndNamesEveryUnsupportedOption()
     {
