@@ -32,6 +32,8 @@ internal sealed record TrainExtras
     public int VirtualTokens { get; init; }
     /// <summary>One LoRA adapter per task of the data, trained in the same batches (adapter sets).</summary>
     public bool AdapterPerTask { get; init; }
+    /// <summary>Pre-training: a folder whose tokenizer the new model uses (null: the built-in byte tokenizer).</summary>
+    public string? TokenizerDir { get; init; }
     /// <summary>lora | lora-ga.</summary>
     public string LoraInit { get; init; } = "lora";
 }

@@ -45,6 +45,7 @@ public static class Program
         var resume = new Option<string?>("--resume") { Description = "Continue from a checkpoint folder (OUT/checkpoint)" };
         var ckptEvery = new Option<int>("--checkpoint-every") { Description = "Steps between checkpoints (0: none)", DefaultValueFactory = _ => 100 };
         var config = new Option<string>("--config") { Description = "tiny | small | CONFIG.json", DefaultValueFactory = _ => "tiny" };
+        var tokenizerDir = new Option<string?>("--tokenizer") { Description = "A folder with tokenizer.json or tokenizer.model to pre-train with (tiny/small take its vocabulary size); default: the built-in byte tokenizer" };
         var modelDir = new Option<string>("--model") { Description = "Hugging Face model folder", Required = true };
         var freeze = new Option<string[]>("--freeze") { Description = "Freeze parameters whose name matches (glob, repeatable): --freeze 'model.embed_tokens.*'", AllowMultipleArgumentsPerToken = true };
         var layerDecay = new Option<float>("--layer-decay") { Description = "Layer-wise learning-rate decay factor in (0, 1]", DefaultValueFactory = _ => 1f };
@@ -83,6 +84,7 @@ public static class Program
             else
             {
                 c.Options.Add(config);
+                c.Options.Add(tokenizerDir);
             }
 
             c.SetAction(r => Commands.Train(r.GetValue(deviceOption), finetune ? r.GetValue(modelDir) : null, finetune ? null : r.GetValue(config),
@@ -119,6 +121,7 @@ public static class Program
                     Density = finetune ? r.GetValue(density) : 0,
                     MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
                     RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
+                    TokenizerDir = finetune ? null : r.GetValue(tokenizerDir),
                 }));
             return c;
         }
@@ -324,7 +327,7 @@ internal static class Commands
         options = options with { CompletionOnly = options.CompletionOnly || completionOnly };
         using var model = resume != null ? LoadTextModel(resume, device)
             : modelDir != null ? LoadTextModel(modelDir, device)
-            : LlamaModel.Create(device, Jobs.Config(configSpec!), options.Seed);
+            : NewModel(device, configSpec!, extras.TokenizerDir, options.Seed);
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
         Action<string>? save = null;
@@ -534,6 +537,20 @@ internal static class Commands
         var last = logits.AsSpan((ids.Length - 1) * model.Config.VocabSize, model.Config.VocabSize).ToArray();
         stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(last));
         return 0;
+    }
+
+    /// <summary>A fresh model for pre-training: with a tokenizer folder, tiny/small take its vocabulary size and the model carries its files.</summary>
+    private static LlamaModel NewModel(Device device, string configSpec, string? tokenizerDir, int seed)
+    {
+        var config = Jobs.Config(configSpec);
+        if (tokenizerDir == null) return LlamaModel.Create(device, config, seed);
+        if (!HfTokenizer.Present(tokenizerDir)) throw new ArgumentException($"--tokenizer {tokenizerDir}: no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile} there");
+        var tok = HfTokenizer.Load(tokenizerDir);
+        if (configSpec is "tiny" or "small") config = config with { VocabSize = tok.VocabSize };
+        else if (config.VocabSize < tok.VocabSize) throw new ArgumentException($"--config {configSpec}: vocab_size {config.VocabSize} is smaller than the tokenizer's {tok.VocabSize} ids");
+        var model = LlamaModel.Create(device, config, seed);
+        model.UseTokenizerFiles(tokenizerDir, HfTokenizer.ReadFiles(tokenizerDir));
+        return model;
     }
 
     public static int Tokenize(string modelDir, string? text, string? decode, TextWriter stdout)

@@ -243,6 +243,23 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         Assert.That(r.Err, Does.Contain("vocab_size 416").And.Contain("tokenizer.json"));
     }
 
+    /// <summary>peft pretrain --tokenizer: a new model sized to the tokenizer's vocabulary, trained on its ids, saved with its files.</summary>
+    [Test]
+    public void Host_PretrainWithATokenizerFolder()
+    {
+        string tokenizer = FolderWith("llama3_style");
+        string outDir = Path.Combine(TempDir, "pre");
+        var r = Host.Peft.Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--tokenizer", tokenizer, "--steps", "3", "--batch-size", "4", "--out", outDir, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(HuggingFaceFolder.ReadConfig(outDir).VocabSize, Is.EqualTo(410), "tiny takes the tokenizer's vocabulary size");
+        Assert.That(File.ReadAllBytes(Path.Combine(outDir, HfTokenizer.JsonFile)), Is.EqualTo(File.ReadAllBytes(Path.Combine(tokenizer, HfTokenizer.JsonFile))));
+        r = Host.Peft.Run("generate", "--model", outDir, "--prompt", "the quick", "--max-tokens", "2", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        r = Host.Peft.Run("pretrain", "--data", "builtin:tasks", "--tokenizer", TempDir, "--steps", "1", "--out", Path.Combine(TempDir, "x"), "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.Not.EqualTo(0));
+        Assert.That(r.Err, Does.Contain("--tokenizer"));
+    }
+
     [Test]
     public void ModelFolder_TokenizerLargerThanVocab_IsAnError()
     {
