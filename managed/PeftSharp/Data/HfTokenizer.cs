@@ -39,15 +39,17 @@ public sealed class HfTokenizer : ITokenizer
     private readonly Dictionary<int, (string Content, bool Special)> addedById;
     private readonly Regex? addedPattern;
     private readonly Dictionary<string, int> addedByContent;
+    private readonly Dictionary<string, (bool Left, bool Right)> addedStrip;
 
     private HfTokenizer(string name, int vocabSize, Func<string, List<int>> encodeSegment, Func<IReadOnlyList<int>, string> decodeRun,
-        IReadOnlyList<(string Content, int Id, bool Special)> added)
+        IReadOnlyList<AddedToken> added)
     {
         Name = name;
         this.encodeSegment = encodeSegment;
         this.decodeRun = decodeRun;
         addedById = added.ToDictionary(a => a.Id, a => (a.Content, a.Special));
         addedByContent = added.GroupBy(a => a.Content).ToDictionary(g => g.Key, g => g.First().Id);
+        addedStrip = added.GroupBy(a => a.Content).ToDictionary(g => g.Key, g => (g.First().LeftStrip, g.First().RightStrip));
         if (added.Count > 0)
         {
             // Longest first, so "<|end|>" never wins over "<|end_of_text|>".
@@ -129,9 +131,15 @@ public sealed class HfTokenizer : ITokenizer
         int at = 0;
         foreach (Match m in addedPattern.Matches(text))
         {
-            if (m.Index > at) ids.AddRange(encodeSegment(text[at..m.Index]));
+            if (m.Index < at) continue; // inside whitespace an rstrip token absorbed
+            // lstrip / rstrip: the token absorbs the whitespace on that side, as Hugging Face's added tokens do.
+            var (left, right) = addedStrip[m.Value];
+            int end = m.Index;
+            if (left) while (end > at && char.IsWhiteSpace(text[end - 1])) end--;
+            if (end > at) ids.AddRange(encodeSegment(text[at..end]));
             ids.Add(addedByContent[m.Value]);
             at = m.Index + m.Length;
+            if (right) while (at < text.Length && char.IsWhiteSpace(text[at])) at++;
         }
 
         if (at < text.Length) ids.AddRange(encodeSegment(text[at..]));
@@ -293,7 +301,7 @@ public sealed class HfTokenizer : ITokenizer
                 ? FuseUnknown(sp.EncodeToIds(s, addBeginningOfSentence: false, addEndOfSentence: false), sp.UnknownId)
                 : sp.EncodeToIds(s, addBeginningOfSentence: false, addEndOfSentence: false).ToList(),
             run => sp.Decode(run, considerSpecialTokens: false),
-            Array.Empty<(string, int, bool)>());
+            Array.Empty<AddedToken>());
         tok.Bos = sp.BeginningOfSentenceId >= 0 ? sp.BeginningOfSentenceId : null;
         tok.Eos = sp.EndOfSentenceId >= 0 ? sp.EndOfSentenceId : null;
         if (config?["add_bos_token"] is JsonValue addBos && !addBos.GetValue<bool>()) tok.Bos = null;
@@ -317,9 +325,12 @@ public sealed class HfTokenizer : ITokenizer
         return fused;
     }
 
-    private static IReadOnlyList<(string Content, int Id, bool Special)> AddedTokens(string path, JsonObject doc)
+    /// <summary>An entry of tokenizer.json's added_tokens: matched in the raw text before anything else.</summary>
+    private sealed record AddedToken(string Content, int Id, bool Special, bool LeftStrip, bool RightStrip);
+
+    private static IReadOnlyList<AddedToken> AddedTokens(string path, JsonObject doc)
     {
-        var result = new List<(string, int, bool)>();
+        var result = new List<AddedToken>();
         if (doc["added_tokens"] is not JsonArray added) return result;
         int i = 0;
         foreach (var node in added)
@@ -329,7 +340,8 @@ public sealed class HfTokenizer : ITokenizer
                 throw new InvalidDataException($"{path}: added_tokens[{i}] needs \"id\" and \"content\"");
             }
 
-            result.Add((c.GetValue<string>(), id.GetValue<int>(), a["special"] is JsonValue s && s.GetValue<bool>()));
+            bool Flag(string key) => a[key] is JsonValue f && f.GetValue<bool>();
+            result.Add(new AddedToken(c.GetValue<string>(), id.GetValue<int>(), Flag("special"), Flag("lstrip"), Flag("rstrip")));
             i++;
         }
 

@@ -51,6 +51,7 @@ public sealed class TokenizerFileTests : TempDirectoryTest
 
     [TestCase("gpt2_style", TestName = "TokenizerJson_Gpt2StyleByteLevel_MatchesTransformersJs")]
     [TestCase("llama3_style", TestName = "TokenizerJson_Llama3StyleSplitIgnoreMerges_MatchesTransformersJs")]
+    [TestCase("added_tokens", TestName = "TokenizerJson_AddedTokensWithLstripRstrip_MatchesTransformersJs")]
     public void TokenizerJson_MatchesReference(string fixture)
     {
         var tok = HfTokenizer.Load(FolderWith(fixture));

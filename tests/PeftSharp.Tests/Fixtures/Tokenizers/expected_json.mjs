@@ -6,7 +6,7 @@ const require = createRequire(process.env.NODE_PATH + "/");
 const { PreTrainedTokenizer } = require("@huggingface/transformers");
 const texts = JSON.parse(fs.readFileSync("texts.json", "utf8"));
 const out = {};
-for (const dir of ["gpt2_style", "llama3_style"]) {
+for (const dir of ["gpt2_style", "llama3_style", "added_tokens"]) {
   const tj = JSON.parse(fs.readFileSync(dir + "/tokenizer.json", "utf8"));
   const tc = JSON.parse(fs.readFileSync(dir + "/tokenizer_config.json", "utf8"));
   const tok = new PreTrainedTokenizer(tj, tc);

@@ -111,8 +111,22 @@ write_json("llama3_style/tokenizer.json", vocab + ["Ġquickbrown"], merges,
                {"type": "Split", "pattern": {"Regex": llama3_split}, "behavior": "Isolated", "invert": False},
                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
            ignore_merges=True, merges_as_pairs=True, bos_by_template=True)
+# Added tokens with lstrip / rstrip (they absorb the whitespace on that side) and a non-special one (kept in decode).
+write_json("added_tokens/tokenizer.json", vocab, merges,
+           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+           ignore_merges=False, merges_as_pairs=False, bos_by_template=False)
+with open("added_tokens/tokenizer.json", encoding="utf-8") as f:
+    doc = json.load(f)
+doc["added_tokens"] += [
+    {"id": len(vocab) + 3, "content": "<mask>", "single_word": False, "lstrip": True, "rstrip": False, "normalized": False, "special": True},
+    {"id": len(vocab) + 4, "content": "[SEP]", "single_word": False, "lstrip": False, "rstrip": True, "normalized": False, "special": True},
+    {"id": len(vocab) + 5, "content": "<tab>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": False},
+]
+with open("added_tokens/tokenizer.json", "w", encoding="utf-8") as f:
+    json.dump(doc, f, ensure_ascii=False, indent=1)
+
 with open("texts.json", "w", encoding="utf-8") as f:
-    json.dump(TEXTS + ["the quickbrown fox", "x<|end_of_text|>y"], f, ensure_ascii=False)
+    json.dump(TEXTS + ["the quickbrown fox", "x<|end_of_text|>y", "fill   <mask> in  [SEP]   next", "a<tab>b <tab> c", "<mask><mask> [SEP][SEP] x"], f, ensure_ascii=False)
 import os
 for leftover in ("corpus.txt", "spm_bpe.vocab", "spm_unigram.vocab"):
     os.remove(leftover)
