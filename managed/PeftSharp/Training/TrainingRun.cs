@@ -115,7 +115,7 @@ public sealed class TrainingRun
     private readonly Optimizer optimizer;
     private readonly LearningRateSchedule schedule;
     private readonly ExampleSource data;
-    private ITokenizer tokenizer => model.Tokenizer; // read when text is first encoded
+    private ITokenizer Tokenizer => model.Tokenizer; // read when text is first encoded
 
     public TrainingRun(LlamaModel model, Optimizer optimizer, LearningRateSchedule schedule, ExampleSource data, TrainOptions options)
     {
@@ -187,12 +187,12 @@ public sealed class TrainingRun
                     {
                         // Several adapters in one batch: each example's task names its adapter; rows grouped by adapter.
                         var (ordered, counts) = BySet(batch);
-                        (ids, var targets) = Batcher.Encode(ordered, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                        (ids, var targets) = Batcher.Encode(ordered, Tokenizer, Options.SeqLen, Options.CompletionOnly);
                         (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true, counts);
                     }
                     else
                     {
-                        (ids, var targets) = Batcher.Encode(batch, tokenizer, Options.SeqLen, Options.CompletionOnly);
+                        (ids, var targets) = Batcher.Encode(batch, Tokenizer, Options.SeqLen, Options.CompletionOnly);
                         (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
                     }
 
@@ -258,8 +258,8 @@ public sealed class TrainingRun
     private (double Loss, int Rows) GroupedStep(IReadOnlyList<Example> batch)
     {
         var groups = batch.GroupBy(e => e.Prompt).Select(g => (
-            Prompt: tokenizer.EncodeStart(g.Key).ToArray(),
-            Completions: g.Select(e => tokenizer.EncodeEnd(e.Completion)).ToArray())).ToList();
+            Prompt: Tokenizer.EncodeStart(g.Key).ToArray(),
+            Completions: g.Select(e => Tokenizer.EncodeEnd(e.Completion)).ToArray())).ToList();
         int total = groups.Sum(g => g.Completions.Sum(c => c.Length));
         double loss = 0;
         int rows = 0;
@@ -272,7 +272,7 @@ public sealed class TrainingRun
             }
 
             float weight = (float)counted / total;
-            var (l, _) = model.GroupedLoss(prompt, completions, backward: true, tokenizer.Pad, weight);
+            var (l, _) = model.GroupedLoss(prompt, completions, backward: true, Tokenizer.Pad, weight);
             loss += l * weight;
             rows += prompt.Length - 1 + completions.Length * completions.Max(c => c.Length);
         }
