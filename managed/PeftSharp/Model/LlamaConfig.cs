@@ -118,6 +118,17 @@ public sealed record LlamaConfig
             throw new NotSupportedException($"{source}: rope_scaling is set; PeftSharp does not implement scaled rotary embeddings yet");
         }
 
+        // Fields that change the graph PeftSharp would otherwise compute differently without a word.
+        if (o["hidden_act"] is JsonValue act && act.GetValue<string>() != "silu")
+        {
+            throw new NotSupportedException($"{source}: hidden_act '{act.GetValue<string>()}' is not supported; the MLP is SwiGLU with silu");
+        }
+
+        foreach (var bias in new[] { "attention_bias", "mlp_bias" })
+        {
+            if (o[bias] is JsonValue b && b.GetValue<bool>()) throw new NotSupportedException($"{source}: {bias} is true; PeftSharp's linear layers have no bias");
+        }
+
         config.Validate(source);
         return config;
     }

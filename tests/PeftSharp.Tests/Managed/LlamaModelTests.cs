@@ -83,6 +83,18 @@ public sealed class LlamaModelTests
         Assert.That(e.Message, Does.Contain("GPT2LMHeadModel").And.Contain("gpt2"));
         var bad = Assert.Throws<ArgumentException>(() => LlamaConfig.Parse(json.Replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")))!;
         Assert.That(bad.Message, Does.Contain("num_key_value_heads = 3"));
+
+        // Settings that would change the graph are refused by name, never ignored.
+        Assert.That(LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", "\"hidden_act\": \"silu\", \"attention_bias\": false")), Is.EqualTo(c));
+        foreach (var (setting, name) in new[]
+        {
+            ("\"hidden_act\": \"gelu\"", "hidden_act 'gelu'"), ("\"attention_bias\": true", "attention_bias"), ("\"mlp_bias\": true", "mlp_bias"),
+            ("\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}", "rope_scaling"),
+        })
+        {
+            var refused = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", setting)))!;
+            Assert.That(refused.Message, Does.Contain(name));
+        }
     }
 
     /// <summary>The model's forward written with the plain references only (double accumulation inside each op).</summary>
