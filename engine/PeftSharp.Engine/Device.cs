@@ -133,7 +133,7 @@ public abstract class Device : IDisposable
     protected internal abstract void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols);
     protected internal abstract void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps);
     protected internal abstract void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim);
-    protected internal abstract void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse);
+    protected internal abstract void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling);
     protected internal abstract void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s);
     protected internal abstract void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d);
     protected internal abstract void AttentionBackwardCore(

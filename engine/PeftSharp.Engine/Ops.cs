@@ -312,8 +312,15 @@ public sealed partial class Ops
     /// Rotary embedding (rotate-half form) of x (..., H, D) with one position per token (the leading dims flattened);
     /// y may alias x. <paramref name="inverse"/> rotates by the negative angle, which is the backward pass.
     /// </summary>
-    public void Rope(Tensor x, IndexTensor positions, Tensor y, float theta, bool inverse = false)
+    public void Rope(Tensor x, IndexTensor positions, Tensor y, float theta, bool inverse = false, RopeScaling scaling = default)
     {
+        if (scaling.Type is not (RopeScaling.None or RopeScaling.Linear or RopeScaling.Llama3)) throw new ArgumentException($"rope: scaling type {scaling.Type} is not none, linear or llama3");
+        if (scaling.Type != RopeScaling.None && !(scaling.Factor > 0f)) throw new ArgumentException($"rope: scaling factor must be > 0, got {scaling.Factor}");
+        if (scaling.Type == RopeScaling.Llama3 && !(scaling.HighFreqFactor > scaling.LowFreqFactor && scaling.LowFreqFactor > 0f && scaling.OriginalMaxPositions > 0f))
+        {
+            throw new ArgumentException($"rope: llama3 scaling needs high_freq_factor > low_freq_factor > 0 and original_max_position_embeddings > 0 (got {scaling.HighFreqFactor}, {scaling.LowFreqFactor}, {scaling.OriginalMaxPositions})");
+        }
+
         SameShape("rope", x, y);
         CheckIndex("rope", positions);
         if (x.Rank < 2) throw new ArgumentException($"rope: x {x} must be (..., H, D)");
@@ -332,7 +339,7 @@ public sealed partial class Ops
             if (p < 0) throw new ArgumentException($"rope: positions {positions} holds a negative position {p}");
         }
 
-        device.RopeCore(x, positions, y, tokens, heads, dim, theta, inverse);
+        device.RopeCore(x, positions, y, tokens, heads, dim, theta, inverse, scaling);
     }
 
     /// <summary>

@@ -248,7 +248,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse)
+    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling)
     {
         var xa = Arr(x);
         var ya = Arr(y);
@@ -256,7 +256,7 @@ public sealed unsafe class CpuDevice : Device
         int half = dim / 2;
         var invFreq = new float[half];
         float logTheta = MathF.Log(theta);
-        for (int i = 0; i < half; i++) invFreq[i] = MathF.Exp(-(2f * i / dim) * logTheta);
+        for (int i = 0; i < half; i++) invFreq[i] = RopeScaling.Apply(MathF.Exp(-(2f * i / dim) * logTheta), scaling);
         var pos = positions.Host;
         ForRows(tokens, heads * dim, n =>
         {

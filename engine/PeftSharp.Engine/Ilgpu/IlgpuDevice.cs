@@ -275,10 +275,10 @@ public sealed class IlgpuDevice : Device
         if (dim > 0) kernels.RmsNormBackwardWeight.Value(dim, V(dy), V(x), V(rstd), V(dw), rows, dim);
     }
 
-    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse)
+    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling)
     {
         int n = tokens * heads * (dim / 2);
-        if (n > 0) kernels.Rope.Value(n, V(x), V(positions), V(y), heads, dim, MathF.Log(theta), inverse ? -1f : 1f);
+        if (n > 0) kernels.Rope.Value(n, V(x), V(positions), V(y), heads, dim, MathF.Log(theta), inverse ? -1f : 1f, scaling);
     }
 
     protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)

@@ -44,7 +44,7 @@ internal sealed class IlgpuKernelSet
         RmsNorm = Load<Action<Index1D, AV, AV, AV, AV, int, float>>(nameof(RmsNormKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, int, float>(RmsNormKernels.ForwardKernel));
         RmsNormBackwardInput = Load<Action<Index1D, AV, AV, AV, AV, AV, int>>(nameof(RmsNormKernels.BackwardInputKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, int>(RmsNormKernels.BackwardInputKernel));
         RmsNormBackwardWeight = Load<Action<Index1D, AV, AV, AV, AV, int, int>>(nameof(RmsNormKernels.BackwardWeightKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, int, int>(RmsNormKernels.BackwardWeightKernel));
-        Rope = Load<Action<Index1D, AV, AVI, AV, int, int, float, float>>(nameof(RopeKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, int, int, float, float>(RopeKernels.ForwardKernel));
+        Rope = Load<Action<Index1D, AV, AVI, AV, int, int, float, float, RopeScaling>>(nameof(RopeKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, int, int, float, float, RopeScaling>(RopeKernels.ForwardKernel));
         Attention = Load<Action<Index1D, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.ForwardKernel));
         AttentionDelta = Load<Action<Index1D, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.DeltaKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AttentionShape>(AttentionKernels.DeltaKernel));
         AttentionBackwardQuery = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.BackwardQueryKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.BackwardQueryKernel));
@@ -100,7 +100,7 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AV, AV, int, float>> RmsNorm { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, int>> RmsNormBackwardInput { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, int, int>> RmsNormBackwardWeight { get; }
-    public Lazy<Action<Index1D, AV, AVI, AV, int, int, float, float>> Rope { get; }
+    public Lazy<Action<Index1D, AV, AVI, AV, int, int, float, float, RopeScaling>> Rope { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AttentionShape>> Attention { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AttentionShape>> AttentionDelta { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardQuery { get; }

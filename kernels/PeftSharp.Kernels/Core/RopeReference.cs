@@ -11,7 +11,7 @@ public static class RopeReference
         ReadOnlySpan<float> x,       // (N, H, D), N tokens
         ReadOnlySpan<int> positions, // (N)
         Span<float> y,               // (N, H, D)
-        int tokens, int heads, int dim, float theta, bool inverse)
+        int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling = default)
     {
         int half = dim / 2;
         for (int n = 0; n < tokens; n++)
@@ -21,7 +21,7 @@ public static class RopeReference
                 int o = (n * heads + h) * dim;
                 for (int i = 0; i < half; i++)
                 {
-                    double angle = positions[n] * Math.Pow(theta, -2.0 * i / dim);
+                    double angle = positions[n] * InvFreq(Math.Pow(theta, -2.0 * i / dim), scaling);
                     double cos = Math.Cos(angle);
                     double sin = inverse ? -Math.Sin(angle) : Math.Sin(angle);
                     double x1 = x[o + i];
@@ -31,5 +31,18 @@ public static class RopeReference
                 }
             }
         }
+    }
+
+    /// <summary>transformers' rope_scaling in double: linear divides by the factor; llama3 as <see cref="RopeScaling"/> describes.</summary>
+    public static double InvFreq(double inv, RopeScaling s)
+    {
+        if (s.Type == RopeScaling.Linear) return inv / s.Factor;
+        if (s.Type != RopeScaling.Llama3) return inv;
+        double wavelen = 2 * Math.PI / inv;
+        double low = (double)s.OriginalMaxPositions / s.LowFreqFactor, high = (double)s.OriginalMaxPositions / s.HighFreqFactor;
+        if (wavelen > low) return inv / s.Factor;
+        if (wavelen < high) return inv;
+        double smooth = ((double)s.OriginalMaxPositions / wavelen - s.LowFreqFactor) / ((double)s.HighFreqFactor - s.LowFreqFactor);
+        return (1 - smooth) * inv / s.Factor + smooth * inv;
     }
 }

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using PeftSharp.Kernels.Core;
 
 namespace PeftSharp.Model;
 
@@ -20,6 +21,9 @@ public sealed record LlamaConfig
     public bool TieWordEmbeddings { get; init; }
     /// <summary>Per-head dimension; defaults to hidden_size / num_attention_heads when config.json omits it.</summary>
     public int? HeadDimOverride { get; init; }
+
+    /// <summary>config.json's rope_scaling: none, linear or llama3 (Llama 3.1 and later); other types are refused.</summary>
+    public RopeScaling RopeScaling { get; init; }
 
     public int HeadDim => HeadDimOverride ?? HiddenSize / Math.Max(1, NumAttentionHeads);
 
@@ -113,9 +117,24 @@ public sealed record LlamaConfig
             TieWordEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
             HeadDimOverride = o["head_dim"] is { } hd ? hd.GetValue<int>() : null,
         };
-        if (o["rope_scaling"] is JsonObject)
+        if (o["rope_scaling"] is JsonObject rs)
         {
-            throw new NotSupportedException($"{source}: rope_scaling is set; PeftSharp does not implement scaled rotary embeddings yet");
+            string type = (rs["rope_type"] ?? rs["type"])?.GetValue<string>() ?? "(none)";
+            float Need(string key) => rs[key] is JsonValue v ? (float)v.GetValue<double>() : throw new InvalidDataException($"{source}: rope_scaling ({type}) needs '{key}'");
+            config = config with
+            {
+                RopeScaling = type switch
+                {
+                    "default" => default,
+                    "linear" => new RopeScaling { Type = RopeScaling.Linear, Factor = Need("factor") },
+                    "llama3" => new RopeScaling
+                    {
+                        Type = RopeScaling.Llama3, Factor = Need("factor"), LowFreqFactor = Need("low_freq_factor"), HighFreqFactor = Need("high_freq_factor"),
+                        OriginalMaxPositions = Need("original_max_position_embeddings"),
+                    },
+                    _ => throw new NotSupportedException($"{source}: rope_scaling type '{type}' is not supported (supported: linear, llama3)"),
+                },
+            };
         }
 
         // Fields that change the graph PeftSharp would otherwise compute differently without a word.
@@ -143,9 +162,17 @@ public sealed record LlamaConfig
             ("num_hidden_layers", a.NumHiddenLayers, b.NumHiddenLayers), ("vocab_size", a.VocabSize, b.VocabSize),
             ("head_dim", a.HeadDim, b.HeadDim), ("tie_word_embeddings", a.TieWordEmbeddings, b.TieWordEmbeddings),
             ("rms_norm_eps", a.RmsNormEps, b.RmsNormEps), ("rope_theta", a.RopeTheta, b.RopeTheta),
+            ("rope_scaling", ScalingText(a.RopeScaling), ScalingText(b.RopeScaling)),
         };
         return fields.Where(f => !f.A.Equals(f.B)).Select(f => $"{f.Name}: {f.A} vs {f.B}").ToList();
     }
+
+    private static string ScalingText(RopeScaling s) => s.Type switch
+    {
+        RopeScaling.Linear => $"linear x{s.Factor}",
+        RopeScaling.Llama3 => $"llama3 x{s.Factor} ({s.LowFreqFactor}, {s.HighFreqFactor}, {s.OriginalMaxPositions})",
+        _ => "none",
+    };
 
     /// <summary>The config.json a Hugging Face LlamaForCausalLM reads.</summary>
     public string ToJson()
@@ -168,6 +195,16 @@ public sealed record LlamaConfig
             ["torch_dtype"] = "float32",
         };
         if (HeadDimOverride is int hd) o["head_dim"] = hd;
+        if (RopeScaling.Type == RopeScaling.Linear) o["rope_scaling"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = RopeScaling.Factor };
+        if (RopeScaling.Type == RopeScaling.Llama3)
+        {
+            o["rope_scaling"] = new JsonObject
+            {
+                ["rope_type"] = "llama3", ["factor"] = RopeScaling.Factor, ["low_freq_factor"] = RopeScaling.LowFreqFactor,
+                ["high_freq_factor"] = RopeScaling.HighFreqFactor, ["original_max_position_embeddings"] = (int)RopeScaling.OriginalMaxPositions,
+            };
+        }
+
         return o.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
     }
 }

@@ -523,8 +523,8 @@ public sealed class LlamaModel : IDisposable
                 Project(p + "self_attn.q_proj", a.H, Flat(a.Q, n), keep);
                 Project(p + "self_attn.k_proj", a.H, Flat(a.K, n), keep);
                 Project(p + "self_attn.v_proj", a.H, Flat(a.V, n), keep);
-                ops.Rope(a.Q, pass.Positions, a.Q, c.RopeTheta);
-                ops.Rope(a.K, pass.Positions, a.K, c.RopeTheta);
+                ops.Rope(a.Q, pass.Positions, a.Q, c.RopeTheta, scaling: c.RopeScaling);
+                ops.Rope(a.K, pass.Positions, a.K, c.RopeTheta, scaling: c.RopeScaling);
                 a.O = Device.Zeros("attn", 1, n, h, d);
                 a.Lse = Device.Zeros("lse", 1, n, h);
                 layout.Forward(ops, i, a.Q, a.K, a.V, a.O, a.Lse);
@@ -607,8 +607,8 @@ public sealed class LlamaModel : IDisposable
                 using var dk = Device.Zeros("dk", a.K.Shape.ToArray());
                 using var dv = Device.Zeros("dv", a.V.Shape.ToArray());
                 pass.Layout.Backward(ops, i, a.Q, a.K, a.V, a.O, a.Lse, dO, dq, dk, dv);
-                ops.Rope(dq, pass.Positions, dq, c.RopeTheta, inverse: true);
-                ops.Rope(dk, pass.Positions, dk, c.RopeTheta, inverse: true);
+                ops.Rope(dq, pass.Positions, dq, c.RopeTheta, inverse: true, scaling: c.RopeScaling);
+                ops.Rope(dk, pass.Positions, dk, c.RopeTheta, inverse: true, scaling: c.RopeScaling);
                 ProjectBackward(p + "self_attn.q_proj", a.H, Flat(dq, n), dhAttn, pass);
                 ProjectBackward(p + "self_attn.k_proj", a.H, Flat(dk, n), dTmp, pass);
                 ops.Add(dhAttn, dTmp, dhAttn);
@@ -770,8 +770,8 @@ public sealed class LlamaModel : IDisposable
             Project(p + "self_attn.q_proj", hbuf, Flat(q, n), null, variants);
             Project(p + "self_attn.k_proj", hbuf, Flat(k, n), null, variants);
             Project(p + "self_attn.v_proj", hbuf, Flat(v, n), null, variants);
-            ops.Rope(q, pos, q, c.RopeTheta);
-            ops.Rope(k, pos, k, c.RopeTheta);
+            ops.Rope(q, pos, q, c.RopeTheta, scaling: c.RopeScaling);
+            ops.Rope(k, pos, k, c.RopeTheta, scaling: c.RopeScaling);
             for (int j = 0; j < seqs; j++)
             {
                 var cache = caches[j];

@@ -85,6 +85,42 @@ public sealed class NormSoftmaxRopeTests : BackendTest
         Expect(t, x, Tolerances.Rope, "rope then inverse");
     }
 
+    /// <summary>
+    /// Scaled rotary frequencies (config.json's rope_scaling) against the reference on every backend: llama3 with Llama
+    /// 3.1's settings scaled down to a small original context (64 positions), so D = 32 spans the three bands (kept,
+    /// blended, divided), and linear. Positions up to 190.
+    /// </summary>
+    [TestCase("llama3", TestName = "Rope_Llama3Scaling_MatchesReference")]
+    [TestCase("linear", TestName = "Rope_LinearScaling_MatchesReference")]
+    public void Rope_Scaled_MatchesReference(string kind)
+    {
+        const int tokens = 6, heads = 2, dim = 32;
+        var scaling = kind == "llama3"
+            ? new RopeScaling { Type = RopeScaling.Llama3, Factor = 8f, LowFreqFactor = 1f, HighFreqFactor = 4f, OriginalMaxPositions = 64f }
+            : new RopeScaling { Type = RopeScaling.Linear, Factor = 4f };
+        var x = TestData.Uniform(tokens * heads * dim, 7);
+        var positions = Enumerable.Range(0, tokens).Select(i => 5 + 37 * i % 190).ToArray();
+        var tp = Indices("positions", positions);
+        foreach (bool inverse in new[] { false, true })
+        {
+            var e = new float[x.Length];
+            RopeReference.Forward(x, positions, e, tokens, heads, dim, 100f, inverse, scaling);
+            var y = Output("y", tokens, heads, dim);
+            Ops.Rope(Input("x", x, tokens, heads, dim), tp, y, 100f, inverse, scaling);
+            Expect(y, e, Tolerances.Rope, $"{kind} rope{(inverse ? " inverse" : "")}");
+        }
+
+        if (kind == "llama3")
+        {
+            // The bands: the highest frequencies are untouched, the lowest divided by the factor, some blended.
+            var inv = Enumerable.Range(0, dim / 2).Select(i => Math.Pow(100, -2.0 * i / dim)).ToArray();
+            var scaled = inv.Select(v => RopeReference.InvFreq(v, scaling)).ToArray();
+            Assert.That(scaled[0], Is.EqualTo(inv[0]));
+            Assert.That(scaled[^1], Is.EqualTo(inv[^1] / 8).Within(1e-15));
+            Assert.That(Enumerable.Range(0, dim / 2).Any(i => scaled[i] < inv[i] && scaled[i] > inv[i] / 8), "some frequencies are blended");
+        }
+    }
+
     [Test]
     public void Rope_BadInput_ClearErrors()
     {

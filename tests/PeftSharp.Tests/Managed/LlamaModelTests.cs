@@ -53,6 +53,13 @@ public sealed class LlamaModelTests
         var logits = model.Logits(Tokens, batch: 2);
         var expected = ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2);
         Check.Close(logits, expected, (2e-5, 2e-4), $"{backend} logits");
+
+        // Llama 3.1's rope_scaling, with an original context of 4 so the short test sequences cross all three bands.
+        var scaled = config with { RopeScaling = new PeftSharp.Kernels.Core.RopeScaling { Type = PeftSharp.Kernels.Core.RopeScaling.Llama3, Factor = 8f, LowFreqFactor = 1f, HighFreqFactor = 4f, OriginalMaxPositions = 4f } };
+        using var scaledModel = LlamaModel.FromTensors(device, scaled, weights);
+        var scaledLogits = scaledModel.Logits(Tokens, batch: 2);
+        Check.Close(scaledLogits, ReferenceForward(scaled, name => weights(name, LlamaModel.ParameterShapes(scaled).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4), $"{backend} llama3-scaled logits");
+        Assert.That(scaledLogits, Is.Not.EqualTo(logits).Within(1e-4), "the scaling changes the logits, so the check above can fail");
     }
 
     [Test]
@@ -84,12 +91,22 @@ public sealed class LlamaModelTests
         var bad = Assert.Throws<ArgumentException>(() => LlamaConfig.Parse(json.Replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")))!;
         Assert.That(bad.Message, Does.Contain("num_key_value_heads = 3"));
 
+        // Llama 3.1's rope_scaling is read and written back; a field it needs missing is named.
+        var llama31 = LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1",
+            "\"rope_scaling\": {\"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192, \"rope_type\": \"llama3\"}"));
+        Assert.That((llama31.RopeScaling.Type, llama31.RopeScaling.Factor, llama31.RopeScaling.OriginalMaxPositions), Is.EqualTo((PeftSharp.Kernels.Core.RopeScaling.Llama3, 8f, 8192f)));
+        Assert.That(LlamaConfig.Parse(llama31.ToJson()), Is.EqualTo(llama31));
+        Assert.That(LlamaConfig.Differences(llama31, c), Has.Count.EqualTo(1).And.Some.Contains("rope_scaling"));
+        Assert.That(Assert.Throws<InvalidDataException>(() => LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}")))!.Message,
+            Does.Contain("low_freq_factor"));
+
         // Settings that would change the graph are refused by name, never ignored.
         Assert.That(LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", "\"hidden_act\": \"silu\", \"attention_bias\": false")), Is.EqualTo(c));
         foreach (var (setting, name) in new[]
         {
             ("\"hidden_act\": \"gelu\"", "hidden_act 'gelu'"), ("\"attention_bias\": true", "attention_bias"), ("\"mlp_bias\": true", "mlp_bias"),
-            ("\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}", "rope_scaling"),
+            ("\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 8.0}", "rope_scaling type 'yarn'"),
+            ("\"rope_scaling\": {\"rope_type\": \"dynamic\", \"factor\": 2.0}", "rope_scaling type 'dynamic'"),
         })
         {
             var refused = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", setting)))!;
@@ -127,8 +144,8 @@ public sealed class LlamaModelTests
             var v = Linear(hn, p + "self_attn.v_proj.weight", hkv * d, dm);
             var qr = new float[q.Length];
             var kr = new float[k.Length];
-            RopeReference.Forward(q, pos, qr, n, h, d, c.RopeTheta, false);
-            RopeReference.Forward(k, pos, kr, n, hkv, d, c.RopeTheta, false);
+            RopeReference.Forward(q, pos, qr, n, h, d, c.RopeTheta, false, c.RopeScaling);
+            RopeReference.Forward(k, pos, kr, n, hkv, d, c.RopeTheta, false, c.RopeScaling);
             var o = new float[q.Length];
             AttentionReference.Forward(qr, kr, v, o, new float[batch * h * t], new AttentionShape(batch, t, t, h, hkv, d, true, (float)(1 / Math.Sqrt(d))));
             var attn = Linear(o, p + "self_attn.o_proj.weight", dm, h * d);
