@@ -58,10 +58,7 @@ internal sealed class Jobs
     {
         if (spec.StartsWith("builtin:", StringComparison.Ordinal))
         {
-            string rest = spec["builtin:".Length..];
-            IReadOnlyList<string> tasks = rest == "tasks" ? TaskSuite.Tasks
-                : rest.StartsWith("tasks=", StringComparison.Ordinal) ? rest["tasks=".Length..].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
-                : throw new ArgumentException($"--data {spec}: use builtin:tasks or builtin:tasks=NAME,NAME (tasks: {string.Join(", ", TaskSuite.Tasks)})");
+            var tasks = TaskNames(spec);
             var held = TaskSuite.Stream(tasks, seed + 1000, Split.HeldOut).Take(heldOut).ToList();
             return (ExampleSource.Tasks(tasks, seed, Split.Train), held, false);
         }
@@ -73,11 +70,11 @@ internal sealed class Jobs
         return (ExampleSource.List(examples.Skip(h).ToList()), examples.Take(h).ToList(), completionOnly);
     }
 
-    /// <summary>The task names of a builtin:tasks data spec (what --adapter-per-task trains an adapter for).</summary>
+    /// <summary>The task names of a builtin:tasks data spec (the tasks Data streams, and what --adapter-per-task trains an adapter for).</summary>
     public static IReadOnlyList<string> TaskNames(string spec) =>
         spec == "builtin:tasks" ? TaskSuite.Tasks
         : spec.StartsWith("builtin:tasks=", StringComparison.Ordinal) ? spec["builtin:tasks=".Length..].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
-        : throw new ArgumentException($"--data {spec}: --adapter-per-task needs builtin:tasks or builtin:tasks=NAME,NAME (each task gets an adapter)");
+        : throw new ArgumentException($"--data {spec}: use builtin:tasks or builtin:tasks=NAME,NAME (tasks: {string.Join(", ", TaskSuite.Tasks)})");
 
     public static LlamaConfig Config(string spec) => spec switch
     {

@@ -279,11 +279,14 @@ internal static class Commands
     /// </summary>
     private static LlamaModel LoadTextModel(string folder, Device device)
     {
-        var config = HuggingFaceFolder.ReadConfig(folder);
-        if (config.VocabSize != ByteTokenizer.VocabSize && !HfTokenizer.Present(folder))
+        const string hint = " (peft logits --tokens works without one)";
+        try
         {
-            throw new NotSupportedException(
-                $"{folder}: vocab_size {config.VocabSize} and no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile}, so text cannot be encoded for it (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer; peft logits --tokens works without one)");
+            HfTokenizer.CheckFolder(folder, HuggingFaceFolder.ReadConfig(folder).VocabSize);
+        }
+        catch (NotSupportedException e)
+        {
+            throw new NotSupportedException(e.Message + hint, e);
         }
 
         var model = HuggingFaceFolder.Load(folder, device);
@@ -294,7 +297,7 @@ internal static class Commands
         catch (InvalidOperationException e)
         {
             model.Dispose();
-            throw new NotSupportedException($"{folder}: {e.Message} (peft logits --tokens works without one)", e);
+            throw new NotSupportedException($"{folder}: {e.Message}{hint}", e);
         }
         catch
         {
@@ -556,12 +559,7 @@ internal static class Commands
     public static int Tokenize(string modelDir, string? text, string? decode, TextWriter stdout)
     {
         if ((text == null) == (decode == null)) throw new ArgumentException("tokenize: give exactly one of --text and --decode");
-        var config = HuggingFaceFolder.ReadConfig(modelDir);
-        ITokenizer tok = HfTokenizer.Present(modelDir)
-            ? HfTokenizer.Load(modelDir)
-            : config.VocabSize == ByteTokenizer.VocabSize
-                ? ByteTokenizer.Instance
-                : throw new NotSupportedException($"{modelDir}: vocab_size {config.VocabSize} and no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile}");
+        var tok = HfTokenizer.ForFolder(modelDir, HuggingFaceFolder.ReadConfig(modelDir).VocabSize);
         if (text != null)
         {
             stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(new { tokenizer = tok.Name, ids = tok.Encode(text), bos = tok.Bos, eos = tok.Eos, pad = tok.Pad }));

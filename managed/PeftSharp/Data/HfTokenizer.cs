@@ -72,6 +72,25 @@ public sealed class HfTokenizer : ITokenizer
     /// <summary>Whether <paramref name="folder"/> holds a tokenizer.json or tokenizer.model.</summary>
     public static bool Present(string folder) => File.Exists(Path.Combine(folder, JsonFile)) || File.Exists(Path.Combine(folder, SentencePieceFile));
 
+    /// <summary>
+    /// The tokenizer a model folder's text goes through: its tokenizer files, else the built-in byte tokenizer when the
+    /// model's vocab_size is 259; otherwise an error naming the folder.
+    /// </summary>
+    public static ITokenizer ForFolder(string folder, int vocabSize)
+    {
+        CheckFolder(folder, vocabSize);
+        return Present(folder) ? Load(folder) : ByteTokenizer.Instance;
+    }
+
+    /// <summary>The error <see cref="ForFolder"/> would give, without reading the tokenizer (to fail before loading weights).</summary>
+    public static void CheckFolder(string folder, int vocabSize)
+    {
+        if (!Present(folder) && vocabSize != ByteTokenizer.VocabSize)
+        {
+            throw new NotSupportedException($"{folder}: vocab_size {vocabSize} and no {JsonFile} or {SentencePieceFile}, so text cannot be encoded for it (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer)");
+        }
+    }
+
     /// <summary>Reads the tokenizer of a Hugging Face model folder (see the class summary for what is supported).</summary>
     public static HfTokenizer Load(string folder)
     {

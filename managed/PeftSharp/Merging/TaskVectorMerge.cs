@@ -119,6 +119,17 @@ public static partial class TaskVectorMerge
         return n;
     }
 
+    private static void CheckDensity(float density)
+    {
+        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
+    }
+
+    private static void CheckBand(float gamma, float density)
+    {
+        CheckDensity(density);
+        if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
+    }
+
     /// <summary>
     /// Keeps the entries whose magnitude ranks in (gamma, gamma + density] from the top (ties broken by position),
     /// zeroes the rest: gamma = 0 is TIES' trim to the top-density fraction; gamma &gt; 0 also drops the largest
@@ -126,8 +137,7 @@ public static partial class TaskVectorMerge
     /// </summary>
     public static double[] KeepBand(double[] t, float gamma, float density)
     {
-        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
-        if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
+        CheckBand(gamma, density);
         int n = t.Length;
         var (skip, keep) = BandCounts(n, gamma, density);
         if (skip == 0 && keep >= n) return t;
@@ -159,7 +169,7 @@ public static partial class TaskVectorMerge
     /// <summary>DARE on a task vector: drop with probability 1 - density, rescale the kept by 1 / density (seeded, as the kernel does).</summary>
     public static double[] Dare(double[] t, float density, int seed)
     {
-        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
+        CheckDensity(density);
         float p = 1f - density;
         var result = new double[t.Length];
         for (int i = 0; i < t.Length; i++) result[i] = SparseKernels.Uniform(seed, i) >= p ? (p == 0f ? t[i] : t[i] / density) : 0;

@@ -44,7 +44,7 @@ public static partial class TaskVectorMerge
         for (int m = 0; m < count; m++)
         {
             var input = inputs[m];
-            if (method is MergeMethod.DareLinear or MergeMethod.DareTies && input.Density is <= 0f or > 1f) throw new ArgumentException($"density {input.Density} must be in (0, 1]");
+            if (method is MergeMethod.DareLinear or MergeMethod.DareTies) CheckDensity(input.Density);
             keep[m] = method switch
             {
                 MergeMethod.Ties => MagnitudeBand(models[m], b, 0f, input.Density),
@@ -119,8 +119,7 @@ public static partial class TaskVectorMerge
     /// </summary>
     public static bool[] MagnitudeBand(float[] model, float[] baseValues, float gamma, float density)
     {
-        if (density is <= 0f or > 1f) throw new ArgumentException($"density {density} must be in (0, 1]");
-        if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
+        CheckBand(gamma, density);
         int n = model.Length;
         var (skip, keepCount) = BandCounts(n, gamma, density);
         var flags = new bool[n];
@@ -211,23 +210,12 @@ public static partial class TaskVectorMerge
             }
         });
         int aboveA = 0, aboveB = 0;
-        ulong prefixA = (ulong)TopDigit(top, rankA, ref aboveA), prefixB = (ulong)TopDigit(top, rankB, ref aboveB);
+        ulong prefixA = (ulong)Digit(top, rankA, ref aboveA), prefixB = (ulong)Digit(top, rankB, ref aboveB);
         var candA = keys.Where(k => k >> (64 - TopBits) == prefixA).ToArray();
         var candB = prefixB == prefixA ? candA : keys.Where(k => k >> (64 - TopBits) == prefixB).ToArray();
         ulong keyA = Refine(candA, prefixA << (64 - TopBits), rankA, ref aboveA);
         ulong keyB = Refine(candB, prefixB << (64 - TopBits), rankB, ref aboveB);
         return (keyA, aboveA, keyB, aboveB);
-    }
-
-    private static int TopDigit(int[] hist, int rank, ref int above)
-    {
-        for (int d = hist.Length - 1; d >= 0; d--)
-        {
-            if (above + hist[d] > rank) return d;
-            above += hist[d];
-        }
-
-        return 0;
     }
 
     /// <summary>The remaining 48 bits of the key at <paramref name="rank"/> among <paramref name="keys"/> (all sharing the top 16), 8 bits a pass.</summary>
@@ -242,7 +230,7 @@ public static partial class TaskVectorMerge
                 if ((k & mask) == prefix) hist[(int)((k >> shift) & 0xFF)]++;
             }
 
-            prefix |= (ulong)Digit(hist, 0, rank, ref above) << shift;
+            prefix |= (ulong)Digit(hist, rank, ref above) << shift;
             mask |= 0xFFUL << shift;
         }
 
@@ -250,12 +238,12 @@ public static partial class TaskVectorMerge
     }
 
     /// <summary>The digit whose bin holds <paramref name="rank"/>, counting from the largest digit; adds the larger bins to <paramref name="above"/>.</summary>
-    private static int Digit(int[] hist, int offset, int rank, ref int above)
+    private static int Digit(int[] hist, int rank, ref int above)
     {
-        for (int d = 255; d >= 0; d--)
+        for (int d = hist.Length - 1; d >= 0; d--)
         {
-            if (above + hist[offset + d] > rank) return d;
-            above += hist[offset + d];
+            if (above + hist[d] > rank) return d;
+            above += hist[d];
         }
 
         return 0;

@@ -131,21 +131,13 @@ public sealed class LlamaModel : IDisposable
         if (prefix != null) throw new InvalidOperationException("adapter sets together with prefix tuning are not supported");
         if (config.UseDora) throw new NotSupportedException($"adapter set '{name}': DoRA in adapter sets is not supported (train DoRA adapters one at a time)");
         if (string.IsNullOrWhiteSpace(name) || loraSets.Any(s => s.Name == name)) throw new ArgumentException($"adapter set name '{name}' is empty or already used");
-        var targets = config.TargetsIn(Config).ToList();
-        if (targets.Count == 0) throw new ArgumentException($"LoRA target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
-        if (config.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"lora_dropout {config.LoraDropout} must be in [0, 1)");
         var rng = new Random(seed);
         var layers = new Dictionary<string, LoraLayer>();
-        foreach (var module in targets)
+        foreach (var module in LoraTargets(config))
         {
             var (outF, inF) = PeftSharp.Formats.PeftLoraAdapter.LinearShape(Config, module);
             int r = config.For(module).Rank;
-            float bound = 1f / MathF.Sqrt(inF);
-            var a = Enumerable.Range(0, r * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray();
-            layers[module] = new LoraLayer(
-                new Parameter($"{name}/base_model.model.{module}.lora_A.weight", Device.FromArray($"{name}.{module}.lora_A", a, r, inF)),
-                new Parameter($"{name}/base_model.model.{module}.lora_B.weight", Device.FromArray($"{name}.{module}.lora_B", new float[outF * r], outF, r)),
-                r, config.Scale(module), config.LoraDropout);
+            layers[module] = NewLoraLayer($"{name}/", module, config, DefaultLoraA(rng, r, inF), new float[outF * r], magnitude: null);
         }
 
         loraSets.Add(new LoraSet(name, config, layers));
@@ -712,7 +704,8 @@ public sealed class LlamaModel : IDisposable
         int n = rowStart[seqs];
         if (variants != null && variants.Rows != n) throw new ArgumentException($"DecodeBatch: the variant batch covers {variants.Rows} rows, the step has {n}");
         var ops = Device.Ops;
-        using var ids = Device.FromIndices("input_ids", newTokens.SelectMany(t => t).ToArray());
+        var flatIds = newTokens.SelectMany(t => t).ToArray();
+        using var ids = Device.FromIndices("input_ids", flatIds);
         using var pos = Device.FromIndices("positions", Enumerable.Range(0, seqs).SelectMany(j => Enumerable.Range(PrefixLength(j) + caches[j].Length, newTokens[j].Length)).ToArray());
         // Runs of consecutive sequences reading the same shared prefix (at any depth of their chains): their query rows
         // attend to it as one matrix.
@@ -746,7 +739,6 @@ public sealed class LlamaModel : IDisposable
         using var gate = Device.Zeros("gate", n, c.IntermediateSize);
         using var up = Device.Zeros("up", n, c.IntermediateSize);
         ops.Embedding(ids, this["model.embed_tokens.weight"].Value, x);
-        var flatIds = newTokens.SelectMany(t => t).ToArray();
         foreach (var (r0, rows, table) in ReplacementRuns(variants, "model.embed_tokens.weight", Enumerable.Range(0, n)))
         {
             using var runIds = Device.FromIndices("input_ids_variant", flatIds.AsSpan(r0, rows));
@@ -873,11 +865,8 @@ public sealed class LlamaModel : IDisposable
     /// </summary>
     public void AddLora(PeftSharp.Formats.LoraAdapterConfig config, int seed, bool freezeBase = true, PeftSharp.Formats.PeftLoraAdapter? from = null, bool trainA = true)
     {
-        var targets = config.TargetsIn(Config).ToList();
-        if (targets.Count == 0) throw new ArgumentException($"LoRA target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
-        if (config.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"lora_dropout {config.LoraDropout} must be in [0, 1)");
         var rng = new Random(seed);
-        foreach (var module in targets)
+        foreach (var module in LoraTargets(config))
         {
             if (lora.ContainsKey(module)) throw new InvalidOperationException($"{module} already has a LoRA layer");
             var (outF, inF) = PeftSharp.Formats.PeftLoraAdapter.LinearShape(Config, module);
@@ -889,8 +878,7 @@ public sealed class LlamaModel : IDisposable
             }
             else
             {
-                float bound = 1f / MathF.Sqrt(inF);
-                a = Enumerable.Range(0, r * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray();
+                a = DefaultLoraA(rng, r, inF);
                 b = new float[outF * r];
             }
 
@@ -910,10 +898,7 @@ public sealed class LlamaModel : IDisposable
                 magnitude = new Parameter($"base_model.model.{module}.lora_magnitude_vector", Device.FromArray(module + ".lora_magnitude_vector", m, outF));
             }
 
-            var layer = new LoraLayer(
-                new Parameter($"base_model.model.{module}.lora_A.weight", Device.FromArray(module + ".lora_A", a, r, inF)),
-                new Parameter($"base_model.model.{module}.lora_B.weight", Device.FromArray(module + ".lora_B", b, outF, r)),
-                r, config.Scale(module), config.LoraDropout, magnitude);
+            var layer = NewLoraLayer("", module, config, a, b, magnitude);
             layer.A.Trainable = trainA;
             lora[module] = layer;
         }
@@ -922,6 +907,33 @@ public sealed class LlamaModel : IDisposable
         {
             foreach (var p in parameters) p.Trainable = false;
         }
+    }
+
+    /// <summary>The modules <paramref name="config"/> targets in this model; an error when none, or when its dropout is out of range.</summary>
+    private List<string> LoraTargets(PeftSharp.Formats.LoraAdapterConfig config)
+    {
+        var targets = config.TargetsIn(Config).ToList();
+        if (targets.Count == 0) throw new ArgumentException($"LoRA target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
+        if (config.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"lora_dropout {config.LoraDropout} must be in [0, 1)");
+        return targets;
+    }
+
+    /// <summary>PEFT's default A (R, in): uniform in +-1/sqrt(in) (kaiming_uniform with a = sqrt(5)), drawn from <paramref name="rng"/>.</summary>
+    private static float[] DefaultLoraA(Random rng, int rank, int inF)
+    {
+        float bound = 1f / MathF.Sqrt(inF);
+        return Enumerable.Range(0, rank * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray();
+    }
+
+    /// <summary>A LoRA layer on <paramref name="module"/>, its parameters named <paramref name="prefix"/> + PEFT's keys.</summary>
+    private LoraLayer NewLoraLayer(string prefix, string module, PeftSharp.Formats.LoraAdapterConfig config, float[] a, float[] b, Parameter? magnitude)
+    {
+        int r = config.For(module).Rank;
+        var (outF, inF) = PeftSharp.Formats.PeftLoraAdapter.LinearShape(Config, module);
+        return new LoraLayer(
+            new Parameter($"{prefix}base_model.model.{module}.lora_A.weight", Device.FromArray($"{prefix}{module}.lora_A", a, r, inF)),
+            new Parameter($"{prefix}base_model.model.{module}.lora_B.weight", Device.FromArray($"{prefix}{module}.lora_B", b, outF, r)),
+            r, config.Scale(module), config.LoraDropout, magnitude);
     }
 
     /// <summary>
@@ -952,8 +964,7 @@ public sealed class LlamaModel : IDisposable
                 ops.MatMul(l.B.Value, l.A.Value, w, alpha: l.Scale, beta: 1f);
             }
 
-            float bound = 1f / MathF.Sqrt(inF);
-            l.A.Value.CopyFrom(Enumerable.Range(0, l.Rank * inF).Select(_ => (float)((rng.NextDouble() * 2 - 1) * bound)).ToArray());
+            l.A.Value.CopyFrom(DefaultLoraA(rng, l.Rank, inF));
             ops.Fill(l.B.Value, 0f);
         }
 
@@ -1140,29 +1151,34 @@ public sealed class LlamaModel : IDisposable
     /// <summary>Each adapter set's low-rank path on its own rows (contiguous, in set order), added to y.</summary>
     private void ProjectSets(string module, Tensor x, Tensor y, Dictionary<string, LoraSaved>? keep)
     {
-        int inF = x.Dim(1), outF = y.Dim(1), r0 = 0;
-        for (int k = 0; k < loraSets.Count; k++)
+        int inF = x.Dim(1), outF = y.Dim(1);
+        foreach (var (k, l, r0, rows) in SetSegments(module, setRows!))
         {
-            int rows = setRows![k];
-            if (rows > 0 && loraSets[k].Layers.TryGetValue(module, out var l))
+            var saved = new LoraSaved();
+            try
             {
-                var saved = new LoraSaved();
-                try
-                {
-                    Shrink(module, k + 1, l, x.View(r0 * inF, rows, inF), keep != null, saved);
-                    Device.Ops.MatMul(saved.T, l.B.Value, y.View(r0 * outF, rows, outF), transposeB: true, alpha: l.Scale, beta: 1f);
-                }
-                catch
-                {
-                    saved.Dispose();
-                    throw;
-                }
-
-                if (keep != null) keep[$"{module}#{k}"] = saved;
-                else saved.Dispose();
+                Shrink(module, k + 1, l, x.View(r0 * inF, rows, inF), keep != null, saved);
+                Device.Ops.MatMul(saved.T, l.B.Value, y.View(r0 * outF, rows, outF), transposeB: true, alpha: l.Scale, beta: 1f);
+            }
+            catch
+            {
+                saved.Dispose();
+                throw;
             }
 
-            r0 += rows;
+            if (keep != null) keep[$"{module}#{k}"] = saved;
+            else saved.Dispose();
+        }
+    }
+
+    /// <summary>Each adapter set with a layer on <paramref name="module"/>, and its rows [Row0, Row0 + Rows) of the pass (sets in order, rows contiguous).</summary>
+    private IEnumerable<(int Set, LoraLayer Layer, int Row0, int Rows)> SetSegments(string module, int[] rowsPerSet)
+    {
+        int r0 = 0;
+        for (int k = 0; k < loraSets.Count; k++)
+        {
+            if (rowsPerSet[k] > 0 && loraSets[k].Layers.TryGetValue(module, out var l)) yield return (k, l, r0, rowsPerSet[k]);
+            r0 += rowsPerSet[k];
         }
     }
 
@@ -1193,16 +1209,10 @@ public sealed class LlamaModel : IDisposable
             ops.LinearBackward(x, this[module + ".weight"].Value, dy, dx, GradOf(module + ".weight"), accumulateWeight: true);
             if (pass.SetRows != null)
             {
-                int inF = x.Dim(1), outF = dy.Dim(1), r0 = 0;
-                for (int k = 0; k < loraSets.Count; k++)
+                int inF = x.Dim(1), outF = dy.Dim(1);
+                foreach (var (k, lk, r0, count) in SetSegments(module, pass.SetRows))
                 {
-                    int count = pass.SetRows[k];
-                    if (count > 0 && loraSets[k].Layers.TryGetValue(module, out var lk))
-                    {
-                        ExpandBackward(module, lk, pass.Lora[$"{module}#{k}"], x.View(r0 * inF, count, inF), dy.View(r0 * outF, count, outF), dx.View(r0 * inF, count, inF));
-                    }
-
-                    r0 += count;
+                    ExpandBackward(module, lk, pass.Lora[$"{module}#{k}"], x.View(r0 * inF, count, inF), dy.View(r0 * outF, count, outF), dx.View(r0 * inF, count, inF));
                 }
             }
 

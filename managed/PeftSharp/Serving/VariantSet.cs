@@ -62,13 +62,17 @@ public sealed class VariantSet : IDisposable
         return variants.Count - 1;
     }
 
+    /// <summary>The linear layers' weight names: what the mixed products serve per row (everything else is replaced whole).</summary>
+    private HashSet<string> LinearWeights => linearWeights ??= LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
+
+    private HashSet<string>? linearWeights;
+
     /// <summary>Parameters a variant may replace whole: everything that is not a linear layer's weight.</summary>
     private void CheckReplaceable(string name, IEnumerable<string> parameters)
     {
-        var linear = LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
         foreach (var p in parameters)
         {
-            if (linear.Contains(p) || !Model.Has(p)) throw new ArgumentException($"variant '{name}': {p} cannot be replaced per row (only embeddings, norms and the LM head are)");
+            if (LinearWeights.Contains(p) || !Model.Has(p)) throw new ArgumentException($"variant '{name}': {p} cannot be replaced per row (only embeddings, norms and the LM head are)");
         }
     }
 
@@ -115,8 +119,7 @@ public sealed class VariantSet : IDisposable
     {
         CheckName(name);
         BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"sparse delta '{name}'");
-        var linear = LoraAdapterConfig.LlamaLinearModules(Model.Config).Select(m => m + ".weight").ToHashSet();
-        var other = delta.Entries.Where(kv => !linear.Contains(kv.Key)).ToList();
+        var other = delta.Entries.Where(kv => !LinearWeights.Contains(kv.Key)).ToList();
         CheckReplaceable(name, other.Select(kv => kv.Key));
         variants.Add((name, null, null, delta));
         foreach (var (parameter, e) in other)
