@@ -169,8 +169,8 @@ public sealed class BitDelta
             ["method"] = Method,
             ["rounds"] = Rounds,
             ["bit_order"] = "bit j of word w is input 32 w + j; 1 means +1",
-            ["modules"] = new JsonArray(Modules.Keys.OrderBy(k => k, StringComparer.Ordinal).Select(k => (JsonNode)JsonValue.Create(k)!).ToArray()),
-            ["dense"] = new JsonArray(Dense.Keys.OrderBy(k => k, StringComparer.Ordinal).Select(k => (JsonNode)JsonValue.Create(k)!).ToArray()),
+            ["modules"] = JsonConfigFile.SortedNames(Modules.Keys),
+            ["dense"] = JsonConfigFile.SortedNames(Dense.Keys),
             ["base_fingerprint"] = BaseFingerprint,
         };
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
@@ -183,7 +183,7 @@ public sealed class BitDelta
         var o = JsonConfigFile.Read(folder, ConfigFile, "1-bit delta (peft compress)");
 
         if (o["method"]?.GetValue<string>() != Method) throw new NotSupportedException($"{configPath}: method '{o["method"]}' is not {Method}");
-        string fingerprint = o["base_fingerprint"]?.GetValue<string>() ?? throw new InvalidDataException($"{configPath}: no base_fingerprint");
+        string fingerprint = JsonConfigFile.RequiredString(o, "base_fingerprint", configPath);
         var c = baseModel.Config;
         var linear = LoraAdapterConfig.LlamaLinearModules(c).ToHashSet();
         var shapes = LlamaModel.ParameterShapes(c).ToDictionary(s => s.Name, s => s.Shape);

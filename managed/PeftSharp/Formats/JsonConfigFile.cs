@@ -19,4 +19,12 @@ public static class JsonConfigFile
             throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e);
         }
     }
+
+    /// <summary>Names as a JSON array in ordinal order (the lists a folder's config records).</summary>
+    public static JsonArray SortedNames(IEnumerable<string> names) =>
+        new(names.OrderBy(k => k, StringComparer.Ordinal).Select(k => (JsonNode)JsonValue.Create(k)!).ToArray());
+
+    /// <summary>A string field the config must have; its absence is an error naming the file and the field.</summary>
+    public static string RequiredString(JsonObject o, string key, string path) =>
+        o[key]?.GetValue<string>() ?? throw new InvalidDataException($"{path}: no {key}");
 }

@@ -94,7 +94,7 @@ public sealed class SparseDelta
         {
             ["method"] = "sparse",
             ["nonzeros"] = Nonzeros,
-            ["parameters"] = new JsonArray(Entries.Keys.OrderBy(k => k, StringComparer.Ordinal).Select(k => (JsonNode)JsonValue.Create(k)!).ToArray()),
+            ["parameters"] = JsonConfigFile.SortedNames(Entries.Keys),
             ["base_fingerprint"] = BaseFingerprint,
         };
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
@@ -106,7 +106,7 @@ public sealed class SparseDelta
         string configPath = Path.Combine(folder, ConfigFile);
         var o = JsonConfigFile.Read(folder, ConfigFile, "sparse delta");
 
-        string fingerprint = o["base_fingerprint"]?.GetValue<string>() ?? throw new InvalidDataException($"{configPath}: no base_fingerprint");
+        string fingerprint = JsonConfigFile.RequiredString(o, "base_fingerprint", configPath);
         using var file = SafeTensorsFile.Open(Path.Combine(folder, WeightsFile));
         var problems = new List<string>();
         var entries = new Dictionary<string, (int[], float[])>();
