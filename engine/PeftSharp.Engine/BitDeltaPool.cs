@@ -11,7 +11,8 @@ public sealed record BitDeltaData(string Name, IReadOnlyList<int[]> Signs, IRead
 /// <summary>
 /// Many variants' 1-bit deltas of one linear layer in a single device pool, so one launch serves a batch whose rows
 /// each pick their variant (or none). Layout as <see cref="BitDeltaShape"/> describes. Memory: N * W * 4 bytes per
-/// round, 1/32 of fp32 and 1/16 of fp16.
+/// round, 1/32 of fp32 and 1/16 of fp16; a backend may keep the words in its own order
+/// (<see cref="Device.ArrangeBitDeltaWords"/>).
 /// </summary>
 public sealed class BitDeltaPool : IDisposable
 {
@@ -26,7 +27,7 @@ public sealed class BitDeltaPool : IDisposable
         for (int i = 1; i < variants.Count; i++) FirstHost[i] = FirstHost[i - 1] + RoundsHost[i - 1];
         ScalesHost = variants.SelectMany(v => v.Scales).ToArray();
         var words = variants.SelectMany(v => v.Signs).SelectMany(s => s).ToArray();
-        Signs = device.FromIndices("1-bit signs pool", words);
+        Signs = device.FromIndices("1-bit signs pool", device.ArrangeBitDeltaWords(words, outFeatures, BitDeltaShape.WordsPerRow(inFeatures)));
         Scales = device.FromArray("1-bit scales", ScalesHost, ScalesHost.Length);
         First = device.FromIndices("1-bit first slot", FirstHost);
         Rounds = device.FromIndices("1-bit rounds", RoundsHost);

@@ -162,6 +162,13 @@ public abstract class Device : IDisposable
     /// <summary>The band's indices, ascending (see <see cref="SelectKernels"/>); exactly <paramref name="count"/> of them.</summary>
     protected internal abstract int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count);
     protected internal abstract void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows);
+
+    /// <summary>
+    /// The order this device keeps a 1-bit pool's words in: the format's (slots, N, W) row-major order unless the
+    /// backend's kernels read another (same word count either way).
+    /// </summary>
+    protected internal virtual int[] ArrangeBitDeltaWords(int[] words, int outFeatures, int wordsPerRow) => words;
+
     protected internal abstract void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s);
     protected internal abstract void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s);
 }

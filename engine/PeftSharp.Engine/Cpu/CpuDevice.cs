@@ -704,6 +704,9 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
+    protected internal override int[] ArrangeBitDeltaWords(int[] words, int outFeatures, int wordsPerRow) =>
+        BitDeltaCpu.Arrange(words, outFeatures, wordsPerRow);
+
     protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
         BitDeltaCpu.Mixed(Arr(x), x.Offset, Arr(y), y.Offset, pool.Signs.Host, Arr(pool.Scales), pool.Scales.Offset, pool.FirstHost, pool.RoundsHost, rowVariants.Host, s);
 

@@ -1,5 +1,6 @@
 using NUnit.Framework;
 using PeftSharp.Engine;
+using PeftSharp.Engine.Cpu;
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Tests.Infrastructure;
@@ -51,7 +52,9 @@ public sealed class BitDeltaTests : BackendTest
             Enumerable.Range(0, rounds).Select(j => 0.5f / (j + 1) + 0.01f * seed).ToArray());
 
     // (M, K, N, rounds per variant): size 1; K not a multiple of 8 or 32; K a multiple of 8 only; more than four rows
-    // of one variant (the CPU path blocks rows by four); residual rounds; rows with no variant throughout.
+    // of one variant (the CPU path blocks rows by four); residual rounds; rows with no variant throughout. The CPU
+    // path's tiles are 16 output features: N = 19, 37 and 40 leave a row-major tail, N = 32 none; K = 100 and 70
+    // end inside a word and inside a 4-input table group.
     private static readonly object[] Shapes =
     {
         new TestCaseData(1, 1, 1, new[] { 1 }).SetName("{m}_M1_K1_N1"),
@@ -59,6 +62,8 @@ public sealed class BitDeltaTests : BackendTest
         new TestCaseData(13, 24, 3, new[] { 1 }).SetName("{m}_M13_K24_N3_SixRowsOneVariant"),
         new TestCaseData(12, 65, 19, new[] { 3, 1, 1 }).SetName("{m}_M12_K65_N19_ThreeVariants"),
         new TestCaseData(5, 64, 40, new[] { 1, 1, 1, 1 }).SetName("{m}_M5_K64_N40_FourVariants"),
+        new TestCaseData(9, 100, 32, new[] { 1, 1 }).SetName("{m}_M9_K100_N32_WholeTiles"),
+        new TestCaseData(11, 70, 37, new[] { 2 }).SetName("{m}_M11_K70_N37_FiveRowsTwoRounds"),
     };
 
     private (BitDeltaPool Pool, BitDeltaData[] Data, int[] First, int[] Rounds) Pool(int k, int n, int[] rounds)
@@ -94,6 +99,7 @@ public sealed class BitDeltaTests : BackendTest
     [TestCase(1, 1, TestName = "{m}_K1_N1")]
     [TestCase(33, 7, TestName = "{m}_K33_N7")]
     [TestCase(64, 5, TestName = "{m}_K64_N5")]
+    [TestCase(40, 33, TestName = "{m}_K40_N33_TilesAndTail")]
     public void BitDeltaDecode_ThenMatMul_EqualsTheFusedProduct_AndMergeUnmergeRestores(int k, int n)
     {
         const int m = 3;
@@ -132,5 +138,62 @@ public sealed class BitDeltaTests : BackendTest
         Assert.That(e.Message, Does.Contain("variant index 1"));
         e = Assert.Throws<ArgumentException>(() => Ops.BitDeltaMixed(Input("x2", new float[18], 2, 9), Input("y2", new float[8], 2, 4), pool, Indices("rows2", new[] { 0, 0 })))!;
         Assert.That(e.Message, Does.Contain("9 input features"));
+    }
+}
+
+/// <summary>
+/// The CPU backend's two 1-bit paths (lookup tables on AVX-512, sign masks elsewhere and for the tail features) and its
+/// tiled pool layout, checked against the reference on whichever machine runs the suite.
+/// </summary>
+public sealed class BitDeltaCpuPathTests
+{
+    [Test]
+    public void Arrange_IsAPermutation_ThatWordIndexInverts([Values(1, 15, 16, 17, 40)] int n, [Values(1, 3)] int w)
+    {
+        const int slots = 2;
+        var words = Enumerable.Range(0, slots * n * w).ToArray();
+        var arranged = BitDeltaCpu.Arrange(words, n, w);
+        Assert.That(arranged.OrderBy(v => v), Is.EqualTo(words), "same words");
+        for (int s = 0; s < slots; s++)
+        {
+            for (int f = 0; f < n; f++)
+            {
+                for (int c = 0; c < w; c++)
+                {
+                    Assert.That(arranged[(long)s * n * w + BitDeltaCpu.WordIndex(f, c, n, w)], Is.EqualTo(words[(s * n + f) * w + c]), $"slot {s} feature {f} word {c}");
+                }
+            }
+        }
+    }
+
+    // (M, K, N): tiles and a tail; one row per variant and blocks of 4 + 2 + 1 rows; and enough rows at K = 4096
+    // (64 KiB of tables each) that the tables are built in two chunks of rows.
+    [TestCase(7, 70, 37, 3)]
+    [TestCase(15, 33, 48, 2)]
+    [TestCase(140, 4096, 16, 3)]
+    public void BothPaths_MatchTheReference(int m, int k, int n, int variants)
+    {
+        var data = Enumerable.Range(0, variants).Select(v => new BitDeltaData($"v{v}",
+            new[] { BitDeltaReference.Pack(TestData.Uniform(n * k, 20 + v), n, k), BitDeltaReference.Pack(TestData.Uniform(n * k, 40 + v), n, k) },
+            new[] { 0.25f + v, -0.5f })).ToArray();
+        var signs = data.SelectMany(d => d.Signs).SelectMany(s => s).ToArray();
+        var scales = data.SelectMany(d => d.Scales).ToArray();
+        var first = Enumerable.Range(0, variants).Select(v => 2 * v).ToArray();
+        var rounds = Enumerable.Repeat(2, variants).ToArray();
+        // Variant 0 takes most rows, so its rows form whole blocks of four; row 1 has no variant.
+        var rowVariants = Enumerable.Range(0, m).Select(i => i == 1 ? -1 : i % 5 < 3 ? 0 : i % variants).ToArray();
+        var x = TestData.Uniform(m * k, 5);
+        var y0 = TestData.Uniform(m * n, 6);
+        var expected = (float[])y0.Clone();
+        var shape = new BitDeltaShape(m, k, n);
+        BitDeltaReference.MixedForward(x, expected, signs, scales, first, rounds, rowVariants, shape);
+        var arranged = BitDeltaCpu.Arrange(signs, n, shape.W);
+        foreach (bool tables in new[] { true, false })
+        {
+            var y = (float[])y0.Clone();
+            BitDeltaCpu.Mixed(x, 0, y, 0, arranged, scales, 0, first, rounds, rowVariants, shape, tables);
+            // Two rounds of K-long sums of +-x (the tables add four x's per entry first, the same error order).
+            Check.Close(y, expected, Tolerances.Dot(2 * k), $"tables allowed: {tables}");
+        }
     }
 }
