@@ -19,6 +19,8 @@ internal static unsafe class Gemm
     private const int KC = 256;  // K slice: an A panel (MR x KC) and a B panel (KC x NR) stay in L1
     private const int MC = 96;   // rows per task block (16 micro-panels); MC x KC of A = 96 KiB, in L2
     private const int SmallRows = 16; // up to this many rows against a transposed B, the inner-product kernel
+    private const int SmallRowsLongK = 64; // and up to this many when K >= LongK
+    private const int LongK = 512;
 
     /// <summary>
     /// c = alpha * op(a) op(b) + beta * c. op(a) is (m, k): a[i * lda + p], or a[p * lda + i] when transA.
@@ -38,8 +40,11 @@ internal static unsafe class Gemm
 
         // Few rows against a transposed b: the register-blocked inner products, also for 1-4 rows when the dot products
         // are short (attention's Q K^T at decode, K = head dim), where one library call per output would dominate. One
-        // row stays on the dot-product path: the 4 x 4 kernel would repeat it four times.
-        if (m <= SmallRows && transB && !transA && (m > 4 || (m > 1 && k < 512)))
+        // row stays on the dot-product path: the 4 x 4 kernel would repeat it four times. With long dot products it also
+        // takes up to 64 rows (a batch of decode requests): packing the (N, K) weight on every call cost more there than
+        // it saved (Stopwatch, M = 24..64, K = 512..4096: 0.8-1.0x the packed path's time, 0.6x at M = 32, N = K = 4096).
+        bool inner = m <= SmallRows ? m > 4 || (m > 1 && k < LongK) : m <= SmallRowsLongK && k >= LongK;
+        if (inner && transB && !transA)
         {
             InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
             return;

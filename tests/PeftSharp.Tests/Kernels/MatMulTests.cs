@@ -45,6 +45,8 @@ public sealed class MatMulTests : BackendTest
     [TestCase(1, 70, 33, TestName = "MatMul_CpuFewRows_M1_N70_K33_ShortDotsAndRegisterBlocks")]
     [TestCase(3, 96, 64, TestName = "MatMul_CpuFewRows_M3_N96_K64_AttentionDecodeShape")]
     [TestCase(2, 40, 600, TestName = "MatMul_CpuFewRows_M2_N40_K600")]
+    [TestCase(37, 45, 515, TestName = "MatMul_CpuBatchRows_M37_N45_K515_InnerProductsPastSixteenRows")]
+    [TestCase(65, 9, 512, TestName = "MatMul_CpuBatchRows_M65_N9_K512_JustPastTheInnerProductRows")]
     public void MatMul_LargerShapes_MatchReference(int m, int n, int k)
     {
         if (IsSimulator) Assert.Ignore("shape too large for ILGPU's CPU simulator; covered by the small shapes");
