@@ -21,6 +21,7 @@ internal static unsafe class Gemm
     private const int SmallRows = 16; // up to this many rows against a transposed B, the inner-product kernel
     private const int SmallRowsLongK = 64; // and up to this many when K >= LongK
     private const int LongK = 512;
+    private const int PackSlack = 8; // floats past a packed A block that PackA's 8-float stores may touch
 
     /// <summary>
     /// c = alpha * op(a) op(b) + beta * c. op(a) is (m, k): a[i * lda + p], or a[p * lda + i] when transA.
@@ -115,7 +116,7 @@ internal static unsafe class Gemm
         int mc = Math.Min(blockRows, m - ic);
         int nc = Math.Min(chunkCols, n - jc);
         int mPanels = (mc + MR - 1) / MR;
-        float[] packedA = ArrayPool<float>.Shared.Rent(mPanels * MR * kc);
+        float[] packedA = ArrayPool<float>.Shared.Rent(mPanels * MR * kc + PackSlack);
         try
         {
             fixed (float* ap = packedA)
@@ -155,6 +156,27 @@ internal static unsafe class Gemm
             {
                 float* src = a + (long)(p0 + p) * lda + i0;
                 for (int r = 0; r < mr; r++) dst[p * MR + r] = src[r];
+            }
+        }
+        else if (mr == MR && Avx.IsSupported)
+        {
+            // Eight k at a time: the six rows' runs transposed in registers (two zero rows), each k's six values stored
+            // as one 8-float store whose two spare lanes the next store overwrites; the last spills two floats past
+            // the group, overwritten by the next group, the tail, or the next panel (the buffer has slack past the end).
+            float* src = a + (long)i0 * lda + p0;
+            var zero = Vector256<float>.Zero;
+            int p = 0;
+            for (; p + 8 <= kc; p += 8)
+            {
+                float* s0 = src + p;
+                Transpose8x8(
+                    Avx.LoadVector256(s0), Avx.LoadVector256(s0 + lda), Avx.LoadVector256(s0 + 2L * lda), Avx.LoadVector256(s0 + 3L * lda),
+                    Avx.LoadVector256(s0 + 4L * lda), Avx.LoadVector256(s0 + 5L * lda), zero, zero, dst + p * MR, MR);
+            }
+
+            for (; p < kc; p++)
+            {
+                for (int r = 0; r < MR; r++) dst[p * MR + r] = src[r * (long)lda + p];
             }
         }
         else
@@ -217,16 +239,18 @@ internal static unsafe class Gemm
 
     /// <summary>dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 block: the standard unpack / shuffle / permute transpose.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Transpose8x8(float* src, int lds, float* dst, int ldd)
+    private static void Transpose8x8(float* src, int lds, float* dst, int ldd) =>
+        Transpose8x8(
+            Avx.LoadVector256(src), Avx.LoadVector256(src + lds), Avx.LoadVector256(src + 2L * lds), Avx.LoadVector256(src + 3L * lds),
+            Avx.LoadVector256(src + 4L * lds), Avx.LoadVector256(src + 5L * lds), Avx.LoadVector256(src + 6L * lds), Avx.LoadVector256(src + 7L * lds),
+            dst, ldd);
+
+    /// <summary>dst[q * ldd + r] = lane q of row r, q in 0..8: eight 8-float stores in increasing q.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Transpose8x8(
+        Vector256<float> r0, Vector256<float> r1, Vector256<float> r2, Vector256<float> r3,
+        Vector256<float> r4, Vector256<float> r5, Vector256<float> r6, Vector256<float> r7, float* dst, int ldd)
     {
-        var r0 = Avx.LoadVector256(src);
-        var r1 = Avx.LoadVector256(src + lds);
-        var r2 = Avx.LoadVector256(src + 2L * lds);
-        var r3 = Avx.LoadVector256(src + 3L * lds);
-        var r4 = Avx.LoadVector256(src + 4L * lds);
-        var r5 = Avx.LoadVector256(src + 5L * lds);
-        var r6 = Avx.LoadVector256(src + 6L * lds);
-        var r7 = Avx.LoadVector256(src + 7L * lds);
         var t0 = Avx.UnpackLow(r0, r1);
         var t1 = Avx.UnpackHigh(r0, r1);
         var t2 = Avx.UnpackLow(r2, r3);
