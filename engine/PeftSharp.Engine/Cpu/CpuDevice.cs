@@ -37,13 +37,18 @@ public sealed unsafe class CpuDevice : Device
 
     private static float[] Arr(Tensor t) => (float[])t.Storage;
 
-    protected internal override object AllocateStorage(int length) => new float[length];
+    private readonly StoragePool storage = new();
+
+    protected internal override object AllocateStorage(int length) => storage.Rent(length);
 
     protected internal override object AllocateIndexStorage(int[] values) => values;
 
     protected internal override void ReleaseStorage(object storage)
     {
+        if (storage is float[] array) this.storage.Return(array);
     }
+
+    protected override void DisposeCore() => storage.Clear();
 
     protected internal override void Upload(Tensor t, ReadOnlySpan<float> source) => source.CopyTo(S(t));
 

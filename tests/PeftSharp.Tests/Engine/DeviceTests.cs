@@ -72,4 +72,25 @@ public sealed class DeviceTests
         Assert.That(e.Message, Does.Contain("'weights' [2, 3]").And.Contain("got 5"));
         Assert.Throws<ArgumentException>(() => d.Zeros("neg", 2, -1));
     }
+
+    [Test]
+    public void CpuStorage_OfDisposedTensors_IsReusedCleared_AndViewsOfItAreDead()
+    {
+        using var d = new CpuDevice();
+        var a = d.FromArray("a", Enumerable.Repeat(3f, 5000).ToArray(), 50, 100);
+        var view = a.Reshape(5000);
+        object storage = a.Storage;
+        a.Dispose();
+        using var b = d.Zeros("b", 100, 50);
+        Assert.That(b.Storage, Is.SameAs(storage), "an array of the same length is handed out again");
+        Assert.That(b.ToArray(), Is.All.EqualTo(0f), "and comes back zero-filled");
+        Assert.Throws<ObjectDisposedException>(() => d.Ops.Scale(view, 2f, b.Reshape(5000)), "a view of the disposed tensor cannot reach the reused array");
+        using var other = d.Zeros("c", 4999);
+        Assert.That(other.Storage, Is.Not.SameAs(storage), "only exact lengths are reused");
+        var small = d.Zeros("small", 10);
+        object smallStorage = small.Storage;
+        small.Dispose();
+        using var small2 = d.Zeros("small2", 10);
+        Assert.That(small2.Storage, Is.Not.SameAs(smallStorage), "small arrays are left to the GC");
+    }
 }
