@@ -1,4 +1,7 @@
 using BenchmarkDotNet.Attributes;
+using BenchmarkDotNet.Columns;
+using BenchmarkDotNet.Reports;
+using BenchmarkDotNet.Running;
 using Microsoft.ML.OnnxRuntime;
 using PeftSharp.Engine;
 using PeftSharp.Engine.Cpu;
@@ -125,13 +128,15 @@ public class SharedPrefixBench
 /// <summary>
 /// Training attention for one 1,024-token prompt with G = 8 completions of 128 tokens (H = 8, Hkv = 2, D = 64),
 /// forward and backward: the prompt's keys and values once, shared by the completions (Prefix Grouper), against the
-/// batch with the prompt copied into each of the 8 rows. The memory diagnoser's allocation per operation stands in
-/// for the activation memory (every tensor here is a managed array).
+/// batch with the prompt copied into each of the 8 rows. Memory: the device's peak bytes of live tensors during one
+/// call (<see cref="Device.PeakBytesInUse"/>), measured once in setup: inputs, outputs, gradients and every
+/// intermediate the attention allocates.
 /// </summary>
-[Config(typeof(BenchConfig))]
-[MemoryDiagnoser]
+[Config(typeof(Config))]
 public class GroupedAttentionBench
 {
+    private static readonly Dictionary<string, long> PeakBytes = new();
+
     private const int H = 8, Hkv = 2, D = 64, Prompt = 1024, G = 8, C = 128;
     private Device cpu = null!;
     private float[] qp = null!, kp = null!, vp = null!, qc = null!, kc = null!, vc = null!, dOp = null!, dOc = null!;
@@ -148,9 +153,42 @@ public class GroupedAttentionBench
         vc = Validate.Uniform(G * C * Hkv * D, 6);
         dOp = Validate.Uniform(Prompt * H * D, 7);
         dOc = Validate.Uniform(G * C * H * D, 8);
-        var shared = Grouped();
-        var copied = Copied();
+        var shared = Measure(nameof(Grouped), Grouped);
+        var copied = Measure(nameof(Copied), Copied);
         Validate.Sampled("grouped vs copied completion outputs", shared, i => copied[i], 1e-4);
+    }
+
+    private float[] Measure(string method, Func<float[]> run)
+    {
+        long before = cpu.BytesInUse;
+        cpu.ResetPeakBytes();
+        var result = run();
+        PeakBytes[method] = cpu.PeakBytesInUse - before;
+        return result;
+    }
+
+    private sealed class Config : BenchConfig
+    {
+        public Config() => AddColumn(new PeakMemoryColumn());
+    }
+
+    private sealed class PeakMemoryColumn : IColumn
+    {
+        public string Id => "PeakTensorMemory";
+        public string ColumnName => "peak tensor memory";
+        public bool AlwaysShow => true;
+        public ColumnCategory Category => ColumnCategory.Custom;
+        public int PriorityInCategory => 0;
+        public bool IsNumeric => true;
+        public UnitType UnitType => UnitType.Size;
+        public string Legend => "most bytes of live tensors on the device during one call (inputs, outputs, gradients, intermediates)";
+
+        public string GetValue(Summary summary, BenchmarkCase benchmarkCase) =>
+            PeakBytes.TryGetValue(benchmarkCase.Descriptor.WorkloadMethod.Name, out long b) ? $"{b / 1e6:F1} MB" : "-";
+
+        public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
+        public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
+        public bool IsAvailable(Summary summary) => true;
     }
 
     [GlobalCleanup]

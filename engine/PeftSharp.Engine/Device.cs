@@ -25,6 +25,26 @@ public abstract class Device : IDisposable
 
     public bool IsDisposed { get; private set; }
 
+    private long bytesInUse, peakBytesInUse;
+
+    /// <summary>Bytes of storage held by this device's live tensors and index tensors (views hold none).</summary>
+    public long BytesInUse => Interlocked.Read(ref bytesInUse);
+
+    /// <summary>The largest <see cref="BytesInUse"/> since the device opened or <see cref="ResetPeakBytes"/> ran.</summary>
+    public long PeakBytesInUse => Interlocked.Read(ref peakBytesInUse);
+
+    /// <summary>Starts a new peak measurement from the bytes in use now.</summary>
+    public void ResetPeakBytes() => Interlocked.Exchange(ref peakBytesInUse, BytesInUse);
+
+    internal void TrackBytes(long delta)
+    {
+        long now = Interlocked.Add(ref bytesInUse, delta);
+        long peak;
+        while (now > (peak = Interlocked.Read(ref peakBytesInUse)) && Interlocked.CompareExchange(ref peakBytesInUse, now, peak) != peak)
+        {
+        }
+    }
+
     /// <summary>A zero-filled tensor.</summary>
     public Tensor Zeros(string name, params int[] shape)
     {

@@ -19,7 +19,11 @@ public sealed class Tensor : IDisposable
         Offset = offset;
         this.ownsStorage = ownsStorage;
         Length = ShapeUtil.Product(shape, name);
+        // Owned storage is exact, or padded by the offset on both sides (Device.CreatePadded).
+        if (ownsStorage) device.TrackBytes(StorageBytes);
     }
+
+    private long StorageBytes => 4L * (Length + 2L * Offset);
 
     public Device Device { get; }
 
@@ -103,7 +107,9 @@ public sealed class Tensor : IDisposable
     {
         if (disposed) return;
         disposed = true;
-        if (ownsStorage) Device.ReleaseStorage(Storage);
+        if (!ownsStorage) return;
+        Device.ReleaseStorage(Storage);
+        Device.TrackBytes(-StorageBytes);
     }
 
     public override string ToString() => $"'{Name}' {ShapeUtil.Format(shape)}";
@@ -126,6 +132,7 @@ public sealed class IndexTensor : IDisposable
         Host = host;
         Storage = storage;
         Length = ShapeUtil.Product(shape, name);
+        device.TrackBytes(4L * Length);
     }
 
     public Device Device { get; }
@@ -155,6 +162,7 @@ public sealed class IndexTensor : IDisposable
         if (disposed) return;
         disposed = true;
         Device.ReleaseStorage(Storage);
+        Device.TrackBytes(-4L * Length);
     }
 
     public override string ToString() => $"'{Name}' {ShapeUtil.Format(shape)}";

@@ -21,6 +21,7 @@ internal static unsafe class Gemm
     private const int SmallRows = 16; // up to this many rows against a transposed B, the inner-product kernel
     private const int SmallRowsLongK = 64; // and up to this many when K >= LongK
     private const int LongK = 512;
+    private const int DirectMaxN = 4 * NR; // up to this many columns A is read in place instead of packed
     private const int PackSlack = 8; // floats past a packed A block that PackA's 8-float stores may touch
 
     /// <summary>
@@ -121,7 +122,10 @@ internal static unsafe class Gemm
         {
             fixed (float* ap = packedA)
             {
-                for (int ip = 0; ip < mPanels; ip++)
+                // With at most four column panels each A element is used by few kernel calls, and packing it cost a
+                // third of the kernels' time in attention's P V and dS K products (N = head dim): read A in place.
+                bool direct = n <= DirectMaxN;
+                for (int ip = 0; ip < mPanels && !direct; ip++)
                 {
                     PackA(transA, a, lda, ic + ip * MR, Math.Min(MR, mc - ip * MR), pc, kc, ap + ip * MR * kc);
                 }
@@ -134,7 +138,10 @@ internal static unsafe class Gemm
                     {
                         int ir = ip * MR;
                         int mr = Math.Min(MR, mc - ir);
-                        Kernel6x16(kc, ap + ip * MR * kc, bPanel, c + (long)(ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, beta);
+                        float* cTile = c + (long)(ic + ir) * ldc + jc + jr;
+                        if (!direct) Kernel6x16(kc, ap + ip * MR * kc, bPanel, cTile, ldc, mr, nr, alpha, beta);
+                        else if (transA) Kernel6x16(kc, a + (long)pc * lda + ic + ir, 1, lda, bPanel, cTile, ldc, mr, nr, alpha, beta);
+                        else Kernel6x16(kc, a + (long)(ic + ir) * lda + pc, lda, 1, bPanel, cTile, ldc, mr, nr, alpha, beta);
                     }
                 }
             }
@@ -372,33 +379,49 @@ internal static unsafe class Gemm
 
     /// <summary>c[0..mr, 0..nr] = alpha * (ap panel x bp panel) + beta * c. Full tiles store straight from registers.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Kernel6x16(int kc, float* ap, float* bp, float* c, int ldc, int mr, int nr, float alpha, float beta)
+    private static void Kernel6x16(int kc, float* ap, float* bp, float* c, int ldc, int mr, int nr, float alpha, float beta) =>
+        Kernel6x16(kc, ap, 1, MR, bp, c, ldc, mr, nr, alpha, beta);
+
+    /// <summary>
+    /// As above with A read where it lies: row r of the tile's A at a + r * rowStep, consecutive k kStep apart (a packed
+    /// panel: 1 and MR; op(a) in place: lda and 1, or 1 and lda when transposed). Rows past mr re-read row 0 (their
+    /// results are dropped).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Kernel6x16(int kc, float* a, int rowStep, int kStep, float* bp, float* c, int ldc, int mr, int nr, float alpha, float beta)
     {
+        float* a0 = a, a1 = a + (mr > 1 ? rowStep : 0), a2 = a + (mr > 2 ? 2L * rowStep : 0);
+        float* a3 = a + (mr > 3 ? 3L * rowStep : 0), a4 = a + (mr > 4 ? 4L * rowStep : 0), a5 = a + (mr > 5 ? 5L * rowStep : 0);
         Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
         Vector256<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
         for (int p = 0; p < kc; p++)
         {
             var b0 = Vector256.Load(bp);
             var b1 = Vector256.Load(bp + 8);
-            var a0 = Vector256.Create(ap[0]);
-            c00 = Vector256.FusedMultiplyAdd(a0, b0, c00);
-            c01 = Vector256.FusedMultiplyAdd(a0, b1, c01);
-            var a1 = Vector256.Create(ap[1]);
-            c10 = Vector256.FusedMultiplyAdd(a1, b0, c10);
-            c11 = Vector256.FusedMultiplyAdd(a1, b1, c11);
-            var a2 = Vector256.Create(ap[2]);
-            c20 = Vector256.FusedMultiplyAdd(a2, b0, c20);
-            c21 = Vector256.FusedMultiplyAdd(a2, b1, c21);
-            var a3 = Vector256.Create(ap[3]);
-            c30 = Vector256.FusedMultiplyAdd(a3, b0, c30);
-            c31 = Vector256.FusedMultiplyAdd(a3, b1, c31);
-            var a4 = Vector256.Create(ap[4]);
-            c40 = Vector256.FusedMultiplyAdd(a4, b0, c40);
-            c41 = Vector256.FusedMultiplyAdd(a4, b1, c41);
-            var a5 = Vector256.Create(ap[5]);
-            c50 = Vector256.FusedMultiplyAdd(a5, b0, c50);
-            c51 = Vector256.FusedMultiplyAdd(a5, b1, c51);
-            ap += MR;
+            var x0 = Vector256.Create(*a0);
+            c00 = Vector256.FusedMultiplyAdd(x0, b0, c00);
+            c01 = Vector256.FusedMultiplyAdd(x0, b1, c01);
+            var x1 = Vector256.Create(*a1);
+            c10 = Vector256.FusedMultiplyAdd(x1, b0, c10);
+            c11 = Vector256.FusedMultiplyAdd(x1, b1, c11);
+            var x2 = Vector256.Create(*a2);
+            c20 = Vector256.FusedMultiplyAdd(x2, b0, c20);
+            c21 = Vector256.FusedMultiplyAdd(x2, b1, c21);
+            var x3 = Vector256.Create(*a3);
+            c30 = Vector256.FusedMultiplyAdd(x3, b0, c30);
+            c31 = Vector256.FusedMultiplyAdd(x3, b1, c31);
+            var x4 = Vector256.Create(*a4);
+            c40 = Vector256.FusedMultiplyAdd(x4, b0, c40);
+            c41 = Vector256.FusedMultiplyAdd(x4, b1, c41);
+            var x5 = Vector256.Create(*a5);
+            c50 = Vector256.FusedMultiplyAdd(x5, b0, c50);
+            c51 = Vector256.FusedMultiplyAdd(x5, b1, c51);
+            a0 += kStep;
+            a1 += kStep;
+            a2 += kStep;
+            a3 += kStep;
+            a4 += kStep;
+            a5 += kStep;
             bp += NR;
         }
 

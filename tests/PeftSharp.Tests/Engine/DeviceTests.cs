@@ -93,4 +93,26 @@ public sealed class DeviceTests
         using var small2 = d.Zeros("small2", 10);
         Assert.That(small2.Storage, Is.Not.SameAs(smallStorage), "small arrays are left to the GC");
     }
+
+    [Test]
+    public void BytesInUse_CountsOwnedStorageOnce_AndPeakHoldsTheHighWaterMark()
+    {
+        using var d = new CpuDevice();
+        long start = d.BytesInUse;
+        d.ResetPeakBytes();
+        var a = d.Zeros("a", 10, 10);
+        var view = a.Reshape(100);
+        using var ids = d.FromIndices("ids", new[] { 1, 2, 3 });
+        Assert.That(d.BytesInUse - start, Is.EqualTo(400 + 12), "a view holds no storage of its own");
+        var b = d.Zeros("b", 50);
+        Assert.That(d.PeakBytesInUse - start, Is.EqualTo(612));
+        a.Dispose();
+        view.Dispose();
+        a.Dispose();
+        b.Dispose();
+        Assert.That(d.BytesInUse - start, Is.EqualTo(12), "disposing twice, or disposing a view, frees nothing more");
+        Assert.That(d.PeakBytesInUse - start, Is.EqualTo(612), "the peak stays until reset");
+        d.ResetPeakBytes();
+        Assert.That(d.PeakBytesInUse, Is.EqualTo(d.BytesInUse));
+    }
 }

@@ -41,6 +41,9 @@ public sealed class MatMulTests : BackendTest
 
     [TestCase(100, 300, 270, TestName = "MatMul_CpuBlocks_M100_N300_K270_CrossesEveryBlock")]
     [TestCase(5, 1000, 513, TestName = "MatMul_CpuSmallM_M5_N1000_K513")]
+    [TestCase(100, 40, 270, TestName = "MatMul_CpuBlocks_M100_N40_K270_AReadInPlace")]
+    [TestCase(97, 64, 300, TestName = "MatMul_CpuBlocks_M97_N64_K300_AReadInPlaceAtTheLimit")]
+    [TestCase(97, 65, 300, TestName = "MatMul_CpuBlocks_M97_N65_K300_APackedPastTheLimit")]
     [TestCase(4, 70, 600, TestName = "MatMul_CpuGemvPath_M4_N70_K600")]
     [TestCase(1, 70, 33, TestName = "MatMul_CpuFewRows_M1_N70_K33_ShortDotsAndRegisterBlocks")]
     [TestCase(3, 96, 64, TestName = "MatMul_CpuFewRows_M3_N96_K64_AttentionDecodeShape")]
