@@ -162,8 +162,8 @@ public class AttentionBench
         public Config()
         {
             const double flops = 2.0 * B * H * T * T * D;
-            AddColumn(new ThroughputColumn(_ => flops, false));
-            AddColumn(new ThroughputColumn(_ => flops, true));
+            AddColumn(RateColumn.Flops(_ => flops, false));
+            AddColumn(RateColumn.Flops(_ => flops, true));
         }
     }
 }

@@ -1,9 +1,6 @@
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
-using BenchmarkDotNet.Columns;
-using BenchmarkDotNet.Reports;
-using BenchmarkDotNet.Running;
 
 namespace PeftSharp.Bench;
 
@@ -68,38 +65,4 @@ public static class BandwidthProbe
             return s;
         }
     }
-}
-
-/// <summary>GB/s from the mean time and the bytes a case must read, and that as a fraction of <see cref="BandwidthProbe"/>.</summary>
-internal sealed class BandwidthColumn : IColumn
-{
-    private readonly Func<BenchmarkCase, double> bytes;
-    private readonly bool fraction;
-
-    public BandwidthColumn(Func<BenchmarkCase, double> bytes, bool fraction)
-    {
-        this.bytes = bytes;
-        this.fraction = fraction;
-    }
-
-    public string Id => fraction ? "BandwidthFraction" : "GBps";
-    public string ColumnName => fraction ? $"of bandwidth ({BandwidthProbe.GBps:F0} GB/s)" : "GB/s";
-    public bool AlwaysShow => true;
-    public ColumnCategory Category => ColumnCategory.Custom;
-    public int PriorityInCategory => fraction ? 3 : 2;
-    public bool IsNumeric => true;
-    public UnitType UnitType => UnitType.Dimensionless;
-    public string Legend => fraction ? "GB/s over the measured memory read bandwidth" : "bytes the method must read (weights, packed signs) per second";
-
-    public string GetValue(Summary summary, BenchmarkCase benchmarkCase)
-    {
-        var report = summary[benchmarkCase];
-        if (report?.ResultStatistics == null) return "-";
-        double gbps = bytes(benchmarkCase) / report.ResultStatistics.Mean; // bytes per ns = GB/s
-        return fraction ? $"{gbps / BandwidthProbe.GBps:P0}" : $"{gbps:F1}";
-    }
-
-    public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
-    public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
-    public bool IsAvailable(Summary summary) => true;
 }

@@ -139,8 +139,8 @@ public class BitDeltaBench
     {
         public Config()
         {
-            AddColumn(new BandwidthColumn(BytesRead, false));
-            AddColumn(new BandwidthColumn(BytesRead, true));
+            AddColumn(RateColumn.Bandwidth(BytesRead, false));
+            AddColumn(RateColumn.Bandwidth(BytesRead, true));
         }
     }
 }

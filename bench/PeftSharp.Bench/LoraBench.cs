@@ -156,8 +156,8 @@ public class LoraBench
     {
         public Config()
         {
-            AddColumn(new BandwidthColumn(BytesRead, false));
-            AddColumn(new BandwidthColumn(BytesRead, true));
+            AddColumn(RateColumn.Bandwidth(BytesRead, false));
+            AddColumn(RateColumn.Bandwidth(BytesRead, true));
         }
     }
 }

@@ -143,8 +143,8 @@ public class MatMulBench
     {
         public Config()
         {
-            AddColumn(new ThroughputColumn(c => ((MatMulCase)c.Parameters["Shape"]).Flops, false));
-            AddColumn(new ThroughputColumn(c => ((MatMulCase)c.Parameters["Shape"]).Flops, true));
+            AddColumn(RateColumn.Flops(c => ((MatMulCase)c.Parameters["Shape"]).Flops, false));
+            AddColumn(RateColumn.Flops(c => ((MatMulCase)c.Parameters["Shape"]).Flops, true));
             WithOrderer(new BenchmarkDotNet.Order.DefaultOrderer(BenchmarkDotNet.Order.SummaryOrderPolicy.Declared));
         }
     }

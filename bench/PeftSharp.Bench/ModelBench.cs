@@ -96,27 +96,16 @@ public class ModelBench
         public Config() => AddColumn(new TokensPerSecondColumn());
     }
 
-    private sealed class TokensPerSecondColumn : IColumn
+    private sealed class TokensPerSecondColumn() : CustomColumn("TokensPerSecond", "tokens processed per second (B x T per call; 1 for a decode step)")
     {
-        public string Id => "TokensPerSecond";
-        public string ColumnName => "tokens/s";
-        public bool AlwaysShow => true;
-        public ColumnCategory Category => ColumnCategory.Custom;
-        public int PriorityInCategory => 0;
-        public bool IsNumeric => true;
-        public UnitType UnitType => UnitType.Dimensionless;
-        public string Legend => "tokens processed per second (B x T per call; 1 for a decode step)";
+        public override string ColumnName => "tokens/s";
 
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase)
+        public override string GetValue(Summary summary, BenchmarkCase benchmarkCase)
         {
             var stats = summary[benchmarkCase]?.ResultStatistics;
             if (stats == null) return "-";
             double tokensPerCall = benchmarkCase.Descriptor.WorkloadMethod.Name == nameof(DecodeStep) ? 1 : Batch * SeqLen;
             return $"{tokensPerCall / (stats.Mean / 1e9):N0}";
         }
-
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
-        public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
-        public bool IsAvailable(Summary summary) => true;
     }
 }

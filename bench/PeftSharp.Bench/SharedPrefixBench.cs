@@ -172,23 +172,13 @@ public class GroupedAttentionBench
         public Config() => AddColumn(new PeakMemoryColumn());
     }
 
-    private sealed class PeakMemoryColumn : IColumn
+    private sealed class PeakMemoryColumn() : CustomColumn(
+        "PeakTensorMemory", "most bytes of live tensors on the device during one call (inputs, outputs, gradients, intermediates)", unit: UnitType.Size)
     {
-        public string Id => "PeakTensorMemory";
-        public string ColumnName => "peak tensor memory";
-        public bool AlwaysShow => true;
-        public ColumnCategory Category => ColumnCategory.Custom;
-        public int PriorityInCategory => 0;
-        public bool IsNumeric => true;
-        public UnitType UnitType => UnitType.Size;
-        public string Legend => "most bytes of live tensors on the device during one call (inputs, outputs, gradients, intermediates)";
+        public override string ColumnName => "peak tensor memory";
 
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase) =>
+        public override string GetValue(Summary summary, BenchmarkCase benchmarkCase) =>
             PeakBytes.TryGetValue(benchmarkCase.Descriptor.WorkloadMethod.Name, out long b) ? $"{b / 1e6:F1} MB" : "-";
-
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
-        public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
-        public bool IsAvailable(Summary summary) => true;
     }
 
     [GlobalCleanup]

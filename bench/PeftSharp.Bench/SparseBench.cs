@@ -83,23 +83,12 @@ public class SparseTrainingBench
         public Config() => AddColumn(new StateColumn());
     }
 
-    private sealed class StateColumn : IColumn
+    private sealed class StateColumn() : CustomColumn("OptimizerState", "bytes of optimizer state after a step", unit: UnitType.Size)
     {
-        public string Id => "OptimizerState";
-        public string ColumnName => "optimizer state";
-        public bool AlwaysShow => true;
-        public ColumnCategory Category => ColumnCategory.Custom;
-        public int PriorityInCategory => 0;
-        public bool IsNumeric => true;
-        public UnitType UnitType => UnitType.Size;
-        public string Legend => "bytes of optimizer state after a step";
+        public override string ColumnName => "optimizer state";
 
-        public string GetValue(Summary summary, BenchmarkCase c) =>
+        public override string GetValue(Summary summary, BenchmarkCase c) =>
             StateBytes.TryGetValue((string)c.Parameters["Method"], out long b) ? $"{b / 1048576.0:F2} MiB" : "-";
-
-        public string GetValue(Summary summary, BenchmarkCase c, SummaryStyle style) => GetValue(summary, c);
-        public bool IsDefault(Summary summary, BenchmarkCase c) => false;
-        public bool IsAvailable(Summary summary) => true;
     }
 }
 
@@ -219,8 +208,8 @@ public class MergeBench
     {
         public Config()
         {
-            AddColumn(new BandwidthColumn(_ => (Inputs + 1) * 1376.0 * 512 * 4, false));
-            AddColumn(new BandwidthColumn(_ => (Inputs + 1) * 1376.0 * 512 * 4, true));
+            AddColumn(RateColumn.Bandwidth(_ => (Inputs + 1) * 1376.0 * 512 * 4, false));
+            AddColumn(RateColumn.Bandwidth(_ => (Inputs + 1) * 1376.0 * 512 * 4, true));
         }
     }
 }
