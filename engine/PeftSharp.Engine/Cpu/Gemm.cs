@@ -40,12 +40,13 @@ internal static unsafe class Gemm
             return;
         }
 
-        // Few rows against a transposed b: the register-blocked inner products, also for 1-4 rows when the dot products
-        // are short (attention's Q K^T at decode, K = head dim), where one library call per output would dominate. One
-        // row stays on the dot-product path: the 4 x 4 kernel would repeat it four times. With long dot products it also
-        // takes up to 64 rows (a batch of decode requests): packing the (N, K) weight on every call cost more there than
-        // it saved (Stopwatch, M = 24..64, K = 512..4096: 0.8-1.0x the packed path's time, 0.6x at M = 32, N = K = 4096).
-        bool inner = m <= SmallRows ? m > 4 || (m > 1 && k < LongK) : m <= SmallRowsLongK && k >= LongK;
+        // Few rows against a transposed b (a linear layer at decode time, or attention's Q K^T): the register-blocked
+        // inner products, for 2 to 16 rows, and up to 64 (a batch of decode requests) when the dot products are long:
+        // packing the (N, K) weight on every call cost more there than it saved (Stopwatch, M = 24..64, K = 512..4096:
+        // 0.8-1.0x the packed path's time, 0.6x at M = 32, N = K = 4096). For 2-4 rows they took 0.5-0.75x the time of
+        // one vectorised dot product per output (interleaved runs, K = 512..4096). One row stays on the dot-product
+        // path: the 4 x 4 kernel would repeat it four times.
+        bool inner = m > 1 && (m <= SmallRows || (m <= SmallRowsLongK && k >= LongK));
         if (inner && transB && !transA)
         {
             InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
@@ -472,8 +473,9 @@ internal static unsafe class Gemm
     }
 
     /// <summary>
-    /// A few rows (decode-time linear layers): memory-bound, so stream b once. With transB (weights stored (N, K))
-    /// each output is a dot product; otherwise each output row is a sum of scaled rows of b.
+    /// A few rows (decode-time linear layers): memory-bound, so stream b once. With transB (weights stored (N, K); one
+    /// row, as 2-16 rows take the inner-product kernels) each output is a dot product; otherwise each output row is a
+    /// sum of scaled rows of b.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void SmallM(bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)

@@ -44,7 +44,7 @@ public sealed class MatMulTests : BackendTest
     [TestCase(100, 40, 270, TestName = "MatMul_CpuBlocks_M100_N40_K270_AReadInPlace")]
     [TestCase(97, 64, 300, TestName = "MatMul_CpuBlocks_M97_N64_K300_AReadInPlaceAtTheLimit")]
     [TestCase(97, 65, 300, TestName = "MatMul_CpuBlocks_M97_N65_K300_APackedPastTheLimit")]
-    [TestCase(4, 70, 600, TestName = "MatMul_CpuGemvPath_M4_N70_K600")]
+    [TestCase(4, 70, 600, TestName = "MatMul_CpuFewRows_M4_N70_K600_InnerProducts")]
     [TestCase(1, 70, 33, TestName = "MatMul_CpuFewRows_M1_N70_K33_ShortDotsAndRegisterBlocks")]
     [TestCase(3, 96, 64, TestName = "MatMul_CpuFewRows_M3_N96_K64_AttentionDecodeShape")]
     [TestCase(2, 40, 600, TestName = "MatMul_CpuFewRows_M2_N40_K600")]
