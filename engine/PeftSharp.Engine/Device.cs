@@ -36,6 +36,15 @@ public abstract class Device : IDisposable
     /// <summary>Starts a new peak measurement from the bytes in use now.</summary>
     public void ResetPeakBytes() => Interlocked.Exchange(ref peakBytesInUse, BytesInUse);
 
+    /// <summary>
+    /// Bytes the backend keeps from disposed tensors to reuse (the CPU backend's array pool; not part of
+    /// <see cref="BytesInUse"/>).
+    /// </summary>
+    public virtual long CachedBytes => 0;
+
+    /// <summary>Gives the memory behind <see cref="CachedBytes"/> back (to the GC on the CPU backend); returns how much.</summary>
+    public virtual long ReleaseCachedMemory() => 0;
+
     internal void TrackBytes(long delta)
     {
         long now = Interlocked.Add(ref bytesInUse, delta);

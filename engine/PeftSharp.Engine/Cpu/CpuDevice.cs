@@ -48,6 +48,10 @@ public sealed unsafe class CpuDevice : Device
         if (storage is float[] array) this.storage.Return(array);
     }
 
+    public override long CachedBytes => storage.PooledBytes;
+
+    public override long ReleaseCachedMemory() => storage.Clear();
+
     protected override void DisposeCore() => storage.Clear();
 
     protected internal override void Upload(Tensor t, ReadOnlySpan<float> source) => source.CopyTo(S(t));

@@ -48,9 +48,19 @@ internal sealed class StoragePool
         free.GetOrAdd(array.Length, _ => new ConcurrentStack<float[]>()).Push(array);
     }
 
-    public void Clear()
+    /// <summary>Drops every pooled array; returns the bytes dropped.</summary>
+    public long Clear()
     {
-        free.Clear();
-        Interlocked.Exchange(ref pooledBytes, 0);
+        long dropped = 0;
+        foreach (var stack in free.Values)
+        {
+            while (stack.TryPop(out var array))
+            {
+                dropped += 4L * array.Length;
+                Interlocked.Add(ref pooledBytes, -4L * array.Length);
+            }
+        }
+
+        return dropped;
     }
 }

@@ -81,7 +81,7 @@ public sealed class DeviceTests
         var view = a.Reshape(5000);
         object storage = a.Storage;
         a.Dispose();
-        using var b = d.Zeros("b", 100, 50);
+        var b = d.Zeros("b", 100, 50);
         Assert.That(b.Storage, Is.SameAs(storage), "an array of the same length is handed out again");
         Assert.That(b.ToArray(), Is.All.EqualTo(0f), "and comes back zero-filled");
         Assert.Throws<ObjectDisposedException>(() => d.Ops.Scale(view, 2f, b.Reshape(5000)), "a view of the disposed tensor cannot reach the reused array");
@@ -92,6 +92,13 @@ public sealed class DeviceTests
         small.Dispose();
         using var small2 = d.Zeros("small2", 10);
         Assert.That(small2.Storage, Is.Not.SameAs(smallStorage), "small arrays are left to the GC");
+
+        b.Dispose();
+        Assert.That(d.CachedBytes, Is.EqualTo(20000), "b's array waits in the pool");
+        Assert.That(d.ReleaseCachedMemory(), Is.EqualTo(20000));
+        Assert.That(d.CachedBytes, Is.EqualTo(0));
+        using var c = d.Zeros("c", 5000);
+        Assert.That(c.Storage, Is.Not.SameAs(storage), "released arrays are not handed out again");
     }
 
     [Test]
