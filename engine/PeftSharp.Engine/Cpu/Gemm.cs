@@ -391,38 +391,34 @@ internal static unsafe class Gemm
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Kernel6x16(int kc, float* a, int rowStep, int kStep, float* bp, float* c, int ldc, int mr, int nr, float alpha, float beta)
     {
-        float* a0 = a, a1 = a + (mr > 1 ? rowStep : 0), a2 = a + (mr > 2 ? 2L * rowStep : 0);
-        float* a3 = a + (mr > 3 ? 3L * rowStep : 0), a4 = a + (mr > 4 ? 4L * rowStep : 0), a5 = a + (mr > 5 ? 5L * rowStep : 0);
+        // Row r of the tile is a[o_r] (row 0 repeated past mr); one pointer advances, so the loop carries two adds.
+        nint o1 = mr > 1 ? rowStep : 0, o2 = mr > 2 ? 2 * (nint)rowStep : 0, o3 = mr > 3 ? 3 * (nint)rowStep : 0;
+        nint o4 = mr > 4 ? 4 * (nint)rowStep : 0, o5 = mr > 5 ? 5 * (nint)rowStep : 0, step = kStep;
         Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
         Vector256<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
         for (int p = 0; p < kc; p++)
         {
             var b0 = Vector256.Load(bp);
             var b1 = Vector256.Load(bp + 8);
-            var x0 = Vector256.Create(*a0);
+            var x0 = Vector256.Create(a[0]);
             c00 = Vector256.FusedMultiplyAdd(x0, b0, c00);
             c01 = Vector256.FusedMultiplyAdd(x0, b1, c01);
-            var x1 = Vector256.Create(*a1);
+            var x1 = Vector256.Create(a[o1]);
             c10 = Vector256.FusedMultiplyAdd(x1, b0, c10);
             c11 = Vector256.FusedMultiplyAdd(x1, b1, c11);
-            var x2 = Vector256.Create(*a2);
+            var x2 = Vector256.Create(a[o2]);
             c20 = Vector256.FusedMultiplyAdd(x2, b0, c20);
             c21 = Vector256.FusedMultiplyAdd(x2, b1, c21);
-            var x3 = Vector256.Create(*a3);
+            var x3 = Vector256.Create(a[o3]);
             c30 = Vector256.FusedMultiplyAdd(x3, b0, c30);
             c31 = Vector256.FusedMultiplyAdd(x3, b1, c31);
-            var x4 = Vector256.Create(*a4);
+            var x4 = Vector256.Create(a[o4]);
             c40 = Vector256.FusedMultiplyAdd(x4, b0, c40);
             c41 = Vector256.FusedMultiplyAdd(x4, b1, c41);
-            var x5 = Vector256.Create(*a5);
+            var x5 = Vector256.Create(a[o5]);
             c50 = Vector256.FusedMultiplyAdd(x5, b0, c50);
             c51 = Vector256.FusedMultiplyAdd(x5, b1, c51);
-            a0 += kStep;
-            a1 += kStep;
-            a2 += kStep;
-            a3 += kStep;
-            a4 += kStep;
-            a5 += kStep;
+            a += step;
             bp += NR;
         }
 
