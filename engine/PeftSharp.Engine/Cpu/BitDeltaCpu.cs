@@ -58,8 +58,12 @@ internal static unsafe class BitDeltaCpu
     public static long WordIndex(int f, int c, int n, int w)
     {
         int full = n / Tile * Tile;
-        return f < full ? ((long)(f / Tile) * w + c) * Tile + f % Tile : (long)full * w + (long)(f - full) * w + c;
+        long first = f < full ? (long)(f / Tile) * w * Tile + f % Tile : (long)full * w + (long)(f - full) * w;
+        return first + (long)c * WordStride(f, n);
     }
+
+    /// <summary>Distance between consecutive words of feature f: a tile's width inside the tiles, 1 in the tail.</summary>
+    public static int WordStride(int f, int n) => f < n / Tile * Tile ? Tile : 1;
 
     public static void Mixed(
         float[] x, int xo,           // (M, K)
@@ -230,7 +234,7 @@ internal static unsafe class BitDeltaCpu
                         for (int n = n0; n < n1; n++)
                         {
                             int* words = slot + WordIndex(n, 0, s.N, s.W);
-                            int stride = n < fullTiles * Tile ? Tile : 1;
+                            int stride = WordStride(n, s.N);
                             if (take == 4) FeatureMasks<Four>(part, words, stride, a, n, s);
                             else if (take == 2) FeatureMasks<Two>(part, words, stride, a, n, s);
                             else FeatureMasks<One>(part, words, stride, a, n, s);
@@ -408,7 +412,7 @@ internal static unsafe class BitDeltaCpu
         CpuDevice.ForRows(s.N, k, n =>
         {
             long wo = slotBase + WordIndex(n, 0, s.N, w);
-            int stride = n < s.N / Tile * Tile ? Tile : 1;
+            int stride = WordStride(n, s.N);
             var row = dense.AsSpan(offset + n * k, k);
             for (int c = 0; c < k; c++)
             {
