@@ -7,10 +7,11 @@ using System.Runtime.Intrinsics.X86;
 namespace PeftSharp.Engine.Cpu;
 
 /// <summary>
-/// Single-precision GEMM for the CPU backend, BLIS-style: B is packed into NR-column panels per KC slice, A into
-/// MR-row panels per MC block, and a 6 x 16 register-blocked micro-kernel (12 Vector256 accumulators, broadcast
-/// FMA) computes each tile. Row blocks x column chunks run in parallel. Every transposition and leading dimension
-/// is handled by the packing, so the micro-kernel only ever sees contiguous panels.
+/// Single-precision GEMM for the CPU backend. With AVX-512 (<see cref="Wide"/>): one operand packed into K-major panels
+/// of 32 columns, the other read in place and broadcast, 8 x 32 tiles in 16 Vector512 accumulators. Without it,
+/// BLIS-style: B is packed into NR-column panels per KC slice, A into MR-row panels per MC block, and a 6 x 16
+/// register-blocked micro-kernel (12 Vector256 accumulators, broadcast FMA) computes each tile. Row blocks x column
+/// chunks run in parallel. Few rows take inner-product or streaming kernels on both.
 /// </summary>
 internal static unsafe class Gemm
 {
@@ -23,15 +24,19 @@ internal static unsafe class Gemm
     private const int LongK = 512;
     private const int DirectMaxN = 4 * NR; // up to this many columns A is read in place instead of packed
     private const int PackSlack = 8; // floats past a packed A block that PackA's 8-float stores may touch
+    private const int WideKC = 1024; // K slice of the AVX-512 path: 256 packed columns x 1024 = 1 MiB, the L2 // K slice of the broadcast kernels: a 32-row panel of x^T (256 KiB) stays in L2
+    private const int WBlock = 64; // broadcast rows per task of the AVX-512 path
+    private const int WideMC = 256; // packed columns per task of the AVX-512 path (a multiple of 32)
 
     /// <summary>
     /// c = alpha * op(a) op(b) + beta * c. op(a) is (m, k): a[i * lda + p], or a[p * lda + i] when transA.
     /// op(b) is (k, n): b[p * ldb + j], or b[j * ldb + p] when transB. c[i * ldc + j]. With beta = 0 c is not read.
+    /// allowWide = false keeps to the AVX2 kernels (what a CPU without AVX-512 runs), for tests.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Sgemm(
         bool transA, bool transB, int m, int n, int k, float alpha,
-        float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel = true)
+        float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel = true, bool allowWide = true)
     {
         if (m == 0 || n == 0) return;
         if (k == 0 || alpha == 0f)
@@ -40,12 +45,17 @@ internal static unsafe class Gemm
             return;
         }
 
-        // Few rows against a transposed b (a linear layer at decode time, or attention's Q K^T): the register-blocked
-        // inner products, for 2 to 16 rows, and up to 64 (a batch of decode requests) when the dot products are long:
-        // packing the (N, K) weight on every call cost more there than it saved (Stopwatch, M = 24..64, K = 512..4096:
-        // 0.8-1.0x the packed path's time, 0.6x at M = 32, N = K = 4096). For 2-4 rows they took 0.5-0.75x the time of
-        // one vectorised dot product per output (interleaved runs, K = 512..4096). One row stays on the dot-product
-        // path: the 4 x 4 kernel would repeat it four times.
+        // With AVX-512 the 8 x 32 broadcast kernel takes everything but the fewest rows: against a transposed b from 12
+        // rows (and 128 columns: below that, packing the rows costs more than the product), otherwise past 64 rows
+        // (fewer rows against a row-major b would pack all of b for a few rows' use). Stopwatch, interleaved, 2 cores:
+        // M = 16..64 against 2048 x 2048 weights 1.2-1.4x faster than the inner products; 256..1024-row products
+        // 1.15-1.4x faster than the 6 x 16 path (medians; best runs 190-210 GFLOP/s against 150-170).
+        if (allowWide && Avx512F.IsSupported && (transB && !transA ? m >= 12 && n >= 128 : m > 64))
+        {
+            Wide(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
+            return;
+        }
+
         bool inner = m > 1 && (m <= SmallRows || (m <= SmallRowsLongK && k >= LongK));
         if (inner && transB && !transA)
         {
@@ -376,6 +386,282 @@ internal static unsafe class Gemm
                 }
             }
         }
+    }
+
+    /// <summary>
+    /// The AVX-512 path: r = s v with s (P, K) read where it lies, 8 rows at a time, each element broadcast, and v (K, Q)
+    /// packed once into K-major panels of 32 (or a last 16) columns, so every step of the 8 x 32 micro-kernel is 16 FMAs
+    /// on 512-bit registers for 2 vector loads and 8 broadcasts. Either c = op(a) op(b) (s = op(a), v = op(b)), or,
+    /// against a transposed b with fewer rows than columns (a linear layer's x W^T for a batch of requests), c^T = W x^T
+    /// (s = W, v = x^T): the weight is streamed once in place and only the few activation rows are packed.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Wide(bool transA, bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
+    {
+        var g = new WideProduct { K = k, Alpha = alpha, Beta = beta, C = c, Ldc = ldc };
+        float* v;
+        int vld;
+        bool vAlongK; // v[p, q] = src[q * vld + p] (rows along K, packed by transposing) or src[p * vld + q]
+        if (transB && !transA && m <= n)
+        {
+            g.Transposed = true;
+            g.P = n; g.Q = m; g.S = b; g.SRowStep = ldb; g.SKStep = 1;
+            v = a; vld = lda; vAlongK = true;
+        }
+        else
+        {
+            g.P = m; g.Q = n; g.S = a; g.SRowStep = transA ? 1 : lda; g.SKStep = transA ? lda : 1;
+            v = b; vld = ldb; vAlongK = transB;
+        }
+
+        int padded = (g.Q + 15) & ~15;
+        float[] packed = ArrayPool<float>.Shared.Rent(k * padded);
+        try
+        {
+            fixed (float* vp = packed)
+            {
+                g.V = vp;
+                int panels = (g.Q + 31) / 32;
+                bool par = parallel && Environment.ProcessorCount > 1 && (long)m * n * k >= 1 << 18;
+                if (par && (long)k * g.Q >= 1 << 20)
+                {
+                    float* vpp = vp;
+                    Parallel.For(0, panels, ip => PackPanel(v, vld, vAlongK, ip * 32, g.Q, k, vpp));
+                }
+                else
+                {
+                    for (int ip = 0; ip < panels; ip++) PackPanel(v, vld, vAlongK, ip * 32, g.Q, k, vp);
+                }
+
+                // Tasks: up to 256 packed columns x up to 64 broadcast rows, fewer rows when that leaves under four
+                // tasks per core. Each task runs K in slices of WideKC: its 8 broadcast rows x 1024 (32 KiB) stay in
+                // L1 while they meet every panel of the slice (up to 1 MiB, in L2).
+                int colBlocks = (g.Q + WideMC - 1) / WideMC;
+                int cols = (g.Q / colBlocks + 31) & ~31; // balanced, whole panels: 259 columns are 160 + 99, not 256 + 3
+                colBlocks = (g.Q + cols - 1) / cols;
+                int block = Math.Clamp((g.P * colBlocks / (4 * Environment.ProcessorCount) + 7) & ~7, 8, WBlock);
+                int rowBlocks = (g.P + block - 1) / block;
+                int tasks = rowBlocks * colBlocks;
+                if (par && tasks > 1)
+                {
+                    Parallel.For(0, tasks, t =>
+                    {
+                        int q0 = t / rowBlocks * cols, p0 = t % rowBlocks * block;
+                        g.Run(p0, Math.Min(g.P, p0 + block), q0, Math.Min(g.Q, q0 + cols));
+                    });
+                }
+                else
+                {
+                    g.Run(0, g.P, 0, g.Q);
+                }
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(packed);
+        }
+    }
+
+    /// <summary>Width of the packed panel that starts with <paramref name="remaining"/> columns left: 32, or 16 for the last few.</summary>
+    private static int PanelWidth(int remaining) => remaining > 16 ? 32 : 16;
+
+    /// <summary>
+    /// Packs columns q0 .. q0 + width of v (K x Q) at dst + q0 * k as k groups of width floats, zero past Q:
+    /// v[p, q] = src[q * ld + p] when alongK, else src[p * ld + q].
+    /// </summary>
+    private static void PackPanel(float* src, int ld, bool alongK, int q0, int q, int k, float* dst)
+    {
+        int width = PanelWidth(q - q0);
+        int cols = Math.Min(width, q - q0);
+        dst += (long)q0 * k;
+        if (cols < width) new Span<float>(dst, k * width).Clear();
+        if (!alongK)
+        {
+            for (int p = 0; p < k; p++)
+            {
+                float* row = src + (long)p * ld + q0;
+                float* d = dst + (long)p * width;
+                int j = 0;
+                for (; j + 16 <= cols; j += 16) Vector512.Store(Vector512.Load(row + j), d + j);
+                for (; j < cols; j++) d[j] = row[j];
+            }
+
+            return;
+        }
+
+        int r = 0;
+        int kv = k & ~7;
+        for (; r + 8 <= cols; r += 8)
+        {
+            float* s = src + (long)(q0 + r) * ld;
+            for (int p = 0; p < kv; p += 8) Transpose8x8(s + p, ld, dst + (long)p * width + r, width);
+            for (int p = kv; p < k; p++) for (int t = 0; t < 8; t++) dst[(long)p * width + r + t] = s[(long)t * ld + p];
+        }
+
+        for (; r < cols; r++)
+        {
+            float* s = src + (long)(q0 + r) * ld;
+            for (int p = 0; p < k; p++) dst[(long)p * width + r] = s[p];
+        }
+    }
+
+    /// <summary>One wide product's operands: r (P x Q) = s (P x K, in place) v (K x Q, packed), stored to c or c^T.</summary>
+    private struct WideProduct
+    {
+        public int P, Q, K, SRowStep, SKStep, Ldc;
+        public float* S, V, C;
+        public float Alpha, Beta;
+        public bool Transposed;
+
+        /// <summary>Rows p0 .. p1 of s against columns q0 .. q1 of v (q0 a panel start), K in slices of WideKC.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public readonly void Run(int p0, int p1, int q0, int q1)
+        {
+            float* tile = stackalloc float[8 * 32];
+            float* rows = stackalloc float[32 * 8];
+            for (int pc = 0; pc < K; pc += WideKC)
+            {
+                int kc = Math.Min(WideKC, K - pc);
+                float beta = pc == 0 ? Beta : 1f;
+                for (int i = p0; i < p1; i += 8)
+                {
+                    int nr = Math.Min(8, p1 - i);
+                    float* s = S + (long)i * SRowStep + (long)pc * SKStep;
+                    for (int j = q0; j < q1; j += PanelWidth(Q - j))
+                    {
+                        int width = PanelWidth(Q - j);
+                        int cols = Math.Min(width, Q - j);
+                        float* vp = V + (long)j * K + (long)pc * width;
+                        if (width == 32) Broadcast8x32(kc, s, SRowStep, SKStep, nr, vp, tile);
+                        else Broadcast8x16(kc, s, SRowStep, SKStep, nr, vp, tile);
+                        if (Transposed) StoreTransposed(tile, rows, width, nr, cols, C + (long)j * Ldc + i, Ldc, Alpha, beta);
+                        else StoreTile(tile, width, nr, cols, C + (long)i * Ldc + j, Ldc, Alpha, beta);
+                    }
+                }
+            }
+        }
+    }
+
+    /// <summary>c[r * ldc + q] = alpha * tile[r * width + q] + beta * c (c not read when beta = 0), r &lt; nr, q &lt; cols.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreTile(float* tile, int width, int nr, int cols, float* c, int ldc, float alpha, float beta)
+    {
+        var va = Vector512.Create(alpha);
+        var vb = Vector512.Create(beta);
+        for (int r = 0; r < nr; r++)
+        {
+            float* row = c + (long)r * ldc;
+            float* t = tile + r * width;
+            int q = 0;
+            for (; q + 16 <= cols; q += 16)
+            {
+                var x = Vector512.Load(t + q) * va;
+                if (beta != 0f) x = Vector512.FusedMultiplyAdd(Vector512.Load(row + q), vb, x);
+                x.Store(row + q);
+            }
+
+            for (; q < cols; q++) row[q] = beta == 0f ? alpha * t[q] : alpha * t[q] + beta * row[q];
+        }
+    }
+
+    /// <summary>c[q * ldc + r] = alpha * tile[r * width + q] + beta * c, r &lt; nr, q &lt; cols: each c row's nr values from one transposed vector.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreTransposed(float* tile, float* rows, int width, int nr, int cols, float* c, int ldc, float alpha, float beta)
+    {
+        for (int q8 = 0; q8 < cols; q8 += 8) Transpose8x8(tile + q8, width, rows + q8 * 8, 8);
+        var va = Vector256.Create(alpha);
+        var vb = Vector256.Create(beta);
+        for (int q = 0; q < cols; q++)
+        {
+            float* row = c + (long)q * ldc;
+            var x = Vector256.Load(rows + q * 8) * va;
+            if (nr == 8)
+            {
+                if (beta != 0f) x = Vector256.FusedMultiplyAdd(Vector256.Load(row), vb, x);
+                x.Store(row);
+            }
+            else
+            {
+                for (int r = 0; r < nr; r++) row[r] = beta == 0f ? x[r] : x[r] + beta * row[r];
+            }
+        }
+    }
+
+    /// <summary>
+    /// tile[r * 32 + q] = sum_p s[r * rowStep + p * kStep] v[p * 32 + q] for r &lt; 8 (rows past nr repeat the last;
+    /// their sums are dropped by the caller), q &lt; 32.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Broadcast8x32(int kc, float* s, int rowStep, int kStep, int nr, float* xt, float* tile)
+    {
+        nint o1 = nr > 1 ? rowStep : 0, o2 = (nint)rowStep * Math.Min(2, nr - 1), o3 = (nint)rowStep * Math.Min(3, nr - 1);
+        nint o4 = (nint)rowStep * Math.Min(4, nr - 1), o5 = (nint)rowStep * Math.Min(5, nr - 1), o6 = (nint)rowStep * Math.Min(6, nr - 1);
+        nint o7 = (nint)rowStep * Math.Min(7, nr - 1), step = kStep;
+        Vector512<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default, c30 = default, c31 = default;
+        Vector512<float> c40 = default, c41 = default, c50 = default, c51 = default, c60 = default, c61 = default, c70 = default, c71 = default;
+        for (int p = 0; p < kc; p++)
+        {
+            var b0 = Vector512.Load(xt);
+            var b1 = Vector512.Load(xt + 16);
+            var x = Vector512.Create(s[0]);
+            c00 = Vector512.FusedMultiplyAdd(x, b0, c00);
+            c01 = Vector512.FusedMultiplyAdd(x, b1, c01);
+            x = Vector512.Create(s[o1]);
+            c10 = Vector512.FusedMultiplyAdd(x, b0, c10);
+            c11 = Vector512.FusedMultiplyAdd(x, b1, c11);
+            x = Vector512.Create(s[o2]);
+            c20 = Vector512.FusedMultiplyAdd(x, b0, c20);
+            c21 = Vector512.FusedMultiplyAdd(x, b1, c21);
+            x = Vector512.Create(s[o3]);
+            c30 = Vector512.FusedMultiplyAdd(x, b0, c30);
+            c31 = Vector512.FusedMultiplyAdd(x, b1, c31);
+            x = Vector512.Create(s[o4]);
+            c40 = Vector512.FusedMultiplyAdd(x, b0, c40);
+            c41 = Vector512.FusedMultiplyAdd(x, b1, c41);
+            x = Vector512.Create(s[o5]);
+            c50 = Vector512.FusedMultiplyAdd(x, b0, c50);
+            c51 = Vector512.FusedMultiplyAdd(x, b1, c51);
+            x = Vector512.Create(s[o6]);
+            c60 = Vector512.FusedMultiplyAdd(x, b0, c60);
+            c61 = Vector512.FusedMultiplyAdd(x, b1, c61);
+            x = Vector512.Create(s[o7]);
+            c70 = Vector512.FusedMultiplyAdd(x, b0, c70);
+            c71 = Vector512.FusedMultiplyAdd(x, b1, c71);
+            s += step;
+            xt += 32;
+        }
+
+        c00.Store(tile); c01.Store(tile + 16); c10.Store(tile + 32); c11.Store(tile + 48);
+        c20.Store(tile + 64); c21.Store(tile + 80); c30.Store(tile + 96); c31.Store(tile + 112);
+        c40.Store(tile + 128); c41.Store(tile + 144); c50.Store(tile + 160); c51.Store(tile + 176);
+        c60.Store(tile + 192); c61.Store(tile + 208); c70.Store(tile + 224); c71.Store(tile + 240);
+    }
+
+    /// <summary>As <see cref="Broadcast8x32"/> for a 16-column panel: tile[r * 16 + q].</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Broadcast8x16(int kc, float* s, int rowStep, int kStep, int nr, float* xt, float* tile)
+    {
+        nint o1 = nr > 1 ? rowStep : 0, o2 = (nint)rowStep * Math.Min(2, nr - 1), o3 = (nint)rowStep * Math.Min(3, nr - 1);
+        nint o4 = (nint)rowStep * Math.Min(4, nr - 1), o5 = (nint)rowStep * Math.Min(5, nr - 1), o6 = (nint)rowStep * Math.Min(6, nr - 1);
+        nint o7 = (nint)rowStep * Math.Min(7, nr - 1), step = kStep;
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
+        for (int p = 0; p < kc; p++)
+        {
+            var x = Vector512.Load(xt);
+            c0 = Vector512.FusedMultiplyAdd(Vector512.Create(s[0]), x, c0);
+            c1 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o1]), x, c1);
+            c2 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o2]), x, c2);
+            c3 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o3]), x, c3);
+            c4 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o4]), x, c4);
+            c5 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o5]), x, c5);
+            c6 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o6]), x, c6);
+            c7 = Vector512.FusedMultiplyAdd(Vector512.Create(s[o7]), x, c7);
+            s += step;
+            xt += 16;
+        }
+
+        c0.Store(tile); c1.Store(tile + 16); c2.Store(tile + 32); c3.Store(tile + 48);
+        c4.Store(tile + 64); c5.Store(tile + 80); c6.Store(tile + 96); c7.Store(tile + 112);
     }
 
     /// <summary>c[0..mr, 0..nr] = alpha * (ap panel x bp panel) + beta * c. Full tiles store straight from registers.</summary>
