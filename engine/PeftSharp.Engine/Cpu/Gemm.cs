@@ -768,13 +768,7 @@ internal static unsafe class Gemm
         {
             int j0 = t * chunk;
             int j1 = Math.Min(n, j0 + chunk);
-            if (transB && m == 1 && Avx512F.IsSupported)
-            {
-                // One row against a transposed weight (decode): four weight rows per pass share each load of x.
-                // 1.4-1.9x faster than a library dot product per output at 512 x 512 .. 1376 x 512 (Stopwatch).
-                for (int j = j0; j < j1; j += 4) Dot4(Math.Min(4, j1 - j), k, alpha, a, b + (long)j * ldb, ldb, beta, c + j);
-            }
-            else if (transB)
+            if (transB)
             {
                 for (int j = j0; j < j1; j++)
                 {
@@ -808,44 +802,6 @@ internal static unsafe class Gemm
 
         if (parallel && chunks > 1 && (long)n * k >= 1 << 16) Parallel.For(0, chunks, Run);
         else for (int t = 0; t < chunks; t++) Run(t);
-    }
-
-    /// <summary>
-    /// c[q] = alpha * x . w_q + beta * c[q] for the nw &lt;= 4 weight rows w_q = w + q * ldw (one activation row): two
-    /// 512-bit accumulators per row, x loaded once for all four. Rows past nw repeat the last (dropped).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Dot4(int nw, int k, float alpha, float* x, float* w, int ldw, float beta, float* c)
-    {
-        float* w1 = w + (long)ldw * Math.Min(1, nw - 1), w2 = w + (long)ldw * Math.Min(2, nw - 1), w3 = w + (long)ldw * Math.Min(3, nw - 1);
-        Vector512<float> s0 = default, s1 = default, s2 = default, s3 = default, t0 = default, t1 = default, t2 = default, t3 = default;
-        int p = 0;
-        for (; p + 32 <= k; p += 32)
-        {
-            var xa = Vector512.Load(x + p);
-            var xb = Vector512.Load(x + p + 16);
-            s0 = Vector512.FusedMultiplyAdd(Vector512.Load(w + p), xa, s0);
-            t0 = Vector512.FusedMultiplyAdd(Vector512.Load(w + p + 16), xb, t0);
-            s1 = Vector512.FusedMultiplyAdd(Vector512.Load(w1 + p), xa, s1);
-            t1 = Vector512.FusedMultiplyAdd(Vector512.Load(w1 + p + 16), xb, t1);
-            s2 = Vector512.FusedMultiplyAdd(Vector512.Load(w2 + p), xa, s2);
-            t2 = Vector512.FusedMultiplyAdd(Vector512.Load(w2 + p + 16), xb, t2);
-            s3 = Vector512.FusedMultiplyAdd(Vector512.Load(w3 + p), xa, s3);
-            t3 = Vector512.FusedMultiplyAdd(Vector512.Load(w3 + p + 16), xb, t3);
-        }
-
-        float d0 = Vector512.Sum(s0 + t0), d1 = Vector512.Sum(s1 + t1), d2 = Vector512.Sum(s2 + t2), d3 = Vector512.Sum(s3 + t3);
-        for (; p < k; p++)
-        {
-            d0 += x[p] * w[p];
-            d1 += x[p] * w1[p];
-            d2 += x[p] * w2[p];
-            d3 += x[p] * w3[p];
-        }
-
-        float* d = stackalloc float[4];
-        d[0] = d0; d[1] = d1; d[2] = d2; d[3] = d3;
-        for (int q = 0; q < nw; q++) c[q] = beta == 0f ? alpha * d[q] : alpha * d[q] + beta * c[q];
     }
 
     /// <summary>c[0..m, 0..32) = alpha * a (m, k) b[.., 0..32) + beta * c, m &lt;= 4: 16 accumulators, rows past m repeat the last (dropped).</summary>
