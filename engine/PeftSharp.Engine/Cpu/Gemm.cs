@@ -25,6 +25,7 @@ internal static unsafe class Gemm
     private const int DirectMaxN = 4 * NR; // up to this many columns A is read in place instead of packed
     private const int PackSlack = 8; // floats past a packed A block that PackA's 8-float stores may touch
     private const int WideKC = 1024; // K slice of the AVX-512 path: 256 packed columns x 1024 = 1 MiB, the L2 // K slice of the broadcast kernels: a 32-row panel of x^T (256 KiB) stays in L2
+    private const int MaxWidePack = 1 << 26; // floats (256 MiB) the wide path may pack at once
     private const int WBlock = 64; // broadcast rows per task of the AVX-512 path
     private const int WideMC = 256; // packed columns per task of the AVX-512 path (a multiple of 32)
 
@@ -50,9 +51,13 @@ internal static unsafe class Gemm
         // (fewer rows against a row-major b would pack all of b for a few rows' use). Stopwatch, interleaved, 2 cores:
         // M = 16..64 against 2048 x 2048 weights 1.2-1.4x faster than the inner products; 256..1024-row products
         // 1.15-1.4x faster than the 6 x 16 path (medians; best runs 190-210 GFLOP/s against 150-170).
-        if (allowWide && Avx512F.IsSupported && (transB && !transA ? m >= 12 && n >= 128 : m > 64))
+        // The wide path packs one whole operand (K x Q, Q = m for c^T = W x^T, else n); past MaxWidePack floats the
+        // blocked path, which packs a slice at a time, keeps memory bounded.
+        bool transposed = transB && !transA && m <= n;
+        if (allowWide && Avx512F.IsSupported && (transB && !transA ? m >= 12 && n >= 128 : m > 64)
+            && (long)k * (((transposed ? m : n) + 15) & ~15) <= MaxWidePack)
         {
-            Wide(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
+            Wide(transA, transB, transposed, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
             return;
         }
 
@@ -392,17 +397,18 @@ internal static unsafe class Gemm
     /// The AVX-512 path: r = s v with s (P, K) read where it lies, 8 rows at a time, each element broadcast, and v (K, Q)
     /// packed once into K-major panels of 32 (or a last 16) columns, so every step of the 8 x 32 micro-kernel is 16 FMAs
     /// on 512-bit registers for 2 vector loads and 8 broadcasts. Either c = op(a) op(b) (s = op(a), v = op(b)), or,
-    /// against a transposed b with fewer rows than columns (a linear layer's x W^T for a batch of requests), c^T = W x^T
+    /// when <paramref name="transposed"/> (against a transposed b with at most as many rows as columns: a linear layer's
+    /// x W^T for a batch of requests), c^T = W x^T
     /// (s = W, v = x^T): the weight is streamed once in place and only the few activation rows are packed.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Wide(bool transA, bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
+    private static void Wide(bool transA, bool transB, bool transposed, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
     {
         var g = new WideProduct { K = k, Alpha = alpha, Beta = beta, C = c, Ldc = ldc };
         float* v;
         int vld;
         bool vAlongK; // v[p, q] = src[q * vld + p] (rows along K, packed by transposing) or src[p * vld + q]
-        if (transB && !transA && m <= n)
+        if (transposed)
         {
             g.Transposed = true;
             g.P = n; g.Q = m; g.S = b; g.SRowStep = ldb; g.SKStep = 1;
