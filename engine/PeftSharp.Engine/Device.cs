@@ -63,6 +63,19 @@ public abstract class Device : IDisposable
         return new Tensor(this, name, copy, AllocateStorage(length), 0, ownsStorage: true);
     }
 
+    /// <summary>
+    /// A tensor for an op to write: its contents are unspecified until then (ops overwrite their outputs unless they
+    /// say they accumulate). The CPU backend hands out a reused array without zeroing it, which a forward pass of a
+    /// model would otherwise spend several percent of its time on; other backends zero it as <see cref="Zeros"/> does.
+    /// </summary>
+    public Tensor Empty(string name, params int[] shape)
+    {
+        ThrowIfDisposed();
+        var copy = (int[])shape.Clone();
+        int length = ShapeUtil.Product(copy, name);
+        return new Tensor(this, name, copy, AllocateUninitializedStorage(length), 0, ownsStorage: true);
+    }
+
     /// <summary>A tensor holding <paramref name="data"/> (length must equal the product of the shape).</summary>
     public Tensor FromArray(string name, ReadOnlySpan<float> data, params int[] shape)
     {
@@ -138,6 +151,7 @@ public abstract class Device : IDisposable
 
     // Storage. Allocations are zero-filled.
     protected internal abstract object AllocateStorage(int length);
+    protected internal virtual object AllocateUninitializedStorage(int length) => AllocateStorage(length);
     protected internal abstract object AllocateIndexStorage(int[] values);
     protected internal abstract void ReleaseStorage(object storage);
     protected internal abstract void Upload(Tensor t, ReadOnlySpan<float> source);

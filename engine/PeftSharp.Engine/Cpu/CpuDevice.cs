@@ -41,6 +41,8 @@ public sealed unsafe class CpuDevice : Device
 
     protected internal override object AllocateStorage(int length) => storage.Rent(length);
 
+    protected internal override object AllocateUninitializedStorage(int length) => storage.Rent(length, clear: false);
+
     protected internal override object AllocateIndexStorage(int[] values) => values;
 
     protected internal override void ReleaseStorage(object storage)

@@ -21,13 +21,13 @@ internal sealed class StoragePool
     /// <summary>Bytes held for reuse.</summary>
     public long PooledBytes => Interlocked.Read(ref pooledBytes);
 
-    /// <summary>A zero-filled array of exactly <paramref name="length"/> floats.</summary>
-    public float[] Rent(int length)
+    /// <summary>An array of exactly <paramref name="length"/> floats, zero-filled unless <paramref name="clear"/> is false (then a reused array keeps its old values).</summary>
+    public float[] Rent(int length, bool clear = true)
     {
         if (length >= MinLength && free.TryGetValue(length, out var stack) && stack.TryPop(out var array))
         {
             Interlocked.Add(ref pooledBytes, -4L * length);
-            Array.Clear(array);
+            if (clear) Array.Clear(array);
             return array;
         }
 

@@ -506,12 +506,12 @@ public sealed class LlamaModel : IDisposable
                 string p = $"model.layers.{i}.";
                 var a = new LayerActivations { X = x };
                 pass.Layers.Add(a);
-                a.H = Device.Zeros("h", n, dm);
+                a.H = Device.Empty("h", n, dm);
                 a.Rstd1 = Device.Zeros("rstd1", n);
                 ops.RmsNorm(x, this[p + "input_layernorm.weight"].Value, a.H, a.Rstd1, c.RmsNormEps);
-                a.Q = Device.Zeros("q", 1, n, h, d);
-                a.K = Device.Zeros("k", 1, n, hkv, d);
-                a.V = Device.Zeros("v", 1, n, hkv, d);
+                a.Q = Device.Empty("q", 1, n, h, d);
+                a.K = Device.Empty("k", 1, n, hkv, d);
+                a.V = Device.Empty("v", 1, n, hkv, d);
                 Project(p + "self_attn.q_proj", a.H, Flat(a.Q, n), keep);
                 Project(p + "self_attn.k_proj", a.H, Flat(a.K, n), keep);
                 Project(p + "self_attn.v_proj", a.H, Flat(a.V, n), keep);
@@ -520,19 +520,19 @@ public sealed class LlamaModel : IDisposable
                 a.O = Device.Zeros("attn", 1, n, h, d);
                 a.Lse = Device.Zeros("lse", 1, n, h);
                 layout.Forward(ops, i, a.Q, a.K, a.V, a.O, a.Lse);
-                a.X1 = Device.Zeros("x1", n, dm);
+                a.X1 = Device.Empty("x1", n, dm);
                 Project(p + "self_attn.o_proj", Flat(a.O, n), a.X1, keep);
                 ops.Add(a.X1, x, a.X1);
-                a.H2 = Device.Zeros("h2", n, dm);
+                a.H2 = Device.Empty("h2", n, dm);
                 a.Rstd2 = Device.Zeros("rstd2", n);
                 ops.RmsNorm(a.X1, this[p + "post_attention_layernorm.weight"].Value, a.H2, a.Rstd2, c.RmsNormEps);
-                a.Gate = Device.Zeros("gate", n, c.IntermediateSize);
-                a.Up = Device.Zeros("up", n, c.IntermediateSize);
-                a.Act = Device.Zeros("act", n, c.IntermediateSize);
+                a.Gate = Device.Empty("gate", n, c.IntermediateSize);
+                a.Up = Device.Empty("up", n, c.IntermediateSize);
+                a.Act = Device.Empty("act", n, c.IntermediateSize);
                 Project(p + "mlp.gate_proj", a.H2, a.Gate, keep);
                 Project(p + "mlp.up_proj", a.H2, a.Up, keep);
                 ops.SwiGlu(a.Gate, a.Up, a.Act);
-                var x2 = Device.Zeros("x2", n, dm);
+                var x2 = Device.Empty("x2", n, dm);
                 Project(p + "mlp.down_proj", a.Act, x2, keep);
                 ops.Add(x2, a.X1, x2);
                 x = x2;
@@ -544,10 +544,10 @@ public sealed class LlamaModel : IDisposable
             }
 
             pass.XFinal = x;
-            pass.HFinal = Device.Zeros("h_final", n, dm);
+            pass.HFinal = Device.Empty("h_final", n, dm);
             pass.RstdFinal = Device.Zeros("rstd_final", n);
             ops.RmsNorm(x, this["model.norm.weight"].Value, pass.HFinal, pass.RstdFinal, c.RmsNormEps);
-            pass.Logits = Device.Zeros("logits", n, c.VocabSize);
+            pass.Logits = Device.Empty("logits", n, c.VocabSize);
             ops.Linear(pass.HFinal, LmHead, pass.Logits);
             return pass;
         }

@@ -62,6 +62,32 @@ public sealed class LlamaModelTests
         Assert.That(scaledLogits, Is.Not.EqualTo(logits).Within(1e-4), "the scaling changes the logits, so the check above can fail");
     }
 
+    /// <summary>
+    /// The forward pass allocates its activations with <see cref="Device.Empty"/>: on the CPU backend a reused array
+    /// keeps the previous pass's values, so an op that read its output before writing it would make a pass depend on
+    /// the one before. Activations here are at least the pool's 4096 floats (128 tokens x 32 hidden, x 48 intermediate,
+    /// x 40 vocabulary), so passes two and three run on the arrays the pass before left behind.
+    /// </summary>
+    [Test]
+    public void Model_Forward_OnReusedUnzeroedArrays_DependsOnlyOnItsInput()
+    {
+        using var device = new CpuDevice();
+        var config = new LlamaConfig
+        {
+            HiddenSize = 32, IntermediateSize = 48, NumAttentionHeads = 4, NumKeyValueHeads = 2, NumHiddenLayers = 2,
+            VocabSize = 40, RmsNormEps = 1e-5f, RopeTheta = 10000f, MaxPositionEmbeddings = 64,
+        };
+        using var model = LlamaModel.FromTensors(device, config, Weights(7));
+        var a = TestData.Ints(128, 1, 40);
+        var b = TestData.Ints(128, 2, 40);
+        var first = model.Logits(a, batch: 2);
+        Assert.That(device.CachedBytes, Is.GreaterThan(0), "the pass returned its arrays to the pool");
+        var other = model.Logits(b, batch: 2);
+        var again = model.Logits(a, batch: 2);
+        Assert.That(other, Is.Not.EqualTo(first), "different inputs leave different values behind");
+        Assert.That(again, Is.EqualTo(first), "same input, same logits, bit for bit");
+    }
+
     [Test]
     public void Model_SameSeed_SameWeights_AndParameterNamesAreHuggingFaces()
     {
