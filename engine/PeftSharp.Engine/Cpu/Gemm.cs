@@ -24,7 +24,7 @@ internal static unsafe class Gemm
     private const int LongK = 512;
     private const int DirectMaxN = 4 * NR; // up to this many columns A is read in place instead of packed
     private const int PackSlack = 8; // floats past a packed A block that PackA's 8-float stores may touch
-    private const int WideKC = 1024; // K slice of the AVX-512 path: 256 packed columns x 1024 = 1 MiB, the L2 // K slice of the broadcast kernels: a 32-row panel of x^T (256 KiB) stays in L2
+    private const int WideKC = 1024; // K slice of the AVX-512 path: 256 packed columns x 1024 = 1 MiB, the L2
     private const int MaxWidePack = 1 << 26; // floats (256 MiB) the wide path may pack at once
     private const int WBlock = 64; // broadcast rows per task of the AVX-512 path
     private const int WideMC = 256; // packed columns per task of the AVX-512 path (a multiple of 32)
@@ -440,10 +440,10 @@ internal static unsafe class Gemm
                 }
 
                 // Tasks: up to 256 packed columns x up to 64 broadcast rows, fewer rows when that leaves under four
-                // tasks per core. Each task runs K in slices of WideKC: its 8 broadcast rows x 1024 (32 KiB) stay in
-                // L1 while they meet every panel of the slice (up to 1 MiB, in L2).
+                // tasks per core. Each task runs K in slices of WideKC: 8 broadcast rows x 1024 (32 KiB, the L1's size)
+                // meet every panel of the slice (up to 1 MiB, the L2's size) before the next 8 rows.
                 int colBlocks = (g.Q + WideMC - 1) / WideMC;
-                int cols = (g.Q / colBlocks + 31) & ~31; // balanced, whole panels: 259 columns are 160 + 99, not 256 + 3
+                int cols = ((g.Q + colBlocks - 1) / colBlocks + 31) & ~31; // balanced, whole panels: 259 columns are 160 + 99, not 256 + 3
                 colBlocks = (g.Q + cols - 1) / cols;
                 int block = Math.Clamp((g.P * colBlocks / (4 * Environment.ProcessorCount) + 7) & ~7, 8, WBlock);
                 int rowBlocks = (g.P + block - 1) / block;
