@@ -764,7 +764,6 @@ public sealed unsafe class CpuDevice : Device
         else foreach (int a in work) Group(a);
     }
 
-    /// <summary>Runs body(row) for every row, in parallel when the rows hold enough work.</summary>
     /// <summary>The rows that name each index in [0, count) (index -1: none), in row order: the groups of a mixed batch.</summary>
     internal static int[][] RowsByIndex(int[] ids, int count)
     {
@@ -777,6 +776,7 @@ public sealed unsafe class CpuDevice : Device
         return lists.Select(l => l?.ToArray() ?? Array.Empty<int>()).ToArray();
     }
 
+    /// <summary>Runs body(row) for every row, in parallel when the rows hold enough work.</summary>
     internal static void ForRows(int rows, int elementsPerRow, Action<int> body)
     {
         long work = (long)rows * Math.Max(elementsPerRow, 1);

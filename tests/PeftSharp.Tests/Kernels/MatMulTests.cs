@@ -46,6 +46,8 @@ public sealed class MatMulTests : BackendTest
     [TestCase(97, 65, 300, TestName = "MatMul_CpuBlocks_M97_N65_K300_APackedPastTheLimit")]
     [TestCase(4, 70, 600, TestName = "MatMul_CpuFewRows_M4_N70_K600_InnerProducts")]
     [TestCase(1, 70, 33, TestName = "MatMul_CpuFewRows_M1_N70_K33_ShortDotsAndRegisterBlocks")]
+    [TestCase(1, 70, 24, TestName = "MatMul_CpuFewRows_M1_N70_K24_ShortDotsSixteenThenEight")]
+    [TestCase(1, 40, 15, TestName = "MatMul_CpuFewRows_M1_N40_K15_ShortDotsEightThenScalars")]
     [TestCase(3, 96, 64, TestName = "MatMul_CpuFewRows_M3_N96_K64_AttentionDecodeShape")]
     [TestCase(2, 40, 600, TestName = "MatMul_CpuFewRows_M2_N40_K600")]
     [TestCase(37, 45, 515, TestName = "MatMul_CpuBatchRows_M37_N45_K515_InnerProductsPastSixteenRows")]
