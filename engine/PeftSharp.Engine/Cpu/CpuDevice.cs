@@ -743,6 +743,19 @@ public sealed unsafe class CpuDevice : Device
         {
             var rows = groups[a];
             int m = rows.Length, r = pool.RanksHost[a];
+            if (m == 1)
+            {
+                // One row (a decode step with one request per adapter): read x and add into y where they lie.
+                var t1 = new float[r];
+                fixed (float* px = xa, pt = t1, py = ya, pa = aPool, pb = bPool)
+                {
+                    Gemm.Sgemm(false, true, 1, r, s.K, 1f, px + xo + (long)rows[0] * s.K, s.K, pa + apo + pool.AOffsetsHost[a], s.K, 0f, pt, r, inner);
+                    Gemm.Sgemm(false, true, 1, s.N, r, pool.ScalesHost[a], pt, r, pb + bpo + pool.BOffsetsHost[a], r, 1f, py + yo + (long)rows[0] * s.N, s.N, inner);
+                }
+
+                return;
+            }
+
             var xs = new float[m * s.K];
             for (int j = 0; j < m; j++) xa.AsSpan(xo + rows[j] * s.K, s.K).CopyTo(xs.AsSpan(j * s.K, s.K));
             var t = new float[m * r];
