@@ -825,8 +825,7 @@ internal static unsafe class Gemm
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void ShortDots(int j0, int j1, int k, float alpha, float* x, float* b, int ldb, float beta, float* c)
     {
-        int k16 = Vector512.IsHardwareAccelerated ? k & ~15 : 0;
-        int k8 = k16 + ((k - k16) & ~7);
+        int k16 = Vector512.IsHardwareAccelerated ? k & ~15 : 0; // without AVX-512 the 8-wide steps do it all
         for (int j = j0; j < j1; j++)
         {
             float* bj = b + (long)j * ldb;
@@ -838,8 +837,9 @@ internal static unsafe class Gemm
                 sum = Vector512.Sum(acc);
             }
 
-            if (k8 > k16) sum += Vector256.Sum(Vector256.Load(x + k16) * Vector256.Load(bj + k16));
-            for (int p = k8; p < k; p++) sum += x[p] * bj[p];
+            int q = k16;
+            for (; q + 8 <= k; q += 8) sum += Vector256.Sum(Vector256.Load(x + q) * Vector256.Load(bj + q));
+            for (; q < k; q++) sum += x[q] * bj[q];
             c[j] = beta == 0f ? alpha * sum : alpha * sum + beta * c[j];
         }
     }
