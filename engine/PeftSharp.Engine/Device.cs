@@ -149,7 +149,7 @@ public abstract class Device : IDisposable
 
     public override string ToString() => Info.ToString();
 
-    // Storage. Allocations are zero-filled.
+    // Storage. AllocateStorage is zero-filled; AllocateUninitializedStorage (for Empty) need not be.
     protected internal abstract object AllocateStorage(int length);
     protected internal virtual object AllocateUninitializedStorage(int length) => AllocateStorage(length);
     protected internal abstract object AllocateIndexStorage(int[] values);
