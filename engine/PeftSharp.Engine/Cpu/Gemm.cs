@@ -33,7 +33,7 @@ internal static unsafe class Gemm
     /// <summary>
     /// c = alpha * op(a) op(b) + beta * c. op(a) is (m, k): a[i * lda + p], or a[p * lda + i] when transA.
     /// op(b) is (k, n): b[p * ldb + j], or b[j * ldb + p] when transB. c[i * ldc + j]. With beta = 0 c is not read.
-    /// allowWide = false keeps to the AVX2 kernels (what a CPU without AVX-512 runs), for tests.
+    /// allowWide = false keeps to the AVX2 kernels and 256-bit vectors (what a CPU without AVX-512 runs), for tests.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Sgemm(
@@ -71,7 +71,7 @@ internal static unsafe class Gemm
 
         if (m <= 4 && !transA)
         {
-            SmallM(transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
+            SmallM(transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel, allowWide && Vector512.IsHardwareAccelerated);
             return;
         }
 
@@ -769,7 +769,7 @@ internal static unsafe class Gemm
     /// sum of scaled rows of b.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void SmallM(bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
+    private static void SmallM(bool transB, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel, bool zmm)
     {
         const int chunk = 64;
         int chunks = (n + chunk - 1) / chunk;
@@ -779,7 +779,7 @@ internal static unsafe class Gemm
             int j1 = Math.Min(n, j0 + chunk);
             if (transB && m == 1 && k < ShortDot)
             {
-                ShortDots(j0, j1, k, alpha, a, b, ldb, beta, c);
+                ShortDots(j0, j1, k, alpha, a, b, ldb, beta, c, zmm);
             }
             else if (transB)
             {
@@ -823,9 +823,9 @@ internal static unsafe class Gemm
     /// dot product per output spent most of its time entering and leaving the call (14 us for 2048 outputs of 16).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ShortDots(int j0, int j1, int k, float alpha, float* x, float* b, int ldb, float beta, float* c)
+    private static void ShortDots(int j0, int j1, int k, float alpha, float* x, float* b, int ldb, float beta, float* c, bool zmm)
     {
-        int k16 = Vector512.IsHardwareAccelerated ? k & ~15 : 0; // without AVX-512 the 8-wide steps do it all
+        int k16 = zmm ? k & ~15 : 0; // without 512-bit vectors the 8-wide steps do it all
         for (int j = j0; j < j1; j++)
         {
             float* bj = b + (long)j * ldb;

@@ -17,7 +17,8 @@ public sealed class CpuGemmPathTests
     // N = 131 a last block of 3 broadcast rows, K = 1030 a second K slice of 6 (slices are 1024) after a full one;
     // M = 45 is a 32-column panel then a 16 one. Past 64 rows it takes every transposition: M = 150 > N = 140 stores
     // tiles straight (panels of b's 140 columns); 300 x 403 splits the 300 packed columns into two task blocks (160 + 140); 65 x 17 is just past
-    // 64 rows with a single narrow panel.
+    // 64 rows with a single narrow panel. One row against short transposed rows (K < 64) takes inline dot products:
+    // K = 40 is 16 + 16 + 8 with 512-bit vectors and five 8-wide steps without.
     private static readonly object[] Shapes =
     {
         new TestCaseData(12, 128, 5).SetName("{m}_M12_N128_K5_SmallestWide"),
@@ -26,6 +27,7 @@ public sealed class CpuGemmPathTests
         new TestCaseData(150, 140, 1030).SetName("{m}_M150_N140_K1030_MoreRowsThanColumns"),
         new TestCaseData(300, 403, 70).SetName("{m}_M300_N403_K70_CrossesTaskBlocks"),
         new TestCaseData(65, 17, 40).SetName("{m}_M65_N17_K40_JustPast64Rows"),
+        new TestCaseData(1, 70, 40).SetName("{m}_M1_N70_K40_ShortDotsBothVectorWidths"),
     };
 
     [TestCaseSource(nameof(Shapes))]
