@@ -55,25 +55,21 @@ public abstract class Device : IDisposable
     }
 
     /// <summary>A zero-filled tensor.</summary>
-    public Tensor Zeros(string name, params int[] shape)
-    {
-        ThrowIfDisposed();
-        var copy = (int[])shape.Clone();
-        int length = ShapeUtil.Product(copy, name);
-        return new Tensor(this, name, copy, AllocateStorage(length), 0, ownsStorage: true);
-    }
+    public Tensor Zeros(string name, params int[] shape) => NewTensor(name, shape, zeroed: true);
 
     /// <summary>
     /// A tensor for an op to write: its contents are unspecified until then (ops overwrite their outputs unless they
     /// say they accumulate). The CPU backend hands out a reused array without zeroing it, which a forward pass of a
     /// model would otherwise spend several percent of its time on; other backends zero it as <see cref="Zeros"/> does.
     /// </summary>
-    public Tensor Empty(string name, params int[] shape)
+    public Tensor Empty(string name, params int[] shape) => NewTensor(name, shape, zeroed: false);
+
+    private Tensor NewTensor(string name, int[] shape, bool zeroed)
     {
         ThrowIfDisposed();
         var copy = (int[])shape.Clone();
         int length = ShapeUtil.Product(copy, name);
-        return new Tensor(this, name, copy, AllocateUninitializedStorage(length), 0, ownsStorage: true);
+        return new Tensor(this, name, copy, zeroed ? AllocateStorage(length) : AllocateUninitializedStorage(length), 0, ownsStorage: true);
     }
 
     /// <summary>A tensor holding <paramref name="data"/> (length must equal the product of the shape).</summary>
