@@ -743,29 +743,27 @@ public sealed unsafe class CpuDevice : Device
         {
             var rows = groups[a];
             int m = rows.Length, r = pool.RanksHost[a];
-            if (m == 1)
+            // Rows in one run (a single request, or an adapter's requests side by side) are read from x and added into
+            // y where they lie; scattered rows are gathered, and their products added back row by row.
+            bool run = rows[m - 1] - rows[0] == m - 1;
+            float[]? xs = null, d = null;
+            if (!run)
             {
-                // One row (a decode step with one request per adapter): read x and add into y where they lie.
-                var t1 = new float[r];
-                fixed (float* px = xa, pt = t1, py = ya, pa = aPool, pb = bPool)
-                {
-                    Gemm.Sgemm(false, true, 1, r, s.K, 1f, px + xo + (long)rows[0] * s.K, s.K, pa + apo + pool.AOffsetsHost[a], s.K, 0f, pt, r, inner);
-                    Gemm.Sgemm(false, true, 1, s.N, r, pool.ScalesHost[a], pt, r, pb + bpo + pool.BOffsetsHost[a], r, 1f, py + yo + (long)rows[0] * s.N, s.N, inner);
-                }
-
-                return;
+                xs = new float[m * s.K];
+                for (int j = 0; j < m; j++) xa.AsSpan(xo + rows[j] * s.K, s.K).CopyTo(xs.AsSpan(j * s.K, s.K));
+                d = new float[m * s.N];
             }
 
-            var xs = new float[m * s.K];
-            for (int j = 0; j < m; j++) xa.AsSpan(xo + rows[j] * s.K, s.K).CopyTo(xs.AsSpan(j * s.K, s.K));
             var t = new float[m * r];
-            var d = new float[m * s.N];
-            fixed (float* px = xs, pt = t, pd = d, pa = aPool, pb = bPool)
+            fixed (float* px = xa, pxs = xs, py = ya, pd = d, pt = t, pa = aPool, pb = bPool)
             {
-                Gemm.Sgemm(false, true, m, r, s.K, 1f, px, s.K, pa + apo + pool.AOffsetsHost[a], s.K, 0f, pt, r, inner);
-                Gemm.Sgemm(false, true, m, s.N, r, pool.ScalesHost[a], pt, r, pb + bpo + pool.BOffsetsHost[a], r, 0f, pd, s.N, inner);
+                float* xIn = run ? px + xo + (long)rows[0] * s.K : pxs;
+                float* dOut = run ? py + yo + (long)rows[0] * s.N : pd;
+                Gemm.Sgemm(false, true, m, r, s.K, 1f, xIn, s.K, pa + apo + pool.AOffsetsHost[a], s.K, 0f, pt, r, inner);
+                Gemm.Sgemm(false, true, m, s.N, r, pool.ScalesHost[a], pt, r, pb + bpo + pool.BOffsetsHost[a], r, run ? 1f : 0f, dOut, s.N, inner);
             }
 
+            if (run) return;
             for (int j = 0; j < m; j++)
             {
                 var row = ya.AsSpan(yo + rows[j] * s.N, s.N);

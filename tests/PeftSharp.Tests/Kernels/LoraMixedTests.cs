@@ -26,10 +26,20 @@ public sealed class LoraMixedTests : BackendTest
     };
 
     [TestCaseSource(nameof(Shapes))]
-    public void LoraMixed_MatchesReference_RowsWithoutAdapterUntouched(int m, int k, int n, int[] ranks)
+    public void LoraMixed_MatchesReference_RowsWithoutAdapterUntouched(int m, int k, int n, int[] ranks) =>
+        CheckMixed(k, n, ranks, Enumerable.Range(0, m).Select(i => i % (ranks.Length + 1) - 1).ToArray()); // includes -1 rows
+
+    /// <summary>
+    /// Each adapter's rows side by side, as a batch sorted by adapter sends them: the CPU path reads such runs in place
+    /// and adds into y directly; adapter 1's rows are split into two runs, so it takes the gathered path.
+    /// </summary>
+    [Test]
+    public void LoraMixed_RowsInRuns_MatchReference() => CheckMixed(33, 19, new[] { 4, 8, 2 }, new[] { 0, 0, 0, 1, 1, -1, 2, 2, 2, 2, 1 });
+
+    private void CheckMixed(int k, int n, int[] ranks, int[] rowAdapters)
     {
+        int m = rowAdapters.Length;
         var adapters = ranks.Select((r, i) => Adapter($"a{i}", r, k, n, 10 * i + 1, 0.5f + i)).ToList();
-        var rowAdapters = Enumerable.Range(0, m).Select(i => i % (ranks.Length + 1) - 1).ToArray(); // includes -1 rows
         var x = TestData.Uniform(m * k, 3);
         var y0 = TestData.Uniform(m * n, 4);
         var expected = (float[])y0.Clone();
