@@ -168,6 +168,17 @@ public abstract class Device : IDisposable
     protected internal abstract void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx);
     protected internal abstract void SwiGluCore(Tensor gate, Tensor up, Tensor y);
     protected internal abstract void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp);
+
+    /// <summary>y (M, N) = silu(x wGate^T) * (x wUp^T); by default two products into temporaries and the SwiGLU.</summary>
+    protected internal virtual void LinearSwiGluCore(Tensor x, Tensor wGate, Tensor wUp, Tensor y, int m, int n, int k)
+    {
+        using var gate = Empty("gate", m, n);
+        using var up = Empty("up", m, n);
+        var shape = new MatMulShape(1, m, n, k, false, true, true);
+        MatMulCore(x, wGate, gate, shape, 1f, 0f);
+        MatMulCore(x, wUp, up, shape, 1f, 0f);
+        SwiGluCore(gate, up, y);
+    }
     protected internal abstract void SoftmaxCore(Tensor x, Tensor y, int rows, int cols);
     protected internal abstract void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols);
     protected internal abstract void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps);

@@ -258,6 +258,40 @@ public sealed partial class Ops
         device.SwiGluCore(gate, up, y);
     }
 
+    /// <summary>
+    /// y = silu(x wGate^T) * (x wUp^T): the Llama MLP's gate and up projections and their SwiGLU as one op, for
+    /// inference (the two products are not kept for a backward). x (..., K), wGate and wUp (N, K) as Hugging Face stores
+    /// them, y (..., N). The CPU backend computes both products of each output tile together and applies the SwiGLU
+    /// before storing it; other backends, and shapes the CPU's fused path does not take, run Linear twice and SwiGlu.
+    /// </summary>
+    public void LinearSwiGlu(Tensor x, Tensor wGate, Tensor wUp, Tensor y)
+    {
+        Check("linear swiglu", x, wGate, wUp, y);
+        if (wGate.Rank != 2 || wUp.Rank != 2 || wGate.Dim(0) != wUp.Dim(0) || wGate.Dim(1) != wUp.Dim(1))
+        {
+            throw new ArgumentException($"linear swiglu: gate weight {wGate} and up weight {wUp} must both be (N, K) of one shape");
+        }
+
+        int n = wGate.Dim(0), k = wGate.Dim(1);
+        if (x.Rank < 2 || x.Dim(-1) != k)
+        {
+            throw new ArgumentException($"linear swiglu: input {x} must be (..., {k}) for weights of shape ({n}, {k})");
+        }
+
+        int m = x.Length / k;
+        if (y.Length != (long)m * n || y.Dim(-1) != n)
+        {
+            throw new ArgumentException($"linear swiglu: output {y} should hold ({m}, {n}) for input {x} and weights ({n}, {k})");
+        }
+
+        if (ReferenceEquals(y.Storage, x.Storage) || ReferenceEquals(y.Storage, wGate.Storage) || ReferenceEquals(y.Storage, wUp.Storage))
+        {
+            throw new ArgumentException($"linear swiglu: output {y} shares storage with an input; use a separate tensor");
+        }
+
+        device.LinearSwiGluCore(x, wGate, wUp, y, m, n, k);
+    }
+
     public void SwiGluBackward(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
     {
         SameShape("swiglu backward", gate, up, dy, dGate, dUp);

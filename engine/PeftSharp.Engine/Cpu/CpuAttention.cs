@@ -72,14 +72,23 @@ internal static unsafe class CpuAttention
                         }
 
                         Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qRows, s.D, pk + s.KIndex(b, 0, hk), ldk, 0f, ps, keys, parallel: false);
+                        // Softmax rows are left unnormalised, e^(s - max) (VectorExp: TensorPrimitives' exp was most of
+                        // this loop); O's rows are scaled by 1 / sum after P V, D multiplies a row instead of Tk.
+                        Span<float> inverse = stackalloc float[rows];
                         for (int r = 0; r < rows; r++)
                         {
                             int i = i0 + r / g;
-                            var row = new Span<float>(ps + (long)r * keys, keys);
-                            pl[s.LseIndex(b, hk * g + r % g, i)] = SoftmaxPrefix(row, s.VisibleKeys(i));
+                            float* row = ps + (long)r * keys;
+                            int n = s.VisibleKeys(i);
+                            float max = n == 0 ? 0f : VectorExp.Max(row, n);
+                            float sum = VectorExp.ExpShifted(row, n, max);
+                            new Span<float>(row + n, keys - n).Clear();
+                            inverse[r] = n == 0 ? 0f : 1f / sum;
+                            pl[s.LseIndex(b, hk * g + r % g, i)] = n == 0 ? float.NegativeInfinity : max + MathF.Log(sum);
                         }
 
                         Gemm.Sgemm(false, false, rows, s.D, keys, 1f, ps, keys, pv + s.KIndex(b, 0, hk), ldk, 0f, oRows, s.D, parallel: false);
+                        for (int r = 0; r < rows; r++) TensorPrimitives.Multiply(new Span<float>(oRows + (long)r * s.D, s.D), inverse[r], new Span<float>(oRows + (long)r * s.D, s.D));
                         if (!direct)
                         {
                             for (int r = 0; r < positions; r++)
@@ -96,28 +105,9 @@ internal static unsafe class CpuAttention
                 }
             }
 
-            if (tasks > 1) Parallel.For(0, tasks, Task);
+            if (tasks > 1) Parallel.For(0, tasks, Cores.Options, Task);
             else Task(0);
         }
-    }
-
-    /// <summary>Softmax of row[0..n) in place, zeroes row[n..); returns the log-sum-exp (-inf when n = 0).</summary>
-    private static float SoftmaxPrefix(Span<float> row, int n)
-    {
-        if (n == 0)
-        {
-            row.Clear();
-            return float.NegativeInfinity;
-        }
-
-        var live = row[..n];
-        float max = TensorPrimitives.Max(live);
-        TensorPrimitives.Subtract(live, max, live);
-        TensorPrimitives.Exp(live, live);
-        float sum = TensorPrimitives.Sum(live);
-        TensorPrimitives.Multiply(live, 1f / sum, live);
-        row[n..].Clear();
-        return max + MathF.Log(sum);
     }
 
     public static void Backward(
@@ -187,9 +177,7 @@ internal static unsafe class CpuAttention
                                         continue;
                                     }
 
-                                    var live = pRow[..n];
-                                    TensorPrimitives.Subtract(live, l, live);
-                                    TensorPrimitives.Exp(live, live);
+                                    VectorExp.ExpShifted(pp + (long)r * keys, n, l);
                                     pRow[n..].Clear();
                                     float delta = TensorPrimitives.Dot(
                                         new ReadOnlySpan<float>(dOBlk + (long)r * ldq, s.D), new ReadOnlySpan<float>(po + s.QIndex(b, i, h), s.D));
@@ -213,7 +201,7 @@ internal static unsafe class CpuAttention
                 }
             }
 
-            if (tasks > 1) Parallel.For(0, tasks, Task);
+            if (tasks > 1) Parallel.For(0, tasks, Cores.Options, Task);
             else Task(0);
         }
     }

@@ -110,7 +110,7 @@ public sealed unsafe class CpuDevice : Device
         // silu(x) = x * sigmoid(x)
         var xs = S(x);
         var ys = S(y);
-        TensorPrimitives.Sigmoid(xs, ys);
+        VectorExp.Sigmoid(xs, ys);
         TensorPrimitives.Multiply(xs, ys, ys);
     }
 
@@ -124,7 +124,7 @@ public sealed unsafe class CpuDevice : Device
         {
             Span<float> sig = n <= 4096 ? stackalloc float[n] : new float[n];
             var xs = xa.AsSpan(xo + i0, n);
-            TensorPrimitives.Sigmoid(xs, sig);
+            VectorExp.Sigmoid(xs, sig);
             var d = dxa.AsSpan(dxo + i0, n);
             var g = dya.AsSpan(dyo + i0, n);
             for (int i = 0; i < n; i++) d[i] = g[i] * sig[i] * (1f + xs[i] * (1f - sig[i]));
@@ -141,10 +141,20 @@ public sealed unsafe class CpuDevice : Device
         {
             Span<float> sig = n <= 4096 ? stackalloc float[n] : new float[n];
             var g = ga.AsSpan(go + i0, n);
-            TensorPrimitives.Sigmoid(g, sig);
+            VectorExp.Sigmoid(g, sig);
             TensorPrimitives.Multiply(g, sig, sig);
             TensorPrimitives.Multiply(sig, ua.AsSpan(uo + i0, n), ya.AsSpan(yo + i0, n));
         });
+    }
+
+    protected internal override void LinearSwiGluCore(Tensor x, Tensor wGate, Tensor wUp, Tensor y, int m, int n, int k)
+    {
+        fixed (float* px = Arr(x), pg = Arr(wGate), pu = Arr(wUp), py = Arr(y))
+        {
+            if (Gemm.SwiGluProduct(m, n, k, px + x.Offset, k, pg + wGate.Offset, pu + wUp.Offset, k, py + y.Offset, n)) return;
+        }
+
+        base.LinearSwiGluCore(x, wGate, wUp, y, m, n, k);
     }
 
     protected internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
@@ -159,7 +169,7 @@ public sealed unsafe class CpuDevice : Device
         {
             Span<float> sig = n <= 4096 ? stackalloc float[n] : new float[n];
             var g = ga.AsSpan(go + i0, n);
-            TensorPrimitives.Sigmoid(g, sig);
+            VectorExp.Sigmoid(g, sig);
             var u = ua.AsSpan(uo + i0, n);
             var d = dya.AsSpan(dyo + i0, n);
             var dg = dga.AsSpan(dgo + i0, n);
@@ -244,7 +254,7 @@ public sealed unsafe class CpuDevice : Device
         int dwo = dw.Offset;
         int colChunk = Math.Max(64, (dim + Environment.ProcessorCount - 1) / Environment.ProcessorCount);
         int chunks = (dim + colChunk - 1) / colChunk;
-        Parallel.For(0, chunks, t =>
+        Parallel.For(0, chunks, Cores.Options, t =>
         {
             int d0 = t * colChunk;
             int n = Math.Min(colChunk, dim - d0);
@@ -265,40 +275,26 @@ public sealed unsafe class CpuDevice : Device
         var ya = Arr(y);
         int xo = x.Offset, yo = y.Offset;
         int half = dim / 2;
-        var invFreq = new float[half];
-        float logTheta = MathF.Log(theta);
-        for (int i = 0; i < half; i++) invFreq[i] = RopeScaling.Apply(MathF.Exp(-(2f * i / dim) * logTheta), scaling);
         var pos = positions.Host;
+        int maxPosition = 0;
+        for (int n = 0; n < tokens; n++) maxPosition = Math.Max(maxPosition, pos[n]);
+        var table = RopeTable.For(ref ropeTable, theta, dim, scaling, maxPosition);
+        float sign = inverse ? -1f : 1f;
         ForRows(tokens, heads * dim, n =>
         {
-            Span<float> cos = stackalloc float[half];
-            Span<float> sin = stackalloc float[half];
-            for (int i = 0; i < half; i++)
+            fixed (float* px = xa, py = ya, pc = table.Cos, ps = table.Sin)
             {
-                float angle = pos[n] * invFreq[i];
-                cos[i] = MathF.Cos(angle);
-                sin[i] = inverse ? -MathF.Sin(angle) : MathF.Sin(angle);
-            }
-
-            Span<float> t1 = stackalloc float[half];
-            Span<float> t2 = stackalloc float[half];
-            for (int h = 0; h < heads; h++)
-            {
-                int o = (n * heads + h) * dim;
-                var x1 = xa.AsSpan(xo + o, half);
-                var x2 = xa.AsSpan(xo + o + half, half);
-                var y1 = ya.AsSpan(yo + o, half);
-                var y2 = ya.AsSpan(yo + o + half, half);
-                // y1 = x1 cos - x2 sin into scratch first, since y may alias x; then y2 = x2 cos + x1 sin.
-                TensorPrimitives.Multiply(x1, cos, t1);
-                TensorPrimitives.Multiply(x2, sin, t2);
-                TensorPrimitives.Subtract(t1, t2, t1);
-                TensorPrimitives.Multiply(x2, cos, y2);
-                TensorPrimitives.MultiplyAdd(x1, sin, y2, y2);
-                t1.CopyTo(y1);
+                float* cos = pc + (long)pos[n] * half, sin = ps + (long)pos[n] * half;
+                for (int h = 0; h < heads; h++)
+                {
+                    long o = (long)(n * heads + h) * dim;
+                    RopeTable.Rotate(px + xo + o, py + yo + o, cos, sin, half, sign);
+                }
             }
         });
     }
+
+    private RopeTable? ropeTable;
 
     protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
     {
@@ -604,7 +600,7 @@ public sealed unsafe class CpuDevice : Device
         float[] xa = Arr(x);
         int xo = x.Offset, n = x.Length, chunks = (n + chunk - 1) / chunk;
         var total = new int[SelectKernels.Bins];
-        Parallel.For(0, chunks, () => new int[SelectKernels.Bins], (c, _, hist) =>
+        Parallel.For(0, chunks, Cores.Options, () => new int[SelectKernels.Bins], (c, _, hist) =>
         {
             int end = Math.Min(n, (c + 1) * chunk);
             for (int i = c * chunk; i < end; i++)
@@ -629,7 +625,7 @@ public sealed unsafe class CpuDevice : Device
         float[] xa = Arr(x);
         int xo = x.Offset, chunks = (band.Length + band.Chunk - 1) / band.Chunk;
         var counts = new int[3 * chunks];
-        Parallel.For(0, chunks, c =>
+        Parallel.For(0, chunks, Cores.Options, c =>
         {
             int end = Math.Min(band.Length, (c + 1) * band.Chunk);
             for (int i = c * band.Chunk; i < end; i++)
@@ -642,7 +638,7 @@ public sealed unsafe class CpuDevice : Device
         });
         var before = SelectPlan.Before(counts, band, count);
         var output = new int[count];
-        Parallel.For(0, chunks, c =>
+        Parallel.For(0, chunks, Cores.Options, c =>
         {
             int posLo = before[3 * c], posHi = before[3 * c + 1], at = before[3 * c + 2];
             int end = Math.Min(band.Length, (c + 1) * band.Chunk);
@@ -771,7 +767,7 @@ public sealed unsafe class CpuDevice : Device
             }
         }
 
-        if (work.Length > 1) Parallel.ForEach(work, Group);
+        if (work.Length > 1) Parallel.ForEach(work, Cores.Options, Group);
         else foreach (int a in work) Group(a);
     }
 
@@ -795,7 +791,7 @@ public sealed unsafe class CpuDevice : Device
         {
             int rowsPerTask = (int)Math.Max(1, MinElementsPerTask / Math.Max(elementsPerRow, 1));
             int tasks = (rows + rowsPerTask - 1) / rowsPerTask;
-            Parallel.For(0, tasks, t =>
+            Parallel.For(0, tasks, Cores.Options, t =>
             {
                 int end = Math.Min(rows, (t + 1) * rowsPerTask);
                 for (int r = t * rowsPerTask; r < end; r++) body(r);

@@ -28,4 +28,26 @@ public static class MatMulReference
             }
         }
     }
+
+    /// <summary>
+    /// y (M, N) = silu(x wGate^T) * (x wUp^T), the fused gate/up projection of a Llama MLP: both products and the
+    /// SwiGLU in double precision, rounded once. x (M, K); wGate, wUp (N, K).
+    /// </summary>
+    public static void LinearSwiGlu(ReadOnlySpan<float> x, ReadOnlySpan<float> wGate, ReadOnlySpan<float> wUp, Span<float> y, int m, int n, int k)
+    {
+        for (int i = 0; i < m; i++)
+        {
+            for (int j = 0; j < n; j++)
+            {
+                double g = 0, u = 0;
+                for (int p = 0; p < k; p++)
+                {
+                    g += (double)x[i * k + p] * wGate[j * k + p];
+                    u += (double)x[i * k + p] * wUp[j * k + p];
+                }
+
+                y[i * n + j] = (float)(ElementwiseReference.Silu(g) * u);
+            }
+        }
+    }
 }

@@ -1,4 +1,5 @@
 using PeftSharp.Kernels.Sparse;
+using PeftSharp.Engine.Cpu;
 
 namespace PeftSharp.Merging;
 
@@ -24,7 +25,7 @@ public static partial class TaskVectorMerge
         {
             double total = normalize ? inputs.Sum(i => (double)i.Weight) : 1;
             if (total == 0) throw new ArgumentException("linear merge: the weights sum to zero");
-            Parallel.For(0, chunks, c =>
+            Parallel.For(0, chunks, Cores.Options, c =>
             {
                 for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
                 {
@@ -56,7 +57,7 @@ public static partial class TaskVectorMerge
         bool dare = method is MergeMethod.DareLinear or MergeMethod.DareTies;
         var densities = inputs.Select(i => i.Density).ToArray();
         bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
-        Parallel.For(0, chunks, () => new double[count], (c, _, tau) =>
+        Parallel.For(0, chunks, Cores.Options, () => new double[count], (c, _, tau) =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
             {
@@ -133,7 +134,7 @@ public static partial class TaskVectorMerge
         if (hi <= skip) return flags;
         var keys = new ulong[n];
         int chunks = (n + Chunk - 1) / Chunk;
-        Parallel.For(0, chunks, c =>
+        Parallel.For(0, chunks, Cores.Options, c =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++) keys[e] = (ulong)BitConverter.DoubleToInt64Bits(Math.Abs((double)model[e] - baseValues[e]));
         });
@@ -141,7 +142,7 @@ public static partial class TaskVectorMerge
         int loStart = skip - aboveLo, hiEnd = hi - aboveHi;
         var eqLo = new int[chunks];
         var eqHi = new int[chunks];
-        Parallel.For(0, chunks, c =>
+        Parallel.For(0, chunks, Cores.Options, c =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
             {
@@ -157,7 +158,7 @@ public static partial class TaskVectorMerge
             beforeHi[c] = beforeHi[c - 1] + eqHi[c - 1];
         }
 
-        Parallel.For(0, chunks, c =>
+        Parallel.For(0, chunks, Cores.Options, c =>
         {
             int posLo = beforeLo[c], posHi = beforeHi[c];
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
@@ -198,7 +199,7 @@ public static partial class TaskVectorMerge
         const int TopBits = 16;
         int chunks = (keys.Length + Chunk - 1) / Chunk;
         var top = new int[1 << TopBits];
-        Parallel.For(0, chunks, () => new int[1 << TopBits], (c, _, hist) =>
+        Parallel.For(0, chunks, Cores.Options, () => new int[1 << TopBits], (c, _, hist) =>
         {
             for (int e = c * Chunk, end = Math.Min(keys.Length, e + Chunk); e < end; e++) hist[(int)(keys[e] >> (64 - TopBits))]++;
             return hist;

@@ -526,12 +526,20 @@ public sealed class LlamaModel : IDisposable
                 a.H2 = Device.Empty("h2", n, dm);
                 a.Rstd2 = Device.Zeros("rstd2", n);
                 ops.RmsNorm(a.X1, this[p + "post_attention_layernorm.weight"].Value, a.H2, a.Rstd2, c.RmsNormEps);
-                a.Gate = Device.Empty("gate", n, c.IntermediateSize);
-                a.Up = Device.Empty("up", n, c.IntermediateSize);
                 a.Act = Device.Empty("act", n, c.IntermediateSize);
-                Project(p + "mlp.gate_proj", a.H2, a.Gate, keep);
-                Project(p + "mlp.up_proj", a.H2, a.Up, keep);
-                ops.SwiGlu(a.Gate, a.Up, a.Act);
+                if (!keepActivations && IsPlain(p + "mlp.gate_proj") && IsPlain(p + "mlp.up_proj"))
+                {
+                    // Inference through base weights only: gate and up are never needed apart, so they are not stored.
+                    ops.LinearSwiGlu(a.H2, this[p + "mlp.gate_proj.weight"].Value, this[p + "mlp.up_proj.weight"].Value, a.Act);
+                }
+                else
+                {
+                    a.Gate = Device.Empty("gate", n, c.IntermediateSize);
+                    a.Up = Device.Empty("up", n, c.IntermediateSize);
+                    Project(p + "mlp.gate_proj", a.H2, a.Gate, keep);
+                    Project(p + "mlp.up_proj", a.H2, a.Up, keep);
+                    ops.SwiGlu(a.Gate, a.Up, a.Act);
+                }
                 var x2 = Device.Empty("x2", n, dm);
                 Project(p + "mlp.down_proj", a.Act, x2, keep);
                 ops.Add(x2, a.X1, x2);
@@ -798,9 +806,16 @@ public sealed class LlamaModel : IDisposable
             Project(p + "self_attn.o_proj", Flat(o, n), tmp, null, variants);
             ops.Add(x, tmp, x);
             Norm(p + "post_attention_layernorm.weight");
-            Project(p + "mlp.gate_proj", hbuf, gate, null, variants);
-            Project(p + "mlp.up_proj", hbuf, up, null, variants);
-            ops.SwiGlu(gate, up, gate);
+            if (variants == null && IsPlain(p + "mlp.gate_proj") && IsPlain(p + "mlp.up_proj"))
+            {
+                ops.LinearSwiGlu(hbuf, this[p + "mlp.gate_proj.weight"].Value, this[p + "mlp.up_proj.weight"].Value, gate);
+            }
+            else
+            {
+                Project(p + "mlp.gate_proj", hbuf, gate, null, variants);
+                Project(p + "mlp.up_proj", hbuf, up, null, variants);
+                ops.SwiGlu(gate, up, gate);
+            }
             Project(p + "mlp.down_proj", gate, tmp, null, variants);
             ops.Add(x, tmp, x);
         }
@@ -1064,6 +1079,9 @@ public sealed class LlamaModel : IDisposable
     /// layer when it has one. x (rows, in), y (rows, out). With <paramref name="keep"/> (training), dropout is applied
     /// to the LoRA branch and what the backward needs is saved.
     /// </summary>
+    /// <summary>True when the module's output is its base product alone: no LoRA layer on it and no adapter sets.</summary>
+    private bool IsPlain(string module) => setRows == null && !lora.ContainsKey(module);
+
     private void Project(string module, Tensor x, Tensor y, Dictionary<string, LoraSaved>? keep, IRowVariants? variants = null)
     {
         var ops = Device.Ops;

@@ -18,7 +18,9 @@ public sealed class CpuGemmPathTests
     // M = 45 is a 32-column panel then a 16 one. Past 64 rows it takes every transposition: M = 150 > N = 140 stores
     // tiles straight (panels of b's 140 columns); 300 x 403 splits the 300 packed columns into two task blocks (160 + 140); 65 x 17 is just past
     // 64 rows with a single narrow panel. One row against short transposed rows (K < 64) takes inline dot products:
-    // K = 40 is 16 + 16 + 8 with 512-bit vectors and five 8-wide steps without.
+    // K = 40 is 16 + 16 + 8 with 512-bit vectors and five 8-wide steps without. A packed operand of up to 64K floats takes
+    // the wide path from 16 rows whatever the transposition (16 x 40 x 33, and an attention block's 64 x 96 x 64); 15
+    // rows stay on the AVX2 kernels.
     private static readonly object[] Shapes =
     {
         new TestCaseData(12, 128, 5).SetName("{m}_M12_N128_K5_SmallestWide"),
@@ -28,6 +30,9 @@ public sealed class CpuGemmPathTests
         new TestCaseData(300, 403, 70).SetName("{m}_M300_N403_K70_CrossesTaskBlocks"),
         new TestCaseData(65, 17, 40).SetName("{m}_M65_N17_K40_JustPast64Rows"),
         new TestCaseData(1, 70, 40).SetName("{m}_M1_N70_K40_ShortDotsBothVectorWidths"),
+        new TestCaseData(16, 40, 33).SetName("{m}_M16_N40_K33_SmallPackFrom16Rows"),
+        new TestCaseData(64, 96, 64).SetName("{m}_M64_N96_K64_AttentionBlock"),
+        new TestCaseData(15, 40, 33).SetName("{m}_M15_N40_K33_JustBelowSmallPackRows"),
     };
 
     [TestCaseSource(nameof(Shapes))]
@@ -51,6 +56,64 @@ public sealed class CpuGemmPathTests
                 Check.PaddingUntouched(padding, what);
             }
         }
+    }
+
+    // (M, N, K): weights broadcast (M <= N) with a 16-wide last panel of rows, weights packed side by side (M > N),
+    // a full K slice of 1024 over two task blocks; M = 15 and K = 1025 are refused (the caller runs the unfused ops).
+    [TestCase(16, 45, 33, true)]
+    [TestCase(40, 17, 33, true)]
+    [TestCase(300, 70, 1024, true)]
+    [TestCase(15, 40, 33, false)]
+    [TestCase(20, 40, 1025, false)]
+    public unsafe void SwiGluProduct_BothLayouts_MatchReference_PaddingUntouched(int m, int n, int k, bool fused)
+    {
+        if (!System.Runtime.Intrinsics.X86.Avx512F.IsSupported) Assert.Ignore("the fused gate/up product needs AVX-512; without it the caller always runs the unfused ops");
+        var (x, wg, wu, expected, tolerance) = SwiGluCase(m, n, k, 31);
+        int ldx = k + 3, ldw = k + 5, ldy = n + 4;
+        var px = Padded(x, m, k, ldx, float.NaN);
+        var pg = Padded(wg, n, k, ldw, float.NaN);
+        var pu = Padded(wu, n, k, ldw, float.NaN);
+        var py = Enumerable.Repeat(float.NaN, m * ldy).ToArray();
+        bool ran;
+        fixed (float* xp = px, gp = pg, up = pu, yp = py)
+        {
+            ran = Gemm.SwiGluProduct(m, n, k, xp, ldx, gp, up, ldw, yp, ldy);
+        }
+
+        Assert.That(ran, Is.EqualTo(fused), "whether the fused path takes the shape");
+        if (!fused)
+        {
+            Assert.That(py.All(float.IsNaN), "a refused shape must leave y untouched");
+            return;
+        }
+
+        var y = new float[m * n];
+        var pad = new List<float>();
+        for (int i = 0; i < m; i++)
+        {
+            Array.Copy(py, i * ldy, y, i * n, n);
+            for (int j = n; j < ldy; j++) pad.Add(py[i * ldy + j]);
+        }
+
+        Check.Close(y, expected, tolerance, $"swiglu product M{m} N{n} K{k}");
+        Check.PaddingUntouched(pad.ToArray(), $"swiglu product M{m} N{n} K{k}");
+    }
+
+    /// <summary>
+    /// Inputs and the reference output of a fused gate/up product. Weights scaled by 1/sqrt(K) keep both products O(1),
+    /// where y's sensitivity to each is at most about 2 (|d y / d gate| &lt;= 1.1 |up|, |d y / d up| = |silu(gate)|): the
+    /// tolerance is twice the dot product's.
+    /// </summary>
+    internal static (float[] X, float[] WGate, float[] WUp, float[] Expected, (double Atol, double Rtol) Tolerance) SwiGluCase(int m, int n, int k, int seed)
+    {
+        float w = 2f / MathF.Sqrt(k);
+        var x = TestData.Uniform(m * k, seed + m);
+        var wg = TestData.Uniform(n * k, seed + 1 + n, -w, w);
+        var wu = TestData.Uniform(n * k, seed + 2 + k, -w, w);
+        var expected = new float[m * n];
+        MatMulReference.LinearSwiGlu(x, wg, wu, expected, m, n, k);
+        var dot = Tolerances.Dot(k);
+        return (x, wg, wu, expected, (2 * dot.Atol, 2 * dot.Rtol));
     }
 
     /// <summary>Copies a (rowsA x colsA) and b into NaN-padded buffers 3 and 5 floats wider, c into one 4 wider, and runs Sgemm.</summary>

@@ -74,6 +74,35 @@ public sealed class MatMulTests : BackendTest
         Expect(y, expected, Tolerances.Dot(10), "linear");
     }
 
+    // (M, N, K). On the CPU with AVX-512 the fused path takes 16 rows and more with K up to one slice (1024): M <= N
+    // broadcasts the weights (16 x 40), M > N packs both weights side by side (40 x 17; 33 x 140 leaves a 16-wide last
+    // panel of each); M = 15 and K = 1030 take the two products and the separate SwiGLU. Size 1 everywhere too.
+    [TestCase(1, 1, 1, TestName = "LinearSwiGlu_M1_N1_K1")]
+    [TestCase(15, 9, 7, TestName = "LinearSwiGlu_M15_N9_K7_BelowTheFusedRows")]
+    [TestCase(16, 40, 33, TestName = "LinearSwiGlu_M16_N40_K33_WeightsBroadcast")]
+    [TestCase(40, 17, 33, TestName = "LinearSwiGlu_M40_N17_K33_WeightsPackedSideBySide")]
+    [TestCase(150, 140, 64, TestName = "LinearSwiGlu_M150_N140_K64_TaskBlocksAndNarrowPanels")]
+    [TestCase(20, 24, 1030, TestName = "LinearSwiGlu_M20_N24_K1030_PastOneSliceUnfused")]
+    public void LinearSwiGlu_MatchesReference(int m, int n, int k)
+    {
+        if (IsSimulator && (long)m * n * k > 50_000) Assert.Ignore("shape too large for ILGPU's CPU simulator; covered by the small shapes");
+        var (x, wg, wu, expected, tolerance) = CpuGemmPathTests.SwiGluCase(m, n, k, 21);
+        var y = Output("y", m, n);
+        Ops.LinearSwiGlu(Input("x", x, m, k), Input("w_gate", wg, n, k), Input("w_up", wu, n, k), y);
+        Expect(y, expected, tolerance, $"linear swiglu M{m} N{n} K{k}");
+    }
+
+    [Test]
+    public void LinearSwiGlu_MismatchedWeights_ErrorNamesThem()
+    {
+        var e = Assert.Throws<ArgumentException>(() =>
+            Ops.LinearSwiGlu(Input("x", new float[12], 3, 4), Input("w_gate", new float[20], 5, 4), Input("w_up", new float[24], 6, 4), Output("y", 3, 5)))!;
+        Assert.That(e.Message, Does.Contain("'w_gate' [5, 4]").And.Contain("'w_up' [6, 4]"));
+        e = Assert.Throws<ArgumentException>(() =>
+            Ops.LinearSwiGlu(Input("x", new float[15], 3, 5), Input("w_gate", new float[20], 5, 4), Input("w_up", new float[20], 5, 4), Output("y", 3, 5)))!;
+        Assert.That(e.Message, Does.Contain("'x' [3, 5]"));
+    }
+
     [Test]
     public void LinearBackward_MatchesReferenceAndAccumulates()
     {

@@ -86,6 +86,33 @@ public sealed class NormSoftmaxRopeTests : BackendTest
     }
 
     /// <summary>
+    /// The CPU backend keeps one table of cos and sin by position for the last configuration it rotated with; it must
+    /// grow when a later call reaches further positions (past its first 256, then past twice that) and be rebuilt when
+    /// theta, the head size or the scaling changes. Every call is checked against the reference on every backend.
+    /// </summary>
+    [Test]
+    public void Rope_PositionsGrowAndConfigurationsChange_EachCallMatchesReference()
+    {
+        const int heads = 2;
+        var linear = new RopeScaling { Type = RopeScaling.Linear, Factor = 2f };
+        var calls = new (int MaxPosition, float Theta, int Dim, RopeScaling Scaling)[]
+        {
+            (10, 10000f, 8, default), (300, 10000f, 8, default), (1100, 10000f, 8, default), (50, 10000f, 8, default),
+            (50, 500f, 8, default), (50, 500f, 6, default), (50, 500f, 6, linear),
+        };
+        foreach (var (maxPosition, theta, dim, scaling) in calls)
+        {
+            var positions = new[] { maxPosition, 0, maxPosition / 2, 1 };
+            var x = TestData.Uniform(positions.Length * heads * dim, maxPosition + dim);
+            var e = new float[x.Length];
+            RopeReference.Forward(x, positions, e, positions.Length, heads, dim, theta, false, scaling);
+            var y = Output("y", positions.Length, heads, dim);
+            Ops.Rope(Input("x", x, positions.Length, heads, dim), Indices("positions", positions), y, theta, scaling: scaling);
+            Expect(y, e, Tolerances.Rope, $"rope up to position {maxPosition}, theta {theta}, D {dim}, scaling {scaling.Type}");
+        }
+    }
+
+    /// <summary>
     /// Scaled rotary frequencies (config.json's rope_scaling) against the reference on every backend: llama3 with Llama
     /// 3.1's settings scaled down to a small original context (64 positions), so D = 32 spans the three bands (kept,
     /// blended, divided), and linear. Positions up to 190.
