@@ -758,15 +758,27 @@ internal static class Commands
             return Evaluator.Evaluate(m, taskHeld, options.SeqLen);
         }
 
-        console.MarkupLine($"4b. skill localization: graft 0.1% of the full fine-tune's entries onto the pre-trained model");
-        var graftBatches = sparseData.EncodeBatches(model.Tokenizer, 8, options.BatchSize, options.SeqLen, completionOnly: true, rewind: false);
-        var graft = Grafting.Localize(baseModel, model, graftBatches, options.BatchSize, budget: 0.001, steps: 30);
+        // Skill localization needs a skill to localize: 'reverse' is new to the pre-trained model, and no 0.1% of a
+        // fine-tune holds a new skill in a model this small (measured: 0-8% exact match grafted at 0.1-1%). 'sort' under
+        // a tag it has never seen is the paper's setting: the model can sort, the fine-tune connects a new name to it.
+        const string renamedTask = "sort@~";
+        console.MarkupLine($"4b. skill localization: an SGD fine-tune teaches the pre-trained model 'sort' under a new tag ('{renamedTask}'); " +
+            "then 0.1% of its entries, chosen by mask optimisation, are grafted onto the pre-trained model");
+        var renamedData = ExampleSource.Tasks(new[] { renamedTask }, seed + 13, Split.Train);
+        var renamedHeld = TaskSuite.Stream(new[] { renamedTask }, seed + 2100, Split.HeldOut).Take(50).ToList();
+        var renamedBefore = Evaluator.Evaluate(baseModel, renamedHeld, options.SeqLen);
+        using var renamedModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
+        jobs.Train(renamedModel, renamedData, fineOptions with { Steps = Math.Max(1, finetuneSteps / 2), LearningRate = 0.1f },
+            Path.Combine(outDir, "finetuned-renamed"), "sgd fine-tune", null, new TrainExtras { Optimizer = "sgd" });
+        var renamedAfter = Evaluator.Evaluate(renamedModel, renamedHeld, options.SeqLen);
+        var graftBatches = renamedData.EncodeBatches(baseModel.Tokenizer, 8, options.BatchSize, options.SeqLen, completionOnly: true, rewind: false);
+        var graft = Grafting.Localize(baseModel, renamedModel, graftBatches, options.BatchSize, budget: 0.001, steps: 100);
         graft.Delta.Save(Path.Combine(outDir, "grafted"), baseModel.Config);
         EvalResult grafted;
         using (var g = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
         {
             graft.Delta.ApplyTo(g);
-            grafted = Evaluator.Evaluate(g, taskHeld, options.SeqLen);
+            grafted = Evaluator.Evaluate(g, renamedHeld, options.SeqLen);
         }
 
         var bitBefore = Compressed(delta);
@@ -794,7 +806,9 @@ internal static class Commands
         bool same = sharedOut.Select(r => r.Completion).SequenceEqual(copyOut.Select(r => r.Completion));
         table.AddRow($"prefix tuning ({virtualTokens} tokens)", $"{prefixTrainable:N0}", $"'{heldOutTask}'", $"{prefixAfter.Loss:F3}", $"{prefixAfter.ExactMatch:P1}");
         table.AddRow("sparse fine-tune (1%)", $"{sparseTrainable:N0}", $"'{heldOutTask}'", $"{sparseAfter.Loss:F3}", $"{sparseAfter.ExactMatch:P1}");
-        table.AddRow("grafted 0.1% of full FT", $"{graft.Entries:N0}", $"'{heldOutTask}'", $"{grafted.Loss:F3}", $"{grafted.ExactMatch:P1}");
+        table.AddRow("pre-trained", "-", $"'{renamedTask}' (sort, new tag)", $"{renamedBefore.Loss:F3}", $"{renamedBefore.ExactMatch:P1}");
+        table.AddRow("SGD fine-tune", all, $"'{renamedTask}'", $"{renamedAfter.Loss:F3}", $"{renamedAfter.ExactMatch:P1}");
+        table.AddRow($"grafted {100 * graft.Density:F1}% of it", $"{graft.Entries:N0}", $"'{renamedTask}'", $"{grafted.Loss:F3}", $"{grafted.ExactMatch:P1}");
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
         table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");

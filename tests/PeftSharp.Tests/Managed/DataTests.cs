@@ -53,6 +53,26 @@ public sealed class DataTests
     }
 
     [Test]
+    public void TaskSuite_RenamedTask_IsTheTaskUnderItsNewTag_BadSpecsErrorNamingThem()
+    {
+        var renamed = TaskSuite.Stream(new[] { "sort@~" }, 4, Split.Train).Take(50).ToList();
+        foreach (var e in renamed)
+        {
+            Assert.That(e.Prompt, Does.StartWith("~ ").And.EndWith("="), e.Prompt);
+            string word = e.Prompt[2..^1];
+            Assert.That(e.Completion, Is.EqualTo(new string(word.OrderBy(c => c).ToArray())), e.Prompt);
+            Assert.That(e.Task, Is.EqualTo("sort@~"));
+        }
+
+        Assert.That(renamed.Select(e => e.Prompt).Distinct().Count(), Is.GreaterThan(10));
+        foreach (string bad in new[] { "juggle@~", "sort@", "sort@a b", "sort@x=y", "sort@~@" })
+        {
+            var error = Assert.Throws<ArgumentException>(() => TaskSuite.Stream(new[] { bad }, 1, Split.Train).First())!;
+            Assert.That(error.Message, Does.Contain($"'{bad}'"), bad);
+        }
+    }
+
+    [Test]
     public void Batcher_CompletionOnly_TrainsOnlyTheCompletion()
     {
         var tok = new ByteTokenizer();

@@ -4,6 +4,8 @@ using PeftSharp.Formats;
 using PeftSharp.Merging;
 using PeftSharp.Model;
 using PeftSharp.Tests.Infrastructure;
+using PeftSharp.Data;
+using PeftSharp.Training;
 
 namespace PeftSharp.Tests.Managed;
 
@@ -277,6 +279,59 @@ public sealed class GraftingTests
             var fv = f[name].Value.ToArray();
             var bv = b[name].Value.ToArray();
             for (int j = 0; j < e.Index.Length; j++) Assert.That(bv[e.Index[j]] + e.Values[j], Is.EqualTo(fv[e.Index[j]]).Within(1e-6f));
+        }
+    }
+}
+
+public sealed class SkillLocalizationTests
+{
+    /// <summary>
+    /// Grafting recovers most of a fine-tune's held-out accuracy on the built-in tasks, in the setting skill
+    /// localization is about: the pre-trained model can sort, and an SGD fine-tune teaches it 'sort' under a tag it has
+    /// never seen ('sort@~'); 1% of the fine-tune's entries, chosen by the mask optimisation, are grafted onto the
+    /// pre-trained model. Stated target: the grafted model keeps at least half of the fine-tune's gain in exact match
+    /// over the pre-trained model on held-out prompts, and far more than the same number of largest changes (no mask
+    /// steps). Measured while choosing it: 1% kept 64% exact match of 97% (0.1%: 45%); a new skill ('reverse', unseen in
+    /// pre-training) does not localize in a model this small (0-8% at 0.1-1%), so that is not what is asked here.
+    /// </summary>
+    [Test]
+    public void Grafting_OnePercent_KeepsMostOfAFineTunesGain_OnATaskUnderANewTag()
+    {
+        using var device = new CpuDevice();
+        using var pre = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 3);
+        string[] pretrainTasks = { "sort", "copy", "reverse" };
+        Train(pre, pretrainTasks, new AdamW(pre.Parameters), steps: 1000, lr: 3e-3f, seed: 3);
+        var held = TaskSuite.Stream(new[] { "sort@~" }, 77, Split.HeldOut).Take(60).ToList();
+        var sortHeld = TaskSuite.Stream(new[] { "sort" }, 77, Split.HeldOut).Take(60).ToList();
+        double preSort = Evaluator.Evaluate(pre, sortHeld, 40).ExactMatch;
+        double before = Evaluator.Evaluate(pre, held, 40).ExactMatch;
+
+        using var fine = LlamaModel.FromTensors(device, pre.Config, (n, _) => pre[n].Value.ToArray());
+        Train(fine, new[] { "sort@~" }, new Sgd(fine.Parameters, momentum: 0.9f), steps: 300, lr: 0.1f, seed: 4, completionOnly: true);
+        double after = Evaluator.Evaluate(fine, held, 40).ExactMatch;
+
+        var batches = ExampleSource.Tasks(new[] { "sort@~" }, 5, Split.Train).EncodeBatches(pre.Tokenizer, 8, 16, 40, completionOnly: true, rewind: false);
+        double Grafted(int steps)
+        {
+            var graft = Grafting.Localize(pre, fine, batches, 16, budget: 0.01, steps: steps);
+            using var g = LlamaModel.FromTensors(device, pre.Config, (n, _) => pre[n].Value.ToArray());
+            graft.Delta.ApplyTo(g);
+            return Evaluator.Evaluate(g, held, 40).ExactMatch;
+        }
+
+        double largest = Grafted(0), grafted = Grafted(100);
+        TestContext.Out.WriteLine($"pre-trained: sort {preSort:P0}, sort@~ {before:P0}; SGD fine-tune {after:P0}; grafted 1%: largest changes {largest:P0}, optimised mask {grafted:P0}");
+        Assert.That(after - before, Is.GreaterThan(0.3), "the fine-tune must learn the new tag for the test to mean anything");
+        Assert.That(grafted - before, Is.GreaterThanOrEqualTo(0.5 * (after - before)), "grafting 1% keeps at least half of the fine-tune's gain");
+        Assert.That(grafted, Is.GreaterThan(largest), "the optimised mask beats the largest changes");
+    }
+
+    private static void Train(LlamaModel model, string[] tasks, Optimizer opt, int steps, float lr, int seed, bool completionOnly = false)
+    {
+        using (opt)
+        {
+            var options = new TrainOptions { Steps = steps, BatchSize = 16, SeqLen = 40, LearningRate = lr, WarmupSteps = 20, Seed = seed, CompletionOnly = completionOnly };
+            new TrainingRun(model, opt, new LearningRateSchedule.Warmup(lr, 20, steps, true, lr / 10), ExampleSource.Tasks(tasks, seed, Split.Train), options).Run(null);
         }
     }
 }
