@@ -278,13 +278,15 @@ public sealed unsafe class CpuDevice : Device
         var pos = positions.Host;
         int maxPosition = 0;
         for (int n = 0; n < tokens; n++) maxPosition = Math.Max(maxPosition, pos[n]);
-        var table = RopeTable.For(ref ropeTable, theta, dim, scaling, maxPosition);
+        bool cached = RopeTable.Cacheable(maxPosition);
+        var table = cached ? RopeTable.For(ref ropeTable, theta, dim, scaling, maxPosition) : RopeTable.ForTokens(theta, dim, scaling, pos, tokens);
         float sign = inverse ? -1f : 1f;
         ForRows(tokens, heads * dim, n =>
         {
             fixed (float* px = xa, py = ya, pc = table.Cos, ps = table.Sin)
             {
-                float* cos = pc + (long)pos[n] * half, sin = ps + (long)pos[n] * half;
+                long row = cached ? pos[n] : n;
+                float* cos = pc + row * half, sin = ps + row * half;
                 for (int h = 0; h < heads; h++)
                 {
                     long o = (long)(n * heads + h) * dim;

@@ -11,25 +11,30 @@ namespace PeftSharp.Engine.Cpu;
 /// </summary>
 internal sealed unsafe class RopeTable
 {
-    private RopeTable(float theta, int dim, RopeScaling scaling, int positions)
+    /// <summary>Positions past this are not tabled for later calls (a 128K context at D = 128 would hold 64 MiB).</summary>
+    private const int MaxCachedPositions = 1 << 16;
+
+    /// <summary>Row r holds the angles of position rowPositions(r), r &lt; rows.</summary>
+    private RopeTable(float theta, int dim, RopeScaling scaling, int rows, Func<int, int> rowPositions)
     {
         Theta = theta;
         Dim = dim;
         Scaling = scaling;
-        Positions = positions;
+        Positions = rows;
         int half = dim / 2;
         var invFreq = new float[half];
         float logTheta = MathF.Log(theta);
         for (int i = 0; i < half; i++) invFreq[i] = RopeScaling.Apply(MathF.Exp(-(2f * i / dim) * logTheta), scaling);
-        Cos = new float[(long)positions * half];
-        Sin = new float[(long)positions * half];
-        for (int p = 0; p < positions; p++)
+        Cos = new float[(long)rows * half];
+        Sin = new float[(long)rows * half];
+        for (int r = 0; r < rows; r++)
         {
+            int p = rowPositions(r);
             for (int i = 0; i < half; i++)
             {
                 float angle = p * invFreq[i];
-                Cos[(long)p * half + i] = MathF.Cos(angle);
-                Sin[(long)p * half + i] = MathF.Sin(angle);
+                Cos[(long)r * half + i] = MathF.Cos(angle);
+                Sin[(long)r * half + i] = MathF.Sin(angle);
             }
         }
     }
@@ -37,6 +42,7 @@ internal sealed unsafe class RopeTable
     public float Theta { get; }
     public int Dim { get; }
     public RopeScaling Scaling { get; }
+    /// <summary>Rows: positions 0 .. Positions - 1 of a cached table, or one per token for <see cref="ForTokens"/>.</summary>
     public int Positions { get; }
     public float[] Cos { get; }
     public float[] Sin { get; }
@@ -50,12 +56,23 @@ internal sealed unsafe class RopeTable
     {
         if (maxPosition < 0) throw new ArgumentException($"rope: position {maxPosition} is negative");
         var t = Volatile.Read(ref cache);
-        if (t != null && t.Theta.Equals(theta) && t.Dim == dim && t.Scaling.Equals(scaling) && maxPosition < t.Positions) return t;
-        int positions = Math.Max(maxPosition + 1, t != null && t.Theta.Equals(theta) && t.Dim == dim && t.Scaling.Equals(scaling) ? 2 * t.Positions : 256);
-        var made = new RopeTable(theta, dim, scaling, positions);
+        bool same = t != null && t.Theta.Equals(theta) && t.Dim == dim && t.Scaling.Equals(scaling);
+        if (same && maxPosition < t!.Positions) return t;
+        int positions = Math.Min(Math.Max(maxPosition + 1, same ? 2 * t!.Positions : 256), MaxCachedPositions);
+        var made = new RopeTable(theta, dim, scaling, positions, p => p);
         Volatile.Write(ref cache, made);
         return made;
     }
+
+    /// <summary>
+    /// True when <see cref="For"/> can table every position up to <paramref name="maxPosition"/>; past that the caller
+    /// takes <see cref="ForTokens"/>, one row per token of the call, kept by nobody.
+    /// </summary>
+    public static bool Cacheable(int maxPosition) => maxPosition < MaxCachedPositions;
+
+    /// <summary>A table whose row n holds the angles of positions[n], n &lt; tokens.</summary>
+    public static RopeTable ForTokens(float theta, int dim, RopeScaling scaling, int[] positions, int tokens) =>
+        new(theta, dim, scaling, tokens, n => positions[n]);
 
     /// <summary>
     /// One head: (y1, y2) = (x1 cos - x2 sin', x2 cos + x1 sin') over the two halves, sin' = sign * sin. Both halves are

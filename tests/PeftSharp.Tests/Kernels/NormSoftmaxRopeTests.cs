@@ -110,6 +110,29 @@ public sealed class NormSoftmaxRopeTests : BackendTest
             Ops.Rope(Input("x", x, positions.Length, heads, dim), Indices("positions", positions), y, theta, scaling: scaling);
             Expect(y, e, Tolerances.Rope, $"rope up to position {maxPosition}, theta {theta}, D {dim}, scaling {scaling.Type}");
         }
+
+        // Past 65,536 positions the CPU backend tables just this call's tokens instead of caching every position. fp32
+        // angles that large are far from the reference's double ones (one ulp of 70,000 is 0.008 rad), so the small
+        // positions of the call are checked against it and the large ones by the inverse rotation restoring x.
+        var far = new[] { 70_000, 3, 65_536, 1 };
+        var xf = TestData.Uniform(far.Length * heads * 8, 99);
+        var ef = new float[xf.Length];
+        RopeReference.Forward(xf, far, ef, far.Length, heads, 8, 10000f, false);
+        var tf = Input("x", xf, far.Length, heads, 8);
+        var pf = Indices("positions", far);
+        Ops.Rope(tf, pf, tf, 10000f);
+        var rotated = tf.ToArray();
+        for (int j = 0; j < heads * 8; j++)
+        {
+            foreach (int row in new[] { 1, 3 })
+            {
+                int at = row * heads * 8 + j;
+                Assert.That(rotated[at], Is.EqualTo(ef[at]).Within(Tolerances.Rope.Atol + Tolerances.Rope.Rtol * Math.Abs(ef[at])), $"{Backend} position {far[row]}, element {j}");
+            }
+        }
+
+        Ops.Rope(tf, pf, tf, 10000f, inverse: true);
+        Expect(tf, xf, Tolerances.Rope, "rope then inverse at positions past 65,536");
     }
 
     /// <summary>
