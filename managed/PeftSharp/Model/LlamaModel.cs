@@ -501,10 +501,14 @@ public sealed class LlamaModel : IDisposable
             var x = Device.Zeros("x0", n, dm);
             var keep = keepActivations ? pass.Lora : null;
             ops.Embedding(pass.Ids, this["model.embed_tokens.weight"].Value, x);
+            pass.XFinal = x; // the residual stream so far: disposed with the pass even if a layer throws (disposal is idempotent)
             for (int i = 0; i < c.NumHiddenLayers; i++)
             {
                 string p = $"model.layers.{i}.";
-                var a = new LayerActivations { X = x };
+                // Inference through plain o_proj and down_proj adds both products into the residual stream in place
+                // (beta = 1): no layer keeps its input, so neither the two residual adds nor their outputs are needed.
+                bool inPlace = !keepActivations && IsPlain(p + "self_attn.o_proj") && IsPlain(p + "mlp.down_proj");
+                var a = new LayerActivations { X = inPlace ? null! : x };
                 pass.Layers.Add(a);
                 a.H = Device.Empty("h", n, dm);
                 a.Rstd1 = Device.Zeros("rstd1", n);
@@ -520,12 +524,22 @@ public sealed class LlamaModel : IDisposable
                 a.O = Device.Zeros("attn", 1, n, h, d);
                 a.Lse = Device.Zeros("lse", 1, n, h);
                 layout.Forward(ops, i, a.Q, a.K, a.V, a.O, a.Lse);
-                a.X1 = Device.Empty("x1", n, dm);
-                Project(p + "self_attn.o_proj", Flat(a.O, n), a.X1, keep);
-                ops.Add(a.X1, x, a.X1);
+                Tensor x1;
+                if (inPlace)
+                {
+                    ops.MatMul(Flat(a.O, n), this[p + "self_attn.o_proj.weight"].Value, x, transposeB: true, beta: 1f);
+                    x1 = x;
+                }
+                else
+                {
+                    x1 = a.X1 = Device.Empty("x1", n, dm);
+                    Project(p + "self_attn.o_proj", Flat(a.O, n), a.X1, keep);
+                    ops.Add(a.X1, x, a.X1);
+                }
+
                 a.H2 = Device.Empty("h2", n, dm);
                 a.Rstd2 = Device.Zeros("rstd2", n);
-                ops.RmsNorm(a.X1, this[p + "post_attention_layernorm.weight"].Value, a.H2, a.Rstd2, c.RmsNormEps);
+                ops.RmsNorm(x1, this[p + "post_attention_layernorm.weight"].Value, a.H2, a.Rstd2, c.RmsNormEps);
                 a.Act = Device.Empty("act", n, c.IntermediateSize);
                 if (!keepActivations && IsPlain(p + "mlp.gate_proj") && IsPlain(p + "mlp.up_proj"))
                 {
@@ -540,10 +554,18 @@ public sealed class LlamaModel : IDisposable
                     Project(p + "mlp.up_proj", a.H2, a.Up, keep);
                     ops.SwiGlu(a.Gate, a.Up, a.Act);
                 }
-                var x2 = Device.Empty("x2", n, dm);
-                Project(p + "mlp.down_proj", a.Act, x2, keep);
-                ops.Add(x2, a.X1, x2);
-                x = x2;
+                if (inPlace)
+                {
+                    ops.MatMul(a.Act, this[p + "mlp.down_proj.weight"].Value, x, transposeB: true, beta: 1f);
+                }
+                else
+                {
+                    var x2 = Device.Empty("x2", n, dm);
+                    Project(p + "mlp.down_proj", a.Act, x2, keep);
+                    ops.Add(x2, a.X1, x2);
+                    x = pass.XFinal = x2;
+                }
+
                 if (!keepActivations)
                 {
                     pass.Layers.Remove(a);
