@@ -129,7 +129,7 @@ internal static unsafe class BitDeltaCpu
                 }
 
                 long work = (long)(c1 - c0) * s.N * s.W;
-                if (items > 1 && work > 1 << 14) Parallel.For(0, items, Cores.Options, Run);
+                if (items > 1 && work > 1 << 14) Cores.For(items, Run);
                 else for (int t = 0; t < items; t++) Run(t);
             }
         }

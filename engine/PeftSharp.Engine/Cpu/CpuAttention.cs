@@ -105,7 +105,7 @@ internal static unsafe class CpuAttention
                 }
             }
 
-            if (tasks > 1) Parallel.For(0, tasks, Cores.Options, Task);
+            if (tasks > 1) Cores.For(tasks, Task);
             else Task(0);
         }
     }
@@ -201,7 +201,7 @@ internal static unsafe class CpuAttention
                 }
             }
 
-            if (tasks > 1) Parallel.For(0, tasks, Cores.Options, Task);
+            if (tasks > 1) Cores.For(tasks, Task);
             else Task(0);
         }
     }

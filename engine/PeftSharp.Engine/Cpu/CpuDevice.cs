@@ -254,7 +254,7 @@ public sealed unsafe class CpuDevice : Device
         int dwo = dw.Offset;
         int colChunk = Math.Max(64, (dim + Environment.ProcessorCount - 1) / Environment.ProcessorCount);
         int chunks = (dim + colChunk - 1) / colChunk;
-        Parallel.For(0, chunks, Cores.Options, t =>
+        Cores.For(chunks, t =>
         {
             int d0 = t * colChunk;
             int n = Math.Min(colChunk, dim - d0);
@@ -627,7 +627,7 @@ public sealed unsafe class CpuDevice : Device
         float[] xa = Arr(x);
         int xo = x.Offset, chunks = (band.Length + band.Chunk - 1) / band.Chunk;
         var counts = new int[3 * chunks];
-        Parallel.For(0, chunks, Cores.Options, c =>
+        Cores.For(chunks, c =>
         {
             int end = Math.Min(band.Length, (c + 1) * band.Chunk);
             for (int i = c * band.Chunk; i < end; i++)
@@ -640,7 +640,7 @@ public sealed unsafe class CpuDevice : Device
         });
         var before = SelectPlan.Before(counts, band, count);
         var output = new int[count];
-        Parallel.For(0, chunks, Cores.Options, c =>
+        Cores.For(chunks, c =>
         {
             int posLo = before[3 * c], posHi = before[3 * c + 1], at = before[3 * c + 2];
             int end = Math.Min(band.Length, (c + 1) * band.Chunk);
@@ -793,7 +793,7 @@ public sealed unsafe class CpuDevice : Device
         {
             int rowsPerTask = (int)Math.Max(1, MinElementsPerTask / Math.Max(elementsPerRow, 1));
             int tasks = (rows + rowsPerTask - 1) / rowsPerTask;
-            Parallel.For(0, tasks, Cores.Options, t =>
+            Cores.For(tasks, t =>
             {
                 int end = Math.Min(rows, (t + 1) * rowsPerTask);
                 for (int r = t * rowsPerTask; r < end; r++) body(r);

@@ -105,7 +105,7 @@ internal static unsafe class Gemm
                     int pcc = pc;
                     if (par && panels > 1)
                     {
-                        Parallel.For(0, panels, Cores.Options, jp => PackB(transB, b, ldb, pcc, kc, jp * NR, Math.Min(NR, n - jp * NR), bpp + (long)jp * NR * kc));
+                        Cores.For(panels, jp => PackB(transB, b, ldb, pcc, kc, jp * NR, Math.Min(NR, n - jp * NR), bpp + (long)jp * NR * kc));
                     }
                     else
                     {
@@ -114,7 +114,7 @@ internal static unsafe class Gemm
 
                     if (par && tasks > 1)
                     {
-                        Parallel.For(0, tasks, Cores.Options, t => RunBlock(t, colChunks, chunkCols, blockRows, transA, m, n, a, lda, pcc, kc, bpp, alpha, betaSlice, c, ldc));
+                        Cores.For(tasks, t => RunBlock(t, colChunks, chunkCols, blockRows, transA, m, n, a, lda, pcc, kc, bpp, alpha, betaSlice, c, ldc));
                     }
                     else
                     {
@@ -335,7 +335,7 @@ internal static unsafe class Gemm
         int tasks = (n + rowsPerTask - 1) / rowsPerTask;
         if (parallel && tasks > 1 && (long)m * n * k >= 1 << 18)
         {
-            Parallel.For(0, tasks, Cores.Options, t => InnerProductRows(t * rowsPerTask, Math.Min(n, (t + 1) * rowsPerTask), m, k, alpha, a, lda, b, ldb, beta, c, ldc));
+            Cores.For(tasks, t => InnerProductRows(t * rowsPerTask, Math.Min(n, (t + 1) * rowsPerTask), m, k, alpha, a, lda, b, ldb, beta, c, ldc));
         }
         else
         {
@@ -461,7 +461,7 @@ internal static unsafe class Gemm
                 if (par && packs > 1 && (long)k * g.Q >= 1 << 16)
                 {
                     float* vpp = vp, vp2 = g.V2;
-                    Parallel.For(0, packs, Cores.Options, ip =>
+                    Cores.For(packs, ip =>
                     {
                         if (ip < panels) PackPanel(v, vld, vAlongK, ip * 32, g.Q, k, vpp);
                         else PackPanel(upSrc, vld, vAlongK, (ip - panels) * 32, g.Q, k, vp2);
@@ -484,7 +484,7 @@ internal static unsafe class Gemm
                 int tasks = rowBlocks * colBlocks;
                 if (par && tasks > 1)
                 {
-                    Parallel.For(0, tasks, Cores.Options, t =>
+                    Cores.For(tasks, t =>
                     {
                         int q0 = t / rowBlocks * cols, p0 = t % rowBlocks * block;
                         g.Run(p0, Math.Min(g.P, p0 + block), q0, Math.Min(g.Q, q0 + cols));
@@ -873,7 +873,7 @@ internal static unsafe class Gemm
             }
         }
 
-        if (parallel && chunks > 1 && (long)n * k >= 1 << 16) Parallel.For(0, chunks, Cores.Options, Run);
+        if (parallel && chunks > 1 && (long)n * k >= 1 << 16) Cores.For(chunks, Run);
         else for (int t = 0; t < chunks; t++) Run(t);
     }
 
