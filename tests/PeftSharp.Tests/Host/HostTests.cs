@@ -62,6 +62,16 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=add", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("perplexity").And.Contain("exact match"));
+        // Task examples are scored on their completions (as fine-tuning trains them): the printed loss is the
+        // completion loss of the first 64 held-out 'add' examples at the default seed (1) and sequence length (40).
+        Assert.That(r.Out, Does.Contain("loss on completions"));
+        using (var device = new PeftSharp.Engine.Cpu.CpuDevice())
+        using (var model = PeftSharp.Formats.HuggingFaceFolder.Load(pre, device))
+        {
+            var held = PeftSharp.Data.TaskSuite.Stream(new[] { "add" }, 1 + 1000, PeftSharp.Data.Split.HeldOut).Take(64).ToList();
+            var expected = PeftSharp.Training.Evaluator.Evaluate(model, held, 40, completionOnly: true);
+            Assert.That(r.Out, Does.Contain($"loss {expected.Loss:F4}"), $"completion loss {expected.Loss:F4}");
+        }
 
         r = Peft.Run("generate", "--model", pre, "--prompt", "copy ab=", "--max-tokens", "4", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
