@@ -4,6 +4,7 @@ namespace PeftSharp.Bench;
 
 /// <summary>
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- --filter '*MatMulBench*'   (or '*' for everything)
+/// dotnet run --project bench/PeftSharp.Bench -c Release -- interleaved [tiny|20M] [rounds] [pause ms]   (see Interleaved)
 /// Prints the measured fp32 FMA peak first; every GFLOP/s figure is also shown as a fraction of it.
 /// </summary>
 public static class Program
@@ -11,6 +12,12 @@ public static class Program
     public static void Main(string[] args)
     {
         Console.WriteLine($"// fp32 FMA peak, {Environment.ProcessorCount} threads: {PeakProbe.GFlops:F1} GFLOP/s");
+        if (args.Length > 0 && args[0] == "interleaved")
+        {
+            Interleaved.Run(args[1..]);
+            return;
+        }
+
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
         Console.WriteLine($"// fp32 FMA peak, {Environment.ProcessorCount} threads: {PeakProbe.GFlops:F1} GFLOP/s");
     }
