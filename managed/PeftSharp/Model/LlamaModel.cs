@@ -1096,14 +1096,14 @@ public sealed class LlamaModel : IDisposable
         return new(doubled, modules, magnitudes);
     }
 
+    /// <summary>True when the module's output is its base product alone: no LoRA layer on it and no adapter sets.</summary>
+    private bool IsPlain(string module) => setRows == null && !lora.ContainsKey(module);
+
     /// <summary>
     /// y = x W^T for the module's base weight, then each row's variant delta, then the module's own LoRA (and DoRA)
     /// layer when it has one. x (rows, in), y (rows, out). With <paramref name="keep"/> (training), dropout is applied
     /// to the LoRA branch and what the backward needs is saved.
     /// </summary>
-    /// <summary>True when the module's output is its base product alone: no LoRA layer on it and no adapter sets.</summary>
-    private bool IsPlain(string module) => setRows == null && !lora.ContainsKey(module);
-
     private void Project(string module, Tensor x, Tensor y, Dictionary<string, LoraSaved>? keep, IRowVariants? variants = null)
     {
         var ops = Device.Ops;

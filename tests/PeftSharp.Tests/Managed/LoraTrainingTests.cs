@@ -43,13 +43,23 @@ public sealed class LoraTrainingTests : TempDirectoryTest
         Assert.That(model["model.layers.0.mlp.up_proj.weight"].Grad.ToArray(), Is.All.EqualTo(0f), "frozen base weights get no gradient");
     }
 
-    [Test]
-    public void LoraWithZeroB_LeavesLogitsUnchanged_AndMergedEqualsUnmergedForward()
+    /// <summary>
+    /// Also with LoRA on some layers only: the inference forward adds o_proj and down_proj into the residual stream in
+    /// place where a layer has neither adapted, and keeps separate sums where it has one, so a model can switch between
+    /// the two from layer to layer.
+    /// </summary>
+    [TestCase("q_proj,v_proj,down_proj", null)]
+    [TestCase("o_proj", 0)]
+    [TestCase("down_proj", 1)]
+    public void LoraWithZeroB_LeavesLogitsUnchanged_AndMergedEqualsUnmergedForward(string targets, int? onlyLayer)
     {
         using var device = new CpuDevice();
         using var model = LlamaModel.Create(device, Micro, 5);
         var before = model.Logits(Tokens, 2);
-        var config = new LoraAdapterConfig { R = 3, LoraAlpha = 6, TargetModules = new[] { "q_proj", "v_proj", "down_proj" } };
+        var config = new LoraAdapterConfig
+        {
+            R = 3, LoraAlpha = 6, TargetModules = targets.Split(','), LayersToTransform = onlyLayer is int layer ? new[] { layer } : null,
+        };
         model.AddLora(config, seed: 6);
         Assert.That(model.Logits(Tokens, 2), Is.EqualTo(before), "B = 0: LoRA changes nothing");
         foreach (var l in model.Lora.Values) l.B.Value.CopyFrom(TestData.Uniform(l.B.Value.Length, 9, -0.3f, 0.3f));
