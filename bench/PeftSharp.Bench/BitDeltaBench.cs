@@ -39,7 +39,7 @@ public class BitDeltaBench
     [GlobalSetup]
     public void Setup()
     {
-        device = new CpuDevice();
+        device = BenchDevice.Open();
         int h = Hidden, m = Rows, v = Variants;
         var xs = Validate.Uniform(m * h, 1);
         var ws = Validate.Uniform(h * h, 2).Select(t => t * 0.02f).ToArray();
@@ -92,19 +92,25 @@ public class BitDeltaBench
     }
 
     [Benchmark(Baseline = true, Description = "base matmul only (floor)")]
-    public void BaseOnly() => device.Ops.Linear(x, w, y);
+    public void BaseOnly()
+    {
+        device.Ops.Linear(x, w, y);
+        device.Synchronize(); // a GPU queues its kernels: the time is the work's, not the launch's
+    }
 
     [Benchmark(Description = "fused: base once + 1-bit product")]
     public void Fused()
     {
         device.Ops.Linear(x, w, y);
         device.Ops.BitDeltaMixed(x, y, pool, rowVariants);
+        device.Synchronize();
     }
 
     [Benchmark(Description = "(a) dense fp32 weight per variant")]
     public void DensePerVariant()
     {
         foreach (var g in groups.Groups) device.Ops.Linear(g.X, dense[g.Variant], g.Y);
+        device.Synchronize();
     }
 
     [Benchmark(Description = "(b) decode to dense, then matmul")]
@@ -116,6 +122,8 @@ public class BitDeltaBench
             device.Ops.BitDeltaDecode(pool, g.Variant, scratch, accumulate: true);
             device.Ops.Linear(g.X, scratch, g.Y);
         }
+
+        device.Synchronize();
     }
 
     /// <summary>Bytes each method must read at least: weights (fp32 or packed) once, plus the activations.</summary>

@@ -33,7 +33,7 @@ public class LoraBench
     [GlobalSetup]
     public void Setup()
     {
-        device = new CpuDevice();
+        device = BenchDevice.Open();
         xs = Validate.Uniform(Rows * Hidden, 1);
         ws = Validate.Uniform(Hidden * Hidden, 2).Select(v => v * 0.02f).ToArray();
         adapters = Enumerable.Range(0, Adapters).Select(a => new LoraAdapterData($"a{a}",
@@ -104,13 +104,18 @@ public class LoraBench
     }
 
     [Benchmark(Baseline = true, Description = "(c) base matmul only (floor)")]
-    public void BaseOnly() => device.Ops.Linear(x, w, y);
+    public void BaseOnly()
+    {
+        device.Ops.Linear(x, w, y);
+        device.Synchronize(); // a GPU queues its kernels: the time is the work's, not the launch's
+    }
 
     [Benchmark(Description = "mixed-adapter batch")]
     public void Mixed()
     {
         device.Ops.Linear(x, w, y);
         device.Ops.LoraMixed(x, y, pool, rowAdapters);
+        device.Synchronize();
     }
 
     /// <summary>(a): every adapter's rows run as their own batch: base product, shrink, expand (rows pre-gathered).</summary>
@@ -123,6 +128,8 @@ public class LoraBench
             device.Ops.Linear(g.X, g.A, g.T);
             device.Ops.MatMul(g.T, g.B, g.Y, transposeB: true, alpha: adapters[g.Adapter].Scale, beta: 1f);
         }
+
+        device.Synchronize();
     }
 
     /// <summary>(b): per request, W' = W + s B A formed densely, then that row's product.</summary>
@@ -136,6 +143,8 @@ public class LoraBench
             device.Ops.MatMul(adapterB[a], adapterA[a], merged, alpha: adapters[a].Scale, beta: 1f);
             device.Ops.Linear(rowX[i], merged, rowY[i]);
         }
+
+        device.Synchronize();
     }
 
     /// <summary>Bytes a method must read at least: the base weight once per product, the adapters' A and B, x and y.</summary>

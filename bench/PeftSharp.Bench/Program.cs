@@ -5,6 +5,7 @@ namespace PeftSharp.Bench;
 /// <summary>
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- --filter '*MatMulBench*'   (or '*' for everything)
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- interleaved [tiny|20M] [rounds] [pause ms]   (see Interleaved)
+/// dotnet run --project bench/PeftSharp.Bench -c Release -- targets [--small]   (see Targets; PEFTSHARP_BENCH_DEVICE=cuda)
 /// Prints the measured fp32 FMA peak first; every GFLOP/s figure is also shown as a fraction of it.
 /// </summary>
 public static class Program
@@ -15,6 +16,12 @@ public static class Program
         if (args.Length > 0 && args[0] == "interleaved")
         {
             Interleaved.Run(args[1..]);
+            return;
+        }
+
+        if (args.Length > 0 && args[0] == "targets")
+        {
+            Targets.Run(args[1..]);
             return;
         }
 

@@ -138,13 +138,13 @@ public class GroupedAttentionBench
     private static readonly Dictionary<string, long> PeakBytes = new();
 
     private const int H = 8, Hkv = 2, D = 64, Prompt = 1024, G = 8, C = 128;
-    private Device cpu = null!;
+    private Device device = null!;
     private float[] qp = null!, kp = null!, vp = null!, qc = null!, kc = null!, vc = null!, dOp = null!, dOc = null!;
 
     [GlobalSetup]
     public void Setup()
     {
-        cpu = new CpuDevice();
+        device = BenchDevice.Open();
         qp = Validate.Uniform(Prompt * H * D, 1);
         kp = Validate.Uniform(Prompt * Hkv * D, 2);
         vp = Validate.Uniform(Prompt * Hkv * D, 3);
@@ -160,10 +160,10 @@ public class GroupedAttentionBench
 
     private float[] Measure(string method, Func<float[]> run)
     {
-        long before = cpu.BytesInUse;
-        cpu.ResetPeakBytes();
+        long before = device.BytesInUse;
+        device.ResetPeakBytes();
         var result = run();
-        PeakBytes[method] = cpu.PeakBytesInUse - before;
+        PeakBytes[method] = device.PeakBytesInUse - before;
         return result;
     }
 
@@ -182,36 +182,36 @@ public class GroupedAttentionBench
     }
 
     [GlobalCleanup]
-    public void Cleanup() => cpu.Dispose();
+    public void Cleanup() => device.Dispose();
 
     /// <summary>Prompt rows causal once; completions against [prompt, own] through the shared-prefix path; both backward.</summary>
     [Benchmark(Baseline = true, Description = "prompt once, shared (Prefix Grouper)")]
     public float[] Grouped()
     {
-        var ops = cpu.Ops;
-        using var q1 = cpu.FromArray("qp", qp, 1, Prompt, H, D);
-        using var k1 = cpu.FromArray("kp", kp, 1, Prompt, Hkv, D);
-        using var v1 = cpu.FromArray("vp", vp, 1, Prompt, Hkv, D);
-        using var q2 = cpu.FromArray("qc", qc, G, C, H, D);
-        using var k2 = cpu.FromArray("kc", kc, G, C, Hkv, D);
-        using var v2 = cpu.FromArray("vc", vc, G, C, Hkv, D);
-        using var o1 = cpu.Zeros("op", 1, Prompt, H, D);
-        using var l1 = cpu.Zeros("lp", 1, Prompt, H);
-        using var o2 = cpu.Zeros("oc", G, C, H, D);
-        using var l2 = cpu.Zeros("lc", G, C, H);
+        var ops = device.Ops;
+        using var q1 = device.FromArray("qp", qp, 1, Prompt, H, D);
+        using var k1 = device.FromArray("kp", kp, 1, Prompt, Hkv, D);
+        using var v1 = device.FromArray("vp", vp, 1, Prompt, Hkv, D);
+        using var q2 = device.FromArray("qc", qc, G, C, H, D);
+        using var k2 = device.FromArray("kc", kc, G, C, Hkv, D);
+        using var v2 = device.FromArray("vc", vc, G, C, Hkv, D);
+        using var o1 = device.Zeros("op", 1, Prompt, H, D);
+        using var l1 = device.Zeros("lp", 1, Prompt, H);
+        using var o2 = device.Zeros("oc", G, C, H, D);
+        using var l2 = device.Zeros("lc", G, C, H);
         var level = new[] { new PrefixLevel(k1, v1, new int[G]) };
         ops.Attention(q1, k1, v1, o1, l1, causal: true);
         ops.SharedPrefixAttention(q2, level, k2, v2, o2, l2);
-        using var d1 = cpu.FromArray("dop", dOp, 1, Prompt, H, D);
-        using var d2 = cpu.FromArray("doc", dOc, G, C, H, D);
-        using var dq1 = cpu.Zeros("dqp", 1, Prompt, H, D);
-        using var dk1 = cpu.Zeros("dkp", 1, Prompt, Hkv, D);
-        using var dv1 = cpu.Zeros("dvp", 1, Prompt, Hkv, D);
-        using var dkShared = cpu.Zeros("dk_shared", 1, Prompt, Hkv, D);
-        using var dvShared = cpu.Zeros("dv_shared", 1, Prompt, Hkv, D);
-        using var dq2 = cpu.Zeros("dqc", G, C, H, D);
-        using var dk2 = cpu.Zeros("dkc", G, C, Hkv, D);
-        using var dv2 = cpu.Zeros("dvc", G, C, Hkv, D);
+        using var d1 = device.FromArray("dop", dOp, 1, Prompt, H, D);
+        using var d2 = device.FromArray("doc", dOc, G, C, H, D);
+        using var dq1 = device.Zeros("dqp", 1, Prompt, H, D);
+        using var dk1 = device.Zeros("dkp", 1, Prompt, Hkv, D);
+        using var dv1 = device.Zeros("dvp", 1, Prompt, Hkv, D);
+        using var dkShared = device.Zeros("dk_shared", 1, Prompt, Hkv, D);
+        using var dvShared = device.Zeros("dv_shared", 1, Prompt, Hkv, D);
+        using var dq2 = device.Zeros("dqc", G, C, H, D);
+        using var dk2 = device.Zeros("dkc", G, C, Hkv, D);
+        using var dv2 = device.Zeros("dvc", G, C, Hkv, D);
         ops.SharedPrefixAttentionBackward(q2, level, k2, v2, o2, l2, d2, dq2, new[] { dkShared }, new[] { dvShared }, dk2, dv2);
         ops.AttentionBackward(q1, k1, v1, o1, l1, d1, dq1, dk1, dv1, causal: true);
         ops.Add(dk1, dkShared, dk1);
@@ -223,7 +223,7 @@ public class GroupedAttentionBench
     [Benchmark(Description = "prompt copied per completion")]
     public float[] Copied()
     {
-        var ops = cpu.Ops;
+        var ops = device.Ops;
         int t = Prompt + C;
         float[] Rows(float[] prompt, float[] own, int width)
         {
@@ -237,16 +237,16 @@ public class GroupedAttentionBench
             return r;
         }
 
-        using var q = cpu.FromArray("q", Rows(qp, qc, H * D), G, t, H, D);
-        using var k = cpu.FromArray("k", Rows(kp, kc, Hkv * D), G, t, Hkv, D);
-        using var v = cpu.FromArray("v", Rows(vp, vc, Hkv * D), G, t, Hkv, D);
-        using var o = cpu.Zeros("o", G, t, H, D);
-        using var l = cpu.Zeros("l", G, t, H);
+        using var q = device.FromArray("q", Rows(qp, qc, H * D), G, t, H, D);
+        using var k = device.FromArray("k", Rows(kp, kc, Hkv * D), G, t, Hkv, D);
+        using var v = device.FromArray("v", Rows(vp, vc, Hkv * D), G, t, Hkv, D);
+        using var o = device.Zeros("o", G, t, H, D);
+        using var l = device.Zeros("l", G, t, H);
         ops.Attention(q, k, v, o, l, causal: true);
-        using var dO = cpu.FromArray("do", Rows(dOp, dOc, H * D), G, t, H, D);
-        using var dq = cpu.Zeros("dq", G, t, H, D);
-        using var dk = cpu.Zeros("dk", G, t, Hkv, D);
-        using var dv = cpu.Zeros("dv", G, t, Hkv, D);
+        using var dO = device.FromArray("do", Rows(dOp, dOc, H * D), G, t, H, D);
+        using var dq = device.Zeros("dq", G, t, H, D);
+        using var dk = device.Zeros("dk", G, t, Hkv, D);
+        using var dv = device.Zeros("dv", G, t, Hkv, D);
         ops.AttentionBackward(q, k, v, o, l, dO, dq, dk, dv, causal: true);
         var all = o.ToArray();
         var completions = new float[G * C * H * D];
