@@ -24,6 +24,17 @@ public enum MatMulAlgorithm
     Tiled,
 }
 
+/// <summary>Which attention forward kernel an ILGPU device runs.</summary>
+public enum AttentionAlgorithm
+{
+    /// <summary>Tiled where the head dimension fits its tiles (D &lt;= 128) and groups of 32 threads are allowed, else per row.</summary>
+    Auto,
+    /// <summary>One thread per query row reading every key from global memory (<see cref="AttentionKernels.ForwardKernel"/>).</summary>
+    PerRow,
+    /// <summary>Groups of query rows sharing key tiles in shared memory, keys split across groups (<see cref="TiledAttentionKernels"/>).</summary>
+    Tiled,
+}
+
 /// <summary>
 /// A device run by ILGPU kernels (CUDA, OpenCL, or ILGPU's CPU simulator). Owns its Context and Accelerator.
 /// </summary>
@@ -45,6 +56,15 @@ public sealed class IlgpuDevice : Device
 
     /// <summary>The matmul kernel to run; tests set it to cover both.</summary>
     public MatMulAlgorithm MatMulAlgorithm { get; set; } = MatMulAlgorithm.Auto;
+
+    /// <summary>The attention forward kernel to run; tests set it to cover both.</summary>
+    public AttentionAlgorithm AttentionAlgorithm { get; set; } = AttentionAlgorithm.Auto;
+
+    /// <summary>
+    /// Groups the tiled attention aims to launch before it splits the keys further: four per multiprocessor, so a
+    /// decode step (few query rows over a long prefix) still fills the device. Tests lower it to force splits.
+    /// </summary>
+    public int AttentionTargetGroups { get; set; }
 
     /// <summary>Whether the tiled matmul can run here (groups of Tile x Tile threads).</summary>
     public bool SupportsTiledMatMul => accelerator.MaxNumThreadsPerGroup >= MatMulKernels.Tile * MatMulKernels.Tile;
@@ -284,7 +304,42 @@ public sealed class IlgpuDevice : Device
     protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
     {
         int rows = s.B * s.H * s.Tq;
-        if (rows > 0) kernels.Attention.Value(rows, V(q), V(k), V(v), V(o), V(lse), s);
+        if (rows == 0) return;
+        bool tiledFits = s.D <= TiledAttentionKernels.MaxD && accelerator.MaxNumThreadsPerGroup >= TiledAttentionKernels.Rows;
+        var algorithm = AttentionAlgorithm == AttentionAlgorithm.Auto ? (tiledFits ? AttentionAlgorithm.Tiled : AttentionAlgorithm.PerRow) : AttentionAlgorithm;
+        if (algorithm == AttentionAlgorithm.PerRow)
+        {
+            kernels.Attention.Value(rows, V(q), V(k), V(v), V(o), V(lse), s);
+            return;
+        }
+
+        if (!tiledFits)
+        {
+            throw new InvalidOperationException($"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}) and {TiledAttentionKernels.Rows}-thread groups ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup})");
+        }
+
+        // Split the keys while the (row block, b, hk) groups alone would leave the device idle, keeping at least four
+        // key tiles per split (fewer splits than that would mostly add merge work).
+        const int rowsPerGroup = TiledAttentionKernels.Rows, keysPerTile = TiledAttentionKernels.Keys;
+        int rowBlocks = (s.Tq * s.Group + rowsPerGroup - 1) / rowsPerGroup;
+        int groups = rowBlocks * s.B * s.Hkv;
+        int target = AttentionTargetGroups > 0 ? AttentionTargetGroups : 4 * Math.Max(1, accelerator.NumMultiprocessors);
+        int maxSplits = Math.Max(1, s.Tk / (4 * keysPerTile));
+        int splits = Math.Clamp((target + groups - 1) / groups, 1, maxSplits);
+        int chunk = Math.Max(keysPerTile, ((s.Tk + splits - 1) / splits + keysPerTile - 1) / keysPerTile * keysPerTile);
+        splits = Math.Max(1, (s.Tk + chunk - 1) / chunk);
+        var config = new KernelConfig(new Index3D(rowBlocks, s.B * s.Hkv, splits), new Index3D(rowsPerGroup, 1, 1));
+        if (splits == 1)
+        {
+            kernels.AttentionTiled.Value(config, V(q), V(k), V(v), V(o), V(lse), V(o), V(lse), s, chunk);
+            return;
+        }
+
+        using var partialO = accelerator.Allocate1D<float>((long)splits * rows * s.D);
+        using var partialLse = accelerator.Allocate1D<float>((long)splits * rows);
+        kernels.AttentionTiled.Value(config, V(q), V(k), V(v), V(o), V(lse), partialO.View, partialLse.View, s, chunk);
+        kernels.AttentionMergeSplits.Value(rows, partialO.View, partialLse.View, V(o), V(lse), rows, splits, s.D);
+        accelerator.Synchronize(); // the partials are freed on return
     }
 
     protected internal override void AttentionBackwardCore(

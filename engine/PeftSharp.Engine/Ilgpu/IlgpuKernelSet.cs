@@ -46,6 +46,8 @@ internal sealed class IlgpuKernelSet
         RmsNormBackwardWeight = Load<Action<Index1D, AV, AV, AV, AV, int, int>>(nameof(RmsNormKernels.BackwardWeightKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, int, int>(RmsNormKernels.BackwardWeightKernel));
         Rope = Load<Action<Index1D, AV, AVI, AV, int, int, float, float, RopeScaling>>(nameof(RopeKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AVI, AV, int, int, float, float, RopeScaling>(RopeKernels.ForwardKernel));
         Attention = Load<Action<Index1D, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.ForwardKernel));
+        AttentionTiled = Load<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AttentionShape, int>>(nameof(TiledAttentionKernels.ForwardKernel), () => acc.LoadStreamKernel<AV, AV, AV, AV, AV, AV, AV, AttentionShape, int>(TiledAttentionKernels.ForwardKernel));
+        AttentionMergeSplits = Load<Action<Index1D, AV, AV, AV, AV, int, int, int>>(nameof(TiledAttentionKernels.MergeSplitsKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, int, int, int>(TiledAttentionKernels.MergeSplitsKernel));
         AttentionDelta = Load<Action<Index1D, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.DeltaKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AttentionShape>(AttentionKernels.DeltaKernel));
         AttentionBackwardQuery = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.BackwardQueryKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.BackwardQueryKernel));
         AttentionBackwardKeyValue = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.BackwardKeyValueKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.BackwardKeyValueKernel));
@@ -102,6 +104,8 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AV, AV, int, int>> RmsNormBackwardWeight { get; }
     public Lazy<Action<Index1D, AV, AVI, AV, int, int, float, float, RopeScaling>> Rope { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AttentionShape>> Attention { get; }
+    public Lazy<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AttentionShape, int>> AttentionTiled { get; }
+    public Lazy<Action<Index1D, AV, AV, AV, AV, int, int, int>> AttentionMergeSplits { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AttentionShape>> AttentionDelta { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardQuery { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardKeyValue { get; }

@@ -1,4 +1,5 @@
 using NUnit.Framework;
+using PeftSharp.Engine.Ilgpu;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Tests.Infrastructure;
 
@@ -23,7 +24,39 @@ public sealed class AttentionTests : BackendTest
         new TestCaseData(1, 6, 3, 2, 2, 4, true).SetName("{m}_B1_Tq6_Tk3_SomeQueriesSeeNothing"),
         new TestCaseData(1, 3, 0, 2, 1, 4, false).SetName("{m}_B1_Tq3_Tk0_EmptyKeys"),
         new TestCaseData(1, 70, 70, 2, 1, 8, true).SetName("{m}_B1_T70_H2_Hkv1_D8_CrossesQueryBlock"),
+        // The ILGPU tiled kernel: D at its limit over keys that split into tiles and a partial last tile; more query
+        // rows (Tq x G) than one group of 32, causal across tile edges; D past its limit (per-row kernel under Auto).
+        new TestCaseData(2, 1, 300, 4, 2, 128, true).SetName("{m}_B2_Tq1_Tk300_H4_Hkv2_D128_DecodeOverLongCache"),
+        new TestCaseData(1, 20, 45, 4, 1, 3, true).SetName("{m}_B1_Tq20_Tk45_H4_Hkv1_D3_RowsPastOneGroup"),
+        new TestCaseData(1, 2, 5, 2, 1, 130, false).SetName("{m}_B1_Tq2_Tk5_D130_PastTheTiles"),
+        // Splits: four of 160 keys, the last one short and partly masked; and causal rows that see no key of a split.
+        new TestCaseData(1, 3, 520, 2, 1, 4, true).SetName("{m}_B1_Tq3_Tk520_D4_FourSplits"),
+        new TestCaseData(1, 300, 300, 2, 1, 4, true).SetName("{m}_B1_T300_D4_EarlyRowsSeeOneSplit"),
     };
+
+    /// <summary>
+    /// The forward kernels a device has: on ILGPU devices the per-row kernel, the tiled one, and the tiled one with
+    /// the keys split across as many groups as they allow (merged by log-sum-exp); elsewhere the device's own.
+    /// </summary>
+    private IEnumerable<(string Name, Action Select)> ForwardKernels(int d)
+    {
+        if (Device is not IlgpuDevice ilgpu)
+        {
+            yield return ("", () => { });
+            yield break;
+        }
+
+        yield return ("per-row kernel", () => (ilgpu.AttentionAlgorithm, ilgpu.AttentionTargetGroups) = (AttentionAlgorithm.PerRow, 0));
+        if (d > TiledAttentionKernels.MaxD) yield break;
+        yield return ("tiled kernel", () => (ilgpu.AttentionAlgorithm, ilgpu.AttentionTargetGroups) = (AttentionAlgorithm.Tiled, 0));
+        yield return ("tiled kernel, keys split", () => (ilgpu.AttentionAlgorithm, ilgpu.AttentionTargetGroups) = (AttentionAlgorithm.Tiled, 1 << 20));
+    }
+
+    [TearDown]
+    public void DefaultKernels()
+    {
+        if (Device is IlgpuDevice ilgpu) (ilgpu.AttentionAlgorithm, ilgpu.AttentionTargetGroups) = (AttentionAlgorithm.Auto, 0);
+    }
 
     [TestCaseSource(nameof(Shapes))]
     public void Attention_ForwardBackward_MatchReference(int b, int tq, int tk, int h, int hkv, int d, bool causal)
@@ -39,11 +72,15 @@ public sealed class AttentionTests : BackendTest
         var tq2 = Input("q", q, b, tq, h, d);
         var tk2 = Input("k", k, b, tk, hkv, d);
         var tv = Input("v", v, b, tk, hkv, d);
-        var o = Output("o", b, tq, h, d);
-        var lse = Output("lse", b, tq, h);
-        Ops.Attention(tq2, tk2, tv, o, lse, causal);
-        Expect(o, eo, Tolerances.Attention, "attention o");
-        Expect(lse, el, Tolerances.Attention, "attention lse");
+        foreach (var (name, select) in ForwardKernels(d))
+        {
+            select();
+            var o = Output("o", b, tq, h, d);
+            var lse = Output("lse", b, tq, h);
+            Ops.Attention(tq2, tk2, tv, o, lse, causal);
+            Expect(o, eo, Tolerances.Attention, $"attention o {name}");
+            Expect(lse, el, Tolerances.Attention, $"attention lse {name}");
+        }
 
         var edq = new float[q.Length];
         var edk = new float[k.Length];
