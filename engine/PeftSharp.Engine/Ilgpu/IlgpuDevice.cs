@@ -24,7 +24,7 @@ public enum MatMulAlgorithm
     Tiled,
 }
 
-/// <summary>Which attention forward kernel an ILGPU device runs.</summary>
+/// <summary>Which attention kernels (forward and backward) an ILGPU device runs.</summary>
 public enum AttentionAlgorithm
 {
     /// <summary>Tiled where the head dimension fits its tiles (D &lt;= 128) and groups of 32 threads are allowed, else per row.</summary>
@@ -57,7 +57,7 @@ public sealed class IlgpuDevice : Device
     /// <summary>The matmul kernel to run; tests set it to cover both.</summary>
     public MatMulAlgorithm MatMulAlgorithm { get; set; } = MatMulAlgorithm.Auto;
 
-    /// <summary>The attention forward kernel to run; tests set it to cover both.</summary>
+    /// <summary>The attention kernels to run; tests set it to cover both.</summary>
     public AttentionAlgorithm AttentionAlgorithm { get; set; } = AttentionAlgorithm.Auto;
 
     /// <summary>
@@ -305,17 +305,10 @@ public sealed class IlgpuDevice : Device
     {
         int rows = s.B * s.H * s.Tq;
         if (rows == 0) return;
-        bool tiledFits = s.D <= TiledAttentionKernels.MaxD && accelerator.MaxNumThreadsPerGroup >= TiledAttentionKernels.Rows;
-        var algorithm = AttentionAlgorithm == AttentionAlgorithm.Auto ? (tiledFits ? AttentionAlgorithm.Tiled : AttentionAlgorithm.PerRow) : AttentionAlgorithm;
-        if (algorithm == AttentionAlgorithm.PerRow)
+        if (!UseTiledAttention(s))
         {
             kernels.Attention.Value(rows, V(q), V(k), V(v), V(o), V(lse), s);
             return;
-        }
-
-        if (!tiledFits)
-        {
-            throw new InvalidOperationException($"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}) and {TiledAttentionKernels.Rows}-thread groups ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup})");
         }
 
         // Split the keys while the (row block, b, hk) groups alone would leave the device idle, keeping at least four
@@ -346,16 +339,51 @@ public sealed class IlgpuDevice : Device
         Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s)
     {
         int rows = s.B * s.H * s.Tq;
+        int keyRows = s.B * s.Tk * s.Hkv;
+        bool tiled = UseTiledAttention(s);
+        const int group = TiledAttentionKernels.Rows;
         using var delta = accelerator.Allocate1D<float>(Math.Max(1, rows));
         if (rows > 0)
         {
             kernels.AttentionDelta.Value(rows, V(o), V(dO), delta.View, s);
-            kernels.AttentionBackwardQuery.Value(rows, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dq), s);
+            if (tiled)
+            {
+                var config = new KernelConfig(new Index3D((s.Tq * s.Group + group - 1) / group, s.B * s.Hkv, 1), new Index3D(group, 1, 1));
+                kernels.AttentionBackwardQueryTiled.Value(config, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dq), s);
+            }
+            else
+            {
+                kernels.AttentionBackwardQuery.Value(rows, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dq), s);
+            }
         }
 
-        int keyRows = s.B * s.Tk * s.Hkv;
-        if (keyRows > 0) kernels.AttentionBackwardKeyValue.Value(keyRows, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dk), V(dv), s);
+        if (keyRows > 0)
+        {
+            if (tiled)
+            {
+                var config = new KernelConfig(new Index3D((s.Tk + group - 1) / group, s.B * s.Hkv, 1), new Index3D(group, 1, 1));
+                kernels.AttentionBackwardKeyValueTiled.Value(config, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dk), V(dv), s);
+            }
+            else
+            {
+                kernels.AttentionBackwardKeyValue.Value(keyRows, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dk), V(dv), s);
+            }
+        }
+
         accelerator.Synchronize(); // delta is freed on return
+    }
+
+    /// <summary>Whether attention runs the tiled kernels: <see cref="AttentionAlgorithm"/>, Auto taking them where they fit.</summary>
+    private bool UseTiledAttention(AttentionShape s)
+    {
+        bool fits = s.D <= TiledAttentionKernels.MaxD && accelerator.MaxNumThreadsPerGroup >= TiledAttentionKernels.Rows;
+        if (AttentionAlgorithm == AttentionAlgorithm.PerRow) return false;
+        if (AttentionAlgorithm == AttentionAlgorithm.Tiled && !fits)
+        {
+            throw new InvalidOperationException($"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}) and {TiledAttentionKernels.Rows}-thread groups ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup})");
+        }
+
+        return fits;
     }
 
     protected internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)

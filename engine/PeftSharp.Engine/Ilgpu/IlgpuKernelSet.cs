@@ -48,6 +48,8 @@ internal sealed class IlgpuKernelSet
         Attention = Load<Action<Index1D, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.ForwardKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.ForwardKernel));
         AttentionTiled = Load<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AttentionShape, int>>(nameof(TiledAttentionKernels.ForwardKernel), () => acc.LoadStreamKernel<AV, AV, AV, AV, AV, AV, AV, AttentionShape, int>(TiledAttentionKernels.ForwardKernel));
         AttentionMergeSplits = Load<Action<Index1D, AV, AV, AV, AV, int, int, int>>(nameof(TiledAttentionKernels.MergeSplitsKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, int, int, int>(TiledAttentionKernels.MergeSplitsKernel));
+        AttentionBackwardQueryTiled = Load<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(TiledAttentionKernels.BackwardQueryKernel), () => acc.LoadStreamKernel<AV, AV, AV, AV, AV, AV, AV, AttentionShape>(TiledAttentionKernels.BackwardQueryKernel));
+        AttentionBackwardKeyValueTiled = Load<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(TiledAttentionKernels.BackwardKeyValueKernel), () => acc.LoadStreamKernel<AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>(TiledAttentionKernels.BackwardKeyValueKernel));
         AttentionDelta = Load<Action<Index1D, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.DeltaKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AttentionShape>(AttentionKernels.DeltaKernel));
         AttentionBackwardQuery = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.BackwardQueryKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.BackwardQueryKernel));
         AttentionBackwardKeyValue = Load<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>>(nameof(AttentionKernels.BackwardKeyValueKernel), () => acc.LoadAutoGroupedStreamKernel<Index1D, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>(AttentionKernels.BackwardKeyValueKernel));
@@ -106,6 +108,8 @@ internal sealed class IlgpuKernelSet
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AttentionShape>> Attention { get; }
     public Lazy<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AttentionShape, int>> AttentionTiled { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, int, int, int>> AttentionMergeSplits { get; }
+    public Lazy<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardQueryTiled { get; }
+    public Lazy<Action<KernelConfig, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardKeyValueTiled { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AttentionShape>> AttentionDelta { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardQuery { get; }
     public Lazy<Action<Index1D, AV, AV, AV, AV, AV, AV, AV, AV, AttentionShape>> AttentionBackwardKeyValue { get; }

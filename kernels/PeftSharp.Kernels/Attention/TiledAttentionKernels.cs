@@ -12,7 +12,8 @@ namespace PeftSharp.Kernels.Attention;
 /// softmax in registers or local memory. The keys can be split across groups (flash-decoding): each split writes a
 /// normalised partial output and its log-sum-exp, and <see cref="MergeSplitsKernel"/> combines them, so a decode
 /// step (few query rows, a long shared prefix) still spreads over the whole device. This is the Hydragen prefix pass:
-/// all sequences sharing a prefix arrive as one matrix of queries over its keys. D is at most <see cref="MaxD"/>.
+/// all sequences sharing a prefix arrive as one matrix of queries over its keys. The backward kernels tile the same way
+/// (dq over key tiles, dk and dv over tiles of query rows). D is at most <see cref="MaxD"/>.
 /// Same results as <see cref="AttentionKernels.ForwardKernel"/> up to rounding; reference:
 /// <see cref="AttentionReference"/>.
 /// </summary>
@@ -72,17 +73,8 @@ public static class TiledAttentionKernels
         int j1 = XMath.Min(s.Tk, j0 + chunk);
         for (int kt = j0; kt < j1; kt += Keys)
         {
-            // The whole group loads the tile (consecutive threads, consecutive elements), then each row reads it.
             int nk = XMath.Min(Keys, j1 - kt);
-            for (int e = t; e < nk * s.D; e += Rows)
-            {
-                int jj = e / s.D;
-                int d = e - jj * s.D;
-                int src = s.KIndex(b, kt + jj, hk) + d;
-                kTile[jj * MaxD + d] = k[src];
-                vTile[jj * MaxD + d] = v[src];
-            }
-
+            LoadKeyTile(k, v, kTile, vTile, s, b, hk, kt, nk, t);
             Group.Barrier();
             int seen = XMath.Min(nk, visible - kt); // keys of this tile the row sees (causal: a prefix of the tile)
             if (seen > 0)
@@ -126,6 +118,23 @@ public static class TiledAttentionKernels
     }
 
     /// <summary>
+    /// Keys kt .. kt + nk of (b, hk) and their values into the group's tiles (row jj at jj * MaxD), the group's threads
+    /// taking consecutive elements so the reads coalesce; the caller then waits at a barrier.
+    /// </summary>
+    private static void LoadKeyTile(
+        ArrayView<float> k, ArrayView<float> v, ArrayView<float> kTile, ArrayView<float> vTile, AttentionShape s, int b, int hk, int kt, int nk, int thread)
+    {
+        for (int e = thread; e < nk * s.D; e += Rows)
+        {
+            int jj = e / s.D;
+            int d = e - jj * s.D;
+            int src = s.KIndex(b, kt + jj, hk) + d;
+            kTile[jj * MaxD + d] = k[src];
+            vTile[jj * MaxD + d] = v[src];
+        }
+    }
+
+    /// <summary>
     /// o and lse of each row from its splits' partial results: o = sum_z e^(l_z - m) o_z / sum_z e^(l_z - m),
     /// lse = m + log sum_z e^(l_z - m), m = max_z l_z; a row no split saw gets o = 0 and lse = -inf. One thread per row.
     /// </summary>
@@ -162,5 +171,168 @@ public static class TiledAttentionKernels
         float inv = 1f / total;
         for (int d = 0; d < dim; d++) o[oi + d] *= inv;
         lse[row] = m + XMath.Log(total);
+    }
+
+    /// <summary>
+    /// dq with the forward's tiles: grid (ceil(Tq G / Rows), B Hkv, 1), groups (Rows, 1, 1), one thread per query row of
+    /// one (b, hk), each tile of keys and values loaded into shared memory once for the group's rows; probabilities
+    /// recomputed from lse, delta from <see cref="AttentionKernels.DeltaKernel"/>.
+    /// </summary>
+    public static void BackwardQueryKernel(
+        ArrayView<float> q,     // (B, Tq, H, D)
+        ArrayView<float> k,     // (B, Tk, Hkv, D)
+        ArrayView<float> v,     // (B, Tk, Hkv, D)
+        ArrayView<float> lse,   // (B, Tq, H)
+        ArrayView<float> delta, // (B, Tq, H)
+        ArrayView<float> dO,    // (B, Tq, H, D)
+        ArrayView<float> dq,    // (B, Tq, H, D)
+        AttentionShape s)
+    {
+        var kTile = SharedMemory.Allocate<float>(Keys * MaxD);
+        var vTile = SharedMemory.Allocate<float>(Keys * MaxD);
+        var qRow = LocalMemory.Allocate<float>(MaxD);
+        var dORow = LocalMemory.Allocate<float>(MaxD);
+        var acc = LocalMemory.Allocate<float>(MaxD);
+
+        int t = Group.IdxX;
+        int g = s.Group;
+        int r = Grid.IdxX * Rows + t;
+        int b = Grid.IdxY / s.Hkv;
+        int hk = Grid.IdxY % s.Hkv;
+        bool active = r < s.Tq * g;
+        int i = active ? r / g : 0;
+        int h = hk * g + (active ? r % g : 0);
+        int qi = s.QIndex(b, i, h);
+        int li = s.LseIndex(b, h, i);
+        int visible = active ? s.VisibleKeys(i) : 0;
+        float l = active ? lse[li] : 0f;
+        float dl = active ? delta[li] : 0f;
+        for (int d = 0; d < s.D; d++)
+        {
+            qRow[d] = active ? q[qi + d] : 0f;
+            dORow[d] = active ? dO[qi + d] : 0f;
+            acc[d] = 0f;
+        }
+
+        for (int kt = 0; kt < s.Tk; kt += Keys)
+        {
+            int nk = XMath.Min(Keys, s.Tk - kt);
+            LoadKeyTile(k, v, kTile, vTile, s, b, hk, kt, nk, t);
+            Group.Barrier();
+            int seen = XMath.Min(nk, visible - kt);
+            for (int jj = 0; jj < seen; jj++)
+            {
+                float dot = 0f, dp = 0f;
+                for (int d = 0; d < s.D; d++)
+                {
+                    dot += qRow[d] * kTile[jj * MaxD + d];
+                    dp += dORow[d] * vTile[jj * MaxD + d];
+                }
+
+                float ds = XMath.Exp(dot * s.Scale - l) * (dp - dl) * s.Scale;
+                for (int d = 0; d < s.D; d++) acc[d] += ds * kTile[jj * MaxD + d];
+            }
+
+            Group.Barrier();
+        }
+
+        if (!active) return;
+        for (int d = 0; d < s.D; d++) dq[qi + d] = acc[d];
+    }
+
+    /// <summary>
+    /// dk and dv: grid (ceil(Tk / Rows), B Hkv, 1), groups (Rows, 1, 1), one thread per key row (b, j, hk); the group
+    /// walks the Tq G query rows of its key/value head (row r = query r / G of head hk G + r % G) in tiles of Rows,
+    /// loading each tile's q, dO, lse and delta into shared memory once for all its keys.
+    /// </summary>
+    public static void BackwardKeyValueKernel(
+        ArrayView<float> q,     // (B, Tq, H, D)
+        ArrayView<float> k,     // (B, Tk, Hkv, D)
+        ArrayView<float> v,     // (B, Tk, Hkv, D)
+        ArrayView<float> lse,   // (B, Tq, H)
+        ArrayView<float> delta, // (B, Tq, H)
+        ArrayView<float> dO,    // (B, Tq, H, D)
+        ArrayView<float> dk,    // (B, Tk, Hkv, D)
+        ArrayView<float> dv,    // (B, Tk, Hkv, D)
+        AttentionShape s)
+    {
+        var qTile = SharedMemory.Allocate<float>(Rows * MaxD);
+        var dOTile = SharedMemory.Allocate<float>(Rows * MaxD);
+        var lseTile = SharedMemory.Allocate<float>(Rows);
+        var deltaTile = SharedMemory.Allocate<float>(Rows);
+        var kRow = LocalMemory.Allocate<float>(MaxD);
+        var vRow = LocalMemory.Allocate<float>(MaxD);
+        var dkAcc = LocalMemory.Allocate<float>(MaxD);
+        var dvAcc = LocalMemory.Allocate<float>(MaxD);
+
+        int t = Group.IdxX;
+        int g = s.Group;
+        int j = Grid.IdxX * Rows + t;
+        int b = Grid.IdxY / s.Hkv;
+        int hk = Grid.IdxY % s.Hkv;
+        bool active = j < s.Tk;
+        int kj = s.KIndex(b, active ? j : 0, hk);
+        for (int d = 0; d < s.D; d++)
+        {
+            kRow[d] = active ? k[kj + d] : 0f;
+            vRow[d] = active ? v[kj + d] : 0f;
+            dkAcc[d] = 0f;
+            dvAcc[d] = 0f;
+        }
+
+        int rows = s.Tq * g;
+        for (int rt = 0; rt < rows; rt += Rows)
+        {
+            int nr = XMath.Min(Rows, rows - rt);
+            for (int e = t; e < nr * s.D; e += Rows)
+            {
+                int rr = e / s.D;
+                int d = e - rr * s.D;
+                int row = rt + rr;
+                int src = s.QIndex(b, row / g, hk * g + row % g) + d;
+                qTile[rr * MaxD + d] = q[src];
+                dOTile[rr * MaxD + d] = dO[src];
+            }
+
+            if (t < nr)
+            {
+                int row = rt + t;
+                int li = s.LseIndex(b, hk * g + row % g, row / g);
+                lseTile[t] = lse[li];
+                deltaTile[t] = delta[li];
+            }
+
+            Group.Barrier();
+            if (active)
+            {
+                for (int rr = 0; rr < nr; rr++)
+                {
+                    if (j >= s.VisibleKeys((rt + rr) / g)) continue; // causal: this query does not see key j
+                    float dot = 0f, dp = 0f;
+                    for (int d = 0; d < s.D; d++)
+                    {
+                        dot += qTile[rr * MaxD + d] * kRow[d];
+                        dp += dOTile[rr * MaxD + d] * vRow[d];
+                    }
+
+                    float p = XMath.Exp(dot * s.Scale - lseTile[rr]);
+                    float ds = p * (dp - deltaTile[rr]) * s.Scale;
+                    for (int d = 0; d < s.D; d++)
+                    {
+                        dkAcc[d] += ds * qTile[rr * MaxD + d];
+                        dvAcc[d] += p * dOTile[rr * MaxD + d];
+                    }
+                }
+            }
+
+            Group.Barrier();
+        }
+
+        if (!active) return;
+        for (int d = 0; d < s.D; d++)
+        {
+            dk[kj + d] = dkAcc[d];
+            dv[kj + d] = dvAcc[d];
+        }
     }
 }

@@ -35,10 +35,11 @@ public sealed class AttentionTests : BackendTest
     };
 
     /// <summary>
-    /// The forward kernels a device has: on ILGPU devices the per-row kernel, the tiled one, and the tiled one with
-    /// the keys split across as many groups as they allow (merged by log-sum-exp); elsewhere the device's own.
+    /// The attention kernels a device has: on ILGPU devices the per-row kernels, the tiled ones, and the tiled ones
+    /// with the forward's keys split across as many groups as they allow (merged by log-sum-exp); elsewhere the
+    /// device's own.
     /// </summary>
-    private IEnumerable<(string Name, Action Select)> ForwardKernels(int d)
+    private IEnumerable<(string Name, Action Select)> Kernels(int d)
     {
         if (Device is not IlgpuDevice ilgpu)
         {
@@ -69,10 +70,14 @@ public sealed class AttentionTests : BackendTest
         var eo = new float[q.Length];
         var el = new float[b * h * tq];
         AttentionReference.Forward(q, k, v, eo, el, s);
+        var edq = new float[q.Length];
+        var edk = new float[k.Length];
+        var edv = new float[v.Length];
+        AttentionReference.Backward(q, k, v, eo, el, dO, edq, edk, edv, s);
         var tq2 = Input("q", q, b, tq, h, d);
         var tk2 = Input("k", k, b, tk, hkv, d);
         var tv = Input("v", v, b, tk, hkv, d);
-        foreach (var (name, select) in ForwardKernels(d))
+        foreach (var (name, select) in Kernels(d))
         {
             select();
             var o = Output("o", b, tq, h, d);
@@ -80,19 +85,15 @@ public sealed class AttentionTests : BackendTest
             Ops.Attention(tq2, tk2, tv, o, lse, causal);
             Expect(o, eo, Tolerances.Attention, $"attention o {name}");
             Expect(lse, el, Tolerances.Attention, $"attention lse {name}");
-        }
 
-        var edq = new float[q.Length];
-        var edk = new float[k.Length];
-        var edv = new float[v.Length];
-        AttentionReference.Backward(q, k, v, eo, el, dO, edq, edk, edv, s);
-        var dq = Output("dq", b, tq, h, d);
-        var dk = Output("dk", b, tk, hkv, d);
-        var dv = Output("dv", b, tk, hkv, d);
-        Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, tq, h), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal);
-        Expect(dq, edq, Tolerances.Attention, "attention dq");
-        Expect(dk, edk, Tolerances.Attention, "attention dk");
-        Expect(dv, edv, Tolerances.Attention, "attention dv");
+            var dq = Output("dq", b, tq, h, d);
+            var dk = Output("dk", b, tk, hkv, d);
+            var dv = Output("dv", b, tk, hkv, d);
+            Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, tq, h), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal);
+            Expect(dq, edq, Tolerances.Attention, $"attention dq {name}");
+            Expect(dk, edk, Tolerances.Attention, $"attention dk {name}");
+            Expect(dv, edv, Tolerances.Attention, $"attention dv {name}");
+        }
     }
 
     [Test]
