@@ -19,6 +19,9 @@ namespace PeftSharp.Bench;
 public class BitDeltaBench
 {
     private Device device = null!;
+
+    /// <summary>The device setup opened (BenchDevice), for callers that time the methods themselves.</summary>
+    internal Device Device => device;
     private Tensor x = null!, w = null!, y = null!, scratch = null!;
     private BitDeltaPool pool = null!;
     private IndexTensor rowVariants = null!;

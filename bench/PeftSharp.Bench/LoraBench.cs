@@ -15,6 +15,9 @@ public class LoraBench
 {
     private const int Rows = 32, Hidden = 2048;
     private Device device = null!;
+
+    /// <summary>The device setup opened (BenchDevice), for callers that time the methods themselves.</summary>
+    internal Device Device => device;
     private Tensor x = null!, w = null!, y = null!, merged = null!;
     private LoraAdapterPool pool = null!;
     private IndexTensor rowAdapters = null!;

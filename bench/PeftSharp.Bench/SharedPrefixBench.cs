@@ -139,6 +139,9 @@ public class GroupedAttentionBench
 
     private const int H = 8, Hkv = 2, D = 64, Prompt = 1024, G = 8, C = 128;
     private Device device = null!;
+
+    /// <summary>The device setup opened (BenchDevice), for callers that time the methods themselves.</summary>
+    internal Device Device => device;
     private float[] qp = null!, kp = null!, vp = null!, qc = null!, kc = null!, vc = null!, dOp = null!, dOc = null!;
 
     [GlobalSetup]

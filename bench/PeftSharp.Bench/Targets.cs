@@ -92,7 +92,7 @@ internal static class Targets
             bench.Setup();
             try
             {
-                var device = DeviceOf(bench);
+                var device = bench.Device;
                 double tb = Time(device, bench.BaseOnly), tm = Time(device, bench.Mixed), ta = Time(device, bench.PerAdapterBatches);
                 string line = $"  {adapters,2} adapters, rank {rank,2}: base {Ms(tb)}, mixed {Ms(tm)} ({tm / tb:F2}x base), (a) per-adapter batches {Ms(ta)} ({ta / tm:F2}x mixed)";
                 if (rank == 16) line += $"; target mixed <= 1.25x base: {Verdict(tm / tb <= 1.25)}";
@@ -117,7 +117,7 @@ internal static class Targets
             bench.Setup();
             try
             {
-                var device = DeviceOf(bench);
+                var device = bench.Device;
                 double tb = Time(device, bench.BaseOnly), tf = Time(device, bench.Fused), ta = Time(device, bench.DensePerVariant);
                 Console.WriteLine($"  {batch,5} rows x variants, hidden {hidden}: base {Ms(tb)}, fused {Ms(tf)}, (a) {Ms(ta)}: {ta / tf:F2}x; target >= 3x: {Verdict(ta / tf >= 3)}");
             }
@@ -136,7 +136,7 @@ internal static class Targets
         bench.Setup();
         try
         {
-            var device = DeviceOf(bench);
+            var device = bench.Device;
             double tg = Time(device, () => bench.Grouped()), tc = Time(device, () => bench.Copied());
             Console.WriteLine($"  prompt once {Ms(tg)}, prompt copied {Ms(tc)}: {tc / tg:F2}x; target >= 3x: {Verdict(tc / tg >= 3)} (3.24x is the score-pair bound)");
         }
@@ -145,10 +145,6 @@ internal static class Targets
             bench.Cleanup();
         }
     }
-
-    /// <summary>The device a benchmark object opened in its setup (its private field), for Synchronize.</summary>
-    private static Device DeviceOf(object bench) =>
-        (Device)bench.GetType().GetField("device", System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance)!.GetValue(bench)!;
 
     /// <summary>Median milliseconds of one call, each call ended by Synchronize.</summary>
     private static double Time(Device device, Action run)

@@ -769,7 +769,10 @@ public sealed unsafe class CpuDevice : Device
             }
         }
 
-        if (work.Length > 1) Parallel.ForEach(work, Cores.Options, Group);
+        // On the backend's own workers, like the base product before it: with .NET's pool here, the base product's
+        // worker spun on one core (1 ms, waiting for the next loop) while pool threads ran the groups, and the mixed
+        // batch cost 1.25-1.38x the base product at rank 8-16 instead of 1.06-1.18x (BenchmarkDotNet, 2026-12-04).
+        if (work.Length > 1) Cores.For(work.Length, w => Group(work[w]));
         else foreach (int a in work) Group(a);
     }
 
