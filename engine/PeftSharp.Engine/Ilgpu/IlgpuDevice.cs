@@ -27,7 +27,7 @@ public enum MatMulAlgorithm
 /// <summary>Which attention kernels (forward and backward) an ILGPU device runs.</summary>
 public enum AttentionAlgorithm
 {
-    /// <summary>Tiled where the head dimension fits its tiles (D &lt;= 128) and groups of 32 threads are allowed, else per row.</summary>
+    /// <summary>Tiled where the head dimension fits its tiles (D &lt;= 128) and the device allows groups of 32 threads with 33 KB of shared memory, else per row.</summary>
     Auto,
     /// <summary>One thread per query row reading every key from global memory (<see cref="AttentionKernels.ForwardKernel"/>).</summary>
     PerRow,
@@ -376,11 +376,13 @@ public sealed class IlgpuDevice : Device
     /// <summary>Whether attention runs the tiled kernels: <see cref="AttentionAlgorithm"/>, Auto taking them where they fit.</summary>
     private bool UseTiledAttention(AttentionShape s)
     {
-        bool fits = s.D <= TiledAttentionKernels.MaxD && accelerator.MaxNumThreadsPerGroup >= TiledAttentionKernels.Rows;
+        bool fits = s.D <= TiledAttentionKernels.MaxD && accelerator.MaxNumThreadsPerGroup >= TiledAttentionKernels.Rows
+            && accelerator.MaxSharedMemoryPerGroup >= TiledAttentionKernels.SharedBytes;
         if (AttentionAlgorithm == AttentionAlgorithm.PerRow) return false;
         if (AttentionAlgorithm == AttentionAlgorithm.Tiled && !fits)
         {
-            throw new InvalidOperationException($"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}) and {TiledAttentionKernels.Rows}-thread groups ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup})");
+            throw new InvalidOperationException(
+                $"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}), {TiledAttentionKernels.Rows}-thread groups and {TiledAttentionKernels.SharedBytes} bytes of shared memory per group ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup} threads and {accelerator.MaxSharedMemoryPerGroup} bytes)");
         }
 
         return fits;

@@ -29,6 +29,12 @@ public static class TiledAttentionKernels
     public const int MaxD = 128;
 
     /// <summary>
+    /// Shared memory the largest of these kernels takes per group (the dk/dv kernel: q and dO tiles, lse and delta):
+    /// 33,024 bytes; a device that allows less per group runs the per-row kernels.
+    /// </summary>
+    public const int SharedBytes = (2 * Rows * MaxD + 2 * Rows) * sizeof(float);
+
+    /// <summary>
     /// Grid (ceil(Tq G / Rows), B Hkv, splits), groups (Rows, 1, 1). Split z covers keys [z chunk, (z + 1) chunk).
     /// With one split o and lse are written; with more, partialO (splits, B, Tq, H, D) and partialLse
     /// (splits, B, Tq, H), to be merged.
