@@ -314,7 +314,7 @@ public sealed class IlgpuDevice : Device
         // Split the keys while the (row block, b, hk) groups alone would leave the device idle, keeping at least four
         // key tiles per split (fewer splits than that would mostly add merge work).
         const int rowsPerGroup = TiledAttentionKernels.Rows, keysPerTile = TiledAttentionKernels.Keys;
-        int rowBlocks = (s.Tq * s.Group + rowsPerGroup - 1) / rowsPerGroup;
+        int rowBlocks = TiledRowBlocks(s);
         int groups = rowBlocks * s.B * s.Hkv;
         int target = AttentionTargetGroups > 0 ? AttentionTargetGroups : 4 * Math.Max(1, accelerator.NumMultiprocessors);
         int maxSplits = Math.Max(1, s.Tk / (4 * keysPerTile));
@@ -348,7 +348,7 @@ public sealed class IlgpuDevice : Device
             kernels.AttentionDelta.Value(rows, V(o), V(dO), delta.View, s);
             if (tiled)
             {
-                var config = new KernelConfig(new Index3D((s.Tq * s.Group + group - 1) / group, s.B * s.Hkv, 1), new Index3D(group, 1, 1));
+                var config = new KernelConfig(new Index3D(TiledRowBlocks(s), s.B * s.Hkv, 1), new Index3D(group, 1, 1));
                 kernels.AttentionBackwardQueryTiled.Value(config, V(q), V(k), V(v), V(lse), delta.View, V(dO), V(dq), s);
             }
             else
@@ -372,6 +372,9 @@ public sealed class IlgpuDevice : Device
 
         accelerator.Synchronize(); // delta is freed on return
     }
+
+    /// <summary>Groups of <see cref="TiledAttentionKernels.Rows"/> that the Tq G query rows of one (b, hk) fill.</summary>
+    private static int TiledRowBlocks(AttentionShape s) => (s.Tq * s.Group + TiledAttentionKernels.Rows - 1) / TiledAttentionKernels.Rows;
 
     /// <summary>Whether attention runs the tiled kernels: <see cref="AttentionAlgorithm"/>, Auto taking them where they fit.</summary>
     private bool UseTiledAttention(AttentionShape s)

@@ -50,6 +50,15 @@ public readonly struct AttentionShape
         return first < 0 ? 0 : first;
     }
 
+    /// <summary>
+    /// The query rows that read key/value head hk, numbered r = i G + (h - hk G) over the Tq queries of its G heads (as
+    /// the tiled kernels take them): row r is query <see cref="RowQuery"/> of head <see cref="RowHead"/>.
+    /// </summary>
+    public int RowQuery(int r) => r / Group;
+
+    /// <summary>The head of row r of key/value head hk (see <see cref="RowQuery"/>).</summary>
+    public int RowHead(int hk, int r) => hk * Group + r % Group;
+
     public int QIndex(int b, int i, int h) => ((b * Tq + i) * H + h) * D;
 
     public int KIndex(int b, int j, int hk) => ((b * Tk + j) * Hkv + hk) * D;

@@ -6,7 +6,7 @@ namespace PeftSharp.Kernels.Attention;
 
 /// <summary>
 /// Attention forward shaped for GPUs: a group of <see cref="Rows"/> threads takes that many query rows of one
-/// (b, hk) (the Tq x G queries of the G heads reading key/value head hk) and walks the keys in tiles of
+/// (b, hk) (the Tq x G queries of the G heads reading key/value head hk, numbered by <see cref="AttentionShape.RowQuery"/>) and walks the keys in tiles of
 /// <see cref="Keys"/> that the group loads into shared memory together, so each key and value is read from global
 /// memory once per group instead of once per query; each thread keeps its query, its output row and its online
 /// softmax in registers or local memory. The keys can be split across groups (flash-decoding): each split writes a
@@ -63,8 +63,8 @@ public static class TiledAttentionKernels
         int hk = Grid.IdxY % s.Hkv;
         int z = Grid.IdxZ;
         bool active = r < s.Tq * g;
-        int i = active ? r / g : 0;
-        int h = hk * g + (active ? r % g : 0);
+        int i = active ? s.RowQuery(r) : 0;
+        int h = s.RowHead(hk, active ? r : 0);
         int qi = s.QIndex(b, i, h);
         int visible = active ? s.VisibleKeys(i) : 0;
         for (int d = 0; d < s.D; d++)
@@ -206,8 +206,8 @@ public static class TiledAttentionKernels
         int b = Grid.IdxY / s.Hkv;
         int hk = Grid.IdxY % s.Hkv;
         bool active = r < s.Tq * g;
-        int i = active ? r / g : 0;
-        int h = hk * g + (active ? r % g : 0);
+        int i = active ? s.RowQuery(r) : 0;
+        int h = s.RowHead(hk, active ? r : 0);
         int qi = s.QIndex(b, i, h);
         int li = s.LseIndex(b, h, i);
         int visible = active ? s.VisibleKeys(i) : 0;
@@ -248,7 +248,7 @@ public static class TiledAttentionKernels
 
     /// <summary>
     /// dk and dv: grid (ceil(Tk / Rows), B Hkv, 1), groups (Rows, 1, 1), one thread per key row (b, j, hk); the group
-    /// walks the Tq G query rows of its key/value head (row r = query r / G of head hk G + r % G) in tiles of Rows,
+    /// walks the Tq G query rows of its key/value head (<see cref="AttentionShape.RowQuery"/>) in tiles of Rows,
     /// loading each tile's q, dO, lse and delta into shared memory once for all its keys.
     /// </summary>
     public static void BackwardKeyValueKernel(
@@ -295,7 +295,7 @@ public static class TiledAttentionKernels
                 int rr = e / s.D;
                 int d = e - rr * s.D;
                 int row = rt + rr;
-                int src = s.QIndex(b, row / g, hk * g + row % g) + d;
+                int src = s.QIndex(b, s.RowQuery(row), s.RowHead(hk, row)) + d;
                 qTile[rr * MaxD + d] = q[src];
                 dOTile[rr * MaxD + d] = dO[src];
             }
@@ -303,7 +303,7 @@ public static class TiledAttentionKernels
             if (t < nr)
             {
                 int row = rt + t;
-                int li = s.LseIndex(b, hk * g + row % g, row / g);
+                int li = s.LseIndex(b, s.RowHead(hk, row), s.RowQuery(row));
                 lseTile[t] = lse[li];
                 deltaTile[t] = delta[li];
             }
@@ -313,7 +313,7 @@ public static class TiledAttentionKernels
             {
                 for (int rr = 0; rr < nr; rr++)
                 {
-                    if (j >= s.VisibleKeys((rt + rr) / g)) continue; // causal: this query does not see key j
+                    if (j >= s.VisibleKeys(s.RowQuery(rt + rr))) continue; // causal: this query does not see key j
                     float dot = 0f, dp = 0f;
                     for (int d = 0; d < s.D; d++)
                     {
