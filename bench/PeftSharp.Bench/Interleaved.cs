@@ -12,17 +12,13 @@ namespace PeftSharp.Bench;
 /// </summary>
 internal static class Interleaved
 {
-    /// <summary>
-    /// A pause before each timed call: ONNX Runtime's intra-op threads spin after a run and PeftSharp's workers for 1 ms
-    /// after each loop, so a call that starts right after the other library's would share the cores with its spinning.
-    /// </summary>
-    private static int PauseMs = 50;
-
     public static void Run(string[] args)
     {
         string size = args.Length > 0 ? args[0] : "20M";
         int rounds = args.Length > 1 ? int.Parse(args[1]) : 40;
-        if (args.Length > 2) PauseMs = int.Parse(args[2]);
+        // A pause before each timed call: ONNX Runtime's intra-op threads spin after a run and PeftSharp's workers for
+        // 1 ms after each loop, so a call that starts right after the other library's would share the cores with them.
+        int pauseMs = args.Length > 2 ? int.Parse(args[2]) : 50;
         var bench = new ModelBench { Size = size };
         bench.Setup();
         try
@@ -42,13 +38,13 @@ internal static class Interleaved
             {
                 if (i % 2 == 0)
                 {
-                    ours[i] = Time(() => bench.Forward());
-                    theirs[i] = Time(bench.OnnxRuntimeForward);
+                    ours[i] = Time(pauseMs, () => bench.Forward());
+                    theirs[i] = Time(pauseMs, bench.OnnxRuntimeForward);
                 }
                 else
                 {
-                    theirs[i] = Time(bench.OnnxRuntimeForward);
-                    ours[i] = Time(() => bench.Forward());
+                    theirs[i] = Time(pauseMs, bench.OnnxRuntimeForward);
+                    ours[i] = Time(pauseMs, () => bench.Forward());
                 }
             }
 
@@ -64,9 +60,9 @@ internal static class Interleaved
         }
     }
 
-    private static double Time(Action a)
+    private static double Time(int pauseMs, Action a)
     {
-        Thread.Sleep(PauseMs);
+        Thread.Sleep(pauseMs);
         long t0 = Stopwatch.GetTimestamp();
         a();
         return Stopwatch.GetElapsedTime(t0).TotalMilliseconds;

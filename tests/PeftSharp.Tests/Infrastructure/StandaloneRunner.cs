@@ -9,8 +9,9 @@ namespace PeftSharp.Tests.Infrastructure;
 /// <summary>
 /// The test assembly as a program of its own, for machines without the .NET SDK: a GPU machine lent for a few minutes
 /// has no `dotnet test`, so the suite is published self-contained (tests/device/pack.sh) and run there as
-/// `PeftSharp.Tests [--where REGEX] [--list]` (or `PeftSharp.Tests --peft ARGS...` for the host). It runs NUnit's own framework runner in process (the runner NUnitLite
-/// wraps, which NuGet does not serve here) over the tests whose full name matches REGEX (all of them without one;
+/// `PeftSharp.Tests [--where REGEX] [--list]` (or `PeftSharp.Tests --peft ARGS...` for the host). It runs NUnit's
+/// own framework runner in process (the runner NUnitLite wraps, which NuGet does not serve here) over the tests whose
+/// full name matches REGEX (all of them without one;
 /// `"cuda"` picks every test parameterised by the CUDA backend), prints each failure with its message, and ends with
 /// the CI line "N passed, N failed, N skipped"; the exit code is the number of failures, at most 100.
 /// `dotnet test` does not come through here: it runs the same tests through the NUnit adapter.
