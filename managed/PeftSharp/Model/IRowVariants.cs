@@ -22,3 +22,35 @@ public interface IRowVariants
     /// </summary>
     Tensor? Replacement(string parameter, int row) => null;
 }
+
+/// <summary>Where a batch's row variants replace a whole parameter.</summary>
+internal static class VariantRuns
+{
+    /// <summary>
+    /// Runs of consecutive entries of <paramref name="rows"/> whose rows' variants replace <paramref name="parameter"/>
+    /// with the same tensor: (index of the run's first entry, entries, the tensor).
+    /// </summary>
+    public static List<(int Start, int Count, Tensor Value)> Replacements(IRowVariants? variants, string parameter, IEnumerable<int> rows)
+    {
+        var runs = new List<(int, int, Tensor)>();
+        if (variants == null) return runs;
+        int at = 0;
+        Tensor? current = null;
+        int start = 0;
+        foreach (int row in rows)
+        {
+            var t = variants.Replacement(parameter, row);
+            if (!ReferenceEquals(t, current))
+            {
+                if (current != null) runs.Add((start, at - start, current));
+                current = t;
+                start = at;
+            }
+
+            at++;
+        }
+
+        if (current != null) runs.Add((start, at - start, current));
+        return runs;
+    }
+}

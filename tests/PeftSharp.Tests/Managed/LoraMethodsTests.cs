@@ -1,4 +1,5 @@
 using NUnit.Framework;
+using PeftSharp.Adapters;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;

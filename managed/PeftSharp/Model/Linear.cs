@@ -1,0 +1,145 @@
+using PeftSharp.Adapters;
+using PeftSharp.Engine;
+
+namespace PeftSharp.Model;
+
+/// <summary>
+/// One linear module of the model (x (rows, in) -> y (rows, out)): the shared base product y = x W^T, then each row's
+/// variant delta (<see cref="IRowVariants"/>: LoRA, 1-bit or sparse deltas of a serving batch), then the module's own
+/// trainable adapter (<see cref="Adapter"/>: LoRA or DoRA), then the adapters of a set-batched pass on their own rows.
+/// </summary>
+internal sealed class Linear
+{
+    private readonly List<LoraLayer?> setAdapters = new();
+
+    public Linear(string module, int moduleIndex, Parameter weight)
+    {
+        Module = module;
+        ModuleIndex = moduleIndex;
+        Weight = weight;
+    }
+
+    /// <summary>The module path (model.layers.0.self_attn.q_proj).</summary>
+    public string Module { get; }
+
+    /// <summary>Its place among the model's linear modules (seeds its dropout masks).</summary>
+    public int ModuleIndex { get; }
+
+    /// <summary>W (out, in).</summary>
+    public Parameter Weight { get; }
+
+    /// <summary>The module's own trainable adapter, or null.</summary>
+    public LoraLayer? Adapter { get; set; }
+
+    /// <summary>The layer of each adapter set on this module (null where that set does not target it), in set order.</summary>
+    public IReadOnlyList<LoraLayer?> SetAdapters => setAdapters;
+
+    public void AddSetAdapter(LoraLayer? layer) => setAdapters.Add(layer);
+
+    /// <summary>True when the output is the base product alone for this pass.</summary>
+    public bool IsPlain(LinearPass pass) => Adapter == null && pass.SetRows == null && pass.Variants == null;
+
+    public void Forward(Tensor x, Tensor y, LinearPass pass)
+    {
+        var ops = Weight.Value.Device.Ops;
+        ops.Linear(x, Weight.Value, y);
+        pass.Variants?.Apply(Module, x, y);
+        if (Adapter != null)
+        {
+            pass.Keep(Module, Adapter.Forward(Weight, x, y, pass.Training, DropoutSeed(pass, 0)));
+            return;
+        }
+
+        if (pass.SetRows == null) return;
+        int inF = x.Dim(1), outF = y.Dim(1);
+        foreach (var (k, l, r0, rows) in SetSegments(pass.SetRows))
+        {
+            var saved = new LoraSaved();
+            try
+            {
+                l.AddLowRank(x.View(r0 * inF, rows, inF), y.View(r0 * outF, rows, outF), pass.Training, DropoutSeed(pass, k + 1), saved);
+            }
+            catch
+            {
+                saved.Dispose();
+                throw;
+            }
+
+            if (pass.Training) pass.Keep($"{Module}#{k}", saved);
+            else saved.Dispose();
+        }
+    }
+
+    /// <summary>dx = dL/dx (overwritten); dW and the adapters' gradients added where they train.</summary>
+    public void Backward(Tensor x, Tensor dy, Tensor dx, LinearPass pass)
+    {
+        if (Adapter != null)
+        {
+            Adapter.Backward(Weight, x, dy, dx, pass.Saved(Module));
+            return;
+        }
+
+        Weight.Value.Device.Ops.LinearBackward(x, Weight.Value, dy, dx, Weight.Trainable ? Weight.Grad : null, accumulateWeight: true);
+        if (pass.SetRows == null) return;
+        int inF = x.Dim(1), outF = dy.Dim(1);
+        foreach (var (k, l, r0, rows) in SetSegments(pass.SetRows))
+        {
+            l.AddLowRankBackward(x.View(r0 * inF, rows, inF), dy.View(r0 * outF, rows, outF), dx.View(r0 * inF, rows, inF), (LoraSaved)pass.Saved($"{Module}#{k}"));
+        }
+    }
+
+    /// <summary>Each adapter set with a layer here, and its rows [Row0, Row0 + Rows) of the pass (sets in order, rows contiguous).</summary>
+    private IEnumerable<(int Set, LoraLayer Layer, int Row0, int Rows)> SetSegments(int[] rowsPerSet)
+    {
+        int r0 = 0;
+        for (int k = 0; k < setAdapters.Count; k++)
+        {
+            if (rowsPerSet[k] > 0 && setAdapters[k] is { } l) yield return (k, l, r0, rowsPerSet[k]);
+            r0 += rowsPerSet[k];
+        }
+    }
+
+    /// <summary>The dropout seed of this module in this pass (salt 0: its own adapter; k + 1: adapter set k).</summary>
+    private int DropoutSeed(LinearPass pass, int salt) => unchecked(pass.DropoutSeed * 1_000_003 + ModuleIndex * 7919 + 17 + salt * 104_729);
+}
+
+/// <summary>
+/// What one pass tells every linear module: the rows' variants (serving), the rows of each adapter set (set-batched
+/// training), whether it trains (dropout on; what the backward needs is kept here) and the dropout seed.
+/// </summary>
+internal sealed class LinearPass : IDisposable
+{
+    private readonly Dictionary<string, IDisposable> saved = new();
+
+    public LinearPass(bool training, int dropoutSeed, IRowVariants? variants = null, int[]? setRows = null)
+    {
+        Training = training;
+        DropoutSeed = dropoutSeed;
+        Variants = variants;
+        SetRows = setRows;
+    }
+
+    public bool Training { get; }
+
+    public int DropoutSeed { get; }
+
+    public IRowVariants? Variants { get; }
+
+    /// <summary>Rows of each adapter set, in set order, or null when the pass is not set-batched.</summary>
+    public int[]? SetRows { get; }
+
+    public void Keep(string key, IDisposable? state)
+    {
+        if (state != null) saved[key] = state;
+    }
+
+    public IDisposable Saved(string key) => saved.TryGetValue(key, out var s)
+        ? s
+        : throw new InvalidOperationException($"{key}: no saved forward state (the pass did not train)");
+
+    public void Dispose()
+    {
+        foreach (var s in saved.Values) s.Dispose();
+        saved.Clear();
+    }
+}

@@ -1,0 +1,88 @@
+using PeftSharp.Engine;
+
+namespace PeftSharp.Model;
+
+/// <summary>
+/// The base model's parameters under Hugging Face's names, in checkpoint order, with the ones the model reads by
+/// role (embedding, final norm, LM head) typed. Layers are built over these by <see cref="DecoderLayer"/>.
+/// </summary>
+internal sealed class LlamaWeights : IDisposable
+{
+    private readonly Dictionary<string, Parameter> byName = new();
+    private readonly List<Parameter> all = new();
+
+    private LlamaWeights(LlamaConfig config)
+    {
+        Config = config;
+    }
+
+    public LlamaConfig Config { get; }
+
+    public IReadOnlyList<Parameter> All => all;
+
+    public Parameter Embedding => this["model.embed_tokens.weight"];
+
+    public Parameter FinalNorm => this["model.norm.weight"];
+
+    /// <summary>The LM head: the embedding when tied.</summary>
+    public Parameter LmHead => Config.TieWordEmbeddings ? Embedding : this["lm_head.weight"];
+
+    public Parameter this[string name] => byName.TryGetValue(name, out var p)
+        ? p
+        : throw new KeyNotFoundException($"model has no parameter '{name}'");
+
+    public bool Has(string name) => byName.ContainsKey(name);
+
+    /// <summary>The Hugging Face names and shapes of every parameter this config has, in checkpoint order.</summary>
+    public static IEnumerable<(string Name, int[] Shape)> Shapes(LlamaConfig c)
+    {
+        int d = c.HeadDim;
+        yield return ("model.embed_tokens.weight", new[] { c.VocabSize, c.HiddenSize });
+        for (int i = 0; i < c.NumHiddenLayers; i++)
+        {
+            string p = $"model.layers.{i}.";
+            yield return (p + "input_layernorm.weight", new[] { c.HiddenSize });
+            yield return (p + "self_attn.q_proj.weight", new[] { c.NumAttentionHeads * d, c.HiddenSize });
+            yield return (p + "self_attn.k_proj.weight", new[] { c.NumKeyValueHeads * d, c.HiddenSize });
+            yield return (p + "self_attn.v_proj.weight", new[] { c.NumKeyValueHeads * d, c.HiddenSize });
+            yield return (p + "self_attn.o_proj.weight", new[] { c.HiddenSize, c.NumAttentionHeads * d });
+            yield return (p + "post_attention_layernorm.weight", new[] { c.HiddenSize });
+            yield return (p + "mlp.gate_proj.weight", new[] { c.IntermediateSize, c.HiddenSize });
+            yield return (p + "mlp.up_proj.weight", new[] { c.IntermediateSize, c.HiddenSize });
+            yield return (p + "mlp.down_proj.weight", new[] { c.HiddenSize, c.IntermediateSize });
+        }
+
+        yield return ("model.norm.weight", new[] { c.HiddenSize });
+        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new[] { c.VocabSize, c.HiddenSize });
+    }
+
+    /// <summary>Every parameter of <paramref name="config"/> on <paramref name="device"/>, its values from (name, shape) -> data.</summary>
+    public static LlamaWeights FromTensors(Device device, LlamaConfig config, Func<string, int[], float[]> values)
+    {
+        var weights = new LlamaWeights(config);
+        try
+        {
+            foreach (var (name, shape) in Shapes(config))
+            {
+                var data = values(name, shape);
+                var p = new Parameter(name, device.FromArray(name, data, shape));
+                weights.all.Add(p);
+                weights.byName.Add(name, p);
+            }
+        }
+        catch
+        {
+            weights.Dispose();
+            throw;
+        }
+
+        return weights;
+    }
+
+    public void Dispose()
+    {
+        foreach (var p in all) p.Dispose();
+        all.Clear();
+        byName.Clear();
+    }
+}
