@@ -9,6 +9,7 @@ using PeftSharp.Formats;
 using PeftSharp.Merging;
 using PeftSharp.Model;
 using PeftSharp.Training;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Bench;
 

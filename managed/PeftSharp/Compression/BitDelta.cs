@@ -6,6 +6,7 @@ using PeftSharp.Engine;
 using PeftSharp.Formats;
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Model;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Compression;
 
@@ -23,7 +24,7 @@ public sealed record BitDeltaModule(IReadOnlyList<int[]> Signs, float[] Scales)
 /// residual rounds; every other parameter (embeddings, norms, LM head) kept as it is, and stored only when it differs
 /// from the base. A fingerprint of the base weights travels with it, so it cannot be applied to another base.
 /// </summary>
-public sealed class BitDelta
+public sealed class BitDelta : IVariant
 {
     public const string ConfigFile = "bitdelta_config.json";
     public const string WeightsFile = "bitdelta.safetensors";
@@ -131,6 +132,12 @@ public sealed class BitDelta
     }
 
     /// <summary>Writes W += sum_j scale_j S_j into every linear weight and the dense parameters over the base's.</summary>
+    public string Kind => "1-bit delta";
+
+    public string Summary => $"{Modules.Count} 1-bit deltas ({Rounds} round{(Rounds == 1 ? "" : "s")}) and {Dense.Count} dense tensors";
+
+    void IVariant.MergeInto(LlamaModel model) => MergeInto(model);
+
     public void MergeInto(LlamaModel model, IReadOnlyDictionary<string, float[]>? scales = null)
     {
         var ops = model.Device.Ops;

@@ -3,6 +3,8 @@ using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
 using PeftSharp.Model;
 
+using PeftSharp.Variants;
+
 namespace PeftSharp.Formats;
 
 /// <summary>The parts of a PEFT LoRA adapter_config.json that PeftSharp honours.</summary>
@@ -73,7 +75,7 @@ public sealed record LoraAdapterConfig
 /// model's modules and shapes and every config option against what PeftSharp supports, and reports all offenders in
 /// one error: silent mismatches are PEFT users' most reported pain.
 /// </summary>
-public sealed class PeftLoraAdapter
+public sealed class PeftLoraAdapter : IVariant
 {
     public const string ConfigFile = "adapter_config.json";
     public const string WeightsFile = "adapter_model.safetensors";
@@ -88,6 +90,13 @@ public sealed class PeftLoraAdapter
     }
 
     public LoraAdapterConfig Config { get; }
+
+    public string Kind => Config.UseDora ? "DoRA" : "LoRA";
+
+    public string Summary => $"{Modules.Count} {Kind} modules (r = {Config.R}, alpha = {Config.LoraAlpha}{(Config.UseRsLora ? ", rsLoRA" : "")})";
+
+    /// <summary>W += s B A on every module (DoRA: rescaled by m / ||W + s B A||), as <see cref="LoraMerge.Merge"/>.</summary>
+    public void MergeInto(LlamaModel model) => LoraMerge.Merge(model, this);
 
     /// <summary>Module path (model.layers.0.self_attn.q_proj) to A (r, in) and B (out, r), row-major.</summary>
     public IReadOnlyDictionary<string, (float[] A, float[] B)> Modules { get; }

@@ -2,6 +2,8 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using PeftSharp.Model;
 
+using PeftSharp.Variants;
+
 namespace PeftSharp.Formats;
 
 /// <summary>
@@ -11,7 +13,7 @@ namespace PeftSharp.Formats;
 /// grouped-query models). Saved without the reparameterising MLP (prefix_projection false): a prefix trained through
 /// one is exported as the keys and values it computes, which is all inference needs.
 /// </summary>
-public sealed class PeftPrefixAdapter
+public sealed class PeftPrefixAdapter : IVariant
 {
     public const string Key = "prompt_embeddings";
 
@@ -24,6 +26,14 @@ public sealed class PeftPrefixAdapter
     }
 
     public int VirtualTokens { get; }
+
+    public string Kind => "prefix tuning";
+
+    public string Summary => $"prefix tuning with {VirtualTokens} virtual tokens per layer";
+
+    /// <summary>Prefix tuning adds keys and values to attention, which no weight change reproduces: refused.</summary>
+    public void MergeInto(LlamaModel model) =>
+        throw new NotSupportedException($"a prefix-tuning adapter ({VirtualTokens} virtual tokens) cannot be merged into the weights: serve it as a variant (peft generate --adapters) or load it with --prefix");
 
     /// <summary>Per layer, (P, Hkv, D) row-major.</summary>
     public IReadOnlyList<float[]> Keys { get; }

@@ -4,6 +4,8 @@ using PeftSharp.Engine;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 
+using PeftSharp.Variants;
+
 namespace PeftSharp.Merging;
 
 /// <summary>
@@ -68,7 +70,7 @@ public static class MergeRunner
     private static LlamaModel LoadInput(string folder, LlamaModel? baseModel, Device device)
     {
         if (File.Exists(Path.Combine(folder, HuggingFaceFolder.ConfigFile))) return HuggingFaceFolder.Load(folder, device);
-        if (!new[] { PeftLoraAdapter.ConfigFile, BitDelta.ConfigFile, SparseDelta.ConfigFile }.Any(f => File.Exists(Path.Combine(folder, f))))
+        if (!VariantFolder.IsVariant(folder))
         {
             throw new FileNotFoundException($"{folder}: neither a model folder (config.json) nor a PEFT adapter, 1-bit delta or sparse delta folder");
         }
@@ -95,23 +97,12 @@ public static class MergeRunner
     /// </summary>
     public static string ApplyFolder(LlamaModel model, string folder, bool adapters = true, bool deltas = true)
     {
-        if (adapters && (!deltas || File.Exists(Path.Combine(folder, PeftLoraAdapter.ConfigFile))))
-        {
-            var adapter = PeftLoraAdapter.Load(folder, model.Config);
-            LoraMerge.Merge(model, adapter);
-            return $"{adapter.Modules.Count} {(adapter.Config.UseDora ? "DoRA" : "LoRA")} modules (r = {adapter.Config.R}, alpha = {adapter.Config.LoraAlpha}{(adapter.Config.UseRsLora ? ", rsLoRA" : "")})";
-        }
-
-        if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile)))
-        {
-            var sparse = SparseDelta.Load(folder, model);
-            sparse.ApplyTo(model);
-            return $"a sparse delta of {sparse.Nonzeros:N0} entries over {sparse.Entries.Count} tensors";
-        }
-
-        var delta = BitDelta.Load(folder, model);
-        delta.MergeInto(model);
-        return $"{delta.Modules.Count} 1-bit deltas ({delta.Rounds} round{(delta.Rounds == 1 ? "" : "s")}) and {delta.Dense.Count} dense tensors";
+        // A flag that allows one kind reads that kind (a folder of the other kind fails as not found); else the folder says.
+        IVariant variant = adapters && !deltas ? PeftLoraAdapter.Load(folder, model.Config)
+            : deltas && !adapters ? (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile)) ? SparseDelta.Load(folder, model) : BitDelta.Load(folder, model))
+            : VariantFolder.Load(folder, model);
+        variant.MergeInto(model);
+        return variant.Summary;
     }
 
     /// <summary>A stable per-tensor seed for DARE (FNV-1a of the name; string.GetHashCode differs per process).</summary>

@@ -3,6 +3,7 @@ using PeftSharp.Engine;
 using PeftSharp.Formats;
 using PeftSharp.Merging;
 using PeftSharp.Model;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Serving;
 

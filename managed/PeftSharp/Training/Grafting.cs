@@ -1,5 +1,6 @@
 using PeftSharp.Merging;
 using PeftSharp.Model;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Training;
 

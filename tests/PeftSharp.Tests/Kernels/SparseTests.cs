@@ -3,6 +3,7 @@ using PeftSharp.Engine;
 using PeftSharp.Kernels.Optim;
 using PeftSharp.Kernels.Sparse;
 using PeftSharp.Tests.Infrastructure;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Tests.Kernels;
 

@@ -6,6 +6,7 @@ using PeftSharp.Model;
 using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Data;
 using PeftSharp.Training;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Tests.Managed;
 

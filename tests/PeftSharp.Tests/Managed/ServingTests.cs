@@ -5,6 +5,7 @@ using PeftSharp.Model;
 using PeftSharp.Serving;
 using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Training;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Tests.Managed;
 
@@ -124,7 +125,7 @@ public sealed class ServingTests
         var lora = Adapter(config, 3, new[] { "q_proj", "up_proj" }, 700);
         using var fineC = BitDeltaCompressionTests.FineTuneOf(model, 650);
         var linear = LoraAdapterConfig.LlamaLinearModules(config).Select(m => m + ".weight").ToArray();
-        var sparse = PeftSharp.Merging.SparseDelta.Between(model, fineC, linear.ToDictionary(n => n, n => Enumerable.Range(0, model[n].Value.Length).Where(i => i % 7 == 0).ToArray()));
+        var sparse = PeftSharp.Variants.SparseDelta.Between(model, fineC, linear.ToDictionary(n => n, n => Enumerable.Range(0, model[n].Value.Length).Where(i => i % 7 == 0).ToArray()));
         using var set = new VariantSet(model);
         set.AddDelta("bits-a", deltaA);
         set.AddLora("lora", lora);
@@ -191,7 +192,7 @@ public sealed class ServingTests
         });
         var delta = PeftSharp.Compression.BitDelta.Compress(cpuBase, full, rounds: 1);
         Assert.That(delta.Dense.Keys, Does.Contain("model.embed_tokens.weight").And.Contain("model.norm.weight").And.Contain("model.layers.0.input_layernorm.weight"));
-        var sparse = PeftSharp.Merging.SparseDelta.Between(cpuBase, full, new Dictionary<string, int[]>
+        var sparse = PeftSharp.Variants.SparseDelta.Between(cpuBase, full, new Dictionary<string, int[]>
         {
             ["model.layers.1.post_attention_layernorm.weight"] = new[] { 0, 3, 5 },
             ["model.layers.0.mlp.up_proj.weight"] = Enumerable.Range(0, 40).Select(i => i * 7).ToArray(),

@@ -5,7 +5,9 @@ using PeftSharp.Engine;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 
-namespace PeftSharp.Merging;
+using PeftSharp.Variants;
+
+namespace PeftSharp.Variants;
 
 /// <summary>
 /// A fine-tune stored as sparse differences from its base: per parameter, distinct flat indices and the values to
@@ -13,7 +15,7 @@ namespace PeftSharp.Merging;
 /// values summed where both have one). On disk: sparse_config.json and sparse_delta.safetensors with
 /// `{name}.indices` (I32) and `{name}.values` (F32) per parameter.
 /// </summary>
-public sealed class SparseDelta
+public sealed class SparseDelta : IVariant
 {
     public const string ConfigFile = "sparse_config.json";
     public const string WeightsFile = "sparse_delta.safetensors";
@@ -29,6 +31,13 @@ public sealed class SparseDelta
     public string BaseFingerprint { get; }
 
     public long Nonzeros => Entries.Values.Sum(e => (long)e.Index.Length);
+
+    public string Kind => "sparse delta";
+
+    public string Summary => $"a sparse delta of {Nonzeros:N0} entries over {Entries.Count} tensors";
+
+    /// <summary>Adds the entries to the model's weights (<see cref="ApplyTo"/> with sign +1).</summary>
+    public void MergeInto(LlamaModel model) => ApplyTo(model);
 
     /// <summary>The entries where <paramref name="fine"/> differs from <paramref name="baseModel"/>, or those in <paramref name="masks"/>.</summary>
     public static SparseDelta Between(LlamaModel baseModel, LlamaModel fine, IReadOnlyDictionary<string, int[]>? masks = null)

@@ -1,0 +1,108 @@
+using System.CommandLine;
+using PeftSharp.Compression;
+using PeftSharp.Data;
+using PeftSharp.Engine;
+using PeftSharp.Formats;
+using PeftSharp.Merging;
+using PeftSharp.Model;
+using PeftSharp.Serving;
+using PeftSharp.Training;
+using Spectre.Console;
+using PeftSharp.Variants;
+
+namespace PeftSharp.Trainer.Commands;
+
+/// <summary>`peft generate`: one prompt, or every request of a file in one mixed-variant batch.</summary>
+internal static class GenerateCommand
+{
+    public static Command Create(SharedOptions o, TextWriter stdout, TextWriter stderr)
+    {
+        var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
+        var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
+        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT adapters (LoRA or prefix tuning): name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
+        var prefixAdapter = new Option<string?>("--prefix") { Description = "A PEFT prefix-tuning folder whose virtual tokens every request reads" };
+        var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };
+        var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit (peft compress) or sparse delta folders: name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
+        var maxTokens = new Option<int?>("--max-tokens") { Description = "default: generation_config.json's max_new_tokens, else 32" };
+        var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
+        var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
+        var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
+        var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
+        foreach (var opt in new Option[] { o.Device, o.Model, prompt, requestsOpt, adaptersOpt, deltasOpt, prefixAdapter, noSharing, maxTokens, temperature, topK, topP, o.Seed }) generate.Options.Add(opt);
+        generate.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(prompt), r.GetValue(requestsOpt),
+            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), stdout, stderr));
+        return generate;
+    }
+
+    private static int Run(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, string? prefixDir, bool noSharing, int? maxTokens,
+        float? temperature, int? topK, float? topP, int seed, TextWriter stdout, TextWriter stderr)
+    {
+        if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
+        var named = RequestFile.ParseNamedFolders("--adapters", adapters);
+        var namedDeltas = RequestFile.ParseNamedFolders("--deltas", deltas);
+        using var device = Host.OpenDevice(deviceSpec);
+        using var model = Host.LoadTextModel(modelDir, device);
+        if (prefixDir != null)
+        {
+            var pa = PeftPrefixAdapter.Load(prefixDir, model.Config);
+            model.AddPrefixTuning(pa.VirtualTokens, seed, pa.Keys, pa.Values);
+        }
+
+        // Flags win; then the folder's generation_config.json; then greedy, 32 tokens.
+        var g = GenerationConfig.Read(modelDir);
+        int max = maxTokens ?? g.MaxNewTokens ?? 32;
+        float temp = temperature ?? (g.DoSample == false ? 0f : g.Temperature ?? 0f);
+        int k = topK ?? g.TopK ?? 0;
+        float p = topP ?? g.TopP ?? 1f;
+        if (max <= 0) throw new ArgumentException($"--max-tokens {max}: must be positive");
+        if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
+        if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
+        var defaults = new GenerationRequest("", null, max, temp, k, p, seed);
+        if (prompt != null && named.Count + namedDeltas.Count == 0 && !noSharing)
+        {
+            stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
+            return 0;
+        }
+
+        using var set = new VariantSet(model);
+        foreach (var (name, folder) in named)
+        {
+            bool prefixTuning = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter")["peft_type"]?.GetValue<string>() == "PREFIX_TUNING";
+            if (prefixTuning) set.AddPrefix(name, PeftPrefixAdapter.Load(folder, model.Config));
+            else set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
+        }
+        foreach (var (name, folder) in namedDeltas)
+        {
+            if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) set.AddSparse(name, SparseDelta.Load(folder, model));
+            else set.AddDelta(name, BitDelta.Load(folder, model));
+        }
+        var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
+        foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        var (results, sharing) = BatchGenerator.GenerateWithReport(model, requests, set, noSharing ? PrefixSharing.Off : PrefixSharing.Auto);
+        watch.Stop();
+        if (requestsPath == null)
+        {
+            stdout.WriteLine(results[0].Completion);
+            return 0;
+        }
+
+        for (int i = 0; i < results.Count; i++)
+        {
+            var line = new System.Text.Json.Nodes.JsonObject
+            {
+                ["index"] = i,
+                ["variant"] = results[i].Request.Variant ?? "base",
+                ["prompt"] = results[i].Request.Prompt,
+                ["completion"] = results[i].Completion,
+                ["tokens"] = results[i].Tokens,
+            };
+            stdout.WriteLine(line.ToJsonString());
+        }
+
+        int total = results.Sum(r => r.Tokens);
+        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in {watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s); " +
+            (sharing.Prefixes > 0 ? $"{sharing.Prefixes} shared prefixes read by {sharing.SharingSequences} requests, {sharing.TokensSaved} prefix tokens not recomputed" : "no shared prefixes"));
+        return 0;
+    }
+}

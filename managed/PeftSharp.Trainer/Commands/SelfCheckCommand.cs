@@ -1,0 +1,51 @@
+using System.CommandLine;
+using PeftSharp.Compression;
+using PeftSharp.Data;
+using PeftSharp.Engine;
+using PeftSharp.Formats;
+using PeftSharp.Merging;
+using PeftSharp.Model;
+using PeftSharp.Serving;
+using PeftSharp.Training;
+using Spectre.Console;
+
+namespace PeftSharp.Trainer.Commands;
+
+/// <summary>`peft selfcheck`: each kernel family against its double-precision reference, on every device found.</summary>
+internal static class SelfCheckCommand
+{
+    public static Command Create(SharedOptions o, TextWriter stdout, TextWriter stderr)
+    {
+        var selfcheck = new Command("selfcheck", "Run a short kernel check against the double-precision references, on --device or on every device found.");
+        selfcheck.Options.Add(o.Device);
+        selfcheck.SetAction(r => Run(r.GetValue(o.Device), stdout, stderr));
+        return selfcheck;
+    }
+
+    private static int Run(string? spec, TextWriter stdout, TextWriter stderr)
+    {
+        var console = Host.Console(stdout);
+        string? chosen = spec is { Length: > 0 } ? spec : Environment.GetEnvironmentVariable(Devices.EnvironmentVariable);
+        var specs = chosen is { Length: > 0 } ? new[] { chosen } : Devices.List().Select(d => d.Spec).ToArray();
+        int failed = 0;
+        foreach (var s in specs)
+        {
+            using var device = Devices.Open(s);
+            console.MarkupLine($"self-check on [bold]{Markup.Escape(device.Info.Spec)}[/] ({Markup.Escape(device.Info.Name)}; {Markup.Escape(device.Info.Detail)})");
+            var results = PeftSharp.Engine.SelfCheck.Run(device);
+            var table = new Table().AddColumns("op", "shape", "max error", "tolerance", "time (incl. compile)", "result");
+            foreach (var r in results)
+            {
+                table.AddRow(r.Op, r.Shape, r.MaxError.ToString("G3"), r.Tolerance.ToString("G3"), $"{r.Elapsed.TotalMilliseconds:F1} ms", r.Passed ? "[green]ok[/]" : "[red]FAILED[/]");
+            }
+
+        console.Write(table);
+            int bad = results.Count(r => !r.Passed);
+            if (bad > 0) stderr.WriteLine($"peft: {bad} self-check op(s) failed on {device.Info.Spec}");
+            failed += bad;
+        }
+
+        console.MarkupLine(failed == 0 ? $"[green]all kernels agree with the references on {specs.Length} device(s)[/]" : "[red]self-check failed[/]");
+        return failed == 0 ? 0 : 1;
+    }
+}

@@ -1,0 +1,248 @@
+using System.CommandLine;
+using PeftSharp.Data;
+using PeftSharp.Engine;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+using PeftSharp.Training;
+using Spectre.Console;
+
+namespace PeftSharp.Trainer.Commands;
+
+/// <summary>The training flags beyond <see cref="TrainOptions"/>, as given (checked and mapped to <see cref="FinetuneOptions"/> by <see cref="TrainCommand"/>).</summary>
+internal sealed record TrainFlags
+{
+    public IReadOnlyList<string> Freeze { get; init; } = Array.Empty<string>();
+    public float LayerDecay { get; init; } = 1f;
+    public float EmaDecay { get; init; }
+    public string Optimizer { get; init; } = "adamw";
+    public float Momentum { get; init; } = 0.9f;
+    public LoraAdapterConfig? Lora { get; init; }
+    public bool LoraBOnly { get; init; }
+    public string LoraInit { get; init; } = "lora";
+    public bool AdapterPerTask { get; init; }
+    public double Density { get; init; }
+    public string MaskSource { get; init; } = "gradient";
+    public int RegrowEvery { get; init; }
+    public int VirtualTokens { get; init; }
+    public int PrefixProjection { get; init; }
+    public string? TokenizerDir { get; init; }
+}
+
+/// <summary>`peft pretrain` and `peft finetune`: flags to a <see cref="FinetuneOptions"/> recipe, run by the library's <see cref="Finetune"/>.</summary>
+internal static class TrainCommand
+{
+    public static Command Create(SharedOptions o, string name, string description, bool finetune, TextWriter stdout)
+    {
+        var steps = new Option<int>("--steps") { Description = "Optimizer steps", DefaultValueFactory = _ => 300 };
+        var lr = new Option<float>("--lr") { Description = "Peak learning rate (warmup, then cosine to a tenth)", DefaultValueFactory = _ => 3e-3f };
+        var resume = new Option<string?>("--resume") { Description = "Continue from a checkpoint folder (OUT/checkpoint)" };
+        var ckptEvery = new Option<int>("--checkpoint-every") { Description = "Steps between checkpoints (0: none)", DefaultValueFactory = _ => 100 };
+        var config = new Option<string>("--config") { Description = "tiny | small | CONFIG.json", DefaultValueFactory = _ => "tiny" };
+        var tokenizerDir = new Option<string?>("--tokenizer") { Description = "A folder with tokenizer.json or tokenizer.model to pre-train with (tiny/small take its vocabulary size); default: the built-in byte tokenizer" };
+        var freeze = new Option<string[]>("--freeze") { Description = "Freeze parameters whose name matches (glob, repeatable): --freeze 'model.embed_tokens.*'", AllowMultipleArgumentsPerToken = true };
+        var layerDecay = new Option<float>("--layer-decay") { Description = "Layer-wise learning-rate decay factor in (0, 1]", DefaultValueFactory = _ => 1f };
+        var emaDecay = new Option<float>("--ema") { Description = "Keep an EMA of the weights with this decay and save it", DefaultValueFactory = _ => 0f };
+        var clipPer = new Option<bool>("--clip-per-parameter") { Description = "Clip each gradient to --clip on its own" };
+        var clip = new Option<double>("--clip") { Description = "Gradient norm clip (0: off)", DefaultValueFactory = _ => 1.0 };
+        var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
+        var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
+        var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
+        var method = new Option<string>("--method") { Description = "full | lora | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train (default 0.01)", DefaultValueFactory = _ => 0 };
+        var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients (SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
+        var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
+        var prefixProjection = new Option<int>("--prefix-projection") { Description = "Prefix tuning through a reparameterising MLP with this hidden size (P-tuning v2; 0: train the keys and values directly)", DefaultValueFactory = _ => 0 };
+        var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer (default 8)", DefaultValueFactory = _ => 0 };
+        var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
+        var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
+        var alpha = new Option<float>("--alpha") { Description = "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)", DefaultValueFactory = _ => 16f };
+        var targetsOpt = new Option<string>("--targets") { Description = "all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "all-linear" };
+        var rslora = new Option<bool>("--rslora") { Description = "rank-stabilised scaling alpha / sqrt(r)" };
+        var dora = new Option<bool>("--dora") { Description = "DoRA: train a magnitude vector per module beside the low-rank direction" };
+        var bOnly = new Option<bool>("--b-only") { Description = "Train only B; A stays at its random init" };
+        var adapterPerTask = new Option<bool>("--adapter-per-task") { Description = "With --method lora and builtin:tasks=A,B,...: one adapter per task, all trained in the same batches (OUT/<task>/ each)" };
+        var loraDropout = new Option<float>("--dropout") { Description = "LoRA dropout on the adapter's input while training", DefaultValueFactory = _ => 0f };
+        var loraInit = new Option<string>("--init") { Description = "lora (A random, B zero) | lora-ga (A, B from the SVD of the full gradient)", DefaultValueFactory = _ => "lora" };
+        var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)", DefaultValueFactory = _ => 0 };
+
+        var c = new Command(name, description);
+        foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(opt);
+        if (finetune)
+        {
+            foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(opt);
+        }
+        else
+        {
+            c.Options.Add(config);
+            c.Options.Add(tokenizerDir);
+        }
+
+        c.SetAction(r => Run(r.GetValue(o.Device), finetune ? r.GetValue(o.Model) : null, finetune ? null : r.GetValue(config),
+            finetune ? r.GetValue(method)! : "full", r.GetValue(o.Data)!, new TrainOptions
+            {
+                Steps = SharedOptions.Positive("--steps", r.GetValue(steps)),
+                BatchSize = SharedOptions.Positive("--batch-size", r.GetValue(o.BatchSize)),
+                SeqLen = SharedOptions.Positive("--seq-len", r.GetValue(o.SeqLen)),
+                LearningRate = r.GetValue(lr) > 0 ? r.GetValue(lr) : throw new ArgumentException($"--lr {r.GetValue(lr)}: must be positive"),
+                Seed = r.GetValue(o.Seed),
+                CheckpointEvery = r.GetValue(ckptEvery),
+                WarmupSteps = Math.Min(20, r.GetValue(steps) / 10),
+                CompletionOnly = finetune,
+                ClipNorm = r.GetValue(clip),
+                ClipPerParameter = r.GetValue(clipPer),
+                GradAccumulation = SharedOptions.Positive("--grad-accum", r.GetValue(accum)),
+                ChainEvery = finetune ? r.GetValue(chainEvery) : 0,
+                GroupCompletions = finetune && r.GetValue(groupCompletions),
+            }, r.GetValue(o.Out)!, r.GetValue(resume), r.GetValue(o.Quiet), stdout, new TrainFlags
+            {
+                Freeze = r.GetValue(freeze) ?? Array.Empty<string>(),
+                LayerDecay = r.GetValue(layerDecay),
+                EmaDecay = r.GetValue(emaDecay),
+                Optimizer = r.GetValue(optimizerKind)!,
+                Momentum = r.GetValue(momentum),
+                Lora = finetune && r.GetValue(method) == "lora"
+                    ? LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) with { UseDora = r.GetValue(dora), LoraDropout = r.GetValue(loraDropout) }
+                    : null,
+                LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
+                LoraBOnly = finetune && r.GetValue(bOnly),
+                AdapterPerTask = finetune && r.GetValue(adapterPerTask),
+                VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
+                PrefixProjection = finetune ? r.GetValue(prefixProjection) : 0,
+                Density = finetune ? r.GetValue(density) : 0,
+                MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
+                RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
+                TokenizerDir = finetune ? null : r.GetValue(tokenizerDir),
+            }));
+        return c;
+    }
+
+    /// <summary>The library recipe for the flags, every flag that does not fit the method refused by name.</summary>
+    private static FinetuneOptions Recipe(string method, string dataSpec, TrainOptions options, TrainFlags flags)
+    {
+        var kind = method switch
+        {
+            "full" => FinetuneMethod.Full,
+            "lora" => FinetuneMethod.Lora,
+            "prefix" => FinetuneMethod.Prefix,
+            "sparse" => FinetuneMethod.Sparse,
+            _ => throw new ArgumentException($"--method {method}: use full, lora, prefix or sparse (1-bit deltas come from peft compress)"),
+        };
+        if (kind != FinetuneMethod.Sparse && (flags.Density != 0 || flags.MaskSource != "gradient" || flags.RegrowEvery != 0)) throw new ArgumentException("--density, --mask and --regrow-every apply to --method sparse");
+        if (flags.RegrowEvery < 0) throw new ArgumentException($"--regrow-every {flags.RegrowEvery}: must be >= 0");
+        if (kind != FinetuneMethod.Prefix && (flags.VirtualTokens != 0 || flags.PrefixProjection != 0)) throw new ArgumentException("--virtual-tokens and --prefix-projection apply to --method prefix");
+        if (flags.PrefixProjection < 0) throw new ArgumentException($"--prefix-projection {flags.PrefixProjection}: must be >= 0");
+        bool loraOnlyFlags = flags.LoraBOnly || flags.LoraInit != "lora" || options.ChainEvery != 0;
+        if (flags.Lora == null && loraOnlyFlags) throw new ArgumentException("--b-only, --init and --chain-every apply to --method lora");
+        if (flags.Lora == null && flags.AdapterPerTask) throw new ArgumentException("--adapter-per-task applies to --method lora");
+        if (options.ChainEvery < 0) throw new ArgumentException($"--chain-every {options.ChainEvery}: must be >= 0");
+        var optimizer = flags.Optimizer switch
+        {
+            "adamw" => OptimizerKind.AdamW,
+            "sgd" => OptimizerKind.Sgd,
+            _ => throw new ArgumentException($"--optimizer {flags.Optimizer}: use adamw or sgd"),
+        };
+        double density = flags.Density == 0 ? 0.01 : flags.Density;
+        if (density is <= 0 or > 1) throw new ArgumentException($"--density {density}: must be in (0, 1]");
+        var mask = flags.MaskSource switch
+        {
+            "gradient" => MaskSource.Gradient,
+            "weight" => MaskSource.Weight,
+            "random" => MaskSource.Random,
+            _ => throw new ArgumentException($"--mask {flags.MaskSource}: use gradient, weight or random"),
+        };
+        int tokens = flags.VirtualTokens == 0 ? 8 : flags.VirtualTokens;
+        if (tokens < 0) throw new ArgumentException($"--virtual-tokens {tokens}: must be positive");
+        if (flags.LayerDecay is <= 0f or > 1f) throw new ArgumentException($"--layer-decay {flags.LayerDecay}: must be in (0, 1]");
+        if (flags.EmaDecay is < 0f or >= 1f) throw new ArgumentException($"--ema {flags.EmaDecay}: must be in [0, 1)");
+        var init = flags.LoraInit switch
+        {
+            "lora" => LoraInit.Default,
+            "lora-ga" => LoraInit.LoraGa,
+            _ => throw new ArgumentException($"--init {flags.LoraInit}: use lora or lora-ga"),
+        };
+        if (flags.Lora is { } lora)
+        {
+            if (lora.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"--dropout {lora.LoraDropout}: must be in [0, 1)");
+            if (init == LoraInit.LoraGa && (lora.UseDora || flags.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
+            if (flags.AdapterPerTask && (init != LoraInit.Default || flags.LoraBOnly || lora.UseDora || options.ChainEvery > 0 || options.GroupCompletions))
+            {
+                throw new NotSupportedException("--adapter-per-task trains plain LoRA (with --rank, --alpha, --targets, --rslora, --dropout); not with --dora, --b-only, --init lora-ga, --chain-every or --group-completions");
+            }
+        }
+
+        return new FinetuneOptions
+        {
+            Method = kind, Freeze = flags.Freeze, LayerDecay = flags.LayerDecay, EmaDecay = flags.EmaDecay, Optimizer = optimizer, Momentum = flags.Momentum,
+            Lora = flags.Lora, LoraBOnly = flags.LoraBOnly, LoraInit = init, AdapterPerTask = flags.AdapterPerTask ? Jobs.TaskNames(dataSpec) : null,
+            Density = density, MaskSource = mask, RegrowEvery = flags.RegrowEvery, VirtualTokens = tokens, PrefixProjection = flags.PrefixProjection,
+        };
+    }
+
+    private static int Run(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainFlags flags)
+    {
+        var recipeOptions = Recipe(method, dataSpec, options, flags);
+        // A resumed sparse run takes its masks from the checkpoint and its starting weights from --model (the delta's base).
+        if (recipeOptions.Method == FinetuneMethod.Sparse && resume != null && modelDir == null) throw new ArgumentException("--resume with --method sparse needs --model: the sparse delta is taken against that base");
+        var console = Host.Console(stdout);
+        using var device = Host.OpenDevice(deviceSpec);
+        var (train, held, completionOnly) = Jobs.Data(dataSpec, options.Seed);
+        options = options with { CompletionOnly = options.CompletionOnly || completionOnly };
+        using var model = resume != null ? Host.LoadTextModel(resume, device)
+            : modelDir != null ? Host.LoadTextModel(modelDir, device)
+            : NewModel(device, configSpec!, flags.TokenizerDir, options.Seed);
+        var jobs = new Jobs(console, quiet);
+        console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
+        var recipe = Finetune.Prepare(model, recipeOptions, options, train, modelDir, resume);
+        if (recipe.Description != null) console.MarkupLine(Markup.Escape(recipe.Description));
+        jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, recipeOptions, recipe);
+        if (recipeOptions.AdapterPerTask is { } tasks)
+        {
+            foreach (var task in tasks)
+            {
+                using var alone = Finetune.WithAdapterOf(model, task, recipe.Adapter!, options.Seed, modelDir);
+                var taskHeld = held.Where(e => e.Task == task).ToList();
+                if (taskHeld.Count > 0) jobs.PrintEval($"held-out '{task}' through its adapter", Evaluator.Evaluate(alone, taskHeld, options.SeqLen, options.CompletionOnly));
+            }
+
+            console.MarkupLine($"PEFT adapters {string.Join(", ", tasks.Select(t => Markup.Escape(Path.Combine(Path.GetFullPath(outDir), t))))}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+            return 0;
+        }
+
+        if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
+        console.MarkupLine($"{Markup.Escape(recipe.Output)}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+        return 0;
+    }
+
+    /// <summary>A fresh model for pre-training: with a tokenizer folder, tiny/small take its vocabulary size and the model carries its files.</summary>
+    private static LlamaModel NewModel(Device device, string configSpec, string? tokenizerDir, int seed)
+    {
+        var config = Jobs.Config(configSpec);
+        if (tokenizerDir == null) return LlamaModel.Create(device, config, seed);
+        if (!HfTokenizer.Present(tokenizerDir)) throw new ArgumentException($"--tokenizer {tokenizerDir}: no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile} there");
+        var tok = HfTokenizer.Load(tokenizerDir);
+        if (configSpec is "tiny" or "small") config = config with { VocabSize = tok.VocabSize };
+        else if (config.VocabSize < tok.VocabSize) throw new ArgumentException($"--config {configSpec}: vocab_size {config.VocabSize} is smaller than the tokenizer's {tok.VocabSize} ids");
+        var model = LlamaModel.Create(device, config, seed);
+        model.UseTokenizerFiles(tokenizerDir, HfTokenizer.ReadFiles(tokenizerDir));
+        return model;
+    }
+
+    public static LoraAdapterConfig LoraConfigFrom(int rank, float alpha, string targets, bool rsLora)
+    {
+        if (rank <= 0) throw new ArgumentException($"--rank {rank}: must be positive");
+        if (alpha <= 0) throw new ArgumentException($"--alpha {alpha}: must be positive");
+        var list = targets.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        if (targets != "all-linear")
+        {
+            var unknown = list.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
+            if (unknown.Count > 0 || list.Length == 0) throw new ArgumentException($"--targets {targets}: use all-linear or names from {string.Join(", ", LoraAdapterConfig.LlamaLinear)} (unknown: {string.Join(", ", unknown)})");
+        }
+
+        return new LoraAdapterConfig
+        {
+            R = rank, LoraAlpha = alpha, UseRsLora = rsLora,
+            TargetRegex = targets == "all-linear" ? "all-linear" : null,
+            TargetModules = targets == "all-linear" ? Array.Empty<string>() : list,
+        };
+    }
+}

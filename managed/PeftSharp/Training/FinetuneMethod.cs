@@ -1,0 +1,17 @@
+namespace PeftSharp.Training;
+
+/// <summary>What a fine-tune trains (1-bit deltas come from compressing a full fine-tune, <c>BitDelta.Compress</c>).</summary>
+public enum FinetuneMethod
+{
+    /// <summary>Every parameter (or those not frozen).</summary>
+    Full,
+
+    /// <summary>LoRA family adapters over the frozen base (LoRA, rsLoRA, DoRA, B-only, LoRA-GA, chain of LoRA, adapter sets).</summary>
+    Lora,
+
+    /// <summary>Prefix tuning's virtual tokens (optionally through P-tuning v2's MLP).</summary>
+    Prefix,
+
+    /// <summary>A fixed fraction of each tensor's entries, chosen by a mask (optionally regrown, SpIEL).</summary>
+    Sparse,
+}
