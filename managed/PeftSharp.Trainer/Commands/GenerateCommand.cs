@@ -1,10 +1,6 @@
 using System.CommandLine;
 using PeftSharp.Compression;
-using PeftSharp.Data;
-using PeftSharp.Engine;
 using PeftSharp.Formats;
-using PeftSharp.Merging;
-using PeftSharp.Model;
 using PeftSharp.Serving;
 using PeftSharp.Training;
 using Spectre.Console;

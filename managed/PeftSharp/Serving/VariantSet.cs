@@ -1,7 +1,6 @@
 using PeftSharp.Compression;
 using PeftSharp.Engine;
 using PeftSharp.Formats;
-using PeftSharp.Merging;
 using PeftSharp.Model;
 using PeftSharp.Variants;
 

@@ -1,5 +1,4 @@
 using PeftSharp.Formats;
-using PeftSharp.Merging;
 using PeftSharp.Model;
 using PeftSharp.Variants;
 

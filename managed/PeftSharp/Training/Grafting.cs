@@ -1,4 +1,3 @@
-using PeftSharp.Merging;
 using PeftSharp.Model;
 using PeftSharp.Variants;
 

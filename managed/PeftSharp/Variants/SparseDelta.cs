@@ -1,11 +1,9 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using PeftSharp.Compression;
-using PeftSharp.Engine;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 
-using PeftSharp.Variants;
 
 namespace PeftSharp.Variants;
 
