@@ -52,7 +52,8 @@ internal static class Interleaved
             Console.WriteLine($"// {size}, {rounds} rounds, B = {ModelBench.Batch} x T = {ModelBench.SeqLen}");
             Console.WriteLine($"PeftSharp forward    median {Median(ours):F2} ms  (min {ours.Min():F2})");
             Console.WriteLine($"ONNX Runtime forward median {Median(theirs):F2} ms  (min {theirs.Min():F2})");
-            Console.WriteLine($"throughput ours / ORT: median of rounds {Median(ratios):F3}, quartiles {Quantile(ratios, 0.25):F3} .. {Quantile(ratios, 0.75):F3}; rounds where ours was faster: {ratios.Count(r => r > 1)}/{rounds}");
+            Console.WriteLine($"throughput ours / ORT: median of rounds {Median(ratios):F3}, quartiles {Quantile(ratios, 0.25):F3} .. {Quantile(ratios, 0.75):F3}; rounds where ours was " +
+                $"faster: {ratios.Count(r => r > 1)}/{rounds}");
         }
         finally
         {

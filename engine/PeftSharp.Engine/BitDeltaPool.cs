@@ -3,12 +3,6 @@ using PeftSharp.Kernels.BitDelta;
 namespace PeftSharp.Engine;
 
 /// <summary>
-/// One variant's 1-bit delta for a linear layer (N, K): one or more rounds, each a packed sign matrix (N, W) with its
-/// scale, so the delta is sum_j Scales[j] * S_j (one round is BitDelta; more are residual rounds).
-/// </summary>
-public sealed record BitDeltaData(string Name, IReadOnlyList<int[]> Signs, IReadOnlyList<float> Scales);
-
-/// <summary>
 /// Many variants' 1-bit deltas of one linear layer in a single device pool, so one launch serves a batch whose rows
 /// each pick their variant (or none). Layout as <see cref="BitDeltaShape"/> describes. Memory: N * W * 4 bytes per
 /// round, 1/32 of fp32 and 1/16 of fp16; a backend may keep the words in its own order

@@ -1,7 +1,7 @@
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
-using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Lora;
 using PeftSharp.Kernels.Optim;
 using PeftSharp.Kernels.Sparse;
 
@@ -146,31 +146,31 @@ public abstract class Device : IDisposable
     public override string ToString() => Info.ToString();
 
     // Storage. AllocateStorage is zero-filled; AllocateUninitializedStorage (for Empty) need not be.
-    protected internal abstract object AllocateStorage(int length);
-    protected internal virtual object AllocateUninitializedStorage(int length) => AllocateStorage(length);
-    protected internal abstract object AllocateIndexStorage(int[] values);
-    protected internal abstract void ReleaseStorage(object storage);
-    protected internal abstract void Upload(Tensor t, ReadOnlySpan<float> source);
-    protected internal abstract void Download(Tensor t, Span<float> destination);
+    internal abstract object AllocateStorage(int length);
+    internal virtual object AllocateUninitializedStorage(int length) => AllocateStorage(length);
+    internal abstract object AllocateIndexStorage(int[] values);
+    internal abstract void ReleaseStorage(object storage);
+    internal abstract void Upload(Tensor t, ReadOnlySpan<float> source);
+    internal abstract void Download(Tensor t, Span<float> destination);
 
     // Ops, unchecked: Ops validates before calling. Outputs are overwritten unless the op says it accumulates.
-    protected internal abstract void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta);
-    protected internal abstract void AddCore(Tensor a, Tensor b, Tensor y);
-    protected internal abstract void MulCore(Tensor a, Tensor b, Tensor y);
-    protected internal abstract void ScaleCore(Tensor x, float s, Tensor y);
-    protected internal abstract void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols);
-    protected internal abstract void AxpyCore(float alpha, Tensor x, Tensor y);
-    protected internal abstract void FillCore(Tensor y, float value);
-    protected internal abstract void CopyCore(Tensor source, Tensor destination);
-    protected internal abstract void SiluCore(Tensor x, Tensor y);
-    protected internal abstract void TanhCore(Tensor x, Tensor y);
-    protected internal abstract void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx);
-    protected internal abstract void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx);
-    protected internal abstract void SwiGluCore(Tensor gate, Tensor up, Tensor y);
-    protected internal abstract void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp);
+    internal abstract void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta);
+    internal abstract void AddCore(Tensor a, Tensor b, Tensor y);
+    internal abstract void MulCore(Tensor a, Tensor b, Tensor y);
+    internal abstract void ScaleCore(Tensor x, float s, Tensor y);
+    internal abstract void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols);
+    internal abstract void AxpyCore(float alpha, Tensor x, Tensor y);
+    internal abstract void FillCore(Tensor y, float value);
+    internal abstract void CopyCore(Tensor source, Tensor destination);
+    internal abstract void SiluCore(Tensor x, Tensor y);
+    internal abstract void TanhCore(Tensor x, Tensor y);
+    internal abstract void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx);
+    internal abstract void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx);
+    internal abstract void SwiGluCore(Tensor gate, Tensor up, Tensor y);
+    internal abstract void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp);
 
     /// <summary>y (M, N) = silu(x wGate^T) * (x wUp^T); by default two products into temporaries and the SwiGLU.</summary>
-    protected internal virtual void LinearSwiGluCore(Tensor x, Tensor wGate, Tensor wUp, Tensor y, int m, int n, int k)
+    internal virtual void LinearSwiGluCore(Tensor x, Tensor wGate, Tensor wUp, Tensor y, int m, int n, int k)
     {
         using var gate = Empty("gate", m, n);
         using var up = Empty("up", m, n);
@@ -179,46 +179,46 @@ public abstract class Device : IDisposable
         MatMulCore(x, wUp, up, shape, 1f, 0f);
         SwiGluCore(gate, up, y);
     }
-    protected internal abstract void SoftmaxCore(Tensor x, Tensor y, int rows, int cols);
-    protected internal abstract void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols);
-    protected internal abstract void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps);
-    protected internal abstract void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim);
-    protected internal abstract void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling);
-    protected internal abstract void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s);
-    protected internal abstract void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d);
-    protected internal abstract void AttentionBackwardCore(
+    internal abstract void SoftmaxCore(Tensor x, Tensor y, int rows, int cols);
+    internal abstract void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols);
+    internal abstract void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps);
+    internal abstract void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim);
+    internal abstract void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling);
+    internal abstract void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s);
+    internal abstract void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d);
+    internal abstract void AttentionBackwardCore(
         Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s);
-    protected internal abstract void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim);
-    protected internal abstract void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim);
-    protected internal abstract void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex);
-    protected internal abstract void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale);
-    protected internal abstract void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step);
-    protected internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
-    protected internal abstract double SumCore(Tensor x, bool squares);
-    protected internal abstract void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s);
-    protected internal abstract void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n);
-    protected internal abstract void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s);
-    protected internal abstract void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step);
-    protected internal abstract void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step);
-    protected internal abstract void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha);
-    protected internal abstract void GatherCore(Tensor w, IndexTensor idx, Tensor values);
-    protected internal abstract void ScatterCore(Tensor w, IndexTensor idx, Tensor values);
-    protected internal abstract void DareCore(Tensor x, Tensor y, float p, int seed);
-    protected internal abstract void AbsAddCore(Tensor x, Tensor acc);
+    internal abstract void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim);
+    internal abstract void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim);
+    internal abstract void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex);
+    internal abstract void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale);
+    internal abstract void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step);
+    internal abstract void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step);
+    internal abstract double SumCore(Tensor x, bool squares);
+    internal abstract void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s);
+    internal abstract void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n);
+    internal abstract void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s);
+    internal abstract void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step);
+    internal abstract void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step);
+    internal abstract void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha);
+    internal abstract void GatherCore(Tensor w, IndexTensor idx, Tensor values);
+    internal abstract void ScatterCore(Tensor w, IndexTensor idx, Tensor values);
+    internal abstract void DareCore(Tensor x, Tensor y, float p, int seed);
+    internal abstract void AbsAddCore(Tensor x, Tensor acc);
 
     /// <summary>Radix-select pass: the 256-bin histogram of the digit at <paramref name="shift"/> of the keys matching prefix under prefixMask.</summary>
-    protected internal abstract int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk);
+    internal abstract int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk);
 
     /// <summary>The band's indices, ascending (see <see cref="SelectKernels"/>); exactly <paramref name="count"/> of them.</summary>
-    protected internal abstract int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count);
-    protected internal abstract void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows);
+    internal abstract int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count);
+    internal abstract void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows);
 
     /// <summary>
     /// The order this device keeps a 1-bit pool's words in: the format's (slots, N, W) row-major order unless the
     /// backend's kernels read another (same word count either way).
     /// </summary>
-    protected internal virtual int[] ArrangeBitDeltaWords(int[] words, int outFeatures, int wordsPerRow) => words;
+    internal virtual int[] ArrangeBitDeltaWords(int[] words, int outFeatures, int wordsPerRow) => words;
 
-    protected internal abstract void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s);
-    protected internal abstract void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s);
+    internal abstract void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s);
+    internal abstract void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s);
 }

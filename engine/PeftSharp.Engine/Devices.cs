@@ -99,7 +99,8 @@ public static class Devices
                 foreach (var d in context.GetCLDevices())
                 {
                     string type = d.DeviceType == CLDeviceType.CL_DEVICE_TYPE_GPU ? "GPU" : d.DeviceType == CLDeviceType.CL_DEVICE_TYPE_CPU ? "CPU" : d.DeviceType.ToString();
-                    result.Add(new DeviceInfo($"opencl:{i++}", DeviceKind.OpenCL, d.Name.Trim(), d.MemorySize, d.WarpSize, d.MaxNumThreadsPerGroup, $"OpenCL {d.DeviceVersion} {type}, {d.PlatformName}"));
+                    result.Add(new DeviceInfo($"opencl:{i++}", DeviceKind.OpenCL, d.Name.Trim(), d.MemorySize, d.WarpSize, d.MaxNumThreadsPerGroup,
+                        $"OpenCL {d.DeviceVersion} {type}, {d.PlatformName}"));
                 }
             }
         }

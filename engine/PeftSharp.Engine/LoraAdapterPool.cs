@@ -1,8 +1,5 @@
 namespace PeftSharp.Engine;
 
-/// <summary>One LoRA adapter for a linear layer (N, K): A (R, K), B (N, R), y += scale * (x A^T) B^T.</summary>
-public sealed record LoraAdapterData(string Name, float[] A, float[] B, int Rank, float Scale);
-
 /// <summary>
 /// Many LoRA adapters of one linear layer in a single device pool, ranks free to differ, so one launch serves a
 /// batch whose rows each pick their adapter (or none). Layout as <c>LoraBatchShape</c> describes.

@@ -1,7 +1,7 @@
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.Core;
-using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Lora;
 using PeftSharp.Kernels.Optim;
 
 namespace PeftSharp.Engine;
@@ -352,7 +352,8 @@ public sealed partial class Ops
         if (scaling.Type != RopeScaling.None && !(scaling.Factor > 0f)) throw new ArgumentException($"rope: scaling factor must be > 0, got {scaling.Factor}");
         if (scaling.Type == RopeScaling.Llama3 && !(scaling.HighFreqFactor > scaling.LowFreqFactor && scaling.LowFreqFactor > 0f && scaling.OriginalMaxPositions > 0f))
         {
-            throw new ArgumentException($"rope: llama3 scaling needs high_freq_factor > low_freq_factor > 0 and original_max_position_embeddings > 0 (got {scaling.HighFreqFactor}, {scaling.LowFreqFactor}, {scaling.OriginalMaxPositions})");
+            throw new ArgumentException($"rope: llama3 scaling needs high_freq_factor > low_freq_factor > 0 and original_max_position_embeddings > 0 (got {scaling.HighFreqFactor}, " +
+                $"{scaling.LowFreqFactor}, {scaling.OriginalMaxPositions})");
         }
 
         SameShape("rope", x, y);

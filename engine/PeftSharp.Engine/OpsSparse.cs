@@ -97,7 +97,8 @@ public sealed partial class Ops
     public int[] SelectBand(Tensor x, int skip, int count, SelectScore score = default)
     {
         Check("select band", x);
-        if (score.Mode is not (SelectScore.Magnitude or SelectScore.Uniform)) throw new ArgumentException($"select band: score mode {score.Mode} is neither Magnitude ({SelectScore.Magnitude}) nor Uniform ({SelectScore.Uniform})");
+        if (score.Mode is not (SelectScore.Magnitude or SelectScore.Uniform)) throw new ArgumentException($"select band: score mode {score.Mode} is neither Magnitude " +
+            $"({SelectScore.Magnitude}) nor Uniform ({SelectScore.Uniform})");
         if (skip < 0 || count < 0 || (long)skip + count > x.Length)
         {
             throw new ArgumentException($"select band: ranks [{skip}, {(long)skip + count}) do not fit in {x} (length {x.Length})");

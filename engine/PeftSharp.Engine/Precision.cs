@@ -4,17 +4,6 @@ using System.Runtime.InteropServices;
 
 namespace PeftSharp.Engine;
 
-/// <summary>
-/// Storage precisions of checkpoint files. Compute is always fp32: fp16 and bf16 data convert on load (exactly: both
-/// are subsets of fp32) and round to nearest-even on save.
-/// </summary>
-public enum StorageType
-{
-    F32,
-    F16,
-    BF16,
-}
-
 public static class Precision
 {
     /// <summary>Bytes per element.</summary>
@@ -98,24 +87,5 @@ public static class Precision
         if (float.IsNaN(value)) return (ushort)((bits >> 16) | 0x40);
         uint rounding = 0x7FFF + ((bits >> 16) & 1);
         return (ushort)((bits + rounding) >> 16);
-    }
-}
-
-
-/// <summary>Creating tensors from half-precision data.</summary>
-public static class DeviceLoadExtensions
-{
-    /// <summary>A fp32 tensor from little-endian raw bytes of fp32, fp16 or bf16 (converted on load).</summary>
-    public static Tensor FromRaw(this Device device, string name, ReadOnlySpan<byte> raw, StorageType type, params int[] shape)
-    {
-        int n = ShapeUtil.Product(shape, name);
-        if (raw.Length != n * Precision.Size(type))
-        {
-            throw new ArgumentException($"tensor '{name}' {ShapeUtil.Format(shape)} of {type} needs {n * Precision.Size(type)} bytes, got {raw.Length}");
-        }
-
-        var values = new float[n];
-        Precision.ToFloat(raw, type, values);
-        return device.FromArray(name, values, shape);
     }
 }

@@ -2,16 +2,10 @@ using System.Diagnostics;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
-using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Lora;
 using PeftSharp.Kernels.Sparse;
 
 namespace PeftSharp.Engine;
-
-/// <summary>One row of a self-check: an op on a device against its double-precision reference.</summary>
-public sealed record SelfCheckResult(string Op, string Shape, double MaxError, double Tolerance, TimeSpan Elapsed)
-{
-    public bool Passed => MaxError <= Tolerance;
-}
 
 /// <summary>
 /// A short check that a device's kernels compile and agree with the references: the first thing to run on a new
@@ -112,10 +106,12 @@ public static class SelfCheck
 
         results.Add(Measure("1-bit mixed", "M=7 K=65 N=19, 2 deltas", 1e-4, () =>
         {
-            var deltas = new[] { new BitDeltaData("a", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 15), 19, 65) }, new[] { 0.3f }), new BitDeltaData("b", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 16), 19, 65) }, new[] { 0.7f }) };
+            var deltas = new[] { new BitDeltaData("a", new[] { BitDeltaReference.Pack(Uniform(19 * 65, 15), 19, 65) }, new[] { 0.3f }), new BitDeltaData("b",
+                new[] { BitDeltaReference.Pack(Uniform(19 * 65, 16), 19, 65) }, new[] { 0.7f }) };
             using var pool = BitDeltaPool.Create(device, 65, 19, deltas);
             return Mixed(65, 19, 17,
-                (x, y) => BitDeltaReference.MixedForward(x, y, deltas.SelectMany(d => d.Signs).SelectMany(w => w).ToArray(), new[] { 0.3f, 0.7f }, new[] { 0, 1 }, new[] { 1, 1 }, rowVariants, new BitDeltaShape(7, 65, 19)),
+                (x, y) => BitDeltaReference.MixedForward(x, y, deltas.SelectMany(d => d.Signs).SelectMany(w => w).ToArray(), new[] { 0.3f, 0.7f }, new[] { 0, 1 }, new[] { 1, 1 },
+                    rowVariants, new BitDeltaShape(7, 65, 19)),
                 (x, y, rows) => ops.BitDeltaMixed(x, y, pool, rows));
         }));
 

@@ -1,8 +1,5 @@
 namespace PeftSharp.Engine;
 
-/// <summary>One variant's sparse delta for a linear layer (N, K): flat indices (row-major, distinct) and values.</summary>
-public sealed record SparseDeltaData(string Name, int[] Index, float[] Values);
-
 /// <summary>
 /// Many variants' sparse deltas of one linear layer in one device pool, each in CSR by output row, so one launch
 /// serves a batch whose rows each pick their variant (or none) without a densified copy per variant.

@@ -10,7 +10,7 @@ namespace PeftSharp.Engine.Cpu;
 /// ran 2-8% faster (medians, interleaved in one process). Public so code that runs its own parallel loops over tensors
 /// (the managed layer's merges) spreads them the same way.
 /// </summary>
-public static class Cores
+internal static class Cores
 {
     public static readonly ParallelOptions Options = new() { MaxDegreeOfParallelism = Environment.ProcessorCount };
 

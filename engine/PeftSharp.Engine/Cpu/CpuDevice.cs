@@ -3,7 +3,7 @@ using System.Runtime.Intrinsics;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
-using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Lora;
 using PeftSharp.Kernels.Optim;
 using PeftSharp.Kernels.Sparse;
 
@@ -39,13 +39,13 @@ public sealed unsafe class CpuDevice : Device
 
     private readonly StoragePool storage = new();
 
-    protected internal override object AllocateStorage(int length) => storage.Rent(length);
+    internal override object AllocateStorage(int length) => storage.Rent(length);
 
-    protected internal override object AllocateUninitializedStorage(int length) => storage.Rent(length, clear: false);
+    internal override object AllocateUninitializedStorage(int length) => storage.Rent(length, clear: false);
 
-    protected internal override object AllocateIndexStorage(int[] values) => values;
+    internal override object AllocateIndexStorage(int[] values) => values;
 
-    protected internal override void ReleaseStorage(object storage)
+    internal override void ReleaseStorage(object storage)
     {
         if (storage is float[] array) this.storage.Return(array);
     }
@@ -56,11 +56,11 @@ public sealed unsafe class CpuDevice : Device
 
     protected override void DisposeCore() => storage.Clear();
 
-    protected internal override void Upload(Tensor t, ReadOnlySpan<float> source) => source.CopyTo(S(t));
+    internal override void Upload(Tensor t, ReadOnlySpan<float> source) => source.CopyTo(S(t));
 
-    protected internal override void Download(Tensor t, Span<float> destination) => S(t).CopyTo(destination);
+    internal override void Download(Tensor t, Span<float> destination) => S(t).CopyTo(destination);
 
-    protected internal override void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta)
+    internal override void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta)
     {
         fixed (float* pa = Arr(a), pb = Arr(b), pc = Arr(c))
         {
@@ -76,28 +76,28 @@ public sealed unsafe class CpuDevice : Device
         }
     }
 
-    protected internal override void AddCore(Tensor a, Tensor b, Tensor y) => TensorPrimitives.Add(S(a), S(b), S(y));
+    internal override void AddCore(Tensor a, Tensor b, Tensor y) => TensorPrimitives.Add(S(a), S(b), S(y));
 
-    protected internal override void MulCore(Tensor a, Tensor b, Tensor y) => TensorPrimitives.Multiply(S(a), S(b), S(y));
+    internal override void MulCore(Tensor a, Tensor b, Tensor y) => TensorPrimitives.Multiply(S(a), S(b), S(y));
 
-    protected internal override void ScaleCore(Tensor x, float s, Tensor y) => TensorPrimitives.Multiply(S(x), s, S(y));
+    internal override void ScaleCore(Tensor x, float s, Tensor y) => TensorPrimitives.Multiply(S(x), s, S(y));
 
-    protected internal override void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols)
+    internal override void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols)
     {
         float[] xa = Arr(x), ya = Arr(y), ca = Arr(c);
         int xo = x.Offset, yo = y.Offset, co = c.Offset;
         ForRows(x.Length / cols, cols, r => TensorPrimitives.Multiply(xa.AsSpan(xo + r * cols, cols), ca.AsSpan(co, cols), ya.AsSpan(yo + r * cols, cols)));
     }
 
-    protected internal override void AxpyCore(float alpha, Tensor x, Tensor y) => TensorPrimitives.MultiplyAdd(S(x), alpha, S(y), S(y));
+    internal override void AxpyCore(float alpha, Tensor x, Tensor y) => TensorPrimitives.MultiplyAdd(S(x), alpha, S(y), S(y));
 
-    protected internal override void FillCore(Tensor y, float value) => S(y).Fill(value);
+    internal override void FillCore(Tensor y, float value) => S(y).Fill(value);
 
-    protected internal override void CopyCore(Tensor source, Tensor destination) => S(source).CopyTo(S(destination));
+    internal override void CopyCore(Tensor source, Tensor destination) => S(source).CopyTo(S(destination));
 
-    protected internal override void TanhCore(Tensor x, Tensor y) => TensorPrimitives.Tanh(S(x), S(y));
+    internal override void TanhCore(Tensor x, Tensor y) => TensorPrimitives.Tanh(S(x), S(y));
 
-    protected internal override void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx)
+    internal override void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx)
     {
         var ys = S(y).ToArray();
         TensorPrimitives.Multiply(ys, ys, ys);
@@ -105,7 +105,7 @@ public sealed unsafe class CpuDevice : Device
         TensorPrimitives.Multiply(S(dy), ys, S(dx));
     }
 
-    protected internal override void SiluCore(Tensor x, Tensor y)
+    internal override void SiluCore(Tensor x, Tensor y)
     {
         // silu(x) = x * sigmoid(x)
         var xs = S(x);
@@ -114,7 +114,7 @@ public sealed unsafe class CpuDevice : Device
         TensorPrimitives.Multiply(xs, ys, ys);
     }
 
-    protected internal override void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx)
+    internal override void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx)
     {
         var xa = Arr(x);
         var dya = Arr(dy);
@@ -131,7 +131,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void SwiGluCore(Tensor gate, Tensor up, Tensor y)
+    internal override void SwiGluCore(Tensor gate, Tensor up, Tensor y)
     {
         var ga = Arr(gate);
         var ua = Arr(up);
@@ -147,7 +147,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void LinearSwiGluCore(Tensor x, Tensor wGate, Tensor wUp, Tensor y, int m, int n, int k)
+    internal override void LinearSwiGluCore(Tensor x, Tensor wGate, Tensor wUp, Tensor y, int m, int n, int k)
     {
         fixed (float* px = Arr(x), pg = Arr(wGate), pu = Arr(wUp), py = Arr(y))
         {
@@ -157,7 +157,7 @@ public sealed unsafe class CpuDevice : Device
         base.LinearSwiGluCore(x, wGate, wUp, y, m, n, k);
     }
 
-    protected internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
+    internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
     {
         var ga = Arr(gate);
         var ua = Arr(up);
@@ -185,7 +185,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void SoftmaxCore(Tensor x, Tensor y, int rows, int cols)
+    internal override void SoftmaxCore(Tensor x, Tensor y, int rows, int cols)
     {
         var xa = Arr(x);
         var ya = Arr(y);
@@ -193,7 +193,7 @@ public sealed unsafe class CpuDevice : Device
         ForRows(rows, cols, r => TensorPrimitives.SoftMax(xa.AsSpan(xo + r * cols, cols), ya.AsSpan(yo + r * cols, cols)));
     }
 
-    protected internal override void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols)
+    internal override void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols)
     {
         var ya = Arr(y);
         var dya = Arr(dy);
@@ -210,7 +210,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps)
+    internal override void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps)
     {
         var xa = Arr(x);
         var ya = Arr(y);
@@ -228,7 +228,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim)
+    internal override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim)
     {
         var dya = Arr(dy);
         var xa = Arr(x);
@@ -269,7 +269,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling)
+    internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling)
     {
         var xa = Arr(x);
         var ya = Arr(y);
@@ -298,12 +298,12 @@ public sealed unsafe class CpuDevice : Device
 
     private RopeTable? ropeTable;
 
-    protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
+    internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
     {
         CpuAttention.Forward(Arr(q), q.Offset, Arr(k), k.Offset, Arr(v), v.Offset, Arr(o), o.Offset, Arr(lse), lse.Offset, s);
     }
 
-    protected internal override void AttentionBackwardCore(
+    internal override void AttentionBackwardCore(
         Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s)
     {
         CpuAttention.Backward(
@@ -311,7 +311,7 @@ public sealed unsafe class CpuDevice : Device
             Arr(dO), dO.Offset, Arr(dq), dq.Offset, Arr(dk), dk.Offset, Arr(dv), dv.Offset, s);
     }
 
-    protected internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)
+    internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)
     {
         var ta = Arr(table);
         var ya = Arr(y);
@@ -320,7 +320,7 @@ public sealed unsafe class CpuDevice : Device
         ForRows(idv.Length, dim, n => ta.AsSpan(to + idv[n] * dim, dim).CopyTo(ya.AsSpan(yo + n * dim, dim)));
     }
 
-    protected internal override void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim)
+    internal override void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim)
     {
         // Group tokens by id (counting sort), then each used row sums its tokens in order: deterministic, parallel.
         var idv = ids.Host;
@@ -337,7 +337,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex)
+    internal override void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex)
     {
         var la = Arr(logits);
         var loss = Arr(losses);
@@ -356,7 +356,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale)
+    internal override void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale)
     {
         var la = Arr(logits);
         var da = Arr(dlogits);
@@ -386,7 +386,7 @@ public sealed unsafe class CpuDevice : Device
         return max + (float)Math.Log(sum);
     }
 
-    protected internal override void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step)
+    internal override void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step)
     {
         var pa = Arr(p);
         var ga = Arr(g);
@@ -414,7 +414,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step)
+    internal override void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step)
     {
         var pa = Arr(p);
         var ga = Arr(g);
@@ -439,7 +439,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override double SumCore(Tensor x, bool squares)
+    internal override double SumCore(Tensor x, bool squares)
     {
         // Fixed-size chunks summed in float, then in double in chunk order: the same answer on every run.
         var xa = Arr(x);
@@ -457,7 +457,7 @@ public sealed unsafe class CpuDevice : Device
         return acc;
     }
 
-    protected internal override void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n)
+    internal override void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n)
     {
         float[] ya = Arr(y), sa = Arr(scales);
         int yo = y.Offset, so = scales.Offset;
@@ -471,7 +471,7 @@ public sealed unsafe class CpuDevice : Device
     }
 
     /// <summary>Rows grouped by adapter, as the forward: per group T = X A^T, dB += s dY^T T, dT = s dY B, dA += dT^T X, dX += dT A.</summary>
-    protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
+    internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
     {
         var groups = RowsByIndex(rowAdapters.Host, pool.Count);
         float[] xa = Arr(x), dya = Arr(dy), aPool = Arr(pool.APool), bPool = Arr(pool.BPool), daa = Arr(da), dba = Arr(db);
@@ -513,7 +513,7 @@ public sealed unsafe class CpuDevice : Device
         }
     }
 
-    protected internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step)
+    internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step)
     {
         float[] pa = Arr(p), ga = Arr(g), ma = Arr(m), va = Arr(v);
         int po = p.Offset, go = g.Offset, mo = m.Offset, vo = v.Offset;
@@ -532,7 +532,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step)
+    internal override void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step)
     {
         float[] pa = Arr(p), ga = Arr(g);
         float[]? ba = momentum == null ? null : Arr(momentum);
@@ -553,7 +553,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha)
+    internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha)
     {
         float[] wa = Arr(w), va = Arr(values);
         int wo = w.Offset, vo = values.Offset;
@@ -561,7 +561,7 @@ public sealed unsafe class CpuDevice : Device
         for (int j = 0; j < ix.Length; j++) wa[wo + ix[j]] += alpha * va[vo + j];
     }
 
-    protected internal override void ScatterCore(Tensor w, IndexTensor idx, Tensor values)
+    internal override void ScatterCore(Tensor w, IndexTensor idx, Tensor values)
     {
         float[] wa = Arr(w), va = Arr(values);
         int wo = w.Offset, vo = values.Offset;
@@ -569,7 +569,7 @@ public sealed unsafe class CpuDevice : Device
         for (int j = 0; j < ix.Length; j++) wa[wo + ix[j]] = va[vo + j];
     }
 
-    protected internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values)
+    internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values)
     {
         float[] wa = Arr(w), va = Arr(values);
         int wo = w.Offset, vo = values.Offset;
@@ -577,14 +577,14 @@ public sealed unsafe class CpuDevice : Device
         for (int j = 0; j < ix.Length; j++) va[vo + j] = wa[wo + ix[j]];
     }
 
-    protected internal override void DareCore(Tensor x, Tensor y, float p, int seed)
+    internal override void DareCore(Tensor x, Tensor y, float p, int seed)
     {
         float[] xa = Arr(x), ya = Arr(y);
         int xo = x.Offset, yo = y.Offset;
         ForRows(x.Length, 1, i => ya[yo + i] = PeftSharp.Kernels.Sparse.SparseKernels.Uniform(seed, i) >= p ? (p == 0f ? xa[xo + i] : xa[xo + i] / (1f - p)) : 0f);
     }
 
-    protected internal override void AbsAddCore(Tensor x, Tensor acc)
+    internal override void AbsAddCore(Tensor x, Tensor acc)
     {
         float[] xa = Arr(x), aa = Arr(acc);
         int xo = x.Offset, ao = acc.Offset;
@@ -597,7 +597,7 @@ public sealed unsafe class CpuDevice : Device
             ? BitConverter.SingleToUInt32Bits(PeftSharp.Kernels.Sparse.SparseKernels.Uniform(score.Seed, i))
             : BitConverter.SingleToUInt32Bits(xa[xo + i]) & 0x7FFFFFFFu;
 
-    protected internal override int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk)
+    internal override int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk)
     {
         float[] xa = Arr(x);
         int xo = x.Offset, n = x.Length, chunks = (n + chunk - 1) / chunk;
@@ -622,7 +622,7 @@ public sealed unsafe class CpuDevice : Device
         return total;
     }
 
-    protected internal override int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count)
+    internal override int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count)
     {
         float[] xa = Arr(x);
         int xo = x.Offset, chunks = (band.Length + band.Chunk - 1) / band.Chunk;
@@ -661,7 +661,7 @@ public sealed unsafe class CpuDevice : Device
         return output;
     }
 
-    protected internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows)
+    internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows)
     {
         float[] xa = Arr(x), ya = Arr(y), vals = Arr(pool.Vals);
         int xo = x.Offset, yo = y.Offset, n = pool.OutFeatures, k = pool.InFeatures;
@@ -683,7 +683,7 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d)
+    internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d)
     {
         float[] a1 = Arr(o1), a2 = Arr(o2), ao = Arr(o), l1a = Arr(lse1), l2a = Arr(lse2), la = Arr(lse);
         int p1 = o1.Offset, p2 = o2.Offset, po = o.Offset, q1 = lse1.Offset, q2 = lse2.Offset, ql = lse.Offset;
@@ -713,20 +713,20 @@ public sealed unsafe class CpuDevice : Device
         });
     }
 
-    protected internal override int[] ArrangeBitDeltaWords(int[] words, int outFeatures, int wordsPerRow) =>
+    internal override int[] ArrangeBitDeltaWords(int[] words, int outFeatures, int wordsPerRow) =>
         BitDeltaCpu.Arrange(words, outFeatures, wordsPerRow);
 
-    protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
+    internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
         BitDeltaCpu.Mixed(Arr(x), x.Offset, Arr(y), y.Offset, pool.Signs.Host, Arr(pool.Scales), pool.Scales.Offset, pool.FirstHost, pool.RoundsHost, rowVariants.Host, s);
 
-    protected internal override void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s) =>
+    internal override void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s) =>
         BitDeltaCpu.Decode(pool.Signs.Host, slot, Arr(dense), dense.Offset, alpha, beta, s);
 
     /// <summary>
     /// Rows grouped by adapter (SGMV): for each adapter, gather its rows, t = X_a A_a^T and d = s t B_a^T through the
     /// packed GEMM, then add d into those rows of y. Groups run in parallel; each group's rows are its own.
     /// </summary>
-    protected internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
+    internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
     {
         var groups = RowsByIndex(rowAdapters.Host, pool.Count);
 

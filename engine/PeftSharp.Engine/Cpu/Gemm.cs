@@ -425,7 +425,8 @@ internal static unsafe class Gemm
     /// (s = W, v = x^T): the weight is streamed once in place and only the few activation rows are packed.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Wide(bool transA, bool transB, bool transposed, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel, float* up = null)
+    private static void Wide(bool transA, bool transB, bool transposed, int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel,
+        float* up = null)
     {
         var g = new WideProduct { K = k, Alpha = alpha, Beta = beta, C = c, Ldc = ldc, Paired = up != null };
         float* v;

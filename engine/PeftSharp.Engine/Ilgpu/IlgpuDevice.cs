@@ -7,7 +7,7 @@ using PeftSharp.Engine.Cpu;
 using PeftSharp.Kernels.Attention;
 using PeftSharp.Kernels.BitDelta;
 using PeftSharp.Kernels.Core;
-using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Lora;
 using PeftSharp.Kernels.Optim;
 using PeftSharp.Kernels.Sparse;
 using Buffer = ILGPU.Runtime.MemoryBuffer1D<float, ILGPU.Stride1D.Dense>;
@@ -16,7 +16,7 @@ using IndexBuffer = ILGPU.Runtime.MemoryBuffer1D<int, ILGPU.Stride1D.Dense>;
 namespace PeftSharp.Engine.Ilgpu;
 
 /// <summary>Which matmul kernel an ILGPU device runs.</summary>
-public enum MatMulAlgorithm
+internal enum MatMulAlgorithm
 {
     /// <summary>Tiled where the device's groups hold Tile x Tile threads and the output spans a tile, else naive.</summary>
     Auto,
@@ -25,7 +25,7 @@ public enum MatMulAlgorithm
 }
 
 /// <summary>Which attention kernels (forward and backward) an ILGPU device runs.</summary>
-public enum AttentionAlgorithm
+internal enum AttentionAlgorithm
 {
     /// <summary>Tiled where the head dimension fits its tiles (D &lt;= 128) and the device allows groups of 32 threads with 33 KB of shared memory, else per row.</summary>
     Auto,
@@ -55,19 +55,19 @@ public sealed class IlgpuDevice : Device
     public override DeviceInfo Info { get; }
 
     /// <summary>The matmul kernel to run; tests set it to cover both.</summary>
-    public MatMulAlgorithm MatMulAlgorithm { get; set; } = MatMulAlgorithm.Auto;
+    internal MatMulAlgorithm MatMulAlgorithm { get; set; } = MatMulAlgorithm.Auto;
 
     /// <summary>The attention kernels to run; tests set it to cover both.</summary>
-    public AttentionAlgorithm AttentionAlgorithm { get; set; } = AttentionAlgorithm.Auto;
+    internal AttentionAlgorithm AttentionAlgorithm { get; set; } = AttentionAlgorithm.Auto;
 
     /// <summary>
     /// Groups the tiled attention aims to launch before it splits the keys further: four per multiprocessor, so a
     /// decode step (few query rows over a long prefix) still fills the device. Tests lower it to force splits.
     /// </summary>
-    public int AttentionTargetGroups { get; set; }
+    internal int AttentionTargetGroups { get; set; }
 
     /// <summary>Whether the tiled matmul can run here (groups of Tile x Tile threads).</summary>
-    public bool SupportsTiledMatMul => accelerator.MaxNumThreadsPerGroup >= MatMulKernels.Tile * MatMulKernels.Tile;
+    internal bool SupportsTiledMatMul => accelerator.MaxNumThreadsPerGroup >= MatMulKernels.Tile * MatMulKernels.Tile;
 
     /// <summary>
     /// ILGPU's CPU simulator with groups of <paramref name="threadsPerWarp"/> x <paramref name="warpsPerGroup"/> threads.
@@ -157,7 +157,7 @@ public sealed class IlgpuDevice : Device
 
     private static ArrayView<int> V(IndexTensor t) => ((IndexBuffer)t.Storage).View.SubView(0, t.Length);
 
-    protected internal override object AllocateStorage(int length)
+    internal override object AllocateStorage(int length)
     {
         ThrowIfDisposed();
         var buffer = accelerator.Allocate1D<float>(Math.Max(1, length));
@@ -165,7 +165,7 @@ public sealed class IlgpuDevice : Device
         return buffer;
     }
 
-    protected internal override object AllocateIndexStorage(int[] values)
+    internal override object AllocateIndexStorage(int[] values)
     {
         ThrowIfDisposed();
         var buffer = accelerator.Allocate1D<int>(Math.Max(1, values.Length));
@@ -173,26 +173,26 @@ public sealed class IlgpuDevice : Device
         return buffer;
     }
 
-    protected internal override void ReleaseStorage(object storage)
+    internal override void ReleaseStorage(object storage)
     {
         if (!IsDisposed) ((IDisposable)storage).Dispose();
     }
 
-    protected internal override void Upload(Tensor t, ReadOnlySpan<float> source)
+    internal override void Upload(Tensor t, ReadOnlySpan<float> source)
     {
         if (t.Length == 0) return;
         accelerator.Synchronize();
         V(t).CopyFromCPU(source);
     }
 
-    protected internal override void Download(Tensor t, Span<float> destination)
+    internal override void Download(Tensor t, Span<float> destination)
     {
         if (t.Length == 0) return;
         accelerator.Synchronize();
         V(t).CopyToCPU(destination);
     }
 
-    protected internal override void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta)
+    internal override void MatMulCore(Tensor a, Tensor b, Tensor c, MatMulShape s, float alpha, float beta)
     {
         if (c.Length == 0) return;
         var algorithm = MatMulAlgorithm;
@@ -218,90 +218,90 @@ public sealed class IlgpuDevice : Device
         }
     }
 
-    protected internal override void AddCore(Tensor a, Tensor b, Tensor y)
+    internal override void AddCore(Tensor a, Tensor b, Tensor y)
     {
         if (y.Length > 0) kernels.Add.Value(y.Length, V(a), V(b), V(y));
     }
 
-    protected internal override void MulCore(Tensor a, Tensor b, Tensor y)
+    internal override void MulCore(Tensor a, Tensor b, Tensor y)
     {
         if (y.Length > 0) kernels.Mul.Value(y.Length, V(a), V(b), V(y));
     }
 
-    protected internal override void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols) => kernels.ScaleColumns.Value(x.Length, V(x), V(c), V(y), cols);
+    internal override void ScaleColumnsCore(Tensor x, Tensor c, Tensor y, int cols) => kernels.ScaleColumns.Value(x.Length, V(x), V(c), V(y), cols);
 
-    protected internal override void ScaleCore(Tensor x, float s, Tensor y)
+    internal override void ScaleCore(Tensor x, float s, Tensor y)
     {
         if (y.Length > 0) kernels.Scale.Value(y.Length, V(x), s, V(y));
     }
 
-    protected internal override void AxpyCore(float alpha, Tensor x, Tensor y)
+    internal override void AxpyCore(float alpha, Tensor x, Tensor y)
     {
         if (y.Length > 0) kernels.Axpy.Value(y.Length, alpha, V(x), V(y));
     }
 
-    protected internal override void FillCore(Tensor y, float value)
+    internal override void FillCore(Tensor y, float value)
     {
         if (y.Length > 0) kernels.Fill.Value(y.Length, V(y), value);
     }
 
-    protected internal override void CopyCore(Tensor source, Tensor destination)
+    internal override void CopyCore(Tensor source, Tensor destination)
     {
         if (source.Length > 0) V(source).CopyTo(V(destination));
     }
 
-    protected internal override void TanhCore(Tensor x, Tensor y) => kernels.Tanh.Value(x.Length, V(x), V(y));
+    internal override void TanhCore(Tensor x, Tensor y) => kernels.Tanh.Value(x.Length, V(x), V(y));
 
-    protected internal override void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx) => kernels.TanhBackward.Value(y.Length, V(y), V(dy), V(dx));
+    internal override void TanhBackwardCore(Tensor y, Tensor dy, Tensor dx) => kernels.TanhBackward.Value(y.Length, V(y), V(dy), V(dx));
 
-    protected internal override void SiluCore(Tensor x, Tensor y)
+    internal override void SiluCore(Tensor x, Tensor y)
     {
         if (y.Length > 0) kernels.Silu.Value(y.Length, V(x), V(y));
     }
 
-    protected internal override void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx)
+    internal override void SiluBackwardCore(Tensor x, Tensor dy, Tensor dx)
     {
         if (dx.Length > 0) kernels.SiluBackward.Value(dx.Length, V(x), V(dy), V(dx));
     }
 
-    protected internal override void SwiGluCore(Tensor gate, Tensor up, Tensor y)
+    internal override void SwiGluCore(Tensor gate, Tensor up, Tensor y)
     {
         if (y.Length > 0) kernels.SwiGlu.Value(y.Length, V(gate), V(up), V(y));
     }
 
-    protected internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
+    internal override void SwiGluBackwardCore(Tensor gate, Tensor up, Tensor dy, Tensor dGate, Tensor dUp)
     {
         if (dy.Length > 0) kernels.SwiGluBackward.Value(dy.Length, V(gate), V(up), V(dy), V(dGate), V(dUp));
     }
 
-    protected internal override void SoftmaxCore(Tensor x, Tensor y, int rows, int cols)
+    internal override void SoftmaxCore(Tensor x, Tensor y, int rows, int cols)
     {
         if (rows > 0 && cols > 0) kernels.Softmax.Value(rows, V(x), V(y), cols);
     }
 
-    protected internal override void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols)
+    internal override void SoftmaxBackwardCore(Tensor y, Tensor dy, Tensor dx, int rows, int cols)
     {
         if (rows > 0 && cols > 0) kernels.SoftmaxBackward.Value(rows, V(y), V(dy), V(dx), cols);
     }
 
-    protected internal override void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps)
+    internal override void RmsNormCore(Tensor x, Tensor w, Tensor y, Tensor rstd, int rows, int dim, float eps)
     {
         if (rows > 0) kernels.RmsNorm.Value(rows, V(x), V(w), V(y), V(rstd), dim, eps);
     }
 
-    protected internal override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim)
+    internal override void RmsNormBackwardCore(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor dw, int rows, int dim)
     {
         if (rows > 0) kernels.RmsNormBackwardInput.Value(rows, V(dy), V(x), V(w), V(rstd), V(dx), dim);
         if (dim > 0) kernels.RmsNormBackwardWeight.Value(dim, V(dy), V(x), V(rstd), V(dw), rows, dim);
     }
 
-    protected internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling)
+    internal override void RopeCore(Tensor x, IndexTensor positions, Tensor y, int tokens, int heads, int dim, float theta, bool inverse, RopeScaling scaling)
     {
         int n = tokens * heads * (dim / 2);
         if (n > 0) kernels.Rope.Value(n, V(x), V(positions), V(y), heads, dim, MathF.Log(theta), inverse ? -1f : 1f, scaling);
     }
 
-    protected internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
+    internal override void AttentionCore(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, AttentionShape s)
     {
         int rows = s.B * s.H * s.Tq;
         if (rows == 0) return;
@@ -335,7 +335,7 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // the partials are freed on return
     }
 
-    protected internal override void AttentionBackwardCore(
+    internal override void AttentionBackwardCore(
         Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, AttentionShape s)
     {
         int rows = s.B * s.H * s.Tq;
@@ -385,18 +385,19 @@ public sealed class IlgpuDevice : Device
         if (AttentionAlgorithm == AttentionAlgorithm.Tiled && !fits)
         {
             throw new InvalidOperationException(
-                $"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}), {TiledAttentionKernels.Rows}-thread groups and {TiledAttentionKernels.SharedBytes} bytes of shared memory per group ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup} threads and {accelerator.MaxSharedMemoryPerGroup} bytes)");
+                $"tiled attention needs D <= {TiledAttentionKernels.MaxD} (got {s.D}), {TiledAttentionKernels.Rows}-thread groups and {TiledAttentionKernels.SharedBytes} bytes of shared " +
+                    $"memory per group ({Info.Spec} allows {accelerator.MaxNumThreadsPerGroup} threads and {accelerator.MaxSharedMemoryPerGroup} bytes)");
         }
 
         return fits;
     }
 
-    protected internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)
+    internal override void EmbeddingCore(IndexTensor ids, Tensor table, Tensor y, int dim)
     {
         if (y.Length > 0) kernels.Embedding.Value(y.Length, V(ids), V(table), V(y), dim);
     }
 
-    protected internal override void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim)
+    internal override void EmbeddingBackwardCore(IndexTensor ids, Tensor dy, Tensor dtable, int dim)
     {
         FillCore(dtable, 0f);
         if (ids.Length == 0 || dim == 0) return;
@@ -408,7 +409,7 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize();
     }
 
-    protected internal override void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex)
+    internal override void CrossEntropyCore(Tensor logits, IndexTensor targets, Tensor losses, int vocab, int ignoreIndex)
     {
         int rows = targets.Length;
         if (rows == 0) return;
@@ -418,7 +419,7 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize();
     }
 
-    protected internal override void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale)
+    internal override void CrossEntropyBackwardCore(Tensor logits, IndexTensor targets, Tensor dlogits, int vocab, int ignoreIndex, float scale)
     {
         int rows = targets.Length;
         if (rows == 0 || vocab == 0) return;
@@ -428,7 +429,7 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize();
     }
 
-    protected internal override void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step)
+    internal override void AdamWCore(Tensor p, Tensor g, Tensor m, Tensor v, AdamWStep step)
     {
         if (p.Length == 0) return;
         kernels.AdamW.Value(
@@ -436,14 +437,14 @@ public sealed class IlgpuDevice : Device
             step.BiasCorrection1, step.BiasCorrection2);
     }
 
-    protected internal override void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step)
+    internal override void SgdCore(Tensor p, Tensor g, Tensor? momentum, SgdStep step)
     {
         if (p.Length == 0) return;
         var buf = momentum != null ? V(momentum) : V(g); // not read when momentum is 0
         kernels.Sgd.Value(p.Length, V(p), V(g), buf, step.LearningRate, step.Momentum, step.WeightDecay, step.Nesterov ? 1 : 0);
     }
 
-    protected internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
+    internal override void LoraMixedCore(Tensor x, Tensor y, LoraAdapterPool pool, IndexTensor rowAdapters, LoraBatchShape s)
     {
         using var t = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));
         kernels.LoraShrink.Value(s.M * s.RMax, V(x), V(pool.APool), V(pool.AOffsets), V(pool.Ranks), V(rowAdapters), t.View, s);
@@ -451,10 +452,10 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // t is freed on return
     }
 
-    protected internal override void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n) =>
+    internal override void DoraScaleCore(Tensor y, Tensor scales, IndexTensor rowSlots, int n) =>
         kernels.DoraScale.Value(y.Length, V(y), V(scales), V(rowSlots), n);
 
-    protected internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
+    internal override void LoraMixedBackwardCore(Tensor x, Tensor dy, LoraAdapterPool pool, IndexTensor rowAdapters, Tensor? dx, Tensor da, Tensor db, LoraBatchShape s)
     {
         using var t = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));
         using var dt = accelerator.Allocate1D<float>(Math.Max(1, s.M * s.RMax));
@@ -466,25 +467,25 @@ public sealed class IlgpuDevice : Device
         accelerator.Synchronize(); // t and dt are freed on return
     }
 
-    protected internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step) =>
+    internal override void MaskedAdamWCore(Tensor p, Tensor g, IndexTensor idx, Tensor m, Tensor v, AdamWStep step) =>
         kernels.MaskedAdamW.Value(idx.Length, V(p), V(g), V(idx), V(m), V(v), step.LearningRate, step.Beta1, step.Beta2, step.Epsilon, step.WeightDecay,
             step.BiasCorrection1, step.BiasCorrection2);
 
-    protected internal override void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step) =>
+    internal override void MaskedSgdCore(Tensor p, Tensor g, IndexTensor idx, Tensor? momentum, SgdStep step) =>
         kernels.MaskedSgd.Value(idx.Length, V(p), V(g), V(idx), momentum != null ? V(momentum) : V(g), step.LearningRate, step.Momentum, step.WeightDecay);
 
-    protected internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha) =>
+    internal override void ScatterAddCore(Tensor w, IndexTensor idx, Tensor values, float alpha) =>
         kernels.ScatterAdd.Value(idx.Length, V(w), V(idx), V(values), alpha);
 
-    protected internal override void ScatterCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Scatter.Value(idx.Length, V(w), V(idx), V(values));
+    internal override void ScatterCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Scatter.Value(idx.Length, V(w), V(idx), V(values));
 
-    protected internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Gather.Value(idx.Length, V(w), V(idx), V(values));
+    internal override void GatherCore(Tensor w, IndexTensor idx, Tensor values) => kernels.Gather.Value(idx.Length, V(w), V(idx), V(values));
 
-    protected internal override void DareCore(Tensor x, Tensor y, float p, int seed) => kernels.Dare.Value(x.Length, V(x), V(y), p, seed);
+    internal override void DareCore(Tensor x, Tensor y, float p, int seed) => kernels.Dare.Value(x.Length, V(x), V(y), p, seed);
 
-    protected internal override void AbsAddCore(Tensor x, Tensor acc) => kernels.AbsAdd.Value(x.Length, V(x), V(acc));
+    internal override void AbsAddCore(Tensor x, Tensor acc) => kernels.AbsAdd.Value(x.Length, V(x), V(acc));
 
-    protected internal override int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk)
+    internal override int[] SelectHistogramCore(Tensor x, SelectScore score, uint prefix, uint prefixMask, int shift, int chunk)
     {
         int chunks = (x.Length + chunk - 1) / chunk;
         using var hist = accelerator.Allocate1D<int>(chunks * SelectKernels.Bins);
@@ -497,7 +498,7 @@ public sealed class IlgpuDevice : Device
         return result;
     }
 
-    protected internal override int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count)
+    internal override int[] SelectWriteCore(Tensor x, SelectScore score, SelectBand band, int count)
     {
         int chunks = (band.Length + band.Chunk - 1) / band.Chunk;
         using var counts = accelerator.Allocate1D<int>(3 * chunks);
@@ -515,22 +516,22 @@ public sealed class IlgpuDevice : Device
         return result;
     }
 
-    protected internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows) =>
+    internal override void SparseDeltaMixedCore(Tensor x, Tensor y, SparseDeltaPool pool, IndexTensor rowVariants, int rows) =>
         kernels.SparseMixed.Value(rows * pool.OutFeatures, V(x), V(pool.RowStart), V(pool.Cols), V(pool.Vals), V(rowVariants), V(y), pool.OutFeatures, pool.InFeatures);
 
-    protected internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d) =>
+    internal override void AttentionMergeCore(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2, Tensor o, Tensor lse, int rows, int d) =>
         kernels.AttentionMerge.Value(rows, V(o1), V(lse1), V(o2), V(lse2), V(o), V(lse), d);
 
-    protected internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
+    internal override void BitDeltaMixedCore(Tensor x, Tensor y, BitDeltaPool pool, IndexTensor rowVariants, BitDeltaShape s) =>
         kernels.BitDeltaMixed.Value(s.M * s.N, V(x), V(pool.Signs), V(pool.Scales), V(pool.First), V(pool.Rounds), V(rowVariants), V(y), s);
 
-    protected internal override void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s)
+    internal override void BitDeltaDecodeCore(BitDeltaPool pool, int slot, Tensor dense, float alpha, float beta, BitDeltaShape s)
     {
         var words = V(pool.Signs).SubView((long)slot * s.N * s.W, (long)s.N * s.W);
         kernels.BitDeltaDecode.Value(s.N * s.K, words, V(dense), alpha, beta, s);
     }
 
-    protected internal override double SumCore(Tensor x, bool squares)
+    internal override double SumCore(Tensor x, bool squares)
     {
         if (x.Length == 0) return 0;
         int chunks = (x.Length + ElementwiseKernels.ReduceChunk - 1) / ElementwiseKernels.ReduceChunk;

@@ -40,7 +40,8 @@ internal static class CompressCommand
         }
         else if (distillSteps > 0)
         {
-            throw new NotSupportedException($"--distill-steps {distillSteps}: calibration text needs a tokenizer, and {baseDir} has no {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile} (vocab_size {baseModel.Config.VocabSize}). Use --distill-steps 0");
+            throw new NotSupportedException($"--distill-steps {distillSteps}: calibration text needs a tokenizer, and {baseDir} has no {HfTokenizer.JsonFile} or " +
+                $"{HfTokenizer.SentencePieceFile} (vocab_size {baseModel.Config.VocabSize}). Use --distill-steps 0");
         }
 
         report.Delta.Save(outDir, baseModel.Config);

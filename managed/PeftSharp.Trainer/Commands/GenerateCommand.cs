@@ -1,10 +1,8 @@
 using System.CommandLine;
-using PeftSharp.Compression;
 using PeftSharp.Formats;
 using PeftSharp.Serving;
-using PeftSharp.Training;
-using Spectre.Console;
 using PeftSharp.Variants;
+using Spectre.Console;
 
 namespace PeftSharp.Trainer.Commands;
 
@@ -15,7 +13,8 @@ internal static class GenerateCommand
     {
         var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
         var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
-        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT adapters (LoRA or prefix tuning): name=DIR,name=DIR (requests pick one by name)", AllowMultipleArgumentsPerToken = true };
+        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT adapters (LoRA or prefix tuning): name=DIR,name=DIR (requests pick one by name)",
+            AllowMultipleArgumentsPerToken = true };
         var prefixAdapter = new Option<string?>("--prefix") { Description = "A PEFT prefix-tuning folder whose virtual tokens every request reads" };
         var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };
         var deltasOpt = new Option<string[]>("--deltas") { Description = "Named 1-bit (peft compress) or sparse delta folders: name=DIR,name=DIR", AllowMultipleArgumentsPerToken = true };
@@ -24,9 +23,11 @@ internal static class GenerateCommand
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
         var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
-        foreach (var opt in new Option[] { o.Device, o.Model, prompt, requestsOpt, adaptersOpt, deltasOpt, prefixAdapter, noSharing, maxTokens, temperature, topK, topP, o.Seed }) generate.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, o.Model, prompt, requestsOpt, adaptersOpt, deltasOpt, prefixAdapter, noSharing, maxTokens, temperature, topK, topP,
+            o.Seed }) generate.Options.Add(opt);
         generate.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(prompt), r.GetValue(requestsOpt),
-            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens), r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), stdout, stderr));
+            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens),
+                r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), stdout, stderr));
         return generate;
     }
 
@@ -54,24 +55,8 @@ internal static class GenerateCommand
         if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
         if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
         var defaults = new GenerationRequest("", null, max, temp, k, p, seed);
-        if (prompt != null && named.Count + namedDeltas.Count == 0 && !noSharing)
-        {
-            stdout.WriteLine(Generator.Sample(model, prompt, max, temp, k, p, seed));
-            return 0;
-        }
-
         using var set = new VariantSet(model);
-        foreach (var (name, folder) in named)
-        {
-            bool prefixTuning = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter")["peft_type"]?.GetValue<string>() == "PREFIX_TUNING";
-            if (prefixTuning) set.AddPrefix(name, PeftPrefixAdapter.Load(folder, model.Config));
-            else set.AddLora(name, PeftLoraAdapter.Load(folder, model.Config));
-        }
-        foreach (var (name, folder) in namedDeltas)
-        {
-            if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) set.AddSparse(name, SparseDelta.Load(folder, model));
-            else set.AddDelta(name, BitDelta.Load(folder, model));
-        }
+        foreach (var (name, folder) in named.Concat(namedDeltas)) set.Add(name, VariantFolder.Load(folder, model)); // each folder says its kind
         var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
         foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
         var watch = System.Diagnostics.Stopwatch.StartNew();
@@ -97,7 +82,8 @@ internal static class GenerateCommand
         }
 
         int total = results.Sum(r => r.Tokens);
-        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in {watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s); " +
+        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in " +
+            $"{watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s); " +
             (sharing.Prefixes > 0 ? $"{sharing.Prefixes} shared prefixes read by {sharing.SharingSequences} requests, {sharing.TokensSaved} prefix tokens not recomputed" : "no shared prefixes"));
         return 0;
     }

@@ -142,7 +142,8 @@ internal static class QuickstartCommand
         table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");
         console.Write(table);
         int shotTokens = 1 + ByteTokenizer.Instance.Encode(shots).Length;
-        console.MarkupLine($"shared prompt of {shotTokens} tokens, 32 requests: {sharedSeconds * 1000:F0} ms with one shared copy of its keys and values ({sharedReport.TokensSaved:N0} prompt tokens not recomputed), " +
+        console.MarkupLine($"shared prompt of {shotTokens} tokens, 32 requests: {sharedSeconds * 1000:F0} ms with one shared copy of its keys and values ({sharedReport.TokensSaved:N0} " +
+            $"prompt tokens not recomputed), " +
             $"{copySeconds * 1000:F0} ms with a copy per request: [bold]{copySeconds / Math.Max(sharedSeconds, 1e-9):F1}x[/] faster; same tokens: {(same ? "yes" : "[red]NO[/]")}");
         console.MarkupLine($"6. one batch, every variant: 8 held-out '{heldOutTask}' prompts each through the LoRA adapter, the prefix-tuning adapter, the sparse delta, " +
             "the distilled 1-bit delta of the full fine-tune (with its own norms and embedding) and the plain base, all over one copy of the pre-trained weights");
@@ -172,7 +173,8 @@ internal static class QuickstartCommand
         }
 
         double tps = pre.Count > 0 ? pre.Skip(pre.Count / 2).Average(m => m.TokensPerSecond) : 0;
-        console.MarkupLine($"{model.ParameterCount:N0} parameters; LoRA trains {loraTrainable:N0} ({100.0 * loraTrainable / model.ParameterCount:F1}%); pre-training ran at {tps:F0} tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
+        console.MarkupLine($"{model.ParameterCount:N0} parameters; LoRA trains {loraTrainable:N0} ({100.0 * loraTrainable / model.ParameterCount:F1}%); pre-training ran at {tps:F0} " +
+            $"tokens/s; total {clock.Elapsed.TotalSeconds:F0} s");
         console.MarkupLine($"models, metrics.jsonl and loss.svg in [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }

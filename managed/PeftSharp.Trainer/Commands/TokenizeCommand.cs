@@ -29,7 +29,8 @@ internal static class TokenizeCommand
         }
 
         var ids = decode!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
-            .Select(t => int.TryParse(t, out int v) && v >= 0 && v < tok.VocabSize ? v : throw new ArgumentException($"--decode: '{t}' is not a token id of {tok.Name} (0 .. {tok.VocabSize - 1})")).ToArray();
+            .Select(t => int.TryParse(t, out int v) && v >= 0 && v < tok.VocabSize ? v
+                : throw new ArgumentException($"--decode: '{t}' is not a token id of {tok.Name} (0 .. {tok.VocabSize - 1})")).ToArray();
         stdout.WriteLine(System.Text.Json.JsonSerializer.Serialize(new { tokenizer = tok.Name, text = tok.Decode(ids) }));
         return 0;
     }

@@ -38,8 +38,10 @@ internal static class TrainCommand
         var resume = new Option<string?>("--resume") { Description = "Continue from a checkpoint folder (OUT/checkpoint)" };
         var ckptEvery = new Option<int>("--checkpoint-every") { Description = "Steps between checkpoints (0: none)", DefaultValueFactory = _ => 100 };
         var config = new Option<string>("--config") { Description = "tiny | small | CONFIG.json", DefaultValueFactory = _ => "tiny" };
-        var tokenizerDir = new Option<string?>("--tokenizer") { Description = "A folder with tokenizer.json or tokenizer.model to pre-train with (tiny/small take its vocabulary size); default: the built-in byte tokenizer" };
-        var freeze = new Option<string[]>("--freeze") { Description = "Freeze parameters whose name matches (glob, repeatable): --freeze 'model.embed_tokens.*'", AllowMultipleArgumentsPerToken = true };
+        var tokenizerDir = new Option<string?>("--tokenizer") { Description = "A folder with tokenizer.json or tokenizer.model to pre-train with (tiny/small take its vocabulary size); " +
+            "default: the built-in byte tokenizer" };
+        var freeze = new Option<string[]>("--freeze") { Description = "Freeze parameters whose name matches (glob, repeatable): --freeze 'model.embed_tokens.*'",
+            AllowMultipleArgumentsPerToken = true };
         var layerDecay = new Option<float>("--layer-decay") { Description = "Layer-wise learning-rate decay factor in (0, 1]", DefaultValueFactory = _ => 1f };
         var emaDecay = new Option<float>("--ema") { Description = "Keep an EMA of the weights with this decay and save it", DefaultValueFactory = _ => 0f };
         var clipPer = new Option<bool>("--clip-per-parameter") { Description = "Clip each gradient to --clip on its own" };
@@ -49,27 +51,34 @@ internal static class TrainCommand
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method") { Description = "full | lora | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
         var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train (default 0.01)", DefaultValueFactory = _ => 0 };
-        var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients (SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
+        var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients " +
+            "(SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
         var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
-        var prefixProjection = new Option<int>("--prefix-projection") { Description = "Prefix tuning through a reparameterising MLP with this hidden size (P-tuning v2; 0: train the keys and values directly)", DefaultValueFactory = _ => 0 };
+        var prefixProjection = new Option<int>("--prefix-projection") { Description = "Prefix tuning through a reparameterising MLP with this hidden size (P-tuning v2; 0: train the keys " +
+            "and values directly)", DefaultValueFactory = _ => 0 };
         var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer (default 8)", DefaultValueFactory = _ => 0 };
         var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
         var alpha = new Option<float>("--alpha") { Description = "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)", DefaultValueFactory = _ => 16f };
-        var targetsOpt = new Option<string>("--targets") { Description = "all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "all-linear" };
+        var targetsOpt = new Option<string>("--targets") { Description = "all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ =>
+            "all-linear" };
         var rslora = new Option<bool>("--rslora") { Description = "rank-stabilised scaling alpha / sqrt(r)" };
         var dora = new Option<bool>("--dora") { Description = "DoRA: train a magnitude vector per module beside the low-rank direction" };
         var bOnly = new Option<bool>("--b-only") { Description = "Train only B; A stays at its random init" };
-        var adapterPerTask = new Option<bool>("--adapter-per-task") { Description = "With --method lora and builtin:tasks=A,B,...: one adapter per task, all trained in the same batches (OUT/<task>/ each)" };
+        var adapterPerTask = new Option<bool>("--adapter-per-task") { Description = "With --method lora and builtin:tasks=A,B,...: one adapter per task, all trained in the same batches " +
+            "(OUT/<task>/ each)" };
         var loraDropout = new Option<float>("--dropout") { Description = "LoRA dropout on the adapter's input while training", DefaultValueFactory = _ => 0f };
         var loraInit = new Option<string>("--init") { Description = "lora (A random, B zero) | lora-ga (A, B from the SVD of the full gradient)", DefaultValueFactory = _ => "lora" };
-        var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)", DefaultValueFactory = _ => 0 };
+        var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)",
+            DefaultValueFactory = _ => 0 };
 
         var c = new Command(name, description);
-        foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum, optimizerKind, momentum }) c.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum,
+            optimizerKind, momentum }) c.Options.Add(opt);
         if (finetune)
         {
-            foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens, groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(opt);
+            foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
+                groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(opt);
         }
         else
         {
@@ -127,9 +136,11 @@ internal static class TrainCommand
             "sparse" => FinetuneMethod.Sparse,
             _ => throw new ArgumentException($"--method {method}: use full, lora, prefix or sparse (1-bit deltas come from peft compress)"),
         };
-        if (kind != FinetuneMethod.Sparse && (flags.Density != 0 || flags.MaskSource != "gradient" || flags.RegrowEvery != 0)) throw new ArgumentException("--density, --mask and --regrow-every apply to --method sparse");
+        if (kind != FinetuneMethod.Sparse && (flags.Density != 0 || flags.MaskSource != "gradient"
+            || flags.RegrowEvery != 0)) throw new ArgumentException("--density, --mask and --regrow-every apply to --method sparse");
         if (flags.RegrowEvery < 0) throw new ArgumentException($"--regrow-every {flags.RegrowEvery}: must be >= 0");
-        if (kind != FinetuneMethod.Prefix && (flags.VirtualTokens != 0 || flags.PrefixProjection != 0)) throw new ArgumentException("--virtual-tokens and --prefix-projection apply to --method prefix");
+        if (kind != FinetuneMethod.Prefix && (flags.VirtualTokens != 0
+            || flags.PrefixProjection != 0)) throw new ArgumentException("--virtual-tokens and --prefix-projection apply to --method prefix");
         if (flags.PrefixProjection < 0) throw new ArgumentException($"--prefix-projection {flags.PrefixProjection}: must be >= 0");
         bool loraOnlyFlags = flags.LoraBOnly || flags.LoraInit != "lora" || options.ChainEvery != 0;
         if (flags.Lora == null && loraOnlyFlags) throw new ArgumentException("--b-only, --init and --chain-every apply to --method lora");
@@ -166,7 +177,8 @@ internal static class TrainCommand
             if (init == LoraInit.LoraGa && (lora.UseDora || flags.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
             if (flags.AdapterPerTask && (init != LoraInit.Default || flags.LoraBOnly || lora.UseDora || options.ChainEvery > 0 || options.GroupCompletions))
             {
-                throw new NotSupportedException("--adapter-per-task trains plain LoRA (with --rank, --alpha, --targets, --rslora, --dropout); not with --dora, --b-only, --init lora-ga, --chain-every or --group-completions");
+                throw new NotSupportedException("--adapter-per-task trains plain LoRA (with --rank, --alpha, --targets, --rslora, --dropout); not with --dora, --b-only, --init lora-ga, " +
+                    "--chain-every or --group-completions");
             }
         }
 
@@ -178,11 +190,13 @@ internal static class TrainCommand
         };
     }
 
-    private static int Run(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet, TextWriter stdout, TrainFlags flags)
+    private static int Run(string? deviceSpec, string? modelDir, string? configSpec, string method, string dataSpec, TrainOptions options, string outDir, string? resume, bool quiet,
+        TextWriter stdout, TrainFlags flags)
     {
         var recipeOptions = Recipe(method, dataSpec, options, flags);
         // A resumed sparse run takes its masks from the checkpoint and its starting weights from --model (the delta's base).
-        if (recipeOptions.Method == FinetuneMethod.Sparse && resume != null && modelDir == null) throw new ArgumentException("--resume with --method sparse needs --model: the sparse delta is taken against that base");
+        if (recipeOptions.Method == FinetuneMethod.Sparse && resume != null
+            && modelDir == null) throw new ArgumentException("--resume with --method sparse needs --model: the sparse delta is taken against that base");
         var console = Host.Console(stdout);
         using var device = Host.OpenDevice(deviceSpec);
         var (train, held, completionOnly) = Jobs.Data(dataSpec, options.Seed);
@@ -191,7 +205,8 @@ internal static class TrainCommand
             : modelDir != null ? Host.LoadTextModel(modelDir, device)
             : NewModel(device, configSpec!, flags.TokenizerDir, options.Seed);
         var jobs = new Jobs(console, quiet);
-        console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data {Markup.Escape(dataSpec)}, {options.Steps} steps");
+        console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data " +
+            $"{Markup.Escape(dataSpec)}, {options.Steps} steps");
         var recipe = Finetune.Prepare(model, recipeOptions, options, train, modelDir, resume);
         if (recipe.Description != null) console.MarkupLine(Markup.Escape(recipe.Description));
         jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, recipeOptions, recipe);
@@ -204,7 +219,8 @@ internal static class TrainCommand
                 if (taskHeld.Count > 0) jobs.PrintEval($"held-out '{task}' through its adapter", Evaluator.Evaluate(alone, taskHeld, options.SeqLen, options.CompletionOnly));
             }
 
-            console.MarkupLine($"PEFT adapters {string.Join(", ", tasks.Select(t => Markup.Escape(Path.Combine(Path.GetFullPath(outDir), t))))}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
+            console.MarkupLine($"PEFT adapters {string.Join(", ", tasks.Select(t => Markup.Escape(Path.Combine(Path.GetFullPath(outDir), t))))}, metrics.jsonl and loss.svg written to " +
+                $"[bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
             return 0;
         }
 
@@ -235,7 +251,9 @@ internal static class TrainCommand
         if (targets != "all-linear")
         {
             var unknown = list.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
-            if (unknown.Count > 0 || list.Length == 0) throw new ArgumentException($"--targets {targets}: use all-linear or names from {string.Join(", ", LoraAdapterConfig.LlamaLinear)} (unknown: {string.Join(", ", unknown)})");
+            if (unknown.Count > 0
+                || list.Length == 0) throw new ArgumentException($"--targets {targets}: use all-linear or names from {string.Join(", ", LoraAdapterConfig.LlamaLinear)} (unknown: " +
+                    $"{string.Join(", ", unknown)})");
         }
 
         return new LoraAdapterConfig

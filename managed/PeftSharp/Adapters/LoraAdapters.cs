@@ -226,7 +226,8 @@ internal sealed class LoraAdapters
     {
         if (chainRestarts > 0)
         {
-            throw new InvalidOperationException($"the base weights have absorbed {chainRestarts} earlier LoRA links (chain of LoRA); the current adapter alone does not reproduce the model: save the model instead");
+            throw new InvalidOperationException($"the base weights have absorbed {chainRestarts} earlier LoRA links (chain of LoRA); the current adapter alone does not reproduce the " +
+                $"model: save the model instead");
         }
 
         var magnitudes = lora.Where(l => l.Value.Magnitude != null).ToDictionary(l => l.Key, l => l.Value.Magnitude!.Value.ToArray());

@@ -10,14 +10,6 @@ using PeftSharp.Variants;
 
 namespace PeftSharp.Compression;
 
-/// <summary>One linear module's 1-bit delta: per round a packed sign matrix (N, W) and its scale.</summary>
-public sealed record BitDeltaModule(IReadOnlyList<int[]> Signs, float[] Scales)
-{
-    public int Rounds => Signs.Count;
-
-    public BitDeltaData ToPoolData(string name) => new(name, Signs, Scales);
-}
-
 /// <summary>
 /// A fine-tune stored as its difference from a base model (BitDelta): every linear weight's delta as sign bits packed
 /// 32 to a word plus one fp32 scale (mean |delta|, the L2-optimal scale for a sign matrix), optionally refined over

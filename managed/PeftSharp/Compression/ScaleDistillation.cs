@@ -3,9 +3,6 @@ using PeftSharp.Model;
 
 namespace PeftSharp.Compression;
 
-/// <summary>What scale distillation did: the logit error on held-out calibration batches before and after.</summary>
-public sealed record DistillReport(double LogitMseBefore, double LogitMseAfter, int Steps, BitDelta Delta);
-
 /// <summary>
 /// BitDelta's scale distillation: with the base, the sign bits and every other parameter frozen, train only the
 /// per-matrix scales so the compressed model's logits match the fine-tuned model's (mean squared error over all

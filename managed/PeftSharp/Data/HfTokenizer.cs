@@ -87,7 +87,8 @@ public sealed class HfTokenizer : ITokenizer
     {
         if (!Present(folder) && vocabSize != ByteTokenizer.VocabSize)
         {
-            throw new NotSupportedException($"{folder}: vocab_size {vocabSize} and no {JsonFile} or {SentencePieceFile}, so text cannot be encoded for it (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer)");
+            throw new NotSupportedException($"{folder}: vocab_size {vocabSize} and no {JsonFile} or {SentencePieceFile}, so text cannot be encoded for it (only vocab_size " +
+                $"{ByteTokenizer.VocabSize} models use the built-in byte tokenizer)");
         }
     }
 
@@ -113,7 +114,8 @@ public sealed class HfTokenizer : ITokenizer
             }
             else
             {
-                throw new NotSupportedException($"{json}: {unsupported}; only byte-level BPE tokenizer.json files are read (a SentencePiece model's tokenizer.model is read instead when the folder has one)");
+                throw new NotSupportedException($"{json}: {unsupported}; only byte-level BPE tokenizer.json files are read (a SentencePiece model's tokenizer.model is read instead when " +
+                    $"the folder has one)");
             }
         }
         else
@@ -295,12 +297,14 @@ public sealed class HfTokenizer : ITokenizer
         var spec = SentencePieceSpec.Read(path);
         if (spec.HasCharsMap)
         {
-            throw new NotSupportedException($"{path}: normalizer '{spec.NormalizerName}' uses a precompiled character map, which Microsoft.ML.Tokenizers does not apply (its ids would differ from SentencePiece's on text that the map changes); only models with the 'identity' normalizer (Llama, Mistral, Gemma) are read");
+            throw new NotSupportedException($"{path}: normalizer '{spec.NormalizerName}' uses a precompiled character map, which Microsoft.ML.Tokenizers does not apply (its ids would " +
+                $"differ from SentencePiece's on text that the map changes); only models with the 'identity' normalizer (Llama, Mistral, Gemma) are read");
         }
 
         if (spec.ModelType == SentencePieceSpec.Unigram && spec.ByteFallback)
         {
-            throw new NotSupportedException($"{path}: a SentencePiece Unigram model with byte fallback; Microsoft.ML.Tokenizers 2.0.1 gives byte pieces wrong ids there, so it is refused (BPE models with byte fallback and Unigram models without are read)");
+            throw new NotSupportedException($"{path}: a SentencePiece Unigram model with byte fallback; Microsoft.ML.Tokenizers 2.0.1 gives byte pieces wrong ids there, so it is refused " +
+                $"(BPE models with byte fallback and Unigram models without are read)");
         }
 
         SentencePieceTokenizer sp;

@@ -1,73 +1,10 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using System.Text.RegularExpressions;
 using PeftSharp.Model;
 
 using PeftSharp.Variants;
 
 namespace PeftSharp.Formats;
-
-/// <summary>The parts of a PEFT LoRA adapter_config.json that PeftSharp honours.</summary>
-public sealed record LoraAdapterConfig
-{
-    public int R { get; init; } = 8;
-    public float LoraAlpha { get; init; } = 8;
-    public float LoraDropout { get; init; }
-    public bool UseRsLora { get; init; }
-    /// <summary>DoRA: a trained magnitude vector per targeted module (lora_magnitude_vector, [out]).</summary>
-    public bool UseDora { get; init; }
-    /// <summary>List form: module names matched by their last component; or one string: "all-linear" or a regex over the module path.</summary>
-    public IReadOnlyList<string> TargetModules { get; init; } = Array.Empty<string>();
-    public string? TargetRegex { get; init; }
-    public IReadOnlyList<int>? LayersToTransform { get; init; }
-    public IReadOnlyDictionary<string, int> RankPattern { get; init; } = new Dictionary<string, int>();
-    public IReadOnlyDictionary<string, float> AlphaPattern { get; init; } = new Dictionary<string, float>();
-    public string? BaseModelNameOrPath { get; init; }
-    public string TaskType { get; init; } = "CAUSAL_LM";
-
-    /// <summary>The seven linear layers of a Llama block, as PEFT's "all-linear" selects them (the LM head excluded).</summary>
-    public static readonly string[] LlamaLinear = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" };
-
-    /// <summary>Rank and alpha for a module, with rank_pattern / alpha_pattern keys matched as a suffix of the module path.</summary>
-    public (int Rank, float Alpha) For(string module)
-    {
-        int r = RankPattern.FirstOrDefault(p => module == p.Key || module.EndsWith("." + p.Key, StringComparison.Ordinal)).Value;
-        float a = AlphaPattern.FirstOrDefault(p => module == p.Key || module.EndsWith("." + p.Key, StringComparison.Ordinal)).Value;
-        return (r > 0 ? r : R, a > 0 ? a : LoraAlpha);
-    }
-
-    /// <summary>PEFT's scaling: alpha / r, or alpha / sqrt(r) with use_rslora.</summary>
-    public float Scale(string module)
-    {
-        var (r, a) = For(module);
-        return UseRsLora ? a / MathF.Sqrt(r) : a / r;
-    }
-
-    /// <summary>Every linear module path of a Llama model (model.layers.{i}.self_attn.q_proj, ...), layer by layer.</summary>
-    public static IEnumerable<string> LlamaLinearModules(LlamaConfig model) =>
-        Enumerable.Range(0, model.NumHiddenLayers).SelectMany(i => LlamaLinear.Select(name =>
-            $"model.layers.{i}.{(name is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn")}.{name}"));
-
-    /// <summary>The module paths of <paramref name="model"/> this config targets.</summary>
-    public IEnumerable<string> TargetsIn(LlamaConfig model)
-    {
-        for (int i = 0; i < model.NumHiddenLayers; i++)
-        {
-            if (LayersToTransform != null && !LayersToTransform.Contains(i)) continue;
-            foreach (var name in LlamaLinear)
-            {
-                string path = $"model.layers.{i}.{(name is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn")}.{name}";
-                bool hit = TargetRegex switch
-                {
-                    "all-linear" => true,
-                    { } rx => Regex.IsMatch(path, "^(?:" + rx + ")$"),
-                    null => TargetModules.Contains(name),
-                };
-                if (hit) yield return path;
-            }
-        }
-    }
-}
 
 /// <summary>
 /// A PEFT LoRA adapter folder: adapter_config.json and adapter_model.safetensors with PEFT's key names
@@ -86,7 +23,8 @@ public sealed class PeftLoraAdapter : IVariant
         Config = config;
         Modules = modules;
         Magnitudes = magnitudes ?? new Dictionary<string, float[]>();
-        if (config.UseDora && Magnitudes.Count != modules.Count) throw new ArgumentException($"a DoRA adapter needs a magnitude vector for each of its {modules.Count} modules, got {Magnitudes.Count}");
+        if (config.UseDora
+            && Magnitudes.Count != modules.Count) throw new ArgumentException($"a DoRA adapter needs a magnitude vector for each of its {modules.Count} modules, got {Magnitudes.Count}");
     }
 
     public LoraAdapterConfig Config { get; }

@@ -33,7 +33,8 @@ public sealed class PeftPrefixAdapter : IVariant
 
     /// <summary>Prefix tuning adds keys and values to attention, which no weight change reproduces: refused.</summary>
     public void MergeInto(LlamaModel model) =>
-        throw new NotSupportedException($"a prefix-tuning adapter ({VirtualTokens} virtual tokens) cannot be merged into the weights: serve it as a variant (peft generate --adapters) or load it with --prefix");
+        throw new NotSupportedException($"a prefix-tuning adapter ({VirtualTokens} virtual tokens) cannot be merged into the weights: serve it as a variant (peft generate --adapters) or " +
+            $"load it with --prefix");
 
     /// <summary>Per layer, (P, Hkv, D) row-major.</summary>
     public IReadOnlyList<float[]> Keys { get; }

@@ -3,9 +3,6 @@ using YamlDotNet.RepresentationModel;
 
 namespace PeftSharp.Merging;
 
-/// <summary>One input of a merge: a model (or adapter, or delta) folder and its options.</summary>
-public sealed record MergeModelEntry(string Model, MergeInput Parameters);
-
 /// <summary>
 /// A merge described in mergekit's schema (YAML or JSON): `merge_method`, `base_model`, `models[].model`,
 /// `models[].parameters.weight|density|gamma`, `parameters.normalize|lambda|int8_mask` (and top-level defaults for

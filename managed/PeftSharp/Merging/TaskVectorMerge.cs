@@ -2,21 +2,6 @@ using PeftSharp.Kernels.Sparse;
 
 namespace PeftSharp.Merging;
 
-/// <summary>The merge methods PeftSharp implements, by mergekit's names.</summary>
-public enum MergeMethod
-{
-    Linear,
-    TaskArithmetic,
-    Ties,
-    DareLinear,
-    DareTies,
-    Breadcrumbs,
-    BreadcrumbsTies,
-}
-
-/// <summary>One input's options (mergekit's per-model parameters).</summary>
-public sealed record MergeInput(float Weight = 1f, float Density = 1f, float Gamma = 0.01f);
-
 /// <summary>
 /// Merging of one tensor from several fine-tunes of a base, as mergekit defines the methods. Task vectors are
 /// tau_i = theta_i - theta_base. Linear: sum w_i theta_i (over sum w_i when normalised). Task arithmetic: theta_base +

@@ -1,11 +1,13 @@
 using PeftSharp.Kernels.Sparse;
-using PeftSharp.Engine.Cpu;
 
 namespace PeftSharp.Merging;
 
 public static partial class TaskVectorMerge
 {
     private const int Chunk = 1 << 14;
+
+    /// <summary>Every core: the merges are host-side loops over tensors' values, no backend's.</summary>
+    private static readonly ParallelOptions Parallelism = new() { MaxDegreeOfParallelism = Environment.ProcessorCount };
 
     /// <summary>
     /// Merges one tensor: the result of <see cref="MergeReference"/>, bit for bit, computed in parallel chunks. Each
@@ -25,7 +27,7 @@ public static partial class TaskVectorMerge
         {
             double total = normalize ? inputs.Sum(i => (double)i.Weight) : 1;
             if (total == 0) throw new ArgumentException("linear merge: the weights sum to zero");
-            Parallel.For(0, chunks, Cores.Options, c =>
+            Parallel.For(0, chunks, Parallelism, c =>
             {
                 for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
                 {
@@ -57,7 +59,7 @@ public static partial class TaskVectorMerge
         bool dare = method is MergeMethod.DareLinear or MergeMethod.DareTies;
         var densities = inputs.Select(i => i.Density).ToArray();
         bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
-        Parallel.For(0, chunks, Cores.Options, () => new double[count], (c, _, tau) =>
+        Parallel.For(0, chunks, Parallelism, () => new double[count], (c, _, tau) =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
             {
@@ -134,7 +136,7 @@ public static partial class TaskVectorMerge
         if (hi <= skip) return flags;
         var keys = new ulong[n];
         int chunks = (n + Chunk - 1) / Chunk;
-        Parallel.For(0, chunks, Cores.Options, c =>
+        Parallel.For(0, chunks, Parallelism, c =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++) keys[e] = (ulong)BitConverter.DoubleToInt64Bits(Math.Abs((double)model[e] - baseValues[e]));
         });
@@ -142,7 +144,7 @@ public static partial class TaskVectorMerge
         int loStart = skip - aboveLo, hiEnd = hi - aboveHi;
         var eqLo = new int[chunks];
         var eqHi = new int[chunks];
-        Parallel.For(0, chunks, Cores.Options, c =>
+        Parallel.For(0, chunks, Parallelism, c =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
             {
@@ -158,7 +160,7 @@ public static partial class TaskVectorMerge
             beforeHi[c] = beforeHi[c - 1] + eqHi[c - 1];
         }
 
-        Parallel.For(0, chunks, Cores.Options, c =>
+        Parallel.For(0, chunks, Parallelism, c =>
         {
             int posLo = beforeLo[c], posHi = beforeHi[c];
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
@@ -199,7 +201,7 @@ public static partial class TaskVectorMerge
         const int TopBits = 16;
         int chunks = (keys.Length + Chunk - 1) / Chunk;
         var top = new int[1 << TopBits];
-        Parallel.For(0, chunks, Cores.Options, () => new int[1 << TopBits], (c, _, hist) =>
+        Parallel.For(0, chunks, Parallelism, () => new int[1 << TopBits], (c, _, hist) =>
         {
             for (int e = c * Chunk, end = Math.Min(keys.Length, e + Chunk); e < end; e++) hist[(int)(keys[e] >> (64 - TopBits))]++;
             return hist;

@@ -34,7 +34,8 @@ internal sealed class CacheLayout : AttentionLayout
         var chains = Enumerable.Range(0, caches.Count).Select(j =>
         {
             var given = prefixes?[j];
-            if (given != null && caches[j].Parent != null && !ReferenceEquals(given, caches[j].Parent)) throw new ArgumentException($"DecodeBatch: sequence {j}'s cache already continues another prefix");
+            if (given != null && caches[j].Parent != null && !ReferenceEquals(given,
+                caches[j].Parent)) throw new ArgumentException($"DecodeBatch: sequence {j}'s cache already continues another prefix");
             var top = caches[j].Parent ?? given;
             return top == null ? new List<KvCache>() : top.Chain.Append(top).ToList();
         }).ToArray();
@@ -56,7 +57,8 @@ internal sealed class CacheLayout : AttentionLayout
 
             if (PrefixLength(j) + caches[j].Length + tn > c.MaxPositionEmbeddings)
             {
-                throw new ArgumentException($"sequence {j}: shared prefix {PrefixLength(j)} + {caches[j].Length} cached + {tn} new positions exceed max_position_embeddings = {c.MaxPositionEmbeddings}");
+                throw new ArgumentException($"sequence {j}: shared prefix {PrefixLength(j)} + {caches[j].Length} cached + {tn} new positions exceed max_position_embeddings = " +
+                    $"{c.MaxPositionEmbeddings}");
             }
 
             rowStart[j + 1] = rowStart[j] + tn;

@@ -86,7 +86,8 @@ public sealed record LlamaConfig
         if ((modelType != null && modelType != "llama") || (archNames.Length > 0 && !archNames.Any(SupportedArchitectures.Contains)))
         {
             throw new NotSupportedException(
-                $"{source}: architectures [{string.Join(", ", archNames)}], model_type '{modelType}' is not supported; PeftSharp runs {string.Join(", ", SupportedArchitectures)} (model_type 'llama')");
+                $"{source}: architectures [{string.Join(", ", archNames)}], model_type '{modelType}' is not supported; PeftSharp runs {string.Join(", ", SupportedArchitectures)} " +
+                    $"(model_type 'llama')");
         }
 
         int Int(string name, int? fallback = null)

@@ -49,7 +49,8 @@ public sealed class LlamaModel : IDisposable
     {
         get => tokenizer?.Value ?? (Config.VocabSize == ByteTokenizer.VocabSize
             ? ByteTokenizer.Instance
-            : throw new InvalidOperationException($"the model has vocab_size {Config.VocabSize} and no tokenizer: load it from a folder with {HfTokenizer.JsonFile} or {HfTokenizer.SentencePieceFile}, or set Tokenizer (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer)"));
+            : throw new InvalidOperationException($"the model has vocab_size {Config.VocabSize} and no tokenizer: load it from a folder with {HfTokenizer.JsonFile} or " +
+                $"{HfTokenizer.SentencePieceFile}, or set Tokenizer (only vocab_size {ByteTokenizer.VocabSize} models use the built-in byte tokenizer)"));
         set
         {
             var checkedValue = CheckTokenizer(value);
@@ -115,7 +116,8 @@ public sealed class LlamaModel : IDisposable
     public (double Loss, int Counted) Loss(int[] tokens, int[] targets, int batch, bool backward, IReadOnlyList<int> sequencesPerSet)
     {
         if (sequencesPerSet.Count != loras.Sets.Count) throw new ArgumentException($"{sequencesPerSet.Count} sequence counts for {loras.Sets.Count} adapter sets");
-        if (sequencesPerSet.Any(c => c < 0) || sequencesPerSet.Sum() != batch) throw new ArgumentException($"sequence counts [{string.Join(", ", sequencesPerSet)}] do not add up to the batch of {batch}");
+        if (sequencesPerSet.Any(c => c < 0)
+            || sequencesPerSet.Sum() != batch) throw new ArgumentException($"sequence counts [{string.Join(", ", sequencesPerSet)}] do not add up to the batch of {batch}");
         if (batch <= 0 || tokens.Length % batch != 0) throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
         if (targets.Length != tokens.Length) throw new ArgumentException($"targets has {targets.Length} entries for {tokens.Length} tokens");
         var setRows = sequencesPerSet.Select(c => c * (tokens.Length / batch)).ToArray();

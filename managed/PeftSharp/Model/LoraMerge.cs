@@ -95,6 +95,3 @@ public static class LoraMerge
         w.CopyFrom(host);
     }
 }
-
-/// <summary>What a merge must remember to be undone: DoRA's row norms of W + s B A, by module.</summary>
-public sealed record MergeRecord(IReadOnlyDictionary<string, float[]> Norms);

@@ -1,35 +1,7 @@
 using PeftSharp.Data;
 using PeftSharp.Model;
-using PeftSharp.Training;
 
 namespace PeftSharp.Serving;
-
-/// <summary>
-/// One generation request: a prompt, the variant that serves it (null: the base model) and its sampling.
-/// <paramref name="SharedPrefix"/>, when given, is text that precedes the prompt and that every request with the same
-/// shared prefix and variant reads from one copy of its keys and values. <paramref name="SharedPrefixes"/> gives a
-/// chain of them instead (a tree across requests: system prompt, then a few-shot block, ...), root first.
-/// </summary>
-public sealed record GenerationRequest(string Prompt, string? Variant = null, int MaxTokens = 32, float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0,
-    string? SharedPrefix = null, IReadOnlyList<string>? SharedPrefixes = null)
-{
-    /// <summary>The told prefix levels, root first.</summary>
-    public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
-}
-
-/// <summary>What a request produced: its completion and the number of tokens generated.</summary>
-public sealed record GenerationResult(GenerationRequest Request, string Completion, int Tokens);
-
-/// <summary>Which shared prefixes a batch uses: only those requests name (Told), those plus common token prefixes it finds (Auto), or none.</summary>
-public enum PrefixSharing
-{
-    Off,
-    Told,
-    Auto,
-}
-
-/// <summary>How a batch shared prefixes: distinct prefixes computed once, the sequences reading them, and the prefix tokens not recomputed.</summary>
-public sealed record SharingReport(int Prefixes, int SharingSequences, long TokensSaved);
 
 /// <summary>
 /// Continuous batched generation: every live request advances one token per step, all of them in one model step
@@ -72,7 +44,8 @@ public static class BatchGenerator
             tokens.AddRange(tok.Encode(r.Prompt));
             full[i] = tokens.Count > 0 ? tokens.ToArray() : throw new ArgumentException($"request {i}: empty prompt, and tokenizer {tok.Name} adds no BOS to continue from");
             levelEnds[i] = ends.ToArray();
-            if (full[i].Length > model.Config.MaxPositionEmbeddings) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds max_position_embeddings = {model.Config.MaxPositionEmbeddings}");
+            if (full[i].Length > model.Config.MaxPositionEmbeddings) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds max_position_embeddings = " +
+                $"{model.Config.MaxPositionEmbeddings}");
         }
 
         var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing);

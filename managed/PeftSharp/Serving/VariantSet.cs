@@ -36,6 +36,16 @@ public sealed class VariantSet : IDisposable
 
     public IReadOnlyList<string> Names => variants.Select(v => v.Name).ToArray();
 
+    /// <summary>Registers any variant (a <see cref="VariantFolder.Load"/> result) under <paramref name="name"/>; returns its index.</summary>
+    public int Add(string name, IVariant variant) => variant switch
+    {
+        PeftLoraAdapter lora => AddLora(name, lora),
+        PeftPrefixAdapter prefix => AddPrefix(name, prefix),
+        BitDelta delta => AddDelta(name, delta),
+        SparseDelta sparse => AddSparse(name, sparse),
+        _ => throw new NotSupportedException($"variant '{name}': a {variant.Kind} cannot be served in a mixed batch"),
+    };
+
     /// <summary>Registers a LoRA adapter as a variant; returns its index.</summary>
     public int AddLora(string name, PeftLoraAdapter adapter)
     {
@@ -288,52 +298,5 @@ public sealed class VariantSet : IDisposable
             Sparse?.Dispose();
             DoraScales?.Dispose();
         }
-    }
-}
-
-/// <summary>One batch's rows bound to their variants; per-row index tensors are built once per distinct slot map.</summary>
-public sealed class RowVariantBatch : IRowVariants, IDisposable
-{
-    private readonly VariantSet set;
-    private readonly int[] rowVariants;
-    private readonly Dictionary<string, IndexTensor?> rowSlots = new();
-
-    internal RowVariantBatch(VariantSet set, int[] rowVariants)
-    {
-        this.set = set;
-        this.rowVariants = rowVariants;
-    }
-
-    public int Rows => rowVariants.Length;
-
-    public Tensor? Replacement(string parameter, int row) => set.HasReplacements ? set.ReplacementOf(rowVariants[row], parameter) : null;
-
-    public void Apply(string module, Tensor x, Tensor y)
-    {
-        if (!set.TryGetPools(module, out var p)) return;
-        var ops = set.Model.Device.Ops;
-        if (p.Lora != null && RowSlots(p.LoraSlots) is { } loraRows) ops.LoraMixed(x, y, p.Lora, loraRows);
-        if (p.DoraScales != null && RowSlots(p.DoraSlots) is { } doraRows) ops.DoraScale(y, p.DoraScales, doraRows); // after the row's LoRA delta
-        if (p.Delta != null && RowSlots(p.DeltaSlots) is { } deltaRows) ops.BitDeltaMixed(x, y, p.Delta, deltaRows);
-        if (p.Sparse != null && RowSlots(p.SparseSlots) is { } sparseRows) ops.SparseDeltaMixed(x, y, p.Sparse, sparseRows);
-    }
-
-    /// <summary>Each row's slot in a pool with this variant-to-slot map; null when no row uses the pool. Modules with the same map share one tensor.</summary>
-    private IndexTensor? RowSlots(VariantSet.SlotMap map)
-    {
-        if (!rowSlots.TryGetValue(map.Key, out var idx))
-        {
-            var slots = rowVariants.Select(v => v < 0 ? -1 : map.Slots[v]).ToArray();
-            idx = slots.Any(s => s >= 0) ? set.Model.Device.FromIndices("row_slots", slots) : null;
-            rowSlots[map.Key] = idx;
-        }
-
-        return idx;
-    }
-
-    public void Dispose()
-    {
-        foreach (var t in rowSlots.Values) t?.Dispose();
-        rowSlots.Clear();
     }
 }

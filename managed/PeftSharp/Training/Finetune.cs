@@ -31,7 +31,8 @@ public static class Finetune
             case FinetuneMethod.Prefix:
                 model.AddPrefixTuning(options.VirtualTokens, train.Seed, projectionHidden: options.PrefixProjection);
                 string through = options.PrefixProjection > 0 ? $" through a {options.PrefixProjection}-wide MLP (exported as the keys and values it computes)" : "";
-                recipe.Description = $"prefix tuning: {options.VirtualTokens} virtual tokens per layer{through}, {recipe.Trainable:N0} trainable parameters ({100.0 * recipe.Trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})";
+                recipe.Description = $"prefix tuning: {options.VirtualTokens} virtual tokens per layer{through}, {recipe.Trainable:N0} trainable parameters " +
+                    $"({100.0 * recipe.Trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})";
                 recipe.Save = dir => PeftPrefixAdapter.From(model, baseFolder == null ? null : Path.GetFullPath(baseFolder)).Save(dir, model.Config);
                 recipe.Output = "PEFT adapter (adapter_config.json, adapter_model.safetensors)";
                 break;
@@ -49,11 +50,13 @@ public static class Finetune
         if (resume != null && baseFolder == null) throw new ArgumentException("resuming a sparse fine-tune needs the base model folder: the sparse delta is taken against that base");
         var masks = resume != null
             ? SparseState.ReadMasks(resume)
-            : SparseMasks.Select(model, options.Density, options.MaskSource, train.Seed, data.EncodeBatches(model.Tokenizer, 4, train.BatchSize, train.SeqLen, train.CompletionOnly, rewind: true), train.BatchSize);
+            : SparseMasks.Select(model, options.Density, options.MaskSource, train.Seed, data.EncodeBatches(model.Tokenizer, 4, train.BatchSize, train.SeqLen, train.CompletionOnly,
+                rewind: true), train.BatchSize);
         recipe.Masks = masks;
         long nnz = masks.Values.Sum(m => (long)m.Length);
         string source = resume != null ? "the checkpoint" : options.MaskSource.ToString().ToLowerInvariant();
-        recipe.Description = $"sparse fine-tuning: {nnz:N0} of {model.ParameterCount:N0} entries train ({100.0 * nnz / model.ParameterCount:F2}%, masks by {source}); optimizer state {2 * nnz:N0} floats";
+        recipe.Description = $"sparse fine-tuning: {nnz:N0} of {model.ParameterCount:N0} entries train ({100.0 * nnz / model.ParameterCount:F2}%, masks by {source}); optimizer state " +
+            $"{2 * nnz:N0} floats";
         Dictionary<string, float[]> initial;
         if (resume == null)
         {
@@ -82,7 +85,8 @@ public static class Finetune
         {
             for (int k = 0; k < tasks.Count; k++) model.AddLoraSet(tasks[k], named, unchecked(train.Seed + 7919 * k));
             long perTask = model.LoraSets[0].Layers.Values.Sum(l => (long)(l.A.Value.Length + l.B.Value.Length));
-            recipe.Description = $"LoRA r = {lora.R}, alpha = {lora.LoraAlpha}: one adapter per task ({string.Join(", ", tasks)}), {perTask:N0} parameters each, all in the same batches over the frozen base";
+            recipe.Description = $"LoRA r = {lora.R}, alpha = {lora.LoraAlpha}: one adapter per task ({string.Join(", ", tasks)}), {perTask:N0} parameters each, all in the same batches " +
+                $"over the frozen base";
             recipe.Save = dir =>
             {
                 foreach (var task in tasks) model.ExportLoraSet(task).Save(Path.Combine(dir, task), model.Config);
@@ -102,7 +106,8 @@ public static class Finetune
         }
 
         string kind = $"{(lora.UseDora ? "DoRA" : "LoRA")} r = {lora.R}, alpha = {lora.LoraAlpha}{(lora.UseRsLora ? " (rsLoRA)" : "")}{(options.LoraBOnly ? ", B only" : "")}" +
-            $"{(options.LoraInit == LoraInit.LoraGa ? ", LoRA-GA init" : "")}{(lora.LoraDropout > 0 ? $", dropout {lora.LoraDropout}" : "")}{(train.ChainEvery > 0 ? $", chained every {train.ChainEvery} steps" : "")}";
+            $"{(options.LoraInit == LoraInit.LoraGa ? ", LoRA-GA init" : "")}{(lora.LoraDropout > 0 ? $", dropout {lora.LoraDropout}" : "")}" +
+            $"{(train.ChainEvery > 0 ? $", chained every {train.ChainEvery} steps" : "")}";
         recipe.Description = $"{kind} on {model.Lora.Count} modules: {recipe.Trainable:N0} trainable parameters ({100.0 * recipe.Trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})";
         if (train.ChainEvery > 0)
         {
@@ -192,7 +197,8 @@ public static class Finetune
         {
             using var d = System.Text.Json.JsonDocument.Parse(line);
             var r = d.RootElement;
-            list.Add(new StepMetrics(r.GetProperty("step").GetInt32(), r.GetProperty("loss").GetDouble(), r.GetProperty("grad_norm").GetDouble(), r.GetProperty("lr").GetSingle(), r.GetProperty("tokens_per_second").GetDouble(), 0));
+            list.Add(new StepMetrics(r.GetProperty("step").GetInt32(), r.GetProperty("loss").GetDouble(), r.GetProperty("grad_norm").GetDouble(), r.GetProperty("lr").GetSingle(),
+                r.GetProperty("tokens_per_second").GetDouble(), 0));
         }
 
         return list;

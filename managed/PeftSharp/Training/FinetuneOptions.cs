@@ -62,7 +62,8 @@ public sealed record FinetuneOptions
         if (EmaDecay is < 0f or >= 1f) throw new ArgumentException($"EmaDecay {EmaDecay}: must be in [0, 1)");
         bool loraOnly = LoraBOnly || LoraInit != LoraInit.Default || train.ChainEvery != 0 || AdapterPerTask != null;
         if (Method == FinetuneMethod.Lora && Lora == null) throw new ArgumentException("FinetuneMethod.Lora needs a LoraAdapterConfig (Lora)");
-        if (Method != FinetuneMethod.Lora && (Lora != null || loraOnly)) throw new ArgumentException("Lora, LoraBOnly, LoraInit, AdapterPerTask and TrainOptions.ChainEvery apply to FinetuneMethod.Lora");
+        if (Method != FinetuneMethod.Lora && (Lora != null
+            || loraOnly)) throw new ArgumentException("Lora, LoraBOnly, LoraInit, AdapterPerTask and TrainOptions.ChainEvery apply to FinetuneMethod.Lora");
         if (train.ChainEvery < 0) throw new ArgumentException($"ChainEvery {train.ChainEvery}: must be >= 0");
         if (Lora is not { } lora) return;
         if (lora.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"lora_dropout {lora.LoraDropout}: must be in [0, 1)");

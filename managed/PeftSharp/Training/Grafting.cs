@@ -3,9 +3,6 @@ using PeftSharp.Variants;
 
 namespace PeftSharp.Training;
 
-/// <summary>What skill localization found: the grafted entries (as a sparse delta), the density, and the loss along the way.</summary>
-public sealed record GraftResult(SparseDelta Delta, long Entries, double Density, double LossBefore, double LossAfter);
-
 /// <summary>
 /// Skill localization by grafting (Panigrahi et al., 2023): find a sparse mask gamma within a budget such that
 /// theta = theta_base + gamma * (theta_fine - theta_base) keeps the fine-tune's task performance. Scores S start at

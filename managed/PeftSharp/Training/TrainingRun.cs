@@ -6,104 +6,6 @@ using PeftSharp.Model;
 
 namespace PeftSharp.Training;
 
-/// <summary>Settings of a training run.</summary>
-public sealed record TrainOptions
-{
-    public int Steps { get; init; } = 200;
-    public int BatchSize { get; init; } = 16;
-    public int SeqLen { get; init; } = 40;
-    public int GradAccumulation { get; init; } = 1;
-    public float LearningRate { get; init; } = 3e-3f;
-    public int WarmupSteps { get; init; } = 20;
-    public float WeightDecay { get; init; } = 0.01f;
-    /// <summary>Global gradient-norm clip; 0 disables.</summary>
-    public double ClipNorm { get; init; } = 1.0;
-    /// <summary>Clip each parameter's gradient on its own instead of the global norm.</summary>
-    public bool ClipPerParameter { get; init; }
-    /// <summary>Train on completions only (fine-tuning), or on every token (pre-training).</summary>
-    public bool CompletionOnly { get; init; }
-    public int CheckpointEvery { get; init; }
-    /// <summary>Chain of LoRA: every this many steps, merge the LoRA layers into the base and start fresh ones (0: off).</summary>
-    public int ChainEvery { get; init; }
-    /// <summary>Prefix Grouper: examples of a batch that share a prompt train as one prompt with several completions (loss on completions).</summary>
-    public bool GroupCompletions { get; init; }
-    public int Seed { get; init; } = 1;
-}
-
-/// <summary>One optimizer step's numbers, also written as a line of metrics.jsonl.</summary>
-public sealed record StepMetrics(int Step, double Loss, double GradNorm, float LearningRate, double TokensPerSecond, double ElapsedSeconds);
-
-/// <summary>A deterministic example source that can be rewound to a position (for resuming).</summary>
-public sealed class ExampleSource
-{
-    private readonly Func<IEnumerable<Example>> open;
-    private IEnumerator<Example> stream;
-
-    public ExampleSource(Func<IEnumerable<Example>> open)
-    {
-        this.open = open;
-        stream = open().GetEnumerator();
-    }
-
-    /// <summary>Examples consumed so far.</summary>
-    public long Position { get; private set; }
-
-    /// <summary>Finite sources (files) wrap around.</summary>
-    public List<Example> Next(int count)
-    {
-        var batch = new List<Example>(count);
-        while (batch.Count < count)
-        {
-            if (!stream.MoveNext())
-            {
-                stream = open().GetEnumerator();
-                if (!stream.MoveNext()) throw new InvalidOperationException("the data source is empty");
-            }
-
-            batch.Add(stream.Current);
-            Position++;
-        }
-
-        return batch;
-    }
-
-    public void Seek(long position)
-    {
-        stream = open().GetEnumerator();
-        Position = 0;
-        while (Position < position) Next((int)Math.Min(4096, position - Position));
-    }
-
-    /// <summary>
-    /// The next <paramref name="count"/> batches encoded as training encodes them (<see cref="Batcher"/>): for a look
-    /// at the data before training (masks, initialisations, calibration). With <paramref name="rewind"/> the source
-    /// returns to where it was, so training then sees the same examples.
-    /// </summary>
-    public List<(int[] Tokens, int[] Targets)> EncodeBatches(ITokenizer tokenizer, int count, int batchSize, int seqLen, bool completionOnly, bool rewind)
-    {
-        long start = Position;
-        var batches = Enumerable.Range(0, count).Select(_ => Batcher.Encode(Next(batchSize), tokenizer, seqLen, completionOnly)).ToList();
-        if (rewind) Seek(start);
-        return batches;
-    }
-
-    public static ExampleSource Tasks(IReadOnlyList<string> tasks, int seed, Split split) => new(() => TaskSuite.Stream(tasks, seed, split));
-
-    public static ExampleSource List(IReadOnlyList<Example> examples) => new(() => examples);
-}
-
-/// <summary>More state a checkpoint carries beside the model and optimizer (an EMA of the weights, ...): one safetensors file.</summary>
-public interface ICheckpointState
-{
-    /// <summary>File name inside the checkpoint folder.</summary>
-    string File { get; }
-
-    IEnumerable<SafeTensorData> Export();
-
-    /// <summary>Restores from the file; every mismatch is an error naming it.</summary>
-    void Import(SafeTensorsFile file);
-}
-
 /// <summary>
 /// The training loop: batches from an <see cref="ExampleSource"/>, gradient accumulation, global-norm clipping,
 /// a learning-rate schedule, metrics.jsonl, and checkpoints (model, optimizer state, step, data position) written
@@ -348,7 +250,8 @@ public sealed class TrainingRun
         string adapterPath = Path.Combine(folder, AdapterStateFile);
         if (adapterParams.Count > 0 != File.Exists(adapterPath))
         {
-            throw new InvalidDataException($"{folder}: the checkpoint {(File.Exists(adapterPath) ? "holds adapter parameters but this run has no adapter" : "holds no adapter parameters but this run trains an adapter")}");
+            throw new InvalidDataException($"{folder}: the checkpoint " +
+                $"{(File.Exists(adapterPath) ? "holds adapter parameters but this run has no adapter" : "holds no adapter parameters but this run trains an adapter")}");
         }
 
         if (adapterParams.Count > 0)
@@ -357,7 +260,8 @@ public sealed class TrainingRun
             var problems = adapterParams.Where(p => !af.Contains(p.Name) || af[p.Name].Elements != p.Value.Length).Select(p => p.Name).ToList();
             if (problems.Count > 0 || af.Tensors.Count != adapterParams.Count)
             {
-                throw new InvalidDataException($"{adapterPath}: the adapter in the checkpoint does not match this run's ({af.Tensors.Count} tensors there, {adapterParams.Count} here; missing or resized: {string.Join(", ", problems)})");
+                throw new InvalidDataException($"{adapterPath}: the adapter in the checkpoint does not match this run's ({af.Tensors.Count} tensors there, {adapterParams.Count} here; " +
+                    $"missing or resized: {string.Join(", ", problems)})");
             }
 
             foreach (var p in adapterParams) p.Value.CopyFrom(af.ReadFloats(p.Name));

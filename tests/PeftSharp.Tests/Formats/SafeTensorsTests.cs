@@ -79,7 +79,8 @@ public sealed class SafeTensorsTests : TempDirectoryTest
         new TestCaseData(Build("{\"w\":{\"dtype\":\"F33\",\"shape\":[1],\"data_offsets\":[0,4]}}", new byte[4]), "unknown dtype 'F33'").SetName("Open_UnknownDtype_Rejected"),
         new TestCaseData(Build("{\"w\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,4]}}", new byte[4]), "needs 8 bytes").SetName("Open_SpanSizeMismatch_Rejected"),
         new TestCaseData(Build("{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", new byte[8]), "truncated").SetName("Open_TruncatedData_Rejected"),
-        new TestCaseData(Build("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", new byte[12]), "overlaps").SetName("Open_OverlappingSpans_Rejected"),
+        new TestCaseData(Build("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", new byte[12]),
+            "overlaps").SetName("Open_OverlappingSpans_Rejected"),
         new TestCaseData(Build("{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,0]}}", Array.Empty<byte>()), "invalid dimension").SetName("Open_NegativeDimension_Rejected"),
         new TestCaseData(Build("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", new byte[8]), "invalid data_offsets").SetName("Open_ReversedOffsets_Rejected"),
     };

@@ -77,7 +77,8 @@ public sealed class TokenizerFileTests : TempDirectoryTest
             if (!ids.Contains(0)) Assert.That(tok.Decode(got), Is.EqualTo(decoded), $"Decode of {JsonSerializer.Serialize(text)}");
         }
 
-        Assert.That(Cases("expected_spm.json", fixture).Any(c => c.Ids.Contains(0)), Is.EqualTo(fixture == "spm_unigram.model"), "the Unigram fixture has unknown characters, the BPE one falls back to bytes");
+        Assert.That(Cases("expected_spm.json", fixture).Any(c => c.Ids.Contains(0)), Is.EqualTo(fixture == "spm_unigram.model"),
+            "the Unigram fixture has unknown characters, the BPE one falls back to bytes");
 
         // The trainer's ids: unk 0, bos 1, eos 2 (make_fixtures.py); Llama-style folders add BOS by default.
         Assert.That((tok.Bos, tok.Eos), Is.EqualTo(((int?)1, (int?)2)));

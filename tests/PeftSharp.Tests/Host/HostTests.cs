@@ -151,7 +151,8 @@ public sealed class HostJobTests : TempDirectoryTest
         Assert.That(r.Out, Does.Contain("masks by the checkpoint"));
         Assert.That(File.ReadAllBytes(Path.Combine(sparse2, "sparse_delta.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(sparseDir, "sparse_delta.safetensors"))),
             "a resumed sparse fine-tune writes the same delta against --model");
-        r = Peft.Run("finetune", "--data", "builtin:tasks=reverse", "--method", "sparse", "--steps", "2", "--out", sparse2, "--quiet", "--device", "cpu", "--resume", Path.Combine(sparseDir, "checkpoint"));
+        r = Peft.Run("finetune", "--data", "builtin:tasks=reverse", "--method", "sparse", "--steps", "2", "--out", sparse2, "--quiet", "--device", "cpu", "--resume", Path.Combine(sparseDir,
+            "checkpoint"));
         Assert.That(r.Err, Does.Contain("--model"));
         r = Peft.Run("merge", "--model", pre, "--delta", sparseDir, "--out", Path.Combine(TempDir, "sparse-merged"), "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
@@ -245,10 +246,12 @@ public sealed class HostServingTests : TempDirectoryTest
 
         string requests = Path.Combine(TempDir, "requests.jsonl");
         File.WriteAllLines(requests, new[] { "{\"prompt\": \"reverse abc=\", \"adapter\": \"reverse\"}", "{\"prompt\": \"sort cba=\", \"adapter\": \"sort\"}" });
-        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"reverse={Path.Combine(outDir, "reverse")},sort={Path.Combine(outDir, "sort")}", "--requests", requests, "--max-tokens", "3", "--device", "cpu");
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"reverse={Path.Combine(outDir, "reverse")},sort={Path.Combine(outDir, "sort")}", "--requests", requests, "--max-tokens",
+            "3", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Err, Does.Contain("2 requests over 2 variants in one batch"));
-        r = Peft.Run("finetune", "--model", baseDir, "--data", "builtin:tasks=reverse", "--method", "lora", "--adapter-per-task", "--dora", "--steps", "1", "--out", Path.Combine(TempDir, "x"), "--quiet", "--device", "cpu");
+        r = Peft.Run("finetune", "--model", baseDir, "--data", "builtin:tasks=reverse", "--method", "lora", "--adapter-per-task", "--dora", "--steps", "1", "--out", Path.Combine(TempDir,
+            "x"), "--quiet", "--device", "cpu");
         Assert.That(r.Err, Does.Contain("--adapter-per-task"));
     }
 

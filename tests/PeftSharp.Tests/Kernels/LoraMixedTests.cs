@@ -1,7 +1,7 @@
 using NUnit.Framework;
 using PeftSharp.Engine;
 using PeftSharp.Kernels.Core;
-using PeftSharp.Kernels.LowRank;
+using PeftSharp.Kernels.Lora;
 using PeftSharp.Tests.Infrastructure;
 
 namespace PeftSharp.Tests.Kernels;

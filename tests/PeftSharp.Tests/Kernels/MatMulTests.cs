@@ -86,7 +86,7 @@ public sealed class MatMulTests : BackendTest
     public void LinearSwiGlu_MatchesReference(int m, int n, int k)
     {
         if (IsSimulator && (long)m * n * k > 50_000) Assert.Ignore("shape too large for ILGPU's CPU simulator; covered by the small shapes");
-        var (x, wg, wu, expected, tolerance) = CpuGemmPathTests.SwiGluCase(m, n, k, 21);
+        var (x, wg, wu, expected, tolerance) = PeftSharp.Tests.Engine.Cpu.CpuGemmPathTests.SwiGluCase(m, n, k, 21);
         var y = Output("y", m, n);
         Ops.LinearSwiGlu(Input("x", x, m, k), Input("w_gate", wg, n, k), Input("w_up", wu, n, k), y);
         Expect(y, expected, tolerance, $"linear swiglu M{m} N{n} K{k}");

@@ -55,10 +55,12 @@ public sealed class LlamaModelTests
         Check.Close(logits, expected, (2e-5, 2e-4), $"{backend} logits");
 
         // Llama 3.1's rope_scaling, with an original context of 4 so the short test sequences cross all three bands.
-        var scaled = config with { RopeScaling = new PeftSharp.Kernels.Core.RopeScaling { Type = PeftSharp.Kernels.Core.RopeScaling.Llama3, Factor = 8f, LowFreqFactor = 1f, HighFreqFactor = 4f, OriginalMaxPositions = 4f } };
+        var scaled = config with { RopeScaling = new PeftSharp.Kernels.Core.RopeScaling { Type = PeftSharp.Kernels.Core.RopeScaling.Llama3, Factor = 8f, LowFreqFactor = 1f,
+            HighFreqFactor = 4f, OriginalMaxPositions = 4f } };
         using var scaledModel = LlamaModel.FromTensors(device, scaled, weights);
         var scaledLogits = scaledModel.Logits(Tokens, batch: 2);
-        Check.Close(scaledLogits, ReferenceForward(scaled, name => weights(name, LlamaModel.ParameterShapes(scaled).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4), $"{backend} llama3-scaled logits");
+        Check.Close(scaledLogits, ReferenceForward(scaled, name => weights(name, LlamaModel.ParameterShapes(scaled).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4),
+            $"{backend} llama3-scaled logits");
         Assert.That(scaledLogits, Is.Not.EqualTo(logits).Within(1e-4), "the scaling changes the logits, so the check above can fail");
     }
 

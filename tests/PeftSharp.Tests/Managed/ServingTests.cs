@@ -76,7 +76,8 @@ public sealed class ServingTests
         // A DoRA adapter: magnitudes away from the row norms, so its rescaling shows.
         var dora = new PeftLoraAdapter(a.Config with { UseDora = true, TargetModules = new[] { "k_proj", "up_proj" } },
             Adapter(config, 4, new[] { "k_proj", "up_proj" }, 150).Modules,
-            new LoraAdapterConfig { TargetModules = new[] { "k_proj", "up_proj" } }.TargetsIn(config).ToDictionary(m => m, m => TestData.Uniform(PeftLoraAdapter.LinearShape(config, m).Out, m.Length, 0.5f, 1.5f)));
+            new LoraAdapterConfig { TargetModules = new[] { "k_proj", "up_proj" } }.TargetsIn(config).ToDictionary(m => m, m => TestData.Uniform(PeftLoraAdapter.LinearShape(config, m).Out,
+                m.Length, 0.5f, 1.5f)));
         using var set = new VariantSet(model);
         set.AddLora("a", a);
         set.AddLora("b", b);

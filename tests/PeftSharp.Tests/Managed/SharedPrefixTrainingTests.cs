@@ -113,7 +113,8 @@ public sealed class PrefixProjectionTests : PeftSharp.Tests.Infrastructure.TempD
         });
         model.AddPrefixTuning(tokens: 2, seed: 5, projectionHidden: 6);
         var trainable = model.AllParameters.Where(p => p.Trainable).ToList();
-        Assert.That(trainable.Select(p => p.Name), Is.EquivalentTo(new[] { "prefix.embedding", "prefix.transform.0.weight", "prefix.transform.0.bias", "prefix.transform.2.weight", "prefix.transform.2.bias" }));
+        Assert.That(trainable.Select(p => p.Name), Is.EquivalentTo(new[] { "prefix.embedding", "prefix.transform.0.weight", "prefix.transform.0.bias", "prefix.transform.2.weight",
+            "prefix.transform.2.bias" }));
         var tokens = LoraTrainingTests.Tokens;
         var targets = LoraTrainingTests.Targets;
         model.ZeroGrad();
@@ -156,8 +157,12 @@ public sealed class PeftPrefixAdapterTests : PeftSharp.Tests.Infrastructure.Temp
 
         string dir = Path.Combine(TempDir, "prefix");
         Directory.CreateDirectory(dir);
-        PeftSharp.Formats.SafeTensorsWriter.Write(Path.Combine(dir, "adapter_model.safetensors"), new[] { new PeftSharp.Formats.SafeTensorData("prompt_embeddings", emb, new[] { p, layers * 2 * tokenDim }) });
-        File.WriteAllText(Path.Combine(dir, "adapter_config.json"), """{"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 4, "num_transformer_submodules": 1, "num_attention_heads": 1, "num_layers": 2, "encoder_hidden_size": 8, "prefix_projection": false}""");
+        PeftSharp.Formats.SafeTensorsWriter.Write(Path.Combine(dir, "adapter_model.safetensors"), new[] { new PeftSharp.Formats.SafeTensorData("prompt_embeddings", emb, new[] { p,
+            layers * 2 * tokenDim }) });
+        File.WriteAllText(Path.Combine(dir, "adapter_config.json"), """
+            {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 4, "num_transformer_submodules": 1,
+             "num_attention_heads": 1, "num_layers": 2, "encoder_hidden_size": 8, "prefix_projection": false}
+            """);
         var a = PeftSharp.Formats.PeftPrefixAdapter.Load(dir, config);
         Assert.That(a.Keys[1].AsSpan(2 * tokenDim, tokenDim).ToArray(), Is.EqualTo(new float[] { 2100, 2101, 2102, 2103 }), "layer 1's key of virtual token 2");
         Assert.That(a.Values[0].AsSpan(0, tokenDim).ToArray(), Is.EqualTo(new float[] { 10, 11, 12, 13 }), "layer 0's value of virtual token 0");

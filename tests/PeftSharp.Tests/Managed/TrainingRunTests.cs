@@ -3,6 +3,7 @@ using PeftSharp.Data;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;
+using PeftSharp.Serving;
 using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Training;
 

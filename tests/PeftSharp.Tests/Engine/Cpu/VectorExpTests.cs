@@ -3,7 +3,7 @@ using NUnit.Framework;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Tests.Infrastructure;
 
-namespace PeftSharp.Tests.Kernels;
+namespace PeftSharp.Tests.Engine.Cpu;
 
 /// <summary>
 /// The CPU backend's own single-precision exponential (softmax in attention, sigmoid in SiLU and SwiGLU), against

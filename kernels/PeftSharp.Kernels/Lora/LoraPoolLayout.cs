@@ -1,4 +1,4 @@
-namespace PeftSharp.Kernels.LowRank;
+namespace PeftSharp.Kernels.Lora;
 
 /// <summary>
 /// Dimensions of a mixed-adapter LoRA batch, passed to kernels by value. Adapters live in one pool:

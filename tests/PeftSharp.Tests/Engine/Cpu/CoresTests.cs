@@ -1,7 +1,7 @@
 using NUnit.Framework;
 using PeftSharp.Engine.Cpu;
 
-namespace PeftSharp.Tests.Kernels;
+namespace PeftSharp.Tests.Engine.Cpu;
 
 /// <summary>The CPU backend's own parallel loop (<see cref="Cores.For"/>): its workers, nesting, errors and callers on several threads.</summary>
 public sealed class CoresTests

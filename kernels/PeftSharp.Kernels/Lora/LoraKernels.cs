@@ -1,7 +1,7 @@
 using ILGPU;
 using ILGPU.Runtime;
 
-namespace PeftSharp.Kernels.LowRank;
+namespace PeftSharp.Kernels.Lora;
 
 /// <summary>
 /// Mixed-adapter LoRA in two launches over the whole batch, whatever mix of adapters and ranks it holds:

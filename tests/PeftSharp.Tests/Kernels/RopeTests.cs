@@ -4,60 +4,11 @@ using PeftSharp.Tests.Infrastructure;
 
 namespace PeftSharp.Tests.Kernels;
 
-public sealed class NormSoftmaxRopeTests : BackendTest
+public sealed class RopeTests : BackendTest
 {
-    public NormSoftmaxRopeTests(string backend)
+    public RopeTests(string backend)
         : base(backend)
     {
-    }
-
-    [TestCase(1, 1, TestName = "RmsNorm_N1_D1")]
-    [TestCase(5, 7, TestName = "RmsNorm_N5_D7")]
-    [TestCase(3, 64, TestName = "RmsNorm_N3_D64")]
-    [TestCase(17, 33, TestName = "RmsNorm_N17_D33")]
-    public void RmsNorm_ForwardBackward_MatchReference(int rows, int dim)
-    {
-        var x = TestData.Uniform(rows * dim, 1, -2f, 2f);
-        var w = TestData.Uniform(dim, 2, 0.5f, 1.5f);
-        var dy = TestData.Uniform(rows * dim, 3);
-        var ey = new float[rows * dim];
-        var er = new float[rows];
-        RmsNormReference.Forward(x, w, ey, er, rows, dim, 1e-5f);
-        var tx = Input("x", x, rows, dim);
-        var tw = Input("w", w, dim);
-        var y = Output("y", rows, dim);
-        var r = Output("rstd", rows);
-        Ops.RmsNorm(tx, tw, y, r, 1e-5f);
-        Expect(y, ey, Tolerances.Transcendental, "rmsnorm y");
-        Expect(r, er, Tolerances.Transcendental, "rmsnorm rstd");
-
-        var edx = new float[rows * dim];
-        var edw = new float[dim];
-        RmsNormReference.Backward(dy, x, w, er, edx, edw, rows, dim);
-        var dx = Output("dx", rows, dim);
-        var dw = Output("dw", dim);
-        Ops.RmsNormBackward(Input("dy", dy, rows, dim), tx, tw, Input("rstd", er, rows), dx, dw);
-        Expect(dx, edx, Tolerances.Dot(dim), "rmsnorm dx");
-        Expect(dw, edw, Tolerances.Dot(rows), "rmsnorm dw");
-    }
-
-    [TestCase(1, 1, TestName = "Softmax_R1_C1")]
-    [TestCase(4, 9, TestName = "Softmax_R4_C9")]
-    [TestCase(3, 257, TestName = "Softmax_R3_C257")]
-    public void Softmax_ForwardBackward_MatchReference(int rows, int cols)
-    {
-        var x = TestData.Uniform(rows * cols, 4, -8f, 8f);
-        var dy = TestData.Uniform(rows * cols, 5);
-        var ey = new float[rows * cols];
-        SoftmaxReference.Forward(x, ey, rows, cols);
-        var y = Output("y", rows, cols);
-        Ops.Softmax(Input("x", x, rows, cols), y);
-        Expect(y, ey, Tolerances.Transcendental, "softmax");
-        var edx = new float[rows * cols];
-        SoftmaxReference.Backward(ey, dy, edx, rows, cols);
-        var dx = Output("dx", rows, cols);
-        Ops.SoftmaxBackward(Input("y", ey, rows, cols), Input("dy", dy, rows, cols), dx);
-        Expect(dx, edx, Tolerances.Transcendental, "softmax backward");
     }
 
     [TestCase(1, 1, 2, TestName = "Rope_N1_H1_D2")]

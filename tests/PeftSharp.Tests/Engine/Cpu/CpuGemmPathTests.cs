@@ -3,7 +3,7 @@ using PeftSharp.Engine.Cpu;
 using PeftSharp.Kernels.Core;
 using PeftSharp.Tests.Infrastructure;
 
-namespace PeftSharp.Tests.Kernels;
+namespace PeftSharp.Tests.Engine.Cpu;
 
 /// <summary>
 /// The CPU GEMM's own paths, called directly so both run on this machine: with AVX-512 the 8 x 32 broadcast kernel

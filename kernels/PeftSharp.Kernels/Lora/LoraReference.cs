@@ -1,4 +1,4 @@
-namespace PeftSharp.Kernels.LowRank;
+namespace PeftSharp.Kernels.Lora;
 
 /// <summary>
 /// Specification of the mixed-adapter LoRA delta (Punica's BGMV): for every row i with adapter a = rowAdapter[i] &gt;= 0,

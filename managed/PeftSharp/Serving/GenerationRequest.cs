@@ -1,0 +1,14 @@
+namespace PeftSharp.Serving;
+
+/// <summary>
+/// One generation request: a prompt, the variant that serves it (null: the base model) and its sampling.
+/// <paramref name="SharedPrefix"/>, when given, is text that precedes the prompt and that every request with the same
+/// shared prefix and variant reads from one copy of its keys and values. <paramref name="SharedPrefixes"/> gives a
+/// chain of them instead (a tree across requests: system prompt, then a few-shot block, ...), root first.
+/// </summary>
+public sealed record GenerationRequest(string Prompt, string? Variant = null, int MaxTokens = 32, float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0,
+    string? SharedPrefix = null, IReadOnlyList<string>? SharedPrefixes = null)
+{
+    /// <summary>The told prefix levels, root first.</summary>
+    public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
+}

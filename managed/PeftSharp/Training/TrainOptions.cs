@@ -1,0 +1,25 @@
+namespace PeftSharp.Training;
+
+/// <summary>Settings of a training run.</summary>
+public sealed record TrainOptions
+{
+    public int Steps { get; init; } = 200;
+    public int BatchSize { get; init; } = 16;
+    public int SeqLen { get; init; } = 40;
+    public int GradAccumulation { get; init; } = 1;
+    public float LearningRate { get; init; } = 3e-3f;
+    public int WarmupSteps { get; init; } = 20;
+    public float WeightDecay { get; init; } = 0.01f;
+    /// <summary>Global gradient-norm clip; 0 disables.</summary>
+    public double ClipNorm { get; init; } = 1.0;
+    /// <summary>Clip each parameter's gradient on its own instead of the global norm.</summary>
+    public bool ClipPerParameter { get; init; }
+    /// <summary>Train on completions only (fine-tuning), or on every token (pre-training).</summary>
+    public bool CompletionOnly { get; init; }
+    public int CheckpointEvery { get; init; }
+    /// <summary>Chain of LoRA: every this many steps, merge the LoRA layers into the base and start fresh ones (0: off).</summary>
+    public int ChainEvery { get; init; }
+    /// <summary>Prefix Grouper: examples of a batch that share a prompt train as one prompt with several completions (loss on completions).</summary>
+    public bool GroupCompletions { get; init; }
+    public int Seed { get; init; } = 1;
+}
