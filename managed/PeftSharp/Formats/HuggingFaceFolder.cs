@@ -65,6 +65,7 @@ public static class HuggingFaceFolder
 
             var model = LlamaModel.FromTensors(device, config, (name, _) => locate(name).ReadFloats(name));
             model.UseTokenizerFiles(folder, HfTokenizer.ReadFiles(folder));
+            model.StopTokens = GenerationConfig.Read(folder).EosTokenIds ?? Array.Empty<int>();
             return model;
         }
         finally

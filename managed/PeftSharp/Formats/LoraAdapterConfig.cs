@@ -24,12 +24,36 @@ public sealed record LoraAdapterConfig
     /// <summary>The seven linear layers of a Llama block, as PEFT's "all-linear" selects them (the LM head excluded).</summary>
     public static readonly string[] LlamaLinear = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" };
 
-    /// <summary>Rank and alpha for a module, with rank_pattern / alpha_pattern keys matched as a suffix of the module path.</summary>
+    /// <summary>
+    /// Rank and alpha for a module: the first rank_pattern / alpha_pattern key that matches it the way PEFT's
+    /// get_pattern_key does (the key as a regular expression, <c>(.*\.)?{key}$</c> over the module path, so both
+    /// "q_proj" and "^model.layers.0.self_attn.q_proj" work), else r and lora_alpha.
+    /// </summary>
     public (int Rank, float Alpha) For(string module)
     {
-        int r = RankPattern.FirstOrDefault(p => module == p.Key || module.EndsWith("." + p.Key, StringComparison.Ordinal)).Value;
-        float a = AlphaPattern.FirstOrDefault(p => module == p.Key || module.EndsWith("." + p.Key, StringComparison.Ordinal)).Value;
+        int r = RankPattern.FirstOrDefault(p => PatternMatches(p.Key, module)).Value;
+        float a = AlphaPattern.FirstOrDefault(p => PatternMatches(p.Key, module)).Value;
         return (r > 0 ? r : R, a > 0 ? a : LoraAlpha);
+    }
+
+    private static readonly TimeSpan PatternTimeout = TimeSpan.FromSeconds(1);
+
+    /// <summary>PEFT's get_pattern_key test: re.match(rf"(.*\.)?({key})$", module).</summary>
+    internal static bool PatternMatches(string key, string module) =>
+        System.Text.RegularExpressions.Regex.IsMatch(module, $"^(?:.*\\.)?(?:{key})$", System.Text.RegularExpressions.RegexOptions.CultureInvariant, PatternTimeout);
+
+    /// <summary>Whether a pattern key compiles as the regular expression <see cref="PatternMatches"/> builds from it.</summary>
+    internal static bool IsPatternKey(string key)
+    {
+        try
+        {
+            _ = new System.Text.RegularExpressions.Regex($"^(?:.*\\.)?(?:{key})$", System.Text.RegularExpressions.RegexOptions.CultureInvariant, PatternTimeout);
+            return true;
+        }
+        catch (ArgumentException)
+        {
+            return false;
+        }
     }
 
     /// <summary>PEFT's scaling: alpha / r, or alpha / sqrt(r) with use_rslora.</summary>

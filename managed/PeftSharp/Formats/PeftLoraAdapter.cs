@@ -61,6 +61,26 @@ public sealed class PeftLoraAdapter : IVariant
         if (o["bias"]?.GetValue<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
         if (o["modules_to_save"] is JsonArray { Count: > 0 } mts) problems.Add($"modules_to_save [{string.Join(", ", mts)}] is not supported");
         if (o["layers_pattern"] is JsonNode lp && lp.GetValueKind() != JsonValueKind.Null) problems.Add("layers_pattern is not supported");
+        // Initialisations after which PEFT's loader changes the base weights too (it subtracts the adapter's starting
+        // product, or quantizes): merging such an adapter as W + s B A computes another model, so they are refused.
+        if (o["init_lora_weights"] is JsonValue init && init.GetValueKind() == JsonValueKind.String && init.GetValue<string>() is var initName
+            && (initName is "olora" or "corda" or "loftq" or "eva" || initName.StartsWith("pissa", StringComparison.Ordinal)))
+        {
+            problems.Add($"init_lora_weights '{initName}' is not supported: PEFT's loader changes the base weights for it, so W + s B A would be another model");
+        }
+
+        if (o["alora_invocation_tokens"] is JsonNode alora && alora.GetValueKind() != JsonValueKind.Null)
+        {
+            problems.Add("alora_invocation_tokens is set (an activated LoRA, applied only from the invocation tokens on): not supported, and merging it as plain LoRA would be wrong");
+        }
+
+        foreach (var patterns in new[] { "rank_pattern", "alpha_pattern" })
+        {
+            foreach (var key in (o[patterns] as JsonObject)?.Select(p => p.Key) ?? Enumerable.Empty<string>())
+            {
+                if (!LoraAdapterConfig.IsPatternKey(key)) problems.Add($"{patterns} key '{key}' is not a valid regular expression");
+            }
+        }
         var targets = new List<string>();
         string? regex = null;
         switch (o["target_modules"])

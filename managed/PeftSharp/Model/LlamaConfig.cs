@@ -113,30 +113,12 @@ public sealed record LlamaConfig
             NumHiddenLayers = Int("num_hidden_layers"),
             VocabSize = Int("vocab_size"),
             RmsNormEps = Float("rms_norm_eps", 1e-6f),
-            RopeTheta = Float("rope_theta", 10000f),
+            RopeTheta = RopeThetaOf(o, source),
             MaxPositionEmbeddings = Int("max_position_embeddings", 2048),
             TieWordEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
             HeadDimOverride = o["head_dim"] is { } hd ? hd.GetValue<int>() : null,
         };
-        if (o["rope_scaling"] is JsonObject rs)
-        {
-            string type = (rs["rope_type"] ?? rs["type"])?.GetValue<string>() ?? "(none)";
-            float Need(string key) => rs[key] is JsonValue v ? (float)v.GetValue<double>() : throw new InvalidDataException($"{source}: rope_scaling ({type}) needs '{key}'");
-            config = config with
-            {
-                RopeScaling = type switch
-                {
-                    "default" => default,
-                    "linear" => new RopeScaling { Type = RopeScaling.Linear, Factor = Need("factor") },
-                    "llama3" => new RopeScaling
-                    {
-                        Type = RopeScaling.Llama3, Factor = Need("factor"), LowFreqFactor = Need("low_freq_factor"), HighFreqFactor = Need("high_freq_factor"),
-                        OriginalMaxPositions = Need("original_max_position_embeddings"),
-                    },
-                    _ => throw new NotSupportedException($"{source}: rope_scaling type '{type}' is not supported (supported: linear, llama3)"),
-                },
-            };
-        }
+        config = config with { RopeScaling = RopeScalingOf(o, source) };
 
         // Fields that change the graph PeftSharp would otherwise compute differently without a word.
         if (o["hidden_act"] is JsonValue act && act.GetValue<string>() != "silu")
@@ -151,6 +133,67 @@ public sealed record LlamaConfig
 
         config.Validate(source);
         return config;
+    }
+
+    /// <summary>
+    /// rope_theta as transformers 4 writes it (top level) or 5 does (rope_parameters.rope_theta); both present and
+    /// different is an error naming both, as the two layouts would give different models.
+    /// </summary>
+    private static float RopeThetaOf(JsonObject o, string source)
+    {
+        float? top = o["rope_theta"] is JsonValue t ? (float)t.GetValue<double>() : null;
+        float? nested = RopeParameters(o, source)?["rope_theta"] is JsonValue n ? (float)n.GetValue<double>() : null;
+        if (top != null && nested != null && top != nested)
+        {
+            throw new InvalidDataException($"{source}: rope_theta {top} and rope_parameters.rope_theta {nested} disagree (transformers 4 and 5 layouts); keep one");
+        }
+
+        return top ?? nested ?? 10000f;
+    }
+
+    /// <summary>
+    /// The rope scaling of rope_scaling (transformers 4) or rope_parameters (transformers 5, whose rope_type
+    /// "default" means none); both present and different is an error naming both.
+    /// </summary>
+    private static RopeScaling RopeScalingOf(JsonObject o, string source)
+    {
+        RopeScaling? top = o["rope_scaling"] is JsonObject rs ? ScalingFrom(rs, "rope_scaling", source) : null;
+        RopeScaling? nested = RopeParameters(o, source) is { } rp ? ScalingFrom(rp, "rope_parameters", source) : null;
+        if (top is { } a && nested is { } b && ScalingText(a) != ScalingText(b))
+        {
+            throw new InvalidDataException($"{source}: rope_scaling ({ScalingText(a)}) and rope_parameters ({ScalingText(b)}) disagree (transformers 4 and 5 layouts); keep one");
+        }
+
+        return top ?? nested ?? default;
+    }
+
+    /// <summary>transformers 5's rope_parameters object, or null; one object per attention type (Gemma 3's layout) is refused.</summary>
+    private static JsonObject? RopeParameters(JsonObject o, string source)
+    {
+        if (o["rope_parameters"] is not JsonObject rp) return null;
+        if (rp.Count > 0 && rp.All(kv => kv.Value is JsonObject))
+        {
+            throw new NotSupportedException($"{source}: rope_parameters per attention type ({string.Join(", ", rp.Select(kv => kv.Key))}) is not supported; one rope for every layer is");
+        }
+
+        return rp;
+    }
+
+    private static RopeScaling ScalingFrom(JsonObject rs, string key, string source)
+    {
+        string type = (rs["rope_type"] ?? rs["type"])?.GetValue<string>() ?? (key == "rope_parameters" ? "default" : "(none)");
+        float Need(string name) => rs[name] is JsonValue v ? (float)v.GetValue<double>() : throw new InvalidDataException($"{source}: {key} ({type}) needs '{name}'");
+        return type switch
+        {
+            "default" => default,
+            "linear" => new RopeScaling { Type = RopeScaling.Linear, Factor = Need("factor") },
+            "llama3" => new RopeScaling
+            {
+                Type = RopeScaling.Llama3, Factor = Need("factor"), LowFreqFactor = Need("low_freq_factor"), HighFreqFactor = Need("high_freq_factor"),
+                OriginalMaxPositions = Need("original_max_position_embeddings"),
+            },
+            _ => throw new NotSupportedException($"{source}: {key} type '{type}' is not supported (supported: linear, llama3)"),
+        };
     }
 
     /// <summary>The fields in which two configs differ, as "name: a vs b" (empty when they describe the same graph).</summary>

@@ -58,6 +58,12 @@ public sealed class LlamaModel : IDisposable
         }
     }
 
+    /// <summary>
+    /// Tokens that end a generation besides the tokenizer's EOS: generation_config.json's eos_token_id when the model
+    /// was loaded from a folder (Llama 3.1 and 3.2 list three: end_of_text, eom and eot).
+    /// </summary>
+    public IReadOnlyList<int> StopTokens { get; set; } = Array.Empty<int>();
+
     /// <summary>Whether <see cref="Tokenizer"/> has one to give (files from the folder, one set, or vocab_size 259).</summary>
     public bool HasTokenizer => tokenizer != null || Config.VocabSize == ByteTokenizer.VocabSize;
 

@@ -23,6 +23,7 @@ public static class BatchGenerator
     {
         if (variants != null && !ReferenceEquals(variants.Model, model)) throw new ArgumentException("the variant set belongs to another model");
         var tok = model.Tokenizer;
+        var stops = model.StopTokens.ToHashSet();
         int n = requests.Count;
         var variantOf = requests.Select(r => variants?.IndexOf(r.Variant) ?? (string.IsNullOrEmpty(r.Variant) || r.Variant == "base"
             ? -1
@@ -120,7 +121,7 @@ public static class BatchGenerator
                     int i = live[j];
                     var r = requests[i];
                     int t = r.Temperature <= 0f ? Generator.ArgMax(logits[j]) : Generator.Draw(logits[j], r.Temperature, r.TopK, r.TopP, rngs[i]);
-                    bool done = t == tok.Eos;
+                    bool done = t == tok.Eos || stops.Contains(t);
                     if (!done) outputs[i].Add(t);
                     done |= outputs[i].Count >= r.MaxTokens || caches[i]!.Length >= caches[i]!.Capacity;
                     if (done)

@@ -140,6 +140,57 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
         Assert.That(cfg.Scale("model.layers.0.self_attn.q_proj"), Is.EqualTo(2f));
     }
 
+    /// <summary>
+    /// rank_pattern and alpha_pattern keys are regular expressions matched as PEFT's get_pattern_key matches them
+    /// (re.match(rf"(.*\.)?({key})$", module)): the documented anchored form selects one module, a suffix selects every
+    /// module ending in it, the first key that matches wins; a key that is not a regex is refused by name.
+    /// </summary>
+    [Test]
+    public void PatternKeys_MatchAsPeftsGetPatternKey()
+    {
+        var cfg = PeftLoraAdapter.ParseConfig("""
+            {"peft_type": "LORA", "target_modules": "all-linear", "r": 8, "lora_alpha": 16,
+             "rank_pattern": {"^model.layers.0.self_attn.q_proj": 4, "down_proj": 2},
+             "alpha_pattern": {"^model.layers.1.mlp.(up|gate)_proj": 32, "layers.1.mlp.up_proj": 64}}
+            """, "cfg");
+        Assert.That(cfg.For("model.layers.0.self_attn.q_proj"), Is.EqualTo((4, 16f)), "the anchored key");
+        Assert.That(cfg.For("model.layers.1.self_attn.q_proj"), Is.EqualTo((8, 16f)), "the anchored key selects layer 0 only");
+        Assert.That(cfg.For("model.layers.0.mlp.down_proj"), Is.EqualTo((2, 16f)), "a suffix key, every layer");
+        Assert.That(cfg.For("model.layers.1.mlp.down_proj"), Is.EqualTo((2, 16f)));
+        Assert.That(cfg.For("model.layers.1.mlp.up_proj"), Is.EqualTo((8, 32f)), "the first matching key wins");
+        Assert.That(cfg.For("model.layers.1.mlp.gate_proj"), Is.EqualTo((8, 32f)));
+        Assert.That(cfg.For("model.layers.0.mlp.up_proj"), Is.EqualTo((8, 16f)));
+        Assert.That(cfg.For("model.layers.0.self_attn.o_proj"), Is.EqualTo((8, 16f)), "'o_proj' is not a match for a key ending in q_proj");
+        var bad = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
+            """{"peft_type": "LORA", "target_modules": "all-linear", "rank_pattern": {"layers.(0": 4}}""", "adapter_config.json"))!;
+        Assert.That(bad.Message, Does.Contain("rank_pattern key 'layers.(0'"));
+    }
+
+    /// <summary>
+    /// Initialisations after which PEFT's loader changes the base weights too, and activated LoRA, would be merged
+    /// into another model as W + s B A: refused naming the option. Those that only start the factors are read.
+    /// </summary>
+    [Test]
+    public void InitialisationsThatChangeTheBase_AndActivatedLora_AreRefusedByName()
+    {
+        foreach (var init in new[] { "pissa", "pissa_niter_16", "olora", "corda", "loftq", "eva" })
+        {
+            var e = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
+                $$"""{"peft_type": "LORA", "target_modules": "all-linear", "init_lora_weights": "{{init}}"}""", "adapter_config.json"))!;
+            Assert.That(e.Message, Does.Contain("init_lora_weights").And.Contain($"'{init}'"), init);
+        }
+
+        foreach (var init in new[] { "true", "false", "\"gaussian\"" })
+        {
+            Assert.DoesNotThrow(() => PeftLoraAdapter.ParseConfig($$"""{"peft_type": "LORA", "target_modules": "all-linear", "init_lora_weights": {{init}}}""", "cfg"), init);
+        }
+
+        var alora = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
+            """{"peft_type": "LORA", "target_modules": "all-linear", "alora_invocation_tokens": [5, 6]}""", "adapter_config.json"))!;
+        Assert.That(alora.Message, Does.Contain("alora_invocation_tokens"));
+        Assert.DoesNotThrow(() => PeftLoraAdapter.ParseConfig("""{"peft_type": "LORA", "target_modules": "all-linear", "alora_invocation_tokens": null}""", "cfg"));
+    }
+
     [Test]
     public void Mismatches_EveryOffenderListed()
     {

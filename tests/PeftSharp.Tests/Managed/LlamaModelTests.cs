@@ -102,6 +102,43 @@ public sealed class LlamaModelTests
         Assert.That(a["model.layers.0.self_attn.k_proj.weight"].Value.Shape, Is.EqualTo(new[] { 2 * 16, 64 }));
     }
 
+    /// <summary>
+    /// transformers 5 writes rope settings into rope_parameters and drops the top-level rope_theta / rope_scaling
+    /// (Llama 3.1 as 5.x saves it, below). Read as the 4.x layout reads, so the model is the same; both layouts present
+    /// and disagreeing, or rope parameters per attention type, are refused naming the keys.
+    /// </summary>
+    [Test]
+    public void Config_Transformers5RopeParameters_ReadAsTheTransformers4Layout()
+    {
+        const string common = """
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 259, "rms_norm_eps": 1e-05,
+            "max_position_embeddings": 512, "tie_word_embeddings": true
+            """;
+        const string scaling = """
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"
+            """;
+        var v4 = LlamaConfig.Parse($$"""{ {{common}}, "rope_theta": 500000.0, "rope_scaling": { {{scaling}} } }""");
+        var v5 = LlamaConfig.Parse($$"""{ {{common}}, "rope_parameters": { "rope_theta": 500000.0, {{scaling}} } }""");
+        Assert.That(v5, Is.EqualTo(v4));
+        Assert.That((v5.RopeTheta, v5.RopeScaling.Type), Is.EqualTo((500000f, PeftSharp.Kernels.Core.RopeScaling.Llama3)), "theta and llama3 scaling come from rope_parameters");
+        var plain = LlamaConfig.Parse($$"""{ {{common}}, "rope_parameters": { "rope_type": "default", "rope_theta": 1000000.0 } }""");
+        Assert.That((plain.RopeTheta, plain.RopeScaling.Type), Is.EqualTo((1000000f, PeftSharp.Kernels.Core.RopeScaling.None)));
+        Assert.That(LlamaConfig.Parse($$"""{ {{common}}, "rope_theta": 500000.0, "rope_parameters": { "rope_theta": 500000.0, {{scaling}} }, "rope_scaling": { {{scaling}} } }"""),
+            Is.EqualTo(v4), "both layouts, agreeing");
+
+        var theta = Assert.Throws<InvalidDataException>(() => LlamaConfig.Parse($$"""{ {{common}}, "rope_theta": 10000.0, "rope_parameters": { "rope_theta": 500000.0 } }"""))!;
+        Assert.That(theta.Message, Does.Contain("rope_theta").And.Contain("rope_parameters.rope_theta"));
+        var scaled = Assert.Throws<InvalidDataException>(() => LlamaConfig.Parse(
+            $$"""{ {{common}}, "rope_parameters": { "rope_theta": 500000.0, {{scaling}} }, "rope_scaling": { "rope_type": "linear", "factor": 2.0 } }"""))!;
+        Assert.That(scaled.Message, Does.Contain("rope_scaling").And.Contain("rope_parameters"));
+        var perType = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(
+            $$"""{ {{common}}, "rope_parameters": { "full_attention": { "rope_theta": 1000000.0 }, "sliding_attention": { "rope_theta": 10000.0 } } }"""))!;
+        Assert.That(perType.Message, Does.Contain("rope_parameters").And.Contain("sliding_attention"));
+        var yarn = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse($$"""{ {{common}}, "rope_parameters": { "rope_type": "yarn", "factor": 4.0 } }"""))!;
+        Assert.That(yarn.Message, Does.Contain("rope_parameters type 'yarn'"));
+    }
+
     [Test]
     public void Config_ParsesHuggingFaceJson_AndRejectsOtherArchitectures()
     {
