@@ -116,7 +116,8 @@ public sealed record MergeConfig(
         string dtype = top.TryGetValue("dtype", out var dt) ? ScalarOf(dt, "dtype", problems) ?? "float32" : "float32";
         if (dtype is not ("float32" or "float16" or "bfloat16")) problems.Add($"dtype '{dtype}' is not float32, float16 or bfloat16");
         if (method != MergeMethod.Linear && baseModel == null && Methods.ContainsKey(methodName)) problems.Add($"{methodName} needs a base_model");
-        bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        // mergekit's registry: normalize defaults to true for linear and ties, false for dare_ties and breadcrumbs_ties.
+        bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties;
         var config = new MergeConfig(method, baseModel, models, Flag("normalize", normalizeDefault), Num(global, "lambda", 1f, "parameters"), dtype,
             global.ContainsKey("lines_alpha") ? Num(global, "lines_alpha", 0f, "parameters") : null,
             global.ContainsKey("lines_beta") ? Num(global, "lines_beta", 1f, "parameters") : null);

@@ -23,7 +23,14 @@ public static class MergeRunner
         var inputs = new List<LlamaModel>();
         try
         {
-            foreach (var entry in config.Models) inputs.Add(LoadInput(Resolve(entry.Model), baseModel, device));
+            // As mergekit does, the task-vector methods skip a base model that is also listed under models: its task
+            // vector is zero, and counting its weight would only dilute the others'.
+            string FullPath(string p) => Path.GetFullPath(Resolve(p)).TrimEnd(Path.DirectorySeparatorChar);
+            var entries = config.Method == MergeMethod.Linear || config.BaseModel == null
+                ? config.Models
+                : config.Models.Where(e => FullPath(e.Model) != FullPath(config.BaseModel)).ToList();
+            if (entries.Count == 0) throw new InvalidDataException($"{config.Method}: every model listed is the base_model; nothing to merge");
+            foreach (var entry in entries) inputs.Add(LoadInput(Resolve(entry.Model), baseModel, device));
             var reference = baseModel ?? inputs[0];
             foreach (var m in inputs)
             {
@@ -31,7 +38,7 @@ public static class MergeRunner
                 if (diff.Count > 0) throw new InvalidDataException($"a merged model's config differs: {string.Join("; ", diff)}");
             }
 
-            var inputOptions = config.Models.Select(e => e.Parameters).ToArray();
+            var inputOptions = entries.Select(e => e.Parameters).ToArray();
             // The merged folder carries a tokenizer: tokenizer_source's folder, else the base's, else the first model's.
             string? tokenizerFolder = config.TokenizerSource is { } src && src != "base" ? Resolve(src)
                 : config.BaseModel != null ? Resolve(config.BaseModel)

@@ -6,7 +6,8 @@ namespace PeftSharp.Merging;
 /// Merging of one tensor from several fine-tunes of a base, as mergekit defines the methods. Task vectors are
 /// tau_i = theta_i - theta_base. Linear: sum w_i theta_i (over sum w_i when normalised). Task arithmetic: theta_base +
 /// lambda sum w_i tau_i. TIES: trim each tau_i to its top-density fraction by magnitude, elect each entry's sign as
-/// the sign of sum w_i tau_i, average the agreeing entries (weights normalised over them), theta_base + lambda x that.
+/// the sign of sum w_i tau_i (+1 when 0), average the entries whose w_i tau_i agrees (weights normalised over them,
+/// a zero sum of weights leaving the sum as it is), theta_base + lambda x that.
 /// DARE: drop each entry of tau_i with probability 1 - density and rescale the rest by 1 / density (seeded), then
 /// linear (task arithmetic) or TIES sign consensus without trimming. Breadcrumbs: keep the entries of tau_i whose
 /// magnitude ranks between the top gamma fraction and the top gamma + density fraction (both tails dropped), then
@@ -61,20 +62,23 @@ public static partial class TaskVectorMerge
             double merged;
             if (consensus)
             {
+                // mergekit's get_mask("sum") over the weighted task vectors: the majority sign is that of sum w_i tau_i
+                // (+1 when it is 0), and an entry takes part when sign(w_i tau_i) agrees, so a negative weight flips it.
                 double sum = 0;
                 for (int m = 0; m < models.Count; m++) sum += inputs[m].Weight * tau[m][e];
-                int sign = Math.Sign(sum);
+                int majority = sum >= 0 ? 1 : -1;
                 double acc = 0, weights = 0;
                 for (int m = 0; m < models.Count; m++)
                 {
-                    if (sign != 0 && Math.Sign(tau[m][e]) == sign)
+                    double weighted = inputs[m].Weight * tau[m][e];
+                    if (Math.Sign(weighted) == majority)
                     {
-                        acc += inputs[m].Weight * tau[m][e];
+                        acc += weighted;
                         weights += inputs[m].Weight;
                     }
                 }
 
-                merged = normalize ? (weights == 0 ? 0 : acc / weights) : acc;
+                merged = normalize ? acc / (weights == 0 ? 1 : weights) : acc;
             }
             else
             {
@@ -85,7 +89,7 @@ public static partial class TaskVectorMerge
                     weights += inputs[m].Weight;
                 }
 
-                merged = normalize && weights != 0 ? acc / weights : acc;
+                merged = normalize ? acc / (Math.Abs(weights) < 1e-8 ? 1 : weights) : acc; // mergekit's divisor guard
             }
 
             result[e] = (float)(baseValues[e] + lambda * merged);

@@ -81,18 +81,19 @@ public static partial class TaskVectorMerge
                 {
                     double sum = 0;
                     for (int m = 0; m < count; m++) sum += wt[m] * tau[m];
-                    int sign = Math.Sign(sum);
+                    int majority = sum >= 0 ? 1 : -1;
                     double acc = 0, weights = 0;
                     for (int m = 0; m < count; m++)
                     {
-                        if (sign != 0 && Math.Sign(tau[m]) == sign)
+                        double weighted = wt[m] * tau[m];
+                        if (Math.Sign(weighted) == majority)
                         {
-                            acc += wt[m] * tau[m];
+                            acc += weighted;
                             weights += wt[m];
                         }
                     }
 
-                    merged = normalize ? (weights == 0 ? 0 : acc / weights) : acc;
+                    merged = normalize ? acc / (weights == 0 ? 1 : weights) : acc;
                 }
                 else
                 {
@@ -103,7 +104,7 @@ public static partial class TaskVectorMerge
                         weights += wt[m];
                     }
 
-                    merged = normalize && weights != 0 ? acc / weights : acc;
+                    merged = normalize ? acc / (Math.Abs(weights) < 1e-8 ? 1 : weights) : acc;
                 }
 
                 result[e] = (float)(b[e] + lambda * merged);

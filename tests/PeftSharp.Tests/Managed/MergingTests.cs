@@ -178,6 +178,50 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(r.Code, Is.EqualTo(2));
     }
 
+    /// <summary>
+    /// mergekit's semantics where they differ from a naive reading: TIES elects signs over the weighted task vectors,
+    /// so a negative weight flips a model's vote (mergekit's get_mask on w_i tau_i; majority +1 on a zero sum), the
+    /// normalising divisor is kept at 1 when the agreeing weights sum to zero, normalize defaults to false for
+    /// dare_ties and breadcrumbs_ties, and a base model also listed under models is skipped.
+    /// </summary>
+    [Test]
+    public void Mergekit_SignElectionNormalizeDefaultsAndBaseInModels()
+    {
+        var zero = new float[3];
+        // tau1 = [2, 1, 0], tau2 = [1, 3, 1], weights 1 and -1: w tau = [2, 1, 0] and [-1, -3, -1], sums [1, -2, -1].
+        // Entry 0: majority +, only model 1 agrees: 2 / 1. Entry 1: majority -, only model 2: -3 / -1 = 3.
+        // Entry 2: majority -, model 2 agrees (w tau = -1), model 1's 0 does not: -1 / -1 = 1.
+        var models = new[] { new[] { 2f, 1, 0 }, new[] { 1f, 3, 1 } };
+        var inputs = new[] { new MergeInput(1f), new MergeInput(-1f) };
+        Assert.That(Merge(MergeMethod.Ties, zero, models, inputs, true), Is.EqualTo(new[] { 2f, 3, 1 }));
+        Assert.That(TaskVectorMerge.MergeReference(MergeMethod.Ties, zero, models, inputs, true, 1f, 1), Is.EqualTo(new[] { 2f, 3, 1 }));
+        Assert.That(Merge(MergeMethod.Ties, zero, models, inputs, false), Is.EqualTo(new[] { 2f, -3, -1 }), "unnormalised: the agreeing w tau summed");
+        // A zero sum elects +: w tau = [1] and [-1] -> the positive one alone.
+        Assert.That(Merge(MergeMethod.Ties, new float[1], new[] { new[] { 1f }, new[] { -1f } }, new[] { new MergeInput(1f), new MergeInput(1f) }, true), Is.EqualTo(new[] { 1f }));
+        // Weights summing to zero in a normalised task arithmetic leave the weighted sum undivided (mergekit's guard).
+        Assert.That(Merge(MergeMethod.TaskArithmetic, zero, models, inputs, true), Is.EqualTo(new[] { 1f, -2, -1 }));
+
+        string Config(string method) => $"merge_method: {method}\nbase_model: base\nmodels:\n  - model: a\n";
+        Assert.That(MergeConfig.Parse(Config("ties"), "m.yaml").Normalize, Is.True);
+        Assert.That(MergeConfig.Parse(Config("dare_ties"), "m.yaml").Normalize, Is.False);
+        Assert.That(MergeConfig.Parse(Config("breadcrumbs_ties"), "m.yaml").Normalize, Is.False);
+        Assert.That(MergeConfig.Parse(Config("task_arithmetic"), "m.yaml").Normalize, Is.False);
+
+        // The base listed under models as well: skipped, so a normalised task arithmetic of (base, a) at weights 1 and 1 is
+        // base + tau_a (counted, the base's zero task vector would halve it).
+        using var device = new CpuDevice();
+        var config = BitDeltaCompressionTests.Small;
+        using var b = LlamaModel.Create(device, config, seed: 50);
+        using var fa = BitDeltaCompressionTests.FineTuneOf(b, 51);
+        HuggingFaceFolder.Save(b, Path.Combine(TempDir, "base"));
+        HuggingFaceFolder.Save(fa, Path.Combine(TempDir, "a"));
+        File.WriteAllText(Path.Combine(TempDir, "listed.yaml"), "merge_method: task_arithmetic\nbase_model: base\nparameters: {normalize: true}\n" +
+            "models:\n  - model: base\n    parameters: {weight: 1.0}\n  - model: a\n    parameters: {weight: 1.0}\n");
+        using var merged = MergeRunner.Run(MergeConfig.Load(Path.Combine(TempDir, "listed.yaml")), TempDir, device);
+        const string name = "model.layers.0.mlp.up_proj.weight";
+        Check.Close(merged[name].Value.ToArray(), fa[name].Value.ToArray(), (1e-7, 1e-6), "normalised task arithmetic of (base, a) with the base skipped is a");
+    }
+
     [Test]
     public void SparseDeltas_DisjointOnesComposeToTheirSum_FolderRoundTrips_WrongBaseIsRejected()
     {
