@@ -1,18 +1,5 @@
 namespace PeftSharp.Kernels.Optim;
 
-/// <summary>Hyper-parameters of one AdamW step; bias corrections come from the step number (1-based).</summary>
-public readonly record struct AdamWStep(float LearningRate, float Beta1, float Beta2, float Epsilon, float WeightDecay, int Step)
-{
-    /// <summary>1 - beta1^step.</summary>
-    public float BiasCorrection1 => (float)(1.0 - Math.Pow(Beta1, Step));
-
-    /// <summary>1 - beta2^step.</summary>
-    public float BiasCorrection2 => (float)(1.0 - Math.Pow(Beta2, Step));
-}
-
-/// <summary>Hyper-parameters of one SGD step (PyTorch semantics, no dampening).</summary>
-public readonly record struct SgdStep(float LearningRate, float Momentum, float WeightDecay, bool Nesterov);
-
 /// <summary>Specification of the optimizer steps, in double, with PyTorch's order of operations.</summary>
 public static class OptimizerReference
 {

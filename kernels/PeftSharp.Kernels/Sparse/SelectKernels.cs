@@ -4,41 +4,6 @@ using ILGPU.Algorithms;
 namespace PeftSharp.Kernels.Sparse;
 
 /// <summary>
-/// Where a selection's score comes from: <see cref="Magnitude"/> = |x[i]|, <see cref="Uniform"/> = the counter-based
-/// draw <see cref="SparseKernels.Uniform"/>(seed, i) (x is not read): a seeded random mask.
-/// </summary>
-public struct SelectScore
-{
-    public const int Magnitude = 0;
-    public const int Uniform = 1;
-
-    public int Mode;
-    public int Seed;
-
-    public SelectScore(int mode, int seed)
-    {
-        Mode = mode;
-        Seed = seed;
-    }
-}
-
-/// <summary>
-/// The band of ranks a selection keeps. Entries are ranked by score, largest first, ties by lower index; the band is
-/// ranks [Lo, Hi). KeyLo / KeyHi are the sort keys of the entries at ranks Lo and Hi - 1; among entries whose key
-/// equals KeyLo, those at index-order positions &gt;= LoStart are kept, among those equal to KeyHi the ones at
-/// positions &lt; HiEnd (both rules apply when the keys are equal).
-/// </summary>
-public struct SelectBand
-{
-    public uint KeyLo;
-    public uint KeyHi;
-    public int LoStart;
-    public int HiEnd;
-    public int Chunk;
-    public int Length;
-}
-
-/// <summary>
 /// Mask selection on the device without sorting and without atomics: the keys are the score's float bits (a
 /// non-negative float's bits order like the float), so the key at a given rank is found by a radix select, 8 bits per
 /// pass (<see cref="HistogramKernel"/> per chunk, <see cref="HistogramSumKernel"/> over the chunks); then each chunk
