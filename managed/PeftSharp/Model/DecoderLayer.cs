@@ -28,6 +28,11 @@ internal sealed class DecoderLayer
         Gate = linear(p + "mlp.gate_proj");
         Up = linear(p + "mlp.up_proj");
         Down = linear(p + "mlp.down_proj");
+        if (config.QkNorm)
+        {
+            QNorm = weight(p + "self_attn.q_norm.weight");
+            KNorm = weight(p + "self_attn.k_norm.weight");
+        }
     }
 
     public int Index { get; }
@@ -40,6 +45,10 @@ internal sealed class DecoderLayer
     public Linear Gate { get; }
     public Linear Up { get; }
     public Linear Down { get; }
+
+    /// <summary>Qwen3's per-head RMSNorm weights (D) of queries and keys, or null.</summary>
+    public Parameter? QNorm { get; }
+    public Parameter? KNorm { get; }
 
     public IEnumerable<Linear> Linears => new[] { Q, K, V, O, Gate, Up, Down };
 
@@ -69,6 +78,19 @@ internal sealed class DecoderLayer
         Q.Forward(a.H, Flat(a.Q, n), lp);
         K.Forward(a.H, Flat(a.K, n), lp);
         V.Forward(a.H, Flat(a.V, n), lp);
+        if (QNorm != null && KNorm != null)
+        {
+            // Qwen3: each head's query and key normalised over D before RoPE; the projections' outputs stay for the backward.
+            a.QRaw = a.Q;
+            a.Q = device.Empty("q_normed", 1, n, h, d);
+            a.QRstd = device.Zeros("q_rstd", n * h);
+            HeadNorm(a.QRaw, QNorm, a.Q, a.QRstd, lp.Variants);
+            a.KRaw = a.K;
+            a.K = device.Empty("k_normed", 1, n, hkv, d);
+            a.KRstd = device.Zeros("k_rstd", n * hkv);
+            HeadNorm(a.KRaw, KNorm, a.K, a.KRstd, lp.Variants);
+        }
+
         ops.Rope(a.Q, pass.Positions, a.Q, c.RopeTheta, scaling: c.RopeScaling);
         ops.Rope(a.K, pass.Positions, a.K, c.RopeTheta, scaling: c.RopeScaling);
         a.O = device.Zeros("attn", 1, n, h, d);
@@ -154,6 +176,13 @@ internal sealed class DecoderLayer
         pass.Layout.Backward(ops, Index, a.Q, a.K, a.V, a.O, a.Lse, dO, dq, dk, dv);
         ops.Rope(dq, pass.Positions, dq, c.RopeTheta, inverse: true, scaling: c.RopeScaling);
         ops.Rope(dk, pass.Positions, dk, c.RopeTheta, inverse: true, scaling: c.RopeScaling);
+        if (QNorm != null && KNorm != null)
+        {
+            // dq, dk are the gradients of the normalised heads; through each head's RMSNorm to the projections' outputs.
+            AddNormBackward(HeadRows(dq), HeadRows(a.QRaw!), QNorm, a.QRstd!, HeadRows(dq), accumulateInput: false);
+            AddNormBackward(HeadRows(dk), HeadRows(a.KRaw!), KNorm, a.KRstd!, HeadRows(dk), accumulateInput: false);
+        }
+
         Q.Backward(a.H, Flat(dq, n), scratch.DHAttn, lp);
         K.Backward(a.H, Flat(dk, n), scratch.DTmp, lp);
         ops.Add(scratch.DHAttn, scratch.DTmp, scratch.DHAttn);
@@ -177,6 +206,24 @@ internal sealed class DecoderLayer
             ops.RmsNorm(x.View(r0 * dm, rows, dm), w, h.View(r0 * dm, rows, dm), rstd.View(r0, rows), eps);
         }
     }
+
+    /// <summary>
+    /// RMSNorm of every head of x (1, N, heads, D) over D into y, rstd (N * heads), with each row's variant's weight
+    /// where it brings its own (a full fine-tune's 1-bit delta keeps q_norm / k_norm densely).
+    /// </summary>
+    private void HeadNorm(Tensor x, Parameter weight, Tensor y, Tensor rstd, IRowVariants? variants)
+    {
+        var ops = x.Device.Ops;
+        int n = x.Dim(1), heads = x.Dim(2), d = x.Dim(3);
+        ops.RmsNorm(HeadRows(x), weight.Value, HeadRows(y), rstd, config.RmsNormEps);
+        foreach (var (r0, rows, w) in VariantRuns.Replacements(variants, weight.Name, Enumerable.Range(0, n)))
+        {
+            ops.RmsNorm(x.View(r0 * heads * d, rows * heads, d), w, y.View(r0 * heads * d, rows * heads, d), rstd.View(r0 * heads, rows * heads), config.RmsNormEps);
+        }
+    }
+
+    /// <summary>(1, N, heads, D) as (N * heads, D): one row per head.</summary>
+    private static Tensor HeadRows(Tensor t) => t.Reshape(t.Length / t.Dim(3), t.Dim(3));
 
     /// <summary>RMSNorm backward: dx (+)= d/dx, and the weight's gradient accumulated into its Grad.</summary>
     internal static void AddNormBackward(Tensor dy, Tensor x, Parameter w, Tensor rstd, Tensor dx, bool accumulateInput)
@@ -222,11 +269,12 @@ internal sealed class LayerActivations : IDisposable
 {
     public Tensor X = null!, H = null!, Rstd1 = null!, Q = null!, K = null!, V = null!, O = null!, Lse = null!;
     public Tensor? X1, Gate, Up;
+    public Tensor? QRaw, KRaw, QRstd, KRstd; // Qwen3's q/k norms: the projections' outputs and the heads' 1 / rms
     public Tensor H2 = null!, Rstd2 = null!, Act = null!;
 
     public void Dispose()
     {
-        foreach (var t in new[] { X, H, Rstd1, Q, K, V, O, Lse, X1, H2, Rstd2, Gate, Up, Act }) t?.Dispose();
+        foreach (var t in new[] { X, H, Rstd1, Q, K, V, O, Lse, X1, H2, Rstd2, Gate, Up, Act, QRaw, KRaw, QRstd, KRstd }) t?.Dispose();
     }
 }
 

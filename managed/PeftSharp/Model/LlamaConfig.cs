@@ -27,8 +27,16 @@ public sealed record LlamaConfig
 
     public int HeadDim => HeadDimOverride ?? HiddenSize / Math.Max(1, NumAttentionHeads);
 
-    /// <summary>The architectures PeftSharp runs: LlamaForCausalLM and configs that are the same graph.</summary>
-    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM" };
+    /// <summary>
+    /// Qwen3's per-head RMSNorm of queries and keys (self_attn.q_norm / k_norm, weights (D)) after their projections
+    /// and before RoPE; the rest of the graph is Llama's.
+    /// </summary>
+    public bool QkNorm { get; init; }
+
+    /// <summary>The architectures PeftSharp runs: LlamaForCausalLM, Qwen3ForCausalLM (Llama plus q/k norms).</summary>
+    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM", "Qwen3ForCausalLM" };
+
+    private static readonly string[] SupportedModelTypes = { "llama", "qwen3" };
 
     /// <summary>A tiny model for tests and the quickstart: byte vocabulary, 2 layers.</summary>
     public static LlamaConfig Tiny => new()
@@ -83,11 +91,22 @@ public sealed record LlamaConfig
         string? modelType = o["model_type"]?.GetValue<string>();
         var archs = o["architectures"] as JsonArray;
         var archNames = archs?.Select(a => a?.GetValue<string>() ?? "").ToArray() ?? Array.Empty<string>();
-        if ((modelType != null && modelType != "llama") || (archNames.Length > 0 && !archNames.Any(SupportedArchitectures.Contains)))
+        if ((modelType != null && !SupportedModelTypes.Contains(modelType)) || (archNames.Length > 0 && !archNames.Any(SupportedArchitectures.Contains)))
         {
             throw new NotSupportedException(
                 $"{source}: architectures [{string.Join(", ", archNames)}], model_type '{modelType}' is not supported; PeftSharp runs {string.Join(", ", SupportedArchitectures)} " +
-                    $"(model_type 'llama')");
+                    $"(model_type {string.Join(" or ", SupportedModelTypes.Select(t => $"'{t}'"))})");
+        }
+
+        bool qwen3 = modelType == "qwen3" || archNames.Contains("Qwen3ForCausalLM");
+        if (qwen3 && (modelType is not (null or "qwen3") || archNames.Any(a => a != "Qwen3ForCausalLM")))
+        {
+            throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Qwen3 and another architecture");
+        }
+
+        if (qwen3 && o["use_sliding_window"] is JsonValue sliding && sliding.GetValue<bool>())
+        {
+            throw new NotSupportedException($"{source}: use_sliding_window is true; sliding-window attention is not supported yet");
         }
 
         int Int(string name, int? fallback = null)
@@ -117,6 +136,7 @@ public sealed record LlamaConfig
             MaxPositionEmbeddings = Int("max_position_embeddings", 2048),
             TieWordEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
             HeadDimOverride = o["head_dim"] is { } hd ? hd.GetValue<int>() : null,
+            QkNorm = qwen3,
         };
         config = config with { RopeScaling = RopeScalingOf(o, source) };
 
@@ -206,7 +226,7 @@ public sealed record LlamaConfig
             ("num_hidden_layers", a.NumHiddenLayers, b.NumHiddenLayers), ("vocab_size", a.VocabSize, b.VocabSize),
             ("head_dim", a.HeadDim, b.HeadDim), ("tie_word_embeddings", a.TieWordEmbeddings, b.TieWordEmbeddings),
             ("rms_norm_eps", a.RmsNormEps, b.RmsNormEps), ("rope_theta", a.RopeTheta, b.RopeTheta),
-            ("rope_scaling", ScalingText(a.RopeScaling), ScalingText(b.RopeScaling)),
+            ("rope_scaling", ScalingText(a.RopeScaling), ScalingText(b.RopeScaling)), ("q/k norms (Qwen3)", a.QkNorm, b.QkNorm),
         };
         return fields.Where(f => !f.A.Equals(f.B)).Select(f => $"{f.Name}: {f.A} vs {f.B}").ToList();
     }
@@ -223,8 +243,8 @@ public sealed record LlamaConfig
     {
         var o = new JsonObject
         {
-            ["architectures"] = new JsonArray("LlamaForCausalLM"),
-            ["model_type"] = "llama",
+            ["architectures"] = new JsonArray(QkNorm ? "Qwen3ForCausalLM" : "LlamaForCausalLM"),
+            ["model_type"] = QkNorm ? "qwen3" : "llama",
             ["hidden_size"] = HiddenSize,
             ["intermediate_size"] = IntermediateSize,
             ["num_attention_heads"] = NumAttentionHeads,

@@ -46,6 +46,12 @@ internal sealed class LlamaWeights : IDisposable
             yield return (p + "self_attn.k_proj.weight", new[] { c.NumKeyValueHeads * d, c.HiddenSize });
             yield return (p + "self_attn.v_proj.weight", new[] { c.NumKeyValueHeads * d, c.HiddenSize });
             yield return (p + "self_attn.o_proj.weight", new[] { c.HiddenSize, c.NumAttentionHeads * d });
+            if (c.QkNorm)
+            {
+                yield return (p + "self_attn.q_norm.weight", new[] { d });
+                yield return (p + "self_attn.k_norm.weight", new[] { d });
+            }
+
             yield return (p + "post_attention_layernorm.weight", new[] { c.HiddenSize });
             yield return (p + "mlp.gate_proj.weight", new[] { c.IntermediateSize, c.HiddenSize });
             yield return (p + "mlp.up_proj.weight", new[] { c.IntermediateSize, c.HiddenSize });

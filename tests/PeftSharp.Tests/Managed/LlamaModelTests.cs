@@ -43,6 +43,53 @@ public sealed class LlamaModelTests
         Assert.That(checkedCount, Is.EqualTo(4 * model.Parameters.Count));
     }
 
+    /// <summary>
+    /// Qwen3 is the Llama graph plus a per-head RMSNorm of q and k before RoPE (self_attn.q_norm / k_norm): the forward
+    /// against the plain reference with that step, its gradients (norm weights included) against finite differences,
+    /// decode against the full pass, and config.json read and written as Qwen3ForCausalLM.
+    /// </summary>
+    [Test]
+    public void Qwen3QkNorm_ForwardBackwardDecodeAndConfig()
+    {
+        using var device = new CpuDevice();
+        var config = Micro(tied: true) with { QkNorm = true };
+        var weights = Weights(11);
+        using var model = LlamaModel.FromTensors(device, config, weights);
+        Assert.That(model.Has("model.layers.1.self_attn.k_norm.weight") && model["model.layers.0.self_attn.q_norm.weight"].Value.Shape.SequenceEqual(new[] { config.HeadDim }));
+        var logits = model.Logits(Tokens, batch: 2);
+        Check.Close(logits, ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4),
+            "q/k-normed logits");
+        using (var plain = LlamaModel.FromTensors(device, config with { QkNorm = false }, weights))
+        {
+            Assert.That(plain.Logits(Tokens, batch: 2), Is.Not.EqualTo(logits).Within(1e-4), "the norms change the logits, so the check above can fail");
+        }
+
+        model.ZeroGrad();
+        model.Loss(Tokens, Targets, batch: 2, backward: true);
+        Assert.That(ModelGradients.Check(model, model.Parameters, Tokens, Targets, batch: 2, samples: 3), Is.EqualTo(3 * model.Parameters.Count));
+
+        using var cache = new KvCache(model, 8);
+        var step = model.DecodeStep(cache, Tokens[..2]);
+        Check.Close(step, logits.AsSpan(1 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "prefill");
+        step = model.DecodeStep(cache, Tokens[2..3]);
+        Check.Close(step, logits.AsSpan(2 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "decode");
+
+        const string json = """
+            {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 172, "head_dim": 32,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 259, "rms_norm_eps": 1e-06,
+             "rope_theta": 1000000.0, "max_position_embeddings": 512, "tie_word_embeddings": true, "attention_bias": false,
+             "use_sliding_window": false, "sliding_window": null, "max_window_layers": 28, "hidden_act": "silu"}
+            """;
+        var qwen3 = LlamaConfig.Parse(json);
+        Assert.That((qwen3.QkNorm, qwen3.HeadDim, qwen3.RopeTheta), Is.EqualTo((true, 32, 1000000f)));
+        Assert.That(LlamaConfig.Parse(qwen3.ToJson()), Is.EqualTo(qwen3));
+        Assert.That(qwen3.ToJson(), Does.Contain("Qwen3ForCausalLM"));
+        Assert.That(LlamaConfig.Parse(json.Replace("\"Qwen3ForCausalLM\"", "\"LlamaForCausalLM\"").Replace("\"qwen3\"", "\"llama\"")).QkNorm, Is.False);
+        var sliding = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"use_sliding_window\": false", "\"use_sliding_window\": true")))!;
+        Assert.That(sliding.Message, Does.Contain("use_sliding_window"));
+        Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"qwen3\"", "\"llama\"")), "Qwen3 weights under a llama model_type");
+    }
+
     [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
     public void Model_Forward_MatchesReferenceForwardOnEveryBackend(string backend)
     {
@@ -207,6 +254,20 @@ public sealed class LlamaModelTests
             var q = Linear(hn, p + "self_attn.q_proj.weight", h * d, dm);
             var k = Linear(hn, p + "self_attn.k_proj.weight", hkv * d, dm);
             var v = Linear(hn, p + "self_attn.v_proj.weight", hkv * d, dm);
+            if (c.QkNorm)
+            {
+                // Qwen3: every head of q and k RMS-normalised over D (weights (D)) before RoPE.
+                float[] HeadNorm(float[] x, string name)
+                {
+                    var y = new float[x.Length];
+                    RmsNormReference.Forward(x, w(name), y, new float[x.Length / d], x.Length / d, d, c.RmsNormEps);
+                    return y;
+                }
+
+                q = HeadNorm(q, p + "self_attn.q_norm.weight");
+                k = HeadNorm(k, p + "self_attn.k_norm.weight");
+            }
+
             var qr = new float[q.Length];
             var kr = new float[k.Length];
             RopeReference.Forward(q, pos, qr, n, h, d, c.RopeTheta, false, c.RopeScaling);
