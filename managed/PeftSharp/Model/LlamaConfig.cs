@@ -71,6 +71,18 @@ public sealed record LlamaConfig
         }
 
         if (HeadDim % 2 != 0) errors.Add($"head_dim = {HeadDim} must be even for rotary embeddings");
+        if (HeadDimOverride is <= 0) errors.Add($"head_dim = {HeadDimOverride} must be positive");
+        Positive("max_position_embeddings", MaxPositionEmbeddings);
+        if (!(RmsNormEps >= 0) || float.IsInfinity(RmsNormEps)) errors.Add($"rms_norm_eps = {RmsNormEps} must be finite and >= 0");
+        if (!(RopeTheta > 1) || float.IsInfinity(RopeTheta)) errors.Add($"rope_theta = {RopeTheta} must be finite and > 1");
+        var rs = RopeScaling;
+        if (rs.Type != RopeScaling.None && (!(rs.Factor > 0) || float.IsInfinity(rs.Factor))) errors.Add($"rope_scaling factor = {rs.Factor} must be finite and positive");
+        if (rs.Type == RopeScaling.Llama3 && !(rs.HighFreqFactor > rs.LowFreqFactor && rs.LowFreqFactor > 0 && rs.OriginalMaxPositions > 0))
+        {
+            errors.Add($"rope_scaling llama3 needs high_freq_factor > low_freq_factor > 0 and original_max_position_embeddings > 0 (got {rs.HighFreqFactor}, {rs.LowFreqFactor}, " +
+                $"{rs.OriginalMaxPositions})");
+        }
+
         if (errors.Count > 0) throw new ArgumentException($"{source}: " + string.Join("; ", errors));
     }
 

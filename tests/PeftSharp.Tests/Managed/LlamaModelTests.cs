@@ -186,6 +186,34 @@ public sealed class LlamaModelTests
         Assert.That(yarn.Message, Does.Contain("rope_parameters type 'yarn'"));
     }
 
+    /// <summary>Values that would give NaNs or a division by zero are refused when the config is read, naming the key.</summary>
+    [Test]
+    public void Config_OutOfRangeValues_RefusedAtParseTime()
+    {
+        const string json = """
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 259,
+             "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": true}
+            """;
+        Assert.That(LlamaConfig.Parse(json), Is.EqualTo(LlamaConfig.Tiny));
+        foreach (var (from, to, expected) in new[]
+        {
+            ("\"rope_theta\": 10000.0", "\"rope_theta\": 1.0", "rope_theta = 1"),
+            ("\"rope_theta\": 10000.0", "\"rope_theta\": -5.0", "rope_theta = -5"),
+            ("\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": -1e-05", "rms_norm_eps"),
+            ("\"max_position_embeddings\": 512", "\"max_position_embeddings\": 0", "max_position_embeddings = 0"),
+            ("\"vocab_size\": 259", "\"vocab_size\": 259, \"head_dim\": -16", "head_dim = -16"),
+            ("\"vocab_size\": 259", "\"vocab_size\": 259, \"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 0.0}", "factor = 0"),
+            ("\"vocab_size\": 259", "\"vocab_size\": 259, \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 4.0, " +
+                "\"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}", "high_freq_factor > low_freq_factor"),
+        })
+        {
+            Assert.That(json, Does.Contain(from));
+            var e = Assert.Throws<ArgumentException>(() => LlamaConfig.Parse(json.Replace(from, to), "cfg.json"))!;
+            Assert.That(e.Message, Does.Contain(expected).And.Contain("cfg.json"), to);
+        }
+    }
+
     [Test]
     public void Config_ParsesHuggingFaceJson_AndRejectsOtherArchitectures()
     {
