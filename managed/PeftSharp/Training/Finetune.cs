@@ -155,7 +155,12 @@ public static class Finetune
     public static IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions train, FinetuneOptions options, string outDir, string title,
         FinetuneRecipe? recipe = null, string? resume = null, Action<StepMetrics>? onStep = null, Action<string>? log = null, Action<string>? save = null)
     {
-        if (options.Freeze.Count > 0) log?.Invoke($"froze {ParameterTools.Freeze(model, options.Freeze)} parameter tensors");
+        if (options.Freeze.Count > 0)
+        {
+            int frozen = ParameterTools.Freeze(model, options.Freeze); // whether or not anyone listens
+            log?.Invoke($"froze {frozen} parameter tensors");
+        }
+
         var scale = options.LayerDecay < 1f ? ParameterTools.LayerDecay(model.Config, options.LayerDecay) : (_ => 1f);
         var masks = recipe?.Masks;
         using Optimizer opt = masks != null ? new MaskedAdamW(model.AllParameters, masks, weightDecay: 0f) { LearningRateScale = scale } : options.Optimizer switch
