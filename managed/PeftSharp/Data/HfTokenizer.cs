@@ -475,7 +475,7 @@ public sealed class HfTokenizer : ITokenizer
             {
                 var pattern = o["pattern"] as JsonObject ?? throw new InvalidDataException($"{path}: Split pre-tokenizer without a pattern");
                 Regex regex = pattern["Regex"] is JsonValue r
-                    ? new Regex(r.GetValue<string>(), RegexOptions.CultureInvariant)
+                    ? FileRegex(path, r.GetValue<string>())
                     : pattern["String"] is JsonValue str
                         ? new Regex(Regex.Escape(str.GetValue<string>()), RegexOptions.CultureInvariant)
                         : throw new InvalidDataException($"{path}: Split pattern is neither Regex nor String");
@@ -483,8 +483,8 @@ public sealed class HfTokenizer : ITokenizer
                 if (o["invert"] is JsonValue inv && inv.GetValue<bool>()) throw new NotSupportedException($"{path}: Split with invert: true is not supported");
                 return behavior switch
                 {
-                    "Isolated" => s => Isolate(regex, s),
-                    "Removed" => s => Isolate(regex, s, keepMatches: false),
+                    "Isolated" => s => Timed(path, regex, () => Isolate(regex, s)),
+                    "Removed" => s => Timed(path, regex, () => Isolate(regex, s, keepMatches: false)),
                     _ => throw new NotSupportedException($"{path}: Split behavior {behavior} is not supported (Isolated, Removed)"),
                 };
             }
@@ -498,6 +498,35 @@ public sealed class HfTokenizer : ITokenizer
 
             default:
                 throw new NotSupportedException($"{path}: pre_tokenizer type {type ?? "(none)"} is not supported (supported: ByteLevel, Split, Digits, Sequence)");
+        }
+    }
+
+    /// <summary>How long one match of a pattern from a file may run before the text is refused (a pattern such as (a+)+$ backtracks exponentially).</summary>
+    private static readonly TimeSpan FileRegexTimeout = TimeSpan.FromSeconds(1);
+
+    /// <summary>A regular expression from <paramref name="path"/>, with a match timeout; one that does not compile names the file and the pattern.</summary>
+    private static Regex FileRegex(string path, string pattern)
+    {
+        try
+        {
+            return new Regex(pattern, RegexOptions.CultureInvariant, FileRegexTimeout);
+        }
+        catch (ArgumentException e)
+        {
+            throw new InvalidDataException($"{path}: Split pattern '{pattern}' is not a regular expression .NET compiles: {e.Message}", e);
+        }
+    }
+
+    /// <summary>Runs a split with a file's pattern; a match that times out is an error naming the file and the pattern, not a hang.</summary>
+    private static List<string> Timed(string path, Regex regex, Func<List<string>> split)
+    {
+        try
+        {
+            return split();
+        }
+        catch (RegexMatchTimeoutException e)
+        {
+            throw new InvalidDataException($"{path}: Split pattern '{regex}' ran past {FileRegexTimeout.TotalSeconds:F0} s on one input (catastrophic backtracking); the text was not tokenized", e);
         }
     }
 

@@ -32,6 +32,32 @@ public sealed class TokenizerFileTests : TempDirectoryTest
     }
 
     /// <summary>A folder holding the fixture's tokenizer.json (+ tokenizer_config.json), or a .model as tokenizer.model.</summary>
+    /// <summary>
+    /// A Split pre-tokenizer's pattern comes from the file: one that backtracks exponentially ends the encode with an
+    /// error naming the file and the pattern within the match timeout (it hung `peft tokenize`), and one .NET cannot
+    /// compile is refused when the tokenizer is read.
+    /// </summary>
+    [Test]
+    public void SplitPatternFromTheFile_TimesOutOrFailsToCompile_WithAnErrorNamingIt()
+    {
+        string dir = FolderWith("gpt2_style");
+        string json = Path.Combine(dir, "tokenizer.json");
+        var doc = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(json))!.AsObject();
+        doc["pre_tokenizer"] = System.Text.Json.Nodes.JsonNode.Parse("""{"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated"}""");
+        File.WriteAllText(json, doc.ToJsonString());
+        var tok = HfTokenizer.Load(dir);
+        Assert.That(tok.Encode("aab"), Is.Not.Empty, "short text is fine");
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var e = Assert.Throws<InvalidDataException>(() => tok.Encode(new string('a', 40) + "b"))!;
+        Assert.That(e.Message, Does.Contain("tokenizer.json").And.Contain("(a+)+$"));
+        Assert.That(clock.Elapsed.TotalSeconds, Is.LessThan(30), "the timeout ends it, the backtracking does not");
+
+        doc["pre_tokenizer"] = System.Text.Json.Nodes.JsonNode.Parse("""{"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated"}""");
+        File.WriteAllText(json, doc.ToJsonString());
+        var bad = Assert.Throws<InvalidDataException>(() => HfTokenizer.Load(dir))!;
+        Assert.That(bad.Message, Does.Contain("tokenizer.json").And.Contain("(unclosed"));
+    }
+
     private string FolderWith(string fixture)
     {
         string dir = Path.Combine(TempDir, Path.GetFileNameWithoutExtension(fixture));
