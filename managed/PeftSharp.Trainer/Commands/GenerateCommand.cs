@@ -22,21 +22,28 @@ internal static class GenerateCommand
         var temperature = new Option<float?>("--temperature") { Description = "0 is greedy (default: generation_config.json, else greedy)" };
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
+        var variant = new Option<string?>("--variant") { Description = "With --prompt: the variant of --adapters / --deltas that serves it (base: the base model)" };
         var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
         foreach (var opt in new Option[] { o.Device, o.Model, prompt, requestsOpt, adaptersOpt, deltasOpt, prefixAdapter, noSharing, maxTokens, temperature, topK, topP,
-            o.Seed }) generate.Options.Add(opt);
+            o.Seed, variant }) generate.Options.Add(opt);
         generate.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(prompt), r.GetValue(requestsOpt),
             r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens),
-                r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), stdout, stderr));
+                r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), r.GetValue(variant), stdout, stderr));
         return generate;
     }
 
     private static int Run(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, string? prefixDir, bool noSharing, int? maxTokens,
-        float? temperature, int? topK, float? topP, int seed, TextWriter stdout, TextWriter stderr)
+        float? temperature, int? topK, float? topP, int seed, string? variant, TextWriter stdout, TextWriter stderr)
     {
         if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
         var named = RequestFile.ParseNamedFolders("--adapters", adapters);
         var namedDeltas = RequestFile.ParseNamedFolders("--deltas", deltas);
+        if (requestsPath != null && variant != null) throw new ArgumentException("--variant applies to --prompt; each request of --requests names its own variant");
+        if (prompt != null && named.Count + namedDeltas.Count > 0 && variant == null)
+        {
+            throw new ArgumentException($"--prompt with --adapters / --deltas: choose the variant that serves it with --variant NAME " +
+                $"({string.Join(", ", named.Concat(namedDeltas).Select(v => v.Name).Append("base"))})");
+        }
         using var device = Host.OpenDevice(deviceSpec);
         using var model = Host.LoadTextModel(modelDir, device);
         if (prefixDir != null)
@@ -57,7 +64,7 @@ internal static class GenerateCommand
         var defaults = new GenerationRequest("", null, max, temp, k, p, seed);
         using var set = new VariantSet(model);
         foreach (var (name, folder) in named.Concat(namedDeltas)) set.Add(name, VariantFolder.Load(folder, model)); // each folder says its kind
-        var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt! } };
+        var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt!, Variant = variant } };
         foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
         var watch = System.Diagnostics.Stopwatch.StartNew();
         var (results, sharing) = BatchGenerator.GenerateWithReport(model, requests, set, noSharing ? PrefixSharing.Off : PrefixSharing.Auto);

@@ -295,6 +295,18 @@ public sealed class HostServingTests : TempDirectoryTest
         Assert.That(r.Err, Does.Contain("requests.jsonl:2"));
         r = Peft.Run("generate", "--model", baseDir, "--adapters", "a", "--prompt", "x", "--device", "cpu");
         Assert.That(r.Err, Does.Contain("expected name=FOLDER"));
+
+        // One prompt through a named variant (the same batch path), and variants given for a prompt without choosing one.
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"a={adapterDir}", "--prompt", "abc", "--variant", "a", "--max-tokens", "5", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out.TrimEnd('\n'), Is.EqualTo(Alone(mergedDir, "abc", "5")));
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"a={adapterDir}", "--prompt", "abc", "--variant", "base", "--max-tokens", "5", "--device", "cpu");
+        Assert.That(r.Out.TrimEnd('\n'), Is.EqualTo(Alone(baseDir, "abc", "5")));
+        r = Peft.Run("generate", "--model", baseDir, "--adapters", $"a={adapterDir}", "--prompt", "abc", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(2));
+        Assert.That(r.Err, Does.Contain("--variant"));
+        r = Peft.Run("generate", "--model", baseDir, "--requests", requests, "--variant", "a", "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("--variant")), Is.EqualTo((2, true)));
     }
 }
 
