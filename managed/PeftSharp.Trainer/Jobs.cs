@@ -61,12 +61,13 @@ internal sealed class Jobs
         FinetuneOptions? recipeOptions = null, FinetuneRecipe? recipe = null, Action<string>? save = null)
     {
         var finetune = recipeOptions ?? recipe?.Options ?? new FinetuneOptions();
+        IReadOnlyList<StepMetrics> Run(Action<StepMetrics> onStep) => Finetune.Train(model, data, options, finetune, outDir, title, recipe, resume, onStep, console.WriteLine, save);
         if (quiet)
         {
-            return Finetune.Train(model, data, options, finetune, outDir, title, recipe, resume, m =>
+            return Run(m =>
             {
                 if (m.Step % 50 == 0 || m.Step == options.Steps) console.WriteLine($"{title} step {m.Step}/{options.Steps} loss {m.Loss:F4} lr {m.LearningRate:G3} {m.TokensPerSecond:F0} tok/s");
-            }, console.WriteLine, save);
+            });
         }
 
         IReadOnlyList<StepMetrics> metrics = Array.Empty<StepMetrics>();
@@ -75,11 +76,11 @@ internal sealed class Jobs
             .Start(ctx =>
             {
                 var task = ctx.AddTask(title, maxValue: options.Steps);
-                metrics = Finetune.Train(model, data, options, finetune, outDir, title, recipe, resume, m =>
+                metrics = Run(m =>
                 {
                     task.Value = m.Step;
                     task.Description = $"{title}: loss {m.Loss:F3}, {m.TokensPerSecond:F0} tok/s";
-                }, console.WriteLine, save);
+                });
             });
         return metrics;
     }

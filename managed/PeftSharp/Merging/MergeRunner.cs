@@ -104,10 +104,9 @@ public static class MergeRunner
     /// </summary>
     public static string ApplyFolder(LlamaModel model, string folder, bool adapters = true, bool deltas = true)
     {
-        // A flag that allows one kind reads that kind (a folder of the other kind fails as not found); else the folder says.
-        IVariant variant = adapters && !deltas ? PeftLoraAdapter.Load(folder, model.Config)
-            : deltas && !adapters ? (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile)) ? SparseDelta.Load(folder, model) : BitDelta.Load(folder, model))
-            : VariantFolder.Load(folder, model);
+        // The folder says its kind (VariantFolder); a caller that allows one kind gets an error for the other.
+        IVariant variant = adapters && !deltas ? PeftLoraAdapter.Load(folder, model.Config) : VariantFolder.Load(folder, model);
+        if (!adapters && variant is not (BitDelta or SparseDelta)) throw new ArgumentException($"{folder} holds a {variant.Kind} adapter, not a 1-bit or sparse delta");
         variant.MergeInto(model);
         return variant.Summary;
     }

@@ -50,8 +50,6 @@ internal sealed class DecoderLayer
     public Parameter? QNorm { get; }
     public Parameter? KNorm { get; }
 
-    public IEnumerable<Linear> Linears => new[] { Q, K, V, O, Gate, Up, Down };
-
     /// <summary>
     /// Runs the block on the residual stream <paramref name="x"/> (N, Dm) and returns the stream after it: x itself
     /// when both residual sums were added in place (inference through plain o_proj and down_proj), else a new tensor.
@@ -71,7 +69,7 @@ internal sealed class DecoderLayer
         a.X = inPlace ? null! : x;
         a.H = device.Empty("h", n, dm);
         a.Rstd1 = device.Zeros("rstd1", n);
-        Norm(x, InputNorm, a.H, a.Rstd1, lp.Variants);
+        NormWithVariants(x, InputNorm, a.H, a.Rstd1, lp.Variants, c.RmsNormEps);
         a.Q = device.Empty("q", 1, n, h, d);
         a.K = device.Empty("k", 1, n, hkv, d);
         a.V = device.Empty("v", 1, n, hkv, d);
@@ -111,7 +109,7 @@ internal sealed class DecoderLayer
 
         a.H2 = device.Empty("h2", n, dm);
         a.Rstd2 = device.Zeros("rstd2", n);
-        Norm(x1, PostNorm, a.H2, a.Rstd2, lp.Variants);
+        NormWithVariants(x1, PostNorm, a.H2, a.Rstd2, lp.Variants, c.RmsNormEps);
         a.Act = device.Empty("act", n, c.IntermediateSize);
         if (!pass.KeepActivations && Gate.IsPlain(lp) && Up.IsPlain(lp))
         {
@@ -191,17 +189,17 @@ internal sealed class DecoderLayer
         AddNormBackward(scratch.DHAttn, a.X, InputNorm, a.Rstd1, dx, accumulateInput: true); // dx = dL/dx
     }
 
-    /// <summary>RMSNorm of x (N, Dm) into h, rstd (N), with each row's variant's weight where it brings its own.</summary>
-    internal void Norm(Tensor x, Parameter weight, Tensor h, Tensor rstd, IRowVariants? variants) =>
-        NormWithVariants(x, weight, h, rstd, variants, config.RmsNormEps);
-
-    /// <summary>RMSNorm of x (N, Dm) into h, rstd (N), with each row's variant's weight where it brings its own.</summary>
-    internal static void NormWithVariants(Tensor x, Parameter weight, Tensor h, Tensor rstd, IRowVariants? variants, float eps)
+    /// <summary>
+    /// RMSNorm of x (R, D) into h, rstd (R), with each row's variant's weight where it brings its own.
+    /// <paramref name="batchRows"/> gives the batch row (whose variant applies) of each row of x; by default row i is
+    /// batch row i.
+    /// </summary>
+    internal static void NormWithVariants(Tensor x, Parameter weight, Tensor h, Tensor rstd, IRowVariants? variants, float eps, IEnumerable<int>? batchRows = null)
     {
         var ops = x.Device.Ops;
         int n = x.Dim(0), dm = x.Dim(1);
         ops.RmsNorm(x, weight.Value, h, rstd, eps);
-        foreach (var (r0, rows, w) in VariantRuns.Replacements(variants, weight.Name, Enumerable.Range(0, n)))
+        foreach (var (r0, rows, w) in VariantRuns.Replacements(variants, weight.Name, batchRows ?? Enumerable.Range(0, n)))
         {
             ops.RmsNorm(x.View(r0 * dm, rows, dm), w, h.View(r0 * dm, rows, dm), rstd.View(r0, rows), eps);
         }
@@ -213,13 +211,8 @@ internal sealed class DecoderLayer
     /// </summary>
     private void HeadNorm(Tensor x, Parameter weight, Tensor y, Tensor rstd, IRowVariants? variants)
     {
-        var ops = x.Device.Ops;
-        int n = x.Dim(1), heads = x.Dim(2), d = x.Dim(3);
-        ops.RmsNorm(HeadRows(x), weight.Value, HeadRows(y), rstd, config.RmsNormEps);
-        foreach (var (r0, rows, w) in VariantRuns.Replacements(variants, weight.Name, Enumerable.Range(0, n)))
-        {
-            ops.RmsNorm(x.View(r0 * heads * d, rows * heads, d), w, y.View(r0 * heads * d, rows * heads, d), rstd.View(r0 * heads, rows * heads), config.RmsNormEps);
-        }
+        int heads = x.Dim(2);
+        NormWithVariants(HeadRows(x), weight, HeadRows(y), rstd, variants, config.RmsNormEps, variants == null ? null : Enumerable.Range(0, x.Length / x.Dim(3)).Select(r => r / heads));
     }
 
     /// <summary>(1, N, heads, D) as (N * heads, D): one row per head.</summary>

@@ -30,10 +30,10 @@ internal static class VariantRuns
     /// Runs of consecutive entries of <paramref name="rows"/> whose rows' variants replace <paramref name="parameter"/>
     /// with the same tensor: (index of the run's first entry, entries, the tensor).
     /// </summary>
-    public static List<(int Start, int Count, Tensor Value)> Replacements(IRowVariants? variants, string parameter, IEnumerable<int> rows)
+    public static IReadOnlyList<(int Start, int Count, Tensor Value)> Replacements(IRowVariants? variants, string parameter, IEnumerable<int> rows)
     {
+        if (variants == null) return Array.Empty<(int, int, Tensor)>(); // every norm of every layer asks, serving or not
         var runs = new List<(int, int, Tensor)>();
-        if (variants == null) return runs;
         int at = 0;
         Tensor? current = null;
         int start = 0;

@@ -135,6 +135,7 @@ public sealed record LlamaConfig
         float Float(string name, float fallback) => o[name] is { } n ? (float)n.GetValue<double>() : fallback;
 
         int heads = Int("num_attention_heads");
+        var ropeParameters = RopeParameters(o, source);
         var config = new LlamaConfig
         {
             HiddenSize = Int("hidden_size"),
@@ -144,13 +145,13 @@ public sealed record LlamaConfig
             NumHiddenLayers = Int("num_hidden_layers"),
             VocabSize = Int("vocab_size"),
             RmsNormEps = Float("rms_norm_eps", 1e-6f),
-            RopeTheta = RopeThetaOf(o, source),
+            RopeTheta = RopeThetaOf(o, ropeParameters, source),
             MaxPositionEmbeddings = Int("max_position_embeddings", 2048),
             TieWordEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
             HeadDimOverride = o["head_dim"] is { } hd ? hd.GetValue<int>() : null,
             QkNorm = qwen3,
         };
-        config = config with { RopeScaling = RopeScalingOf(o, source) };
+        config = config with { RopeScaling = RopeScalingOf(o, ropeParameters, source) };
 
         // Fields that change the graph PeftSharp would otherwise compute differently without a word.
         if (o["hidden_act"] is JsonValue act && act.GetValue<string>() != "silu")
@@ -171,10 +172,10 @@ public sealed record LlamaConfig
     /// rope_theta as transformers 4 writes it (top level) or 5 does (rope_parameters.rope_theta); both present and
     /// different is an error naming both, as the two layouts would give different models.
     /// </summary>
-    private static float RopeThetaOf(JsonObject o, string source)
+    private static float RopeThetaOf(JsonObject o, JsonObject? ropeParameters, string source)
     {
         float? top = o["rope_theta"] is JsonValue t ? (float)t.GetValue<double>() : null;
-        float? nested = RopeParameters(o, source)?["rope_theta"] is JsonValue n ? (float)n.GetValue<double>() : null;
+        float? nested = ropeParameters?["rope_theta"] is JsonValue n ? (float)n.GetValue<double>() : null;
         if (top != null && nested != null && top != nested)
         {
             throw new InvalidDataException($"{source}: rope_theta {top} and rope_parameters.rope_theta {nested} disagree (transformers 4 and 5 layouts); keep one");
@@ -187,10 +188,10 @@ public sealed record LlamaConfig
     /// The rope scaling of rope_scaling (transformers 4) or rope_parameters (transformers 5, whose rope_type
     /// "default" means none); both present and different is an error naming both.
     /// </summary>
-    private static RopeScaling RopeScalingOf(JsonObject o, string source)
+    private static RopeScaling RopeScalingOf(JsonObject o, JsonObject? ropeParameters, string source)
     {
         RopeScaling? top = o["rope_scaling"] is JsonObject rs ? ScalingFrom(rs, "rope_scaling", source) : null;
-        RopeScaling? nested = RopeParameters(o, source) is { } rp ? ScalingFrom(rp, "rope_parameters", source) : null;
+        RopeScaling? nested = ropeParameters is { } rp ? ScalingFrom(rp, "rope_parameters", source) : null;
         if (top is { } a && nested is { } b && ScalingText(a) != ScalingText(b))
         {
             throw new InvalidDataException($"{source}: rope_scaling ({ScalingText(a)}) and rope_parameters ({ScalingText(b)}) disagree (transformers 4 and 5 layouts); keep one");

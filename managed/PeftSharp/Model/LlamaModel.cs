@@ -468,11 +468,7 @@ public sealed class LlamaModel : IDisposable
             for (int j = 0; j < seqs; j++) ops.Copy(x.View(lastRows[j] * dm, 1, dm), last.View(j * dm, 1, dm));
             using var hl = Device.Zeros("h_last", seqs, dm);
             using var rl = Device.Zeros("rstd_last", seqs);
-            ops.RmsNorm(last, weights.FinalNorm.Value, hl, rl, c.RmsNormEps);
-            foreach (var (j0, count, w) in VariantRuns.Replacements(variants, weights.FinalNorm.Name, lastRows))
-            {
-                ops.RmsNorm(last.View(j0 * dm, count, dm), w, hl.View(j0 * dm, count, dm), rl.View(j0, count), c.RmsNormEps);
-            }
+            DecoderLayer.NormWithVariants(last, weights.FinalNorm, hl, rl, variants, c.RmsNormEps, lastRows);
 
             using var logits = Device.Zeros("logits", seqs, c.VocabSize);
             ops.Linear(hl, LmHead, logits);
