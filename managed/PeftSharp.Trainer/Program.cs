@@ -45,10 +45,45 @@ public static class Program
         {
             return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false });
         }
-        catch (Exception e) when (e is ArgumentException or FileNotFoundException or InvalidDataException or NotSupportedException or DirectoryNotFoundException)
+        catch (Exception e)
         {
-            stderr.WriteLine($"peft: {e.Message.ReplaceLineEndings(" ")}");
-            return 2;
+            return Report(e, stderr);
         }
     }
+
+    /// <summary>Exit code 2 for bad input: flags, files, and the disk (full, read-only, permission denied).</summary>
+    public const int BadInput = 2;
+
+    /// <summary>Exit code 1 for a bug in PeftSharp: the stack trace follows the one-line message.</summary>
+    public const int InternalError = 1;
+
+    /// <summary>Exit code 3: training stopped at a non-finite loss or gradient norm (nothing non-finite was written).</summary>
+    public const int Diverged = 3;
+
+    /// <summary>
+    /// One line on stderr for what the user can fix (<see cref="BadInput"/>); a bug in PeftSharp also prints its stack
+    /// trace, for the report (<see cref="InternalError"/>). Never the runtime's "Unhandled exception" and exit 134.
+    /// </summary>
+    public static int Report(Exception e, TextWriter stderr)
+    {
+        while (e is AggregateException { InnerExceptions.Count: 1 } a) e = a.InnerExceptions[0];
+        if (e is PeftSharp.Training.TrainingDivergedException)
+        {
+            stderr.WriteLine($"peft: {e.Message}");
+            return Diverged;
+        }
+
+        if (IsBadInput(e))
+        {
+            stderr.WriteLine($"peft: {e.Message.ReplaceLineEndings(" ")}");
+            return BadInput;
+        }
+
+        stderr.WriteLine($"peft: internal error (a bug in PeftSharp; please report it with what follows): {e.GetType().Name}: {e.Message.ReplaceLineEndings(" ")}");
+        stderr.WriteLine(e.ToString());
+        return InternalError;
+    }
+
+    private static bool IsBadInput(Exception e) =>
+        e is PeftSharpInputException or NotSupportedException or ArgumentException or IOException or UnauthorizedAccessException;
 }

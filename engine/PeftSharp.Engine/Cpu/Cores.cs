@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.ExceptionServices;
 
 namespace PeftSharp.Engine.Cpu;
 
@@ -16,8 +17,9 @@ internal static class Cores
 
     /// <summary>
     /// body(i) for 0 &lt;= i &lt; count on the calling thread and the backend's own workers (one per other core), each
-    /// taking the next index as it finishes one; returns when all are done; a body's exception is rethrown (in an
-    /// AggregateException, as Parallel.For does). The workers spin for a while after each loop before they sleep: a
+    /// taking the next index as it finishes one; returns when all are done. A body's exception is rethrown as itself,
+    /// with its own stack trace, whichever thread ran it and whether or not the loop ran serially (the first one, when
+    /// several bodies throw), so a caller catches the same type either way. The workers spin for a while after each loop before they sleep: a
     /// thread-pool worker woke about 50 us after a loop that followed a short serial stretch, and a model's forward is a
     /// few hundred loops back to back (letting .NET's pool workers spin longer made the 20M forward 3-4% faster).
     /// A loop started inside another, or while another thread's loop holds the workers, runs on the calling thread.
@@ -30,7 +32,9 @@ internal static class Cores
         if (count <= 0) return;
         if (count == 1 || WorkerCount == 0 || insideLoop || !Monitor.TryEnter(Gate))
         {
-            for (int i = 0; i < count; i++) body(i);
+            var serial = new Job(body, count);
+            serial.Work(); // every index runs, as on the workers
+            if (serial.Error != null) ExceptionDispatchInfo.Capture(serial.Error).Throw();
             return;
         }
 
@@ -55,7 +59,7 @@ internal static class Cores
             var spin = new SpinWait();
             while (Volatile.Read(ref job.Running) > 0) spin.SpinOnce(-1);
             Volatile.Write(ref current, null);
-            if (job.Error != null) throw new AggregateException(job.Error);
+            if (job.Error != null) ExceptionDispatchInfo.Capture(job.Error).Throw();
         }
         finally
         {

@@ -52,6 +52,9 @@ public sealed unsafe class CpuDevice : Device
 
     public override long CachedBytes => storage.PooledBytes;
 
+    /// <summary>Tensor arrays the pool could not serve from what it kept (fresh allocations of 4096 floats or more).</summary>
+    internal long PoolMisses => storage.Misses;
+
     public override long ReleaseCachedMemory() => storage.Clear();
 
     protected override void DisposeCore() => storage.Clear();

@@ -29,8 +29,8 @@ internal static class CompressCommand
         if (distillLr <= 0) throw new ArgumentException($"--distill-lr {distillLr}: must be positive");
         if (rounds < 1) throw new ArgumentException($"--rounds {rounds}: must be at least 1");
         using var device = Host.OpenDevice(deviceSpec);
-        using var baseModel = HuggingFaceFolder.Load(baseDir, device);
-        using var fine = HuggingFaceFolder.Load(fineDir, device);
+        using var baseModel = HuggingFaceFolder.Load(baseDir, device, Host.Warn);
+        using var fine = HuggingFaceFolder.Load(fineDir, device, Host.Warn);
         var delta = BitDelta.Compress(baseModel, fine, rounds);
         var report = new DistillReport(double.NaN, double.NaN, 0, delta);
         if (baseModel.HasTokenizer)

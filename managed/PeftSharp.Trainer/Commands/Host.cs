@@ -9,6 +9,9 @@ namespace PeftSharp.Trainer.Commands;
 /// <summary>What the commands share: the console, the device, loading a model for text.</summary>
 internal static class Host
 {
+    /// <summary>A warning on stderr: the command goes on.</summary>
+    public static void Warn(string warning) => System.Console.Error.WriteLine($"peft: warning: {warning}");
+
     public static Device OpenDevice(string? spec) => spec is { Length: > 0 } ? Devices.Open(spec) : Devices.OpenDefault();
 
     /// <summary>
@@ -27,7 +30,7 @@ internal static class Host
             throw new NotSupportedException(e.Message + hint, e);
         }
 
-        var model = HuggingFaceFolder.Load(folder, device);
+        var model = HuggingFaceFolder.Load(folder, device, Warn);
         try
         {
             _ = model.Tokenizer;

@@ -22,7 +22,7 @@ internal static class LogitsCommand
             .Select(t => int.TryParse(t, out int v) ? v : throw new ArgumentException($"--tokens: '{t}' is not a token id")).ToArray();
         if (ids.Length == 0) throw new ArgumentException("--tokens: no token ids given");
         using var device = Host.OpenDevice(deviceSpec);
-        using var model = HuggingFaceFolder.Load(modelDir, device);
+        using var model = HuggingFaceFolder.Load(modelDir, device, Host.Warn);
         var bad = ids.Where(t => t < 0 || t >= model.Config.VocabSize).ToArray();
         if (bad.Length > 0) throw new ArgumentException($"--tokens: ids {string.Join(", ", bad)} are outside the vocabulary [0, {model.Config.VocabSize})");
         var logits = model.Logits(ids, batch: 1);

@@ -35,7 +35,7 @@ internal static class MergeCommand
         }
 
         if (modelDir == null) throw new ArgumentException("merge: --model is required with --adapter or --delta");
-        using var model = HuggingFaceFolder.Load(modelDir, device);
+        using var model = HuggingFaceFolder.Load(modelDir, device, Host.Warn);
         string what = adapterDir != null
             ? MergeRunner.ApplyFolder(model, adapterDir, adapters: true, deltas: false)
             : MergeRunner.ApplyFolder(model, deltaDir!, adapters: false, deltas: true);

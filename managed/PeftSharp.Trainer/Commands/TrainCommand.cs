@@ -36,6 +36,7 @@ internal static class TrainCommand
         var steps = new Option<int>("--steps") { Description = "Optimizer steps", DefaultValueFactory = _ => 300 };
         var lr = new Option<float>("--lr") { Description = "Peak learning rate (warmup, then cosine to a tenth)", DefaultValueFactory = _ => 3e-3f };
         var resume = new Option<string?>("--resume") { Description = "Continue from a checkpoint folder (OUT/checkpoint)" };
+        var skipNonFinite = new Option<bool>("--skip-nonfinite") { Description = "Skip a step whose loss or gradient norm is NaN or infinite (default: stop with an error naming the step)" };
         var ckptEvery = new Option<int>("--checkpoint-every") { Description = "Steps between checkpoints (0: none)", DefaultValueFactory = _ => 100 };
         var config = new Option<string>("--config") { Description = "tiny | small | CONFIG.json", DefaultValueFactory = _ => "tiny" };
         var tokenizerDir = new Option<string?>("--tokenizer") { Description = "A folder with tokenizer.json or tokenizer.model to pre-train with (tiny/small take its vocabulary size); " +
@@ -73,8 +74,8 @@ internal static class TrainCommand
             DefaultValueFactory = _ => 0 };
 
         var c = new Command(name, description);
-        foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip, accum,
-            optimizerKind, momentum }) c.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, skipNonFinite, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip,
+            accum, optimizerKind, momentum }) c.Options.Add(opt);
         if (finetune)
         {
             foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
@@ -102,6 +103,7 @@ internal static class TrainCommand
                 GradAccumulation = SharedOptions.Positive("--grad-accum", r.GetValue(accum)),
                 ChainEvery = finetune ? r.GetValue(chainEvery) : 0,
                 GroupCompletions = finetune && r.GetValue(groupCompletions),
+                SkipNonFinite = r.GetValue(skipNonFinite),
             }, r.GetValue(o.Out)!, r.GetValue(resume), r.GetValue(o.Quiet), stdout, new TrainFlags
             {
                 Freeze = r.GetValue(freeze) ?? Array.Empty<string>(),
@@ -194,6 +196,13 @@ internal static class TrainCommand
         TextWriter stdout, TrainFlags flags)
     {
         var recipeOptions = Recipe(method, dataSpec, options, flags);
+        if (resume != null)
+        {
+            // A kill in the instant of a checkpoint swap leaves only OUT/checkpoint.old: that is the checkpoint then.
+            resume = TrainingRun.LocateCheckpoint(resume)
+                ?? throw new FileNotFoundException($"--resume {resume}: not a checkpoint (no trainer_state.json there or in {resume}.old)", resume);
+        }
+
         // A resumed sparse run takes its masks from the checkpoint and its starting weights from --model (the delta's base).
         if (recipeOptions.Method == FinetuneMethod.Sparse && resume != null
             && modelDir == null) throw new ArgumentException("--resume with --method sparse needs --model: the sparse delta is taken against that base");

@@ -119,7 +119,7 @@ public sealed class BitDelta : IVariant
     {
         if (actual != expected)
         {
-            throw new InvalidDataException($"{what} was made from a base with fingerprint {expected[..16]}..., but this model's is {actual[..16]}...: a delta only applies to its own base");
+            throw new PeftSharpInputException($"{what} was made from a base with fingerprint {expected[..16]}..., but this model's is {actual[..16]}...: a delta only applies to its own base");
         }
     }
 
@@ -176,12 +176,15 @@ public sealed class BitDelta : IVariant
     }
 
     /// <summary>Reads a delta folder for <paramref name="baseModel"/>, checking its fingerprint and every tensor's shape.</summary>
-    public static BitDelta Load(string folder, LlamaModel baseModel)
+    public static BitDelta Load(string folder, LlamaModel baseModel) =>
+        InputGuard.Parse(folder, () => LoadCore(folder, baseModel));
+
+    private static BitDelta LoadCore(string folder, LlamaModel baseModel)
     {
         string configPath = Path.Combine(folder, ConfigFile);
         var o = JsonConfigFile.Read(folder, ConfigFile, "1-bit delta (peft compress)");
 
-        if (o["method"]?.GetValue<string>() != Method) throw new NotSupportedException($"{configPath}: method '{o["method"]}' is not {Method}");
+        if (o["method"]?.Value<string>() != Method) throw new NotSupportedException($"{configPath}: method '{o["method"]}' is not {Method}");
         string fingerprint = JsonConfigFile.RequiredString(o, "base_fingerprint", configPath);
         var c = baseModel.Config;
         var linear = LoraAdapterConfig.LlamaLinearModules(c).ToHashSet();
@@ -234,7 +237,7 @@ public sealed class BitDelta : IVariant
             }
         }
 
-        if (problems.Count > 0) throw new InvalidDataException($"{folder}: the delta does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
+        if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the delta does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
         var delta = new BitDelta(modules, dense, fingerprint);
         delta.CheckBase(baseModel, folder);
         return delta;

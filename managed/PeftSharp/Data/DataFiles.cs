@@ -1,3 +1,4 @@
+using PeftSharp.Formats;
 using System.Text;
 using System.Text.Json;
 
@@ -23,22 +24,22 @@ public static class DataFiles
             {
                 using var doc = JsonDocument.Parse(line);
                 var root = doc.RootElement;
-                if (root.ValueKind != JsonValueKind.Object) throw new InvalidDataException("not a JSON object");
+                if (root.ValueKind != JsonValueKind.Object) throw new PeftSharpInputException("not a JSON object");
                 string prompt = root.TryGetProperty("prompt", out var p) && p.ValueKind == JsonValueKind.String
                     ? p.GetString()!
-                    : throw new InvalidDataException("missing string field \"prompt\"");
+                    : throw new PeftSharpInputException("missing string field \"prompt\"");
                 string completion = root.TryGetProperty("completion", out var c) && c.ValueKind == JsonValueKind.String
                     ? c.GetString()!
-                    : throw new InvalidDataException("missing string field \"completion\"");
+                    : throw new PeftSharpInputException("missing string field \"completion\"");
                 result.Add(new Example("jsonl", prompt, completion));
             }
-            catch (Exception e) when (e is JsonException or InvalidDataException)
+            catch (Exception e) when (e is PeftSharpInputException || InputGuard.IsParseFailure(e))
             {
-                throw new InvalidDataException($"{path}:{lineNumber}: {e.Message}", e);
+                throw new PeftSharpInputException($"{path}:{lineNumber}: {e.Message}", e);
             }
         }
 
-        if (result.Count == 0) throw new InvalidDataException($"{path}: no examples");
+        if (result.Count == 0) throw new PeftSharpInputException($"{path}: no examples");
         return result;
     }
 
@@ -53,11 +54,11 @@ public static class DataFiles
         }
         catch (DecoderFallbackException e)
         {
-            throw new InvalidDataException($"{path}: not valid UTF-8 at byte {e.Index}", e);
+            throw new PeftSharpInputException($"{path}: not valid UTF-8 at byte {e.Index}", e);
         }
 
         var parts = text.Replace("\r\n", "\n").Split("\n\n", StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        if (parts.Length == 0) throw new InvalidDataException($"{path}: no text");
+        if (parts.Length == 0) throw new PeftSharpInputException($"{path}: no text");
         return parts.Select(p => new Example("text", "", p)).ToList();
     }
 }

@@ -1,3 +1,4 @@
+using PeftSharp.Formats;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -93,7 +94,10 @@ public sealed class HfTokenizer : ITokenizer
     }
 
     /// <summary>Reads the tokenizer of a Hugging Face model folder (see the class summary for what is supported).</summary>
-    public static HfTokenizer Load(string folder)
+    public static HfTokenizer Load(string folder) =>
+        InputGuard.Parse(folder, () => LoadCore(folder));
+
+    private static HfTokenizer LoadCore(string folder)
     {
         string json = Path.Combine(folder, JsonFile);
         string model = Path.Combine(folder, SentencePieceFile);
@@ -106,11 +110,11 @@ public sealed class HfTokenizer : ITokenizer
             string? unsupported = ByteLevelBpeProblem(doc);
             if (unsupported == null)
             {
-                result = FromTokenizerJson(json, doc, config);
+                result = InputGuard.Parse(json, () => FromTokenizerJson(json, doc, config));
             }
             else if (File.Exists(model))
             {
-                result = FromSentencePiece(model, config);
+                result = InputGuard.Parse(model, () => FromSentencePiece(model, config));
             }
             else
             {
@@ -120,7 +124,7 @@ public sealed class HfTokenizer : ITokenizer
         }
         else
         {
-            result = FromSentencePiece(model, config);
+            result = InputGuard.Parse(model, () => FromSentencePiece(model, config));
         }
 
         result.ResolveIdsFromModelConfig(folder);
@@ -194,11 +198,11 @@ public sealed class HfTokenizer : ITokenizer
         if (!File.Exists(path)) return null;
         try
         {
-            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new InvalidDataException($"{path}: not a JSON object");
+            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new PeftSharpInputException($"{path}: not a JSON object");
         }
         catch (JsonException e)
         {
-            throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e);
+            throw new PeftSharpInputException($"{path}: not valid JSON: {e.Message}", e);
         }
     }
 
@@ -206,7 +210,7 @@ public sealed class HfTokenizer : ITokenizer
     private static string? ByteLevelBpeProblem(JsonObject doc)
     {
         var model = doc["model"] as JsonObject;
-        string? type = model?["type"]?.GetValue<string>();
+        string? type = model?["type"]?.Value<string>();
         if (type == null && model?["merges"] != null) type = "BPE"; // older files leave the type out
         if (type != "BPE") return $"model type {type ?? "(none)"} is not BPE";
         bool byteLevel = Mentions(doc["pre_tokenizer"], "ByteLevel") || Mentions(doc["decoder"], "ByteLevel");
@@ -216,7 +220,7 @@ public sealed class HfTokenizer : ITokenizer
 
     private static bool Mentions(JsonNode? node, string type) => node switch
     {
-        JsonObject o => o["type"]?.GetValue<string>() == type || o.Any(kv => Mentions(kv.Value, type)),
+        JsonObject o => o["type"]?.Value<string>() == type || o.Any(kv => Mentions(kv.Value, type)),
         JsonArray a => a.Any(n => Mentions(n, type)),
         _ => false,
     };
@@ -224,9 +228,9 @@ public sealed class HfTokenizer : ITokenizer
     private static HfTokenizer FromTokenizerJson(string path, JsonObject doc, JsonObject? config)
     {
         var model = (JsonObject)doc["model"]!;
-        var vocabNode = model["vocab"] as JsonObject ?? throw new InvalidDataException($"{path}: model.vocab is missing or not an object");
+        var vocabNode = model["vocab"] as JsonObject ?? throw new PeftSharpInputException($"{path}: model.vocab is missing or not an object");
         var vocab = new Dictionary<string, int>(vocabNode.Count);
-        foreach (var (token, id) in vocabNode) vocab[token] = id!.GetValue<int>();
+        foreach (var (token, id) in vocabNode) vocab[token] = id!.Value<int>();
         var merges = new List<string>();
         if (model["merges"] is JsonArray mergeArray)
         {
@@ -236,23 +240,23 @@ public sealed class HfTokenizer : ITokenizer
                 // "a b" (older files) or ["a", "b"] (newer); byte-level tokens never contain a space.
                 string merge = m switch
                 {
-                    JsonArray pair when pair.Count == 2 => $"{pair[0]!.GetValue<string>()} {pair[1]!.GetValue<string>()}",
+                    JsonArray pair when pair.Count == 2 => $"{pair[0]!.Value<string>()} {pair[1]!.Value<string>()}",
                     JsonValue v when v.TryGetValue<string>(out var s) => s,
-                    _ => throw new InvalidDataException($"{path}: model.merges[{i}] is neither \"a b\" nor [\"a\", \"b\"]"),
+                    _ => throw new PeftSharpInputException($"{path}: model.merges[{i}] is neither \"a b\" nor [\"a\", \"b\"]"),
                 };
                 merges.Add(merge);
                 i++;
             }
         }
 
-        if (model["dropout"] is JsonValue dropout && dropout.GetValue<double>() != 0) throw new NotSupportedException($"{path}: BPE dropout is a training-time option; set model.dropout to null");
+        if (model["dropout"] is JsonValue dropout && dropout.Value<double>() != 0) throw new NotSupportedException($"{path}: BPE dropout is a training-time option; set model.dropout to null");
         // GPT-2's file writes both as "" (none); a real prefix or suffix is a WordPiece-style BPE this class does not read.
-        if (model["continuing_subword_prefix"] is JsonValue cp && cp.GetValue<string>().Length > 0 || model["end_of_word_suffix"] is JsonValue ew && ew.GetValue<string>().Length > 0)
+        if (model["continuing_subword_prefix"] is JsonValue cp && cp.Value<string>().Length > 0 || model["end_of_word_suffix"] is JsonValue ew && ew.Value<string>().Length > 0)
         {
             throw new NotSupportedException($"{path}: continuing_subword_prefix / end_of_word_suffix are not supported with byte-level BPE");
         }
 
-        bool ignoreMerges = model["ignore_merges"] is JsonValue im && im.GetValue<bool>();
+        bool ignoreMerges = model["ignore_merges"] is JsonValue im && im.Value<bool>();
         var normalize = Normalizer(path, doc["normalizer"]);
         var preTokenize = PreTokenizerOf(path, doc["pre_tokenizer"]);
         var added = AddedTokens(path, doc);
@@ -315,7 +319,7 @@ public sealed class HfTokenizer : ITokenizer
         }
         catch (Exception e) when (e is not (FileNotFoundException or DirectoryNotFoundException or UnauthorizedAccessException))
         {
-            throw new InvalidDataException($"{path}: not a SentencePiece model Microsoft.ML.Tokenizers can read: {e.Message}", e);
+            throw new PeftSharpInputException($"{path}: not a SentencePiece model Microsoft.ML.Tokenizers can read: {e.Message}", e);
         }
 
         int size = sp.Vocabulary.Values.Max() + 1;
@@ -327,7 +331,7 @@ public sealed class HfTokenizer : ITokenizer
             Array.Empty<AddedToken>());
         tok.Bos = sp.BeginningOfSentenceId >= 0 ? sp.BeginningOfSentenceId : null;
         tok.Eos = sp.EndOfSentenceId >= 0 ? sp.EndOfSentenceId : null;
-        if (config?["add_bos_token"] is JsonValue addBos && !addBos.GetValue<bool>()) tok.Bos = null;
+        if (config?["add_bos_token"] is JsonValue addBos && !addBos.Value<bool>()) tok.Bos = null;
         var vocab = sp.Vocabulary.ToDictionary(kv => kv.Key, kv => kv.Value);
         if (TokenText(config?["bos_token"]) is string b && vocab.TryGetValue(b, out int bid) && tok.Bos != null) tok.Bos = bid;
         if (TokenText(config?["eos_token"]) is string e2 && vocab.TryGetValue(e2, out int eid)) tok.Eos = eid;
@@ -360,11 +364,11 @@ public sealed class HfTokenizer : ITokenizer
         {
             if (node is not JsonObject a || a["content"] is not JsonValue c || a["id"] is not JsonValue id)
             {
-                throw new InvalidDataException($"{path}: added_tokens[{i}] needs \"id\" and \"content\"");
+                throw new PeftSharpInputException($"{path}: added_tokens[{i}] needs \"id\" and \"content\"");
             }
 
-            bool Flag(string key) => a[key] is JsonValue f && f.GetValue<bool>();
-            result.Add(new AddedToken(c.GetValue<string>(), id.GetValue<int>(), Flag("special"), Flag("lstrip"), Flag("rstrip")));
+            bool Flag(string key) => a[key] is JsonValue f && f.Value<bool>();
+            result.Add(new AddedToken(c.Value<string>(), id.Value<int>(), Flag("special"), Flag("lstrip"), Flag("rstrip")));
             i++;
         }
 
@@ -378,21 +382,21 @@ public sealed class HfTokenizer : ITokenizer
         string? templateBos = null;
         if (doc["post_processor"] is JsonObject pp)
         {
-            var processors = pp["type"]?.GetValue<string>() == "Sequence" && pp["processors"] is JsonArray arr ? arr.OfType<JsonObject>() : new[] { pp };
+            var processors = pp["type"]?.Value<string>() == "Sequence" && pp["processors"] is JsonArray arr ? arr.OfType<JsonObject>() : new[] { pp };
             foreach (var proc in processors)
             {
-                if (proc["type"]?.GetValue<string>() == "TemplateProcessing" && proc["single"] is JsonArray single && single.Count > 0
+                if (proc["type"]?.Value<string>() == "TemplateProcessing" && proc["single"] is JsonArray single && single.Count > 0
                     && single[0] is JsonObject first && first["SpecialToken"] is JsonObject st)
                 {
-                    templateBos = st["id"]?.GetValue<string>();
+                    templateBos = st["id"]?.Value<string>();
                 }
             }
         }
 
         string? bosText = TokenText(config?["bos_token"]);
-        bool addBos = config?["add_bos_token"] is JsonValue ab ? ab.GetValue<bool>() : templateBos != null;
+        bool addBos = config?["add_bos_token"] is JsonValue ab ? ab.Value<bool>() : templateBos != null;
         Bos = addBos ? IdOf(bosText ?? templateBos) : null;
-        if (addBos && Bos == null) throw new InvalidDataException($"{path}: a BOS token is to be added but '{bosText ?? templateBos}' is not in the vocabulary");
+        if (addBos && Bos == null) throw new PeftSharpInputException($"{path}: a BOS token is to be added but '{bosText ?? templateBos}' is not in the vocabulary");
         Eos = IdOf(TokenText(config?["eos_token"]));
         Pad = IdOf(TokenText(config?["pad_token"])) ?? Eos ?? 0;
     }
@@ -407,7 +411,7 @@ public sealed class HfTokenizer : ITokenizer
             var node = json?["eos_token_id"];
             int? id = node switch
             {
-                JsonArray a when a.Count > 0 => a[0]!.GetValue<int>(),
+                JsonArray a when a.Count > 0 => a[0]!.Value<int>(),
                 JsonValue v when v.TryGetValue<int>(out int x) => x,
                 _ => null,
             };
@@ -424,15 +428,15 @@ public sealed class HfTokenizer : ITokenizer
     private static string? TokenText(JsonNode? node) => node switch
     {
         JsonValue v when v.TryGetValue<string>(out var s) => s,
-        JsonObject o when o["content"] is JsonValue c => c.GetValue<string>(),
+        JsonObject o when o["content"] is JsonValue c => c.Value<string>(),
         _ => null,
     };
 
     private static Func<string, string> Normalizer(string path, JsonNode? node)
     {
         if (node is null) return s => s;
-        if (node is not JsonObject o) throw new InvalidDataException($"{path}: normalizer is not an object");
-        string? type = o["type"]?.GetValue<string>();
+        if (node is not JsonObject o) throw new PeftSharpInputException($"{path}: normalizer is not an object");
+        string? type = o["type"]?.Value<string>();
         switch (type)
         {
             case "NFC": return s => s.Normalize(NormalizationForm.FormC);
@@ -452,8 +456,8 @@ public sealed class HfTokenizer : ITokenizer
     private static Func<string, IEnumerable<string>> PreTokenizerOf(string path, JsonNode? node)
     {
         if (node is null) return s => new[] { s };
-        if (node is not JsonObject o) throw new InvalidDataException($"{path}: pre_tokenizer is not an object");
-        string? type = o["type"]?.GetValue<string>();
+        if (node is not JsonObject o) throw new PeftSharpInputException($"{path}: pre_tokenizer is not an object");
+        string? type = o["type"]?.Value<string>();
         switch (type)
         {
             case "Sequence":
@@ -461,8 +465,8 @@ public sealed class HfTokenizer : ITokenizer
                 return s => steps.Aggregate((IEnumerable<string>)new[] { s }, (pieces, step) => pieces.SelectMany(step).ToList());
             case "ByteLevel":
             {
-                bool prefixSpace = o["add_prefix_space"] is JsonValue ap && ap.GetValue<bool>();
-                bool useRegex = o["use_regex"] is not JsonValue ur || ur.GetValue<bool>();
+                bool prefixSpace = o["add_prefix_space"] is JsonValue ap && ap.Value<bool>();
+                bool useRegex = o["use_regex"] is not JsonValue ur || ur.Value<bool>();
                 var regex = new Regex(Gpt2Pattern, RegexOptions.CultureInvariant);
                 return s =>
                 {
@@ -473,14 +477,14 @@ public sealed class HfTokenizer : ITokenizer
 
             case "Split":
             {
-                var pattern = o["pattern"] as JsonObject ?? throw new InvalidDataException($"{path}: Split pre-tokenizer without a pattern");
+                var pattern = o["pattern"] as JsonObject ?? throw new PeftSharpInputException($"{path}: Split pre-tokenizer without a pattern");
                 Regex regex = pattern["Regex"] is JsonValue r
-                    ? FileRegex(path, r.GetValue<string>())
+                    ? FileRegex(path, r.Value<string>())
                     : pattern["String"] is JsonValue str
-                        ? new Regex(Regex.Escape(str.GetValue<string>()), RegexOptions.CultureInvariant)
-                        : throw new InvalidDataException($"{path}: Split pattern is neither Regex nor String");
-                string behavior = o["behavior"]?.GetValue<string>() ?? "Isolated";
-                if (o["invert"] is JsonValue inv && inv.GetValue<bool>()) throw new NotSupportedException($"{path}: Split with invert: true is not supported");
+                        ? new Regex(Regex.Escape(str.Value<string>()), RegexOptions.CultureInvariant)
+                        : throw new PeftSharpInputException($"{path}: Split pattern is neither Regex nor String");
+                string behavior = o["behavior"]?.Value<string>() ?? "Isolated";
+                if (o["invert"] is JsonValue inv && inv.Value<bool>()) throw new NotSupportedException($"{path}: Split with invert: true is not supported");
                 return behavior switch
                 {
                     "Isolated" => s => Timed(path, regex, () => Isolate(regex, s)),
@@ -491,7 +495,7 @@ public sealed class HfTokenizer : ITokenizer
 
             case "Digits":
             {
-                bool individual = o["individual_digits"] is JsonValue id && id.GetValue<bool>();
+                bool individual = o["individual_digits"] is JsonValue id && id.Value<bool>();
                 var regex = new Regex(individual ? @"\p{Nd}" : @"\p{Nd}+", RegexOptions.CultureInvariant);
                 return s => Isolate(regex, s);
             }
@@ -513,7 +517,7 @@ public sealed class HfTokenizer : ITokenizer
         }
         catch (ArgumentException e)
         {
-            throw new InvalidDataException($"{path}: Split pattern '{pattern}' is not a regular expression .NET compiles: {e.Message}", e);
+            throw new PeftSharpInputException($"{path}: Split pattern '{pattern}' is not a regular expression .NET compiles: {e.Message}", e);
         }
     }
 
@@ -526,7 +530,7 @@ public sealed class HfTokenizer : ITokenizer
         }
         catch (RegexMatchTimeoutException e)
         {
-            throw new InvalidDataException($"{path}: Split pattern '{regex}' ran past {FileRegexTimeout.TotalSeconds:F0} s on one input (catastrophic backtracking); the text was not tokenized", e);
+            throw new PeftSharpInputException($"{path}: Split pattern '{regex}' ran past {FileRegexTimeout.TotalSeconds:F0} s on one input (catastrophic backtracking); the text was not tokenized", e);
         }
     }
 
@@ -614,9 +618,9 @@ public sealed class HfTokenizer : ITokenizer
                     }
                 });
             }
-            catch (InvalidDataException e)
+            catch (PeftSharpInputException e)
             {
-                throw new InvalidDataException($"{path}: not a SentencePiece model: {e.Message}", e);
+                throw new PeftSharpInputException($"{path}: not a SentencePiece model: {e.Message}", e);
             }
 
             return spec;
@@ -641,7 +645,7 @@ public sealed class HfTokenizer : ITokenizer
                         break;
                     case 2:
                         ulong length = Varint(b, ref at, to);
-                        if (length > (ulong)(to - at)) throw new InvalidDataException($"field {field} at byte {tagAt} runs past the end");
+                        if (length > (ulong)(to - at)) throw new PeftSharpInputException($"field {field} at byte {tagAt} runs past the end");
                         visit(field, wire, at, (int)length, 0);
                         at += (int)length;
                         break;
@@ -649,10 +653,10 @@ public sealed class HfTokenizer : ITokenizer
                         at += 4;
                         break;
                     default:
-                        throw new InvalidDataException($"wire type {wire} at byte {tagAt}");
+                        throw new PeftSharpInputException($"wire type {wire} at byte {tagAt}");
                 }
 
-                if (at > to) throw new InvalidDataException($"field {field} at byte {tagAt} runs past the end");
+                if (at > to) throw new PeftSharpInputException($"field {field} at byte {tagAt} runs past the end");
             }
         }
 
@@ -661,13 +665,13 @@ public sealed class HfTokenizer : ITokenizer
             ulong v = 0;
             for (int shift = 0; shift < 64; shift += 7)
             {
-                if (at >= to) throw new InvalidDataException($"truncated varint at byte {at}");
+                if (at >= to) throw new PeftSharpInputException($"truncated varint at byte {at}");
                 byte x = b[at++];
                 v |= (ulong)(x & 0x7f) << shift;
                 if ((x & 0x80) == 0) return v;
             }
 
-            throw new InvalidDataException($"varint longer than 10 bytes before byte {at}");
+            throw new PeftSharpInputException($"varint longer than 10 bytes before byte {at}");
         }
     }
 }

@@ -8,26 +8,29 @@ public sealed record GenerationConfig(bool? DoSample, float? Temperature, int? T
 {
     public const string FileName = "generation_config.json";
 
-    public static GenerationConfig Read(string folder)
+    public static GenerationConfig Read(string folder) =>
+        InputGuard.Parse(Path.Combine(folder, FileName), () => ReadCore(folder));
+
+    private static GenerationConfig ReadCore(string folder)
     {
         string path = Path.Combine(folder, FileName);
         if (!File.Exists(path)) return new GenerationConfig(null, null, null, null, null);
         JsonObject o;
         try
         {
-            o = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new InvalidDataException($"{path}: not a JSON object");
+            o = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new PeftSharpInputException($"{path}: not a JSON object");
         }
         catch (System.Text.Json.JsonException e)
         {
-            throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e);
+            throw new PeftSharpInputException($"{path}: not valid JSON: {e.Message}", e);
         }
 
         return new GenerationConfig(
-            o["do_sample"]?.GetValue<bool>(),
-            o["temperature"] is { } t ? (float)t.GetValue<double>() : null,
-            o["top_k"]?.GetValue<int>(),
-            o["top_p"] is { } p ? (float)p.GetValue<double>() : null,
-            o["max_new_tokens"]?.GetValue<int>(),
+            o["do_sample"]?.Value<bool>(),
+            o["temperature"] is { } t ? (float)t.Value<double>() : null,
+            o["top_k"]?.Value<int>(),
+            o["top_p"] is { } p ? (float)p.Value<double>() : null,
+            o["max_new_tokens"]?.Value<int>(),
             EosIds(o["eos_token_id"], path));
     }
 
@@ -38,8 +41,8 @@ public sealed record GenerationConfig(bool? DoSample, float? Temperature, int? T
         return node switch
         {
             null => null,
-            JsonArray a => a.Select(n => Id(n) ?? throw new InvalidDataException($"{path}: eos_token_id holds {n?.ToJsonString() ?? "null"}, not a token id")).ToArray(),
-            _ => Id(node) is int one ? new[] { one } : throw new InvalidDataException($"{path}: eos_token_id is {node.ToJsonString()}, not a token id or a list of them"),
+            JsonArray a => a.Select(n => Id(n) ?? throw new PeftSharpInputException($"{path}: eos_token_id holds {n?.ToJsonString() ?? "null"}, not a token id")).ToArray(),
+            _ => Id(node) is int one ? new[] { one } : throw new PeftSharpInputException($"{path}: eos_token_id is {node.ToJsonString()}, not a token id or a list of them"),
         };
     }
 }

@@ -25,24 +25,28 @@ public static class HuggingFaceFolder
     }
 
     /// <summary>Loads the model in <paramref name="folder"/> onto <paramref name="device"/>.</summary>
-    public static LlamaModel Load(string folder, Device device)
+    /// <param name="warn">Told of each tensor that holds NaN or infinite values (the model loads; its outputs will show it).</param>
+    public static LlamaModel Load(string folder, Device device, Action<string>? warn = null) =>
+        InputGuard.Parse(folder, () => LoadCore(folder, device, warn));
+
+    private static LlamaModel LoadCore(string folder, Device device, Action<string>? warn)
     {
         var config = ReadConfig(folder);
-        var files = OpenTensorFiles(folder, out var locate);
+        var files = OpenTensorFiles(folder, out var owner);
         try
         {
             var expected = LlamaModel.ParameterShapes(config).ToDictionary(s => s.Name, s => s.Shape);
-            var present = files.SelectMany(f => f.Tensors.Select(t => t.Name)).ToHashSet();
+            var present = owner.Keys; // a sharded folder's tensors are those its index maps
             var problems = new List<string>();
             foreach (var (name, shape) in expected)
             {
                 if (!present.Contains(name))
                 {
-                    problems.Add($"missing {name} [{string.Join(", ", shape)}]");
+                    problems.Add($"missing {name} [{string.Join(", ", shape)}]{(File.Exists(Path.Combine(folder, IndexFile)) ? $" (not in {IndexFile})" : "")}");
                     continue;
                 }
 
-                var entry = locate(name)[name];
+                var entry = owner[name][name];
                 if (!entry.Shape.Select(d => (int)d).SequenceEqual(shape))
                 {
                     problems.Add($"{name} is {entry.ShapeText}, expected [{string.Join(", ", shape)}]");
@@ -60,10 +64,15 @@ public static class HuggingFaceFolder
 
             if (problems.Count > 0)
             {
-                throw new InvalidDataException($"{folder}: the weights do not match config.json ({problems.Count} problems): {string.Join("; ", problems)}");
+                throw new PeftSharpInputException($"{folder}: the weights do not match config.json ({problems.Count} problems): {string.Join("; ", problems)}");
             }
 
-            var model = LlamaModel.FromTensors(device, config, (name, _) => locate(name).ReadFloats(name));
+            var model = LlamaModel.FromTensors(device, config, (name, _) =>
+            {
+                var values = owner[name].ReadFloats(name);
+                if (warn != null && CountNonFinite(values) is int bad and > 0) warn($"{owner[name].Path}: tensor {name} holds {bad} NaN or infinite values of {values.Length}");
+                return values;
+            });
             model.UseTokenizerFiles(folder, HfTokenizer.ReadFiles(folder));
             model.StopTokens = GenerationConfig.Read(folder).EosTokenIds ?? Array.Empty<int>();
             return model;
@@ -74,7 +83,18 @@ public static class HuggingFaceFolder
         }
     }
 
-    private static List<SafeTensorsFile> OpenTensorFiles(string folder, out Func<string, SafeTensorsFile> locate)
+    private static int CountNonFinite(float[] values)
+    {
+        int bad = 0;
+        foreach (float v in values)
+        {
+            if (!float.IsFinite(v)) bad++;
+        }
+
+        return bad;
+    }
+
+    private static List<SafeTensorsFile> OpenTensorFiles(string folder, out Dictionary<string, SafeTensorsFile> owner)
     {
         string single = Path.Combine(folder, SingleFile);
         string index = Path.Combine(folder, IndexFile);
@@ -90,34 +110,34 @@ public static class HuggingFaceFolder
                 }
                 catch (JsonException e)
                 {
-                    throw new InvalidDataException($"{index}: not valid JSON: {e.Message}", e);
+                    throw new PeftSharpInputException($"{index}: not valid JSON: {e.Message}", e);
                 }
 
-                if (root?["weight_map"] is not JsonObject map) throw new InvalidDataException($"{index}: no weight_map object");
+                if (root?["weight_map"] is not JsonObject map) throw new PeftSharpInputException($"{index}: no weight_map object");
                 var byFile = new Dictionary<string, SafeTensorsFile>();
-                var owner = new Dictionary<string, SafeTensorsFile>();
+                owner = new Dictionary<string, SafeTensorsFile>(StringComparer.Ordinal);
                 foreach (var (name, fileNode) in map)
                 {
-                    string file = fileNode?.GetValue<string>() ?? throw new InvalidDataException($"{index}: weight_map entry {name} is not a file name");
-                    if (file.Contains('/') || file.Contains('\\') || file.Contains("..")) throw new InvalidDataException($"{index}: shard name '{file}' leaves the folder");
+                    string file = fileNode?.Value<string>() ?? throw new PeftSharpInputException($"{index}: weight_map entry {name} is not a file name");
+                    if (file.Contains('/') || file.Contains('\\') || file.Contains("..")) throw new PeftSharpInputException($"{index}: shard name '{file}' leaves the folder");
                     if (!byFile.TryGetValue(file, out var f))
                     {
+                        if (!File.Exists(Path.Combine(folder, file))) throw new PeftSharpInputException($"{index}: maps {name} to {file}, which is not in the folder");
                         f = SafeTensorsFile.Open(Path.Combine(folder, file));
                         byFile[file] = f;
                         files.Add(f);
                     }
 
-                    if (!f.Contains(name)) throw new InvalidDataException($"{index}: maps {name} to {file}, which does not contain it");
+                    if (!f.Contains(name)) throw new PeftSharpInputException($"{index}: maps {name} to {file}, which does not contain it");
                     owner[name] = f;
                 }
 
-                locate = name => owner[name];
             }
             else if (File.Exists(single))
             {
                 var f = SafeTensorsFile.Open(single);
                 files.Add(f);
-                locate = _ => f;
+                owner = f.Tensors.ToDictionary(t => t.Name, _ => f, StringComparer.Ordinal);
             }
             else
             {

@@ -12,11 +12,11 @@ public static class JsonConfigFile
         if (!File.Exists(path)) throw new FileNotFoundException($"{folder}: no {file}; is this a {kind} folder?", path);
         try
         {
-            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new InvalidDataException($"{path}: not a JSON object");
+            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new PeftSharpInputException($"{path}: not a JSON object");
         }
         catch (JsonException e)
         {
-            throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e);
+            throw new PeftSharpInputException($"{path}: not valid JSON: {e.Message}", e);
         }
     }
 
@@ -26,5 +26,5 @@ public static class JsonConfigFile
 
     /// <summary>A string field the config must have; its absence is an error naming the file and the field.</summary>
     public static string RequiredString(JsonObject o, string key, string path) =>
-        o[key]?.GetValue<string>() ?? throw new InvalidDataException($"{path}: no {key}");
+        o[key]?.Value<string>() ?? throw new PeftSharpInputException($"{path}: no {key}");
 }

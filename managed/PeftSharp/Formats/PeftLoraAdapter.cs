@@ -42,28 +42,31 @@ public sealed class PeftLoraAdapter : IVariant
     /// <summary>DoRA's magnitude vector (out) per module; empty for plain LoRA.</summary>
     public IReadOnlyDictionary<string, float[]> Magnitudes { get; }
 
-    public static LoraAdapterConfig ParseConfig(string json, string source)
+    public static LoraAdapterConfig ParseConfig(string json, string source) =>
+        InputGuard.Parse(source, () => ParseConfigCore(json, source));
+
+    private static LoraAdapterConfig ParseConfigCore(string json, string source)
     {
         JsonObject o;
         try
         {
-            o = JsonNode.Parse(json) as JsonObject ?? throw new InvalidDataException($"{source}: not a JSON object");
+            o = JsonNode.Parse(json) as JsonObject ?? throw new PeftSharpInputException($"{source}: not a JSON object");
         }
         catch (JsonException e)
         {
-            throw new InvalidDataException($"{source}: not valid JSON: {e.Message}", e);
+            throw new PeftSharpInputException($"{source}: not valid JSON: {e.Message}", e);
         }
 
         var problems = new List<string>();
-        string? peftType = o["peft_type"]?.GetValue<string>();
+        string? peftType = o["peft_type"]?.Value<string>();
         if (peftType != "LORA") problems.Add($"peft_type is '{peftType}', this reader takes LORA");
-        if (o["fan_in_fan_out"]?.GetValue<bool>() == true) problems.Add("fan_in_fan_out = true is for Conv1D models (GPT-2), not Llama");
-        if (o["bias"]?.GetValue<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
+        if (o["fan_in_fan_out"]?.Value<bool>() == true) problems.Add("fan_in_fan_out = true is for Conv1D models (GPT-2), not Llama");
+        if (o["bias"]?.Value<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
         if (o["modules_to_save"] is JsonArray { Count: > 0 } mts) problems.Add($"modules_to_save [{string.Join(", ", mts)}] is not supported");
         if (o["layers_pattern"] is JsonNode lp && lp.GetValueKind() != JsonValueKind.Null) problems.Add("layers_pattern is not supported");
         // Initialisations after which PEFT's loader changes the base weights too (it subtracts the adapter's starting
         // product, or quantizes): merging such an adapter as W + s B A computes another model, so they are refused.
-        if (o["init_lora_weights"] is JsonValue init && init.GetValueKind() == JsonValueKind.String && init.GetValue<string>() is var initName
+        if (o["init_lora_weights"] is JsonValue init && init.GetValueKind() == JsonValueKind.String && init.Value<string>() is var initName
             && (initName is "olora" or "corda" or "loftq" or "eva" || initName.StartsWith("pissa", StringComparison.Ordinal)))
         {
             problems.Add($"init_lora_weights '{initName}' is not supported: PEFT's loader changes the base weights for it, so W + s B A would be another model");
@@ -86,12 +89,12 @@ public sealed class PeftLoraAdapter : IVariant
         switch (o["target_modules"])
         {
             case JsonArray arr:
-                targets.AddRange(arr.Select(t => t!.GetValue<string>()));
+                targets.AddRange(arr.Select(t => t!.Value<string>()));
                 var unknown = targets.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
                 if (unknown.Count > 0) problems.Add($"target_modules [{string.Join(", ", unknown)}] name no Llama linear layer ({string.Join(", ", LoraAdapterConfig.LlamaLinear)})");
                 break;
             case JsonValue v when v.GetValueKind() == JsonValueKind.String:
-                regex = v.GetValue<string>();
+                regex = v.Value<string>();
                 break;
             default:
                 problems.Add("target_modules is missing");
@@ -100,30 +103,33 @@ public sealed class PeftLoraAdapter : IVariant
 
         List<int>? layers = o["layers_to_transform"] switch
         {
-            JsonArray a => a.Select(n => n!.GetValue<int>()).ToList(),
-            JsonValue v when v.GetValueKind() == JsonValueKind.Number => new List<int> { v.GetValue<int>() },
+            JsonArray a => a.Select(n => n!.Value<int>()).ToList(),
+            JsonValue v when v.GetValueKind() == JsonValueKind.Number => new List<int> { v.Value<int>() },
             _ => null,
         };
         if (problems.Count > 0) throw new NotSupportedException($"{source}: {string.Join("; ", problems)}");
         return new LoraAdapterConfig
         {
-            R = o["r"]?.GetValue<int>() ?? 8,
-            LoraAlpha = o["lora_alpha"] is { } la ? (float)la.GetValue<double>() : 8,
-            LoraDropout = o["lora_dropout"] is { } ld ? (float)ld.GetValue<double>() : 0,
-            UseRsLora = o["use_rslora"]?.GetValue<bool>() ?? false,
-            UseDora = o["use_dora"]?.GetValue<bool>() ?? false,
+            R = o["r"]?.Value<int>() ?? 8,
+            LoraAlpha = o["lora_alpha"] is { } la ? (float)la.Value<double>() : 8,
+            LoraDropout = o["lora_dropout"] is { } ld ? (float)ld.Value<double>() : 0,
+            UseRsLora = o["use_rslora"]?.Value<bool>() ?? false,
+            UseDora = o["use_dora"]?.Value<bool>() ?? false,
             TargetModules = targets,
             TargetRegex = regex,
             LayersToTransform = layers,
-            RankPattern = (o["rank_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.GetValue<int>()) ?? new Dictionary<string, int>(),
-            AlphaPattern = (o["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => (float)p.Value!.GetValue<double>()) ?? new Dictionary<string, float>(),
-            BaseModelNameOrPath = o["base_model_name_or_path"]?.GetValue<string>(),
-            TaskType = o["task_type"]?.GetValue<string>() ?? "CAUSAL_LM",
+            RankPattern = (o["rank_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.Value<int>()) ?? new Dictionary<string, int>(),
+            AlphaPattern = (o["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => (float)p.Value!.Value<double>()) ?? new Dictionary<string, float>(),
+            BaseModelNameOrPath = o["base_model_name_or_path"]?.Value<string>(),
+            TaskType = o["task_type"]?.Value<string>() ?? "CAUSAL_LM",
         };
     }
 
     /// <summary>Reads a PEFT folder for a model with <paramref name="model"/>'s configuration.</summary>
-    public static PeftLoraAdapter Load(string folder, LlamaConfig model)
+    public static PeftLoraAdapter Load(string folder, LlamaConfig model) =>
+        InputGuard.Parse(folder, () => LoadCore(folder, model));
+
+    private static PeftLoraAdapter LoadCore(string folder, LlamaConfig model)
     {
         string configPath = Path.Combine(folder, ConfigFile);
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{folder}: no {ConfigFile}; is this a PEFT adapter folder?", configPath);
@@ -174,7 +180,7 @@ public sealed class PeftLoraAdapter : IVariant
             problems.Add($"{t.Name} matches no targeted module of this model");
         }
 
-        if (problems.Count > 0) throw new InvalidDataException($"{folder}: the adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
+        if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
         return new PeftLoraAdapter(config, modules, magnitudes);
     }
 

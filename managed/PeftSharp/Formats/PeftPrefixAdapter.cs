@@ -84,29 +84,32 @@ public sealed class PeftPrefixAdapter : IVariant
     }
 
     /// <summary>Reads a PEFT prefix-tuning folder for <paramref name="model"/>; every mismatch is named in one error.</summary>
-    public static PeftPrefixAdapter Load(string folder, LlamaConfig model)
+    public static PeftPrefixAdapter Load(string folder, LlamaConfig model) =>
+        InputGuard.Parse(folder, () => LoadCore(folder, model));
+
+    private static PeftPrefixAdapter LoadCore(string folder, LlamaConfig model)
     {
         string configPath = Path.Combine(folder, PeftLoraAdapter.ConfigFile);
         var o = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter");
 
         int l = model.NumHiddenLayers, tokenDim = model.NumKeyValueHeads * model.HeadDim;
         var problems = new List<string>();
-        if (o["peft_type"]?.GetValue<string>() != "PREFIX_TUNING") problems.Add($"peft_type is '{o["peft_type"]}', this reader takes PREFIX_TUNING");
-        int p = o["num_virtual_tokens"]?.GetValue<int>() ?? 0;
+        if (o["peft_type"]?.Value<string>() != "PREFIX_TUNING") problems.Add($"peft_type is '{o["peft_type"]}', this reader takes PREFIX_TUNING");
+        int p = o["num_virtual_tokens"]?.Value<int>() ?? 0;
         if (p <= 0) problems.Add("num_virtual_tokens is missing or not positive");
-        if (o["prefix_projection"]?.GetValue<bool>() == true) problems.Add("prefix_projection = true (the reparameterising MLP) is not supported");
-        if (o["num_layers"] is { } nl && nl.GetValue<int>() != l) problems.Add($"num_layers is {nl}, the model has {l}");
-        if (o["token_dim"] is { } td && td.GetValue<int>() != tokenDim) problems.Add($"token_dim is {td}, the model's keys are {tokenDim} wide (num_key_value_heads x head_dim)");
-        if (o["num_transformer_submodules"] is { } ns && ns.GetValue<int>() != 1) problems.Add($"num_transformer_submodules is {ns}, a decoder has 1");
+        if (o["prefix_projection"]?.Value<bool>() == true) problems.Add("prefix_projection = true (the reparameterising MLP) is not supported");
+        if (o["num_layers"] is { } nl && nl.Value<int>() != l) problems.Add($"num_layers is {nl}, the model has {l}");
+        if (o["token_dim"] is { } td && td.Value<int>() != tokenDim) problems.Add($"token_dim is {td}, the model's keys are {tokenDim} wide (num_key_value_heads x head_dim)");
+        if (o["num_transformer_submodules"] is { } ns && ns.Value<int>() != 1) problems.Add($"num_transformer_submodules is {ns}, a decoder has 1");
         string weights = Path.Combine(folder, PeftLoraAdapter.WeightsFile);
         if (!File.Exists(weights)) problems.Add($"no {PeftLoraAdapter.WeightsFile}");
-        if (problems.Count > 0) throw new InvalidDataException($"{folder}: the prefix adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
+        if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the prefix adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
         using var file = SafeTensorsFile.Open(weights);
-        if (!file.Contains(Key)) throw new InvalidDataException($"{weights}: no {Key} tensor");
+        if (!file.Contains(Key)) throw new PeftSharpInputException($"{weights}: no {Key} tensor");
         var expected = new long[] { p, l * 2 * tokenDim };
-        if (!file[Key].Shape.SequenceEqual(expected)) throw new InvalidDataException($"{weights}: {Key} is {file[Key].ShapeText}, expected [{p}, {l * 2 * tokenDim}]");
+        if (!file[Key].Shape.SequenceEqual(expected)) throw new PeftSharpInputException($"{weights}: {Key} is {file[Key].ShapeText}, expected [{p}, {l * 2 * tokenDim}]");
         var extra = file.Tensors.Where(t => t.Name != Key).Select(t => t.Name).ToList();
-        if (extra.Count > 0) throw new InvalidDataException($"{weights}: unexpected tensors {string.Join(", ", extra)}");
+        if (extra.Count > 0) throw new PeftSharpInputException($"{weights}: unexpected tensors {string.Join(", ", extra)}");
         var emb = file.ReadFloats(Key);
         var keys = Enumerable.Range(0, l).Select(_ => new float[p * tokenDim]).ToArray();
         var values = Enumerable.Range(0, l).Select(_ => new float[p * tokenDim]).ToArray();
@@ -119,6 +122,6 @@ public sealed class PeftPrefixAdapter : IVariant
             }
         }
 
-        return new PeftPrefixAdapter(p, keys, values, o["base_model_name_or_path"]?.GetValue<string>());
+        return new PeftPrefixAdapter(p, keys, values, o["base_model_name_or_path"]?.Value<string>());
     }
 }

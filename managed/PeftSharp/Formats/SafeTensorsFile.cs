@@ -76,7 +76,17 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             if (n > (ulong)MaxHeaderBytes) throw Bad(path, 0, $"header length {n} exceeds the {MaxHeaderBytes}-byte limit");
             if ((long)n > length - 8) throw Bad(path, 0, $"header length {n} runs past the end of the file ({length} bytes): truncated?");
             long dataStart = 8 + (long)n;
-            var (entries, metadata) = ParseHeader(path, bytes.Slice(8, (int)n), length - dataStart, dataStart);
+            List<SafeTensorEntry> entries;
+            Dictionary<string, string> metadata;
+            try
+            {
+                (entries, metadata) = ParseHeader(path, bytes.Slice(8, (int)n), length - dataStart, dataStart);
+            }
+            catch (InvalidOperationException e)
+            {
+                throw Bad(path, 8, $"the header holds a string that is not valid UTF-8 ({e.Message})");
+            }
+
             return new SafeTensorsFile(path, map, view, p, dataStart, entries, metadata);
         }
         catch
@@ -105,8 +115,11 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             if (doc.RootElement.ValueKind != JsonValueKind.Object) throw Bad(path, 8, "header is not a JSON object");
             var entries = new List<SafeTensorEntry>();
             var metadata = new Dictionary<string, string>();
+            var seen = new HashSet<string>(StringComparer.Ordinal);
             foreach (var prop in doc.RootElement.EnumerateObject())
             {
+                if (!IsValidName(prop)) throw Bad(path, 8, "a tensor name is not valid UTF-8");
+                if (!seen.Add(prop.Name)) throw Bad(path, 8, $"the header names '{prop.Name}' twice");
                 if (prop.Name == "__metadata__")
                 {
                     if (prop.Value.ValueKind != JsonValueKind.Object) throw Bad(path, 8, "__metadata__ is not an object");
@@ -133,6 +146,19 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             }
 
             return (entries, metadata);
+        }
+    }
+
+    private static bool IsValidName(JsonProperty prop)
+    {
+        try
+        {
+            _ = prop.Name;
+            return true;
+        }
+        catch (InvalidOperationException)
+        {
+            return false;
         }
     }
 
@@ -167,21 +193,27 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             throw Bad(path, 8, $"tensor '{name}' spans bytes {begin}..{end} of the data but the data section holds {dataLength} bytes: truncated?");
         }
 
-        long elements = 1;
-        foreach (long d in shape)
+        // Checked: [2^62, 4] overflows the element count, and [2^62] F32 would wrap to 0 bytes and match an empty span.
+        long elements = 1, bytes;
+        try
         {
-            elements = checked(elements * d);
+            foreach (long d in shape) elements = checked(elements * d);
+            bytes = checked(elements * size);
+        }
+        catch (OverflowException)
+        {
+            throw Bad(path, 8, $"tensor '{name}' {dtype} [{string.Join(", ", shape)}] has more elements than a 64-bit count holds");
         }
 
-        if (end - begin != elements * size)
+        if (end - begin != bytes)
         {
-            throw Bad(path, 8, $"tensor '{name}' {dtype} [{string.Join(", ", shape)}] needs {elements * size} bytes but data_offsets give {end - begin}");
+            throw Bad(path, 8, $"tensor '{name}' {dtype} [{string.Join(", ", shape)}] needs {bytes} bytes but data_offsets give {end - begin}");
         }
 
         return new SafeTensorEntry(name, dtype, shape.ToArray(), begin, end);
     }
 
-    private static InvalidDataException Bad(string path, long offset, string message) => new($"{path}: at byte {offset}: {message}");
+    private static PeftSharpInputException Bad(string path, long offset, string message) => new($"{path}: at byte {offset}: {message}");
 
     /// <summary>The raw bytes of a tensor, straight from the mapping.</summary>
     public ReadOnlySpan<byte> GetBytes(string name)
@@ -204,7 +236,7 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     public int[] ReadInts(string name)
     {
         var e = this[name];
-        if (e.DType != "I32") throw new InvalidDataException($"{Path}: tensor '{name}' is {e.DType}, expected I32");
+        if (e.DType != "I32") throw new PeftSharpInputException($"{Path}: tensor '{name}' is {e.DType}, expected I32");
         var raw = GetBytes(name);
         var values = new int[e.Elements];
         for (int i = 0; i < values.Length; i++) values[i] = BinaryPrimitives.ReadInt32LittleEndian(raw.Slice(4 * i));

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Text.Json;
+using PeftSharp.Engine;
 
 namespace PeftSharp.Formats;
 
@@ -19,6 +20,7 @@ public static class SafeTensorsWriter
             if (t.Name == "__metadata__") throw new ArgumentException($"{path}: '__metadata__' is reserved and cannot name a tensor");
             long n = t.Shape.Aggregate(1L, (a, d) => a * d);
             if (n != t.Count) throw new ArgumentException($"{path}: tensor '{t.Name}' has {t.Count} values for shape [{string.Join(", ", t.Shape)}]");
+            if (t.Ints == null) RefuseNonFinite(path, t);
         }
 
         using var header = new MemoryStream();
@@ -63,5 +65,29 @@ public static class SafeTensorsWriter
             header.CopyTo(stream);
             foreach (var t in tensors) stream.Write(t.Bytes());
         });
+    }
+
+    /// <summary>
+    /// A model, delta or checkpoint with a NaN or an infinity in it is refused before the file is touched (a merge of
+    /// diverged inputs, or fp32 values beyond fp16's range, 65504, that would become infinities on the way out).
+    /// </summary>
+    private static void RefuseNonFinite(string path, SafeTensorData t)
+    {
+        float limit = t.Type == StorageType.F16 ? 65504f : float.MaxValue;
+        int bad = 0, first = -1;
+        var v = t.Values;
+        for (int i = 0; i < v.Length; i++)
+        {
+            if (!(MathF.Abs(v[i]) <= limit))
+            {
+                if (bad++ == 0) first = i;
+            }
+        }
+
+        if (bad > 0)
+        {
+            throw new PeftSharpInputException($"{path}: refusing to write tensor '{t.Name}': {bad} of its {v.Length} values are NaN or infinite" +
+                $"{(t.Type == StorageType.F16 ? " in fp16 (beyond 65504)" : "")}, the first at index {first} ({v[first]})");
+        }
     }
 }

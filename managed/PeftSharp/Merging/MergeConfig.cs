@@ -1,3 +1,4 @@
+using PeftSharp.Formats;
 using System.Globalization;
 using YamlDotNet.RepresentationModel;
 
@@ -39,7 +40,10 @@ public sealed record MergeConfig(
         return Parse(File.ReadAllText(path), path);
     }
 
-    public static MergeConfig Parse(string text, string source)
+    public static MergeConfig Parse(string text, string source) =>
+        InputGuard.Parse(source, () => ParseCore(text, source));
+
+    private static MergeConfig ParseCore(string text, string source)
     {
         YamlMappingNode root;
         try
@@ -48,15 +52,15 @@ public sealed record MergeConfig(
             stream.Load(new StringReader(text));
             root = stream.Documents.Count == 1 && stream.Documents[0].RootNode is YamlMappingNode m
                 ? m
-                : throw new InvalidDataException($"{source}: expected one YAML (or JSON) mapping");
+                : throw new PeftSharpInputException($"{source}: expected one YAML (or JSON) mapping");
         }
         catch (YamlDotNet.Core.YamlException e)
         {
-            throw new InvalidDataException($"{source}: not valid YAML at line {e.Start.Line}: {e.Message}", e);
+            throw new PeftSharpInputException($"{source}: not valid YAML at line {e.Start.Line}: {e.Message}", e);
         }
 
         var problems = new List<string>();
-        var top = Map(root);
+        var top = Map(root, problems, "the top level");
         foreach (var k in top.Keys.Except(TopKeys)) problems.Add(k == "slices" ? "slices (layer-range merges) are not supported" : $"unknown key '{k}'");
         string methodName = Scalar(top, "merge_method", problems) ?? "";
         if (!Methods.TryGetValue(methodName, out var method))
@@ -69,8 +73,8 @@ public sealed record MergeConfig(
         float Num(IReadOnlyDictionary<string, string> d, string key, float fallback, string where)
         {
             if (!d.TryGetValue(key, out var v)) return fallback;
-            if (float.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out float f)) return f;
-            problems.Add($"{where}.{key} '{v}' is not a number");
+            if (float.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out float f) && float.IsFinite(f)) return f;
+            problems.Add($"{where}.{key} '{v}' is not a finite number");
             return fallback;
         }
 
@@ -99,7 +103,7 @@ public sealed record MergeConfig(
                     continue;
                 }
 
-                var entry = Map(mm);
+                var entry = Map(mm, problems, where);
                 foreach (var k in entry.Keys.Except(new[] { "model", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
                 string? model = Scalar(entry, "model", problems, where);
                 var p = entry.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems) : new Dictionary<string, string>();
@@ -127,12 +131,28 @@ public sealed record MergeConfig(
         config = config with { TokenizerSource = tokenizerSource };
         Flag("int8_mask", false); // a memory setting in mergekit; the result does not depend on it
         if (config.LinesAlpha.HasValue != config.LinesBeta.HasValue) problems.Add("lines_alpha and lines_beta go together");
-        if (problems.Count > 0) throw new InvalidDataException($"{source}: {string.Join("; ", problems)}");
+        if (problems.Count > 0) throw new PeftSharpInputException($"{source}: {string.Join("; ", problems)}");
         return config;
     }
 
-    private static Dictionary<string, YamlNode> Map(YamlMappingNode m) =>
-        m.Children.ToDictionary(c => ((YamlScalarNode)c.Key).Value ?? "", c => c.Value);
+    /// <summary>A mapping's entries by key; a key that is not a plain value, or that repeats, is a problem (mergekit's loader refuses both).</summary>
+    private static Dictionary<string, YamlNode> Map(YamlMappingNode m, List<string> problems, string where)
+    {
+        var result = new Dictionary<string, YamlNode>(StringComparer.Ordinal);
+        foreach (var (key, value) in m.Children)
+        {
+            if (key is not YamlScalarNode { Value: { } name })
+            {
+                problems.Add($"{where}: a key at line {key.Start.Line} is not a plain name");
+            }
+            else if (!result.TryAdd(name, value))
+            {
+                problems.Add($"{where}: key '{name}' appears twice");
+            }
+        }
+
+        return result;
+    }
 
     private static string? Scalar(Dictionary<string, YamlNode> d, string key, List<string> problems, string where = "")
     {
@@ -161,7 +181,7 @@ public sealed record MergeConfig(
             return result;
         }
 
-        foreach (var (k, v) in Map(m))
+        foreach (var (k, v) in Map(m, problems, where))
         {
             if (!allowed.Contains(k)) problems.Add($"{where}: option '{k}' is not supported");
             else if (v is YamlScalarNode s) result[k] = s.Value ?? "";

@@ -29,13 +29,13 @@ public static class MergeRunner
             var entries = config.Method == MergeMethod.Linear || config.BaseModel == null
                 ? config.Models
                 : config.Models.Where(e => FullPath(e.Model) != FullPath(config.BaseModel)).ToList();
-            if (entries.Count == 0) throw new InvalidDataException($"{config.Method}: every model listed is the base_model; nothing to merge");
+            if (entries.Count == 0) throw new PeftSharpInputException($"{config.Method}: every model listed is the base_model; nothing to merge");
             foreach (var entry in entries) inputs.Add(LoadInput(Resolve(entry.Model), baseModel, device));
             var reference = baseModel ?? inputs[0];
             foreach (var m in inputs)
             {
                 var diff = LlamaConfig.Differences(reference.Config, m.Config);
-                if (diff.Count > 0) throw new InvalidDataException($"a merged model's config differs: {string.Join("; ", diff)}");
+                if (diff.Count > 0) throw new PeftSharpInputException($"a merged model's config differs: {string.Join("; ", diff)}");
             }
 
             var inputOptions = entries.Select(e => e.Parameters).ToArray();
@@ -82,7 +82,7 @@ public static class MergeRunner
             throw new FileNotFoundException($"{folder}: neither a model folder (config.json) nor a PEFT adapter, 1-bit delta or sparse delta folder");
         }
 
-        if (baseModel == null) throw new InvalidDataException($"{folder} is an adapter or delta: the merge needs a base_model to apply it to");
+        if (baseModel == null) throw new PeftSharpInputException($"{folder} is an adapter or delta: the merge needs a base_model to apply it to");
         var model = LlamaModel.FromTensors(device, baseModel.Config, (name, _) => baseModel[name].Value.ToArray());
         try
         {

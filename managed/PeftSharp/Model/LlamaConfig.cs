@@ -1,3 +1,4 @@
+using PeftSharp.Formats;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using PeftSharp.Kernels.Core;
@@ -87,7 +88,10 @@ public sealed record LlamaConfig
     }
 
     /// <summary>Reads a Hugging Face config.json; an unsupported architecture is an error naming it.</summary>
-    public static LlamaConfig Parse(string json, string source = "config.json")
+    public static LlamaConfig Parse(string json, string source = "config.json") =>
+        InputGuard.Parse(source, () => ParseCore(json, source));
+
+    private static LlamaConfig ParseCore(string json, string source = "config.json")
     {
         JsonNode? root;
         try
@@ -96,13 +100,13 @@ public sealed record LlamaConfig
         }
         catch (JsonException e)
         {
-            throw new InvalidDataException($"{source}: not valid JSON: {e.Message}", e);
+            throw new PeftSharpInputException($"{source}: not valid JSON: {e.Message}", e);
         }
 
-        if (root is not JsonObject o) throw new InvalidDataException($"{source}: not a JSON object");
-        string? modelType = o["model_type"]?.GetValue<string>();
+        if (root is not JsonObject o) throw new PeftSharpInputException($"{source}: not a JSON object");
+        string? modelType = o["model_type"]?.Value<string>();
         var archs = o["architectures"] as JsonArray;
-        var archNames = archs?.Select(a => a?.GetValue<string>() ?? "").ToArray() ?? Array.Empty<string>();
+        var archNames = archs?.Select(a => a?.Value<string>() ?? "").ToArray() ?? Array.Empty<string>();
         if ((modelType != null && !SupportedModelTypes.Contains(modelType)) || (archNames.Length > 0 && !archNames.Any(SupportedArchitectures.Contains)))
         {
             throw new NotSupportedException(
@@ -116,7 +120,7 @@ public sealed record LlamaConfig
             throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Qwen3 and another architecture");
         }
 
-        if (qwen3 && o["use_sliding_window"] is JsonValue sliding && sliding.GetValue<bool>())
+        if (qwen3 && o["use_sliding_window"] is JsonValue sliding && sliding.Value<bool>())
         {
             throw new NotSupportedException($"{source}: use_sliding_window is true; sliding-window attention is not supported yet");
         }
@@ -126,13 +130,13 @@ public sealed record LlamaConfig
             var n = o[name];
             if (n == null)
             {
-                return fallback ?? throw new InvalidDataException($"{source}: missing '{name}'");
+                return fallback ?? throw new PeftSharpInputException($"{source}: missing '{name}'");
             }
 
-            return n.GetValue<int>();
+            return n.Value<int>();
         }
 
-        float Float(string name, float fallback) => o[name] is { } n ? (float)n.GetValue<double>() : fallback;
+        float Float(string name, float fallback) => o[name] is { } n ? (float)n.Value<double>() : fallback;
 
         int heads = Int("num_attention_heads");
         var ropeParameters = RopeParameters(o, source);
@@ -147,21 +151,21 @@ public sealed record LlamaConfig
             RmsNormEps = Float("rms_norm_eps", 1e-6f),
             RopeTheta = RopeThetaOf(o, ropeParameters, source),
             MaxPositionEmbeddings = Int("max_position_embeddings", 2048),
-            TieWordEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
-            HeadDimOverride = o["head_dim"] is { } hd ? hd.GetValue<int>() : null,
+            TieWordEmbeddings = o["tie_word_embeddings"]?.Value<bool>() ?? false,
+            HeadDimOverride = o["head_dim"] is { } hd ? hd.Value<int>() : null,
             QkNorm = qwen3,
         };
         config = config with { RopeScaling = RopeScalingOf(o, ropeParameters, source) };
 
         // Fields that change the graph PeftSharp would otherwise compute differently without a word.
-        if (o["hidden_act"] is JsonValue act && act.GetValue<string>() != "silu")
+        if (o["hidden_act"] is JsonValue act && act.Value<string>() != "silu")
         {
-            throw new NotSupportedException($"{source}: hidden_act '{act.GetValue<string>()}' is not supported; the MLP is SwiGLU with silu");
+            throw new NotSupportedException($"{source}: hidden_act '{act.Value<string>()}' is not supported; the MLP is SwiGLU with silu");
         }
 
         foreach (var bias in new[] { "attention_bias", "mlp_bias" })
         {
-            if (o[bias] is JsonValue b && b.GetValue<bool>()) throw new NotSupportedException($"{source}: {bias} is true; PeftSharp's linear layers have no bias");
+            if (o[bias] is JsonValue b && b.Value<bool>()) throw new NotSupportedException($"{source}: {bias} is true; PeftSharp's linear layers have no bias");
         }
 
         config.Validate(source);
@@ -174,11 +178,11 @@ public sealed record LlamaConfig
     /// </summary>
     private static float RopeThetaOf(JsonObject o, JsonObject? ropeParameters, string source)
     {
-        float? top = o["rope_theta"] is JsonValue t ? (float)t.GetValue<double>() : null;
-        float? nested = ropeParameters?["rope_theta"] is JsonValue n ? (float)n.GetValue<double>() : null;
+        float? top = o["rope_theta"] is JsonValue t ? (float)t.Value<double>() : null;
+        float? nested = ropeParameters?["rope_theta"] is JsonValue n ? (float)n.Value<double>() : null;
         if (top != null && nested != null && top != nested)
         {
-            throw new InvalidDataException($"{source}: rope_theta {top} and rope_parameters.rope_theta {nested} disagree (transformers 4 and 5 layouts); keep one");
+            throw new PeftSharpInputException($"{source}: rope_theta {top} and rope_parameters.rope_theta {nested} disagree (transformers 4 and 5 layouts); keep one");
         }
 
         return top ?? nested ?? 10000f;
@@ -194,7 +198,7 @@ public sealed record LlamaConfig
         RopeScaling? nested = ropeParameters is { } rp ? ScalingFrom(rp, "rope_parameters", source) : null;
         if (top is { } a && nested is { } b && ScalingText(a) != ScalingText(b))
         {
-            throw new InvalidDataException($"{source}: rope_scaling ({ScalingText(a)}) and rope_parameters ({ScalingText(b)}) disagree (transformers 4 and 5 layouts); keep one");
+            throw new PeftSharpInputException($"{source}: rope_scaling ({ScalingText(a)}) and rope_parameters ({ScalingText(b)}) disagree (transformers 4 and 5 layouts); keep one");
         }
 
         return top ?? nested ?? default;
@@ -214,8 +218,8 @@ public sealed record LlamaConfig
 
     private static RopeScaling ScalingFrom(JsonObject rs, string key, string source)
     {
-        string type = (rs["rope_type"] ?? rs["type"])?.GetValue<string>() ?? (key == "rope_parameters" ? "default" : "(none)");
-        float Need(string name) => rs[name] is JsonValue v ? (float)v.GetValue<double>() : throw new InvalidDataException($"{source}: {key} ({type}) needs '{name}'");
+        string type = (rs["rope_type"] ?? rs["type"])?.Value<string>() ?? (key == "rope_parameters" ? "default" : "(none)");
+        float Need(string name) => rs[name] is JsonValue v ? (float)v.Value<double>() : throw new PeftSharpInputException($"{source}: {key} ({type}) needs '{name}'");
         return type switch
         {
             "default" => default,

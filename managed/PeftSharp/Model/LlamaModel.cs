@@ -10,6 +10,9 @@ namespace PeftSharp.Model;
 /// RMSNorm, rotary grouped-query causal attention and a SwiGLU MLP with residuals, a final norm and the LM head (tied
 /// to the embedding or not). Parameters carry Hugging Face's names. Forward and backward run on any device; the
 /// backward is written out op by op, reusing the activations the forward saved.
+/// Threads: generation (BatchGenerator, Generator, a VariantSet's registrations) is safe from several threads and
+/// takes turns on <see cref="GenerationLock"/>; training and the direct forward calls (Logits, Loss, DecodeBatch) use
+/// the model's saved activations and gradients, so one thread at a time drives them.
 /// Shapes: B batch, T tokens per sequence, N = B * T, Dm hidden, H/Hkv heads, D head dim, I intermediate, V vocab.
 /// </summary>
 public sealed class LlamaModel : IDisposable
@@ -37,6 +40,9 @@ public sealed class LlamaModel : IDisposable
     }
 
     public Device Device { get; }
+
+    /// <summary>Held for a whole generation and by a VariantSet's changes: one model's generations take turns.</summary>
+    public Lock GenerationLock { get; } = new();
 
     public LlamaConfig Config { get; }
 
@@ -81,7 +87,7 @@ public sealed class LlamaModel : IDisposable
     {
         if (t.VocabSize > Config.VocabSize)
         {
-            throw new InvalidDataException($"tokenizer {t.Name} produces ids up to {t.VocabSize - 1}, but the model's vocab_size is {Config.VocabSize}");
+            throw new PeftSharpInputException($"tokenizer {t.Name} produces ids up to {t.VocabSize - 1}, but the model's vocab_size is {Config.VocabSize}");
         }
 
         return t;

@@ -18,8 +18,21 @@ public static class BatchGenerator
     public static IReadOnlyList<GenerationResult> Generate(LlamaModel model, IReadOnlyList<GenerationRequest> requests, VariantSet? variants = null, PrefixSharing sharing = PrefixSharing.Auto) =>
         GenerateWithReport(model, requests, variants, sharing).Results;
 
+    /// <summary>
+    /// Generates every request in one batch. Safe from several threads: generations over one model take turns (the
+    /// model's <see cref="LlamaModel.GenerationLock"/>); put concurrent requests in one call to serve them together.
+    /// </summary>
     public static (IReadOnlyList<GenerationResult> Results, SharingReport Sharing) GenerateWithReport(
         LlamaModel model, IReadOnlyList<GenerationRequest> requests, VariantSet? variants = null, PrefixSharing sharing = PrefixSharing.Auto)
+    {
+        lock (model.GenerationLock)
+        {
+            return GenerateLocked(model, requests, variants, sharing);
+        }
+    }
+
+    private static (IReadOnlyList<GenerationResult> Results, SharingReport Sharing) GenerateLocked(
+        LlamaModel model, IReadOnlyList<GenerationRequest> requests, VariantSet? variants, PrefixSharing sharing)
     {
         if (variants != null && !ReferenceEquals(variants.Model, model)) throw new ArgumentException("the variant set belongs to another model");
         var tok = model.Tokenizer;

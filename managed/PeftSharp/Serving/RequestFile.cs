@@ -1,3 +1,4 @@
+using PeftSharp.Formats;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
@@ -11,7 +12,10 @@ namespace PeftSharp.Serving;
 /// </summary>
 public static class RequestFile
 {
-    public static IReadOnlyList<GenerationRequest> Read(string path, GenerationRequest defaults)
+    public static IReadOnlyList<GenerationRequest> Read(string path, GenerationRequest defaults) =>
+        InputGuard.Parse(path, () => ReadCore(path, defaults));
+
+    private static IReadOnlyList<GenerationRequest> ReadCore(string path, GenerationRequest defaults)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"requests file {path} does not exist", path);
         var list = new List<GenerationRequest>();
@@ -24,44 +28,44 @@ public static class RequestFile
             JsonObject o;
             try
             {
-                o = JsonNode.Parse(raw) as JsonObject ?? throw new InvalidDataException($"{where}: not a JSON object");
+                o = JsonNode.Parse(raw) as JsonObject ?? throw new PeftSharpInputException($"{where}: not a JSON object");
             }
             catch (JsonException e)
             {
-                throw new InvalidDataException($"{where}: not valid JSON: {e.Message}", e);
+                throw new PeftSharpInputException($"{where}: not valid JSON: {e.Message}", e);
             }
 
             var unknown = o.Select(p => p.Key).Except(new[] { "prompt", "variant", "adapter", "delta", "max_tokens", "temperature", "top_k", "top_p", "seed", "id", "shared_prefix" }).ToList();
-            if (unknown.Count > 0) throw new InvalidDataException($"{where}: unknown keys {string.Join(", ", unknown)}");
+            if (unknown.Count > 0) throw new PeftSharpInputException($"{where}: unknown keys {string.Join(", ", unknown)}");
             try
             {
-                string prompt = o["prompt"]?.GetValue<string>() ?? throw new InvalidDataException($"{where}: no \"prompt\"");
+                string prompt = o["prompt"]?.Value<string>() ?? throw new PeftSharpInputException($"{where}: no \"prompt\"");
                 var names = new[] { "variant", "adapter", "delta" }.Where(k => o[k] != null).ToList();
-                if (names.Count > 1) throw new InvalidDataException($"{where}: give one of {string.Join(", ", names)}, not several");
+                if (names.Count > 1) throw new PeftSharpInputException($"{where}: give one of {string.Join(", ", names)}, not several");
                 var r = defaults with
                 {
                     Prompt = prompt,
-                    Variant = names.Count == 1 ? o[names[0]]!.GetValue<string>() : null,
-                    MaxTokens = o["max_tokens"]?.GetValue<int>() ?? defaults.MaxTokens,
-                    Temperature = o["temperature"] is { } t ? (float)t.GetValue<double>() : defaults.Temperature,
-                    TopK = o["top_k"]?.GetValue<int>() ?? defaults.TopK,
-                    TopP = o["top_p"] is { } p ? (float)p.GetValue<double>() : defaults.TopP,
-                    Seed = o["seed"]?.GetValue<int>() ?? defaults.Seed + list.Count,
-                    SharedPrefix = o["shared_prefix"] is JsonValue sp ? sp.GetValue<string>() : null,
-                    SharedPrefixes = o["shared_prefix"] is JsonArray levels ? levels.Select(l => l!.GetValue<string>()).ToArray() : null,
+                    Variant = names.Count == 1 ? o[names[0]]!.Value<string>() : null,
+                    MaxTokens = o["max_tokens"]?.Value<int>() ?? defaults.MaxTokens,
+                    Temperature = o["temperature"] is { } t ? (float)t.Value<double>() : defaults.Temperature,
+                    TopK = o["top_k"]?.Value<int>() ?? defaults.TopK,
+                    TopP = o["top_p"] is { } p ? (float)p.Value<double>() : defaults.TopP,
+                    Seed = o["seed"]?.Value<int>() ?? defaults.Seed + list.Count,
+                    SharedPrefix = o["shared_prefix"] is JsonValue sp ? sp.Value<string>() : null,
+                    SharedPrefixes = o["shared_prefix"] is JsonArray levels ? levels.Select(l => l!.Value<string>()).ToArray() : null,
                 };
-                if (r.MaxTokens <= 0) throw new InvalidDataException($"{where}: max_tokens {r.MaxTokens} must be positive");
-                if (r.Temperature < 0) throw new InvalidDataException($"{where}: temperature {r.Temperature} must be >= 0");
-                if (r.TopP is <= 0 or > 1) throw new InvalidDataException($"{where}: top_p {r.TopP} must be in (0, 1]");
+                if (r.MaxTokens <= 0) throw new PeftSharpInputException($"{where}: max_tokens {r.MaxTokens} must be positive");
+                if (r.Temperature < 0) throw new PeftSharpInputException($"{where}: temperature {r.Temperature} must be >= 0");
+                if (r.TopP is <= 0 or > 1) throw new PeftSharpInputException($"{where}: top_p {r.TopP} must be in (0, 1]");
                 list.Add(r);
             }
             catch (Exception e) when (e is InvalidOperationException or FormatException)
             {
-                throw new InvalidDataException($"{where}: a value has the wrong type: {e.Message}", e);
+                throw new PeftSharpInputException($"{where}: a value has the wrong type: {e.Message}", e);
             }
         }
 
-        if (list.Count == 0) throw new InvalidDataException($"{path}: no requests");
+        if (list.Count == 0) throw new PeftSharpInputException($"{path}: no requests");
         return list;
     }
 

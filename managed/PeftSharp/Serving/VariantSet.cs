@@ -11,6 +11,9 @@ namespace PeftSharp.Serving;
 /// delta over the shared base weights. For every linear module the variants that touch it live in one device pool per kind, so a
 /// batch whose rows belong to different variants runs each layer as one base matmul plus one mixed launch per kind
 /// (the 1-bit product reads the packed sign words directly). Index -1 is the base model.
+/// Thread-safe: registering, binding and disposing take the model's generation lock (<see cref="LlamaModel.GenerationLock"/>),
+/// which <see cref="BatchGenerator"/> holds for a whole generation, so a variant added from one thread never rebuilds
+/// the pools under another thread's batch; a disposed set refuses further use.
 /// </summary>
 public sealed class VariantSet : IDisposable
 {
@@ -19,6 +22,7 @@ public sealed class VariantSet : IDisposable
     private readonly Dictionary<int, KvCache> prefixes = new();
     private readonly Dictionary<(int Variant, string Parameter), Tensor> replacements = new();
     private bool dirty = true;
+    private bool disposed;
 
     public VariantSet(LlamaModel model)
     {
@@ -49,6 +53,15 @@ public sealed class VariantSet : IDisposable
     /// <summary>Registers a LoRA adapter as a variant; returns its index.</summary>
     public int AddLora(string name, PeftLoraAdapter adapter)
     {
+        lock (Model.GenerationLock)
+        {
+            ObjectDisposedException.ThrowIf(disposed, this);
+            return AddLoraLocked(name, adapter);
+        }
+    }
+
+    private int AddLoraLocked(string name, PeftLoraAdapter adapter)
+    {
         CheckName(name);
 
         variants.Add((name, adapter, null, null));
@@ -62,6 +75,15 @@ public sealed class VariantSet : IDisposable
     /// which its rows use in the mixed batch (<see cref="IRowVariants.Replacement"/>).
     /// </summary>
     public int AddDelta(string name, BitDelta delta)
+    {
+        lock (Model.GenerationLock)
+        {
+            ObjectDisposedException.ThrowIf(disposed, this);
+            return AddDeltaLocked(name, delta);
+        }
+    }
+
+    private int AddDeltaLocked(string name, BitDelta delta)
     {
         CheckName(name);
         BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"1-bit delta '{name}'");
@@ -111,6 +133,15 @@ public sealed class VariantSet : IDisposable
     /// <summary>Binds a batch: row r of every linear input belongs to variant <paramref name="rowVariants"/>[r] (-1: base).</summary>
     public RowVariantBatch Bind(IReadOnlyList<int> rowVariants)
     {
+        lock (Model.GenerationLock)
+        {
+            ObjectDisposedException.ThrowIf(disposed, this);
+            return BindLocked(rowVariants);
+        }
+    }
+
+    private RowVariantBatch BindLocked(IReadOnlyList<int> rowVariants)
+    {
         foreach (int v in rowVariants)
         {
             if (v < -1 || v >= variants.Count) throw new ArgumentException($"variant index {v} is outside [-1, {variants.Count})");
@@ -126,6 +157,15 @@ public sealed class VariantSet : IDisposable
     /// its own dense copy of that parameter (base plus the entries), which its rows use.
     /// </summary>
     public int AddSparse(string name, SparseDelta delta)
+    {
+        lock (Model.GenerationLock)
+        {
+            ObjectDisposedException.ThrowIf(disposed, this);
+            return AddSparseLocked(name, delta);
+        }
+    }
+
+    private int AddSparseLocked(string name, SparseDelta delta)
     {
         CheckName(name);
         BitDelta.CheckFingerprint(delta.BaseFingerprint, BaseFingerprint, $"sparse delta '{name}'");
@@ -148,6 +188,15 @@ public sealed class VariantSet : IDisposable
     /// cache that the variant's sequences continue, so prefix-tuned rows batch with every other kind.
     /// </summary>
     public int AddPrefix(string name, PeftPrefixAdapter adapter)
+    {
+        lock (Model.GenerationLock)
+        {
+            ObjectDisposedException.ThrowIf(disposed, this);
+            return AddPrefixLocked(name, adapter);
+        }
+    }
+
+    private int AddPrefixLocked(string name, PeftPrefixAdapter adapter)
     {
         CheckName(name);
         var cache = KvCache.FromValues(Model, adapter.Keys, adapter.Values);
@@ -235,6 +284,16 @@ public sealed class VariantSet : IDisposable
     }
 
     public void Dispose()
+    {
+        lock (Model.GenerationLock)
+        {
+            if (disposed) return;
+            disposed = true;
+            DisposeLocked();
+        }
+    }
+
+    private void DisposeLocked()
     {
         foreach (var p in pools.Values) p.Dispose();
         pools.Clear();

@@ -6,11 +6,15 @@ namespace PeftSharp.Training;
 public sealed class ExampleSource
 {
     private readonly Func<IEnumerable<Example>> open;
+    private readonly long? count;
     private IEnumerator<Example> stream;
 
-    public ExampleSource(Func<IEnumerable<Example>> open)
+    /// <param name="open">The examples from the start.</param>
+    /// <param name="count">How many <paramref name="open"/> yields when it is finite: a seek then costs at most one pass.</param>
+    public ExampleSource(Func<IEnumerable<Example>> open, long? count = null)
     {
         this.open = open;
+        this.count = count;
         stream = open().GetEnumerator();
     }
 
@@ -36,11 +40,15 @@ public sealed class ExampleSource
         return batch;
     }
 
+    /// <summary>Back to the state after <paramref name="position"/> examples: a finite source wraps, so only position mod its count is replayed.</summary>
     public void Seek(long position)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(position);
         stream = open().GetEnumerator();
         Position = 0;
-        while (Position < position) Next((int)Math.Min(4096, position - Position));
+        long replay = count is long n and > 0 ? position % n : position;
+        while (Position < replay) Next((int)Math.Min(4096, replay - Position));
+        Position = position;
     }
 
     /// <summary>
@@ -58,5 +66,5 @@ public sealed class ExampleSource
 
     public static ExampleSource Tasks(IReadOnlyList<string> tasks, int seed, Split split) => new(() => TaskSuite.Stream(tasks, seed, split));
 
-    public static ExampleSource List(IReadOnlyList<Example> examples) => new(() => examples);
+    public static ExampleSource List(IReadOnlyList<Example> examples) => new(() => examples, examples.Count);
 }

@@ -192,20 +192,24 @@ public static class Finetune
         return metrics;
     }
 
-    /// <summary>Every step metrics.jsonl holds (a resumed run's earlier steps too), else <paramref name="fallback"/>.</summary>
+    /// <summary>Every trained step metrics.jsonl holds (a resumed run's earlier steps too; skipped steps left out), else <paramref name="fallback"/>.</summary>
     private static IReadOnlyList<StepMetrics> ReadAllMetrics(string outDir, IReadOnlyList<StepMetrics> fallback)
     {
-        string path = Path.Combine(outDir, "metrics.jsonl");
+        string path = Path.Combine(outDir, TrainingRun.MetricsFile);
         if (!File.Exists(path)) return fallback;
-        var list = new List<StepMetrics>();
-        foreach (var line in File.ReadLines(path))
+        return InputGuard.Parse(path, () =>
         {
-            using var d = System.Text.Json.JsonDocument.Parse(line);
-            var r = d.RootElement;
-            list.Add(new StepMetrics(r.GetProperty("step").GetInt32(), r.GetProperty("loss").GetDouble(), r.GetProperty("grad_norm").GetDouble(), r.GetProperty("lr").GetSingle(),
-                r.GetProperty("tokens_per_second").GetDouble(), 0));
-        }
+            var list = new List<StepMetrics>();
+            foreach (var line in File.ReadLines(path))
+            {
+                using var d = System.Text.Json.JsonDocument.Parse(line);
+                var r = d.RootElement;
+                if (!r.TryGetProperty("loss", out var loss)) continue; // a skipped (non-finite) step
+                list.Add(new StepMetrics(r.GetProperty("step").GetInt32(), loss.GetDouble(), r.GetProperty("grad_norm").GetDouble(), r.GetProperty("lr").GetSingle(),
+                    r.GetProperty("tokens_per_second").GetDouble(), 0));
+            }
 
-        return list;
+            return list;
+        });
     }
 }

@@ -98,7 +98,7 @@ public sealed class MaskedAdamW : Optimizer
             foreach (var (suffix, t) in new[] { (".exp_avg", m), (".exp_avg_sq", v) })
             {
                 if (read(p.Name + suffix) is not { } values) continue;
-                if (values.Length != t.Length) throw new InvalidDataException($"{p.Name}{suffix}: the checkpoint holds {values.Length} values, the mask has {t.Length} entries (was the " +
+                if (values.Length != t.Length) throw new PeftSharpInputException($"{p.Name}{suffix}: the checkpoint holds {values.Length} values, the mask has {t.Length} entries (was the " +
                     $"mask restored first?)");
                 t.CopyFrom(values);
             }

@@ -105,9 +105,9 @@ public sealed class SparseRegrow : IDisposable
 
     private static float[] Read(SafeTensorsFile file, string name, int length, bool ints = false)
     {
-        if (!file.Contains(name)) throw new InvalidDataException($"{file.Path}: no '{name}'; the checkpoint was written without --regrow-every or for another model");
+        if (!file.Contains(name)) throw new PeftSharpInputException($"{file.Path}: no '{name}'; the checkpoint was written without --regrow-every or for another model");
         var values = ints ? file.ReadInts(name).Select(v => (float)v).ToArray() : file.ReadFloats(name);
-        if (values.Length != length) throw new InvalidDataException($"{file.Path}: '{name}' has {values.Length} values, this run needs {length}");
+        if (values.Length != length) throw new PeftSharpInputException($"{file.Path}: '{name}' has {values.Length} values, this run needs {length}");
         return values;
     }
 

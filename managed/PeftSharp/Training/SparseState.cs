@@ -41,7 +41,7 @@ public sealed class SparseState : ICheckpointState
     public static Dictionary<string, int[]> ReadMasks(string checkpoint)
     {
         string path = System.IO.Path.Combine(checkpoint, FileName);
-        if (!System.IO.File.Exists(path)) throw new InvalidDataException($"{checkpoint}: no {FileName}; not a sparse fine-tune's checkpoint");
+        if (!System.IO.File.Exists(path)) throw new PeftSharpInputException($"{checkpoint}: no {FileName}; not a sparse fine-tune's checkpoint");
         using var file = SafeTensorsFile.Open(path);
         return ReadMasks(file, file.Tensors.Select(t => t.Name).Where(n => n.EndsWith(".mask", StringComparison.Ordinal)).Select(n => n[..^5]));
     }
@@ -49,5 +49,5 @@ public sealed class SparseState : ICheckpointState
     private static Dictionary<string, int[]> ReadMasks(SafeTensorsFile file, IEnumerable<string> names) =>
         names.ToDictionary(n => n, n => file.Contains(n + ".mask")
             ? file.ReadInts(n + ".mask")
-            : throw new InvalidDataException($"{file.Path}: no mask for {n}"));
+            : throw new PeftSharpInputException($"{file.Path}: no mask for {n}"));
 }

@@ -22,4 +22,9 @@ public sealed record TrainOptions
     /// <summary>Prefix Grouper: examples of a batch that share a prompt train as one prompt with several completions (loss on completions).</summary>
     public bool GroupCompletions { get; init; }
     public int Seed { get; init; } = 1;
+    /// <summary>
+    /// A step whose loss or gradient norm is NaN or infinite is skipped (no update; its data is consumed) instead of
+    /// stopping the run with <see cref="TrainingDivergedException"/>. Either way no non-finite weight is written.
+    /// </summary>
+    public bool SkipNonFinite { get; init; }
 }

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Text;
 using System.Text.Json;
 using PeftSharp.Data;
 using PeftSharp.Formats;
@@ -48,6 +49,9 @@ public sealed class TrainingRun
     /// <summary>Initial LoRA factors absorbed into the base (LoRA-GA), in a checkpoint.</summary>
     public const string LoraInitFile = "lora_init.safetensors";
 
+    /// <summary>The most examples a run may read before its first step (calibration batches, LoRA-GA's gradient batches): bounds a checkpoint's data_position.</summary>
+    public const long MaxExamplesBeforeTraining = 1_000_000;
+
     /// <summary>Steps completed (restored by <see cref="Resume"/>).</summary>
     public int Step { get; private set; }
 
@@ -60,7 +64,11 @@ public sealed class TrainingRun
         if (outDir != null)
         {
             Directory.CreateDirectory(outDir);
-            metrics = new StreamWriter(Path.Combine(outDir, "metrics.jsonl"), append: Step > 0);
+            RemoveLeftoverCheckpoints(outDir);
+            CheckFreeSpace(outDir);
+            string metricsPath = Path.Combine(outDir, MetricsFile);
+            if (Step > 0) TruncateMetrics(metricsPath, Step);
+            metrics = new StreamWriter(metricsPath, append: Step > 0);
         }
 
         try
@@ -112,7 +120,9 @@ public sealed class TrainingRun
                     : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.AllParameters, Options.ClipNorm)
                     : model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm);
                 float lr = schedule.At(Step);
-                optimizer.Step(lr);
+                bool finite = double.IsFinite(loss) && double.IsFinite(norm);
+                if (!finite && !Options.SkipNonFinite) throw new TrainingDivergedException(Step + 1, loss, norm);
+                if (finite) optimizer.Step(lr); // a skipped step leaves weights and optimizer state as they were
                 Step++;
                 if (Options.ChainEvery > 0 && Step % Options.ChainEvery == 0 && Step < Options.Steps && model.Lora.Count > 0)
                 {
@@ -122,7 +132,9 @@ public sealed class TrainingRun
 
                 var m = new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds);
                 all.Add(m);
-                metrics?.WriteLine(JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond }));
+                metrics?.WriteLine(finite
+                    ? JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond })
+                    : JsonSerializer.Serialize(new { step = m.Step, skipped = $"loss {m.Loss}, gradient norm {m.GradNorm}", lr = m.LearningRate }));
                 onStep?.Invoke(m);
                 if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
                 {
@@ -139,13 +151,101 @@ public sealed class TrainingRun
         return all;
     }
 
+    /// <summary>The per-step log in the output folder: one JSON object per line.</summary>
+    public const string MetricsFile = "metrics.jsonl";
+
+    /// <summary>The checkpoint folder a run writes in its output folder.</summary>
+    public const string CheckpointFolder = "checkpoint";
+
+    /// <summary>
+    /// The checkpoint to resume from when given <paramref name="folder"/> (OUT/checkpoint): that folder, or, when a
+    /// crash came in the instant of the swap after the old checkpoint was moved aside and before the new one was moved
+    /// in, the old one (folder.old). Null when neither holds a checkpoint.
+    /// </summary>
+    public static string? LocateCheckpoint(string folder)
+    {
+        string full = Path.GetFullPath(folder);
+        foreach (var candidate in new[] { full, full + ".old" })
+        {
+            if (File.Exists(Path.Combine(candidate, "trainer_state.json"))) return candidate;
+        }
+
+        return null;
+    }
+
+    /// <summary>Folders a killed run left half-written (checkpoint.tmp-PID); the last complete checkpoint is never among them.</summary>
+    private static void RemoveLeftoverCheckpoints(string outDir)
+    {
+        foreach (var dir in Directory.GetDirectories(outDir, CheckpointFolder + ".tmp-*")) Directory.Delete(dir, recursive: true);
+        // A crash after the new checkpoint moved in but before the old one was removed leaves both; the new one is whole.
+        string old = Path.Combine(outDir, CheckpointFolder + ".old");
+        if (Directory.Exists(old) && File.Exists(Path.Combine(outDir, CheckpointFolder, "trainer_state.json"))) Directory.Delete(old, recursive: true);
+    }
+
+    /// <summary>
+    /// A resumed run keeps metrics.jsonl's complete lines up to its checkpoint's step: a line a kill tore, and the
+    /// steps run after the checkpoint (which the resumed run repeats), are dropped, so no step appears twice.
+    /// </summary>
+    private static void TruncateMetrics(string path, int step)
+    {
+        if (!File.Exists(path)) return;
+        var kept = new StringBuilder();
+        foreach (var line in File.ReadLines(path))
+        {
+            int? s = null;
+            try
+            {
+                using var doc = JsonDocument.Parse(line);
+                if (doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("step", out var v) && v.TryGetInt32(out int n)) s = n;
+            }
+            catch (JsonException)
+            {
+            }
+
+            if (s is int n2 && n2 <= step) kept.Append(line).Append('\n');
+        }
+
+        AtomicFile.WriteText(path, kept.ToString());
+    }
+
+    /// <summary>
+    /// Bytes a run's output needs at its peak: while a checkpoint swaps, the new one, the previous one and the final
+    /// model (each: weights, optimizer moments, adapter and extra state, at 4 bytes a value), with a quarter to spare.
+    /// </summary>
+    public long EstimateOutputBytes()
+    {
+        long values = model.AllParameters.Sum(p => (long)p.Value.Length);
+        long checkpoint = values * 4 * 4; // weights, two moments, adapters and extras at most as large again
+        return (Options.CheckpointEvery > 0 ? 2 * checkpoint : 0) + values * 4 + values * 4 / 4;
+    }
+
+    /// <summary>Refuses to start a run whose output cannot fit the disk, before the first step rather than at a failed checkpoint.</summary>
+    private void CheckFreeSpace(string outDir)
+    {
+        long available;
+        try
+        {
+            available = new DriveInfo(Path.GetFullPath(outDir)).AvailableFreeSpace;
+        }
+        catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException)
+        {
+            return; // a file system that does not report its free space: write and see
+        }
+
+        long need = EstimateOutputBytes();
+        if (need > available)
+        {
+            throw new IOException($"{outDir}: the run needs about {need / 1e6:F1} MB for its checkpoints and model and the disk has {available / 1e6:F1} MB free");
+        }
+    }
+
     /// <summary>The batch ordered by adapter set (each example's task names its set), and how many examples each set has.</summary>
     private (List<Example> Ordered, int[] Counts) BySet(IReadOnlyList<Example> batch)
     {
         var index = model.LoraSets.Select((s, i) => (s.Name, i)).ToDictionary(p => p.Name, p => p.i);
         var keyed = batch.Select(e => (Example: e, Set: index.TryGetValue(e.Task, out int k)
             ? k
-            : throw new InvalidDataException($"example of task '{e.Task}' has no adapter (adapters: {string.Join(", ", index.Keys)})"))).ToList();
+            : throw new PeftSharpInputException($"example of task '{e.Task}' has no adapter (adapters: {string.Join(", ", index.Keys)})"))).ToList();
         var ordered = keyed.OrderBy(p => p.Set).Select(p => p.Example).ToList(); // stable: keeps the stream's order within a set
         var counts = new int[index.Count];
         foreach (var (_, set) in keyed) counts[set]++;
@@ -225,32 +325,52 @@ public sealed class TrainingRun
     private List<Parameter> AdapterParameters() => model.AllParameters.Except(model.Parameters).ToList();
 
     /// <summary>Restores optimizer state, step and data position from a checkpoint (the model is loaded by the caller).</summary>
-    public void Resume(string folder)
+    public void Resume(string folder) =>
+        InputGuard.Parse(folder, () => ResumeCore(folder));
+
+    private void ResumeCore(string folder)
     {
         string statePath = Path.Combine(folder, "trainer_state.json");
         if (!File.Exists(statePath)) throw new FileNotFoundException($"{folder}: not a checkpoint (no trainer_state.json)", statePath);
-        using var doc = JsonDocument.Parse(File.ReadAllText(statePath));
-        var root = doc.RootElement;
-        string kind = root.GetProperty("optimizer").GetString()!;
-        if (kind != optimizer.GetType().Name) throw new InvalidDataException($"{statePath}: checkpoint used {kind}, this run uses {optimizer.GetType().Name}");
+        var root = JsonConfigFile.Read(folder, "trainer_state.json", "checkpoint");
+        long Need(string key) => root[key]?.Value<long>() ?? throw new PeftSharpInputException($"{statePath}: no {key}");
+        string kind = JsonConfigFile.RequiredString(root, "optimizer", statePath);
+        int step = checked((int)Need("step")), optimizerSteps = checked((int)Need("optimizer_steps"));
+        long position = Need("data_position");
+        long perStep = (long)Options.BatchSize * Options.GradAccumulation;
+        if (step < 0 || step > Options.Steps || optimizerSteps < 0 || position < 0)
+        {
+            throw new PeftSharpInputException($"{statePath}: step {step}, optimizer_steps {optimizerSteps} and data_position {position} must be non-negative, " +
+                $"and step at most this run's {Options.Steps}");
+        }
+
+        // Each step reads batch x accumulation examples; a look at the data before training (calibration, LoRA-GA) reads
+        // a few thousand more. A position far beyond that is a corrupt file, and replaying it would take hours.
+        if (position > step * perStep + MaxExamplesBeforeTraining)
+        {
+            throw new PeftSharpInputException($"{statePath}: data_position {position} is more than step {step} x {perStep} examples per step could have read " +
+                $"(+{MaxExamplesBeforeTraining} before training)");
+        }
+
+        if (kind != optimizer.GetType().Name) throw new PeftSharpInputException($"{statePath}: checkpoint used {kind}, this run uses {optimizer.GetType().Name}");
         // Extra states first: a sparse fine-tune's masks decide the layout of the optimizer's moments.
         foreach (var extra in ExtraStates)
         {
             string path = Path.Combine(folder, extra.File);
-            if (!File.Exists(path)) throw new InvalidDataException($"{folder}: the checkpoint has no {extra.File}, which this run needs to resume");
+            if (!File.Exists(path)) throw new PeftSharpInputException($"{folder}: the checkpoint has no {extra.File}, which this run needs to resume");
             using var ef = SafeTensorsFile.Open(path);
             extra.Import(ef);
         }
 
         using var st = SafeTensorsFile.Open(Path.Combine(folder, "optimizer.safetensors"));
-        optimizer.ImportState(name => st.Contains(name) ? st.ReadFloats(name) : null, root.GetProperty("optimizer_steps").GetInt32());
-        Step = root.GetProperty("step").GetInt32();
-        data.Seek(root.GetProperty("data_position").GetInt64());
+        optimizer.ImportState(name => st.Contains(name) ? st.ReadFloats(name) : null, optimizerSteps);
+        Step = step;
+        data.Seek(position);
         var adapterParams = AdapterParameters();
         string adapterPath = Path.Combine(folder, AdapterStateFile);
         if (adapterParams.Count > 0 != File.Exists(adapterPath))
         {
-            throw new InvalidDataException($"{folder}: the checkpoint " +
+            throw new PeftSharpInputException($"{folder}: the checkpoint " +
                 $"{(File.Exists(adapterPath) ? "holds adapter parameters but this run has no adapter" : "holds no adapter parameters but this run trains an adapter")}");
         }
 
@@ -260,7 +380,7 @@ public sealed class TrainingRun
             var problems = adapterParams.Where(p => !af.Contains(p.Name) || af[p.Name].Elements != p.Value.Length).Select(p => p.Name).ToList();
             if (problems.Count > 0 || af.Tensors.Count != adapterParams.Count)
             {
-                throw new InvalidDataException($"{adapterPath}: the adapter in the checkpoint does not match this run's ({af.Tensors.Count} tensors there, {adapterParams.Count} here; " +
+                throw new PeftSharpInputException($"{adapterPath}: the adapter in the checkpoint does not match this run's ({af.Tensors.Count} tensors there, {adapterParams.Count} here; " +
                     $"missing or resized: {string.Join(", ", problems)})");
             }
 
@@ -274,7 +394,7 @@ public sealed class TrainingRun
             var modules = inf.Tensors.Select(t => t.Name).Where(n => n.EndsWith(".lora_A0", StringComparison.Ordinal)).Select(n => n[..^".lora_A0".Length]).ToList();
             foreach (var module in modules)
             {
-                if (!inf.Contains(module + ".lora_B0")) throw new InvalidDataException($"{initPath}: {module}.lora_A0 without {module}.lora_B0");
+                if (!inf.Contains(module + ".lora_B0")) throw new PeftSharpInputException($"{initPath}: {module}.lora_A0 without {module}.lora_B0");
                 model.RestoreLoraInit(module, inf.ReadFloats(module + ".lora_A0"), inf.ReadFloats(module + ".lora_B0"));
             }
         }

@@ -48,7 +48,7 @@ public sealed class WeightEma : IDisposable, ICheckpointState
         var problems = shadows.Where(x => !file.Contains(x.Param.Name) || file[x.Param.Name].Elements != x.Shadow.Length).Select(x => x.Param.Name).ToList();
         if (problems.Count > 0 || file.Tensors.Count != shadows.Count)
         {
-            throw new InvalidDataException($"{file.Path}: the EMA in the checkpoint does not match this run's ({file.Tensors.Count} tensors there, {shadows.Count} here; missing or " +
+            throw new PeftSharpInputException($"{file.Path}: the EMA in the checkpoint does not match this run's ({file.Tensors.Count} tensors there, {shadows.Count} here; missing or " +
                 $"resized: {string.Join(", ", problems)})");
         }
 

@@ -108,7 +108,10 @@ public sealed class SparseDelta : IVariant
     }
 
     /// <summary>Reads a sparse delta folder for <paramref name="baseModel"/>: fingerprint, names, index ranges and sizes checked.</summary>
-    public static SparseDelta Load(string folder, LlamaModel baseModel)
+    public static SparseDelta Load(string folder, LlamaModel baseModel) =>
+        InputGuard.Parse(folder, () => LoadCore(folder, baseModel));
+
+    private static SparseDelta LoadCore(string folder, LlamaModel baseModel)
     {
         string configPath = Path.Combine(folder, ConfigFile);
         var o = JsonConfigFile.Read(folder, ConfigFile, "sparse delta");
@@ -143,7 +146,7 @@ public sealed class SparseDelta : IVariant
             problems.Add($"{t.Name} is not an indices/values tensor");
         }
 
-        if (problems.Count > 0) throw new InvalidDataException($"{folder}: the sparse delta does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
+        if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the sparse delta does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
         BitDelta.CheckFingerprint(fingerprint, BitDelta.Fingerprint(baseModel), folder);
         return new SparseDelta(entries, fingerprint);
     }

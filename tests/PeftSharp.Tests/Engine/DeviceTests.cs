@@ -122,4 +122,57 @@ public sealed class DeviceTests
         d.ResetPeakBytes();
         Assert.That(d.PeakBytesInUse, Is.EqualTo(d.BytesInUse));
     }
+    [Test]
+    public void StoragePool_UnderBatchesOfVaryingShape_KeepsAtMostTwiceTheLivePeak_AndStillReuses()
+    {
+        var pool = new PeftSharp.Engine.Cpu.StoragePool();
+        var random = new Random(5);
+        const int big = 1 << 20; // 4 MiB arrays: a live peak of 16 MiB, above the pool's minimum cap
+        for (int round = 0; round < 100; round++)
+        {
+            // A "batch": four activations whose lengths follow the batch's size, live together, then all returned.
+            int rows = 1 + random.Next(64);
+            var live = Enumerable.Range(1, 4).Select(k => pool.Rent(big + k * 1000 + rows * 7)).ToList();
+            foreach (var a in live) pool.Return(a);
+            Assert.That(pool.PooledBytes, Is.LessThanOrEqualTo(Math.Max(2 * pool.LiveBytes.PeakLive, PeftSharp.Engine.Cpu.StoragePool.MinCapBytes)), $"round {round}");
+        }
+
+        Assert.That(pool.LiveBytes.PeakLive, Is.LessThan(4L * 4 * (big + 5000)), "one batch's worth at the peak");
+        Assert.That(pool.LiveBytes.Live, Is.EqualTo(0));
+        Assert.That(pool.PooledBytes, Is.GreaterThan(pool.LiveBytes.PeakLive), "the cap is reached: old lengths were evicted, not the pool emptied");
+
+        // A repeating shape (a training step) is served from the pool after its first round.
+        long misses = pool.Misses;
+        for (int step = 0; step < 5; step++)
+        {
+            var arrays = new[] { pool.Rent(big + 17), pool.Rent(big + 29) };
+            foreach (var a in arrays) pool.Return(a);
+        }
+
+        Assert.That(pool.Misses - misses, Is.EqualTo(2), "only the first step allocated; older lengths were dropped for these");
+    }
+
+    [Test]
+    public void StoragePool_TrainingSteps_AllocateNothingAfterTheFirst()
+    {
+        using var device = new PeftSharp.Engine.Cpu.CpuDevice();
+        var config = PeftSharp.Model.LlamaConfig.Tiny with { NumHiddenLayers = 2, HiddenSize = 64 };
+        using var model = PeftSharp.Model.LlamaModel.Create(device, config, seed: 1);
+        var ids = PeftSharp.Tests.Infrastructure.TestData.Ints(4 * 64, 1, config.VocabSize);
+        var targets = PeftSharp.Tests.Infrastructure.TestData.Ints(4 * 64, 2, config.VocabSize);
+        for (int step = 0; step < 2; step++)
+        {
+            model.ZeroGrad();
+            model.Loss(ids, targets, 4, backward: true);
+        }
+
+        long misses = device.PoolMisses;
+        for (int step = 0; step < 3; step++)
+        {
+            model.ZeroGrad();
+            model.Loss(ids, targets, 4, backward: true);
+        }
+
+        Assert.That(device.PoolMisses, Is.EqualTo(misses), "a repeating step reuses every array it returned");
+    }
 }

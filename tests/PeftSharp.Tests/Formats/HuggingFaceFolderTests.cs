@@ -61,7 +61,7 @@ public sealed class HuggingFaceFolderTests : TempDirectoryTest
             .ToList();
         SafeTensorsWriter.Write(Path.Combine(TempDir, HuggingFaceFolder.SingleFile), tensors);
         File.WriteAllText(Path.Combine(TempDir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
-        var e = Assert.Throws<InvalidDataException>(() => HuggingFaceFolder.Load(TempDir, device))!;
+        var e = Assert.Throws<PeftSharpInputException>(() => HuggingFaceFolder.Load(TempDir, device))!;
         Assert.That(e.Message, Does.Contain("missing model.norm.weight")
             .And.Contain("model.layers.1.mlp.up_proj.weight is [2, 5], expected [172, 64]")
             .And.Contain("unexpected tensor model.layers.9.extra.weight"));

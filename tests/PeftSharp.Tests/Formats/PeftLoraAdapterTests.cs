@@ -198,7 +198,7 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
             reshape: (k, s) => k.EndsWith("layers.1.self_attn.q_proj.lora_B.weight", StringComparison.Ordinal) ? new[] { 63L, 2 } : s,
             extraKey: "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
             dropKey: "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight");
-        var e = Assert.Throws<InvalidDataException>(() => PeftLoraAdapter.Load(TempDir, Model))!;
+        var e = Assert.Throws<PeftSharpInputException>(() => PeftLoraAdapter.Load(TempDir, Model))!;
         Assert.That(e.Message, Does.Contain("missing base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight [2, 64]")
             .And.Contain("layers.1.self_attn.q_proj.lora_B.weight is [63, 2], expected [64, 2]")
             .And.Contain("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight matches no targeted module"));

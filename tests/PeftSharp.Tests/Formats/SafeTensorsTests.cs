@@ -96,7 +96,7 @@ public sealed class SafeTensorsTests : TempDirectoryTest
     public void Open_CorruptFile_ErrorNamesFileAndOffset(byte[] bytes, string expected)
     {
         string p = WriteBytes(bytes);
-        var e = Assert.Throws<InvalidDataException>(() => SafeTensorsFile.Open(p).Dispose())!;
+        var e = Assert.Throws<PeftSharpInputException>(() => SafeTensorsFile.Open(p).Dispose())!;
         Assert.That(e.Message, Does.StartWith(p + ": at byte ").And.Contain(expected));
     }
 

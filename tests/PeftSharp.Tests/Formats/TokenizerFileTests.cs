@@ -48,13 +48,13 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         var tok = HfTokenizer.Load(dir);
         Assert.That(tok.Encode("aab"), Is.Not.Empty, "short text is fine");
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var e = Assert.Throws<InvalidDataException>(() => tok.Encode(new string('a', 40) + "b"))!;
+        var e = Assert.Throws<PeftSharpInputException>(() => tok.Encode(new string('a', 40) + "b"))!;
         Assert.That(e.Message, Does.Contain("tokenizer.json").And.Contain("(a+)+$"));
         Assert.That(clock.Elapsed.TotalSeconds, Is.LessThan(30), "the timeout ends it, the backtracking does not");
 
         doc["pre_tokenizer"] = System.Text.Json.Nodes.JsonNode.Parse("""{"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated"}""");
         File.WriteAllText(json, doc.ToJsonString());
-        var bad = Assert.Throws<InvalidDataException>(() => HfTokenizer.Load(dir))!;
+        var bad = Assert.Throws<PeftSharpInputException>(() => HfTokenizer.Load(dir))!;
         Assert.That(bad.Message, Does.Contain("tokenizer.json").And.Contain("(unclosed"));
     }
 
@@ -163,10 +163,10 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         Assert.That(HfTokenizer.Load(dir).Name, Does.Contain("SentencePiece"));
 
         File.WriteAllText(path, "{\"model\": ");
-        Assert.That(Assert.Throws<InvalidDataException>(() => HfTokenizer.Load(dir))!.Message, Does.Contain(path));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => HfTokenizer.Load(dir))!.Message, Does.Contain(path));
         File.Delete(path);
         File.WriteAllBytes(Path.Combine(dir, HfTokenizer.SentencePieceFile), new byte[] { 0x0a, 0xff, 0xff, 0x01 });
-        Assert.That(Assert.Throws<InvalidDataException>(() => HfTokenizer.Load(dir))!.Message, Does.Contain(HfTokenizer.SentencePieceFile));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => HfTokenizer.Load(dir))!.Message, Does.Contain(HfTokenizer.SentencePieceFile));
     }
 
     /// <summary>
@@ -295,7 +295,7 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         string dir = FolderWith("llama3_style");
         using (var fresh = LlamaModel.Create(device, LlamaConfig.Tiny with { VocabSize = 300 }, seed: 3)) HuggingFaceFolder.Save(fresh, dir);
         using var model = HuggingFaceFolder.Load(dir, device);
-        var e = Assert.Throws<InvalidDataException>(() => _ = model.Tokenizer)!;
+        var e = Assert.Throws<PeftSharpInputException>(() => _ = model.Tokenizer)!;
         Assert.That(e.Message, Does.Contain("vocab_size is 300").And.Contain("409"));
     }
 

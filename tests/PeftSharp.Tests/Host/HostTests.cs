@@ -177,6 +177,22 @@ public sealed class HostJobTests : TempDirectoryTest
             "resumed run ends bit-identical to the uninterrupted one");
     }
 
+    [Test]
+    public void Pretrain_ThatDiverges_StopsWithExitCode3NamingTheStep_AndSkipNonFiniteFinishes()
+    {
+        string outDir = Path.Combine(TempDir, "nan");
+        var r = Peft.Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "2", "--lr", "1e12", "--clip", "0", "--out", outDir,
+            "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(PeftSharp.Trainer.Program.Diverged), r.Err);
+        Assert.That(r.Err.TrimEnd().Split('\n'), Has.Length.EqualTo(1));
+        Assert.That(r.Err, Does.Match("^peft: training diverged at step [2-6]: loss "));
+        Assert.That(File.Exists(Path.Combine(outDir, "model.safetensors")), Is.False, "no model was written");
+        r = Peft.Run("pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "6", "--batch-size", "2", "--lr", "1e12", "--clip", "0", "--out", outDir,
+            "--quiet", "--device", "cpu", "--skip-nonfinite", "--checkpoint-every", "0");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(File.ReadAllText(Path.Combine(outDir, "metrics.jsonl")), Does.Contain("\"skipped\""));
+    }
+
     private string OtherVocabModel()
     {
         string m = Path.Combine(TempDir, "vocab300");

@@ -107,7 +107,7 @@ public sealed class BitDeltaCompressionTests : TempDirectoryTest
         Assert.That(back.BaseFingerprint, Is.EqualTo(BitDelta.Fingerprint(b)));
 
         using var other = LlamaModel.Create(device, Small, 4);
-        var e = Assert.Throws<InvalidDataException>(() => BitDelta.Load(dir, other))!;
+        var e = Assert.Throws<PeftSharpInputException>(() => BitDelta.Load(dir, other))!;
         Assert.That(e.Message, Does.Contain("only applies to its own base"));
 
         // A signs tensor of the wrong width, written by hand beside valid ones, is named.
@@ -120,7 +120,7 @@ public sealed class BitDeltaCompressionTests : TempDirectoryTest
             new SafeTensorData("model.layers.0.self_attn.q_proj.weight.scales", new[] { 1f }, new[] { 1 }),
             new SafeTensorData("model.layers.9.mlp.up_proj.weight", new[] { 1f }, new[] { 1 }),
         });
-        e = Assert.Throws<InvalidDataException>(() => BitDelta.Load(bad, b))!;
+        e = Assert.Throws<PeftSharpInputException>(() => BitDelta.Load(bad, b))!;
         Assert.That(e.Message, Does.Contain("q_proj.weight.signs is I32 [1, 32, 5], expected I32 [rounds, 32, 1]").And.Contain("model.layers.9.mlp.up_proj.weight matches no parameter"));
     }
 

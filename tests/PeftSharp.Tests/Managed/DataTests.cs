@@ -92,10 +92,10 @@ public sealed class DataTests
         try
         {
             File.WriteAllText(path, "{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": \"c\"}\n");
-            var e = Assert.Throws<InvalidDataException>(() => DataFiles.ReadJsonl(path))!;
+            var e = Assert.Throws<PeftSharpInputException>(() => DataFiles.ReadJsonl(path))!;
             Assert.That(e.Message, Does.StartWith($"{path}:3:").And.Contain("completion"));
             File.WriteAllText(path, "{\"prompt\": \"a\", \"completion\": \"b\"}\nnot json\n");
-            Assert.That(Assert.Throws<InvalidDataException>(() => DataFiles.ReadJsonl(path))!.Message, Does.StartWith($"{path}:2:"));
+            Assert.That(Assert.Throws<PeftSharpInputException>(() => DataFiles.ReadJsonl(path))!.Message, Does.StartWith($"{path}:2:"));
             File.WriteAllText(path, "{\"prompt\": \"a\", \"completion\": \"b\"}\n");
             Assert.That(DataFiles.ReadJsonl(path).Single(), Is.EqualTo(new Example("jsonl", "a", "b")));
         }

@@ -174,9 +174,9 @@ public sealed class LlamaModelTests
         Assert.That(LlamaConfig.Parse($$"""{ {{common}}, "rope_theta": 500000.0, "rope_parameters": { "rope_theta": 500000.0, {{scaling}} }, "rope_scaling": { {{scaling}} } }"""),
             Is.EqualTo(v4), "both layouts, agreeing");
 
-        var theta = Assert.Throws<InvalidDataException>(() => LlamaConfig.Parse($$"""{ {{common}}, "rope_theta": 10000.0, "rope_parameters": { "rope_theta": 500000.0 } }"""))!;
+        var theta = Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse($$"""{ {{common}}, "rope_theta": 10000.0, "rope_parameters": { "rope_theta": 500000.0 } }"""))!;
         Assert.That(theta.Message, Does.Contain("rope_theta").And.Contain("rope_parameters.rope_theta"));
-        var scaled = Assert.Throws<InvalidDataException>(() => LlamaConfig.Parse(
+        var scaled = Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(
             $$"""{ {{common}}, "rope_parameters": { "rope_theta": 500000.0, {{scaling}} }, "rope_scaling": { "rope_type": "linear", "factor": 2.0 } }"""))!;
         Assert.That(scaled.Message, Does.Contain("rope_scaling").And.Contain("rope_parameters"));
         var perType = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(
@@ -209,7 +209,7 @@ public sealed class LlamaModelTests
         })
         {
             Assert.That(json, Does.Contain(from));
-            var e = Assert.Throws<ArgumentException>(() => LlamaConfig.Parse(json.Replace(from, to), "cfg.json"))!;
+            var e = Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(json.Replace(from, to), "cfg.json"))!;
             Assert.That(e.Message, Does.Contain(expected).And.Contain("cfg.json"), to);
         }
     }
@@ -228,7 +228,7 @@ public sealed class LlamaModelTests
         Assert.That(LlamaConfig.Parse(c.ToJson()), Is.EqualTo(c));
         var e = Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse("""{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}"""))!;
         Assert.That(e.Message, Does.Contain("GPT2LMHeadModel").And.Contain("gpt2"));
-        var bad = Assert.Throws<ArgumentException>(() => LlamaConfig.Parse(json.Replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")))!;
+        var bad = Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(json.Replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")))!;
         Assert.That(bad.Message, Does.Contain("num_key_value_heads = 3"));
 
         // Llama 3.1's rope_scaling is read and written back; a field it needs missing is named.
@@ -237,7 +237,7 @@ public sealed class LlamaModelTests
         Assert.That((llama31.RopeScaling.Type, llama31.RopeScaling.Factor, llama31.RopeScaling.OriginalMaxPositions), Is.EqualTo((PeftSharp.Kernels.Core.RopeScaling.Llama3, 8f, 8192f)));
         Assert.That(LlamaConfig.Parse(llama31.ToJson()), Is.EqualTo(llama31));
         Assert.That(LlamaConfig.Differences(llama31, c), Has.Count.EqualTo(1).And.Some.Contains("rope_scaling"));
-        Assert.That(Assert.Throws<InvalidDataException>(() => LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}")))!.Message,
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(json.Replace("\"bos_token_id\": 1", "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}")))!.Message,
             Does.Contain("low_freq_factor"));
 
         // Settings that would change the graph are refused by name, never ignored.

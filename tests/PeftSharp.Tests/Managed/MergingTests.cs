@@ -119,7 +119,7 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That((c.Normalize, c.Lambda, c.Dtype), Is.EqualTo((false, 1f, "bfloat16")));
         Assert.That(MergeConfig.Parse("""{"merge_method": "linear", "models": [{"model": "x"}]}""", "merge.json").Normalize, Is.True, "JSON works; linear normalises by default");
 
-        var e = Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("""
+        var e = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("""
             merge_method: slerp
             base_model: base
             slices: []
@@ -130,8 +130,9 @@ public sealed class MergingTests : TempDirectoryTest
             """, "bad.yaml"))!;
         Assert.That(e.Message, Does.Contain("merge_method 'slerp' is not supported").And.Contain("slices").And.Contain("per-layer (gradient) values")
             .And.Contain("option 'epsilon'").And.Contain("option 't'"));
-        Assert.That(Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
-        Assert.That(Assert.Throws<InvalidDataException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message, Does.Contain("'union'"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message,
+            Does.Contain("'union'"));
         Assert.That(MergeConfig.Parse("merge_method: linear\ntokenizer_source: a\nmodels:\n  - model: a\n", "t.yaml").TokenizerSource, Is.EqualTo("a"));
     }
 
@@ -251,7 +252,7 @@ public sealed class MergingTests : TempDirectoryTest
         var back = SparseDelta.Load(dir, b);
         Assert.That(back.Entries[name].Index, Is.EqualTo(sum.Entries[name].Index));
         Assert.That(back.Entries[name].Values, Is.EqualTo(sum.Entries[name].Values));
-        Assert.That(Assert.Throws<InvalidDataException>(() => SparseDelta.Load(dir, f))!.Message, Does.Contain("only applies to its own base"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => SparseDelta.Load(dir, f))!.Message, Does.Contain("only applies to its own base"));
     }
 }
 

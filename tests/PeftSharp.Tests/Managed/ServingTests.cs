@@ -297,6 +297,49 @@ public sealed class ServingTests
     }
 
     [Test]
+    public void VariantSet_FreshSetUsedFromSeveralThreads_GivesEachThreadTheSingleThreadedResult()
+    {
+        using var device = new CpuDevice();
+        using var model = UnitScaleTiny(device, 7);
+        var a = Adapter(model.Config, 4, LoraAdapterConfig.LlamaLinear, 310, scaleB: 0.5f);
+        var b = Adapter(model.Config, 2, new[] { "q_proj", "down_proj" }, 410, scaleB: 0.5f);
+        var requests = Enumerable.Range(0, 4).Select(t => new[]
+        {
+            new GenerationRequest($"thread {t} base", null, MaxTokens: 4),
+            new GenerationRequest($"thread {t} a", "a", MaxTokens: 4),
+            new GenerationRequest($"thread {t} b", "b", MaxTokens: 4, Temperature: 0.7f, Seed: t),
+        }).ToArray();
+        string[][] expected;
+        using (var alone = new VariantSet(model))
+        {
+            alone.AddLora("a", a);
+            alone.AddLora("b", b);
+            expected = requests.Select(r => BatchGenerator.Generate(model, r, alone).Select(x => x.Completion).ToArray()).ToArray();
+        }
+
+        // A fresh set: its pools are built lazily by the first batch, which all four threads race to start; a third
+        // variant registered meanwhile rebuilds them between two threads' generations, never under one.
+        var set = new VariantSet(model);
+        set.AddLora("a", a);
+        set.AddLora("b", b);
+        var got = new string[4][];
+        using var start = new Barrier(5);
+        var threads = Enumerable.Range(0, 4).Select(t => new Thread(() =>
+        {
+            start.SignalAndWait();
+            got[t] = BatchGenerator.Generate(model, requests[t], set).Select(x => x.Completion).ToArray();
+        })).ToList();
+        threads.ForEach(t => t.Start());
+        start.SignalAndWait();
+        set.AddLora("c", Adapter(model.Config, 2, new[] { "v_proj" }, 510));
+        threads.ForEach(t => t.Join());
+        Assert.That(got, Is.EqualTo(expected));
+        set.Dispose();
+        set.Dispose(); // twice: harmless
+        Assert.Throws<ObjectDisposedException>(() => BatchGenerator.Generate(model, requests[1], set));
+    }
+
+    [Test]
     public void BatchGenerator_ATreeOfToldPrefixes_SystemThenFewShot_GivesTheSameTokensAsWithout()
     {
         using var device = new CpuDevice();

@@ -174,7 +174,7 @@ public sealed class PeftPrefixAdapterTests : PeftSharp.Tests.Infrastructure.Temp
         }
 
         File.WriteAllText(Path.Combine(dir, "adapter_config.json"), """{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 8, "num_layers": 4, "prefix_projection": true}""");
-        var e2 = Assert.Throws<InvalidDataException>(() => PeftSharp.Formats.PeftPrefixAdapter.Load(dir, config))!;
+        var e2 = Assert.Throws<PeftSharpInputException>(() => PeftSharp.Formats.PeftPrefixAdapter.Load(dir, config))!;
         Assert.That(e2.Message, Does.Contain("prefix_projection").And.Contain("num_layers is 4").And.Contain("token_dim is 8"));
     }
 }

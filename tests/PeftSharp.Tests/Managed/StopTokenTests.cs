@@ -55,7 +55,7 @@ public sealed class StopTokenTests : TempDirectoryTest
         File.WriteAllText(Path.Combine(dir, GenerationConfig.FileName), $$"""{"eos_token_id": {{stop}}}""");
         Assert.That(GenerationConfig.Read(dir).EosTokenIds, Is.EqualTo(new[] { stop }));
         File.WriteAllText(Path.Combine(dir, GenerationConfig.FileName), """{"eos_token_id": [1, "two"]}""");
-        var e = Assert.Throws<InvalidDataException>(() => GenerationConfig.Read(dir))!;
+        var e = Assert.Throws<PeftSharpInputException>(() => GenerationConfig.Read(dir))!;
         Assert.That(e.Message, Does.Contain("eos_token_id").And.Contain(GenerationConfig.FileName));
     }
 }

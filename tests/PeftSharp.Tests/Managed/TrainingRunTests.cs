@@ -224,4 +224,110 @@ public sealed class TrainingRunTests
             Directory.Delete(dir, recursive: true);
         }
     }
+
+    private static TrainingRun Trainer(LlamaModel model, Optimizer optimizer, TrainOptions options) =>
+        new(model, optimizer, new LearningRateSchedule.Constant(options.LearningRate), ExampleSource.Tasks(TaskSuite.Tasks, options.Seed, Split.Train), options);
+
+    [Test]
+    public void NonFiniteLoss_StopsAtThatStep_BeforeItUpdates_AndWritesNothingNonFinite()
+    {
+        string dir = Directory.CreateTempSubdirectory("peftsharp-nan-").FullName;
+        try
+        {
+            using var device = new CpuDevice();
+            using var model = LlamaModel.Create(device, Config, Options.Seed);
+            // A learning rate of 1e12 without clipping: step 1 is finite, its update blows the weights up.
+            var options = Options with { LearningRate = 1e12f, ClipNorm = 0, CheckpointEvery = 1 };
+            using var optimizer = new Sgd(model.AllParameters, momentum: 0f, weightDecay: 0f);
+            var run = Trainer(model, optimizer, options);
+            var snapshots = new List<float[][]>();
+            var e = Assert.Throws<TrainingDivergedException>(() => run.Run(dir, _ => snapshots.Add(model.AllParameters.Select(p => p.Value.ToArray()).ToArray())))!;
+            Assert.That(e.Step, Is.GreaterThan(1).And.EqualTo(snapshots.Count + 1));
+            Assert.That(e.Message, Does.StartWith($"training diverged at step {e.Step}: loss "));
+            Assert.That(run.Step, Is.EqualTo(e.Step - 1));
+            var now = model.AllParameters.Select(p => p.Value.ToArray()).ToArray();
+            Assert.That(now, Is.EqualTo(snapshots[^1]), "the diverged step did not update the weights");
+            Assert.That(now.All(w => w.All(float.IsFinite)), "the weights it stopped with are finite");
+            // Every checkpoint written holds finite weights (a step whose update overflowed would be refused on write).
+            using var saved = HuggingFaceFolder.Load(Path.Combine(dir, TrainingRun.CheckpointFolder), device);
+            Assert.That(saved.Parameters.All(p => p.Value.ToArray().All(float.IsFinite)));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Test]
+    public void NonFiniteLoss_WithSkipNonFinite_SkipsTheStep_AndLogsIt()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, Config, Options.Seed);
+        var w = model["model.layers.0.mlp.up_proj.weight"].Value;
+        var poisoned = w.ToArray();
+        poisoned[3] = float.NaN;
+        w.CopyFrom(poisoned);
+        var before = model.Parameters.Select(p => p.Value.ToArray()).ToArray();
+        using var optimizer = new AdamW(model.AllParameters);
+        var run = Trainer(model, optimizer, Options with { SkipNonFinite = true, Steps = 3 });
+        var metrics = run.Run(null);
+        Assert.That(metrics.Select(m => double.IsNaN(m.Loss)), Is.EqualTo(new[] { true, true, true }));
+        Assert.That(run.Step, Is.EqualTo(3), "skipped steps count, and their data is consumed");
+        Assert.That(model.Parameters.Select(p => p.Value.ToArray()).ToArray(), Is.EqualTo(before), "no update was applied");
+    }
+
+    [Test]
+    public void SafeTensorsWriter_RefusesNonFiniteValues_AndFp16Overflow()
+    {
+        string path = Path.Combine(Path.GetTempPath(), $"peftsharp-nonfinite-{Guid.NewGuid():N}.safetensors");
+        var e = Assert.Throws<PeftSharpInputException>(() => SafeTensorsWriter.Write(path, new[] { new SafeTensorData("w", new[] { 1f, float.PositiveInfinity }, new[] { 2 }) }))!;
+        Assert.That(e.Message, Does.Contain("refusing to write tensor 'w': 1 of its 2 values are NaN or infinite, the first at index 1"));
+        Assert.Throws<PeftSharpInputException>(() => SafeTensorsWriter.Write(path, new[] { new SafeTensorData("w", new[] { 70000f }, new[] { 1 }, PeftSharp.Engine.StorageType.F16) }));
+        Assert.That(File.Exists(path), Is.False, "nothing was written");
+    }
+
+    [Test]
+    public void KilledDuringTheCheckpointSwap_ResumeFindsThePreviousCheckpoint_AndMetricsLoseTheTornLine()
+    {
+        string dir = Directory.CreateTempSubdirectory("peftsharp-swap-").FullName;
+        try
+        {
+            using var device = new CpuDevice();
+            var options = Options with { CheckpointEvery = 2, Steps = 8 };
+            using (var model = LlamaModel.Create(device, Config, Options.Seed))
+            using (var optimizer = new AdamW(model.AllParameters, weightDecay: Options.WeightDecay))
+            {
+                using var stop = new CancellationTokenSource();
+                Trainer(model, optimizer, options).Run(dir, m =>
+                {
+                    if (m.Step == 5) stop.Cancel();
+                }, stop.Token);
+            }
+
+            // As a kill leaves it: the step-4 checkpoint moved aside but the new one not yet in, a half-written
+            // checkpoint.tmp-PID, and metrics.jsonl with step 5 written and step 6 torn mid-line.
+            string ckpt = Path.Combine(dir, TrainingRun.CheckpointFolder);
+            Directory.Move(ckpt, ckpt + ".old");
+            Directory.CreateDirectory(ckpt + ".tmp-999999");
+            File.WriteAllText(Path.Combine(ckpt + ".tmp-999999", "config.json"), "{\"hidd");
+            string metrics = Path.Combine(dir, TrainingRun.MetricsFile);
+            File.AppendAllText(metrics, "{\"step\": 6, \"lo");
+
+            string? found = TrainingRun.LocateCheckpoint(ckpt);
+            Assert.That(found, Is.EqualTo(ckpt + ".old"));
+            using var resumedModel = HuggingFaceFolder.Load(found!, device);
+            using var resumedOptimizer = new AdamW(resumedModel.AllParameters, weightDecay: Options.WeightDecay);
+            var resumed = Trainer(resumedModel, resumedOptimizer, options);
+            resumed.Resume(found!);
+            Assert.That(resumed.Step, Is.EqualTo(4));
+            resumed.Run(dir);
+            var steps = File.ReadLines(metrics).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt32()).ToList();
+            Assert.That(steps, Is.EqualTo(Enumerable.Range(1, 8)), "every step once: the torn line and the repeated step 5 were dropped");
+            Assert.That(Directory.GetDirectories(dir).Select(Path.GetFileName), Is.EqualTo(new[] { TrainingRun.CheckpointFolder }), "the leftovers were removed");
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }

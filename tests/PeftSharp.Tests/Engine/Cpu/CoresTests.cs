@@ -53,16 +53,35 @@ public sealed class CoresTests
     public void For_BodyThrows_RethrowsAfterEveryOtherIndexRan_AndTheNextLoopWorks()
     {
         var hits = new int[100];
-        var e = Assert.Throws<AggregateException>(() => Cores.For(100, i =>
+        var e = Assert.Throws<InvalidOperationException>(() => Cores.For(100, i =>
         {
             Interlocked.Increment(ref hits[i]);
             if (i == 37) throw new InvalidOperationException("index 37");
         }))!;
-        Assert.That(e.InnerExceptions.Single().Message, Is.EqualTo("index 37"));
+        Assert.That(e.Message, Is.EqualTo("index 37"), "the body's own exception, not an AggregateException");
+        Assert.That(e.StackTrace, Does.Contain(nameof(For_BodyThrows_RethrowsAfterEveryOtherIndexRan_AndTheNextLoopWorks)), "with the body's stack");
         Assert.That(hits.All(h => h == 1), "the other indexes still ran, once each");
         var again = new int[100];
         Cores.For(100, i => Interlocked.Increment(ref again[i]));
         Assert.That(again.All(h => h == 1));
+    }
+
+    [Test]
+    public void For_BodyThrowsInALoopThatRunsSerially_IsTheSameExceptionAndEveryIndexRan()
+    {
+        var hits = new int[10];
+        // The inner loop runs on the calling thread (a loop inside a loop): the serial path, as under contention.
+        var e = Assert.Throws<ArgumentException>(() => Cores.For(2, i =>
+        {
+            if (i != 0) return;
+            Cores.For(10, j =>
+            {
+                hits[j]++;
+                if (j == 3) throw new ArgumentException("index 3");
+            });
+        }))!;
+        Assert.That(e.Message, Is.EqualTo("index 3"));
+        Assert.That(hits.All(h => h == 1), "the serial path runs the other indexes too");
     }
 
     [Test]
