@@ -70,7 +70,7 @@ public static class HuggingFaceFolder
             var model = LlamaModel.FromTensors(device, config, (name, _) =>
             {
                 var values = owner[name].ReadFloats(name);
-                if (warn != null && CountNonFinite(values) is int bad and > 0) warn($"{owner[name].Path}: tensor {name} holds {bad} NaN or infinite values of {values.Length}");
+                if (warn != null && FiniteValues.Beyond(values).Count is int bad and > 0) warn($"{owner[name].Path}: tensor {name} holds {bad} NaN or infinite values of {values.Length}");
                 return values;
             });
             model.UseTokenizerFiles(folder, HfTokenizer.ReadFiles(folder));
@@ -81,17 +81,6 @@ public static class HuggingFaceFolder
         {
             foreach (var f in files) f.Dispose();
         }
-    }
-
-    private static int CountNonFinite(float[] values)
-    {
-        int bad = 0;
-        foreach (float v in values)
-        {
-            if (!float.IsFinite(v)) bad++;
-        }
-
-        return bad;
     }
 
     private static List<SafeTensorsFile> OpenTensorFiles(string folder, out Dictionary<string, SafeTensorsFile> owner)

@@ -73,17 +73,8 @@ public static class SafeTensorsWriter
     /// </summary>
     private static void RefuseNonFinite(string path, SafeTensorData t)
     {
-        float limit = t.Type == StorageType.F16 ? 65504f : float.MaxValue;
-        int bad = 0, first = -1;
         var v = t.Values;
-        for (int i = 0; i < v.Length; i++)
-        {
-            if (!(MathF.Abs(v[i]) <= limit))
-            {
-                if (bad++ == 0) first = i;
-            }
-        }
-
+        var (bad, first) = FiniteValues.Beyond(v, t.Type == StorageType.F16 ? 65504f : float.MaxValue);
         if (bad > 0)
         {
             throw new PeftSharpInputException($"{path}: refusing to write tensor '{t.Name}': {bad} of its {v.Length} values are NaN or infinite" +

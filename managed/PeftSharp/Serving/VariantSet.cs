@@ -51,14 +51,7 @@ public sealed class VariantSet : IDisposable
     };
 
     /// <summary>Registers a LoRA adapter as a variant; returns its index.</summary>
-    public int AddLora(string name, PeftLoraAdapter adapter)
-    {
-        lock (Model.GenerationLock)
-        {
-            ObjectDisposedException.ThrowIf(disposed, this);
-            return AddLoraLocked(name, adapter);
-        }
-    }
+    public int AddLora(string name, PeftLoraAdapter adapter) => Guarded(() => AddLoraLocked(name, adapter));
 
     private int AddLoraLocked(string name, PeftLoraAdapter adapter)
     {
@@ -74,14 +67,7 @@ public sealed class VariantSet : IDisposable
     /// embeddings, norms and LM head it keeps densely (a full fine-tune changes them) become that variant's own copies,
     /// which its rows use in the mixed batch (<see cref="IRowVariants.Replacement"/>).
     /// </summary>
-    public int AddDelta(string name, BitDelta delta)
-    {
-        lock (Model.GenerationLock)
-        {
-            ObjectDisposedException.ThrowIf(disposed, this);
-            return AddDeltaLocked(name, delta);
-        }
-    }
+    public int AddDelta(string name, BitDelta delta) => Guarded(() => AddDeltaLocked(name, delta));
 
     private int AddDeltaLocked(string name, BitDelta delta)
     {
@@ -131,14 +117,7 @@ public sealed class VariantSet : IDisposable
     }
 
     /// <summary>Binds a batch: row r of every linear input belongs to variant <paramref name="rowVariants"/>[r] (-1: base).</summary>
-    public RowVariantBatch Bind(IReadOnlyList<int> rowVariants)
-    {
-        lock (Model.GenerationLock)
-        {
-            ObjectDisposedException.ThrowIf(disposed, this);
-            return BindLocked(rowVariants);
-        }
-    }
+    public RowVariantBatch Bind(IReadOnlyList<int> rowVariants) => Guarded(() => BindLocked(rowVariants));
 
     private RowVariantBatch BindLocked(IReadOnlyList<int> rowVariants)
     {
@@ -156,14 +135,7 @@ public sealed class VariantSet : IDisposable
     /// linear weights run through the mixed sparse product; entries on embeddings, norms or the LM head give the variant
     /// its own dense copy of that parameter (base plus the entries), which its rows use.
     /// </summary>
-    public int AddSparse(string name, SparseDelta delta)
-    {
-        lock (Model.GenerationLock)
-        {
-            ObjectDisposedException.ThrowIf(disposed, this);
-            return AddSparseLocked(name, delta);
-        }
-    }
+    public int AddSparse(string name, SparseDelta delta) => Guarded(() => AddSparseLocked(name, delta));
 
     private int AddSparseLocked(string name, SparseDelta delta)
     {
@@ -187,14 +159,7 @@ public sealed class VariantSet : IDisposable
     /// Registers a prefix-tuning adapter as a variant; returns its index. Its virtual tokens become a shared prefix
     /// cache that the variant's sequences continue, so prefix-tuned rows batch with every other kind.
     /// </summary>
-    public int AddPrefix(string name, PeftPrefixAdapter adapter)
-    {
-        lock (Model.GenerationLock)
-        {
-            ObjectDisposedException.ThrowIf(disposed, this);
-            return AddPrefixLocked(name, adapter);
-        }
-    }
+    public int AddPrefix(string name, PeftPrefixAdapter adapter) => Guarded(() => AddPrefixLocked(name, adapter));
 
     private int AddPrefixLocked(string name, PeftPrefixAdapter adapter)
     {
@@ -281,6 +246,16 @@ public sealed class VariantSet : IDisposable
         using var ta = Model.Device.FromArray("a", a, rank, w.Dim(1));
         using var tb = Model.Device.FromArray("b", b, w.Dim(0), rank);
         return LoraMerge.MergedRowNorms(w, ta, tb, scale).Select((norm, r) => (float)(magnitude[r] / Math.Max(norm, 1e-12))).ToArray();
+    }
+
+    /// <summary>Runs <paramref name="body"/> under the model's generation lock, on a set that is not disposed.</summary>
+    private T Guarded<T>(Func<T> body)
+    {
+        lock (Model.GenerationLock)
+        {
+            ObjectDisposedException.ThrowIf(disposed, this);
+            return body();
+        }
     }
 
     public void Dispose()

@@ -139,7 +139,7 @@ public sealed class TrainingRun
                 if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
                 {
                     metrics?.Flush();
-                    SaveCheckpoint(Path.Combine(outDir, "checkpoint"));
+                    SaveCheckpoint(Path.Combine(outDir, CheckpointFolder));
                 }
             }
         }
@@ -157,6 +157,9 @@ public sealed class TrainingRun
     /// <summary>The checkpoint folder a run writes in its output folder.</summary>
     public const string CheckpointFolder = "checkpoint";
 
+    /// <summary>A checkpoint's step, optimizer steps, data position, seed and optimizer kind; its presence marks a whole checkpoint.</summary>
+    public const string StateFile = "trainer_state.json";
+
     /// <summary>
     /// The checkpoint to resume from when given <paramref name="folder"/> (OUT/checkpoint): that folder, or, when a
     /// crash came in the instant of the swap after the old checkpoint was moved aside and before the new one was moved
@@ -167,7 +170,7 @@ public sealed class TrainingRun
         string full = Path.GetFullPath(folder);
         foreach (var candidate in new[] { full, full + ".old" })
         {
-            if (File.Exists(Path.Combine(candidate, "trainer_state.json"))) return candidate;
+            if (File.Exists(Path.Combine(candidate, StateFile))) return candidate;
         }
 
         return null;
@@ -179,7 +182,7 @@ public sealed class TrainingRun
         foreach (var dir in Directory.GetDirectories(outDir, CheckpointFolder + ".tmp-*")) Directory.Delete(dir, recursive: true);
         // A crash after the new checkpoint moved in but before the old one was removed leaves both; the new one is whole.
         string old = Path.Combine(outDir, CheckpointFolder + ".old");
-        if (Directory.Exists(old) && File.Exists(Path.Combine(outDir, CheckpointFolder, "trainer_state.json"))) Directory.Delete(old, recursive: true);
+        if (Directory.Exists(old) && File.Exists(Path.Combine(outDir, CheckpointFolder, StateFile))) Directory.Delete(old, recursive: true);
     }
 
     /// <summary>
@@ -192,25 +195,29 @@ public sealed class TrainingRun
         var kept = new StringBuilder();
         foreach (var line in File.ReadLines(path))
         {
-            int? s = null;
-            try
-            {
-                using var doc = JsonDocument.Parse(line);
-                if (doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("step", out var v) && v.TryGetInt32(out int n)) s = n;
-            }
-            catch (JsonException)
-            {
-            }
-
-            if (s is int n2 && n2 <= step) kept.Append(line).Append('\n');
+            if (StepOf(line) is int n && n <= step) kept.Append(line).Append('\n');
         }
 
         AtomicFile.WriteText(path, kept.ToString());
+
+        static int? StepOf(string line)
+        {
+            try
+            {
+                using var doc = JsonDocument.Parse(line);
+                return doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("step", out var v) && v.TryGetInt32(out int n) ? n : null;
+            }
+            catch (JsonException)
+            {
+                return null; // a line a kill tore
+            }
+        }
     }
 
     /// <summary>
-    /// Bytes a run's output needs at its peak: while a checkpoint swaps, the new one, the previous one and the final
-    /// model (each: weights, optimizer moments, adapter and extra state, at 4 bytes a value), with a quarter to spare.
+    /// Bytes a run's output needs at its peak: while a checkpoint swaps, the new one and the previous one (each counted
+    /// as four copies of the values at 4 bytes: weights, two optimizer moments, adapter and extra state), the final
+    /// model, and a quarter of the model's size to spare.
     /// </summary>
     public long EstimateOutputBytes()
     {
@@ -313,7 +320,7 @@ public sealed class TrainingRun
             ["seed"] = Options.Seed,
             ["optimizer"] = optimizer.GetType().Name,
         };
-        AtomicFile.WriteText(Path.Combine(tmp, "trainer_state.json"), JsonSerializer.Serialize(trainerState, new JsonSerializerOptions { WriteIndented = true }));
+        AtomicFile.WriteText(Path.Combine(tmp, StateFile), JsonSerializer.Serialize(trainerState, new JsonSerializerOptions { WriteIndented = true }));
         string old = full + ".old";
         if (Directory.Exists(old)) Directory.Delete(old, recursive: true);
         if (Directory.Exists(full)) Directory.Move(full, old);
@@ -330,9 +337,9 @@ public sealed class TrainingRun
 
     private void ResumeCore(string folder)
     {
-        string statePath = Path.Combine(folder, "trainer_state.json");
+        string statePath = Path.Combine(folder, StateFile);
         if (!File.Exists(statePath)) throw new FileNotFoundException($"{folder}: not a checkpoint (no trainer_state.json)", statePath);
-        var root = JsonConfigFile.Read(folder, "trainer_state.json", "checkpoint");
+        var root = JsonConfigFile.Read(folder, StateFile, "checkpoint");
         long Need(string key) => root[key]?.Value<long>() ?? throw new PeftSharpInputException($"{statePath}: no {key}");
         string kind = JsonConfigFile.RequiredString(root, "optimizer", statePath);
         int step = checked((int)Need("step")), optimizerSteps = checked((int)Need("optimizer_steps"));
