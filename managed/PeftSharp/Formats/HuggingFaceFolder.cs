@@ -32,6 +32,7 @@ public static class HuggingFaceFolder
     private static LlamaModel LoadCore(string folder, Device device, Action<string>? warn)
     {
         var config = ReadConfig(folder);
+        ModelMemory.EnsureWeightsFit(device, config, Path.Combine(folder, ConfigFile));
         var files = OpenTensorFiles(folder, out var owner);
         try
         {

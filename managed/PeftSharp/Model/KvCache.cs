@@ -17,6 +17,7 @@ public sealed class KvCache : IDisposable
             throw new ArgumentException($"KV cache capacity {capacity} must be in [1, max_position_embeddings = {c.MaxPositionEmbeddings}]");
         }
 
+        ModelMemory.EnsureFits(model.Device, ModelMemory.KvCacheBytes(c, capacity), $"a KV cache of {capacity} positions");
         Capacity = capacity;
         Keys = Enumerable.Range(0, c.NumHiddenLayers).Select(i => model.Device.Zeros($"cache.{i}.k", 1, capacity, c.NumKeyValueHeads, c.HeadDim)).ToArray();
         Values = Enumerable.Range(0, c.NumHiddenLayers).Select(i => model.Device.Zeros($"cache.{i}.v", 1, capacity, c.NumKeyValueHeads, c.HeadDim)).ToArray();

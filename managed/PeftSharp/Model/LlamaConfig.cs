@@ -84,6 +84,7 @@ public sealed record LlamaConfig
                 $"{rs.OriginalMaxPositions})");
         }
 
+        if (errors.Count == 0) errors.AddRange(ModelMemory.OversizedTensors(this));
         if (errors.Count > 0) throw new ArgumentException($"{source}: " + string.Join("; ", errors));
     }
 

@@ -226,6 +226,7 @@ public sealed class LlamaModel : IDisposable
     public static LlamaModel FromTensors(Device device, LlamaConfig config, Func<string, int[], float[]> values)
     {
         config.Validate();
+        ModelMemory.EnsureWeightsFit(device, config, "config");
         return new LlamaModel(device, config, LlamaWeights.FromTensors(device, config, values));
     }
 

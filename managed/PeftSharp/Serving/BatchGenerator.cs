@@ -69,6 +69,16 @@ public static class BatchGenerator
         var users = new Dictionary<KvCache, int>();
         var nodes = new List<(KvCache Cache, int[] Tokens, int Variant, int Depth)>();
         var chainOf = Enumerable.Range(0, n).Select(_ => new List<KvCache>()).ToArray();
+        long cachedPositions = 0;
+        KvCache NewCache(int positions, KvCache? parent)
+        {
+            // The batch's caches together, checked before each is allocated: a batch that could never fit is refused
+            // with its figure instead of exhausting the device part way through.
+            cachedPositions += positions;
+            ModelMemory.EnsureFits(model.Device, ModelMemory.KvCacheBytes(model.Config, cachedPositions), $"the KV caches of {n} requests ({cachedPositions} positions so far)");
+            return new KvCache(model, positions, parent);
+        }
+
         try
         {
             // The prefix tree: one node per distinct (variant, tokens through that level), computed level by level
@@ -86,7 +96,7 @@ public static class BatchGenerator
                     if (!byKey.TryGetValue(key, out var cache))
                     {
                         var parent = level == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][level - 1];
-                        cache = new KvCache(model, to - from, parent);
+                        cache = NewCache(to - from, parent);
                         byKey[key] = cache;
                         fresh.Add((cache, full[i][from..to], variantOf[i]));
                         nodes.Add((cache, full[i][from..to], variantOf[i], level));
@@ -111,7 +121,7 @@ public static class BatchGenerator
                 var parent = chainOf[i].Count == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][^1];
                 if (parent != null && users.ContainsKey(parent)) users[parent]++;
                 int capacity = Math.Min(model.Config.MaxPositionEmbeddings - p, full[i].Length - p + requests[i].MaxTokens);
-                caches[i] = new KvCache(model, capacity, parent);
+                caches[i] = NewCache(capacity, parent);
                 pending[i] = full[i][p..];
             }
 

@@ -24,7 +24,12 @@ public static class LoraGa
         model.ZeroGrad();
         foreach (var (ids, targets) in batches) model.Loss(ids, targets, batchSize, backward: true);
         var grads = modules.ToDictionary(m => m, m => model[m + ".weight"].Grad.ToArray());
-        foreach (var (p, t) in was) p.Trainable = t;
+        foreach (var (p, t) in was)
+        {
+            p.Trainable = t;
+            if (!t) p.ReleaseGrad(); // the base weights' gradients served the initialisation only
+        }
+
         model.ZeroGrad();
 
         var init = new Dictionary<string, (float[] A, float[] B)>();

@@ -214,6 +214,55 @@ public sealed class LlamaModelTests
         }
     }
 
+    /// <summary>
+    /// A config is sized before anything is allocated: a tensor over int.MaxValue elements is refused at parse time,
+    /// weights or a KV cache larger than the device's whole memory are refused with the figure they need.
+    /// </summary>
+    [Test]
+    public void Config_TooLargeForDevice_RefusedBeforeAllocation()
+    {
+        var huge = Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(LlamaConfig.Tiny.ToJson().Replace("\"vocab_size\": 259", "\"vocab_size\": 40000000"), "big.json"))!;
+        Assert.That(huge.Message, Does.Contain("big.json").And.Contain("model.embed_tokens.weight [40000000, 64]").And.Contain("more than one tensor holds"));
+
+        using var device = new CpuDevice();
+        long memory = device.Info.MemoryBytes;
+        // Each layer's MLP is 3 x 16384 x 32768 fp32 (6 GiB): enough layers to pass any CPU's memory by a margin.
+        int layers = (int)Math.Min(4000, memory / (6L << 30) + 2);
+        var wide = LlamaConfig.Tiny with { HiddenSize = 16384, IntermediateSize = 32768, NumAttentionHeads = 128, NumKeyValueHeads = 8, NumHiddenLayers = layers, VocabSize = 32 };
+        Assert.That(ModelMemory.WeightBytes(wide), Is.GreaterThan(memory));
+        long before = GC.GetTotalAllocatedBytes();
+        var e = Assert.Throws<PeftSharpInputException>(() => LlamaModel.Create(device, wide, seed: 1))!;
+        Assert.That(e.Message, Does.Contain($"{layers} layers").And.Contain("as fp32 need").And.Contain(ModelMemory.Describe(ModelMemory.WeightBytes(wide))).And.Contain("cpu has"));
+        Assert.That(GC.GetTotalAllocatedBytes() - before, Is.LessThan(64L << 20), "refused before allocating weights");
+
+        // A KV cache as long as max_position_embeddings allows but beyond memory: refused with its size.
+        var longContext = Micro(tied: true) with { MaxPositionEmbeddings = int.MaxValue };
+        using var model = LlamaModel.FromTensors(device, longContext, Weights(1));
+        long perPosition = ModelMemory.KvCacheBytes(longContext, 1);
+        int positions = (int)Math.Min(int.MaxValue, memory / perPosition + 1);
+        var kv = Assert.Throws<PeftSharpInputException>(() => new KvCache(model, positions))!;
+        Assert.That(kv.Message, Does.Contain($"a KV cache of {positions} positions need"));
+        using var fits = new KvCache(model, 64);
+        Assert.That(ModelMemory.KvCacheBytes(longContext, 64), Is.EqualTo(2L * 2 * 64 * 1 * 4 * sizeof(float)));
+    }
+
+    /// <summary>Frozen parameters hold no gradient: only what a backward pass touches allocates one.</summary>
+    [Test]
+    public void Parameters_AllocateGradients_OnlyWhenUsed()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.FromTensors(device, Micro(tied: false), Weights(2));
+        model.Logits(Tokens, batch: 2);
+        Assert.That(model.AllParameters.Where(p => p.HasGrad), Is.Empty, "inference allocates no gradients");
+        foreach (var p in model.AllParameters) p.Trainable = p.Name == "lm_head.weight";
+        model.ZeroGrad();
+        model.Loss(Tokens, Targets, batch: 2, backward: true);
+        Assert.That(model.AllParameters.Where(p => p.HasGrad).Select(p => p.Name), Is.EqualTo(new[] { "lm_head.weight" }));
+        Assert.That(model["lm_head.weight"].Grad.ToArray().Any(g => g != 0f), Is.True);
+        model["lm_head.weight"].ReleaseGrad();
+        Assert.That(model["lm_head.weight"].Grad.ToArray().All(g => g == 0f), Is.True, "a released gradient comes back as zeros");
+    }
+
     [Test]
     public void Config_ParsesHuggingFaceJson_AndRejectsOtherArchitectures()
     {
