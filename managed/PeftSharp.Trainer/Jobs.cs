@@ -17,28 +17,58 @@ internal sealed class Jobs
         this.quiet = quiet;
     }
 
-    /// <summary>builtin:tasks, builtin:tasks=add,sort, a .jsonl file, or a UTF-8 text file.</summary>
-    public static (ExampleSource Train, List<Example> HeldOut, bool CompletionOnly) Data(string spec, int seed, int heldOut = 64)
+    /// <summary>What training reads and what it is scored on afterwards, described for the log.</summary>
+    public sealed record DataPlan(ExampleSource Train, List<Example> HeldOut, bool CompletionOnly, string Description);
+
+    /// <summary>
+    /// builtin:tasks, builtin:tasks=add,sort, a .jsonl file (prompt/completion or text lines) or a UTF-8 text file.
+    /// Built-in tasks hold out their own split (<paramref name="builtinHeldOut"/> examples, never trained on); a file
+    /// trains on all of it unless <paramref name="evalSplit"/> splits a fraction off, and <paramref name="evalData"/>
+    /// names held-out data of its own. Documents are cut into windows of <paramref name="seqLen"/> tokens.
+    /// </summary>
+    public static DataPlan Data(string spec, int seed, ITokenizer tokenizer, int seqLen, double evalSplit = 0, string? evalData = null, int builtinHeldOut = 64, string flag = "--data")
     {
+        if (evalSplit != 0 && !(evalSplit > 0 && evalSplit < 1)) throw new ArgumentException($"--eval-split {evalSplit}: must be in (0, 1)");
+        List<Example>? separate = evalData != null ? ReadFile(evalData, "--eval-data", tokenizer, seqLen) : null;
         if (spec.StartsWith("builtin:", StringComparison.Ordinal))
         {
-            var tasks = TaskNames(spec);
-            var held = TaskSuite.Stream(tasks, seed + 1000, Split.HeldOut).Take(heldOut).ToList();
-            return (ExampleSource.Tasks(tasks, seed, Split.Train), held, false);
+            if (evalSplit != 0) throw new ArgumentException($"--eval-split applies to data files; {spec} holds out its own split (or give --eval-data FILE)");
+            var tasks = TaskNames(spec, flag);
+            var held = separate ?? TaskSuite.Stream(tasks, seed + 1000, Split.HeldOut).Take(builtinHeldOut).ToList();
+            return new DataPlan(ExampleSource.Tasks(tasks, seed, Split.Train), held, false,
+                $"{spec}, scored on {(separate != null ? $"{evalData} ({held.Count} examples)" : $"{held.Count} held-out examples of the tasks' own split")}");
         }
 
-        if (!File.Exists(spec)) throw new ArgumentException($"--data {spec}: file not found");
-        var examples = spec.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase) ? DataFiles.ReadJsonl(spec) : DataFiles.ReadText(spec);
-        bool completionOnly = examples.Any(e => e.Prompt.Length > 0);
-        int h = Math.Min(heldOut, examples.Count / 10);
-        return (ExampleSource.List(examples.Skip(h).ToList()), examples.Take(h).ToList(), completionOnly);
+        var examples = ReadFile(spec, flag, tokenizer, seqLen);
+        bool completionOnly = examples.Any(e => e.HasPrompt);
+        string unit = examples[0].Ids != null ? $"windows of {seqLen} tokens" : "examples";
+        if (evalSplit > 0)
+        {
+            var (train, held) = DataFiles.HoldOut(examples, evalSplit, seed);
+            if (separate != null) throw new ArgumentException("--eval-split and --eval-data both name held-out data; give one");
+            return new DataPlan(ExampleSource.List(train), held, completionOnly,
+                $"{spec}: {train.Count} {unit} trained on, {held.Count} held out (--eval-split {evalSplit})");
+        }
+
+        return new DataPlan(ExampleSource.List(examples), separate ?? new List<Example>(), completionOnly,
+            $"{spec}: {examples.Count} {unit}, all trained on; " + (separate != null ? $"scored on {evalData} ({separate.Count})" : "none held out (--eval-split 0.1 or --eval-data FILE to score)"));
+    }
+
+    /// <summary>Every example of a data file, documents cut into windows; <paramref name="flag"/> names it in errors.</summary>
+    public static List<Example> ReadFile(string path, string flag, ITokenizer tokenizer, int seqLen)
+    {
+        if (!File.Exists(path)) throw new ArgumentException($"{flag} {path}: file not found");
+        var examples = path.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase) ? DataFiles.ReadJsonl(path) : DataFiles.ReadText(path);
+        if (examples.Any(e => e.HasPrompt)) return examples;
+        var windows = DataFiles.Windows(examples, tokenizer, seqLen);
+        return windows.Count > 0 ? windows : throw new PeftSharpInputException($"{path}: no tokens to train on");
     }
 
     /// <summary>The task names of a builtin:tasks data spec (the tasks Data streams, and what --adapter-per-task trains an adapter for).</summary>
-    public static IReadOnlyList<string> TaskNames(string spec) =>
+    public static IReadOnlyList<string> TaskNames(string spec, string flag = "--data") =>
         spec == "builtin:tasks" ? TaskSuite.Tasks
         : spec.StartsWith("builtin:tasks=", StringComparison.Ordinal) ? spec["builtin:tasks=".Length..].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
-        : throw new ArgumentException($"--data {spec}: use builtin:tasks or builtin:tasks=NAME,NAME (tasks: {string.Join(", ", TaskSuite.Tasks)})");
+        : throw new ArgumentException($"{flag} {spec}: use builtin:tasks or builtin:tasks=NAME,NAME (tasks: {string.Join(", ", TaskSuite.Tasks)})");
 
     public static LlamaConfig Config(string spec) => spec switch
     {
@@ -61,7 +91,8 @@ internal sealed class Jobs
         FinetuneOptions? recipeOptions = null, FinetuneRecipe? recipe = null, Action<string>? save = null)
     {
         var finetune = recipeOptions ?? recipe?.Options ?? new FinetuneOptions();
-        IReadOnlyList<StepMetrics> Run(Action<StepMetrics> onStep) => Finetune.Train(model, data, options, finetune, outDir, title, recipe, resume, onStep, console.WriteLine, save);
+        IReadOnlyList<StepMetrics> Run(Action<StepMetrics> onStep) => Finetune.Train(model, data, options, finetune, outDir, title, recipe, resume, onStep, console.WriteLine, save,
+            Commands.Host.Interruption);
         if (quiet)
         {
             return Run(m =>
@@ -85,6 +116,28 @@ internal sealed class Jobs
         return metrics;
     }
 
+    /// <summary>Evaluates with a progress bar that says which part runs (loss, then exact match by batched greedy generation).</summary>
+    public EvalResult Evaluate(LlamaModel model, IReadOnlyList<Example> held, int seqLen, bool completionOnly, string label)
+    {
+        if (quiet) return Evaluator.Evaluate(model, held, seqLen, completionOnly);
+        EvalResult result = null!;
+        console.Progress()
+            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn())
+            .Start(ctx =>
+            {
+                var task = ctx.AddTask($"{label}: loss", maxValue: 1);
+                result = Evaluator.Evaluate(model, held, seqLen, completionOnly, progress: (phase, done, total) =>
+                {
+                    task.Description = $"{label}: {(phase == "loss" ? "loss" : "exact match (greedy, batched)")} {done}/{total}";
+                    task.MaxValue = Math.Max(total, 1);
+                    task.Value = done;
+                });
+                task.Value = task.MaxValue;
+            });
+        return result;
+    }
+
     public void PrintEval(string label, EvalResult r) =>
-        console.MarkupLine($"{Markup.Escape(label)}: loss [bold]{r.Loss:F4}[/], perplexity {r.Perplexity:F2}, exact match [bold]{r.ExactMatch:P1}[/] of {r.Examples}");
+        console.MarkupLine($"{Markup.Escape(label)}: loss [bold]{r.Loss:F4}[/], perplexity {r.Perplexity:F2}, " +
+            (r.Matched > 0 ? $"exact match [bold]{r.ExactMatch:P1}[/] of {r.Matched}" : $"{r.Examples} windows (no prompts, so no exact match)"));
 }

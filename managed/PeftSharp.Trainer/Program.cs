@@ -9,7 +9,11 @@ namespace PeftSharp.Trainer;
 /// </summary>
 public static class Program
 {
-    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+    public static int Main(string[] args)
+    {
+        using var interrupt = Host.HandleInterrupts(Console.Error);
+        return Run(args, Console.Out, Console.Error);
+    }
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
@@ -47,7 +51,7 @@ public static class Program
         }
         catch (Exception e)
         {
-            return Report(e, stderr);
+            return Report(e, stderr, args);
         }
     }
 
@@ -60,13 +64,23 @@ public static class Program
     /// <summary>Exit code 3: training stopped at a non-finite loss or gradient norm (nothing non-finite was written).</summary>
     public const int Diverged = 3;
 
+    /// <summary>Exit code 130 (128 + SIGINT, as shells report Ctrl-C): training stopped at a step boundary with a checkpoint.</summary>
+    public const int Interrupted = 130;
+
     /// <summary>
     /// One line on stderr for what the user can fix (<see cref="BadInput"/>); a bug in PeftSharp also prints its stack
     /// trace, for the report (<see cref="InternalError"/>). Never the runtime's "Unhandled exception" and exit 134.
     /// </summary>
-    public static int Report(Exception e, TextWriter stderr)
+    public static int Report(Exception e, TextWriter stderr, IReadOnlyList<string>? args = null)
     {
         while (e is AggregateException { InnerExceptions.Count: 1 } a) e = a.InnerExceptions[0];
+        if (e is PeftSharp.Training.TrainingInterruptedException stop)
+        {
+            stderr.WriteLine($"peft: {stop.Message}");
+            if (stop.Checkpoint != null && args != null) stderr.WriteLine($"peft: to go on: peft {ResumeCommand(args, stop.Checkpoint)}");
+            return Interrupted;
+        }
+
         if (e is PeftSharp.Training.TrainingDivergedException)
         {
             stderr.WriteLine($"peft: {e.Message}");
@@ -86,4 +100,24 @@ public static class Program
 
     private static bool IsBadInput(Exception e) =>
         e is PeftSharpInputException or NotSupportedException or ArgumentException or IOException or UnauthorizedAccessException;
+
+    /// <summary>The command line that continues an interrupted run: the same flags, --resume naming its checkpoint.</summary>
+    internal static string ResumeCommand(IReadOnlyList<string> args, string checkpoint)
+    {
+        var kept = new List<string>();
+        for (int i = 0; i < args.Count; i++)
+        {
+            if (args[i] == "--resume")
+            {
+                i++; // and its value
+                continue;
+            }
+
+            if (!args[i].StartsWith("--resume=", StringComparison.Ordinal)) kept.Add(args[i]);
+        }
+
+        kept.Add("--resume");
+        kept.Add(checkpoint);
+        return string.Join(' ', kept.Select(a => a.Length > 0 && a.All(c => char.IsLetterOrDigit(c) || "-_=./:,@+".Contains(c)) ? a : $"'{a.Replace("'", "'\\''")}'"));
+    }
 }

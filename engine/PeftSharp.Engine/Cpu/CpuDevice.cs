@@ -55,6 +55,9 @@ public sealed unsafe class CpuDevice : Device
     /// <summary>Tensor arrays the pool could not serve from what it kept (fresh allocations of 4096 floats or more).</summary>
     internal long PoolMisses => storage.Misses;
 
+    /// <summary>Bytes of tensors alive now, and the most alive at once, as the pool counts them.</summary>
+    internal (long Live, long PeakLive) PoolLiveBytes => storage.LiveBytes;
+
     public override long ReleaseCachedMemory() => storage.Clear();
 
     protected override void DisposeCore() => storage.Clear();

@@ -1,30 +1,89 @@
 using System.CommandLine;
+using System.Text.Json.Nodes;
+using PeftSharp.Data;
+using PeftSharp.Formats;
+using PeftSharp.Serving;
 using PeftSharp.Training;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Trainer.Commands;
 
-/// <summary>`peft eval`: loss, perplexity and exact match on held-out data.</summary>
+/// <summary>`peft eval`: loss, perplexity and exact match of a model, and of its adapters and deltas in one mixed batch.</summary>
 internal static class EvalCommand
 {
     public static Command Create(SharedOptions o, TextWriter stdout)
     {
-        var eval = new Command("eval", "Loss, perplexity and exact-match accuracy on held-out data.");
-        foreach (var opt in new Option[] { o.Device, o.Model, o.Data, o.SeqLen, o.Seed }) eval.Options.Add(opt);
-        eval.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(o.Data)!, r.GetValue(o.SeqLen), r.GetValue(o.Seed), stdout));
+        var adapters = new Option<string[]>("--adapter") { Description = "A PEFT adapter folder to score (LoRA, DoRA or prefix tuning): DIR or name=DIR, repeatable",
+            AllowMultipleArgumentsPerToken = true };
+        var deltas = new Option<string[]>("--delta") { Description = "A 1-bit (peft compress) or sparse delta folder to score: DIR or name=DIR, repeatable",
+            AllowMultipleArgumentsPerToken = true };
+        var prefixes = new Option<string[]>("--prefix") { Description = "A PEFT prefix-tuning folder to score: DIR or name=DIR, repeatable", AllowMultipleArgumentsPerToken = true };
+        var examples = new Option<int>("--examples") { Description = "builtin tasks: held-out examples to score", DefaultValueFactory = _ => 64 };
+        var eval = new Command("eval", "Loss, perplexity and exact-match accuracy of a model on all of a data file (or the built-in tasks' held-out split); with --adapter, " +
+            "--delta or --prefix, of each variant too, one row each, all scored in one mixed batch over the base weights.");
+        foreach (var opt in new Option[] { o.Device, o.Model, o.Data, adapters, deltas, prefixes, examples, o.SeqLen, o.Seed, o.Json }) eval.Options.Add(opt);
+        eval.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(o.Data)!, Named(r.GetValue(adapters), "--adapter"), Named(r.GetValue(deltas), "--delta"),
+            Named(r.GetValue(prefixes), "--prefix"), SharedOptions.Positive("--examples", r.GetValue(examples)), SharedOptions.Positive("--seq-len", r.GetValue(o.SeqLen)),
+            r.GetValue(o.Seed), r.GetValue(o.Json), stdout));
         return eval;
     }
 
-    private static int Run(string? deviceSpec, string modelDir, string dataSpec, int seqLen, int seed, TextWriter stdout)
+    /// <summary>DIR or name=DIR entries of <paramref name="flag"/>; a bare DIR is named by its folder name.</summary>
+    private static IReadOnlyList<(string Name, string Folder, string Flag)> Named(string[]? values, string flag) =>
+        RequestFile.ParseNamedFolders(flag, (values ?? Array.Empty<string>()).SelectMany(v => v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+            .Select(v => v.Contains('=') ? v : $"{Path.GetFileName(Path.TrimEndingDirectorySeparator(v))}={v}")).Select(n => (n.Name, n.Folder, flag)).ToList();
+
+    private static int Run(string? deviceSpec, string modelDir, string dataSpec, IReadOnlyList<(string Name, string Folder, string Flag)> adapters,
+        IReadOnlyList<(string Name, string Folder, string Flag)> deltas, IReadOnlyList<(string Name, string Folder, string Flag)> prefixes, int builtinExamples, int seqLen, int seed,
+        bool json, TextWriter stdout)
     {
+        var variants = adapters.Concat(deltas).Concat(prefixes).ToList();
+        var twice = variants.GroupBy(v => v.Name).FirstOrDefault(g => g.Count() > 1 || g.Key == "base");
+        if (twice != null) throw new ArgumentException($"{twice.First().Flag}: the name '{twice.Key}' is {(twice.Key == "base" ? "the base model's" : "given twice")}; name it with name=DIR");
         var console = Host.Console(stdout);
         using var device = Host.OpenDevice(deviceSpec);
         using var model = Host.LoadTextModel(modelDir, device);
-        var (_, held, _) = Jobs.Data(dataSpec, seed);
+        // The whole file is scored (a file is not split here); built-in tasks score their held-out split.
+        var held = dataSpec.StartsWith("builtin:", StringComparison.Ordinal)
+            ? Jobs.Data(dataSpec, seed, model.Tokenizer, seqLen, builtinHeldOut: builtinExamples).HeldOut
+            : Jobs.ReadFile(dataSpec, "--data", model.Tokenizer, seqLen);
         // Examples with a prompt (every built-in task, JSONL prompt/completion) are scored on their completions, as
-        // fine-tuning trains them and as the quickstart reports them; plain text on every token. Built-in tasks had
-        // been scored on every token, prompt included: 6.68 against the quickstart's 4.86 for the same model and task.
-        bool completionOnly = held.Any(e => e.Prompt.Length > 0);
-        new Jobs(console, true).PrintEval($"{dataSpec} ({(completionOnly ? "loss on completions" : "loss on every token")})", Evaluator.Evaluate(model, held, seqLen, completionOnly));
+        // fine-tuning trains them and as the quickstart reports them; documents on every token.
+        bool completionOnly = held.Any(e => e.HasPrompt);
+        string scoring = completionOnly ? "loss on completions" : "loss on every token";
+        using var set = new VariantSet(model);
+        foreach (var (name, folder, flag) in variants)
+        {
+            var variant = VariantFolder.Load(folder, model);
+            string? wrong = (flag, variant) switch
+            {
+                ("--adapter", PeftLoraAdapter or PeftPrefixAdapter) or ("--prefix", PeftPrefixAdapter) or ("--delta", PeftSharp.Compression.BitDelta or SparseDelta) => null,
+                _ => $"{flag} {folder}: holds a {variant.GetType().Name}, not what {flag} takes",
+            };
+            if (wrong != null) throw new ArgumentException(wrong);
+            set.Add(name, variant);
+        }
+
+        var names = new List<string?> { null };
+        names.AddRange(variants.Select(v => (string?)v.Name));
+        var results = Evaluator.EvaluateVariants(model, set, names, held, seqLen, completionOnly);
+        if (json)
+        {
+            for (int i = 0; i < names.Count; i++)
+            {
+                var r = results[i];
+                stdout.WriteLine(new JsonObject
+                {
+                    ["variant"] = names[i] ?? "base", ["data"] = dataSpec, ["examples"] = r.Examples, ["loss"] = r.Loss, ["perplexity"] = r.Perplexity,
+                    ["exact_match"] = r.Matched > 0 ? r.ExactMatch : null, ["exact_match_examples"] = r.Matched, ["scoring"] = scoring,
+                }.ToJsonString());
+            }
+
+            return 0;
+        }
+
+        var jobs = new Jobs(console, true);
+        for (int i = 0; i < names.Count; i++) jobs.PrintEval($"{(names.Count > 1 ? (names[i] ?? "base") + ": " : "")}{dataSpec} ({scoring})", results[i]);
         return 0;
     }
 }

@@ -9,6 +9,46 @@ namespace PeftSharp.Trainer.Commands;
 /// <summary>What the commands share: the console, the device, loading a model for text.</summary>
 internal static class Host
 {
+    private static readonly CancellationTokenSource InterruptSource = new();
+
+    /// <summary>Cancelled by the first Ctrl-C or SIGTERM: training stops after the step in flight and checkpoints.</summary>
+    public static CancellationToken Interruption => InterruptSource.Token;
+
+    /// <summary>
+    /// Ctrl-C (SIGINT) and SIGTERM: the first asks the running command to stop at its next step boundary (training
+    /// writes a checkpoint and says how to resume); the second exits at once, showing the terminal cursor again (a
+    /// progress bar hides it). Dispose to stop handling them.
+    /// </summary>
+    public static IDisposable HandleInterrupts(TextWriter stderr)
+    {
+        int signals = 0;
+        void Handle(System.Runtime.InteropServices.PosixSignalContext context)
+        {
+            if (Interlocked.Increment(ref signals) == 1)
+            {
+                context.Cancel = true;
+                stderr.WriteLine($"{Environment.NewLine}peft: {context.Signal}: stopping after this step and writing a checkpoint ({context.Signal} again to quit at once)");
+                InterruptSource.Cancel();
+                return;
+            }
+
+            if (!System.Console.IsOutputRedirected) System.Console.Out.Write("\u001b[?25h");
+            context.Cancel = false; // the default: the process ends
+        }
+
+        var registrations = new[] { System.Runtime.InteropServices.PosixSignal.SIGINT, System.Runtime.InteropServices.PosixSignal.SIGTERM }
+            .Select(s => System.Runtime.InteropServices.PosixSignalRegistration.Create(s, Handle)).ToList();
+        return new Registrations(registrations);
+    }
+
+    private sealed class Registrations(List<System.Runtime.InteropServices.PosixSignalRegistration> all) : IDisposable
+    {
+        public void Dispose()
+        {
+            foreach (var r in all) r.Dispose();
+        }
+    }
+
     /// <summary>A warning on stderr: the command goes on.</summary>
     public static void Warn(string warning) => System.Console.Error.WriteLine($"peft: warning: {warning}");
 
@@ -50,12 +90,16 @@ internal static class Host
     }
 
     /// <summary>Calibration batches of (batch, seqLen) tokens from a data spec: the first <paramref name="evalBatches"/> are held out.</summary>
-    public static (List<int[]> Train, List<int[]> Eval) CalibrationBatches(ITokenizer tokenizer, string spec, int batchSize, int seqLen, int trainBatches, int evalBatches, int seed)
+    public static (List<int[]> Train, List<int[]> Eval) CalibrationBatches(ITokenizer tokenizer, string spec, int batchSize, int seqLen, int trainBatches, int evalBatches, int seed,
+        string flag = "--calib")
     {
-        var (source, _, _) = Jobs.Data(spec, seed);
+        var source = Jobs.Data(spec, seed, tokenizer, seqLen, flag: flag).Train;
         var all = source.EncodeBatches(tokenizer, trainBatches + evalBatches, batchSize, seqLen, completionOnly: false, rewind: false).Select(b => b.Tokens).ToList();
         return (all.Skip(evalBatches).ToList(), all.Take(evalBatches).ToList());
     }
+
+    /// <summary>The line width of output that is not a terminal: wide enough that no message is wrapped.</summary>
+    private const int RedirectedWidth = 100_000;
 
     /// <summary>Spectre's console over <paramref name="writer"/>: colours and live progress only on a real terminal.</summary>
     public static IAnsiConsole Console(TextWriter writer)
@@ -66,7 +110,8 @@ internal static class Host
             Ansi = writer == System.Console.Out ? AnsiSupport.Detect : AnsiSupport.No,
             ColorSystem = writer == System.Console.Out ? ColorSystemSupport.Detect : ColorSystemSupport.NoColors,
         });
-        if (writer != System.Console.Out || System.Console.IsOutputRedirected) console.Profile.Width = 160;
+        // Redirected output is not wrapped at a made-up width (a log line stays one line); tables take what they need.
+        if (writer != System.Console.Out || System.Console.IsOutputRedirected) console.Profile.Width = RedirectedWidth;
         return console;
     }
 }

@@ -25,15 +25,22 @@ internal static class LocalizeCommand
         using var device = Host.OpenDevice(deviceSpec);
         using var baseModel = Host.LoadTextModel(baseDir, device);
         using var fine = Host.LoadTextModel(fineDir, device);
-        var (train, held, _) = Jobs.Data(dataSpec, seed);
+        var data = Jobs.Data(dataSpec, seed, baseModel.Tokenizer, seqLen);
+        var (train, held) = (data.Train, data.HeldOut);
         var batches = train.EncodeBatches(baseModel.Tokenizer, 8, batchSize, seqLen, completionOnly: true, rewind: false);
         var result = Grafting.Localize(baseModel, fine, batches, batchSize, budget, steps);
         result.Delta.Save(outDir, baseModel.Config);
         result.Delta.ApplyTo(baseModel);
-        var grafted = Evaluator.Evaluate(baseModel, held, seqLen);
-        var full = Evaluator.Evaluate(fine, held, seqLen);
+        string scored = "no held-out data to score (builtin tasks hold out their own)";
+        if (held.Count > 0)
+        {
+            var grafted = Evaluator.Evaluate(baseModel, held, seqLen);
+            var full = Evaluator.Evaluate(fine, held, seqLen);
+            scored = $"held-out exact match {grafted.ExactMatch:P1} grafted vs {full.ExactMatch:P1} fine-tuned";
+        }
+
         stdout.WriteLine($"grafted {result.Entries:N0} entries ({100 * result.Density:F3}% of the model): task loss {result.LossBefore:F4} -> {result.LossAfter:F4} over {steps} mask steps; " +
-            $"held-out exact match {grafted.ExactMatch:P1} grafted vs {full.ExactMatch:P1} fine-tuned; sparse delta in {Path.GetFullPath(outDir)}");
+            $"{scored}; sparse delta in {Path.GetFullPath(outDir)}");
         return 0;
     }
 }

@@ -26,6 +26,8 @@ internal sealed record TrainFlags
     public int VirtualTokens { get; init; }
     public int PrefixProjection { get; init; }
     public string? TokenizerDir { get; init; }
+    public double EvalSplit { get; init; }
+    public string? EvalData { get; init; }
 }
 
 /// <summary>`peft pretrain` and `peft finetune`: flags to a <see cref="FinetuneOptions"/> recipe, run by the library's <see cref="Finetune"/>.</summary>
@@ -70,12 +72,15 @@ internal static class TrainCommand
             "(OUT/<task>/ each)" };
         var loraDropout = new Option<float>("--dropout") { Description = "LoRA dropout on the adapter's input while training", DefaultValueFactory = _ => 0f };
         var loraInit = new Option<string>("--init") { Description = "lora (A random, B zero) | lora-ga (A, B from the SVD of the full gradient)", DefaultValueFactory = _ => "lora" };
+        var evalSplit = new Option<double>("--eval-split") { Description = "Hold out this fraction of a data file (seeded choice) and score it after training (default 0: " +
+            "train on all of it; builtin tasks hold out their own split)", DefaultValueFactory = _ => 0 };
+        var evalData = new Option<string?>("--eval-data") { Description = "A data file to score after training (held out: never trained on)" };
         var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)",
             DefaultValueFactory = _ => 0 };
 
         var c = new Command(name, description);
         foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, skipNonFinite, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip,
-            accum, optimizerKind, momentum }) c.Options.Add(opt);
+            accum, optimizerKind, momentum, evalSplit, evalData }) c.Options.Add(opt);
         if (finetune)
         {
             foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
@@ -123,6 +128,8 @@ internal static class TrainCommand
                 MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
                 RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
                 TokenizerDir = finetune ? null : r.GetValue(tokenizerDir),
+                EvalSplit = r.GetValue(evalSplit),
+                EvalData = r.GetValue(evalData),
             }));
         return c;
     }
@@ -208,14 +215,16 @@ internal static class TrainCommand
             && modelDir == null) throw new ArgumentException("--resume with --method sparse needs --model: the sparse delta is taken against that base");
         var console = Host.Console(stdout);
         using var device = Host.OpenDevice(deviceSpec);
-        var (train, held, completionOnly) = Jobs.Data(dataSpec, options.Seed);
-        options = options with { CompletionOnly = options.CompletionOnly || completionOnly };
         using var model = resume != null ? Host.LoadTextModel(resume, device)
             : modelDir != null ? Host.LoadTextModel(modelDir, device)
             : NewModel(device, configSpec!, flags.TokenizerDir, options.Seed);
+        var data = Jobs.Data(dataSpec, options.Seed, model.Tokenizer, options.SeqLen, flags.EvalSplit, flags.EvalData);
+        var (train, held) = (data.Train, data.HeldOut);
+        if (options.GroupCompletions && !data.CompletionOnly) throw new ArgumentException($"--group-completions needs prompt/completion data; {dataSpec} is text");
+        options = options with { CompletionOnly = options.CompletionOnly || data.CompletionOnly };
         var jobs = new Jobs(console, quiet);
-        console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], data " +
-            $"{Markup.Escape(dataSpec)}, {options.Steps} steps");
+        console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], " +
+            $"{options.Steps} steps; data {Markup.Escape(data.Description)}");
         var recipe = Finetune.Prepare(model, recipeOptions, options, train, modelDir, resume);
         if (recipe.Description != null) console.MarkupLine(Markup.Escape(recipe.Description));
         jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, recipeOptions, recipe);
@@ -225,7 +234,7 @@ internal static class TrainCommand
             {
                 using var alone = Finetune.WithAdapterOf(model, task, recipe.Adapter!, options.Seed, modelDir);
                 var taskHeld = held.Where(e => e.Task == task).ToList();
-                if (taskHeld.Count > 0) jobs.PrintEval($"held-out '{task}' through its adapter", Evaluator.Evaluate(alone, taskHeld, options.SeqLen, options.CompletionOnly));
+                if (taskHeld.Count > 0) jobs.PrintEval($"held-out '{task}' through its adapter", jobs.Evaluate(alone, taskHeld, options.SeqLen, options.CompletionOnly, task));
             }
 
             console.MarkupLine($"PEFT adapters {string.Join(", ", tasks.Select(t => Markup.Escape(Path.Combine(Path.GetFullPath(outDir), t))))}, metrics.jsonl and loss.svg written to " +
@@ -233,7 +242,7 @@ internal static class TrainCommand
             return 0;
         }
 
-        if (held.Count > 0) jobs.PrintEval("held-out", Evaluator.Evaluate(model, held, options.SeqLen, options.CompletionOnly));
+        if (held.Count > 0) jobs.PrintEval("held-out", jobs.Evaluate(model, held, options.SeqLen, options.CompletionOnly, "held-out"));
         console.MarkupLine($"{Markup.Escape(recipe.Output)}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }

@@ -16,6 +16,19 @@ public static class Batcher
         Array.Fill(targets, IgnoreIndex);
         for (int r = 0; r < examples.Count; r++)
         {
+            if (examples[r].Ids is int[] window)
+            {
+                // A document window: ids as cut, each position predicting the next (no prompt to mask).
+                if (window.Length > seqLen + 1) throw new ArgumentException($"a {examples[r].Task} window of {window.Length} ids exceeds the sequence length {seqLen} + 1");
+                for (int i = 0; i + 1 < window.Length; i++)
+                {
+                    tokens[r * seqLen + i] = window[i];
+                    targets[r * seqLen + i] = window[i + 1];
+                }
+
+                continue;
+            }
+
             var prompt = tokenizer.Encode(examples[r].Prompt);
             var seq = tokenizer.EncodeStart("");
             int start = seq.Count;

@@ -440,7 +440,17 @@ public sealed class LlamaModel : IDisposable
     /// delta over the shared base weight); attention runs per sequence over its own cache. Returns the logits (V) of
     /// each sequence's last new token.
     /// </summary>
-    public float[][] DecodeBatch(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null, IReadOnlyList<KvCache?>? prefixes = null)
+    public float[][] DecodeBatch(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null, IReadOnlyList<KvCache?>? prefixes = null) =>
+        DecodeRows(caches, newTokens, variants, prefixes, everyRow: false);
+
+    /// <summary>
+    /// <see cref="DecodeBatch"/> returning the logits (V) of every new token, not only each sequence's last: rows in
+    /// batch order (sequence 0's tokens, then sequence 1's). Scoring many variants' held-out loss in one mixed batch.
+    /// </summary>
+    public float[][] DecodeBatchEveryPosition(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null) =>
+        DecodeRows(caches, newTokens, variants, null, everyRow: true);
+
+    private float[][] DecodeRows(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants, IReadOnlyList<KvCache?>? prefixes, bool everyRow)
     {
         var c = Config;
         var layout = new CacheLayout(c, caches, newTokens, prefixes, prefix);
@@ -470,7 +480,8 @@ public sealed class LlamaModel : IDisposable
             }
 
             layout.Commit();
-            var lastRows = layout.LastRows;
+            var lastRows = everyRow ? Enumerable.Range(0, n).ToArray() : layout.LastRows;
+            seqs = lastRows.Length;
             using var last = Device.Zeros("x_last", seqs, dm);
             for (int j = 0; j < seqs; j++) ops.Copy(x.View(lastRows[j] * dm, 1, dm), last.View(j * dm, 1, dm));
             using var hl = Device.Zeros("h_last", seqs, dm);

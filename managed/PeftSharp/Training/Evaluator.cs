@@ -4,9 +4,22 @@ using PeftSharp.Serving;
 
 namespace PeftSharp.Training;
 
+/// <summary>Held-out loss, perplexity and exact match of a model on examples.</summary>
 public static class Evaluator
 {
-    public static EvalResult Evaluate(LlamaModel model, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int batchSize = 16)
+    /// <summary>Requests generated together for exact match: one batch through the serving path.</summary>
+    public const int ExactMatchBatch = 64;
+
+    /// <summary>
+    /// Mean cross-entropy over the counted targets (completions when <paramref name="completionOnly"/>, every token of
+    /// document windows), its perplexity, and exact match: the share of examples with a prompt whose greedy
+    /// continuation is exactly the completion. Exact match generates at most the completion's own token count (more
+    /// could never match) and runs <see cref="ExactMatchBatch"/> prompts at a time through <see cref="BatchGenerator"/>;
+    /// examples without a prompt (document windows) are not matched. <paramref name="progress"/> hears
+    /// ("loss" | "exact match", done, total) as it goes.
+    /// </summary>
+    public static EvalResult Evaluate(LlamaModel model, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int batchSize = 16,
+        Action<string, int, int>? progress = null)
     {
         var tok = model.Tokenizer;
         double lossSum = 0;
@@ -18,16 +31,114 @@ public static class Evaluator
             var (l, c) = model.Loss(ids, targets, batch.Count, backward: false);
             lossSum += l * c;
             counted += c;
+            progress?.Invoke("loss", i + batch.Count, examples.Count);
         }
 
+        var matchable = examples.Where(e => e.HasPrompt).ToList();
         int correct = 0;
-        foreach (var e in examples)
+        for (int i = 0; i < matchable.Count; i += ExactMatchBatch)
         {
-            string got = Generator.Greedy(model, e.Prompt, maxTokens: tok.EncodeEnd(e.Completion).Length);
-            if (got == e.Completion) correct++;
+            var chunk = matchable.Skip(i).Take(ExactMatchBatch).ToList();
+            var requests = chunk.Select(e => new GenerationRequest(e.Prompt, MaxTokens: tok.EncodeEnd(e.Completion).Length)).ToList();
+            var results = BatchGenerator.Generate(model, requests, sharing: PrefixSharing.Off);
+            correct += chunk.Where((e, j) => results[j].Completion == e.Completion).Count();
+            progress?.Invoke("exact match", i + chunk.Count, matchable.Count);
         }
 
         double loss = counted == 0 ? 0 : lossSum / counted;
-        return new EvalResult(loss, Math.Exp(loss), examples.Count == 0 ? 0 : (double)correct / examples.Count, examples.Count);
+        return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct / matchable.Count, examples.Count) { Matched = matchable.Count };
+    }
+
+    /// <summary>
+    /// <see cref="Evaluate"/> for several variants of one model at once (null or "base": the base model), one result
+    /// per name: every (variant, example) pair is a row of one mixed batch over the shared weights, each row with its
+    /// own LoRA, DoRA, 1-bit, sparse or prefix variant from <paramref name="set"/> (<see cref="LlamaModel.DecodeBatchEveryPosition"/>
+    /// for the loss, <see cref="BatchGenerator"/> for exact match), so N adapters cost one pass over the base weights
+    /// per batch instead of N models. Loss is accumulated in double from each row's log-softmax.
+    /// </summary>
+    public static IReadOnlyList<EvalResult> EvaluateVariants(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants, IReadOnlyList<Example> examples, int seqLen,
+        bool completionOnly = true, int rowsPerBatch = 16, Action<string, int, int>? progress = null)
+    {
+        if (set != null && !ReferenceEquals(set.Model, model)) throw new ArgumentException("the variant set belongs to another model");
+        var tok = model.Tokenizer;
+        int[] index = variants.Select(v => string.IsNullOrEmpty(v) || v == "base" ? -1
+            : set?.IndexOf(v) ?? throw new ArgumentException($"variant '{v}' named but no variants are loaded")).ToArray();
+        // Each example's row: the tokens through its last counted target, and those targets.
+        var rows = new List<(int[] Tokens, int[] Targets)>();
+        foreach (var e in examples)
+        {
+            var (ids, targets) = Batcher.Encode(new[] { e }, tok, seqLen, completionOnly);
+            int used = Array.FindLastIndex(targets, t => t != Batcher.IgnoreIndex) + 1;
+            if (used > 0) rows.Add((ids[..used], targets[..used]));
+        }
+
+        var lossSum = new double[variants.Count];
+        var counted = new int[variants.Count];
+        var pairs = Enumerable.Range(0, variants.Count).SelectMany(v => Enumerable.Range(0, rows.Count).Select(r => (V: v, R: r))).ToList();
+        for (int i = 0; i < pairs.Count; i += rowsPerBatch)
+        {
+            var chunk = pairs.Skip(i).Take(rowsPerBatch).ToList();
+            var caches = chunk.Select(p => new KvCache(model, rows[p.R].Tokens.Length, set?.PrefixOf(index[p.V]))).ToArray();
+            try
+            {
+                float[][] logits;
+                lock (model.GenerationLock)
+                {
+                    using var bound = set?.Bind(chunk.SelectMany(p => Enumerable.Repeat(index[p.V], rows[p.R].Tokens.Length)).ToArray());
+                    logits = model.DecodeBatchEveryPosition(caches, chunk.Select(p => rows[p.R].Tokens).ToArray(), bound);
+                }
+
+                int at = 0;
+                foreach (var (v, r) in chunk)
+                {
+                    foreach (int t in rows[r].Targets)
+                    {
+                        if (t != Batcher.IgnoreIndex)
+                        {
+                            lossSum[v] += NegativeLogLikelihood(logits[at], t);
+                            counted[v]++;
+                        }
+
+                        at++;
+                    }
+                }
+            }
+            finally
+            {
+                foreach (var cache in caches) cache.Dispose();
+            }
+
+            progress?.Invoke("loss", i + chunk.Count, pairs.Count);
+        }
+
+        var matchable = examples.Where(e => e.HasPrompt).ToList();
+        var correct = new int[variants.Count];
+        var requests = Enumerable.Range(0, variants.Count).SelectMany(v => matchable.Select(e => (V: v, E: e))).ToList();
+        for (int i = 0; i < requests.Count; i += ExactMatchBatch)
+        {
+            var chunk = requests.Skip(i).Take(ExactMatchBatch).ToList();
+            var results = BatchGenerator.Generate(model, chunk.Select(p => new GenerationRequest(p.E.Prompt, index[p.V] < 0 ? null : variants[p.V],
+                MaxTokens: tok.EncodeEnd(p.E.Completion).Length)).ToList(), set, PrefixSharing.Off);
+            for (int j = 0; j < chunk.Count; j++)
+            {
+                if (results[j].Completion == chunk[j].E.Completion) correct[chunk[j].V]++;
+            }
+
+            progress?.Invoke("exact match", i + chunk.Count, requests.Count);
+        }
+
+        return Enumerable.Range(0, variants.Count).Select(v =>
+        {
+            double loss = counted[v] == 0 ? 0 : lossSum[v] / counted[v];
+            return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct[v] / matchable.Count, examples.Count) { Matched = matchable.Count };
+        }).ToList();
+    }
+
+    /// <summary>-log softmax(logits)[target], in double.</summary>
+    private static double NegativeLogLikelihood(float[] logits, int target)
+    {
+        double max = logits.Max(), sum = 0;
+        foreach (float l in logits) sum += Math.Exp(l - max);
+        return Math.Log(sum) + max - logits[target];
     }
 }

@@ -151,9 +151,12 @@ public static class Finetune
     /// from <paramref name="resume"/>). Then writes the output (<paramref name="recipe"/>'s, else
     /// <paramref name="save"/>, else the model as a Hugging Face folder) and loss.svg to <paramref name="outDir"/>.
     /// <paramref name="onStep"/> sees every step; <paramref name="log"/> gets a line for what the run does beside.
+    /// Cancelling <paramref name="cancel"/> ends the run at the next step boundary with a checkpoint and a
+    /// <see cref="TrainingInterruptedException"/> (no final output).
     /// </summary>
     public static IReadOnlyList<StepMetrics> Train(LlamaModel model, ExampleSource data, TrainOptions train, FinetuneOptions options, string outDir, string title,
-        FinetuneRecipe? recipe = null, string? resume = null, Action<StepMetrics>? onStep = null, Action<string>? log = null, Action<string>? save = null)
+        FinetuneRecipe? recipe = null, string? resume = null, Action<StepMetrics>? onStep = null, Action<string>? log = null, Action<string>? save = null,
+        CancellationToken cancel = default)
     {
         if (options.Freeze.Count > 0)
         {
@@ -181,7 +184,7 @@ public static class Finetune
             ema?.Update();
             regrow?.AfterStep(m.Step);
             onStep?.Invoke(m);
-        });
+        }, cancel);
         ema?.CopyToModel(); // the saved (and evaluated) model is the average
         if (regrow != null) log?.Invoke($"SpIEL: {regrow.Regrown:N0} entries dropped and regrown over the run (every {regrow.Every} steps)");
         if (recipe != null && opt is MaskedAdamW final) recipe.FinalMasks = final.Masks;

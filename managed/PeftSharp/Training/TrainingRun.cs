@@ -55,7 +55,11 @@ public sealed class TrainingRun
     /// <summary>Steps completed (restored by <see cref="Resume"/>).</summary>
     public int Step { get; private set; }
 
-    /// <summary>Runs until <see cref="TrainOptions.Steps"/>; <paramref name="outDir"/> receives metrics.jsonl and checkpoints.</summary>
+    /// <summary>
+    /// Runs until <see cref="TrainOptions.Steps"/>; <paramref name="outDir"/> receives metrics.jsonl and checkpoints.
+    /// A cancelled <paramref name="cancel"/> stops the run after the step in flight, writes a checkpoint of it and
+    /// throws <see cref="TrainingInterruptedException"/>.
+    /// </summary>
     public IReadOnlyList<StepMetrics> Run(string? outDir, Action<StepMetrics>? onStep = null, CancellationToken cancel = default)
     {
         var all = new List<StepMetrics>();
@@ -68,7 +72,7 @@ public sealed class TrainingRun
             CheckFreeSpace(outDir);
             string metricsPath = Path.Combine(outDir, MetricsFile);
             if (Step > 0) TruncateMetrics(metricsPath, Step);
-            metrics = new StreamWriter(metricsPath, append: Step > 0);
+            metrics = new StreamWriter(metricsPath, append: Step > 0) { AutoFlush = true }; // each step's line is on disk for whoever follows the run
         }
 
         try
@@ -141,6 +145,20 @@ public sealed class TrainingRun
                     metrics?.Flush();
                     SaveCheckpoint(Path.Combine(outDir, CheckpointFolder));
                 }
+            }
+
+            if (Step < Options.Steps && cancel.IsCancellationRequested)
+            {
+                // Stopped at a step boundary: the finished steps are kept in a checkpoint, and no final output is written.
+                string? checkpoint = null;
+                if (outDir != null)
+                {
+                    metrics?.Flush();
+                    checkpoint = Path.Combine(outDir, CheckpointFolder);
+                    SaveCheckpoint(checkpoint);
+                }
+
+                throw new TrainingInterruptedException(Step, Options.Steps, checkpoint);
             }
         }
         finally
@@ -266,6 +284,7 @@ public sealed class TrainingRun
     /// </summary>
     private (double Loss, int Rows) GroupedStep(IReadOnlyList<Example> batch)
     {
+        if (batch.Any(e => e.Ids != null)) throw new ArgumentException("grouped completions need prompt/completion examples; text windows have no prompt to share");
         var groups = batch.GroupBy(e => e.Prompt).Select(g => (
             Prompt: Tokenizer.EncodeStart(g.Key).ToArray(),
             Completions: g.Select(e => Tokenizer.EncodeEnd(e.Completion)).ToArray())).ToList();

@@ -68,7 +68,56 @@ public sealed class KillTests : TempDirectoryTest
             $"after {kills} kills the resumed run ends bit-identical to the uninterrupted one");
         var steps = File.ReadAllLines(metrics).Select(StepOf).Where(s => s > 0).ToArray();
         Assert.That(steps, Is.EqualTo(Enumerable.Range(1, Steps).ToArray()), "each step logged once, in order");
-        Assert.That(Directory.GetDirectories(outDir).Select(Path.GetFileName).Where(d => d != "checkpoint" && d!.StartsWith("checkpoint", StringComparison.Ordinal)), Is.Empty, "no temporary or old checkpoint left behind");
+        var leftovers = Directory.GetDirectories(outDir).Select(Path.GetFileName).Where(d => d != "checkpoint" && d!.StartsWith("checkpoint", StringComparison.Ordinal));
+        Assert.That(leftovers, Is.Empty, "no temporary or old checkpoint left behind");
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "kill", SetLastError = true)]
+    private static extern int SendSignal(int pid, int signal);
+
+    /// <summary>
+    /// Ctrl-C (SIGINT) and SIGTERM stop a run at the next step boundary: exit code 130, a checkpoint of the finished
+    /// steps, no final model, and the command that goes on printed; going on ends bit-identical to a run never stopped.
+    /// </summary>
+    [TestCase(2, TestName = "Pretrain_Sigint_CheckpointsSaysHowToResume_AndResumesExactly")]
+    [TestCase(15, TestName = "Pretrain_Sigterm_CheckpointsSaysHowToResume_AndResumesExactly")]
+    public void Pretrain_Signal_CheckpointsAndResumes(int signal)
+    {
+        Assume.That(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS(), "signals are sent through libc's kill");
+        string peftDll = Path.Combine(AppContext.BaseDirectory, "peft.dll");
+        Assume.That(File.Exists(peftDll), $"the host is built beside the tests ({peftDll})");
+        string dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
+        string[] Args(string outDir) => new[] { "pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "40", "--batch-size", "2", "--checkpoint-every", "0",
+            "--out", outDir, "--quiet", "--device", "cpu", };
+
+        string reference = Path.Combine(TempDir, "reference");
+        var r = Peft.Run(Args(reference));
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+
+        string outDir = Path.Combine(TempDir, "stopped");
+        var start = new ProcessStartInfo(dotnet) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        start.ArgumentList.Add(peftDll);
+        foreach (var a in Args(outDir)) start.ArgumentList.Add(a);
+        using var process = Process.Start(start)!;
+        var stderr = process.StandardError.ReadToEndAsync();
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var clock = Stopwatch.StartNew();
+        string metrics = Path.Combine(outDir, "metrics.jsonl");
+        while (!process.HasExited && StepsLogged(metrics) < 3 && clock.Elapsed < TimeSpan.FromSeconds(60)) Thread.Sleep(5);
+        Assume.That(process.HasExited, Is.False, "the run was still going when the signal was due");
+        Assert.That(SendSignal(process.Id, signal), Is.EqualTo(0));
+        Assert.That(process.WaitForExit(60_000), Is.True, "the run stops after the step in flight");
+        string err = stderr.Result;
+        _ = stdout.Result;
+        Assert.That(process.ExitCode, Is.EqualTo(PeftSharp.Trainer.Program.Interrupted), err);
+        Assert.That(err, Does.Match(@"training interrupted after step \d+ of 40; checkpoint written to "));
+        Assert.That(err, Does.Contain("to go on: peft pretrain").And.Contain($"--resume {Path.Combine(outDir, "checkpoint")}"));
+        Assert.That(File.Exists(Path.Combine(outDir, "model.safetensors")), Is.False, "no final model from a stopped run");
+
+        r = Peft.Run(Args(outDir).Concat(new[] { "--resume", Path.Combine(outDir, "checkpoint") }).ToArray());
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(File.ReadAllBytes(Path.Combine(outDir, "model.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(reference, "model.safetensors"))),
+            "stopped and resumed ends bit-identical to the uninterrupted run");
     }
 
     private static int StepsLogged(string metrics)

@@ -104,4 +104,72 @@ public sealed class DataTests
             File.Delete(path);
         }
     }
+
+    /// <summary>
+    /// Documents become [BOS] text [EOS] streams cut into windows of T + 1 ids overlapping by one: every id after the
+    /// first is a target exactly once, no document needs to fit a window, and the last window may be short.
+    /// </summary>
+    [TestCase(4)]
+    [TestCase(1)]
+    [TestCase(7)]
+    [TestCase(100)]
+    public void Windows_EveryTokenATargetOnce_DocumentsSeparatedByEos(int seqLen)
+    {
+        ITokenizer tok = ByteTokenizer.Instance;
+        var docs = new[] { new Example(DataFiles.TextTask, "", "hello world"), new Example(DataFiles.TextTask, "", "ab") };
+        var stream = docs.SelectMany(d => tok.EncodeStart(d.Completion).Append(ByteTokenizer.Eos)).ToArray();
+        var windows = DataFiles.Windows(docs, tok, seqLen);
+        Assert.That(windows.All(w => w.Ids!.Length is >= 2 && w.Ids.Length <= seqLen + 1), Is.True);
+        Assert.That(windows.Count, Is.EqualTo((stream.Length - 1 + seqLen - 1) / seqLen), "ceil((ids - 1) / T) windows");
+        var (tokens, targets) = Batcher.Encode(windows, tok, seqLen, completionOnly: true);
+        var trained = targets.Where(t => t != Batcher.IgnoreIndex).ToArray();
+        Assert.That(trained, Is.EqualTo(stream[1..]), "each id after the first is predicted once, in order (completionOnly does not mask windows)");
+        for (int r = 0; r < windows.Count; r++)
+        {
+            for (int i = 0; i < seqLen; i++)
+            {
+                int at = r * seqLen + i;
+                if (targets[at] != Batcher.IgnoreIndex) Assert.That(stream[r * seqLen + i + 1], Is.EqualTo(targets[at]));
+                if (targets[at] != Batcher.IgnoreIndex) Assert.That(stream[r * seqLen + i], Is.EqualTo(tokens[at]));
+            }
+        }
+
+        Assert.That(windows.All(w => !w.HasPrompt), Is.True, "windows are not exact-matched");
+        Assert.Throws<ArgumentException>(() => DataFiles.Windows(new[] { new Example("jsonl", "p", "c") }, tok, 4));
+    }
+
+    [Test]
+    public void HoldOut_SeededFraction_KeepsOrder_RefusesWhatLeavesNothing()
+    {
+        var examples = Enumerable.Range(0, 50).Select(i => new Example("jsonl", $"p{i}", $"c{i}")).ToList();
+        var (train, held) = DataFiles.HoldOut(examples, 0.1, seed: 3);
+        Assert.That((train.Count, held.Count), Is.EqualTo((45, 5)));
+        Assert.That(train.Concat(held).OrderBy(e => int.Parse(e.Prompt[1..])), Is.EqualTo(examples), "a partition");
+        Assert.That(held.Select(e => int.Parse(e.Prompt[1..])), Is.Ordered, "file order kept");
+        Assert.That(DataFiles.HoldOut(examples, 0.1, seed: 3).HeldOut, Is.EqualTo(held), "seeded");
+        Assert.That(DataFiles.HoldOut(examples, 0.1, seed: 4).HeldOut, Is.Not.EqualTo(held));
+        Assert.That(DataFiles.HoldOut(examples.Take(3).ToList(), 0.01, seed: 1).HeldOut, Has.Count.EqualTo(1), "at least one");
+        Assert.That(Assert.Throws<ArgumentException>(() => DataFiles.HoldOut(examples.Take(1).ToList(), 0.5, 1))!.Message, Does.Contain("leaves none to train on"));
+        Assert.Throws<ArgumentException>(() => DataFiles.HoldOut(examples, 1.0, 1));
+        Assert.Throws<ArgumentException>(() => DataFiles.HoldOut(examples, 0, 1));
+    }
+
+    [Test]
+    public void Jsonl_TextLines_AreDocuments_OneKindPerFile()
+    {
+        string path = Path.Combine(Path.GetTempPath(), $"peftsharp-{Guid.NewGuid():N}.jsonl");
+        try
+        {
+            File.WriteAllText(path, "{\"text\": \"first document\"}\n{\"text\": \"second\", \"meta\": 1}\n");
+            Assert.That(DataFiles.ReadJsonl(path), Is.EqualTo(new[] { new Example(DataFiles.TextTask, "", "first document"), new Example(DataFiles.TextTask, "", "second") }));
+            File.WriteAllText(path, "{\"text\": \"doc\"}\n{\"prompt\": \"a\", \"completion\": \"b\"}\n");
+            Assert.That(Assert.Throws<PeftSharpInputException>(() => DataFiles.ReadJsonl(path))!.Message, Does.StartWith($"{path}:2:").And.Contain("one kind per file"));
+            File.WriteAllText(path, "{\"text\": 5}\n");
+            Assert.That(Assert.Throws<PeftSharpInputException>(() => DataFiles.ReadJsonl(path))!.Message, Does.Contain("\"text\" is not a string"));
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
 }
