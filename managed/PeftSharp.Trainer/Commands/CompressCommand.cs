@@ -16,18 +16,19 @@ internal static class CompressCommand
         var calib = new Option<string>("--calib") { Description = "Calibration text: builtin:tasks | builtin:tasks=NAME | FILE.jsonl | FILE.txt", DefaultValueFactory = _ => "builtin:tasks" };
         var rounds = new Option<int>("--rounds") { Description = "Residual rounds (k sign matrices and k scales per weight)", DefaultValueFactory = _ => 1 };
         var compress = new Command("compress", "Compress a fine-tune to 1-bit deltas over its base (BitDelta), with scale distillation.");
-        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, distillSteps, distillLr, calib, rounds, o.BatchSize, o.SeqLen, o.Seed }) compress.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, distillSteps, distillLr, calib, rounds, o.BatchSize, o.SeqLen, o.Seed, o.Overwrite }) compress.Options.Add(opt);
         compress.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(distillSteps),
-            r.GetValue(distillLr), r.GetValue(calib)!, r.GetValue(rounds), r.GetValue(o.BatchSize), r.GetValue(o.SeqLen), r.GetValue(o.Seed), stdout));
+            r.GetValue(distillLr), r.GetValue(calib)!, r.GetValue(rounds), r.GetValue(o.BatchSize), r.GetValue(o.SeqLen), r.GetValue(o.Seed), r.GetValue(o.Overwrite), stdout));
         return compress;
     }
 
     private static int Run(string? deviceSpec, string baseDir, string fineDir, string outDir, int distillSteps, float distillLr, string calib, int rounds,
-        int batchSize, int seqLen, int seed, TextWriter stdout)
+        int batchSize, int seqLen, int seed, bool overwrite, TextWriter stdout)
     {
         if (distillSteps < 0) throw new ArgumentException($"--distill-steps {distillSteps}: must be >= 0");
         if (distillLr <= 0) throw new ArgumentException($"--distill-lr {distillLr}: must be positive");
         if (rounds < 1) throw new ArgumentException($"--rounds {rounds}: must be at least 1");
+        Host.CheckOutput(outDir, overwrite, resuming: false, ("--base", baseDir), ("--finetuned", fineDir));
         using var device = Host.OpenDevice(deviceSpec);
         using var baseModel = HuggingFaceFolder.Load(baseDir, device, Host.Warn);
         using var fine = HuggingFaceFolder.Load(fineDir, device, Host.Warn);

@@ -59,6 +59,7 @@ internal static class GenerateCommand
         int k = topK ?? g.TopK ?? 0;
         float p = topP ?? g.TopP ?? 1f;
         if (max <= 0) throw new ArgumentException($"--max-tokens {max}: must be positive");
+        if (k < 0) throw new ArgumentException($"--top-k {k}: must be >= 0 (0 keeps all)");
         if (temp < 0) throw new ArgumentException($"--temperature {temp}: must be >= 0");
         if (p is <= 0 or > 1) throw new ArgumentException($"--top-p {p}: must be in (0, 1]");
         var defaults = new GenerationRequest("", null, max, temp, k, p, seed);

@@ -49,6 +49,34 @@ internal static class Host
         }
     }
 
+    /// <summary>Files whose presence marks a finished output: a model, a PEFT adapter, a 1-bit or sparse delta.</summary>
+    private static readonly string[] FinishedOutputs =
+    {
+        "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json", "bitdelta_config.json", "sparse_config.json",
+    };
+
+    /// <summary>
+    /// Refuses an --out that would lose something: a file where the folder goes, one of the command's own inputs, or a
+    /// folder that already holds a finished output (unless <paramref name="overwrite"/>, or the run resumes the one
+    /// that wrote it). <paramref name="inputs"/> are (flag, folder) pairs.
+    /// </summary>
+    public static void CheckOutput(string outDir, bool overwrite, bool resuming, params (string Flag, string? Folder)[] inputs)
+    {
+        if (File.Exists(outDir)) throw new ArgumentException($"--out {outDir}: is a file; give a folder to write into");
+        string full = Path.TrimEndingDirectorySeparator(Path.GetFullPath(outDir));
+        foreach (var (flag, folder) in inputs)
+        {
+            if (folder != null && string.Equals(full, Path.TrimEndingDirectorySeparator(Path.GetFullPath(folder)), StringComparison.Ordinal))
+            {
+                throw new ArgumentException($"--out {outDir} is also {flag}: writing there would replace the input while it is read; choose another folder");
+            }
+        }
+
+        if (overwrite || resuming || !Directory.Exists(outDir)) return;
+        var held = FinishedOutputs.Where(f => File.Exists(Path.Combine(outDir, f))).ToList();
+        if (held.Count > 0) throw new ArgumentException($"--out {outDir} already holds {string.Join(", ", held)}; pass --overwrite to replace it, or choose another folder");
+    }
+
     /// <summary>A warning on stderr: the command goes on.</summary>
     public static void Warn(string warning) => System.Console.Error.WriteLine($"peft: warning: {warning}");
 

@@ -12,14 +12,15 @@ internal static class LocalizeCommand
         var localizeSteps = new Option<int>("--steps") { Description = "Mask optimisation steps", DefaultValueFactory = _ => 30 };
         var localizeData = new Option<string>("--data") { Description = "The fine-tune's task data (builtin:tasks=NAME | FILE.jsonl)", DefaultValueFactory = _ => "builtin:tasks" };
         var localize = new Command("localize", "Skill localization: find the few fine-tuned entries that, grafted onto the base, keep the fine-tune's task performance; writes a sparse delta.");
-        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, budget, localizeSteps, localizeData, o.BatchSize, o.SeqLen, o.Seed }) localize.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, budget, localizeSteps, localizeData, o.BatchSize, o.SeqLen, o.Seed, o.Overwrite }) localize.Options.Add(opt);
         localize.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(budget),
-            r.GetValue(localizeSteps), r.GetValue(localizeData)!, r.GetValue(o.BatchSize), r.GetValue(o.SeqLen), r.GetValue(o.Seed), stdout));
+            r.GetValue(localizeSteps), r.GetValue(localizeData)!, r.GetValue(o.BatchSize), r.GetValue(o.SeqLen), r.GetValue(o.Seed), r.GetValue(o.Overwrite), stdout));
         return localize;
     }
 
-    private static int Run(string? deviceSpec, string baseDir, string fineDir, string outDir, double budget, int steps, string dataSpec, int batchSize, int seqLen, int seed, TextWriter stdout)
+    private static int Run(string? deviceSpec, string baseDir, string fineDir, string outDir, double budget, int steps, string dataSpec, int batchSize, int seqLen, int seed, bool overwrite, TextWriter stdout)
     {
+        Host.CheckOutput(outDir, overwrite, resuming: false, ("--base", baseDir), ("--finetuned", fineDir));
         if (budget is <= 0 or > 1) throw new ArgumentException($"--budget {budget}: must be in (0, 1]");
         if (steps < 0) throw new ArgumentException($"--steps {steps}: must be >= 0");
         using var device = Host.OpenDevice(deviceSpec);

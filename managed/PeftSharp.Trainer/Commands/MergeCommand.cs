@@ -14,13 +14,14 @@ internal static class MergeCommand
         var mergeConfig = new Option<string?>("--config") { Description = "A mergekit config (YAML or JSON): linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties" };
         var mergeModel = new Option<string?>("--model") { Description = "Hugging Face model folder (not with --config, which names its models)" };
         var merge = new Command("merge", "Merge a PEFT LoRA adapter, a 1-bit or sparse delta into a model, or several models by a mergekit config; writes a Hugging Face folder.");
-        foreach (var opt in new Option[] { o.Device, mergeModel, adapterDir, deltaDir, mergeConfig, o.Out }) merge.Options.Add(opt);
-        merge.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(mergeModel), r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(mergeConfig), r.GetValue(o.Out)!, stdout));
+        foreach (var opt in new Option[] { o.Device, mergeModel, adapterDir, deltaDir, mergeConfig, o.Out, o.Overwrite }) merge.Options.Add(opt);
+        merge.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(mergeModel), r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(mergeConfig), r.GetValue(o.Out)!, r.GetValue(o.Overwrite), stdout));
         return merge;
     }
 
-    private static int Run(string? deviceSpec, string? modelDir, string? adapterDir, string? deltaDir, string? configPath, string outDir, TextWriter stdout)
+    private static int Run(string? deviceSpec, string? modelDir, string? adapterDir, string? deltaDir, string? configPath, string outDir, bool overwrite, TextWriter stdout)
     {
+        Host.CheckOutput(outDir, overwrite, resuming: false, ("--model", modelDir), ("--adapter", adapterDir), ("--delta", deltaDir));
         if (new[] { adapterDir, deltaDir, configPath }.Count(x => x != null) != 1) throw new ArgumentException("merge: give one of --adapter, --delta or --config");
         using var device = Host.OpenDevice(deviceSpec);
         if (configPath != null)

@@ -12,6 +12,7 @@ internal sealed class SharedOptions
     };
 
     public Option<bool> Json { get; } = new("--json") { Description = "Print results as JSON lines instead of text" };
+    public Option<bool> Overwrite { get; } = new("--overwrite") { Description = "Replace what --out already holds (a model, adapter or delta); without it, such an --out is refused" };
     public Option<bool> Quiet { get; } = new("--quiet") { Description = "Log lines instead of a progress bar" };
     public Option<string> Data { get; } = new("--data") { Description = "builtin:tasks | builtin:tasks=add,sort | FILE.jsonl | FILE.txt", DefaultValueFactory = _ => "builtin:tasks" };
     public Option<string> Out { get; } = new("--out") { Description = "Output folder (model, metrics.jsonl, loss.svg, checkpoint/)", Required = true };

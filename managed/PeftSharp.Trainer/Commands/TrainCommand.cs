@@ -20,14 +20,18 @@ internal sealed record TrainFlags
     public bool LoraBOnly { get; init; }
     public string LoraInit { get; init; } = "lora";
     public bool AdapterPerTask { get; init; }
-    public double Density { get; init; }
+    public double Density { get; init; } = 0.01;
     public string MaskSource { get; init; } = "gradient";
     public int RegrowEvery { get; init; }
-    public int VirtualTokens { get; init; }
+    public int VirtualTokens { get; init; } = 8;
     public int PrefixProjection { get; init; }
     public string? TokenizerDir { get; init; }
     public double EvalSplit { get; init; }
+
+    /// <summary>The method- and optimizer-specific flags given on the command line (not left at their defaults).</summary>
+    public IReadOnlySet<string> Given { get; init; } = new HashSet<string>();
     public string? EvalData { get; init; }
+    public bool Overwrite { get; init; }
 }
 
 /// <summary>`peft pretrain` and `peft finetune`: flags to a <see cref="FinetuneOptions"/> recipe, run by the library's <see cref="Finetune"/>.</summary>
@@ -53,13 +57,13 @@ internal static class TrainCommand
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method") { Description = "full | lora | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
-        var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train (default 0.01)", DefaultValueFactory = _ => 0 };
+        var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train", DefaultValueFactory = _ => 0.01 };
         var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients " +
             "(SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
         var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
         var prefixProjection = new Option<int>("--prefix-projection") { Description = "Prefix tuning through a reparameterising MLP with this hidden size (P-tuning v2; 0: train the keys " +
             "and values directly)", DefaultValueFactory = _ => 0 };
-        var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer (default 8)", DefaultValueFactory = _ => 0 };
+        var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer", DefaultValueFactory = _ => 8 };
         var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
         var alpha = new Option<float>("--alpha") { Description = "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)", DefaultValueFactory = _ => 16f };
@@ -78,9 +82,12 @@ internal static class TrainCommand
         var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)",
             DefaultValueFactory = _ => 0 };
 
+        // Flags that belong to one method (or optimizer): given with another, they would do nothing, so they are refused.
+        var specific = new Option[] { rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens, prefixProjection, density,
+            maskSource, regrowEvery, momentum };
         var c = new Command(name, description);
         foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, skipNonFinite, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip,
-            accum, optimizerKind, momentum, evalSplit, evalData }) c.Options.Add(opt);
+            accum, optimizerKind, momentum, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
         if (finetune)
         {
             foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
@@ -122,14 +129,16 @@ internal static class TrainCommand
                 LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
                 LoraBOnly = finetune && r.GetValue(bOnly),
                 AdapterPerTask = finetune && r.GetValue(adapterPerTask),
-                VirtualTokens = finetune ? r.GetValue(virtualTokens) : 0,
+                VirtualTokens = finetune ? r.GetValue(virtualTokens) : 8,
                 PrefixProjection = finetune ? r.GetValue(prefixProjection) : 0,
-                Density = finetune ? r.GetValue(density) : 0,
+                Density = finetune ? r.GetValue(density) : 0.01,
                 MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
                 RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
                 TokenizerDir = finetune ? null : r.GetValue(tokenizerDir),
                 EvalSplit = r.GetValue(evalSplit),
                 EvalData = r.GetValue(evalData),
+                Overwrite = r.GetValue(o.Overwrite),
+                Given = specific.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToHashSet(),
             }));
         return c;
     }
@@ -145,15 +154,23 @@ internal static class TrainCommand
             "sparse" => FinetuneMethod.Sparse,
             _ => throw new ArgumentException($"--method {method}: use full, lora, prefix or sparse (1-bit deltas come from peft compress)"),
         };
-        if (kind != FinetuneMethod.Sparse && (flags.Density != 0 || flags.MaskSource != "gradient"
-            || flags.RegrowEvery != 0)) throw new ArgumentException("--density, --mask and --regrow-every apply to --method sparse");
+        string? owner(string flag) => flag switch
+        {
+            "--rank" or "--alpha" or "--targets" or "--rslora" or "--dora" or "--b-only" or "--adapter-per-task" or "--dropout" or "--init" or "--chain-every" => "lora",
+            "--virtual-tokens" or "--prefix-projection" => "prefix",
+            "--density" or "--mask" or "--regrow-every" => "sparse",
+            _ => null,
+        };
+        var idle = flags.Given.Where(f => owner(f) is string m && m != method).ToList();
+        if (idle.Count > 0)
+        {
+            throw new ArgumentException($"{string.Join(", ", idle)} {(idle.Count == 1 ? "applies" : "apply")} to --method {string.Join(" / ", idle.Select(f => owner(f)).Distinct())}, " +
+                $"not --method {method}: {(idle.Count == 1 ? "it" : "they")} would do nothing");
+        }
+
+        if (flags.Given.Contains("--momentum") && flags.Optimizer != "sgd") throw new ArgumentException($"--momentum applies to --optimizer sgd, not {flags.Optimizer}: it would do nothing");
         if (flags.RegrowEvery < 0) throw new ArgumentException($"--regrow-every {flags.RegrowEvery}: must be >= 0");
-        if (kind != FinetuneMethod.Prefix && (flags.VirtualTokens != 0
-            || flags.PrefixProjection != 0)) throw new ArgumentException("--virtual-tokens and --prefix-projection apply to --method prefix");
         if (flags.PrefixProjection < 0) throw new ArgumentException($"--prefix-projection {flags.PrefixProjection}: must be >= 0");
-        bool loraOnlyFlags = flags.LoraBOnly || flags.LoraInit != "lora" || options.ChainEvery != 0;
-        if (flags.Lora == null && loraOnlyFlags) throw new ArgumentException("--b-only, --init and --chain-every apply to --method lora");
-        if (flags.Lora == null && flags.AdapterPerTask) throw new ArgumentException("--adapter-per-task applies to --method lora");
         if (options.ChainEvery < 0) throw new ArgumentException($"--chain-every {options.ChainEvery}: must be >= 0");
         var optimizer = flags.Optimizer switch
         {
@@ -161,7 +178,7 @@ internal static class TrainCommand
             "sgd" => OptimizerKind.Sgd,
             _ => throw new ArgumentException($"--optimizer {flags.Optimizer}: use adamw or sgd"),
         };
-        double density = flags.Density == 0 ? 0.01 : flags.Density;
+        double density = flags.Density;
         if (density is <= 0 or > 1) throw new ArgumentException($"--density {density}: must be in (0, 1]");
         var mask = flags.MaskSource switch
         {
@@ -170,8 +187,8 @@ internal static class TrainCommand
             "random" => MaskSource.Random,
             _ => throw new ArgumentException($"--mask {flags.MaskSource}: use gradient, weight or random"),
         };
-        int tokens = flags.VirtualTokens == 0 ? 8 : flags.VirtualTokens;
-        if (tokens < 0) throw new ArgumentException($"--virtual-tokens {tokens}: must be positive");
+        int tokens = flags.VirtualTokens;
+        if (tokens <= 0) throw new ArgumentException($"--virtual-tokens {tokens}: must be positive");
         if (flags.LayerDecay is <= 0f or > 1f) throw new ArgumentException($"--layer-decay {flags.LayerDecay}: must be in (0, 1]");
         if (flags.EmaDecay is < 0f or >= 1f) throw new ArgumentException($"--ema {flags.EmaDecay}: must be in [0, 1)");
         var init = flags.LoraInit switch
@@ -203,6 +220,7 @@ internal static class TrainCommand
         TextWriter stdout, TrainFlags flags)
     {
         var recipeOptions = Recipe(method, dataSpec, options, flags);
+        Host.CheckOutput(outDir, flags.Overwrite, resuming: resume != null, ("--model", modelDir), ("--resume", resume));
         if (resume != null)
         {
             // A kill in the instant of a checkpoint swap leaves only OUT/checkpoint.old: that is the checkpoint then.
@@ -218,6 +236,19 @@ internal static class TrainCommand
         using var model = resume != null ? Host.LoadTextModel(resume, device)
             : modelDir != null ? Host.LoadTextModel(modelDir, device)
             : NewModel(device, configSpec!, flags.TokenizerDir, options.Seed);
+        if (flags.Lora is { } lora)
+        {
+            foreach (var module in lora.TargetsIn(model.Config))
+            {
+                var (outF, inF) = PeftLoraAdapter.LinearShape(model.Config, module);
+                if (lora.For(module).Rank > Math.Min(outF, inF))
+                {
+                    throw new ArgumentException($"--rank {lora.For(module).Rank}: larger than {module} ({outF} x {inF}) can use; a rank above min(out, in) = {Math.Min(outF, inF)} " +
+                        "adds parameters and no capacity");
+                }
+            }
+        }
+
         var data = Jobs.Data(dataSpec, options.Seed, model.Tokenizer, options.SeqLen, flags.EvalSplit, flags.EvalData);
         var (train, held) = (data.Train, data.HeldOut);
         if (options.GroupCompletions && !data.CompletionOnly) throw new ArgumentException($"--group-completions needs prompt/completion data; {dataSpec} is text");
@@ -225,6 +256,12 @@ internal static class TrainCommand
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], " +
             $"{options.Steps} steps; data {Markup.Escape(data.Description)}");
+        options = options with { RunSettings = RunSettings(method, dataSpec, recipeOptions, flags) };
+        if (resume != null && TrainingRun.CheckpointStep(resume) is int done && done >= options.Steps)
+        {
+            console.MarkupLine(Markup.Escape($"the checkpoint is at step {done} of --steps {options.Steps}: nothing left to train; writing its output (raise --steps to train further)"));
+        }
+
         var recipe = Finetune.Prepare(model, recipeOptions, options, train, modelDir, resume);
         if (recipe.Description != null) console.MarkupLine(Markup.Escape(recipe.Description));
         jobs.Train(model, train, options, outDir, modelDir == null ? "pretrain" : "finetune", resume, recipeOptions, recipe);
@@ -245,6 +282,27 @@ internal static class TrainCommand
         if (held.Count > 0) jobs.PrintEval("held-out", jobs.Evaluate(model, held, options.SeqLen, options.CompletionOnly, "held-out"));
         console.MarkupLine($"{Markup.Escape(recipe.Output)}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
+    }
+
+    /// <summary>What defines this run beyond TrainOptions, compared with a checkpoint's on --resume (eval data only scores, so it may change).</summary>
+    private static Dictionary<string, string> RunSettings(string method, string dataSpec, FinetuneOptions recipe, TrainFlags flags)
+    {
+        static string F(double v) => v.ToString("R", System.Globalization.CultureInfo.InvariantCulture);
+        var d = new Dictionary<string, string>
+        {
+            ["data"] = File.Exists(dataSpec) ? Path.GetFullPath(dataSpec) : dataSpec, ["eval_split"] = F(flags.EvalSplit), ["method"] = method, ["optimizer"] = flags.Optimizer,
+            ["freeze"] = string.Join(",", flags.Freeze), ["layer_decay"] = F(flags.LayerDecay), ["ema"] = F(flags.EmaDecay),
+        };
+        if (flags.Optimizer == "sgd") d["momentum"] = F(flags.Momentum);
+        if (recipe.Lora is { } l)
+        {
+            d["lora"] = $"r={l.R} alpha={F(l.LoraAlpha)} targets={l.TargetRegex ?? string.Join(",", l.TargetModules)} rslora={l.UseRsLora} dora={l.UseDora} dropout={F(l.LoraDropout)} " +
+                $"b_only={recipe.LoraBOnly} init={recipe.LoraInit} per_task={recipe.AdapterPerTask != null}";
+        }
+
+        if (recipe.Method == FinetuneMethod.Prefix) d["prefix"] = $"tokens={recipe.VirtualTokens} projection={recipe.PrefixProjection}";
+        if (recipe.Method == FinetuneMethod.Sparse) d["sparse"] = $"density={F(recipe.Density)} mask={recipe.MaskSource} regrow_every={recipe.RegrowEvery}";
+        return d;
     }
 
     /// <summary>A fresh model for pre-training: with a tokenizer folder, tiny/small take its vocabulary size and the model carries its files.</summary>

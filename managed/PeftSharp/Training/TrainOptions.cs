@@ -27,4 +27,27 @@ public sealed record TrainOptions
     /// stopping the run with <see cref="TrainingDivergedException"/>. Either way no non-finite weight is written.
     /// </summary>
     public bool SkipNonFinite { get; init; }
+
+    /// <summary>
+    /// What else defines the run beside these options (the data, the method and its settings, as the caller names
+    /// them): recorded in each checkpoint with the options that shape the trajectory, and compared on resume, so a
+    /// resume with other data, another method or another batch size is refused with what differs.
+    /// </summary>
+    public IReadOnlyDictionary<string, string> RunSettings { get; init; } = new Dictionary<string, string>();
+
+    /// <summary>
+    /// The settings a resumed run must share with its checkpoint: <see cref="RunSettings"/> and the options that shape
+    /// the trajectory (not Steps, warmup or checkpointing, which a longer continuation may change).
+    /// </summary>
+    public SortedDictionary<string, string> ResumeSettings()
+    {
+        var all = new SortedDictionary<string, string>(RunSettings.ToDictionary(kv => kv.Key, kv => kv.Value), StringComparer.Ordinal)
+        {
+            ["batch_size"] = $"{BatchSize}", ["seq_len"] = $"{SeqLen}", ["grad_accumulation"] = $"{GradAccumulation}", ["learning_rate"] = LearningRate.ToString("R", System.Globalization.CultureInfo.InvariantCulture),
+            ["weight_decay"] = WeightDecay.ToString("R", System.Globalization.CultureInfo.InvariantCulture), ["clip_norm"] = ClipNorm.ToString("R", System.Globalization.CultureInfo.InvariantCulture),
+            ["clip_per_parameter"] = $"{ClipPerParameter}", ["completion_only"] = $"{CompletionOnly}", ["chain_every"] = $"{ChainEvery}", ["group_completions"] = $"{GroupCompletions}",
+            ["seed"] = $"{Seed}",
+        };
+        return all;
+    }
 }

@@ -338,6 +338,7 @@ public sealed class TrainingRun
             ["data_position"] = data.Position,
             ["seed"] = Options.Seed,
             ["optimizer"] = optimizer.GetType().Name,
+            ["settings"] = Options.ResumeSettings(),
         };
         AtomicFile.WriteText(Path.Combine(tmp, StateFile), JsonSerializer.Serialize(trainerState, new JsonSerializerOptions { WriteIndented = true }));
         string old = full + ".old";
@@ -349,6 +350,10 @@ public sealed class TrainingRun
 
     /// <summary>What trains beside the base model's own parameters: LoRA layers, DoRA magnitudes, virtual tokens.</summary>
     private List<Parameter> AdapterParameters() => model.AllParameters.Except(model.Parameters).ToList();
+
+    /// <summary>The steps a checkpoint has completed (its trainer_state.json's step).</summary>
+    public static int CheckpointStep(string folder) => InputGuard.Parse(folder, () =>
+        checked((int)(JsonConfigFile.Read(folder, StateFile, "checkpoint")["step"]?.Value<long>() ?? throw new PeftSharpInputException($"{Path.Combine(folder, StateFile)}: no step"))));
 
     /// <summary>Restores optimizer state, step and data position from a checkpoint (the model is loaded by the caller).</summary>
     public void Resume(string folder) =>
@@ -379,6 +384,18 @@ public sealed class TrainingRun
         }
 
         if (kind != optimizer.GetType().Name) throw new PeftSharpInputException($"{statePath}: checkpoint used {kind}, this run uses {optimizer.GetType().Name}");
+        if (root["settings"] is System.Text.Json.Nodes.JsonObject saved) // checkpoints before settings were recorded have none
+        {
+            var now = Options.ResumeSettings();
+            var differ = saved.Select(kv => kv.Key).Union(now.Keys).Order(StringComparer.Ordinal)
+                .Select(k => (Key: k, Then: saved[k]?.Value<string>(), Now: now.GetValueOrDefault(k))).Where(d => d.Then != d.Now).ToList();
+            if (differ.Count > 0)
+            {
+                throw new PeftSharpInputException($"{statePath}: this run differs from the one that wrote the checkpoint, so resuming would not continue it: " +
+                    string.Join("; ", differ.Select(d => $"{d.Key} was {d.Then ?? "(unset)"}, now {d.Now ?? "(unset)"}")));
+            }
+        }
+
         // Extra states first: a sparse fine-tune's masks decide the layout of the optimizer's moments.
         foreach (var extra in ExtraStates)
         {

@@ -53,7 +53,8 @@ public sealed class HostDataTests : TempDirectoryTest
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("5 examples, all trained on; none held out (--eval-split 0.1 or --eval-data FILE to score)"));
         Assert.That(r.Out, Does.Not.Contain("held-out: loss"));
-        r = Peft.Run("finetune", "--model", pre, "--data", jsonl, "--steps", "2", "--batch-size", "2", "--out", fine, "--quiet", "--device", "cpu", "--eval-data", jsonl);
+        r = Peft.Run("finetune", "--model", pre, "--data", jsonl, "--steps", "2", "--batch-size", "2", "--out", fine, "--quiet", "--device", "cpu", "--eval-data", jsonl,
+            "--overwrite");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain($"scored on {jsonl} (5)").And.Contain("held-out: loss").And.Contain("of 5"));
 
@@ -65,7 +66,7 @@ public sealed class HostDataTests : TempDirectoryTest
             (new[] { "--data", jsonl, "--eval-data", Path.Combine(TempDir, "absent.jsonl") }, "--eval-data"),
         })
         {
-            r = Peft.Run(new[] { "finetune", "--model", pre, "--steps", "1", "--out", fine, "--quiet", "--device", "cpu" }.Concat(args).ToArray());
+            r = Peft.Run(new[] { "finetune", "--model", pre, "--steps", "1", "--out", fine, "--quiet", "--device", "cpu", "--overwrite" }.Concat(args).ToArray());
             Assert.That(r.Code, Is.EqualTo(2), string.Join(" ", args));
             Assert.That(r.Err, Does.Contain(expected), string.Join(" ", args));
         }
@@ -89,5 +90,49 @@ public sealed class HostDataTests : TempDirectoryTest
         r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--delta", lora, "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(2));
         Assert.That(r.Err, Does.Contain("--delta").And.Contain("PeftLoraAdapter"));
+    }
+
+    /// <summary>Nothing is overwritten by surprise, flags that would do nothing are refused, resume continues only the run it checkpointed.</summary>
+    [Test]
+    public void Guards_Overwrite_IdleFlags_Ranges_AndResumeMismatch()
+    {
+        string pre = Pretrained("builtin:tasks");
+        string file = Path.Combine(TempDir, "a-file");
+        File.WriteAllText(file, "x");
+        foreach (var (args, expected) in new (string[], string)[]
+        {
+            (new[] { "pretrain", "--steps", "1", "--out", pre }, $"--out {pre} already holds model.safetensors; pass --overwrite"),
+            (new[] { "finetune", "--model", pre, "--steps", "1", "--out", pre, "--overwrite" }, "is also --model"),
+            (new[] { "finetune", "--model", pre, "--steps", "1", "--out", file }, "is a file"),
+            (new[] { "finetune", "--model", pre, "--method", "full", "--dora", "--rank", "4", "--out", file }, "--rank, --dora apply to --method lora, not --method full"),
+            (new[] { "finetune", "--model", pre, "--method", "lora", "--density", "0.1", "--out", file }, "--density applies to --method sparse"),
+            (new[] { "finetune", "--model", pre, "--momentum", "0.5", "--out", file }, "--momentum applies to --optimizer sgd"),
+            (new[] { "finetune", "--model", pre, "--method", "lora", "--rank", "100", "--steps", "1", "--out", Path.Combine(TempDir, "r") }, "--rank 100: larger than"),
+            (new[] { "generate", "--model", pre, "--prompt", "x", "--top-k", "-1" }, "--top-k -1"),
+            (new[] { "merge", "--model", pre, "--adapter", pre, "--out", pre }, "is also --model"),
+        })
+        {
+            var r = Peft.Run(args.Concat(args[0] == "generate" || args[0] == "merge" ? new[] { "--device", "cpu" } : new[] { "--device", "cpu", "--quiet" }).ToArray());
+            Assert.That(r.Code, Is.EqualTo(2), string.Join(" ", args) + r.Err);
+            Assert.That(r.Err, Does.Contain(expected), string.Join(" ", args));
+        }
+
+        // --overwrite replaces; a resume with other settings is refused naming them; a resume with nothing left says so.
+        string run = Path.Combine(TempDir, "run");
+        string[] Train(params string[] extra) => new[] { "finetune", "--model", pre, "--checkpoint-every", "2", "--out", run, "--quiet", "--device", "cpu", }
+            .Concat(extra.Contains("--data") ? Array.Empty<string>() : new[] { "--data", "builtin:tasks=copy", "--batch-size", "2" })
+            .Concat(extra.Contains("--steps") ? Array.Empty<string>() : new[] { "--steps", "4" }).Concat(extra).ToArray();
+        Assert.That(Peft.Run(Train()).Code, Is.EqualTo(0));
+        Assert.That(Peft.Run(Train()).Err, Does.Contain("already holds"));
+        Assert.That(Peft.Run(Train("--overwrite")).Code, Is.EqualTo(0));
+        string ckpt = Path.Combine(run, "checkpoint");
+        var mismatch = Peft.Run(Train("--resume", ckpt, "--batch-size", "3", "--data", "builtin:tasks=sort"));
+        Assert.That(mismatch.Code, Is.EqualTo(2), mismatch.Err);
+        Assert.That(mismatch.Err, Does.Contain("differs from the one that wrote the checkpoint").And.Contain("batch_size was 2, now 3").And.Contain("data was builtin:tasks=copy, now builtin:tasks=sort"));
+        var done = Peft.Run(Train("--resume", ckpt));
+        Assert.That(done.Code, Is.EqualTo(0), done.Err);
+        Assert.That(done.Out, Does.Contain("the checkpoint is at step 4 of --steps 4: nothing left to train"));
+        var longer = Peft.Run(Train("--resume", ckpt, "--steps", "6"));
+        Assert.That(longer.Code, Is.EqualTo(0), "a longer continuation of the same run is allowed: " + longer.Err);
     }
 }

@@ -210,7 +210,7 @@ public sealed class HostJobTests : TempDirectoryTest
             (new[] { "pretrain", "--data", "builtin:puzzles", "--out", TempDir, "--steps", "1" }, "builtin:puzzles"),
             (new[] { "pretrain", "--data", "/no/such/file.jsonl", "--out", TempDir, "--steps", "1" }, "/no/such/file.jsonl"),
             (new[] { "finetune", "--model", TempDir, "--method", "dora", "--out", TempDir }, "--method dora"),
-            (new[] { "finetune", "--model", TempDir, "--method", "full", "--b-only", "--out", TempDir }, "apply to --method lora"),
+            (new[] { "finetune", "--model", TempDir, "--method", "full", "--b-only", "--out", TempDir }, "--b-only applies to --method lora, not --method full"),
             (new[] { "finetune", "--model", TempDir, "--method", "lora", "--targets", "q_proj,attn", "--out", TempDir }, "--targets q_proj,attn"),
             (new[] { "eval", "--model", Path.Combine(TempDir, "missing") }, "config.json"),
             (new[] { "logits", "--model", TempDir, "--tokens", "1,x" }, "'x'"),

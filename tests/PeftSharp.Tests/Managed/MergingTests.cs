@@ -525,11 +525,12 @@ public sealed class SparseRegrowTests
                 using (r)
                 {
                     using var stop = new CancellationTokenSource();
-                    run.Run(dir, m =>
-                    {
-                        r.AfterStep(m.Step);
-                        if (m.Step == 4) stop.Cancel();
-                    }, stop.Token);
+                    // A cancelled run stops at a step boundary with a checkpoint and says so.
+                    Assert.Throws<TrainingInterruptedException>(() => run.Run(dir, m =>
+                        {
+                            r.AfterStep(m.Step);
+                            if (m.Step == 4) stop.Cancel();
+                        }, stop.Token));
                 }
             }
 

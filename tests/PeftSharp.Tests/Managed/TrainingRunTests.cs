@@ -76,10 +76,11 @@ public sealed class TrainingRunTests
                 using (firstOpt)
                 {
                     using var stop = new CancellationTokenSource();
-                    firstTrainer.Run(dir, m =>
-                    {
-                        if (m.Step == 4) stop.Cancel(); // as if the process died right after the step-4 checkpoint
-                    }, stop.Token);
+                    // A cancelled run stops at a step boundary with a checkpoint and says so.
+                    Assert.Throws<TrainingInterruptedException>(() => firstTrainer.Run(dir, m =>
+                        {
+                            if (m.Step == 4) stop.Cancel(); // as if the process died right after the step-4 checkpoint
+                        }, stop.Token));
                     Assert.That(firstTrainer.Step, Is.EqualTo(4));
                 }
 
@@ -197,11 +198,12 @@ public sealed class TrainingRunTests
                 {
                     firstTrainer.ExtraStates.Add(firstEma);
                     using var stop = new CancellationTokenSource();
-                    firstTrainer.Run(dir, m =>
-                    {
-                        firstEma.Update();
-                        if (m.Step == 4) stop.Cancel();
-                    }, stop.Token);
+                    // A cancelled run stops at a step boundary with a checkpoint and says so.
+                    Assert.Throws<TrainingInterruptedException>(() => firstTrainer.Run(dir, m =>
+                        {
+                            firstEma.Update();
+                            if (m.Step == 4) stop.Cancel();
+                        }, stop.Token));
                 }
 
                 string ckpt = Path.Combine(dir, "checkpoint");
@@ -297,11 +299,11 @@ public sealed class TrainingRunTests
             using (var model = LlamaModel.Create(device, Config, Options.Seed))
             using (var optimizer = new AdamW(model.AllParameters, weightDecay: Options.WeightDecay))
             {
-                using var stop = new CancellationTokenSource();
-                Trainer(model, optimizer, options).Run(dir, m =>
+                // Killed right after step 5 (before its checkpoint at 6): the last checkpoint is step 4's.
+                Assert.Throws<InvalidOperationException>(() => Trainer(model, optimizer, options).Run(dir, m =>
                 {
-                    if (m.Step == 5) stop.Cancel();
-                }, stop.Token);
+                    if (m.Step == 5) throw new InvalidOperationException("killed");
+                }));
             }
 
             // As a kill leaves it: the step-4 checkpoint moved aside but the new one not yet in, a half-written
