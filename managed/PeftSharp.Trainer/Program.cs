@@ -41,7 +41,7 @@ public static class Program
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)
         {
-            foreach (var e in parse.Errors) stderr.WriteLine($"peft: {e.Message}");
+            foreach (var e in parse.Errors) stderr.WriteLine($"peft: {e.Message}{Suggestion(e.Message, parse.CommandResult.Command)}");
             return 2;
         }
 
@@ -89,7 +89,7 @@ public static class Program
 
         if (IsBadInput(e))
         {
-            stderr.WriteLine($"peft: {e.Message.ReplaceLineEndings(" ")}");
+            stderr.WriteLine($"peft: {ListOneItemALine(e.Message.ReplaceLineEndings(" "))}");
             return BadInput;
         }
 
@@ -119,5 +119,51 @@ public static class Program
         kept.Add("--resume");
         kept.Add(checkpoint);
         return string.Join(' ', kept.Select(a => a.Length > 0 && a.All(c => char.IsLetterOrDigit(c) || "-_=./:,@+".Contains(c)) ? a : $"'{a.Replace("'", "'\\''")}'"));
+    }
+
+    /// <summary>
+    /// For an unrecognized '--flag' in a parse error, the command's nearest flag (at most two edits away, or the only
+    /// one it starts): " (did you mean --device?)"; otherwise nothing.
+    /// </summary>
+    internal static string Suggestion(string message, Command command)
+    {
+        var m = System.Text.RegularExpressions.Regex.Match(message, "'(--?[^']+)'");
+        if (!m.Success || !message.StartsWith("Unrecognized", StringComparison.Ordinal)) return "";
+        string given = m.Groups[1].Value.Split('=')[0];
+        var names = command.Options.SelectMany(o => o.Aliases.Append(o.Name)).Where(n => n.StartsWith("--", StringComparison.Ordinal)).Distinct().ToList();
+        var best = names.Select(n => (Name: n, Distance: EditDistance(given, n))).OrderBy(x => x.Distance).ThenBy(x => x.Name, StringComparer.Ordinal).FirstOrDefault();
+        if (best.Name != null && best.Distance <= 2) return $" (did you mean {best.Name}?)";
+        var prefixed = names.Where(n => n.StartsWith(given, StringComparison.Ordinal)).ToList();
+        return prefixed.Count == 1 ? $" (did you mean {prefixed[0]}?)" : "";
+    }
+
+    private static int EditDistance(string a, string b)
+    {
+        var d = new int[a.Length + 1, b.Length + 1];
+        for (int i = 0; i <= a.Length; i++) d[i, 0] = i;
+        for (int j = 0; j <= b.Length; j++) d[0, j] = j;
+        for (int i = 1; i <= a.Length; i++)
+        {
+            for (int j = 1; j <= b.Length; j++)
+            {
+                d[i, j] = Math.Min(Math.Min(d[i - 1, j] + 1, d[i, j - 1] + 1), d[i - 1, j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
+            }
+        }
+
+        return d[a.Length, b.Length];
+    }
+
+    /// <summary>
+    /// A message that ends in a long list ("...(12 problems): a; b; c; ...") as its head and one item a line, so a
+    /// reader can scan it; shorter messages stay one line.
+    /// </summary>
+    public static string ListOneItemALine(string message)
+    {
+        int colon = message.IndexOf(": ", StringComparison.Ordinal);
+        int listAt = message.IndexOf("): ", StringComparison.Ordinal) is int p and >= 0 ? p + 1 : colon;
+        if (listAt < 0) return message;
+        var items = message[(listAt + 2)..].Split("; ");
+        if (items.Length < 4) return message;
+        return message[..(listAt + 1)] + string.Concat(items.Select(i => $"{Environment.NewLine}  - {i}"));
     }
 }

@@ -279,7 +279,13 @@ internal static class TrainCommand
             return 0;
         }
 
-        if (held.Count > 0) jobs.PrintEval("held-out", jobs.Evaluate(model, held, options.SeqLen, options.CompletionOnly, "held-out"));
+        if (held.Count > 0)
+        {
+            var result = jobs.Evaluate(model, held, options.SeqLen, options.CompletionOnly, "held-out");
+            jobs.PrintEval("held-out", result);
+            Finetune.WriteLossCurve(outDir, modelDir == null ? "pretrain" : "finetune", evals: new[] { (options.Steps, result.Loss) });
+        }
+
         console.MarkupLine($"{Markup.Escape(recipe.Output)}, metrics.jsonl and loss.svg written to [bold]{Markup.Escape(Path.GetFullPath(outDir))}[/]");
         return 0;
     }

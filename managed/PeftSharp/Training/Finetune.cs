@@ -191,9 +191,19 @@ public static class Finetune
         var write = recipe?.Save ?? save;
         if (write != null) write(outDir);
         else HuggingFaceFolder.Save(model, outDir);
-        AtomicFile.WriteText(Path.Combine(outDir, "loss.svg"), LossCurve.Svg(ReadAllMetrics(outDir, metrics), title));
+        WriteLossCurve(outDir, title, metrics);
         return metrics;
     }
+
+    /// <summary>The loss curve file a run writes in its output folder.</summary>
+    public const string LossCurveFile = "loss.svg";
+
+    /// <summary>
+    /// (Re)writes OUT/loss.svg from every step metrics.jsonl holds (else <paramref name="fallback"/>), with held-out
+    /// evaluations as points (a trainer that scores after training adds its result this way).
+    /// </summary>
+    public static void WriteLossCurve(string outDir, string title, IReadOnlyList<StepMetrics>? fallback = null, IReadOnlyList<(int Step, double Loss)>? evals = null) =>
+        AtomicFile.WriteText(Path.Combine(outDir, LossCurveFile), LossCurve.Svg(ReadAllMetrics(outDir, fallback ?? Array.Empty<StepMetrics>()), title, evals));
 
     /// <summary>Every trained step metrics.jsonl holds (a resumed run's earlier steps too; skipped steps left out), else <paramref name="fallback"/>.</summary>
     private static IReadOnlyList<StepMetrics> ReadAllMetrics(string outDir, IReadOnlyList<StepMetrics> fallback)

@@ -38,7 +38,11 @@ public sealed class HostTests
     {
         var (code, _, err) = Peft.Run("selfcheck", "--devise", "cpu");
         Assert.That(code, Is.EqualTo(2));
-        Assert.That(err, Does.Contain("--devise"));
+        Assert.That(err, Does.Contain("--devise").And.Contain("(did you mean --device?)"));
+        (code, _, err) = Peft.Run("finetune", "--model", "m", "--out", "o", "--virtual-token", "4");
+        Assert.That(err, Does.Contain("(did you mean --virtual-tokens?)"));
+        (code, _, err) = Peft.Run("eval", "--model", "m", "--zzzzzzzz");
+        Assert.That(err, Does.Not.Contain("did you mean"), "no suggestion when nothing is near");
         (code, _, err) = Peft.Run("selfcheck", "--device", "quantum");
         Assert.That(code, Is.EqualTo(2));
         Assert.That(err.Trim().Split('\n'), Has.Length.EqualTo(1));
@@ -372,5 +376,13 @@ public sealed class HostCompressTests : TempDirectoryTest
         r = Peft.Run("compress", "--base", baseDir, "--finetuned", fineDir, "--out", deltaDir, "--rounds", "0");
         Assert.That(r.Code, Is.EqualTo(2));
         Assert.That(r.Err, Does.Contain("--rounds 0"));
+    }
+
+    [Test]
+    public void LongErrorLists_OneItemALine_ShortOnesStayOneLine()
+    {
+        Assert.That(PeftSharp.Trainer.Program.ListOneItemALine("f: the weights do not match config.json (4 problems): a; b; c; d"),
+            Is.EqualTo(string.Join(Environment.NewLine, "f: the weights do not match config.json (4 problems):", "  - a", "  - b", "  - c", "  - d")));
+        Assert.That(PeftSharp.Trainer.Program.ListOneItemALine("config.json: x; y"), Is.EqualTo("config.json: x; y"));
     }
 }
