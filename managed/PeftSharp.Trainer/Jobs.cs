@@ -103,14 +103,19 @@ internal sealed class Jobs
 
         IReadOnlyList<StepMetrics> metrics = Array.Empty<StepMetrics>();
         console.Progress()
-            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn())
             .Start(ctx =>
             {
                 var task = ctx.AddTask(title, maxValue: options.Steps);
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                int first = -1;
                 metrics = Run(m =>
                 {
                     task.Value = m.Step;
-                    task.Description = $"{title}: loss {m.Loss:F3}, {m.TokensPerSecond:F0} tok/s";
+                    if (first < 0) first = m.Step - 1; // a resumed run starts part way
+                    double perStep = clock.Elapsed.TotalSeconds / Math.Max(1, m.Step - first);
+                    var eta = TimeSpan.FromSeconds(Math.Round(perStep * (options.Steps - m.Step)));
+                    task.Description = $"{title} step {m.Step}/{options.Steps}: loss {m.Loss:F3}, {m.TokensPerSecond:F0} tok/s, ETA {eta:hh\\:mm\\:ss}";
                 });
             });
         return metrics;

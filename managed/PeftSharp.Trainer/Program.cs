@@ -21,7 +21,7 @@ public static class Program
         var root = new RootCommand("PeftSharp: fine-tune and serve many variants of one transformer.");
         foreach (var command in new[]
         {
-            DevicesCommand.Create(stdout),
+            DevicesCommand.Create(o, stdout),
             SelfCheckCommand.Create(o, stdout, stderr),
             TrainCommand.Create(o, "pretrain", "Pre-train a model from scratch.", finetune: false, stdout),
             TrainCommand.Create(o, "finetune", "Fine-tune a model folder (loss on completions).", finetune: true, stdout),
@@ -32,7 +32,7 @@ public static class Program
             CompressCommand.Create(o, stdout),
             LocalizeCommand.Create(o, stdout),
             MergeCommand.Create(o, stdout),
-            QuickstartCommand.Create(o, stdout),
+            QuickstartCommand.Create(o, stdout, stderr),
         })
         {
             root.Subcommands.Add(command);

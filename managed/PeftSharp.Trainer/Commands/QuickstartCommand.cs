@@ -13,21 +13,22 @@ namespace PeftSharp.Trainer.Commands;
 /// <summary>`peft quickstart`: the main job on built-in data, no download.</summary>
 internal static class QuickstartCommand
 {
-    public static Command Create(SharedOptions o, TextWriter stdout)
+    public static Command Create(SharedOptions o, TextWriter stdout, TextWriter stderr)
     {
         var qsOut = new Option<string>("--out") { Description = "Output folder", DefaultValueFactory = _ => "peft-quickstart" };
         var qsPre = new Option<int>("--pretrain-steps") { DefaultValueFactory = _ => 3000 };
         var qsFine = new Option<int>("--finetune-steps") { DefaultValueFactory = _ => 600 };
         var quickstart = new Command("quickstart", "The main job on built-in data: pretrain a tiny model, fine-tune it on a held-out task, evaluate before and after.");
-        foreach (var opt in new Option[] { o.Device, qsOut, qsPre, qsFine, o.Seed, o.Quiet }) quickstart.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, qsOut, qsPre, qsFine, o.Seed, o.Quiet, o.Json }) quickstart.Options.Add(opt);
         quickstart.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(qsOut)!, SharedOptions.Positive("--pretrain-steps", r.GetValue(qsPre)),
-            SharedOptions.Positive("--finetune-steps", r.GetValue(qsFine)), r.GetValue(o.Seed), r.GetValue(o.Quiet), stdout));
+            SharedOptions.Positive("--finetune-steps", r.GetValue(qsFine)), r.GetValue(o.Seed), r.GetValue(o.Quiet), r.GetValue(o.Json), stdout, stderr));
         return quickstart;
     }
 
-    private static int Run(string? deviceSpec, string outDir, int pretrainSteps, int finetuneSteps, int seed, bool quiet, TextWriter stdout)
+    private static int Run(string? deviceSpec, string outDir, int pretrainSteps, int finetuneSteps, int seed, bool quiet, bool json, TextWriter stdout, TextWriter stderr)
     {
-        var console = Host.Console(stdout);
+        // With --json the table is one JSON object on stdout and the running commentary goes to stderr.
+        var console = Host.Console(json ? stderr : stdout);
         using var device = Host.OpenDevice(deviceSpec);
         var jobs = new Jobs(console, quiet);
         const string heldOutTask = "reverse";
@@ -112,14 +113,14 @@ internal static class QuickstartCommand
         var bitBefore = Compressed(delta);
         var bitAfter = Compressed(distilled.Delta);
         console.WriteLine(CompressCommand.Summary(baseModel, distilled));
-        var table = new Table().AddColumns("model", "trainable", "data (held-out examples)", "loss", "exact match");
+        var rows = new List<(string Model, string Trainable, string Data, EvalResult Result)>();
         string all = $"{model.ParameterCount:N0}";
-        table.AddRow("pre-trained", "-", "pre-training tasks", $"{preOnPre.Loss:F3}", $"{preOnPre.ExactMatch:P1}");
-        table.AddRow("pre-trained", "-", $"'{heldOutTask}' (unseen task)", $"{before.Loss:F3}", $"{before.ExactMatch:P1}");
-        table.AddRow("full fine-tune", all, $"'{heldOutTask}'", $"{after.Loss:F3}", $"{after.ExactMatch:P1}");
-        table.AddRow("full fine-tune", all, "pre-training tasks", $"{afterOnPre.Loss:F3}", $"{afterOnPre.ExactMatch:P1}");
-        table.AddRow("LoRA r=8", $"{loraTrainable:N0}", $"'{heldOutTask}'", $"{loraAfter.Loss:F3}", $"{loraAfter.ExactMatch:P1}");
-        table.AddRow("LoRA r=8", $"{loraTrainable:N0}", "pre-training tasks", $"{loraOnPre.Loss:F3}", $"{loraOnPre.ExactMatch:P1}");
+        rows.Add(("pre-trained", "-", "pre-training tasks", preOnPre));
+        rows.Add(("pre-trained", "-", $"'{heldOutTask}' (unseen task)", before));
+        rows.Add(("full fine-tune", all, $"'{heldOutTask}'", after));
+        rows.Add(("full fine-tune", all, "pre-training tasks", afterOnPre));
+        rows.Add(("LoRA r=8", $"{loraTrainable:N0}", $"'{heldOutTask}'", loraAfter));
+        rows.Add(("LoRA r=8", $"{loraTrainable:N0}", "pre-training tasks", loraOnPre));
         console.MarkupLine($"5. batched generation: 32 '{heldOutTask}' requests behind one shared few-shot prompt, on the full fine-tune, with and without prefix sharing");
         var shots = string.Concat(TaskSuite.Stream(new[] { heldOutTask }, seed + 3, Split.Train).Take(12).Select(e => e.Prompt + e.Completion + "\n"));
         var shotRequests = taskHeld.Take(32).Select(e => new GenerationRequest(e.Prompt, MaxTokens: ByteTokenizer.Instance.Encode(e.Completion).Length + 1, SharedPrefix: shots)).ToList();
@@ -132,15 +133,32 @@ internal static class QuickstartCommand
         var (copyOut, _) = BatchGenerator.GenerateWithReport(model, shotRequests, null, PrefixSharing.Off);
         double copySeconds = copyClock.Elapsed.TotalSeconds;
         bool same = sharedOut.Select(r => r.Completion).SequenceEqual(copyOut.Select(r => r.Completion));
-        table.AddRow($"prefix tuning ({virtualTokens} tokens)", $"{prefixTrainable:N0}", $"'{heldOutTask}'", $"{prefixAfter.Loss:F3}", $"{prefixAfter.ExactMatch:P1}");
-        table.AddRow("sparse fine-tune (1%)", $"{sparseTrainable:N0}", $"'{heldOutTask}'", $"{sparseAfter.Loss:F3}", $"{sparseAfter.ExactMatch:P1}");
-        table.AddRow("pre-trained", "-", $"'{renamedTask}' (sort, new tag)", $"{renamedBefore.Loss:F3}", $"{renamedBefore.ExactMatch:P1}");
-        table.AddRow("SGD fine-tune", all, $"'{renamedTask}'", $"{renamedAfter.Loss:F3}", $"{renamedAfter.ExactMatch:P1}");
-        table.AddRow($"grafted {100 * graft.Density:F1}% of it", $"{graft.Entries:N0}", $"'{renamedTask}'", $"{grafted.Loss:F3}", $"{grafted.ExactMatch:P1}");
+        rows.Add(($"prefix tuning ({virtualTokens} tokens)", $"{prefixTrainable:N0}", $"'{heldOutTask}'", prefixAfter));
+        rows.Add(("sparse fine-tune (1%)", $"{sparseTrainable:N0}", $"'{heldOutTask}'", sparseAfter));
+        rows.Add(("pre-trained", "-", $"'{renamedTask}' (sort, new tag)", renamedBefore));
+        rows.Add(("SGD fine-tune", all, $"'{renamedTask}'", renamedAfter));
+        rows.Add(($"grafted {100 * graft.Density:F1}% of it", $"{graft.Entries:N0}", $"'{renamedTask}'", grafted));
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
-        table.AddRow("1-bit delta of full FT", bits, $"'{heldOutTask}'", $"{bitBefore.Loss:F3}", $"{bitBefore.ExactMatch:P1}");
-        table.AddRow("1-bit delta, distilled", bits, $"'{heldOutTask}'", $"{bitAfter.Loss:F3}", $"{bitAfter.ExactMatch:P1}");
-        console.Write(table);
+        rows.Add(("1-bit delta of full FT", bits, $"'{heldOutTask}'", bitBefore));
+        rows.Add(("1-bit delta, distilled", bits, $"'{heldOutTask}'", bitAfter));
+        if (json)
+        {
+            stdout.WriteLine(new System.Text.Json.Nodes.JsonObject
+            {
+                ["device"] = device.Info.Spec,
+                ["rows"] = new System.Text.Json.Nodes.JsonArray(rows.Select(r => (System.Text.Json.Nodes.JsonNode)new System.Text.Json.Nodes.JsonObject
+                {
+                    ["model"] = r.Model, ["trainable"] = r.Trainable, ["data"] = r.Data, ["loss"] = r.Result.Loss, ["exact_match"] = r.Result.ExactMatch, ["examples"] = r.Result.Examples,
+                }).ToArray()),
+            }.ToJsonString());
+        }
+        else
+        {
+            var table = new Table().AddColumns("model", "trainable", "data (held-out examples)", "loss", "exact match");
+            foreach (var r in rows) table.AddRow(r.Model, r.Trainable, r.Data, $"{r.Result.Loss:F3}", $"{r.Result.ExactMatch:P1}");
+            console.Write(table);
+        }
+
         int shotTokens = 1 + ByteTokenizer.Instance.Encode(shots).Length;
         console.MarkupLine($"shared prompt of {shotTokens} tokens, 32 requests: {sharedSeconds * 1000:F0} ms with one shared copy of its keys and values ({sharedReport.TokensSaved:N0} " +
             $"prompt tokens not recomputed), " +

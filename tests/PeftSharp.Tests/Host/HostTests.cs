@@ -26,6 +26,22 @@ public sealed class HostTests
     }
 
     [Test]
+    public void DevicesAndSelfCheck_AsJson()
+    {
+        var (code, output, err) = Peft.Run("devices", "--json");
+        Assert.That(code, Is.EqualTo(0), err);
+        var doc = System.Text.Json.Nodes.JsonNode.Parse(output)!;
+        Assert.That(doc["devices"]!.AsArray().Select(d => (string)d!["spec"]!), Does.Contain("cpu"));
+        Assert.That((string)doc["auto"]!, Is.Not.Empty);
+        (code, output, err) = Peft.Run("selfcheck", "--device", "cpu", "--json");
+        Assert.That(code, Is.EqualTo(0), err);
+        var rows = output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!).ToList();
+        Assert.That(rows, Is.Not.Empty);
+        Assert.That(rows.All(r => (bool)r["passed"]! && (string)r["device"]! == "cpu" && (double)r["max_error"]! <= (double)r["tolerance"]!), Is.True);
+        Assert.That(rows.Select(r => (string)r["op"]!), Does.Contain("matmul"));
+    }
+
+    [Test]
     public void SelfCheck_OnCpu_AllOpsPass()
     {
         var (code, output, err) = Peft.Run("selfcheck", "--device", "cpu");
