@@ -3,16 +3,23 @@ using PeftSharp.Model;
 
 namespace PeftSharp.Formats;
 
-/// <summary>The parts of a PEFT LoRA adapter_config.json that PeftSharp honours.</summary>
+/// <summary>
+/// The parts of a PEFT LoRA adapter_config.json that PeftSharp honours. Built in code, the defaults are the `peft`
+/// host's: r 8, alpha 16 (scale 2), every linear layer when no targets are named. Read from a file, a missing r or
+/// lora_alpha takes PEFT's defaults (8 and 8), as PEFT reads it.
+/// </summary>
 public sealed record LoraAdapterConfig
 {
     public int R { get; init; } = 8;
-    public float LoraAlpha { get; init; } = 8;
+    public float LoraAlpha { get; init; } = 16;
     public float LoraDropout { get; init; }
     public bool UseRsLora { get; init; }
     /// <summary>DoRA: a trained magnitude vector per targeted module (lora_magnitude_vector, [out]).</summary>
     public bool UseDora { get; init; }
-    /// <summary>List form: module names matched by their last component; or one string: "all-linear" or a regex over the module path.</summary>
+    /// <summary>
+    /// List form: module names matched by their last component; or one string (<see cref="TargetRegex"/>): "all-linear"
+    /// or a regex over the module path. Neither given: every linear layer, as "all-linear".
+    /// </summary>
     public IReadOnlyList<string> TargetModules { get; init; } = Array.Empty<string>();
     public string? TargetRegex { get; init; }
     public IReadOnlyList<int>? LayersToTransform { get; init; }
@@ -81,7 +88,7 @@ public sealed record LoraAdapterConfig
                 {
                     "all-linear" => true,
                     { } rx => Regex.IsMatch(path, "^(?:" + rx + ")$"),
-                    null => TargetModules.Contains(name),
+                    null => TargetModules.Count == 0 || TargetModules.Contains(name),
                 };
                 if (hit) yield return path;
             }

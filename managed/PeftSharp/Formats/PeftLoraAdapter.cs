@@ -92,6 +92,7 @@ public sealed class PeftLoraAdapter : IVariant
                 targets.AddRange(arr.Select(t => t!.Value<string>()));
                 var unknown = targets.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
                 if (unknown.Count > 0) problems.Add($"target_modules [{string.Join(", ", unknown)}] name no Llama linear layer ({string.Join(", ", LoraAdapterConfig.LlamaLinear)})");
+                if (targets.Count == 0) problems.Add("target_modules is an empty list (PEFT finds no module to adapt)");
                 break;
             case JsonValue v when v.GetValueKind() == JsonValueKind.String:
                 regex = v.Value<string>();
@@ -128,6 +129,9 @@ public sealed class PeftLoraAdapter : IVariant
     /// <summary>Reads a PEFT folder for a model with <paramref name="model"/>'s configuration.</summary>
     public static PeftLoraAdapter Load(string folder, LlamaConfig model) =>
         InputGuard.Parse(folder, () => LoadCore(folder, model));
+
+    /// <summary>Reads a PEFT folder for <paramref name="model"/> (as <see cref="PeftSharp.Compression.BitDelta.Load"/> and the other variant loaders take it).</summary>
+    public static PeftLoraAdapter Load(string folder, LlamaModel model) => Load(folder, model.Config);
 
     private static PeftLoraAdapter LoadCore(string folder, LlamaConfig model)
     {
@@ -226,7 +230,9 @@ public sealed class PeftLoraAdapter : IVariant
             ["use_dora"] = Config.UseDora,
             ["fan_in_fan_out"] = false,
             ["bias"] = "none",
-            ["target_modules"] = Config.TargetRegex != null ? JsonValue.Create(Config.TargetRegex) : new JsonArray(Config.TargetModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray()),
+            ["target_modules"] = Config.TargetRegex != null ? JsonValue.Create(Config.TargetRegex)
+                : Config.TargetModules.Count == 0 ? JsonValue.Create("all-linear") // no targets named means every linear layer
+                : new JsonArray(Config.TargetModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray()),
             ["rank_pattern"] = new JsonObject(Config.RankPattern.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value))),
             ["alpha_pattern"] = new JsonObject(Config.AlphaPattern.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value))),
             ["base_model_name_or_path"] = Config.BaseModelNameOrPath,

@@ -87,6 +87,9 @@ public sealed class PeftPrefixAdapter : IVariant
     public static PeftPrefixAdapter Load(string folder, LlamaConfig model) =>
         InputGuard.Parse(folder, () => LoadCore(folder, model));
 
+    /// <summary>Reads a PEFT prefix-tuning folder for <paramref name="model"/> (as the other variant loaders take it).</summary>
+    public static PeftPrefixAdapter Load(string folder, LlamaModel model) => Load(folder, model.Config);
+
     private static PeftPrefixAdapter LoadCore(string folder, LlamaConfig model)
     {
         string configPath = Path.Combine(folder, PeftLoraAdapter.ConfigFile);

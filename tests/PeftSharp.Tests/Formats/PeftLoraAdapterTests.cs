@@ -128,6 +128,34 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
         }
     }
 
+    /// <summary>
+    /// Built in code the config has the host's defaults (r 8, alpha 16, every linear layer) and is written as
+    /// "all-linear"; read from a file, PEFT's own defaults for a missing r and lora_alpha (8, 8) hold, and an empty
+    /// target list (which PEFT rejects) is refused rather than read as "all".
+    /// </summary>
+    [Test]
+    public void Defaults_InCodeAreTheHosts_InFilesArePefts()
+    {
+        var config = new LoraAdapterConfig();
+        Assert.That((config.R, config.LoraAlpha), Is.EqualTo((8, 16f)), "the host's --rank 8 and --alpha 16");
+        Assert.That(config.TargetsIn(Model), Is.EqualTo(LoraAdapterConfig.LlamaLinearModules(Model)), "no targets named: every linear layer");
+        var modules = config.TargetsIn(Model).ToDictionary(m => m, m =>
+        {
+            var (o, i) = PeftLoraAdapter.LinearShape(Model, m);
+            return (new float[8 * i], new float[o * 8]);
+        });
+        new PeftLoraAdapter(config, modules).Save(Path.Combine(TempDir, "defaults"), Model);
+        Assert.That(File.ReadAllText(Path.Combine(TempDir, "defaults", "adapter_config.json")), Does.Contain("\"target_modules\": \"all-linear\""));
+        using var device = new PeftSharp.Engine.Cpu.CpuDevice();
+        using var model = LlamaModel.Create(device, Model, 1);
+        Assert.That(PeftLoraAdapter.Load(Path.Combine(TempDir, "defaults"), model).Config.TargetsIn(Model).Count(), Is.EqualTo(14), "Load(folder, model) as the delta loaders");
+
+        var bare = PeftLoraAdapter.ParseConfig("""{"peft_type": "LORA", "target_modules": ["q_proj"]}""", "bare");
+        Assert.That((bare.R, bare.LoraAlpha), Is.EqualTo((8, 8f)), "PEFT's LoraConfig defaults");
+        var empty = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(PeftConfig.Replace("\"target_modules\": [\"v_proj\", \"q_proj\"],", "\"target_modules\": [],"), "empty.json"))!;
+        Assert.That(empty.Message, Does.Contain("target_modules is an empty list"));
+    }
+
     [Test]
     public void TargetSelection_AllLinearRegexLayersAndRankPattern()
     {
