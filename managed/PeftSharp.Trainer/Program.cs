@@ -98,8 +98,13 @@ public static class Program
         return InternalError;
     }
 
+    /// <summary>
+    /// What the user can fix: bad files and flags, IO faults, and the library refusing a combination the flags asked
+    /// for (InvalidOperationException: "the model already has prefix tuning"), which the host did not rule out first.
+    /// </summary>
     private static bool IsBadInput(Exception e) =>
-        e is PeftSharpInputException or NotSupportedException or ArgumentException or IOException or UnauthorizedAccessException;
+        e is PeftSharpInputException or NotSupportedException or ArgumentException or IOException or UnauthorizedAccessException
+            or InvalidOperationException and not ObjectDisposedException;
 
     /// <summary>The command line that continues an interrupted run: the same flags, --resume naming its checkpoint.</summary>
     internal static string ResumeCommand(IReadOnlyList<string> args, string checkpoint)

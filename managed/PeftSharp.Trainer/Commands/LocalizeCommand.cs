@@ -18,7 +18,8 @@ internal static class LocalizeCommand
         return localize;
     }
 
-    private static int Run(string? deviceSpec, string baseDir, string fineDir, string outDir, double budget, int steps, string dataSpec, int batchSize, int seqLen, int seed, bool overwrite, TextWriter stdout)
+    private static int Run(string? deviceSpec, string baseDir, string fineDir, string outDir, double budget, int steps, string dataSpec, int batchSize, int seqLen, int seed,
+        bool overwrite, TextWriter stdout)
     {
         Host.CheckOutput(outDir, overwrite, resuming: false, ("--base", baseDir), ("--finetuned", fineDir));
         if (budget is <= 0 or > 1) throw new ArgumentException($"--budget {budget}: must be in (0, 1]");

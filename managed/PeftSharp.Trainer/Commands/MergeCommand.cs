@@ -15,7 +15,8 @@ internal static class MergeCommand
         var mergeModel = new Option<string?>("--model") { Description = "Hugging Face model folder (not with --config, which names its models)" };
         var merge = new Command("merge", "Merge a PEFT LoRA adapter, a 1-bit or sparse delta into a model, or several models by a mergekit config; writes a Hugging Face folder.");
         foreach (var opt in new Option[] { o.Device, mergeModel, adapterDir, deltaDir, mergeConfig, o.Out, o.Overwrite }) merge.Options.Add(opt);
-        merge.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(mergeModel), r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(mergeConfig), r.GetValue(o.Out)!, r.GetValue(o.Overwrite), stdout));
+        merge.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(mergeModel), r.GetValue(adapterDir), r.GetValue(deltaDir), r.GetValue(mergeConfig), r.GetValue(o.Out)!,
+            r.GetValue(o.Overwrite), stdout));
         return merge;
     }
 

@@ -54,13 +54,15 @@ public static class HuggingFaceFolder
                 }
             }
 
-            // A tied model may still carry lm_head.weight (some exporters write it); rotary caches are derived data.
+            // A tied model may still carry lm_head.weight (some exporters write it); rotary caches are derived data;
+            // integer and boolean buffers (position ids, masks) are skipped with a warning, as transformers skips them.
+            // An unexpected floating-point tensor is refused: it may be a weight (a bias, a norm) the model would ignore.
             foreach (var name in present)
             {
-                if (!expected.ContainsKey(name) && !(name == "lm_head.weight" && config.TieWordEmbeddings) && !name.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal))
-                {
-                    problems.Add($"unexpected tensor {name}");
-                }
+                if (expected.ContainsKey(name) || (name == "lm_head.weight" && config.TieWordEmbeddings) || name.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)) continue;
+                var entry = owner[name][name];
+                if (entry.DType is "F64" or "F32" or "F16" or "BF16" or "F8_E4M3" or "F8_E5M2") problems.Add($"unexpected tensor {name} ({entry.DType})");
+                else warn?.Invoke($"{owner[name].Path}: skipping tensor {name} ({entry.DType} {entry.ShapeText}), which the model does not use");
             }
 
             if (problems.Count > 0)

@@ -55,10 +55,10 @@ internal sealed class CacheLayout : AttentionLayout
                 throw new ArgumentException($"KV cache {j} holds {caches[j].Capacity} positions; {caches[j].Length} used + {tn} new do not fit");
             }
 
-            if (PrefixLength(j) + caches[j].Length + tn > c.MaxPositionEmbeddings)
+            if (PrefixLength(j) + caches[j].Length + tn > c.ContextLimit)
             {
-                throw new ArgumentException($"sequence {j}: shared prefix {PrefixLength(j)} + {caches[j].Length} cached + {tn} new positions exceed max_position_embeddings = " +
-                    $"{c.MaxPositionEmbeddings}");
+                throw new ArgumentException($"sequence {j}: shared prefix {PrefixLength(j)} + {caches[j].Length} cached + {tn} new positions exceed " +
+                    c.ContextLimitText);
             }
 
             rowStart[j + 1] = rowStart[j] + tn;

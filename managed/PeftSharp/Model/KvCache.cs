@@ -12,9 +12,9 @@ public sealed class KvCache : IDisposable
     {
         Parent = parent;
         var c = model.Config;
-        if (capacity <= 0 || capacity > c.MaxPositionEmbeddings)
+        if (capacity <= 0 || capacity > c.ContextLimit)
         {
-            throw new ArgumentException($"KV cache capacity {capacity} must be in [1, max_position_embeddings = {c.MaxPositionEmbeddings}]");
+            throw new ArgumentException($"KV cache capacity {capacity} must be in [1, {c.ContextLimitText}]");
         }
 
         ModelMemory.EnsureFits(model.Device, ModelMemory.KvCacheBytes(c, capacity), $"a KV cache of {capacity} positions");

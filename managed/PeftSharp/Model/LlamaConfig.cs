@@ -34,10 +34,31 @@ public sealed record LlamaConfig
     /// </summary>
     public bool QkNorm { get; init; }
 
-    /// <summary>The architectures PeftSharp runs: LlamaForCausalLM, Qwen3ForCausalLM (Llama plus q/k norms).</summary>
-    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM", "Qwen3ForCausalLM" };
+    /// <summary>
+    /// MistralForCausalLM: Llama's graph, read and written under Mistral's names, with <see cref="SlidingWindow"/>.
+    /// </summary>
+    public bool Mistral { get; init; }
 
-    private static readonly string[] SupportedModelTypes = { "llama", "qwen3" };
+    /// <summary>
+    /// Mistral's sliding_window (null: none, as Mistral 7B v0.2 and later ship it). A position attends to the window
+    /// of positions before it; for sequences no longer than the window that is full causal attention, so PeftSharp
+    /// runs such models exactly up to the window (<see cref="ContextLimit"/>) and refuses longer sequences rather than
+    /// attending past the window as transformers would not.
+    /// </summary>
+    public int? SlidingWindow { get; init; }
+
+    /// <summary>The longest sequence this config runs exactly: max_position_embeddings, or a shorter sliding window.</summary>
+    public int ContextLimit => SlidingWindow is int w && w < MaxPositionEmbeddings ? w : MaxPositionEmbeddings;
+
+    /// <summary>What <see cref="ContextLimit"/> is, for errors: "max_position_embeddings = N" or the sliding window.</summary>
+    public string ContextLimitText => SlidingWindow is int w && w < MaxPositionEmbeddings
+        ? $"sliding_window = {w} (longer sequences need sliding-window attention, which PeftSharp does not implement yet)"
+        : $"max_position_embeddings = {MaxPositionEmbeddings}";
+
+    /// <summary>The architectures PeftSharp runs: LlamaForCausalLM, Qwen3ForCausalLM (Llama plus q/k norms), MistralForCausalLM (up to its window).</summary>
+    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM" };
+
+    private static readonly string[] SupportedModelTypes = { "llama", "qwen3", "mistral" };
 
     /// <summary>A tiny model for tests and the quickstart: byte vocabulary, 2 layers.</summary>
     public static LlamaConfig Tiny => new()
@@ -74,6 +95,7 @@ public sealed record LlamaConfig
         if (HeadDim % 2 != 0) errors.Add($"head_dim = {HeadDim} must be even for rotary embeddings");
         if (HeadDimOverride is <= 0) errors.Add($"head_dim = {HeadDimOverride} must be positive");
         Positive("max_position_embeddings", MaxPositionEmbeddings);
+        if (SlidingWindow is <= 0) errors.Add($"sliding_window = {SlidingWindow} must be positive (or null for none)");
         if (!(RmsNormEps >= 0) || float.IsInfinity(RmsNormEps)) errors.Add($"rms_norm_eps = {RmsNormEps} must be finite and >= 0");
         if (!(RopeTheta > 1) || float.IsInfinity(RopeTheta)) errors.Add($"rope_theta = {RopeTheta} must be finite and > 1");
         var rs = RopeScaling;
@@ -121,6 +143,17 @@ public sealed record LlamaConfig
             throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Qwen3 and another architecture");
         }
 
+        bool mistral = modelType == "mistral" || archNames.Contains("MistralForCausalLM");
+        if (mistral && (modelType is not (null or "mistral") || archNames.Any(a => a != "MistralForCausalLM")))
+        {
+            throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Mistral and another architecture");
+        }
+
+        if (!mistral && o["sliding_window"] is JsonValue otherWindow && otherWindow.GetValueKind() != JsonValueKind.Null && !qwen3)
+        {
+            throw new NotSupportedException($"{source}: sliding_window is set for model_type '{modelType}'; sliding-window attention is not supported");
+        }
+
         if (qwen3 && o["use_sliding_window"] is JsonValue sliding && sliding.Value<bool>())
         {
             throw new NotSupportedException($"{source}: use_sliding_window is true; sliding-window attention is not supported yet");
@@ -155,6 +188,8 @@ public sealed record LlamaConfig
             TieWordEmbeddings = o["tie_word_embeddings"]?.Value<bool>() ?? false,
             HeadDimOverride = o["head_dim"] is { } hd ? hd.Value<int>() : null,
             QkNorm = qwen3,
+            Mistral = mistral,
+            SlidingWindow = mistral && o["sliding_window"] is JsonValue window && window.GetValueKind() != JsonValueKind.Null ? window.Value<int>() : null,
         };
         config = config with { RopeScaling = RopeScalingOf(o, ropeParameters, source) };
 
@@ -245,6 +280,7 @@ public sealed record LlamaConfig
             ("head_dim", a.HeadDim, b.HeadDim), ("tie_word_embeddings", a.TieWordEmbeddings, b.TieWordEmbeddings),
             ("rms_norm_eps", a.RmsNormEps, b.RmsNormEps), ("rope_theta", a.RopeTheta, b.RopeTheta),
             ("rope_scaling", ScalingText(a.RopeScaling), ScalingText(b.RopeScaling)), ("q/k norms (Qwen3)", a.QkNorm, b.QkNorm),
+            ("sliding_window", a.SlidingWindow?.ToString() ?? "none", b.SlidingWindow?.ToString() ?? "none"),
         };
         return fields.Where(f => !f.A.Equals(f.B)).Select(f => $"{f.Name}: {f.A} vs {f.B}").ToList();
     }
@@ -261,8 +297,8 @@ public sealed record LlamaConfig
     {
         var o = new JsonObject
         {
-            ["architectures"] = new JsonArray(QkNorm ? "Qwen3ForCausalLM" : "LlamaForCausalLM"),
-            ["model_type"] = QkNorm ? "qwen3" : "llama",
+            ["architectures"] = new JsonArray(QkNorm ? "Qwen3ForCausalLM" : Mistral ? "MistralForCausalLM" : "LlamaForCausalLM"),
+            ["model_type"] = QkNorm ? "qwen3" : Mistral ? "mistral" : "llama",
             ["hidden_size"] = HiddenSize,
             ["intermediate_size"] = IntermediateSize,
             ["num_attention_heads"] = NumAttentionHeads,
@@ -277,6 +313,7 @@ public sealed record LlamaConfig
             ["torch_dtype"] = "float32",
         };
         if (HeadDimOverride is int hd) o["head_dim"] = hd;
+        if (Mistral) o["sliding_window"] = SlidingWindow is int w ? JsonValue.Create(w) : null;
         if (RopeScaling.Type == RopeScaling.Linear) o["rope_scaling"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = RopeScaling.Factor };
         if (RopeScaling.Type == RopeScaling.Llama3)
         {

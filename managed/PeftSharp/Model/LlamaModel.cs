@@ -349,9 +349,9 @@ public sealed class LlamaModel : IDisposable
         int n = tokens.Length, dm = c.HiddenSize;
         if (layout.Rows != n) throw new ArgumentException($"{n} tokens for an attention layout of {layout.Rows} rows");
         int maxPosition = n == 0 ? 0 : layout.Positions.Max() + 1;
-        if (maxPosition > c.MaxPositionEmbeddings)
+        if (maxPosition > c.ContextLimit)
         {
-            throw new ArgumentException($"sequence length {maxPosition} exceeds max_position_embeddings = {c.MaxPositionEmbeddings}");
+            throw new ArgumentException($"sequence length {maxPosition} exceeds {c.ContextLimitText}");
         }
 
         var ops = Device.Ops;

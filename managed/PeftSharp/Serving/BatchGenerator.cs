@@ -58,8 +58,7 @@ public static class BatchGenerator
             tokens.AddRange(tok.Encode(r.Prompt));
             full[i] = tokens.Count > 0 ? tokens.ToArray() : throw new ArgumentException($"request {i}: empty prompt, and tokenizer {tok.Name} adds no BOS to continue from");
             levelEnds[i] = ends.ToArray();
-            if (full[i].Length > model.Config.MaxPositionEmbeddings) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds max_position_embeddings = " +
-                $"{model.Config.MaxPositionEmbeddings}");
+            if (full[i].Length > model.Config.ContextLimit) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds {model.Config.ContextLimitText}");
         }
 
         var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing);
@@ -120,7 +119,7 @@ public static class BatchGenerator
                 int p = chainEnds[i].Length == 0 ? 0 : chainEnds[i][^1];
                 var parent = chainOf[i].Count == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][^1];
                 if (parent != null && users.ContainsKey(parent)) users[parent]++;
-                int capacity = Math.Min(model.Config.MaxPositionEmbeddings - p, full[i].Length - p + requests[i].MaxTokens);
+                int capacity = Math.Min(model.Config.ContextLimit - p, full[i].Length - p + requests[i].MaxTokens);
                 caches[i] = NewCache(capacity, parent);
                 pending[i] = full[i][p..];
             }

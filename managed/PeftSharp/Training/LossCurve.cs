@@ -58,7 +58,8 @@ public static class LossCurve
             int lx = W - Right - 210, ly = Top + 8;
             sb.Append(ic, $"<rect x=\"{lx - 8}\" y=\"{ly - 10}\" width=\"210\" height=\"{(evals.Count > 0 ? 58 : 40)}\" fill=\"white\" stroke=\"#cccccc\"/>");
             sb.Append(ic, $"<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{lx + 24}\" y2=\"{ly}\" stroke=\"#9ecae1\"/><text x=\"{lx + 30}\" y=\"{ly + 4}\">per step</text>");
-            sb.Append(ic, $"<line x1=\"{lx}\" y1=\"{ly + 18}\" x2=\"{lx + 24}\" y2=\"{ly + 18}\" stroke=\"#1f5fa8\" stroke-width=\"2\"/><text x=\"{lx + 30}\" y=\"{ly + 22}\">smoothed ({weight:0.##})</text>");
+            sb.Append(ic, $"<line x1=\"{lx}\" y1=\"{ly + 18}\" x2=\"{lx + 24}\" y2=\"{ly + 18}\" stroke=\"#1f5fa8\" stroke-width=\"2\"/>");
+            sb.Append(ic, $"<text x=\"{lx + 30}\" y=\"{ly + 22}\">smoothed ({weight:0.##})</text>");
             if (evals.Count > 0) sb.Append(ic, $"<circle cx=\"{lx + 12}\" cy=\"{ly + 36}\" r=\"4.5\" fill=\"#d62728\"/><text x=\"{lx + 30}\" y=\"{ly + 40}\">held-out loss</text>");
         }
         else

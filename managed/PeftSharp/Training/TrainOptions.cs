@@ -43,11 +43,13 @@ public sealed record TrainOptions
     {
         var all = new SortedDictionary<string, string>(RunSettings.ToDictionary(kv => kv.Key, kv => kv.Value), StringComparer.Ordinal)
         {
-            ["batch_size"] = $"{BatchSize}", ["seq_len"] = $"{SeqLen}", ["grad_accumulation"] = $"{GradAccumulation}", ["learning_rate"] = LearningRate.ToString("R", System.Globalization.CultureInfo.InvariantCulture),
-            ["weight_decay"] = WeightDecay.ToString("R", System.Globalization.CultureInfo.InvariantCulture), ["clip_norm"] = ClipNorm.ToString("R", System.Globalization.CultureInfo.InvariantCulture),
+            ["batch_size"] = $"{BatchSize}", ["seq_len"] = $"{SeqLen}", ["grad_accumulation"] = $"{GradAccumulation}", ["learning_rate"] = Exact(LearningRate),
+            ["weight_decay"] = Exact(WeightDecay), ["clip_norm"] = Exact(ClipNorm),
             ["clip_per_parameter"] = $"{ClipPerParameter}", ["completion_only"] = $"{CompletionOnly}", ["chain_every"] = $"{ChainEvery}", ["group_completions"] = $"{GroupCompletions}",
             ["seed"] = $"{Seed}",
         };
         return all;
     }
+
+    private static string Exact(double v) => v.ToString("R", System.Globalization.CultureInfo.InvariantCulture);
 }

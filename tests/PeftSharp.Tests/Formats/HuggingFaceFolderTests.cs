@@ -47,6 +47,32 @@ public sealed class HuggingFaceFolderTests : TempDirectoryTest
         for (int i = 0; i < w.Length; i++) Assert.That(wl[i], Is.EqualTo(w[i]).Within(Math.Abs(w[i]) / 128 + 1e-30), $"bf16 keeps 8 bits of mantissa, element {i}");
     }
 
+    /// <summary>
+    /// Integer buffers a checkpoint may carry (position ids, masks) are skipped with a warning, as transformers skips
+    /// them; an unexpected floating-point tensor could be a weight the graph lacks, so it is still refused.
+    /// </summary>
+    [Test]
+    public void Load_SkipsIntegerBuffersWithAWarning_RefusesUnknownFloatTensors()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny, seed: 4);
+        var tensors = model.Parameters.Select(p => new SafeTensorData(p.Name, p.Value.ToArray(), p.Value.Shape.ToArray()))
+            .Append(new SafeTensorData("model.position_ids", Array.Empty<float>(), new[] { 1, 4 }) { Ints = new[] { 0, 1, 2, 3 } }).ToList();
+        SafeTensorsWriter.Write(Path.Combine(TempDir, HuggingFaceFolder.SingleFile), tensors);
+        File.WriteAllText(Path.Combine(TempDir, HuggingFaceFolder.ConfigFile), LlamaConfig.Tiny.ToJson());
+        var warnings = new List<string>();
+        using (var loaded = HuggingFaceFolder.Load(TempDir, device, warnings.Add))
+        {
+            Assert.That(loaded["model.norm.weight"].Value.ToArray(), Is.EqualTo(model["model.norm.weight"].Value.ToArray()));
+        }
+
+        Assert.That(warnings, Has.One.Contains("skipping tensor model.position_ids (I32 [1, 4])"));
+        tensors.Add(new SafeTensorData("model.layers.0.self_attn.q_proj.bias", new float[64], new[] { 64 }));
+        SafeTensorsWriter.Write(Path.Combine(TempDir, HuggingFaceFolder.SingleFile), tensors);
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => HuggingFaceFolder.Load(TempDir, device))!.Message,
+            Does.Contain("unexpected tensor model.layers.0.self_attn.q_proj.bias (F32)"));
+    }
+
     [Test]
     public void Load_WeightsThatDoNotMatchConfig_ListsEveryProblem()
     {

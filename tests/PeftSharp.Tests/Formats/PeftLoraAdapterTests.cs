@@ -152,7 +152,8 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
 
         var bare = PeftLoraAdapter.ParseConfig("""{"peft_type": "LORA", "target_modules": ["q_proj"]}""", "bare");
         Assert.That((bare.R, bare.LoraAlpha), Is.EqualTo((8, 8f)), "PEFT's LoraConfig defaults");
-        var empty = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(PeftConfig.Replace("\"target_modules\": [\"v_proj\", \"q_proj\"],", "\"target_modules\": [],"), "empty.json"))!;
+        string emptyTargets = PeftConfig.Replace("\"target_modules\": [\"v_proj\", \"q_proj\"],", "\"target_modules\": [],");
+        var empty = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(emptyTargets, "empty.json"))!;
         Assert.That(empty.Message, Does.Contain("target_modules is an empty list"));
     }
 

@@ -110,9 +110,10 @@ public sealed class HostDataTests : TempDirectoryTest
             (new[] { "finetune", "--model", pre, "--method", "lora", "--rank", "100", "--steps", "1", "--out", Path.Combine(TempDir, "r") }, "--rank 100: larger than"),
             (new[] { "generate", "--model", pre, "--prompt", "x", "--top-k", "-1" }, "--top-k -1"),
             (new[] { "merge", "--model", pre, "--adapter", pre, "--out", pre }, "is also --model"),
+            (new[] { "compress", "--base", pre, "--finetuned", pre, "--calib", "builtin:nope", "--out", Path.Combine(TempDir, "c") }, "--calib builtin:nope"),
         })
         {
-            var r = Peft.Run(args.Concat(args[0] == "generate" || args[0] == "merge" ? new[] { "--device", "cpu" } : new[] { "--device", "cpu", "--quiet" }).ToArray());
+            var r = Peft.Run(args.Concat(args[0] is "generate" or "merge" or "compress" ? new[] { "--device", "cpu" } : new[] { "--device", "cpu", "--quiet" }).ToArray());
             Assert.That(r.Code, Is.EqualTo(2), string.Join(" ", args) + r.Err);
             Assert.That(r.Err, Does.Contain(expected), string.Join(" ", args));
         }
@@ -128,7 +129,8 @@ public sealed class HostDataTests : TempDirectoryTest
         string ckpt = Path.Combine(run, "checkpoint");
         var mismatch = Peft.Run(Train("--resume", ckpt, "--batch-size", "3", "--data", "builtin:tasks=sort"));
         Assert.That(mismatch.Code, Is.EqualTo(2), mismatch.Err);
-        Assert.That(mismatch.Err, Does.Contain("differs from the one that wrote the checkpoint").And.Contain("batch_size was 2, now 3").And.Contain("data was builtin:tasks=copy, now builtin:tasks=sort"));
+        Assert.That(mismatch.Err, Does.Contain("differs from the one that wrote the checkpoint").And.Contain("batch_size was 2, now 3")
+            .And.Contain("data was builtin:tasks=copy, now builtin:tasks=sort"));
         var done = Peft.Run(Train("--resume", ckpt));
         Assert.That(done.Code, Is.EqualTo(0), done.Err);
         Assert.That(done.Out, Does.Contain("the checkpoint is at step 4 of --steps 4: nothing left to train"));

@@ -186,6 +186,40 @@ public sealed class LlamaModelTests
         Assert.That(yarn.Message, Does.Contain("rope_parameters type 'yarn'"));
     }
 
+    /// <summary>
+    /// MistralForCausalLM is Llama's graph with a sliding window: read and written under Mistral's names, its logits
+    /// equal the same weights as a Llama for sequences up to the window, and a longer sequence is refused naming
+    /// sliding_window (transformers would attend only within the window there; PeftSharp does not implement that yet).
+    /// </summary>
+    [Test]
+    public void Mistral_IsLlamaUpToItsWindow_LongerSequencesRefused()
+    {
+        const string json = """
+            {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 8, "intermediate_size": 11, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 13, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+             "max_position_embeddings": 32, "sliding_window": 4, "tie_word_embeddings": false, "hidden_act": "silu"}
+            """;
+        var mistral = LlamaConfig.Parse(json, "mistral.json");
+        Assert.That((mistral.Mistral, mistral.SlidingWindow, mistral.ContextLimit), Is.EqualTo((true, (int?)4, 4)));
+        Assert.That(LlamaConfig.Parse(mistral.ToJson()), Is.EqualTo(mistral), "written back as MistralForCausalLM with its window");
+        Assert.That(mistral.ToJson(), Does.Contain("MistralForCausalLM").And.Contain("\"sliding_window\": 4"));
+        var v3 = LlamaConfig.Parse(json.Replace("\"sliding_window\": 4", "\"sliding_window\": null"));
+        Assert.That((v3.SlidingWindow, v3.ContextLimit), Is.EqualTo(((int?)null, 32)), "Mistral v0.2+ has no window");
+
+        using var device = new CpuDevice();
+        var llama = mistral with { Mistral = false, SlidingWindow = null };
+        using var asMistral = LlamaModel.FromTensors(device, mistral, Weights(4));
+        using var asLlama = LlamaModel.FromTensors(device, llama, Weights(4));
+        Assert.That(asMistral.Logits(Tokens, batch: 2), Is.EqualTo(asLlama.Logits(Tokens, batch: 2)), "the same graph: bit-identical logits");
+        var e = Assert.Throws<ArgumentException>(() => asMistral.Logits(new[] { 1, 2, 3, 4, 5 }, batch: 1))!;
+        Assert.That(e.Message, Does.Contain("sliding_window = 4"));
+        Assert.That(Assert.Throws<ArgumentException>(() => new KvCache(asMistral, 5))!.Message, Does.Contain("sliding_window = 4"));
+        Assert.That(asLlama.Logits(new[] { 1, 2, 3, 4, 5 }, batch: 1), Has.Length.EqualTo(5 * 13), "the Llama twin has no window");
+        Assert.That(Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"mistral\"", "\"llama\"")))!.Message, Does.Contain("mix Mistral"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(json.Replace("\"sliding_window\": 4", "\"sliding_window\": 0")))!.Message,
+            Does.Contain("sliding_window = 0"));
+    }
+
     /// <summary>Values that would give NaNs or a division by zero are refused when the config is read, naming the key.</summary>
     [Test]
     public void Config_OutOfRangeValues_RefusedAtParseTime()
