@@ -12,11 +12,12 @@ internal sealed class Linear
 {
     private readonly List<LoraLayer?> setAdapters = new();
 
-    public Linear(string module, int moduleIndex, Parameter weight)
+    public Linear(string module, int moduleIndex, Parameter weight, Parameter? bias = null)
     {
         Module = module;
         ModuleIndex = moduleIndex;
         Weight = weight;
+        Bias = bias;
     }
 
     /// <summary>The module path (model.layers.0.self_attn.q_proj).</summary>
@@ -28,6 +29,9 @@ internal sealed class Linear
     /// <summary>W (out, in).</summary>
     public Parameter Weight { get; }
 
+    /// <summary>b (out), added to every row last (Qwen2's q/k/v), or null.</summary>
+    public Parameter? Bias { get; }
+
     /// <summary>The module's own trainable adapter, or null.</summary>
     public LoraLayer? Adapter { get; set; }
 
@@ -37,9 +41,42 @@ internal sealed class Linear
     public void AddSetAdapter(LoraLayer? layer) => setAdapters.Add(layer);
 
     /// <summary>True when the output is the base product alone for this pass.</summary>
-    public bool IsPlain(LinearPass pass) => Adapter == null && pass.SetRows == null && pass.Variants == null;
+    public bool IsPlain(LinearPass pass) => Adapter == null && pass.SetRows == null && pass.Variants == null && Bias == null;
 
     public void Forward(Tensor x, Tensor y, LinearPass pass)
+    {
+        ForwardUnbiased(x, y, pass);
+        if (Bias != null) AddBias(y, pass);
+    }
+
+    /// <summary>
+    /// y += 1 b^T: the bias after the base product, the row variants and the adapters (DoRA rescales W x + B A x and
+    /// leaves the bias out, as PEFT does); a row whose variant carries its own bias (a full fine-tune's 1-bit or dense
+    /// delta) adds that one instead.
+    /// </summary>
+    private void AddBias(Tensor y, LinearPass pass)
+    {
+        var device = Weight.Value.Device;
+        int rows = y.Dim(0), outF = y.Dim(1);
+        using var ones = device.FromArray("ones", Ones(rows), rows, 1);
+        var runs = VariantRuns.Replacements(pass.Variants, Bias!.Name, Enumerable.Range(0, rows));
+        int at = 0;
+        foreach (var (start, count, own) in runs.Append((rows, 0, Bias.Value)))
+        {
+            if (start > at) device.Ops.MatMul(ones.View(at, start - at, 1), Bias.Value.Reshape(1, outF), y.View(at * outF, start - at, outF), beta: 1f);
+            if (count > 0) device.Ops.MatMul(ones.View(start, count, 1), own.Reshape(1, outF), y.View(start * outF, count, outF), beta: 1f);
+            at = start + count;
+        }
+    }
+
+    private static float[] Ones(int n)
+    {
+        var v = new float[n];
+        Array.Fill(v, 1f);
+        return v;
+    }
+
+    private void ForwardUnbiased(Tensor x, Tensor y, LinearPass pass)
     {
         var ops = Weight.Value.Device.Ops;
         ops.Linear(x, Weight.Value, y);
@@ -73,6 +110,14 @@ internal sealed class Linear
     /// <summary>dx = dL/dx (overwritten); dW and the adapters' gradients added where they train.</summary>
     public void Backward(Tensor x, Tensor dy, Tensor dx, LinearPass pass)
     {
+        if (Bias is { Trainable: true })
+        {
+            // db = dy^T 1: each output's gradient summed over the rows.
+            int rows = dy.Dim(0);
+            using var ones = Weight.Value.Device.FromArray("ones", Ones(rows), rows, 1);
+            Weight.Value.Device.Ops.MatMul(ones, dy, Bias.Grad.Reshape(1, dy.Dim(1)), transposeA: true, beta: 1f);
+        }
+
         if (Adapter != null)
         {
             Adapter.Backward(Weight, x, dy, dx, pass.Saved(Module));

@@ -35,6 +35,12 @@ public sealed record LlamaConfig
     public bool QkNorm { get; init; }
 
     /// <summary>
+    /// Qwen2's biases on the q, k and v projections (self_attn.{q,k,v}_proj.bias, (out)), added after each product and
+    /// after any adapter's delta; o_proj and the MLP have none. The rest of the graph is Llama's.
+    /// </summary>
+    public bool QkvBias { get; init; }
+
+    /// <summary>
     /// MistralForCausalLM: Llama's graph, read and written under Mistral's names, with <see cref="SlidingWindow"/>.
     /// </summary>
     public bool Mistral { get; init; }
@@ -55,10 +61,13 @@ public sealed record LlamaConfig
         ? $"sliding_window = {w} (longer sequences need sliding-window attention, which PeftSharp does not implement yet)"
         : $"max_position_embeddings = {MaxPositionEmbeddings}";
 
-    /// <summary>The architectures PeftSharp runs: LlamaForCausalLM, Qwen3ForCausalLM (Llama plus q/k norms), MistralForCausalLM (up to its window).</summary>
-    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM" };
+    /// <summary>
+    /// The architectures PeftSharp runs: LlamaForCausalLM, Qwen2ForCausalLM (Llama plus q/k/v biases), Qwen3ForCausalLM
+    /// (Llama plus q/k norms), MistralForCausalLM (up to its window).
+    /// </summary>
+    public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM" };
 
-    private static readonly string[] SupportedModelTypes = { "llama", "qwen3", "mistral" };
+    private static readonly string[] SupportedModelTypes = { "llama", "qwen2", "qwen3", "mistral" };
 
     /// <summary>A tiny model for tests and the quickstart: byte vocabulary, 2 layers.</summary>
     public static LlamaConfig Tiny => new()
@@ -143,18 +152,24 @@ public sealed record LlamaConfig
             throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Qwen3 and another architecture");
         }
 
+        bool qwen2 = modelType == "qwen2" || archNames.Contains("Qwen2ForCausalLM");
+        if (qwen2 && (modelType is not (null or "qwen2") || archNames.Any(a => a != "Qwen2ForCausalLM")))
+        {
+            throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Qwen2 and another architecture");
+        }
+
         bool mistral = modelType == "mistral" || archNames.Contains("MistralForCausalLM");
         if (mistral && (modelType is not (null or "mistral") || archNames.Any(a => a != "MistralForCausalLM")))
         {
             throw new NotSupportedException($"{source}: architectures [{string.Join(", ", archNames)}] with model_type '{modelType}' mix Mistral and another architecture");
         }
 
-        if (!mistral && o["sliding_window"] is JsonValue otherWindow && otherWindow.GetValueKind() != JsonValueKind.Null && !qwen3)
+        if (!mistral && o["sliding_window"] is JsonValue otherWindow && otherWindow.GetValueKind() != JsonValueKind.Null && !qwen3 && !qwen2)
         {
             throw new NotSupportedException($"{source}: sliding_window is set for model_type '{modelType}'; sliding-window attention is not supported");
         }
 
-        if (qwen3 && o["use_sliding_window"] is JsonValue sliding && sliding.Value<bool>())
+        if ((qwen3 || qwen2) && o["use_sliding_window"] is JsonValue sliding && sliding.Value<bool>())
         {
             throw new NotSupportedException($"{source}: use_sliding_window is true; sliding-window attention is not supported yet");
         }
@@ -188,6 +203,7 @@ public sealed record LlamaConfig
             TieWordEmbeddings = o["tie_word_embeddings"]?.Value<bool>() ?? false,
             HeadDimOverride = o["head_dim"] is { } hd ? hd.Value<int>() : null,
             QkNorm = qwen3,
+            QkvBias = qwen2,
             Mistral = mistral,
             SlidingWindow = mistral && o["sliding_window"] is JsonValue window && window.GetValueKind() != JsonValueKind.Null ? window.Value<int>() : null,
         };
@@ -280,7 +296,7 @@ public sealed record LlamaConfig
             ("head_dim", a.HeadDim, b.HeadDim), ("tie_word_embeddings", a.TieWordEmbeddings, b.TieWordEmbeddings),
             ("rms_norm_eps", a.RmsNormEps, b.RmsNormEps), ("rope_theta", a.RopeTheta, b.RopeTheta),
             ("rope_scaling", ScalingText(a.RopeScaling), ScalingText(b.RopeScaling)), ("q/k norms (Qwen3)", a.QkNorm, b.QkNorm),
-            ("sliding_window", a.SlidingWindow?.ToString() ?? "none", b.SlidingWindow?.ToString() ?? "none"),
+            ("sliding_window", a.SlidingWindow?.ToString() ?? "none", b.SlidingWindow?.ToString() ?? "none"), ("q/k/v biases (Qwen2)", a.QkvBias, b.QkvBias),
         };
         return fields.Where(f => !f.A.Equals(f.B)).Select(f => $"{f.Name}: {f.A} vs {f.B}").ToList();
     }
@@ -297,8 +313,8 @@ public sealed record LlamaConfig
     {
         var o = new JsonObject
         {
-            ["architectures"] = new JsonArray(QkNorm ? "Qwen3ForCausalLM" : Mistral ? "MistralForCausalLM" : "LlamaForCausalLM"),
-            ["model_type"] = QkNorm ? "qwen3" : Mistral ? "mistral" : "llama",
+            ["architectures"] = new JsonArray(QkNorm ? "Qwen3ForCausalLM" : QkvBias ? "Qwen2ForCausalLM" : Mistral ? "MistralForCausalLM" : "LlamaForCausalLM"),
+            ["model_type"] = QkNorm ? "qwen3" : QkvBias ? "qwen2" : Mistral ? "mistral" : "llama",
             ["hidden_size"] = HiddenSize,
             ["intermediate_size"] = IntermediateSize,
             ["num_attention_heads"] = NumAttentionHeads,
@@ -314,6 +330,7 @@ public sealed record LlamaConfig
         };
         if (HeadDimOverride is int hd) o["head_dim"] = hd;
         if (Mistral) o["sliding_window"] = SlidingWindow is int w ? JsonValue.Create(w) : null;
+        if (QkvBias || QkNorm) o["use_sliding_window"] = false;
         if (RopeScaling.Type == RopeScaling.Linear) o["rope_scaling"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = RopeScaling.Factor };
         if (RopeScaling.Type == RopeScaling.Llama3)
         {

@@ -32,7 +32,7 @@ public sealed class LlamaModel : IDisposable
         int moduleIndex = 0;
         foreach (var module in LoraAdapterConfig.LlamaLinearModules(config))
         {
-            linears[module] = new Linear(module, moduleIndex++, weights[module + ".weight"]);
+            linears[module] = new Linear(module, moduleIndex++, weights[module + ".weight"], weights.Has(module + ".bias") ? weights[module + ".bias"] : null);
         }
 
         loras = new LoraAdapters(this, m => linears[m]);

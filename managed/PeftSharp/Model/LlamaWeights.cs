@@ -42,9 +42,12 @@ internal sealed class LlamaWeights : IDisposable
         {
             string p = $"model.layers.{i}.";
             yield return (p + "input_layernorm.weight", new[] { c.HiddenSize });
-            yield return (p + "self_attn.q_proj.weight", new[] { c.NumAttentionHeads * d, c.HiddenSize });
-            yield return (p + "self_attn.k_proj.weight", new[] { c.NumKeyValueHeads * d, c.HiddenSize });
-            yield return (p + "self_attn.v_proj.weight", new[] { c.NumKeyValueHeads * d, c.HiddenSize });
+            foreach (var (proj, rows) in new[] { ("q_proj", c.NumAttentionHeads * d), ("k_proj", c.NumKeyValueHeads * d), ("v_proj", c.NumKeyValueHeads * d) })
+            {
+                yield return (p + $"self_attn.{proj}.weight", new[] { rows, c.HiddenSize });
+                if (c.QkvBias) yield return (p + $"self_attn.{proj}.bias", new[] { rows }); // Qwen2
+            }
+
             yield return (p + "self_attn.o_proj.weight", new[] { c.HiddenSize, c.NumAttentionHeads * d });
             if (c.QkNorm)
             {

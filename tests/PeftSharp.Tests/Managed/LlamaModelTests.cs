@@ -90,6 +90,93 @@ public sealed class LlamaModelTests
         Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"qwen3\"", "\"llama\"")), "Qwen3 weights under a llama model_type");
     }
 
+    /// <summary>
+    /// Qwen2 is the Llama graph plus biases on q, k and v: the forward against the plain reference with them, their
+    /// gradients against finite differences, decode against the full pass, LoRA on a biased projection (B = 0 leaves
+    /// the biased output; the bias is outside the adapter), and config.json read and written as Qwen2ForCausalLM.
+    /// </summary>
+    [Test]
+    public void Qwen2QkvBias_ForwardBackwardDecodeLoraAndConfig()
+    {
+        using var device = new CpuDevice();
+        var config = Micro(tied: true) with { QkvBias = true };
+        var weights = Weights(13);
+        using var model = LlamaModel.FromTensors(device, config, weights);
+        Assert.That(model["model.layers.1.self_attn.k_proj.bias"].Value.Shape.ToArray(), Is.EqualTo(new[] { config.NumKeyValueHeads * config.HeadDim }));
+        Assert.That(model.Has("model.layers.0.self_attn.o_proj.bias"), Is.False, "o_proj has no bias in Qwen2");
+        var logits = model.Logits(Tokens, batch: 2);
+        Check.Close(logits, ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4),
+            "biased logits");
+        using (var plain = LlamaModel.FromTensors(device, config with { QkvBias = false }, weights))
+        {
+            Assert.That(plain.Logits(Tokens, batch: 2), Is.Not.EqualTo(logits).Within(1e-4), "the biases change the logits, so the check above can fail");
+        }
+
+        model.ZeroGrad();
+        model.Loss(Tokens, Targets, batch: 2, backward: true);
+        var biases = model.Parameters.Where(p => p.Name.EndsWith(".bias", StringComparison.Ordinal)).ToList();
+        Assert.That(biases, Has.Count.EqualTo(6));
+        Assert.That(ModelGradients.Check(model, biases, Tokens, Targets, batch: 2, samples: 4), Is.EqualTo(4 * biases.Count), "bias gradients");
+        Assert.That(ModelGradients.Check(model, model.Parameters, Tokens, Targets, batch: 2, samples: 2), Is.EqualTo(2 * model.Parameters.Count));
+
+        using (var cache = new KvCache(model, 8))
+        {
+            var step = model.DecodeStep(cache, Tokens[..2]);
+            Check.Close(step, logits.AsSpan(1 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "prefill");
+            step = model.DecodeStep(cache, Tokens[2..3]);
+            Check.Close(step, logits.AsSpan(2 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "decode");
+        }
+
+        model.AddLora(new PeftSharp.Formats.LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetModules = new[] { "q_proj", "v_proj" } }, seed: 3);
+        Assert.That(model.Logits(Tokens, batch: 2), Is.EqualTo(logits), "B = 0: the adapter adds nothing and the bias stays once");
+        Assert.That(model.Parameters.Where(p => p.Name.EndsWith(".bias", StringComparison.Ordinal)).All(p => !p.Trainable), Is.True, "LoRA freezes the biases with the base");
+        model.RemoveLora();
+
+        // A full fine-tune that moved the biases, as a 1-bit delta (biases travel dense) served beside base rows:
+        // each row equals its own model (the delta merged into a copy).
+        using (var fine = LlamaModel.FromTensors(device, config, (name, shape) =>
+        {
+            var v = model[name].Value.ToArray();
+            var noise = TestData.Uniform(v.Length, name.Length, -0.05f, 0.05f);
+            return name.Contains("_proj.") ? v.Select((x, i) => x + noise[i]).ToArray() : v;
+        }))
+        using (var set = new PeftSharp.Serving.VariantSet(model))
+        {
+            var delta = PeftSharp.Compression.BitDelta.Compress(model, fine);
+            Assert.That(delta.Dense.Keys.Where(k => k.EndsWith(".bias", StringComparison.Ordinal)).Count(), Is.EqualTo(6), "the moved biases travel in the delta");
+            set.AddDelta("fine", delta);
+            using var merged = LlamaModel.FromTensors(device, config, (name, _) => model[name].Value.ToArray());
+            delta.MergeInto(merged);
+            int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 9 } };
+            var caches = prompts.Select(_ => new KvCache(model, 4)).ToArray();
+            try
+            {
+                using var bound = set.Bind(new[] { -1, -1, -1, 0, 0 });
+                var rows = model.DecodeBatch(caches, prompts, bound);
+                using (var c0 = new KvCache(model, 4)) Check.Close(rows[0], model.DecodeStep(c0, prompts[0]), (2e-5, 2e-4), "base row");
+                using (var c1 = new KvCache(merged, 4)) Check.Close(rows[1], merged.DecodeStep(c1, prompts[1]), (2e-5, 2e-4), "1-bit row with its own biases");
+            }
+            finally
+            {
+                foreach (var c in caches) c.Dispose();
+            }
+        }
+
+        const string json = """
+            {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 172,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 259, "rms_norm_eps": 1e-06,
+             "rope_theta": 1000000.0, "max_position_embeddings": 512, "tie_word_embeddings": true, "use_sliding_window": false,
+             "sliding_window": 32768, "max_window_layers": 21, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+            """;
+        var qwen2 = LlamaConfig.Parse(json);
+        Assert.That((qwen2.QkvBias, qwen2.QkNorm, qwen2.SlidingWindow, qwen2.ContextLimit), Is.EqualTo((true, false, (int?)null, 512)), "sliding_window is unused without use_sliding_window");
+        Assert.That(LlamaConfig.Parse(qwen2.ToJson()), Is.EqualTo(qwen2));
+        Assert.That(qwen2.ToJson(), Does.Contain("Qwen2ForCausalLM"));
+        Assert.That(Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"use_sliding_window\": false", "\"use_sliding_window\": true")))!.Message,
+            Does.Contain("use_sliding_window"));
+        Assert.That(Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"qwen2\"", "\"llama\"")))!.Message, Does.Contain("mix Qwen2"));
+    }
+
     [TestCaseSource(typeof(TestBackends), nameof(TestBackends.All))]
     public void Model_Forward_MatchesReferenceForwardOnEveryBackend(string backend)
     {
@@ -365,6 +452,16 @@ public sealed class LlamaModelTests
             var q = Linear(hn, p + "self_attn.q_proj.weight", h * d, dm);
             var k = Linear(hn, p + "self_attn.k_proj.weight", hkv * d, dm);
             var v = Linear(hn, p + "self_attn.v_proj.weight", hkv * d, dm);
+            if (c.QkvBias)
+            {
+                // Qwen2: a bias on each of q, k and v, added to every position.
+                foreach (var (y, name) in new[] { (q, "q_proj"), (k, "k_proj"), (v, "v_proj") })
+                {
+                    var b = w(p + $"self_attn.{name}.bias");
+                    for (int i = 0; i < y.Length; i++) y[i] += b[i % b.Length];
+                }
+            }
+
             if (c.QkNorm)
             {
                 // Qwen3: every head of q and k RMS-normalised over D (weights (D)) before RoPE.
