@@ -22,6 +22,19 @@ public sealed record LoraAdapterConfig
     /// </summary>
     public IReadOnlyList<string> TargetModules { get; init; } = Array.Empty<string>();
     public string? TargetRegex { get; init; }
+
+    /// <summary>PEFT's exclude_modules, list form (names or path suffixes, as target_modules) ...</summary>
+    public IReadOnlyList<string> ExcludeModules { get; init; } = Array.Empty<string>();
+
+    /// <summary>... or one regular expression over the module path (full match).</summary>
+    public string? ExcludeRegex { get; init; }
+
+    /// <summary>
+    /// init_lora_weights when it changes the base (PEFT's "pissa", "olora"): the adapter's starting product is
+    /// subtracted from the base when it loads, so <see cref="PeftLoraAdapter.Load(string, LlamaModel)"/> folds that
+    /// into the adapter; null for initialisations that leave the base alone (true, false, "gaussian").
+    /// </summary>
+    public string? InitLoraWeights { get; init; }
     public IReadOnlyList<int>? LayersToTransform { get; init; }
     public IReadOnlyDictionary<string, int> RankPattern { get; init; } = new Dictionary<string, int>();
     public IReadOnlyDictionary<string, float> AlphaPattern { get; init; } = new Dictionary<string, float>();
@@ -75,6 +88,10 @@ public sealed record LoraAdapterConfig
         Enumerable.Range(0, model.NumHiddenLayers).SelectMany(i => LlamaLinear.Select(name =>
             $"model.layers.{i}.{(name is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn")}.{name}"));
 
+    /// <summary>PEFT's list test: the module path is an entry, or ends with "." and an entry ("q_proj", "self_attn.q_proj").</summary>
+    public static bool ListMatches(IReadOnlyList<string> entries, string path) =>
+        entries.Any(t => path == t || path.EndsWith("." + t, StringComparison.Ordinal));
+
     /// <summary>The module paths of <paramref name="model"/> this config targets.</summary>
     public IEnumerable<string> TargetsIn(LlamaConfig model)
     {
@@ -88,9 +105,10 @@ public sealed record LoraAdapterConfig
                 {
                     "all-linear" => true,
                     { } rx => Regex.IsMatch(path, "^(?:" + rx + ")$"),
-                    null => TargetModules.Count == 0 || TargetModules.Contains(name),
+                    null => TargetModules.Count == 0 || ListMatches(TargetModules, path),
                 };
-                if (hit) yield return path;
+                bool excluded = ExcludeRegex is { } ex ? Regex.IsMatch(path, "^(?:" + ex + ")$") : ListMatches(ExcludeModules, path);
+                if (hit && !excluded) yield return path;
             }
         }
     }

@@ -63,14 +63,30 @@ public sealed class PeftLoraAdapter : IVariant
         if (o["fan_in_fan_out"]?.Value<bool>() == true) problems.Add("fan_in_fan_out = true is for Conv1D models (GPT-2), not Llama");
         if (o["bias"]?.Value<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
         if (o["modules_to_save"] is JsonArray { Count: > 0 } mts) problems.Add($"modules_to_save [{string.Join(", ", mts)}] is not supported");
-        if (o["layers_pattern"] is JsonNode lp && lp.GetValueKind() != JsonValueKind.Null) problems.Add("layers_pattern is not supported");
-        // Initialisations after which PEFT's loader changes the base weights too (it subtracts the adapter's starting
-        // product, or quantizes): merging such an adapter as W + s B A computes another model, so they are refused.
-        if (o["init_lora_weights"] is JsonValue init && init.GetValueKind() == JsonValueKind.String && init.Value<string>() is var initName
-            && (initName is "olora" or "corda" or "loftq" or "eva" || initName.StartsWith("pissa", StringComparison.Ordinal)))
+        // layers_pattern names the ModuleList that layers_to_transform indexes: "layers" is Llama's (model.layers.N).
+        if (o["layers_pattern"] is JsonNode lp && lp.GetValueKind() != JsonValueKind.Null
+            && !(lp is JsonValue lv && lv.Value<string>() == "layers") && !(lp is JsonArray { Count: 1 } la1 && la1[0]?.Value<string>() == "layers"))
         {
-            problems.Add($"init_lora_weights '{initName}' is not supported: PEFT's loader changes the base weights for it, so W + s B A would be another model");
+            problems.Add($"layers_pattern {lp.ToJsonString()} is not supported (a Llama's layers are model.layers: \"layers\")");
         }
+
+        if (o["lora_bias"] is JsonValue lb && lb.GetValueKind() == JsonValueKind.True) problems.Add("lora_bias = true (a bias on lora_B) is not supported");
+        // Initialisations after which PEFT's loader changes the base weights too. pissa (full SVD) and olora (QR) are
+        // deterministic, so Load(folder, model) folds the base's change into the adapter; the randomized or
+        // data-dependent ones would give another model here, so they are refused.
+        string? initKind = null;
+        if (o["init_lora_weights"] is JsonValue init && init.GetValueKind() == JsonValueKind.String && init.Value<string>() is var initName && initName != "gaussian")
+        {
+            if (initName is "pissa" or "olora") initKind = initName;
+            else
+            {
+                problems.Add($"init_lora_weights '{initName}' is not supported: PEFT's loader changes the base weights for it " +
+                    (initName.StartsWith("pissa_niter_", StringComparison.Ordinal) ? "by a randomized SVD that cannot be reproduced here" : "from data or a quantizer PeftSharp does not have") +
+                    ", so W + s B A would be another model (pissa and olora are read exactly)");
+            }
+        }
+
+        if (initKind != null && o["use_dora"]?.Value<bool>() == true) problems.Add($"init_lora_weights '{initKind}' with use_dora is not supported");
 
         if (o["alora_invocation_tokens"] is JsonNode alora && alora.GetValueKind() != JsonValueKind.Null)
         {
@@ -86,11 +102,12 @@ public sealed class PeftLoraAdapter : IVariant
         }
         var targets = new List<string>();
         string? regex = null;
+        bool IsLinearEntry(string t) => LoraAdapterConfig.LlamaLinear.Contains(t.Split('.')[^1]);
         switch (o["target_modules"])
         {
             case JsonArray arr:
                 targets.AddRange(arr.Select(t => t!.Value<string>()));
-                var unknown = targets.Where(t => !LoraAdapterConfig.LlamaLinear.Contains(t)).ToList();
+                var unknown = targets.Where(t => !IsLinearEntry(t)).ToList();
                 if (unknown.Count > 0) problems.Add($"target_modules [{string.Join(", ", unknown)}] name no Llama linear layer ({string.Join(", ", LoraAdapterConfig.LlamaLinear)})");
                 if (targets.Count == 0) problems.Add("target_modules is an empty list (PEFT finds no module to adapt)");
                 break;
@@ -99,6 +116,18 @@ public sealed class PeftLoraAdapter : IVariant
                 break;
             default:
                 problems.Add("target_modules is missing");
+                break;
+        }
+
+        var exclude = new List<string>();
+        string? excludeRegex = null;
+        switch (o["exclude_modules"])
+        {
+            case JsonArray ex:
+                exclude.AddRange(ex.Select(t => t!.Value<string>()));
+                break;
+            case JsonValue ev when ev.GetValueKind() == JsonValueKind.String:
+                excludeRegex = ev.Value<string>();
                 break;
         }
 
@@ -118,6 +147,9 @@ public sealed class PeftLoraAdapter : IVariant
             UseDora = o["use_dora"]?.Value<bool>() ?? false,
             TargetModules = targets,
             TargetRegex = regex,
+            ExcludeModules = exclude,
+            ExcludeRegex = excludeRegex,
+            InitLoraWeights = initKind,
             LayersToTransform = layers,
             RankPattern = (o["rank_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.Value<int>()) ?? new Dictionary<string, int>(),
             AlphaPattern = (o["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => (float)p.Value!.Value<double>()) ?? new Dictionary<string, float>(),
@@ -127,11 +159,25 @@ public sealed class PeftLoraAdapter : IVariant
     }
 
     /// <summary>Reads a PEFT folder for a model with <paramref name="model"/>'s configuration.</summary>
-    public static PeftLoraAdapter Load(string folder, LlamaConfig model) =>
-        InputGuard.Parse(folder, () => LoadCore(folder, model));
+    public static PeftLoraAdapter Load(string folder, LlamaConfig model) => InputGuard.Parse(folder, () =>
+    {
+        var adapter = LoadCore(folder, model);
+        return adapter.Config.InitLoraWeights is not string init ? adapter
+            : throw new NotSupportedException($"{Path.Combine(folder, ConfigFile)}: init_lora_weights '{init}' changes the base weights when PEFT loads it; " +
+                "read it with PeftLoraAdapter.Load(folder, model), which has the base's weights to fold that change in");
+    });
 
-    /// <summary>Reads a PEFT folder for <paramref name="model"/> (as <see cref="PeftSharp.Compression.BitDelta.Load"/> and the other variant loaders take it).</summary>
-    public static PeftLoraAdapter Load(string folder, LlamaModel model) => Load(folder, model.Config);
+    /// <summary>
+    /// Reads a PEFT folder for <paramref name="model"/> (as <see cref="PeftSharp.Compression.BitDelta.Load"/> and the other
+    /// variant loaders take it). A pissa or olora adapter comes back as the plain LoRA of twice the rank that computes
+    /// what PEFT's loader does (it subtracts the adapter's starting product from <paramref name="model"/>'s weights):
+    /// see <see cref="BaseChangeFolding"/>.
+    /// </summary>
+    public static PeftLoraAdapter Load(string folder, LlamaModel model) => InputGuard.Parse(folder, () =>
+    {
+        var adapter = LoadCore(folder, model.Config);
+        return adapter.Config.InitLoraWeights == null ? adapter : BaseChangeFolding.Fold(adapter, model, Path.Combine(folder, ConfigFile));
+    });
 
     private static PeftLoraAdapter LoadCore(string folder, LlamaConfig model)
     {
@@ -239,6 +285,9 @@ public sealed class PeftLoraAdapter : IVariant
             ["modules_to_save"] = null,
             ["inference_mode"] = true,
         };
+        if (Config.ExcludeModules.Count > 0) o["exclude_modules"] = new JsonArray(Config.ExcludeModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray());
+        if (Config.ExcludeRegex != null) o["exclude_modules"] = Config.ExcludeRegex;
+        if (Config.InitLoraWeights != null) o["init_lora_weights"] = Config.InitLoraWeights;
         if (Config.LayersToTransform != null) o["layers_to_transform"] = new JsonArray(Config.LayersToTransform.Select(i => (JsonNode)i).ToArray());
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }

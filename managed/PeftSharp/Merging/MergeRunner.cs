@@ -105,7 +105,7 @@ public static class MergeRunner
     public static string ApplyFolder(LlamaModel model, string folder, bool adapters = true, bool deltas = true)
     {
         // The folder says its kind (VariantFolder); a caller that allows one kind gets an error for the other.
-        IVariant variant = adapters && !deltas ? PeftLoraAdapter.Load(folder, model.Config) : VariantFolder.Load(folder, model);
+        IVariant variant = adapters && !deltas ? PeftLoraAdapter.Load(folder, model) : VariantFolder.Load(folder, model);
         if (!adapters && variant is not (BitDelta or SparseDelta)) throw new ArgumentException($"{folder} holds a {variant.Kind} adapter, not a 1-bit or sparse delta");
         variant.MergeInto(model);
         return variant.Summary;

@@ -24,7 +24,7 @@ public static class VariantFolder
         {
             var type = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter")["peft_type"];
             bool prefix = type is JsonValue v && v.TryGetValue(out string? s) && s == "PREFIX_TUNING";
-            return prefix ? PeftPrefixAdapter.Load(folder, model.Config) : PeftLoraAdapter.Load(folder, model.Config);
+            return prefix ? PeftPrefixAdapter.Load(folder, model.Config) : PeftLoraAdapter.Load(folder, model);
         }
 
         if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) return SparseDelta.Load(folder, model);
