@@ -256,7 +256,16 @@ internal static class TrainCommand
         var jobs = new Jobs(console, quiet);
         console.MarkupLine($"{(modelDir == null ? "pre-training" : "fine-tuning")} {model.ParameterCount:N0} parameters on [bold]{Markup.Escape(device.Info.Spec)}[/], " +
             $"{options.Steps} steps; data {Markup.Escape(data.Description)}");
-        options = options with { RunSettings = RunSettings(method, dataSpec, recipeOptions, flags) };
+        var settings = RunSettings(method, dataSpec, recipeOptions, flags);
+        if (modelDir != null)
+        {
+            // The base the run started from: a resume with another --model (another shape or other weights' config) is refused.
+            var baseConfig = HuggingFaceFolder.ReadConfig(modelDir);
+            string hash = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(baseConfig.ToJson())))[..12];
+            settings["model"] = $"{baseConfig.NumHiddenLayers} layers x {baseConfig.HiddenSize}, vocab {baseConfig.VocabSize}, config {hash}";
+        }
+
+        options = options with { RunSettings = settings };
         if (resume != null && TrainingRun.CheckpointStep(resume) is int done && done >= options.Steps)
         {
             console.MarkupLine(Markup.Escape($"the checkpoint is at step {done} of --steps {options.Steps}: nothing left to train; writing its output (raise --steps to train further)"));

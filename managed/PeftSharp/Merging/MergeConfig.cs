@@ -16,6 +16,12 @@ public sealed record MergeConfig(
     MergeMethod Method, string? BaseModel, IReadOnlyList<MergeModelEntry> Models, bool Normalize, float Lambda, string Dtype,
     float? LinesAlpha, float? LinesBeta)
 {
+    /// <summary>
+    /// mergekit's rescale: scale each sparsified task vector back to its L1 norm (default: true for dare_linear and
+    /// dare_ties, false for the others).
+    /// </summary>
+    public bool Rescale { get; init; }
+
     /// <summary>Whose tokenizer files the merged model carries: "base", a model path, or null (the base, else the first model).</summary>
     public string? TokenizerSource { get; init; }
 
@@ -32,7 +38,7 @@ public sealed record MergeConfig(
 
     private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "name" };
     private static readonly string[] ModelKeys = { "weight", "density", "gamma" };
-    private static readonly string[] GlobalKeys = { "normalize", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma" };
+    private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma" };
 
     public static MergeConfig Load(string path)
     {
@@ -128,7 +134,13 @@ public sealed record MergeConfig(
         string? tokenizerSource = top.TryGetValue("tokenizer_source", out var ts) ? ScalarOf(ts, "tokenizer_source", problems) : null;
         if (tokenizerSource == "union") problems.Add("tokenizer_source 'union' (a merged vocabulary) is not supported; use base or a model path");
         if (tokenizerSource == "base" && baseModel == null) problems.Add("tokenizer_source 'base' needs a base_model");
-        config = config with { TokenizerSource = tokenizerSource };
+        config = config with { TokenizerSource = tokenizerSource, Rescale = Flag("rescale", TaskVectorMerge.DefaultRescale(method)) };
+        if (method is MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies && models.Any(m => m.Parameters.Gamma == 0f && m.Parameters.Density < 1f))
+        {
+            problems.Add("gamma 0 with density < 1: mergekit's magnitude_outliers then keeps no entry (its slice [n_bot:-0] is empty); use ties for a plain " +
+                "magnitude trim, or gamma > 0");
+        }
+
         Flag("int8_mask", false); // a memory setting in mergekit; the result does not depend on it
         if (config.LinesAlpha.HasValue != config.LinesBeta.HasValue) problems.Add("lines_alpha and lines_beta go together");
         if (problems.Count > 0) throw new PeftSharpInputException($"{source}: {string.Join("; ", problems)}");

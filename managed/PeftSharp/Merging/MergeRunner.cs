@@ -46,7 +46,7 @@ public static class MergeRunner
             var merged = LlamaModel.FromTensors(device, reference.Config, (name, _) =>
             {
                 var values = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
-                    inputOptions, config.Normalize, config.Lambda, Seed(name));
+                    inputOptions, config.Normalize, config.Lambda, Seed(name), config.Rescale);
                 if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)
                 {
                     var b = baseModel[name].Value.ToArray();

@@ -8,8 +8,10 @@ namespace PeftSharp.Merging;
 /// lambda sum w_i tau_i. TIES: trim each tau_i to its top-density fraction by magnitude, elect each entry's sign as
 /// the sign of sum w_i tau_i (+1 when 0), average the entries whose w_i tau_i agrees (weights normalised over them,
 /// a zero sum of weights leaving the sum as it is), theta_base + lambda x that.
-/// DARE: drop each entry of tau_i with probability 1 - density and rescale the rest by 1 / density (seeded), then
-/// linear (task arithmetic) or TIES sign consensus without trimming. Breadcrumbs: keep the entries of tau_i whose
+/// DARE: drop each entry of tau_i with probability 1 - density (seeded), then linear (task arithmetic) or TIES sign
+/// consensus without trimming. Rescale (mergekit's `rescale`, on by default for DARE only): a sparsified tau_i is
+/// scaled so its L1 norm is the full tau_i's, as mergekit's rescaled_masked_tensor does (sums in double, in chunks of
+/// <see cref="Chunk"/> entries added in order, so both implementations get the same factor). Breadcrumbs: keep the entries of tau_i whose
 /// magnitude ranks between the top gamma fraction and the top gamma + density fraction (both tails dropped), then
 /// task arithmetic or TIES consensus. <see cref="MergeReference"/> is the specification (plain loops in double over
 /// materialised task vectors); <see cref="Merge"/> computes the same doubles in the same order, so its result is
@@ -23,8 +25,9 @@ public static partial class TaskVectorMerge
     /// for Linear. <paramref name="seed"/> seeds DARE (callers derive it per tensor and input). Returns the merged values.
     /// </summary>
     public static float[] MergeReference(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
-        bool normalize, float lambda, int seed)
+        bool normalize, float lambda, int seed, bool? rescale = null)
     {
+        bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
         var result = new float[n];
         if (method == MergeMethod.Linear)
@@ -47,13 +50,20 @@ public static partial class TaskVectorMerge
         {
             var t = new double[n];
             for (int e = 0; e < n; e++) t[e] = (double)models[m][e] - baseValues[e];
-            tau[m] = method switch
+            var sparse = method switch
             {
                 MergeMethod.Ties => KeepBand(t, 0, inputs[m].Density),
                 MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies => KeepBand(t, inputs[m].Gamma, inputs[m].Density),
-                MergeMethod.DareLinear or MergeMethod.DareTies => Dare(t, inputs[m].Density, unchecked(seed * 31 + m)),
+                MergeMethod.DareLinear or MergeMethod.DareTies => DareMask(t, inputs[m].Density, unchecked(seed * 31 + m)),
                 _ => t,
             };
+            if (l1 && !ReferenceEquals(sparse, t))
+            {
+                double factor = L1Factor(ChunkedSum(n, e => Math.Abs(t[e])), ChunkedSum(n, e => Math.Abs(sparse[e])));
+                for (int e = 0; e < n; e++) sparse[e] *= factor;
+            }
+
+            tau[m] = sparse;
         }
 
         bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
@@ -116,7 +126,7 @@ public static partial class TaskVectorMerge
     private static void CheckBand(float gamma, float density)
     {
         CheckDensity(density);
-        if (gamma is < 0f || gamma + density > 1f + 1e-6f) throw new ArgumentException($"gamma {gamma} must be >= 0 with gamma + density <= 1");
+        if (gamma is < 0f or >= 1f) throw new ArgumentException($"gamma {gamma} must be in [0, 1)");
     }
 
     /// <summary>
@@ -152,6 +162,36 @@ public static partial class TaskVectorMerge
 
         var result = new double[n];
         for (int r = skip; r < Math.Min(n, skip + keep); r++) result[order[r]] = t[order[r]];
+        return result;
+    }
+
+    /// <summary>mergekit's registry: rescale defaults to true for dare_linear and dare_ties (della too), false otherwise.</summary>
+    public static bool DefaultRescale(MergeMethod method) => method is MergeMethod.DareLinear or MergeMethod.DareTies;
+
+    /// <summary>rescaled_masked_tensor's L1 factor: before / after, or 1 when either is below 1e-7.</summary>
+    internal static double L1Factor(double before, double after) => before < 1e-7 || after < 1e-7 ? 1 : before / after;
+
+    /// <summary>Sum of f(0 .. n-1): in order within chunks of <see cref="Chunk"/>, the chunk sums added in order.</summary>
+    internal static double ChunkedSum(int n, Func<int, double> f)
+    {
+        double total = 0;
+        for (int c = 0; c * Chunk < n; c++)
+        {
+            double part = 0;
+            for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++) part += f(e);
+            total += part;
+        }
+
+        return total;
+    }
+
+    /// <summary>DARE's drop alone: each entry kept with probability density (seeded, the kernel's draws), none rescaled.</summary>
+    public static double[] DareMask(double[] t, float density, int seed)
+    {
+        CheckDensity(density);
+        float p = 1f - density;
+        var result = new double[t.Length];
+        for (int i = 0; i < t.Length; i++) result[i] = SparseKernels.Uniform(seed, i) >= p ? t[i] : 0;
         return result;
     }
 

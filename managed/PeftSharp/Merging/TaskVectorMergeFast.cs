@@ -15,8 +15,9 @@ public static partial class TaskVectorMerge
     /// are the counter-based ones, made per element where they are used.
     /// </summary>
     public static float[] Merge(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
-        bool normalize, float lambda, int seed)
+        bool normalize, float lambda, int seed, bool? rescale = null)
     {
+        bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
         var result = new float[n];
         int count = models.Count;
@@ -59,22 +60,55 @@ public static partial class TaskVectorMerge
         bool dare = method is MergeMethod.DareLinear or MergeMethod.DareTies;
         var densities = inputs.Select(i => i.Density).ToArray();
         bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        // The sparsified tau_i (before any rescale): its entry e, or 0 where the trim or DARE's draw dropped it.
+        double Sparse(int m, int e)
+        {
+            double t = (double)ms[m][e] - b[e];
+            if (keep[m] is { } k && !k[e]) return 0;
+            if (dare && SparseKernels.Uniform(unchecked(seed * 31 + m), e) < 1f - densities[m]) return 0;
+            return t;
+        }
+
+        var factor = Enumerable.Repeat(1.0, count).ToArray();
+        if (l1 && (dare || keep.Any(k => k != null)))
+        {
+            // rescale: each input's L1 norms, full and sparsified, summed chunk by chunk as the reference sums them.
+            var parts = new double[chunks, count, 2];
+            Parallel.For(0, chunks, Parallelism, c =>
+            {
+                for (int m = 0; m < count; m++)
+                {
+                    if (!dare && keep[m] == null) continue;
+                    double full = 0, kept = 0;
+                    for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
+                    {
+                        full += Math.Abs((double)ms[m][e] - b[e]);
+                        kept += Math.Abs(Sparse(m, e));
+                    }
+
+                    parts[c, m, 0] = full;
+                    parts[c, m, 1] = kept;
+                }
+            });
+            for (int m = 0; m < count; m++)
+            {
+                if (!dare && keep[m] == null) continue;
+                double full = 0, kept = 0;
+                for (int c = 0; c < chunks; c++)
+                {
+                    full += parts[c, m, 0];
+                    kept += parts[c, m, 1];
+                }
+
+                factor[m] = L1Factor(full, kept);
+            }
+        }
+
         Parallel.For(0, chunks, Parallelism, () => new double[count], (c, _, tau) =>
         {
             for (int e = c * Chunk, end = Math.Min(n, e + Chunk); e < end; e++)
             {
-                for (int m = 0; m < count; m++)
-                {
-                    double t = (double)ms[m][e] - b[e];
-                    if (keep[m] is { } k && !k[e]) t = 0;
-                    if (dare)
-                    {
-                        float density = densities[m], p = 1f - density;
-                        t = SparseKernels.Uniform(unchecked(seed * 31 + m), e) >= p ? (p == 0f ? t : t / density) : 0;
-                    }
-
-                    tau[m] = t;
-                }
+                for (int m = 0; m < count; m++) tau[m] = Sparse(m, e) * factor[m];
 
                 double merged;
                 if (consensus)
@@ -184,12 +218,22 @@ public static partial class TaskVectorMerge
     /// <summary>mergekit's counts: TIES keeps int(density n) largest; Breadcrumbs drops int(gamma n) largest and int((1 - density - gamma) n) smallest.</summary>
     private static (int Skip, int Keep) BandCounts(int n, float gamma, float density)
     {
-        // In double with a guard: (1f - 0.5f - 0.1f) * 10 is 3.9999998 in float, which would keep one entry too many.
-        int skip = (int)Math.Floor((double)(decimal)gamma * n + 1e-9);
-        int keep = gamma == 0f
-            ? (int)Math.Floor((double)(decimal)density * n + 1e-9)
-            : n - skip - (int)Math.Floor((1 - (double)(decimal)density - (double)(decimal)gamma) * n + 1e-9);
-        return (skip, keep);
+        if (density >= 1f) return (0, n); // mergekit returns the tensor unchanged at density 1, gamma or not
+        // In double from the decimal value (the YAML's number): 0.3f * 10 would be 3.0000001 in float, floored the same,
+        // but (1f - 0.5f - 0.1f) * 10 is 3.9999998 in float, which would keep one entry too many.
+        double d = (double)(decimal)density, g = (double)(decimal)gamma;
+        int target = (int)Math.Floor(d * n + 1e-9);
+        if (gamma == 0f) return (0, target);
+        // magnitude_outliers: drop int(gamma n) largest and the rest of the smallest; when the two overlap (gamma +
+        // density > 1), fewer of the largest are dropped so int(density n) stay.
+        int top = (int)Math.Floor(g * n + 1e-9), bottom = n - target - top;
+        if (bottom < 0)
+        {
+            top += bottom;
+            bottom = 0;
+        }
+
+        return (top, n - bottom - top);
     }
 
     /// <summary>

@@ -72,11 +72,56 @@ public sealed class MergingTests : TempDirectoryTest
         {
             foreach (bool normalize in new[] { true, false })
             {
-                var fast = TaskVectorMerge.Merge(method, b, models, inputs, normalize, 0.8f, seed: 9);
-                var reference = TaskVectorMerge.MergeReference(method, b, models, inputs, normalize, 0.8f, seed: 9);
-                Assert.That(fast, Is.EqualTo(reference), $"{method}, normalize {normalize}");
+                foreach (bool? rescale in new bool?[] { null, true, false })
+                {
+                    var fast = TaskVectorMerge.Merge(method, b, models, inputs, normalize, 0.8f, seed: 9, rescale);
+                    var reference = TaskVectorMerge.MergeReference(method, b, models, inputs, normalize, 0.8f, seed: 9, rescale);
+                    Assert.That(fast, Is.EqualTo(reference), $"{method}, normalize {normalize}, rescale {rescale}");
+                }
             }
         }
+    }
+
+    /// <summary>
+    /// mergekit's sparsification as its current sparsify.py defines it: rescale (default on for DARE only) scales each
+    /// sparsified task vector to its full L1 norm (rescaled_masked_tensor), not by 1 / density; without rescale the
+    /// kept entries are the task vector's own; density 1 returns the task vector whole (Breadcrumbs' gamma too); and
+    /// where gamma + density exceed 1, fewer of the largest entries are dropped so int(density n) stay.
+    /// </summary>
+    [Test]
+    public void Mergekit_Rescale_IsL1Matching_AndBreadcrumbsCountsFollowMagnitudeOutliers()
+    {
+        const int n = 1000;
+        var b = TestData.Uniform(n, 11);
+        var model = TestData.Uniform(n, 12);
+        var tau = model.Select((x, i) => (double)x - b[i]).ToArray();
+        double l1 = tau.Sum(Math.Abs);
+        var input = new[] { new MergeInput(1f, 0.3f) };
+        var rescaled = Merge(MergeMethod.DareLinear, b, new[] { model }, input, false); // rescale defaults to true for DARE
+        var kept = rescaled.Select((x, i) => (double)x - b[i]).ToArray();
+        Assert.That(kept.Sum(Math.Abs), Is.EqualTo(l1).Within(1e-5 * l1), "L1 norm matched");
+        Assert.That(kept.Count(x => x != 0), Is.InRange(230, 370), "about 30% kept");
+        var plain = TaskVectorMerge.Merge(MergeMethod.DareLinear, b, new[] { model }, input, false, 1f, seed: 1, rescale: false);
+        for (int i = 0; i < n; i++)
+        {
+            Assert.That(plain[i], Is.EqualTo(kept[i] == 0 ? b[i] : model[i]).Within(1e-6), "rescale false keeps the task vector's own entries, the same draws");
+        }
+
+        var ties = TaskVectorMerge.Merge(MergeMethod.Ties, b, new[] { model }, input, false, 1f, seed: 1, rescale: true);
+        Assert.That(ties.Select((x, i) => Math.Abs((double)x - b[i])).Sum(), Is.EqualTo(l1).Within(1e-5 * l1), "rescale applies to TIES' trim when asked");
+
+        var tenth = Enumerable.Range(0, 10).Select(i => (float)(10 - i)).ToArray(); // tau = 10, 9, ..., 1
+        Assert.That(Merge(MergeMethod.Breadcrumbs, new float[10], new[] { tenth }, new[] { new MergeInput(1f, 1f, 0.2f) }, false), Is.EqualTo(tenth),
+            "density 1: the task vector whole, gamma ignored");
+        Assert.That(Merge(MergeMethod.Breadcrumbs, new float[10], new[] { tenth }, new[] { new MergeInput(1f, 0.9f, 0.3f) }, false),
+            Is.EqualTo(new[] { 0f, 9, 8, 7, 6, 5, 4, 3, 2, 1 }), "gamma + density > 1: int(0.9 n) = 9 stay, so only one of the largest goes");
+
+        string Yaml(string method, string extra) => $"merge_method: {method}\nbase_model: b\nmodels:\n  - model: m\n    parameters:\n      density: 0.5\n{extra}";
+        Assert.That(MergeConfig.Parse(Yaml("dare_ties", ""), "c.yaml").Rescale, Is.True);
+        Assert.That(MergeConfig.Parse(Yaml("ties", ""), "c.yaml").Rescale, Is.False);
+        Assert.That(MergeConfig.Parse(Yaml("dare_linear", "parameters:\n  rescale: false\n"), "c.yaml").Rescale, Is.False);
+        var zeroGamma = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse(Yaml("breadcrumbs", "      gamma: 0\n"), "c.yaml"))!;
+        Assert.That(zeroGamma.Message, Does.Contain("gamma 0").And.Contain("c.yaml"));
     }
 
     /// <summary>
