@@ -439,10 +439,11 @@ public sealed class HfTokenizer : ITokenizer
         string? type = o["type"]?.Value<string>();
         switch (type)
         {
-            case "NFC": return s => s.Normalize(NormalizationForm.FormC);
-            case "NFD": return s => s.Normalize(NormalizationForm.FormD);
-            case "NFKC": return s => s.Normalize(NormalizationForm.FormKC);
-            case "NFKD": return s => s.Normalize(NormalizationForm.FormKD);
+            // Real normalization in every globalization mode (string.Normalize alone is a no-op in invariant mode).
+            case "NFC": return s => UnicodeNormalizer.Normalize(s, NormalizationForm.FormC, path);
+            case "NFD": return s => UnicodeNormalizer.Normalize(s, NormalizationForm.FormD, path);
+            case "NFKC": return s => UnicodeNormalizer.Normalize(s, NormalizationForm.FormKC, path);
+            case "NFKD": return s => UnicodeNormalizer.Normalize(s, NormalizationForm.FormKD, path);
             case "Lowercase": return s => s.ToLowerInvariant();
             case "Sequence":
                 var parts = (o["normalizers"] as JsonArray ?? new JsonArray()).Select(n => Normalizer(path, n)).ToList();

@@ -78,10 +78,14 @@ public sealed class TokenizerFileTests : TempDirectoryTest
     [TestCase("gpt2_style", TestName = "TokenizerJson_Gpt2StyleByteLevel_MatchesTransformersJs")]
     [TestCase("llama3_style", TestName = "TokenizerJson_Llama3StyleSplitIgnoreMerges_MatchesTransformersJs")]
     [TestCase("added_tokens", TestName = "TokenizerJson_AddedTokensWithLstripRstrip_MatchesTransformersJs")]
-    public void TokenizerJson_MatchesReference(string fixture)
+    // Normalizers (Qwen's NFC; NFKC then Lowercase) on decomposed accents, Hangul jamo, Vietnamese, ligatures, fullwidth
+    // and the angstrom sign: real normalization in this invariant-globalization process (expected_unicode.mjs).
+    [TestCase("nfc_style", "expected_unicode.json", TestName = "TokenizerJson_NfcNormalizer_MatchesTransformersJs")]
+    [TestCase("nfkc_style", "expected_unicode.json", TestName = "TokenizerJson_NfkcLowercaseNormalizers_MatchesTransformersJs")]
+    public void TokenizerJson_MatchesReference(string fixture, string expected = "expected_json.json")
     {
         var tok = HfTokenizer.Load(FolderWith(fixture));
-        foreach (var (text, ids, decoded, withSpecials) in Cases("expected_json.json", fixture))
+        foreach (var (text, ids, decoded, withSpecials) in Cases(expected, fixture))
         {
             var got = tok.Encode(text);
             Assert.That(got, Is.EqualTo(ids), $"Encode({JsonSerializer.Serialize(text)})");
