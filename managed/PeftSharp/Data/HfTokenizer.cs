@@ -23,7 +23,7 @@ namespace PeftSharp.Data;
 /// <c>eos_token</c>, <c>pad_token</c>, <c>add_bos_token</c>), then the post-processor's template, then
 /// generation_config.json / config.json ids.
 /// </summary>
-public sealed class HfTokenizer : ITokenizer
+public sealed partial class HfTokenizer : ITokenizer
 {
     public const string JsonFile = "tokenizer.json";
     public const string SentencePieceFile = "tokenizer.model";
@@ -35,14 +35,14 @@ public sealed class HfTokenizer : ITokenizer
     // GPT-2's ByteLevel pre-tokenizer regex (use_regex: true).
     private const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
-    private readonly Func<string, List<int>> encodeSegment;
+    private readonly Func<string, bool, List<int>> encodeSegment; // (segment, whether it starts the text)
     private readonly Func<IReadOnlyList<int>, string> decodeRun;
     private readonly Dictionary<int, (string Content, bool Special)> addedById;
     private readonly Regex? addedPattern;
     private readonly Dictionary<string, int> addedByContent;
     private readonly Dictionary<string, (bool Left, bool Right)> addedStrip;
 
-    private HfTokenizer(string name, int vocabSize, Func<string, List<int>> encodeSegment, Func<IReadOnlyList<int>, string> decodeRun,
+    private HfTokenizer(string name, int vocabSize, Func<string, bool, List<int>> encodeSegment, Func<IReadOnlyList<int>, string> decodeRun,
         IReadOnlyList<AddedToken> added)
     {
         Name = name;
@@ -112,14 +112,18 @@ public sealed class HfTokenizer : ITokenizer
             {
                 result = InputGuard.Parse(json, () => FromTokenizerJson(json, doc, config));
             }
+            else if (!File.Exists(model) && IsSentencePieceStyleBpe(doc))
+            {
+                result = InputGuard.Parse(json, () => FromSentencePieceStyleJson(json, doc, config));
+            }
             else if (File.Exists(model))
             {
                 result = InputGuard.Parse(model, () => FromSentencePiece(model, config));
             }
             else
             {
-                throw new NotSupportedException($"{json}: {unsupported}; only byte-level BPE tokenizer.json files are read (a SentencePiece model's tokenizer.model is read instead when " +
-                    $"the folder has one)");
+                throw new NotSupportedException($"{json}: {unsupported}; byte-level BPE and SentencePiece-style BPE (byte fallback, Metaspace) tokenizer.json files are read " +
+                    $"(a SentencePiece model's tokenizer.model is read instead when the folder has one)");
             }
         }
         else
@@ -149,7 +153,7 @@ public sealed class HfTokenizer : ITokenizer
         var ids = new List<int>();
         if (addedPattern == null)
         {
-            ids.AddRange(encodeSegment(text));
+            ids.AddRange(encodeSegment(text, true));
             return ids.ToArray();
         }
 
@@ -161,13 +165,13 @@ public sealed class HfTokenizer : ITokenizer
             var (left, right) = addedStrip[m.Value];
             int end = m.Index;
             if (left) while (end > at && char.IsWhiteSpace(text[end - 1])) end--;
-            if (end > at) ids.AddRange(encodeSegment(text[at..end]));
+            if (end > at) ids.AddRange(encodeSegment(text[at..end], at == 0));
             ids.Add(addedByContent[m.Value]);
             at = m.Index + m.Length;
             if (right) while (at < text.Length && char.IsWhiteSpace(text[at])) at++;
         }
 
-        if (at < text.Length) ids.AddRange(encodeSegment(text[at..]));
+        if (at < text.Length) ids.AddRange(encodeSegment(text[at..], at == 0));
         return ids.ToArray();
     }
 
@@ -214,7 +218,7 @@ public sealed class HfTokenizer : ITokenizer
         if (type == null && model?["merges"] != null) type = "BPE"; // older files leave the type out
         if (type != "BPE") return $"model type {type ?? "(none)"} is not BPE";
         bool byteLevel = Mentions(doc["pre_tokenizer"], "ByteLevel") || Mentions(doc["decoder"], "ByteLevel");
-        if (!byteLevel) return "a BPE model without a ByteLevel pre-tokenizer (a SentencePiece-style BPE with byte fallback)";
+        if (!byteLevel) return "a BPE model without a ByteLevel pre-tokenizer";
         return null;
     }
 
@@ -268,7 +272,7 @@ public sealed class HfTokenizer : ITokenizer
             PreTokenizer = new WholeText(),
         });
         var byteChar = ByteToUnicode();
-        List<int> EncodeSegment(string segment)
+        List<int> EncodeSegment(string segment, bool atStart)
         {
             var ids = new List<int>();
             foreach (var piece in preTokenize(normalize(segment)))
@@ -324,7 +328,7 @@ public sealed class HfTokenizer : ITokenizer
 
         int size = sp.Vocabulary.Values.Max() + 1;
         var tok = new HfTokenizer($"{SentencePieceFile} (SentencePiece, {size} pieces)", size,
-            s => spec.ModelType == SentencePieceSpec.Unigram
+            (s, _) => spec.ModelType == SentencePieceSpec.Unigram
                 ? FuseUnknown(sp.EncodeToIds(s, addBeginningOfSentence: false, addEndOfSentence: false), sp.UnknownId)
                 : sp.EncodeToIds(s, addBeginningOfSentence: false, addEndOfSentence: false).ToList(),
             run => sp.Decode(run, considerSpecialTokens: false),
@@ -445,11 +449,32 @@ public sealed class HfTokenizer : ITokenizer
             case "NFKC": return s => UnicodeNormalizer.Normalize(s, NormalizationForm.FormKC, path);
             case "NFKD": return s => UnicodeNormalizer.Normalize(s, NormalizationForm.FormKD, path);
             case "Lowercase": return s => s.ToLowerInvariant();
+            case "Prepend":
+            {
+                // Llama 2's legacy files prepend the SentencePiece space marker to every segment that is not empty.
+                string prepend = o["prepend"]?.Value<string>() ?? throw new PeftSharpInputException($"{path}: Prepend normalizer without 'prepend'");
+                return s => s.Length == 0 ? s : prepend + s;
+            }
+
+            case "Replace":
+            {
+                var pattern = o["pattern"] as JsonObject ?? throw new PeftSharpInputException($"{path}: Replace normalizer without a pattern");
+                string content = o["content"]?.Value<string>() ?? throw new PeftSharpInputException($"{path}: Replace normalizer without 'content'");
+                if (pattern["String"] is JsonValue str)
+                {
+                    string find = str.Value<string>();
+                    return s => find.Length == 0 ? s : s.Replace(find, content, StringComparison.Ordinal);
+                }
+
+                var regex = pattern["Regex"] is JsonValue r ? FileRegex(path, r.Value<string>()) : throw new PeftSharpInputException($"{path}: Replace pattern is neither String nor Regex");
+                return s => Timed(path, regex, () => new List<string> { regex.Replace(s, content.Replace("$", "$$", StringComparison.Ordinal)) })[0];
+            }
+
             case "Sequence":
                 var parts = (o["normalizers"] as JsonArray ?? new JsonArray()).Select(n => Normalizer(path, n)).ToList();
                 return s => parts.Aggregate(s, (acc, f) => f(acc));
             default:
-                throw new NotSupportedException($"{path}: normalizer type {type ?? "(none)"} is not supported (supported: NFC, NFD, NFKC, NFKD, Lowercase, Sequence)");
+                throw new NotSupportedException($"{path}: normalizer type {type ?? "(none)"} is not supported (supported: NFC, NFD, NFKC, NFKD, Lowercase, Prepend, Replace, Sequence)");
         }
     }
 

@@ -79,9 +79,13 @@ public sealed class TokenizerFileTests : TempDirectoryTest
     [TestCase("llama3_style", TestName = "TokenizerJson_Llama3StyleSplitIgnoreMerges_MatchesTransformersJs")]
     [TestCase("added_tokens", TestName = "TokenizerJson_AddedTokensWithLstripRstrip_MatchesTransformersJs")]
     // Normalizers (Qwen's NFC; NFKC then Lowercase) on decomposed accents, Hangul jamo, Vietnamese, ligatures, fullwidth
-    // and the angstrom sign: real normalization in this invariant-globalization process (expected_unicode.mjs).
+    // and the angstrom sign: real normalization in this invariant-globalization process (expected_json.mjs unicode).
     [TestCase("nfc_style", "expected_unicode.json", TestName = "TokenizerJson_NfcNormalizer_MatchesTransformersJs")]
     [TestCase("nfkc_style", "expected_unicode.json", TestName = "TokenizerJson_NfkcLowercaseNormalizers_MatchesTransformersJs")]
+    // SentencePiece-style BPE in tokenizer.json only (Llama 2's legacy normalizer; Metaspace with prepend_scheme first):
+    // byte fallback for accents, CJK and emoji, whitespace runs, code (make_spm_json.py, expected_json.mjs spm_json).
+    [TestCase("spm_json_legacy", "expected_spm_json.json", TestName = "TokenizerJson_SentencePieceStyleLegacy_MatchesTransformersJs")]
+    [TestCase("spm_json_metaspace", "expected_spm_json.json", TestName = "TokenizerJson_SentencePieceStyleMetaspace_MatchesTransformersJs")]
     public void TokenizerJson_MatchesReference(string fixture, string expected = "expected_json.json")
     {
         var tok = HfTokenizer.Load(FolderWith(fixture));
@@ -157,11 +161,15 @@ public sealed class TokenizerFileTests : TempDirectoryTest
         e = Assert.Throws<NotSupportedException>(() => HfTokenizer.Load(dir))!;
         Assert.That(e.Message, Does.Contain("Whitespace"));
 
-        // A SentencePiece-style BPE tokenizer.json (no ByteLevel) falls back to the folder's tokenizer.model.
+        // A SentencePiece-style BPE tokenizer.json (no ByteLevel) is read on its own, with a pre-tokenizer it knows;
+        // beside a tokenizer.model, the folder's tokenizer.model is read.
         doc["pre_tokenizer"] = JsonNode.Parse("{\"type\": \"Metaspace\", \"replacement\": \"\u2581\"}");
         doc["decoder"] = null;
         File.WriteAllText(path, doc.ToJsonString());
-        Assert.Throws<NotSupportedException>(() => HfTokenizer.Load(dir));
+        Assert.That(HfTokenizer.Load(dir).Name, Does.Contain("SentencePiece-style BPE"));
+        doc["pre_tokenizer"] = JsonNode.Parse("{\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Metaspace\"}, {\"type\": \"Digits\"}]}");
+        File.WriteAllText(path, doc.ToJsonString());
+        Assert.That(Assert.Throws<NotSupportedException>(() => HfTokenizer.Load(dir))!.Message, Does.Contain("pre_tokenizer").And.Contain("Digits"));
         File.Copy(Path.Combine(Fixtures, "spm_bpe.model"), Path.Combine(dir, HfTokenizer.SentencePieceFile));
         File.Delete(Path.Combine(dir, HfTokenizer.ConfigFile));
         Assert.That(HfTokenizer.Load(dir).Name, Does.Contain("SentencePiece"));
