@@ -11,7 +11,10 @@ internal static class MergeCommand
     {
         var adapterDir = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)" };
         var deltaDir = new Option<string?>("--delta") { Description = "1-bit delta (peft compress) or sparse delta folder" };
-        var mergeConfig = new Option<string?>("--config") { Description = "A mergekit config (YAML or JSON): linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties" };
+        var mergeConfig = new Option<string?>("--config")
+        {
+            Description = "A mergekit config (YAML or JSON): slerp, linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties",
+        };
         var mergeModel = new Option<string?>("--model") { Description = "Hugging Face model folder (not with --config, which names its models)" };
         var merge = new Command("merge", "Merge a PEFT LoRA adapter, a 1-bit or sparse delta into a model, or several models by a mergekit config; writes a Hugging Face folder.");
         foreach (var opt in new Option[] { o.Device, mergeModel, adapterDir, deltaDir, mergeConfig, o.Out, o.Overwrite }) merge.Options.Add(opt);

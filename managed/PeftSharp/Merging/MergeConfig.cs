@@ -22,6 +22,15 @@ public sealed record MergeConfig(
     /// </summary>
     public bool Rescale { get; init; }
 
+    /// <summary>
+    /// slerp's t, as mergekit evaluates a conditional parameter: the first entry whose filter is in the tensor's name
+    /// (or that has none); its values are one number, or a gradient interpolated over the layers.
+    /// </summary>
+    public IReadOnlyList<SlerpT> T { get; init; } = Array.Empty<SlerpT>();
+
+    /// <summary>The layer_range each source of a one-slice `slices:` config gave (checked against the models when they load).</summary>
+    public IReadOnlyList<(string Model, int From, int To)> LayerRanges { get; init; } = Array.Empty<(string, int, int)>();
+
     /// <summary>Whose tokenizer files the merged model carries: "base", a model path, or null (the base, else the first model).</summary>
     public string? TokenizerSource { get; init; }
 
@@ -34,9 +43,10 @@ public sealed record MergeConfig(
         ["dare_ties"] = MergeMethod.DareTies,
         ["breadcrumbs"] = MergeMethod.Breadcrumbs,
         ["breadcrumbs_ties"] = MergeMethod.BreadcrumbsTies,
+        ["slerp"] = MergeMethod.Slerp,
     };
 
-    private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "name" };
+    private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source", "name" };
     private static readonly string[] ModelKeys = { "weight", "density", "gamma" };
     private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma" };
 
@@ -67,7 +77,7 @@ public sealed record MergeConfig(
 
         var problems = new List<string>();
         var top = Map(root, problems, "the top level");
-        foreach (var k in top.Keys.Except(TopKeys)) problems.Add(k == "slices" ? "slices (layer-range merges) are not supported" : $"unknown key '{k}'");
+        foreach (var k in top.Keys.Except(TopKeys)) problems.Add($"unknown key '{k}'");
         string methodName = Scalar(top, "merge_method", problems) ?? "";
         if (!Methods.TryGetValue(methodName, out var method))
         {
@@ -75,7 +85,17 @@ public sealed record MergeConfig(
         }
 
         string? baseModel = top.TryGetValue("base_model", out var b) ? ScalarOf(b, "base_model", problems) : null;
-        var global = top.TryGetValue("parameters", out var gp) ? Options(gp, "parameters", GlobalKeys, problems) : new Dictionary<string, string>();
+        // slerp's t may be a list of filtered values and gradients: read apart from the plain options.
+        var slerpT = new List<SlerpT>();
+        if (top.TryGetValue("parameters", out var gpNode) && gpNode is YamlMappingNode gpMap && gpMap.Children.Any(kv => kv.Key is YamlScalarNode { Value: "t" }))
+        {
+            slerpT = ReadT(gpMap.Children.First(kv => kv.Key is YamlScalarNode { Value: "t" }).Value, problems);
+            var rest = new YamlMappingNode();
+            foreach (var kv in gpMap.Children.Where(kv => kv.Key is not YamlScalarNode { Value: "t" })) rest.Add(kv.Key, kv.Value);
+            gpNode = rest;
+        }
+
+        var global = gpNode != null ? Options(gpNode, "parameters", GlobalKeys, problems) : new Dictionary<string, string>();
         float Num(IReadOnlyDictionary<string, string> d, string key, float fallback, string where)
         {
             if (!d.TryGetValue(key, out var v)) return fallback;
@@ -93,9 +113,58 @@ public sealed record MergeConfig(
         }
 
         var models = new List<MergeModelEntry>();
+        var layerRanges = new List<(string, int, int)>();
+        if (top.TryGetValue("slices", out var slicesNode))
+        {
+            // One slice over whole models is the same merge as a models list (how most slerp configs are written);
+            // layer stacking (several slices, or ranges short of the model) is not supported.
+            if (top.ContainsKey("models")) problems.Add("give models or slices, not both");
+            if (slicesNode is not YamlSequenceNode { Children.Count: 1 } one || one.Children[0] is not YamlMappingNode slice)
+            {
+                problems.Add("slices: only one slice over the whole models is supported (several slices stack layers: passthrough, not supported)");
+            }
+            else
+            {
+                var sm = Map(slice, problems, "slices[0]");
+                foreach (var k in sm.Keys.Except(new[] { "sources" })) problems.Add($"slices[0]: unknown key '{k}'");
+                int i = 0;
+                foreach (var src in (sm.TryGetValue("sources", out var sn) ? sn as YamlSequenceNode : null)?.Children ?? new List<YamlNode>())
+                {
+                    string where = $"slices[0].sources[{i++}]";
+                    if (src is not YamlMappingNode srcMap)
+                    {
+                        problems.Add($"{where} must be a mapping");
+                        continue;
+                    }
+
+                    var e = Map(srcMap, problems, where);
+                    foreach (var k in e.Keys.Except(new[] { "model", "layer_range", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
+                    string? model = Scalar(e, "model", problems, where);
+                    var p = e.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems) : new Dictionary<string, string>();
+                    if (e.TryGetValue("layer_range", out var lr) && lr is YamlSequenceNode { Children.Count: 2 } range
+                        && int.TryParse((range.Children[0] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int from)
+                        && int.TryParse((range.Children[1] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int to))
+                    {
+                        if (model != null) layerRanges.Add((model, from, to));
+                    }
+                    else
+                    {
+                        problems.Add($"{where}: layer_range must be [from, to]");
+                    }
+
+                    if (model != null)
+                    {
+                        models.Add(new MergeModelEntry(model, new MergeInput(Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
+                            Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
+                            Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))));
+                    }
+                }
+            }
+        }
+
         if (!top.TryGetValue("models", out var ms) || ms is not YamlSequenceNode seq)
         {
-            problems.Add("models must be a list of {model: ..., parameters: ...}");
+            if (!top.ContainsKey("slices")) problems.Add("models must be a list of {model: ..., parameters: ...}");
         }
         else
         {
@@ -134,7 +203,21 @@ public sealed record MergeConfig(
         string? tokenizerSource = top.TryGetValue("tokenizer_source", out var ts) ? ScalarOf(ts, "tokenizer_source", problems) : null;
         if (tokenizerSource == "union") problems.Add("tokenizer_source 'union' (a merged vocabulary) is not supported; use base or a model path");
         if (tokenizerSource == "base" && baseModel == null) problems.Add("tokenizer_source 'base' needs a base_model");
-        config = config with { TokenizerSource = tokenizerSource, Rescale = Flag("rescale", TaskVectorMerge.DefaultRescale(method)) };
+        config = config with { TokenizerSource = tokenizerSource, Rescale = Flag("rescale", TaskVectorMerge.DefaultRescale(method)), T = slerpT, LayerRanges = layerRanges };
+        if (method == MergeMethod.Slerp)
+        {
+            if (slerpT.Count == 0) problems.Add("slerp needs parameters.t");
+            if (global.ContainsKey("lines_alpha") || global.ContainsKey("lines_beta")) problems.Add("lines_alpha / lines_beta scale task vectors; slerp has none");
+            if (baseModel != null && models.Select(m => m.Model).Append(baseModel).Distinct().Count() != 2)
+            {
+                problems.Add("slerp interpolates between two models: the base_model and one other");
+            }
+        }
+        else if (slerpT.Count > 0)
+        {
+            problems.Add($"parameters.t is slerp's; {methodName} does not take it");
+        }
+
         if (method is MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies && models.Any(m => m.Parameters.Gamma == 0f && m.Parameters.Density < 1f))
         {
             problems.Add("gamma 0 with density < 1: mergekit's magnitude_outliers then keeps no entry (its slice [n_bot:-0] is empty); use ties for a plain " +
@@ -145,6 +228,48 @@ public sealed record MergeConfig(
         if (config.LinesAlpha.HasValue != config.LinesBeta.HasValue) problems.Add("lines_alpha and lines_beta go together");
         if (problems.Count > 0) throw new PeftSharpInputException($"{source}: {string.Join("; ", problems)}");
         return config;
+    }
+
+    /// <summary>slerp's t: a number, a gradient list, or a list of {filter, value} entries whose values are either.</summary>
+    private static List<SlerpT> ReadT(YamlNode node, List<string> problems)
+    {
+        float[]? Values(YamlNode n, string where)
+        {
+            if (n is YamlScalarNode s)
+            {
+                if (float.TryParse(s.Value, NumberStyles.Float, CultureInfo.InvariantCulture, out float v) && float.IsFinite(v)) return new[] { v };
+            }
+            else if (n is YamlSequenceNode list && list.Children.Count > 0 && list.Children.All(c => c is YamlScalarNode))
+            {
+                var vs = list.Children.Select(c => float.TryParse(((YamlScalarNode)c).Value, NumberStyles.Float, CultureInfo.InvariantCulture, out float v) && float.IsFinite(v) ? v : float.NaN)
+                    .ToArray();
+                if (vs.All(float.IsFinite)) return vs;
+            }
+
+            problems.Add($"{where} must be a finite number or a list of them");
+            return null;
+        }
+
+        var result = new List<SlerpT>();
+        if (node is YamlSequenceNode seq && seq.Children.Count > 0 && seq.Children.All(c => c is YamlMappingNode))
+        {
+            int i = 0;
+            foreach (YamlMappingNode entry in seq.Children)
+            {
+                string where = $"parameters.t[{i++}]";
+                var e = Map(entry, problems, where);
+                foreach (var k in e.Keys.Except(new[] { "filter", "value" })) problems.Add($"{where}: unknown key '{k}'");
+                string? filter = e.TryGetValue("filter", out var f) ? ScalarOf(f, where + ".filter", problems) : null;
+                if (e.TryGetValue("value", out var v) && Values(v, where + ".value") is { } vs) result.Add(new SlerpT(filter, vs));
+                else if (!e.ContainsKey("value")) problems.Add($"{where}: value is missing");
+            }
+        }
+        else if (Values(node, "parameters.t") is { } vs)
+        {
+            result.Add(new SlerpT(null, vs));
+        }
+
+        return result;
     }
 
     /// <summary>A mapping's entries by key; a key that is not a plain value, or that repeats, is a problem (mergekit's loader refuses both).</summary>

@@ -10,4 +10,5 @@ public enum MergeMethod
     DareTies,
     Breadcrumbs,
     BreadcrumbsTies,
+    Slerp,
 }

@@ -43,8 +43,24 @@ public static class MergeRunner
             string? tokenizerFolder = config.TokenizerSource is { } src && src != "base" ? Resolve(src)
                 : config.BaseModel != null ? Resolve(config.BaseModel)
                 : config.Models.Select(e => Resolve(e.Model)).FirstOrDefault(f => File.Exists(Path.Combine(f, HuggingFaceFolder.ConfigFile)));
+            int layers = reference.Config.NumHiddenLayers;
+            foreach (var (model, from, to) in config.LayerRanges)
+            {
+                if (from != 0 || to != layers) throw new NotSupportedException($"slices: {model} layer_range [{from}, {to}] is not the whole model [0, {layers}]: layer stacking is not supported");
+            }
+
             var merged = LlamaModel.FromTensors(device, reference.Config, (name, _) =>
             {
+                if (config.Method == MergeMethod.Slerp)
+                {
+                    // mergekit's planner: layer i of L at depth i / (L - 1) (1 for a single layer); embeddings, the final
+                    // norm and the LM head at depth 0.
+                    double depth = LayerOf(name) is int layer ? (layers > 1 ? (double)layer / (layers - 1) : 1) : 0;
+                    var t = config.T.FirstOrDefault(e => e.Filter == null || name.Contains(e.Filter, StringComparison.Ordinal))
+                        ?? throw new PeftSharpInputException($"slerp: no entry of parameters.t applies to {name} (add one without a filter)");
+                    return TaskVectorMerge.Slerp(baseModel![name].Value.ToArray(), inputs[0][name].Value.ToArray(), t.At(depth));
+                }
+
                 var values = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
                     inputOptions, config.Normalize, config.Lambda, Seed(name), config.Rescale);
                 if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)

@@ -29,6 +29,7 @@ public static partial class TaskVectorMerge
     {
         bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
+        if (method == MergeMethod.Slerp) throw new ArgumentException("slerp interpolates two tensors by t: use TaskVectorMerge.Slerp");
         var result = new float[n];
         if (method == MergeMethod.Linear)
         {
@@ -162,6 +163,35 @@ public static partial class TaskVectorMerge
 
         var result = new double[n];
         for (int r = skip; r < Math.Min(n, skip + keep); r++) result[order[r]] = t[order[r]];
+        return result;
+    }
+
+    /// <summary>
+    /// mergekit's slerp of one tensor from <paramref name="v0"/> (the base) towards <paramref name="v1"/>: the angle
+    /// between the two as flat vectors (each normalised when its norm exceeds 1e-8), sin-weighted
+    /// (sin((1 - t) theta) v0 + sin(t theta) v1) / sin(theta) of the unnormalised tensors, or plain lerp when the
+    /// directions are nearly parallel (|cos| &gt; 0.9995). In double throughout (mergekit computes in fp32).
+    /// </summary>
+    public static float[] Slerp(float[] v0, float[] v1, double t)
+    {
+        if (v0.Length != v1.Length) throw new ArgumentException("slerp: the tensors differ in size");
+        double n0 = Math.Sqrt(v0.Sum(x => (double)x * x)), n1 = Math.Sqrt(v1.Sum(x => (double)x * x));
+        double s0n = n0 > 1e-8 ? 1 / n0 : 1, s1n = n1 > 1e-8 ? 1 / n1 : 1;
+        double dot = 0;
+        for (int i = 0; i < v0.Length; i++) dot += v0[i] * s0n * (v1[i] * s1n);
+        double a, b;
+        if (Math.Abs(dot) > 0.9995)
+        {
+            (a, b) = (1 - t, t);
+        }
+        else
+        {
+            double theta = Math.Acos(dot), sin = Math.Sin(theta);
+            (a, b) = (Math.Sin(theta - theta * t) / sin, Math.Sin(theta * t) / sin);
+        }
+
+        var result = new float[v0.Length];
+        for (int i = 0; i < v0.Length; i++) result[i] = (float)(a * v0[i] + b * v1[i]);
         return result;
     }
 

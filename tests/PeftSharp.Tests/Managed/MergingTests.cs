@@ -68,7 +68,7 @@ public sealed class MergingTests : TempDirectoryTest
         }
 
         var inputs = new[] { new MergeInput(0.5f, 0.3f, 0.05f), new MergeInput(1f, 0.6f, 0.1f), new MergeInput(0.25f, 1f, 0f) };
-        foreach (var method in Enum.GetValues<MergeMethod>())
+        foreach (var method in Enum.GetValues<MergeMethod>().Where(m => m != MergeMethod.Slerp)) // slerp takes two tensors and t (its own test)
         {
             foreach (bool normalize in new[] { true, false })
             {
@@ -165,7 +165,7 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(MergeConfig.Parse("""{"merge_method": "linear", "models": [{"model": "x"}]}""", "merge.json").Normalize, Is.True, "JSON works; linear normalises by default");
 
         var e = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("""
-            merge_method: slerp
+            merge_method: model_stock
             base_model: base
             slices: []
             models:
@@ -173,12 +173,103 @@ public sealed class MergingTests : TempDirectoryTest
                 parameters: {weight: [0, 0.5, 1], epsilon: 0.1}
             parameters: {t: 0.5}
             """, "bad.yaml"))!;
-        Assert.That(e.Message, Does.Contain("merge_method 'slerp' is not supported").And.Contain("slices").And.Contain("per-layer (gradient) values")
-            .And.Contain("option 'epsilon'").And.Contain("option 't'"));
+        Assert.That(e.Message, Does.Contain("merge_method 'model_stock' is not supported").And.Contain("slices").And.Contain("per-layer (gradient) values")
+            .And.Contain("option 'epsilon'").And.Contain("parameters.t is slerp's"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message,
             Does.Contain("'union'"));
         Assert.That(MergeConfig.Parse("merge_method: linear\ntokenizer_source: a\nmodels:\n  - model: a\n", "t.yaml").TokenizerSource, Is.EqualTo("a"));
+    }
+
+    /// <summary>The config with its first layer_range cut to [0, 1] (a slice that is not the whole model).</summary>
+    private static string ShortFirstRange(string yaml, int layers)
+    {
+        string whole = $"[0, {layers}]";
+        int at = yaml.IndexOf(whole, StringComparison.Ordinal);
+        return yaml[..at] + "[0, 1]" + yaml[(at + whole.Length)..];
+    }
+
+    /// <summary>
+    /// slerp as mergekit computes it: the sin-weighted interpolation of the flattened tensors (lerp when nearly
+    /// parallel), t per tensor from filtered entries and gradients read over the layers (layer i of L at depth
+    /// i / (L - 1), embeddings and the head at 0), written as most slerp configs are (one slice over whole models).
+    /// </summary>
+    [Test]
+    public void Slerp_AsMergekit_FilteredGradientsOverLayers_OneSliceConfigs()
+    {
+        var e0 = new[] { 1f, 0f };
+        var e1 = new[] { 0f, 1f };
+        Assert.That(TaskVectorMerge.Slerp(e0, e1, 0.5), Is.EqualTo(new[] { MathF.Sqrt(0.5f), MathF.Sqrt(0.5f) }).Within(1e-6f), "a quarter turn halved");
+        Assert.That(TaskVectorMerge.Slerp(new[] { 2f, 0f }, new[] { 0f, 4f }, 1.0 / 3), Is.EqualTo(new[] { 2 * MathF.Cos(MathF.PI / 6), 4 * MathF.Sin(MathF.PI / 6) }).Within(1e-5f),
+            "the weights sin((1 - t) theta) / sin theta and sin(t theta) / sin theta apply to the unnormalised tensors");
+        Assert.That(TaskVectorMerge.Slerp(new[] { 1f, 2f }, new[] { 2f, 4.0001f }, 0.25), Is.EqualTo(new[] { 1.25f, 2.500025f }).Within(1e-5f), "nearly parallel: lerp");
+        Assert.That(new SlerpT(null, new[] { 0f, 0.5f, 1f }).At(0.25), Is.EqualTo(0.25).Within(1e-12));
+        Assert.That(new SlerpT(null, new[] { 0.2f, 1f }).At(1), Is.EqualTo(1).Within(1e-12));
+
+        using var device = new CpuDevice();
+        var config = BitDeltaCompressionTests.Small;
+        using var b = LlamaModel.Create(device, config, seed: 40);
+        using var f = LlamaModel.Create(device, config, seed: 41);
+        HuggingFaceFolder.Save(b, Path.Combine(TempDir, "base"));
+        HuggingFaceFolder.Save(f, Path.Combine(TempDir, "other"));
+        int layers = config.NumHiddenLayers;
+        string yaml = $$"""
+            slices:
+              - sources:
+                  - model: base
+                    layer_range: [0, {{layers}}]
+                  - model: other
+                    layer_range: [0, {{layers}}]
+            merge_method: slerp
+            base_model: base
+            parameters:
+              t:
+                - filter: self_attn
+                  value: [0, 0.5, 0.3, 0.7, 1]
+                - filter: mlp
+                  value: [1, 0.5, 0.7, 0.3, 0]
+                - value: 0.4
+            dtype: float32
+            """;
+        File.WriteAllText(Path.Combine(TempDir, "slerp.yaml"), yaml);
+        var parsed = MergeConfig.Load(Path.Combine(TempDir, "slerp.yaml"));
+        Assert.That((parsed.Method, parsed.T.Count, parsed.Models.Count), Is.EqualTo((MergeMethod.Slerp, 3, 2)));
+        using var merged = MergeRunner.Run(parsed, TempDir, device);
+        foreach (var (name, t) in new[]
+        {
+            ("model.embed_tokens.weight", (double)0.4f), // t as the YAML's number was read (a float)
+            ($"model.layers.{layers - 1}.self_attn.q_proj.weight", 1.0),
+            ("model.layers.0.mlp.up_proj.weight", 1.0),
+            ("model.layers.0.input_layernorm.weight", (double)0.4f),
+            ("model.norm.weight", (double)0.4f),
+        })
+        {
+            Assert.That(merged[name].Value.ToArray(), Is.EqualTo(TaskVectorMerge.Slerp(b[name].Value.ToArray(), f[name].Value.ToArray(), t)), name);
+        }
+
+        if (layers > 2)
+        {
+            double depth = 1.0 / (layers - 1);
+            var mid = new SlerpT("self_attn", new[] { 0f, 0.5f, 0.3f, 0.7f, 1f }).At(depth);
+            Assert.That(merged["model.layers.1.self_attn.v_proj.weight"].Value.ToArray(), Is.EqualTo(TaskVectorMerge.Slerp(b["model.layers.1.self_attn.v_proj.weight"].Value.ToArray(),
+                f["model.layers.1.self_attn.v_proj.weight"].Value.ToArray(), mid)));
+        }
+
+        foreach (var (bad, expected) in new[]
+        {
+            (ShortFirstRange(yaml, layers), "layer_range [0, 1]"),
+            ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: other\n", "slerp needs parameters.t"),
+            ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: other\n  - model: third\nparameters:\n  t: 0.5\n", "the base_model and one other"),
+            ("merge_method: ties\nbase_model: base\nmodels:\n  - model: other\nparameters:\n  t: 0.5\n", "parameters.t is slerp's"),
+        })
+        {
+            File.WriteAllText(Path.Combine(TempDir, "bad.yaml"), bad);
+            var e = Assert.Catch<Exception>(() =>
+            {
+                using var m = MergeRunner.Run(MergeConfig.Load(Path.Combine(TempDir, "bad.yaml")), TempDir, device);
+            })!;
+            Assert.That(e.Message, Does.Contain(expected), bad);
+        }
     }
 
     [Test]
