@@ -46,7 +46,7 @@ public sealed record MergeConfig(
         ["slerp"] = MergeMethod.Slerp,
     };
 
-    private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source", "name" };
+    private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name" };
     private static readonly string[] ModelKeys = { "weight", "density", "gamma" };
     private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma" };
 
@@ -95,7 +95,11 @@ public sealed record MergeConfig(
             gpNode = rest;
         }
 
-        var global = gpNode != null ? Options(gpNode, "parameters", GlobalKeys, problems) : new Dictionary<string, string>();
+        var globalGradients = new Dictionary<string, float[]>();
+        var global = gpNode != null ? Options(gpNode, "parameters", GlobalKeys, problems, globalGradients) : new Dictionary<string, string>();
+        // A model's gradients: its own lists, then the top-level lists for what it gives no value of its own.
+        Dictionary<string, float[]> GradientsOf(Dictionary<string, string> own, Dictionary<string, float[]> ownLists) =>
+            globalGradients.Where(g => !own.ContainsKey(g.Key) && !ownLists.ContainsKey(g.Key)).Concat(ownLists).ToDictionary(g => g.Key, g => g.Value);
         float Num(IReadOnlyDictionary<string, string> d, string key, float fallback, string where)
         {
             if (!d.TryGetValue(key, out var v)) return fallback;
@@ -140,7 +144,8 @@ public sealed record MergeConfig(
                     var e = Map(srcMap, problems, where);
                     foreach (var k in e.Keys.Except(new[] { "model", "layer_range", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
                     string? model = Scalar(e, "model", problems, where);
-                    var p = e.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems) : new Dictionary<string, string>();
+                    var lists = new Dictionary<string, float[]>();
+                    var p = e.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems, lists) : new Dictionary<string, string>();
                     if (e.TryGetValue("layer_range", out var lr) && lr is YamlSequenceNode { Children.Count: 2 } range
                         && int.TryParse((range.Children[0] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int from)
                         && int.TryParse((range.Children[1] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int to))
@@ -156,7 +161,7 @@ public sealed record MergeConfig(
                     {
                         models.Add(new MergeModelEntry(model, new MergeInput(Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
                             Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
-                            Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))));
+                            Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))) { Gradients = GradientsOf(p, lists) });
                     }
                 }
             }
@@ -181,19 +186,27 @@ public sealed record MergeConfig(
                 var entry = Map(mm, problems, where);
                 foreach (var k in entry.Keys.Except(new[] { "model", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
                 string? model = Scalar(entry, "model", problems, where);
-                var p = entry.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems) : new Dictionary<string, string>();
+                var lists = new Dictionary<string, float[]>();
+                var p = entry.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems, lists) : new Dictionary<string, string>();
                 if (model != null)
                 {
                     models.Add(new MergeModelEntry(model, new MergeInput(
                         Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
                         Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
-                        Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))));
+                        Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))) { Gradients = GradientsOf(p, lists) });
                 }
             }
         }
 
         string dtype = top.TryGetValue("dtype", out var dt) ? ScalarOf(dt, "dtype", problems) ?? "float32" : "float32";
         if (dtype is not ("float32" or "float16" or "bfloat16")) problems.Add($"dtype '{dtype}' is not float32, float16 or bfloat16");
+        // mergekit computes in dtype and writes out_dtype (default: dtype); PeftSharp computes in double and fp32 and
+        // writes the output type.
+        if (top.TryGetValue("out_dtype", out var od))
+        {
+            dtype = ScalarOf(od, "out_dtype", problems) ?? dtype;
+            if (dtype is not ("float32" or "float16" or "bfloat16")) problems.Add($"out_dtype '{dtype}' is not float32, float16 or bfloat16");
+        }
         if (method != MergeMethod.Linear && baseModel == null && Methods.ContainsKey(methodName)) problems.Add($"{methodName} needs a base_model");
         // mergekit's registry: normalize defaults to true for linear and ties, false for dare_ties and breadcrumbs_ties.
         bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties;
@@ -309,7 +322,7 @@ public sealed record MergeConfig(
         return null;
     }
 
-    private static Dictionary<string, string> Options(YamlNode n, string where, string[] allowed, List<string> problems)
+    private static Dictionary<string, string> Options(YamlNode n, string where, string[] allowed, List<string> problems, Dictionary<string, float[]>? gradients = null)
     {
         var result = new Dictionary<string, string>();
         if (n is not YamlMappingNode m)
@@ -322,7 +335,12 @@ public sealed record MergeConfig(
         {
             if (!allowed.Contains(k)) problems.Add($"{where}: option '{k}' is not supported");
             else if (v is YamlScalarNode s) result[k] = s.Value ?? "";
-            else problems.Add($"{where}.{k}: per-layer (gradient) values are not supported, give one number");
+            else if (gradients != null && k is "weight" or "density" or "gamma" && v is YamlSequenceNode list && list.Children.Count > 0
+                && list.Children.All(c => c is YamlScalarNode sc && float.TryParse(sc.Value, NumberStyles.Float, CultureInfo.InvariantCulture, out float f) && float.IsFinite(f)))
+            {
+                gradients[k] = list.Children.Select(c => float.Parse(((YamlScalarNode)c).Value!, NumberStyles.Float, CultureInfo.InvariantCulture)).ToArray();
+            }
+            else problems.Add($"{where}.{k}: per-layer values are supported as a list of numbers for weight, density and gamma only");
         }
 
         return result;

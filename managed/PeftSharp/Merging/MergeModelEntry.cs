@@ -1,4 +1,15 @@
 namespace PeftSharp.Merging;
 
-/// <summary>One input of a merge: a model (or adapter, or delta) folder and its options.</summary>
-public sealed record MergeModelEntry(string Model, MergeInput Parameters);
+/// <summary>One input of a merge and its parameters; a parameter given as a list is a gradient over the layers.</summary>
+public sealed record MergeModelEntry(string Model, MergeInput Parameters)
+{
+    /// <summary>weight, density or gamma given as lists (mergekit's gradients), by name; absent ones are the scalars in <see cref="Parameters"/>.</summary>
+    public IReadOnlyDictionary<string, float[]> Gradients { get; init; } = new Dictionary<string, float[]>();
+
+    /// <summary>The parameters for a tensor at relative depth <paramref name="depth"/> (see <see cref="SlerpT.At"/>).</summary>
+    public MergeInput At(double depth)
+    {
+        float Value(string key, float scalar) => Gradients.TryGetValue(key, out var g) ? (float)new SlerpT(null, g).At(depth) : scalar;
+        return Gradients.Count == 0 ? Parameters : new MergeInput(Value("weight", Parameters.Weight), Value("density", Parameters.Density), Value("gamma", Parameters.Gamma));
+    }
+}

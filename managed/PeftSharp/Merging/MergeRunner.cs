@@ -38,7 +38,7 @@ public static class MergeRunner
                 if (diff.Count > 0) throw new PeftSharpInputException($"a merged model's config differs: {string.Join("; ", diff)}");
             }
 
-            var inputOptions = entries.Select(e => e.Parameters).ToArray();
+
             // The merged folder carries a tokenizer: tokenizer_source's folder, else the base's, else the first model's.
             string? tokenizerFolder = config.TokenizerSource is { } src && src != "base" ? Resolve(src)
                 : config.BaseModel != null ? Resolve(config.BaseModel)
@@ -51,18 +51,18 @@ public static class MergeRunner
 
             var merged = LlamaModel.FromTensors(device, reference.Config, (name, _) =>
             {
+                // mergekit's planner evaluates gradients (list-valued parameters) at layer i of L at depth i / (L - 1)
+                // (1 for a single layer); embeddings, the final norm and the LM head at depth 0.
+                double depth = LayerOf(name) is int layer ? (layers > 1 ? (double)layer / (layers - 1) : 1) : 0;
                 if (config.Method == MergeMethod.Slerp)
                 {
-                    // mergekit's planner: layer i of L at depth i / (L - 1) (1 for a single layer); embeddings, the final
-                    // norm and the LM head at depth 0.
-                    double depth = LayerOf(name) is int layer ? (layers > 1 ? (double)layer / (layers - 1) : 1) : 0;
                     var t = config.T.FirstOrDefault(e => e.Filter == null || name.Contains(e.Filter, StringComparison.Ordinal))
                         ?? throw new PeftSharpInputException($"slerp: no entry of parameters.t applies to {name} (add one without a filter)");
                     return TaskVectorMerge.Slerp(baseModel![name].Value.ToArray(), inputs[0][name].Value.ToArray(), t.At(depth));
                 }
 
                 var values = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
-                    inputOptions, config.Normalize, config.Lambda, Seed(name), config.Rescale);
+                    entries.Select(e => e.At(depth)).ToArray(), config.Normalize, config.Lambda, Seed(name), config.Rescale);
                 if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)
                 {
                     var b = baseModel[name].Value.ToArray();

@@ -170,15 +170,52 @@ public sealed class MergingTests : TempDirectoryTest
             slices: []
             models:
               - model: a
-                parameters: {weight: [0, 0.5, 1], epsilon: 0.1}
+                parameters: {weight: [{filter: mlp, value: 0.5}], epsilon: 0.1}
             parameters: {t: 0.5}
             """, "bad.yaml"))!;
-        Assert.That(e.Message, Does.Contain("merge_method 'model_stock' is not supported").And.Contain("slices").And.Contain("per-layer (gradient) values")
+        Assert.That(e.Message, Does.Contain("merge_method 'model_stock' is not supported").And.Contain("slices").And.Contain("weight: per-layer values are supported as a list of numbers")
             .And.Contain("option 'epsilon'").And.Contain("parameters.t is slerp's"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message,
             Does.Contain("'union'"));
         Assert.That(MergeConfig.Parse("merge_method: linear\ntokenizer_source: a\nmodels:\n  - model: a\n", "t.yaml").TokenizerSource, Is.EqualTo("a"));
+    }
+
+    /// <summary>
+    /// Per-model parameters given as lists are gradients over the layers, as mergekit reads them: a weight going
+    /// [0, 1] leaves the first layer (and the embeddings, at depth 0) at the base and gives the last the whole task
+    /// vector; a top-level list applies where a model gives no value; out_dtype names the written type.
+    /// </summary>
+    [Test]
+    public void Mergekit_GradientParameters_InterpolateOverLayers_OutDtype()
+    {
+        using var device = new CpuDevice();
+        var config = BitDeltaCompressionTests.Small;
+        using var b = LlamaModel.Create(device, config, seed: 50);
+        using var f = LlamaModel.Create(device, config, seed: 51);
+        HuggingFaceFolder.Save(b, Path.Combine(TempDir, "base"));
+        HuggingFaceFolder.Save(f, Path.Combine(TempDir, "fine"));
+        int last = config.NumHiddenLayers - 1;
+        foreach (var yaml in new[]
+        {
+            "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: fine\n    parameters:\n      weight: [0, 1]\nout_dtype: bfloat16\n",
+            "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: fine\nparameters:\n  weight: [0, 1]\n",
+        })
+        {
+            var parsed = MergeConfig.Parse(yaml, "g.yaml");
+            Assert.That(parsed.Models[0].Gradients["weight"], Is.EqualTo(new[] { 0f, 1f }));
+            using var merged = MergeRunner.Run(parsed, TempDir, device);
+            foreach (var (name, weight) in new[] { ("model.layers.0.mlp.up_proj.weight", 0f), ($"model.layers.{last}.mlp.up_proj.weight", 1f), ("model.embed_tokens.weight", 0f) })
+            {
+                var bv = b[name].Value.ToArray();
+                var fv = f[name].Value.ToArray();
+                Assert.That(merged[name].Value.ToArray(), Is.EqualTo(bv.Select((x, i) => (float)(x + weight * ((double)fv[i] - x))).ToArray()), $"{name}: weight {weight}");
+            }
+        }
+
+        Assert.That(MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: a\nout_dtype: float16\n", "o.yaml").Dtype, Is.EqualTo("float16"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: a\nout_dtype: int8\n", "o.yaml"))!.Message,
+            Does.Contain("out_dtype 'int8'"));
     }
 
     /// <summary>The config with its first layer_range cut to [0, 1] (a slice that is not the whole model).</summary>
