@@ -28,6 +28,9 @@ public sealed record MergeConfig(
     /// </summary>
     public IReadOnlyList<SlerpT> T { get; init; } = Array.Empty<SlerpT>();
 
+    /// <summary>model_stock's filter_wise: the angle per output row (a 1-D tensor as one row) instead of per flattened tensor.</summary>
+    public bool FilterWise { get; init; }
+
     /// <summary>The layer_range each source of a one-slice `slices:` config gave (checked against the models when they load).</summary>
     public IReadOnlyList<(string Model, int From, int To)> LayerRanges { get; init; } = Array.Empty<(string, int, int)>();
 
@@ -44,11 +47,12 @@ public sealed record MergeConfig(
         ["breadcrumbs"] = MergeMethod.Breadcrumbs,
         ["breadcrumbs_ties"] = MergeMethod.BreadcrumbsTies,
         ["slerp"] = MergeMethod.Slerp,
+        ["model_stock"] = MergeMethod.ModelStock,
     };
 
     private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name" };
     private static readonly string[] ModelKeys = { "weight", "density", "gamma" };
-    private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma" };
+    private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma", "filter_wise" };
 
     public static MergeConfig Load(string path)
     {
@@ -221,12 +225,33 @@ public sealed record MergeConfig(
         {
             if (slerpT.Count == 0) problems.Add("slerp needs parameters.t");
             if (global.ContainsKey("lines_alpha") || global.ContainsKey("lines_beta")) problems.Add("lines_alpha / lines_beta scale task vectors; slerp has none");
+            if (global.ContainsKey("normalize") || global.ContainsKey("lambda")) problems.Add("normalize and lambda are task-vector options; slerp does not take them");
             if (baseModel != null && models.Select(m => m.Model).Append(baseModel).Distinct().Count() != 2)
             {
                 problems.Add("slerp interpolates between two models: the base_model and one other");
             }
         }
-        else if (slerpT.Count > 0)
+        else if (method == MergeMethod.ModelStock)
+        {
+            config = config with { FilterWise = Flag("filter_wise", false) };
+            if (baseModel != null && models.Select(m => m.Model).Where(m => m != baseModel).Distinct().Count() < 2)
+            {
+                problems.Add("model_stock needs the base_model and at least two other models");
+            }
+
+            if (models.Any(m => m.Parameters != new MergeInput() || m.Gradients.Count > 0) || global.Keys.Any(k => k is "weight" or "density" or "gamma"))
+            {
+                problems.Add("model_stock takes no weight, density or gamma (its interpolation comes from the angle between the fine-tunes)");
+            }
+
+            if (new[] { "lines_alpha", "lines_beta", "normalize", "lambda" }.Any(global.ContainsKey))
+            {
+                problems.Add("normalize, lambda and lines_* are task-vector options; model_stock does not take them");
+            }
+        }
+
+        if (method != MergeMethod.ModelStock && global.ContainsKey("filter_wise")) problems.Add($"filter_wise is model_stock's; {methodName} does not take it");
+        if (method != MergeMethod.Slerp && slerpT.Count > 0)
         {
             problems.Add($"parameters.t is slerp's; {methodName} does not take it");
         }

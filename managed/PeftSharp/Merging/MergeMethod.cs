@@ -11,4 +11,5 @@ public enum MergeMethod
     Breadcrumbs,
     BreadcrumbsTies,
     Slerp,
+    ModelStock,
 }

@@ -61,6 +61,12 @@ public static class MergeRunner
                     return TaskVectorMerge.Slerp(baseModel![name].Value.ToArray(), inputs[0][name].Value.ToArray(), t.At(depth));
                 }
 
+                if (config.Method == MergeMethod.ModelStock)
+                {
+                    var shape = baseModel![name].Value.Shape;
+                    return TaskVectorMerge.ModelStock(baseModel[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToList(), config.FilterWise, shape[^1]);
+                }
+
                 var values = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
                     entries.Select(e => e.At(depth)).ToArray(), config.Normalize, config.Lambda, Seed(name), config.Rescale);
                 if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)

@@ -29,7 +29,7 @@ public static partial class TaskVectorMerge
     {
         bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
-        if (method == MergeMethod.Slerp) throw new ArgumentException("slerp interpolates two tensors by t: use TaskVectorMerge.Slerp");
+        if (method is MergeMethod.Slerp or MergeMethod.ModelStock) throw new ArgumentException($"{method} has its own form: use TaskVectorMerge.{method}");
         var result = new float[n];
         if (method == MergeMethod.Linear)
         {
@@ -192,6 +192,53 @@ public static partial class TaskVectorMerge
 
         var result = new float[v0.Length];
         for (int i = 0; i < v0.Length; i++) result[i] = (float)(a * v0[i] + b * v1[i]);
+        return result;
+    }
+
+    /// <summary>
+    /// mergekit's model_stock of one tensor: the fine-tunes' offsets from the base, their mean pairwise cosine (each
+    /// norm product at least 1e-6, each cosine clamped to [-1, 1]), t = N cos / (1 + (N - 1) cos), and
+    /// t mean(w_i) + (1 - t) w_0; over the flattened tensor, or per output row of <paramref name="rowLength"/> entries
+    /// with <paramref name="filterWise"/>. In double.
+    /// </summary>
+    public static float[] ModelStock(float[] w0, IReadOnlyList<float[]> ws, bool filterWise, int rowLength)
+    {
+        if (ws.Count < 2) throw new ArgumentException("model_stock needs at least two fine-tuned tensors");
+        if (ws.Any(w => w.Length != w0.Length)) throw new ArgumentException("model_stock: the tensors differ in size");
+        int n = w0.Length, row = filterWise ? rowLength : n, rows = n / row;
+        var result = new float[n];
+        for (int r = 0; r < rows; r++)
+        {
+            int at = r * row;
+            double cosSum = 0;
+            int pairs = 0;
+            for (int i = 0; i < ws.Count; i++)
+            {
+                for (int j = i + 1; j < ws.Count; j++)
+                {
+                    double dot = 0, ni = 0, nj = 0;
+                    for (int e = at; e < at + row; e++)
+                    {
+                        double a = (double)ws[i][e] - w0[e], b = (double)ws[j][e] - w0[e];
+                        dot += a * b;
+                        ni += a * a;
+                        nj += b * b;
+                    }
+
+                    cosSum += Math.Clamp(dot / Math.Max(Math.Sqrt(ni) * Math.Sqrt(nj), 1e-6), -1, 1);
+                    pairs++;
+                }
+            }
+
+            double cos = cosSum / pairs, count = ws.Count, t = count * cos / (1 + (count - 1) * cos);
+            for (int e = at; e < at + row; e++)
+            {
+                double avg = 0;
+                foreach (var w in ws) avg += w[e];
+                result[e] = (float)(t * (avg / count) + (1 - t) * w0[e]);
+            }
+        }
+
         return result;
     }
 

@@ -19,7 +19,7 @@ public static partial class TaskVectorMerge
     {
         bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
-        if (method == MergeMethod.Slerp) throw new ArgumentException("slerp interpolates two tensors by t: use TaskVectorMerge.Slerp");
+        if (method is MergeMethod.Slerp or MergeMethod.ModelStock) throw new ArgumentException($"{method} has its own form: use TaskVectorMerge.{method}");
         var result = new float[n];
         int count = models.Count;
         var ms = models.ToArray();                                   // arrays, not interface calls, in the loops

@@ -68,7 +68,7 @@ public sealed class MergingTests : TempDirectoryTest
         }
 
         var inputs = new[] { new MergeInput(0.5f, 0.3f, 0.05f), new MergeInput(1f, 0.6f, 0.1f), new MergeInput(0.25f, 1f, 0f) };
-        foreach (var method in Enum.GetValues<MergeMethod>().Where(m => m != MergeMethod.Slerp)) // slerp takes two tensors and t (its own test)
+        foreach (var method in Enum.GetValues<MergeMethod>().Where(m => m is not (MergeMethod.Slerp or MergeMethod.ModelStock))) // their own forms and tests
         {
             foreach (bool normalize in new[] { true, false })
             {
@@ -165,7 +165,7 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(MergeConfig.Parse("""{"merge_method": "linear", "models": [{"model": "x"}]}""", "merge.json").Normalize, Is.True, "JSON works; linear normalises by default");
 
         var e = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("""
-            merge_method: model_stock
+            merge_method: della
             base_model: base
             slices: []
             models:
@@ -173,7 +173,7 @@ public sealed class MergingTests : TempDirectoryTest
                 parameters: {weight: [{filter: mlp, value: 0.5}], epsilon: 0.1}
             parameters: {t: 0.5}
             """, "bad.yaml"))!;
-        Assert.That(e.Message, Does.Contain("merge_method 'model_stock' is not supported").And.Contain("slices").And.Contain("weight: per-layer values are supported as a list of numbers")
+        Assert.That(e.Message, Does.Contain("merge_method 'della' is not supported").And.Contain("slices").And.Contain("weight: per-layer values are supported as a list of numbers")
             .And.Contain("option 'epsilon'").And.Contain("parameters.t is slerp's"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message,
@@ -216,6 +216,42 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: a\nout_dtype: float16\n", "o.yaml").Dtype, Is.EqualTo("float16"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: a\nout_dtype: int8\n", "o.yaml"))!.Message,
             Does.Contain("out_dtype 'int8'"));
+    }
+
+    /// <summary>
+    /// model_stock as mergekit computes it: t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of the
+    /// fine-tunes' offsets, then t mean(w_i) + (1 - t) w_0; flattened by default, per output row with filter_wise.
+    /// </summary>
+    [Test]
+    public void ModelStock_AsMergekit_FlatOrPerRow()
+    {
+        double c = Math.Sqrt(0.5), t = 2 * c / (1 + c);
+        var flat = TaskVectorMerge.ModelStock(new float[2], new[] { new[] { 1f, 0f }, new[] { 1f, 1f } }, filterWise: false, rowLength: 2);
+        Assert.That(flat, Is.EqualTo(new[] { (float)t, (float)(t * 0.5) }).Within(1e-6f), "offsets at 45 degrees");
+        Assert.That(TaskVectorMerge.ModelStock(new[] { 1f, 1f }, new[] { new[] { 2f, 1f }, new[] { 1f, 2f } }, false, 2), Is.EqualTo(new[] { 1f, 1f }), "orthogonal offsets: t = 0, the base");
+        Assert.That(TaskVectorMerge.ModelStock(new float[2], new[] { new[] { 3f, 1f }, new[] { 3f, 1f } }, false, 2), Is.EqualTo(new[] { 3f, 1f }), "one direction: t = 1, the average");
+        // filter_wise: row 0's offsets agree (t = 1), row 1's are orthogonal (t = 0).
+        var rows = TaskVectorMerge.ModelStock(new float[4], new[] { new[] { 1f, 0f, 1f, 0f }, new[] { 1f, 0f, 0f, 1f } }, filterWise: true, rowLength: 2);
+        Assert.That(rows, Is.EqualTo(new[] { 1f, 0f, 0f, 0f }));
+        var cfg = MergeConfig.Parse("merge_method: model_stock\nbase_model: b\nmodels:\n  - model: x\n  - model: y\nparameters:\n  filter_wise: true\n", "s.yaml");
+        Assert.That((cfg.Method, cfg.FilterWise), Is.EqualTo((MergeMethod.ModelStock, true)));
+        using (var device = new CpuDevice())
+        {
+            var config = BitDeltaCompressionTests.Small;
+            using var b = LlamaModel.Create(device, config, seed: 60);
+            using var x = BitDeltaCompressionTests.FineTuneOf(b, 61);
+            using var y = BitDeltaCompressionTests.FineTuneOf(b, 62);
+            foreach (var (model, name) in new[] { (b, "b"), (x, "x"), (y, "y") }) HuggingFaceFolder.Save(model, Path.Combine(TempDir, name));
+            using var merged = MergeRunner.Run(cfg, TempDir, device);
+            const string w = "model.layers.1.self_attn.o_proj.weight";
+            Assert.That(merged[w].Value.ToArray(), Is.EqualTo(TaskVectorMerge.ModelStock(b[w].Value.ToArray(), new[] { x[w].Value.ToArray(), y[w].Value.ToArray() }, true,
+                b[w].Value.Dim(1))));
+        }
+
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: model_stock\nbase_model: b\nmodels:\n  - model: x\n", "s.yaml"))!.Message,
+            Does.Contain("at least two other models"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() =>
+            MergeConfig.Parse("merge_method: model_stock\nbase_model: b\nmodels:\n  - model: x\n    parameters: {weight: 0.5}\n  - model: y\n", "s.yaml"))!.Message, Does.Contain("takes no weight"));
     }
 
     /// <summary>The config with its first layer_range cut to [0, 1] (a slice that is not the whole model).</summary>
