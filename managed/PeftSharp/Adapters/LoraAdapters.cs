@@ -73,6 +73,7 @@ internal sealed class LoraAdapters
     /// </summary>
     public void Add(LoraAdapterConfig config, int seed, bool freezeBase = true, PeftLoraAdapter? from = null, bool trainA = true)
     {
+        if (from is { Saved.Count: > 0 }) throw new NotSupportedException($"training from an adapter with modules_to_save ({string.Join(", ", from.Saved.Keys)}) is not supported");
         var rng = new Random(seed);
         foreach (var module in LoraTargets(config))
         {

@@ -26,6 +26,9 @@ public sealed record LoraAdapterConfig
     /// <summary>PEFT's exclude_modules, list form (names or path suffixes, as target_modules) ...</summary>
     public IReadOnlyList<string> ExcludeModules { get; init; } = Array.Empty<string>();
 
+    /// <summary>PEFT's modules_to_save: modules the adapter keeps whole copies of (see <see cref="PeftLoraAdapter.Saved"/>).</summary>
+    public IReadOnlyList<string> ModulesToSave { get; init; } = Array.Empty<string>();
+
     /// <summary>... or one regular expression over the module path (full match).</summary>
     public string? ExcludeRegex { get; init; }
 

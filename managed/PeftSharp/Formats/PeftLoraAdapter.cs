@@ -18,11 +18,13 @@ public sealed class PeftLoraAdapter : IVariant
     public const string WeightsFile = "adapter_model.safetensors";
     private const string Prefix = "base_model.model.";
 
-    public PeftLoraAdapter(LoraAdapterConfig config, IReadOnlyDictionary<string, (float[] A, float[] B)> modules, IReadOnlyDictionary<string, float[]>? magnitudes = null)
+    public PeftLoraAdapter(LoraAdapterConfig config, IReadOnlyDictionary<string, (float[] A, float[] B)> modules, IReadOnlyDictionary<string, float[]>? magnitudes = null,
+        IReadOnlyDictionary<string, float[]>? saved = null)
     {
         Config = config;
         Modules = modules;
         Magnitudes = magnitudes ?? new Dictionary<string, float[]>();
+        Saved = saved ?? new Dictionary<string, float[]>();
         if (config.UseDora
             && Magnitudes.Count != modules.Count) throw new ArgumentException($"a DoRA adapter needs a magnitude vector for each of its {modules.Count} modules, got {Magnitudes.Count}");
     }
@@ -41,6 +43,23 @@ public sealed class PeftLoraAdapter : IVariant
 
     /// <summary>DoRA's magnitude vector (out) per module; empty for plain LoRA.</summary>
     public IReadOnlyDictionary<string, float[]> Magnitudes { get; }
+
+    /// <summary>
+    /// PEFT's modules_to_save: the adapter's own full copies of whole parameters (the LM head, the embedding, norms),
+    /// by Hugging Face name; they replace the base's when merged, and serve the adapter's rows in a mixed batch.
+    /// </summary>
+    public IReadOnlyDictionary<string, float[]> Saved { get; }
+
+    /// <summary>
+    /// The parameters a modules_to_save entry names in <paramref name="model"/>: the module whose path is the entry or
+    /// ends with "." and it ("lm_head", "embed_tokens", "model.norm"), whole parameters only, never a linear layer.
+    /// </summary>
+    public static IReadOnlyList<string> SavedParameters(LlamaConfig model, string entry)
+    {
+        var linear = LoraAdapterConfig.LlamaLinearModules(model).ToHashSet();
+        return LlamaModel.ParameterShapes(model).Select(s => s.Name).Where(n => n.EndsWith(".weight", StringComparison.Ordinal))
+            .Where(n => n[..^".weight".Length] is var m && !linear.Contains(m) && (m == entry || m.EndsWith("." + entry, StringComparison.Ordinal))).ToList();
+    }
 
     public static LoraAdapterConfig ParseConfig(string json, string source) =>
         InputGuard.Parse(source, () => ParseConfigCore(json, source));
@@ -62,7 +81,7 @@ public sealed class PeftLoraAdapter : IVariant
         if (peftType != "LORA") problems.Add($"peft_type is '{peftType}', this reader takes LORA");
         if (o["fan_in_fan_out"]?.Value<bool>() == true) problems.Add("fan_in_fan_out = true is for Conv1D models (GPT-2), not Llama");
         if (o["bias"]?.Value<string>() is { } bias && bias != "none") problems.Add($"bias = '{bias}' is not supported (only 'none')");
-        if (o["modules_to_save"] is JsonArray { Count: > 0 } mts) problems.Add($"modules_to_save [{string.Join(", ", mts)}] is not supported");
+
         // layers_pattern names the ModuleList that layers_to_transform indexes: "layers" is Llama's (model.layers.N).
         if (o["layers_pattern"] is JsonNode lp && lp.GetValueKind() != JsonValueKind.Null
             && !(lp is JsonValue lv && lv.Value<string>() == "layers") && !(lp is JsonArray { Count: 1 } la1 && la1[0]?.Value<string>() == "layers"))
@@ -147,6 +166,7 @@ public sealed class PeftLoraAdapter : IVariant
             UseDora = o["use_dora"]?.Value<bool>() ?? false,
             TargetModules = targets,
             TargetRegex = regex,
+            ModulesToSave = o["modules_to_save"] is JsonArray mts ? mts.Select(t => t!.Value<string>()).ToList() : Array.Empty<string>(),
             ExcludeModules = exclude,
             ExcludeRegex = excludeRegex,
             InitLoraWeights = initKind,
@@ -225,13 +245,36 @@ public sealed class PeftLoraAdapter : IVariant
             }
         }
 
+        // modules_to_save: whole copies, under the module's own key (PEFT strips "modules_to_save.<adapter>" when saving).
+        var saved = new Dictionary<string, float[]>();
+        var shapes = LlamaModel.ParameterShapes(model).ToDictionary(s => s.Name, s => s.Shape);
+        foreach (var entry in config.ModulesToSave)
+        {
+            var parameters = SavedParameters(model, entry);
+            if (model.TieWordEmbeddings && (entry.Split('.')[^1] is "lm_head" or "embed_tokens"))
+            {
+                throw new NotSupportedException($"{folder}: modules_to_save '{entry}' with tied word embeddings: PEFT's copy unties the embedding and the LM head, which this model shares");
+            }
+
+            if (parameters.Count == 0) problems.Add($"modules_to_save '{entry}' names no whole parameter of this model (the LM head, the embedding, a norm)");
+
+            foreach (var p in parameters)
+            {
+                string key = Prefix + p;
+                used.Add(key);
+                if (!file.Contains(key)) problems.Add($"missing {key} [{string.Join(", ", shapes[p])}] (modules_to_save '{entry}')");
+                else if (!file[key].Shape.SequenceEqual(shapes[p].Select(d => (long)d))) problems.Add($"{key} is {file[key].ShapeText}, expected [{string.Join(", ", shapes[p])}]");
+                else saved[p] = file.ReadFloats(key);
+            }
+        }
+
         foreach (var t in file.Tensors.Where(t => !used.Contains(t.Name)))
         {
             problems.Add($"{t.Name} matches no targeted module of this model");
         }
 
         if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
-        return new PeftLoraAdapter(config, modules, magnitudes);
+        return new PeftLoraAdapter(config, modules, magnitudes, saved);
     }
 
     /// <summary>(out, in) of a Llama linear module path.</summary>
@@ -264,6 +307,8 @@ public sealed class PeftLoraAdapter : IVariant
             if (Magnitudes.TryGetValue(module, out var m)) tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_magnitude_vector", m, new[] { outF }));
         }
 
+        var shapes = LlamaModel.ParameterShapes(model).ToDictionary(s => s.Name, s => s.Shape);
+        foreach (var (parameter, values) in Saved.OrderBy(p => p.Key, StringComparer.Ordinal)) tensors.Add(new SafeTensorData(Prefix + parameter, values, shapes[parameter]));
         SafeTensorsWriter.Write(Path.Combine(folder, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
         var o = new JsonObject
         {
@@ -282,7 +327,7 @@ public sealed class PeftLoraAdapter : IVariant
             ["rank_pattern"] = new JsonObject(Config.RankPattern.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value))),
             ["alpha_pattern"] = new JsonObject(Config.AlphaPattern.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value))),
             ["base_model_name_or_path"] = Config.BaseModelNameOrPath,
-            ["modules_to_save"] = null,
+            ["modules_to_save"] = Config.ModulesToSave.Count > 0 ? new JsonArray(Config.ModulesToSave.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray()) : null,
             ["inference_mode"] = true,
         };
         if (Config.ExcludeModules.Count > 0) o["exclude_modules"] = new JsonArray(Config.ExcludeModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray());

@@ -27,7 +27,15 @@ public static class LoraMerge
             }
         }
 
-        return new MergeRecord(norms);
+        // modules_to_save: the adapter's whole copies replace the base's (kept, so Unmerge can put them back).
+        var replaced = new Dictionary<string, float[]>();
+        foreach (var (parameter, values) in adapter.Saved)
+        {
+            replaced[parameter] = model[parameter].Value.ToArray();
+            model[parameter].Value.CopyFrom(values);
+        }
+
+        return new MergeRecord(norms) { Replaced = replaced };
     }
 
     /// <summary>
@@ -36,6 +44,16 @@ public static class LoraMerge
     /// </summary>
     public static void Unmerge(LlamaModel model, PeftLoraAdapter adapter, MergeRecord? record = null)
     {
+        foreach (var parameter in adapter.Saved.Keys)
+        {
+            if (record == null || !record.Replaced.TryGetValue(parameter, out var original))
+            {
+                throw new ArgumentException($"unmerging the adapter's copy of {parameter} (modules_to_save) needs the base values its merge returned");
+            }
+
+            model[parameter].Value.CopyFrom(original);
+        }
+
         foreach (var (module, (a, b)) in adapter.Modules)
         {
             if (adapter.Magnitudes.TryGetValue(module, out var m))

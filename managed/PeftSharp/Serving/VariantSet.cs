@@ -56,8 +56,9 @@ public sealed class VariantSet : IDisposable
     private int AddLoraLocked(string name, PeftLoraAdapter adapter)
     {
         CheckName(name);
-
+        CheckReplaceable(name, adapter.Saved.Keys);
         variants.Add((name, adapter, null, null));
+        foreach (var (parameter, values) in adapter.Saved) AddReplacement(variants.Count - 1, parameter, values); // modules_to_save
         dirty = true;
         return variants.Count - 1;
     }

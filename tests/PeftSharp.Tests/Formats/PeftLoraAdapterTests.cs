@@ -276,6 +276,52 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
         }
     }
 
+    /// <summary>
+    /// modules_to_save: the adapter's whole copy of the LM head is written under PEFT's key, read back, replaces the
+    /// base's when merged (and is put back by unmerge), and serves the adapter's rows in a mixed batch; with tied
+    /// embeddings (which PEFT's copy would untie) it is refused.
+    /// </summary>
+    [Test]
+    public void ModulesToSave_LmHeadCopy_RoundTripsMergesAndServes()
+    {
+        var untied = Model with { TieWordEmbeddings = false };
+        using var device = new PeftSharp.Engine.Cpu.CpuDevice();
+        using var model = LlamaModel.Create(device, untied, seed: 12);
+        var lora = PeftSharp.Tests.Managed.ServingTests.Adapter(untied, 2, new[] { "q_proj" }, 90);
+        var head = TestData.Uniform(untied.VocabSize * untied.HiddenSize, 91, -0.1f, 0.1f);
+        var adapter = new PeftLoraAdapter(lora.Config with { ModulesToSave = new[] { "lm_head" } }, lora.Modules, null, new Dictionary<string, float[]> { ["lm_head.weight"] = head });
+        string dir = Path.Combine(TempDir, "saved");
+        adapter.Save(dir, untied);
+        Assert.That(File.ReadAllText(Path.Combine(dir, "adapter_config.json")), Does.Contain("\"modules_to_save\": [\n    \"lm_head\"\n  ]").Or.Contain("\"lm_head\""));
+        using (var file = SafeTensorsFile.Open(Path.Combine(dir, "adapter_model.safetensors"))) Assert.That(file.Contains("base_model.model.lm_head.weight"), Is.True);
+        var loaded = PeftLoraAdapter.Load(dir, model);
+        Assert.That(loaded.Saved["lm_head.weight"], Is.EqualTo(head));
+
+        var baseHead = model["lm_head.weight"].Value.ToArray();
+        using var merged = LlamaModel.FromTensors(device, untied, (name, _) => model[name].Value.ToArray());
+        var record = LoraMerge.Merge(merged, loaded);
+        Assert.That(merged["lm_head.weight"].Value.ToArray(), Is.EqualTo(head));
+        int[] prompt = { 5, 9, 2 };
+        float[] alone;
+        using (var cache = new KvCache(merged, 4)) alone = merged.DecodeStep(cache, prompt);
+
+        using (var set = new PeftSharp.Serving.VariantSet(model))
+        {
+            set.AddLora("saved", loaded);
+            using var cache = new KvCache(model, 4);
+            using var bound = set.Bind(new[] { 0, 0, 0 });
+            var row = model.DecodeBatch(new[] { cache }, new[] { prompt }, bound)[0];
+            Check.Close(row, alone, (2e-5, 2e-4), "the adapter's row reads its own LM head");
+        }
+
+        LoraMerge.Unmerge(merged, loaded, record);
+        Assert.That(merged["lm_head.weight"].Value.ToArray(), Is.EqualTo(baseHead), "unmerge puts the base's head back");
+
+        using var tied = LlamaModel.Create(device, Model, seed: 13);
+        var e = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.Load(dir, tied))!;
+        Assert.That(e.Message, Does.Contain("modules_to_save 'lm_head'").And.Contain("tied"));
+    }
+
     [Test]
     public void PeftOptions_ExcludeModules_SuffixTargets_LayersPattern_AndRefusals()
     {
@@ -389,8 +435,8 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
     public void UnsupportedOptions_AllNamedInOneError()
     {
         var e = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
-            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "fan_in_fan_out": true, "bias": "all", "modules_to_save": ["lm_head"]}""", "adapter_config.json"))!;
-        Assert.That(e.Message, Does.Contain("fan_in_fan_out").And.Contain("bias = 'all'").And.Contain("modules_to_save [lm_head]").And.Contain("c_attn"));
+            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "fan_in_fan_out": true, "bias": "all", "lora_bias": true}""", "adapter_config.json"))!;
+        Assert.That(e.Message, Does.Contain("fan_in_fan_out").And.Contain("bias = 'all'").And.Contain("lora_bias").And.Contain("c_attn"));
         Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig("""{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}""", "x"));
     }
 }
