@@ -13,7 +13,7 @@ internal static class MergeCommand
         var deltaDir = new Option<string?>("--delta") { Description = "1-bit delta (peft compress) or sparse delta folder" };
         var mergeConfig = new Option<string?>("--config")
         {
-            Description = "A mergekit config (YAML or JSON): slerp, model_stock, linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties",
+            Description = "A mergekit config (YAML or JSON): slerp, model_stock, della, della_linear, linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties",
         };
         var mergeModel = new Option<string?>("--model") { Description = "Hugging Face model folder (not with --config, which names its models)" };
         var merge = new Command("merge", "Merge a PEFT LoRA adapter, a 1-bit or sparse delta into a model, or several models by a mergekit config; writes a Hugging Face folder.");

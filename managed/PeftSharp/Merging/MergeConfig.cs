@@ -48,11 +48,13 @@ public sealed record MergeConfig(
         ["breadcrumbs_ties"] = MergeMethod.BreadcrumbsTies,
         ["slerp"] = MergeMethod.Slerp,
         ["model_stock"] = MergeMethod.ModelStock,
+        ["della"] = MergeMethod.Della,
+        ["della_linear"] = MergeMethod.DellaLinear,
     };
 
     private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name" };
-    private static readonly string[] ModelKeys = { "weight", "density", "gamma" };
-    private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma", "filter_wise" };
+    private static readonly string[] ModelKeys = { "weight", "density", "gamma", "epsilon" };
+    private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma", "epsilon", "filter_wise" };
 
     public static MergeConfig Load(string path)
     {
@@ -101,6 +103,15 @@ public sealed record MergeConfig(
 
         var globalGradients = new Dictionary<string, float[]>();
         var global = gpNode != null ? Options(gpNode, "parameters", GlobalKeys, problems, globalGradients) : new Dictionary<string, string>();
+        // A model's scalar parameters: its own, else the top-level ones, else mergekit's defaults.
+        MergeInput InputOf(Dictionary<string, string> p, string where) => new(
+            Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
+            Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
+            Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))
+        {
+            Epsilon = Num(p, "epsilon", Num(global, "epsilon", 0.15f, "parameters"), where + ".parameters"),
+        };
+
         // A model's gradients: its own lists, then the top-level lists for what it gives no value of its own.
         Dictionary<string, float[]> GradientsOf(Dictionary<string, string> own, Dictionary<string, float[]> ownLists) =>
             globalGradients.Where(g => !own.ContainsKey(g.Key) && !ownLists.ContainsKey(g.Key)).Concat(ownLists).ToDictionary(g => g.Key, g => g.Value);
@@ -163,9 +174,7 @@ public sealed record MergeConfig(
 
                     if (model != null)
                     {
-                        models.Add(new MergeModelEntry(model, new MergeInput(Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
-                            Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
-                            Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))) { Gradients = GradientsOf(p, lists) });
+                        models.Add(new MergeModelEntry(model, InputOf(p, where)) { Gradients = GradientsOf(p, lists) });
                     }
                 }
             }
@@ -194,10 +203,7 @@ public sealed record MergeConfig(
                 var p = entry.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems, lists) : new Dictionary<string, string>();
                 if (model != null)
                 {
-                    models.Add(new MergeModelEntry(model, new MergeInput(
-                        Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
-                        Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
-                        Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))) { Gradients = GradientsOf(p, lists) });
+                    models.Add(new MergeModelEntry(model, InputOf(p, where)) { Gradients = GradientsOf(p, lists) });
                 }
             }
         }
@@ -212,8 +218,8 @@ public sealed record MergeConfig(
             if (dtype is not ("float32" or "float16" or "bfloat16")) problems.Add($"out_dtype '{dtype}' is not float32, float16 or bfloat16");
         }
         if (method != MergeMethod.Linear && baseModel == null && Methods.ContainsKey(methodName)) problems.Add($"{methodName} needs a base_model");
-        // mergekit's registry: normalize defaults to true for linear and ties, false for dare_ties and breadcrumbs_ties.
-        bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties;
+        // mergekit's registry: normalize defaults to true for linear, ties and della, false for the others.
+        bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties or MergeMethod.Della;
         var config = new MergeConfig(method, baseModel, models, Flag("normalize", normalizeDefault), Num(global, "lambda", 1f, "parameters"), dtype,
             global.ContainsKey("lines_alpha") ? Num(global, "lines_alpha", 0f, "parameters") : null,
             global.ContainsKey("lines_beta") ? Num(global, "lines_beta", 1f, "parameters") : null);

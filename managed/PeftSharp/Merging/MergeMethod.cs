@@ -12,4 +12,6 @@ public enum MergeMethod
     BreadcrumbsTies,
     Slerp,
     ModelStock,
+    Della,
+    DellaLinear,
 }

@@ -10,6 +10,7 @@ public sealed record MergeModelEntry(string Model, MergeInput Parameters)
     public MergeInput At(double depth)
     {
         float Value(string key, float scalar) => Gradients.TryGetValue(key, out var g) ? (float)new SlerpT(null, g).At(depth) : scalar;
-        return Gradients.Count == 0 ? Parameters : new MergeInput(Value("weight", Parameters.Weight), Value("density", Parameters.Density), Value("gamma", Parameters.Gamma));
+        return Gradients.Count == 0 ? Parameters
+            : Parameters with { Weight = Value("weight", Parameters.Weight), Density = Value("density", Parameters.Density), Gamma = Value("gamma", Parameters.Gamma) };
     }
 }

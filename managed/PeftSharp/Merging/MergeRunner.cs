@@ -68,7 +68,7 @@ public static class MergeRunner
                 }
 
                 var values = TaskVectorMerge.Merge(config.Method, baseModel?[name].Value.ToArray(), inputs.Select(m => m[name].Value.ToArray()).ToArray(),
-                    entries.Select(e => e.At(depth)).ToArray(), config.Normalize, config.Lambda, Seed(name), config.Rescale);
+                    entries.Select(e => e.At(depth)).ToArray(), config.Normalize, config.Lambda, Seed(name), config.Rescale, baseModel?[name].Value.Shape[^1] ?? 0);
                 if (config.LinesAlpha is float alpha && config.LinesBeta is float beta && baseModel != null)
                 {
                     var b = baseModel[name].Value.ToArray();

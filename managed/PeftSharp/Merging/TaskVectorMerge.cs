@@ -25,7 +25,7 @@ public static partial class TaskVectorMerge
     /// for Linear. <paramref name="seed"/> seeds DARE (callers derive it per tensor and input). Returns the merged values.
     /// </summary>
     public static float[] MergeReference(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
-        bool normalize, float lambda, int seed, bool? rescale = null)
+        bool normalize, float lambda, int seed, bool? rescale = null, int rowLength = 0)
     {
         bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
@@ -56,6 +56,9 @@ public static partial class TaskVectorMerge
                 MergeMethod.Ties => KeepBand(t, 0, inputs[m].Density),
                 MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies => KeepBand(t, inputs[m].Gamma, inputs[m].Density),
                 MergeMethod.DareLinear or MergeMethod.DareTies => DareMask(t, inputs[m].Density, unchecked(seed * 31 + m)),
+                MergeMethod.Della or MergeMethod.DellaLinear => DellaKeep(models[m], baseValues, inputs[m].Density, inputs[m].Epsilon, rowLength, unchecked(seed * 31 + m)) is { } k
+                    ? t.Select((v, e) => k[e] ? v : 0).ToArray()
+                    : t,
                 _ => t,
             };
             if (l1 && !ReferenceEquals(sparse, t))
@@ -67,7 +70,7 @@ public static partial class TaskVectorMerge
             tau[m] = sparse;
         }
 
-        bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies or MergeMethod.Della;
         for (int e = 0; e < n; e++)
         {
             double merged;
@@ -243,7 +246,44 @@ public static partial class TaskVectorMerge
     }
 
     /// <summary>mergekit's registry: rescale defaults to true for dare_linear and dare_ties (della too), false otherwise.</summary>
-    public static bool DefaultRescale(MergeMethod method) => method is MergeMethod.DareLinear or MergeMethod.DareTies;
+    public static bool DefaultRescale(MergeMethod method) => method is MergeMethod.DareLinear or MergeMethod.DareTies or MergeMethod.Della or MergeMethod.DellaLinear;
+
+    /// <summary>
+    /// DELLA's MagPrune as mergekit's della_magprune defines it: within each row of <paramref name="rowLength"/>
+    /// entries (the tensor's last dimension; a 1-D tensor is one row), an entry of tau ranked r of n by magnitude
+    /// (smallest first, ties by position) is kept with probability density - epsilon + 2 epsilon r / (n - 1), drawn
+    /// from the seeded generator. Null (keep all) at density 1; the probabilities must stay inside (0, 1).
+    /// </summary>
+    public static bool[]? DellaKeep(float[] model, float[] baseValues, float density, float epsilon, int rowLength, int seed)
+    {
+        if (density >= 1f) return null;
+        int n = model.Length;
+        if (density <= 0f) return new bool[n];
+        if (density + epsilon >= 1f || density - epsilon <= 0f) throw new ArgumentException($"della: epsilon {epsilon} must keep density {density} +- epsilon inside (0, 1)");
+        int row = rowLength > 0 ? rowLength : n;
+        if (n % row != 0) throw new ArgumentException($"della: {n} entries are not rows of {row}");
+        var keep = new bool[n];
+        var order = new int[row];
+        var mags = new double[row];
+        for (int r0 = 0; r0 < n; r0 += row)
+        {
+            for (int i = 0; i < row; i++)
+            {
+                order[i] = i;
+                mags[i] = Math.Abs((double)model[r0 + i] - baseValues[r0 + i]);
+            }
+
+            Array.Sort(order, (a, b) => mags[a] != mags[b] ? mags[a].CompareTo(mags[b]) : a.CompareTo(b));
+            for (int rank = 0; rank < row; rank++)
+            {
+                int e = r0 + order[rank];
+                double p = density - epsilon + (row > 1 ? 2.0 * epsilon * rank / (row - 1) : epsilon);
+                keep[e] = SparseKernels.Uniform(seed, e) < p;
+            }
+        }
+
+        return keep;
+    }
 
     /// <summary>rescaled_masked_tensor's L1 factor: before / after, or 1 when either is below 1e-7.</summary>
     internal static double L1Factor(double before, double after) => before < 1e-7 || after < 1e-7 ? 1 : before / after;

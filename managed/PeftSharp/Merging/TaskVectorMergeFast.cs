@@ -15,7 +15,7 @@ public static partial class TaskVectorMerge
     /// are the counter-based ones, made per element where they are used.
     /// </summary>
     public static float[] Merge(MergeMethod method, float[]? baseValues, IReadOnlyList<float[]> models, IReadOnlyList<MergeInput> inputs,
-        bool normalize, float lambda, int seed, bool? rescale = null)
+        bool normalize, float lambda, int seed, bool? rescale = null, int rowLength = 0)
     {
         bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
@@ -54,13 +54,14 @@ public static partial class TaskVectorMerge
             {
                 MergeMethod.Ties => MagnitudeBand(models[m], b, 0f, input.Density),
                 MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies => MagnitudeBand(models[m], b, input.Gamma, input.Density),
+                MergeMethod.Della or MergeMethod.DellaLinear => DellaKeep(models[m], b, input.Density, input.Epsilon, rowLength, unchecked(seed * 31 + m)),
                 _ => null,
             };
         }
 
         bool dare = method is MergeMethod.DareLinear or MergeMethod.DareTies;
         var densities = inputs.Select(i => i.Density).ToArray();
-        bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies;
+        bool consensus = method is MergeMethod.Ties or MergeMethod.DareTies or MergeMethod.BreadcrumbsTies or MergeMethod.Della;
         // The sparsified tau_i (before any rescale): its entry e, or 0 where the trim or DARE's draw dropped it.
         double Sparse(int m, int e)
         {

@@ -165,16 +165,16 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(MergeConfig.Parse("""{"merge_method": "linear", "models": [{"model": "x"}]}""", "merge.json").Normalize, Is.True, "JSON works; linear normalises by default");
 
         var e = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("""
-            merge_method: della
+            merge_method: karcher
             base_model: base
             slices: []
             models:
               - model: a
-                parameters: {weight: [{filter: mlp, value: 0.5}], epsilon: 0.1}
+                parameters: {weight: [{filter: mlp, value: 0.5}], select_topk: 0.1}
             parameters: {t: 0.5}
             """, "bad.yaml"))!;
-        Assert.That(e.Message, Does.Contain("merge_method 'della' is not supported").And.Contain("slices").And.Contain("weight: per-layer values are supported as a list of numbers")
-            .And.Contain("option 'epsilon'").And.Contain("parameters.t is slerp's"));
+        Assert.That(e.Message, Does.Contain("merge_method 'karcher' is not supported").And.Contain("slices").And.Contain("weight: per-layer values are supported as a list of numbers")
+            .And.Contain("option 'select_topk'").And.Contain("parameters.t is slerp's"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message,
             Does.Contain("'union'"));
@@ -252,6 +252,34 @@ public sealed class MergingTests : TempDirectoryTest
             Does.Contain("at least two other models"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() =>
             MergeConfig.Parse("merge_method: model_stock\nbase_model: b\nmodels:\n  - model: x\n    parameters: {weight: 0.5}\n  - model: y\n", "s.yaml"))!.Message, Does.Contain("takes no weight"));
+    }
+
+    /// <summary>
+    /// DELLA's MagPrune: within each row, the smallest-magnitude entries are kept with probability density - epsilon
+    /// and the largest with density + epsilon, linearly by rank; della elects signs (normalize on), della_linear
+    /// does not; both rescale by L1 by default; an epsilon that pushes a probability outside (0, 1) is refused.
+    /// </summary>
+    [Test]
+    public void Della_KeepsByMagnitudeRank_WithMergekitsDefaults()
+    {
+        const int n = 20_000;
+        var b = new float[n];
+        var model = Enumerable.Range(0, n).Select(i => (float)(i + 1)).ToArray(); // |tau| rises with the index
+        var keep = TaskVectorMerge.DellaKeep(model, b, 0.5f, 0.2f, rowLength: 0, seed: 3)!;
+        double Kept(int from, int to) => (double)Enumerable.Range(from, to - from).Count(i => keep[i]) / (to - from);
+        Assert.That(Kept(0, n / 10), Is.EqualTo(0.31).Within(0.03), "smallest tenth: about density - 0.9 epsilon");
+        Assert.That(Kept(n - n / 10, n), Is.EqualTo(0.69).Within(0.03), "largest tenth: about density + 0.9 epsilon");
+        Assert.That(Kept(0, n), Is.EqualTo(0.5).Within(0.02));
+        var rows = TaskVectorMerge.DellaKeep(model, b, 0.5f, 0.2f, rowLength: 100, seed: 3)!;
+        Assert.That(Enumerable.Range(0, n / 100).Select(r => rows[r * 100 + 99] ? 1 : 0).Average(), Is.EqualTo(0.7).Within(0.1), "ranked per row: each row's largest at 0.7");
+        Assert.That(TaskVectorMerge.DellaKeep(model, b, 1f, 0.2f, 0, 1), Is.Null, "density 1 keeps everything");
+        Assert.Throws<ArgumentException>(() => TaskVectorMerge.DellaKeep(model, b, 0.9f, 0.15f, 0, 1));
+
+        string Yaml(string method) => $"merge_method: {method}\nbase_model: b\nmodels:\n  - model: m\n    parameters: {{density: 0.5, epsilon: 0.1}}\n";
+        var della = MergeConfig.Parse(Yaml("della"), "d.yaml");
+        Assert.That((della.Method, della.Normalize, della.Rescale, della.Models[0].Parameters.Epsilon), Is.EqualTo((MergeMethod.Della, true, true, 0.1f)));
+        var linear = MergeConfig.Parse(Yaml("della_linear"), "d.yaml");
+        Assert.That((linear.Normalize, linear.Rescale), Is.EqualTo((false, true)));
     }
 
     /// <summary>The config with its first layer_range cut to [0, 1] (a slice that is not the whole model).</summary>
