@@ -99,12 +99,13 @@ public static class Program
     }
 
     /// <summary>
-    /// What the user can fix: bad files and flags, IO faults, and the library refusing a combination the flags asked
-    /// for (InvalidOperationException: "the model already has prefix tuning"), which the host did not rule out first.
+    /// What the user can fix: bad files and flags, IO faults, and PeftSharp refusing a combination the flags asked for
+    /// (an InvalidOperationException thrown by PeftSharp's own code: "the model already has prefix tuning"). The same
+    /// type thrown by the runtime ("Sequence contains no elements") is a bug, reported with its stack trace.
     /// </summary>
     private static bool IsBadInput(Exception e) =>
         e is PeftSharpInputException or NotSupportedException or ArgumentException or IOException or UnauthorizedAccessException
-            or InvalidOperationException and not ObjectDisposedException;
+        || (e is InvalidOperationException and not ObjectDisposedException && e.TargetSite?.DeclaringType?.Namespace?.StartsWith("PeftSharp", StringComparison.Ordinal) == true);
 
     /// <summary>The command line that continues an interrupted run: the same flags, --resume naming its checkpoint.</summary>
     internal static string ResumeCommand(IReadOnlyList<string> args, string checkpoint)

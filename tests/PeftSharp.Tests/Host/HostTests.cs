@@ -41,6 +41,23 @@ public sealed class HostTests
         Assert.That(rows.Select(r => (string)r["op"]!), Does.Contain("matmul"));
     }
 
+    /// <summary>PeftSharp refusing a combination is the user's to fix (exit 2, one line); the runtime's own InvalidOperationException is a bug (exit 1, stack trace).</summary>
+    [Test]
+    public void InvalidOperation_FromPeftSharpIsBadInput_FromTheRuntimeIsABug()
+    {
+        using var device = new PeftSharp.Engine.Cpu.CpuDevice();
+        using var model = PeftSharp.Model.LlamaModel.Create(device, PeftSharp.Model.LlamaConfig.Tiny, seed: 1);
+        model.AddPrefixTuning(2, seed: 1);
+        var ours = Assert.Throws<InvalidOperationException>(() => model.AddPrefixTuning(2, seed: 1))!;
+        var err = new StringWriter();
+        Assert.That(PeftSharp.Trainer.Program.Report(ours, err), Is.EqualTo(PeftSharp.Trainer.Program.BadInput));
+        Assert.That(err.ToString().Trim().Split('\n'), Has.Length.EqualTo(1));
+        var runtime = Assert.Throws<InvalidOperationException>(() => Array.Empty<int>().First())!;
+        err = new StringWriter();
+        Assert.That(PeftSharp.Trainer.Program.Report(runtime, err), Is.EqualTo(PeftSharp.Trainer.Program.InternalError));
+        Assert.That(err.ToString(), Does.Contain("internal error").And.Contain("at "));
+    }
+
     [Test]
     public void SelfCheck_OnCpu_AllOpsPass()
     {
