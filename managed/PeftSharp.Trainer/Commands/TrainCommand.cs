@@ -82,9 +82,6 @@ internal static class TrainCommand
         var chainEvery = new Option<int>("--chain-every") { Description = "Chain of LoRA: merge into the base every N steps and start a fresh adapter; saves the merged model (0: off)",
             DefaultValueFactory = _ => 0 };
 
-        // Flags that belong to one method (or optimizer): given with another, they would do nothing, so they are refused.
-        var specific = new Option[] { rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens, prefixProjection, density,
-            maskSource, regrowEvery, momentum };
         var c = new Command(name, description);
         foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, skipNonFinite, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip,
             accum, optimizerKind, momentum, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
@@ -138,10 +135,19 @@ internal static class TrainCommand
                 EvalSplit = r.GetValue(evalSplit),
                 EvalData = r.GetValue(evalData),
                 Overwrite = r.GetValue(o.Overwrite),
-                Given = specific.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToHashSet(),
+                // Flags that belong to one method (or optimizer), as given: with another they would do nothing, so Recipe refuses them.
+                Given = c.Options.Where(f => (MethodOfFlag.ContainsKey(f.Name) || f.Name == "--momentum") && r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToHashSet(),
             }));
         return c;
     }
+
+    /// <summary>The --method each method-specific flag belongs to (--momentum belongs to --optimizer sgd instead).</summary>
+    private static readonly Dictionary<string, string> MethodOfFlag = new[]
+    {
+        ("lora", new[] { "--rank", "--alpha", "--targets", "--rslora", "--dora", "--b-only", "--adapter-per-task", "--dropout", "--init", "--chain-every" }),
+        ("prefix", new[] { "--virtual-tokens", "--prefix-projection" }),
+        ("sparse", new[] { "--density", "--mask", "--regrow-every" }),
+    }.SelectMany(m => m.Item2.Select(f => (Flag: f, Method: m.Item1))).ToDictionary(x => x.Flag, x => x.Method);
 
     /// <summary>The library recipe for the flags, every flag that does not fit the method refused by name.</summary>
     private static FinetuneOptions Recipe(string method, string dataSpec, TrainOptions options, TrainFlags flags)
@@ -154,13 +160,7 @@ internal static class TrainCommand
             "sparse" => FinetuneMethod.Sparse,
             _ => throw new ArgumentException($"--method {method}: use full, lora, prefix or sparse (1-bit deltas come from peft compress)"),
         };
-        string? owner(string flag) => flag switch
-        {
-            "--rank" or "--alpha" or "--targets" or "--rslora" or "--dora" or "--b-only" or "--adapter-per-task" or "--dropout" or "--init" or "--chain-every" => "lora",
-            "--virtual-tokens" or "--prefix-projection" => "prefix",
-            "--density" or "--mask" or "--regrow-every" => "sparse",
-            _ => null,
-        };
+        string? owner(string flag) => MethodOfFlag.GetValueOrDefault(flag);
         var idle = flags.Given.Where(f => owner(f) is string m && m != method).ToList();
         if (idle.Count > 0)
         {

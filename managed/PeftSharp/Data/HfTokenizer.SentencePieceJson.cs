@@ -30,9 +30,7 @@ public sealed partial class HfTokenizer
     private static HfTokenizer FromSentencePieceStyleJson(string path, JsonObject doc, JsonObject? config)
     {
         var model = (JsonObject)doc["model"]!;
-        var vocabNode = model["vocab"] as JsonObject ?? throw new PeftSharpInputException($"{path}: model.vocab is missing or not an object");
-        var vocab = new Dictionary<string, int>(vocabNode.Count);
-        foreach (var (token, id) in vocabNode) vocab[token] = id!.Value<int>();
+        var vocab = BpeVocabulary(path, model);
         var tokens = new Dictionary<int, string>(vocab.Count);
         foreach (var (token, id) in vocab) tokens[id] = token;
         if (model["dropout"] is JsonValue dropout && dropout.GetValueKind() == System.Text.Json.JsonValueKind.Number && dropout.Value<double>() != 0)
@@ -55,20 +53,13 @@ public sealed partial class HfTokenizer
 
         // (left id, right id) -> (rank, merged id).
         var merges = new Dictionary<(int, int), (int Rank, int Id)>();
-        if (model["merges"] is JsonArray mergeArray)
+        var mergeList = BpeMerges(path, model);
+        for (int rank = 0; rank < mergeList.Count; rank++)
         {
-            int rank = 0;
-            foreach (var m in mergeArray)
-            {
-                var (a, b) = m switch
-                {
-                    JsonArray pair when pair.Count == 2 => (pair[0]!.Value<string>(), pair[1]!.Value<string>()),
-                    JsonValue v when v.TryGetValue<string>(out var s) && s.IndexOf(' ') is int sp and > 0 => (s[..sp], s[(sp + 1)..]),
-                    _ => throw new PeftSharpInputException($"{path}: model.merges[{rank}] is neither \"a b\" nor [\"a\", \"b\"]"),
-                };
-                if (vocab.TryGetValue(a, out int ia) && vocab.TryGetValue(b, out int ib) && vocab.TryGetValue(a + b, out int merged)) merges.TryAdd((ia, ib), (rank, merged));
-                rank++;
-            }
+            int sp = mergeList[rank].IndexOf(' ');
+            if (sp <= 0) throw new PeftSharpInputException($"{path}: model.merges[{rank}] is neither \"a b\" nor [\"a\", \"b\"]");
+            string a = mergeList[rank][..sp], b = mergeList[rank][(sp + 1)..];
+            if (vocab.TryGetValue(a, out int ia) && vocab.TryGetValue(b, out int ib) && vocab.TryGetValue(a + b, out int merged)) merges.TryAdd((ia, ib), (rank, merged));
         }
 
         var normalize = Normalizer(path, doc["normalizer"]);

@@ -229,29 +229,42 @@ public sealed partial class HfTokenizer : ITokenizer
         _ => false,
     };
 
-    private static HfTokenizer FromTokenizerJson(string path, JsonObject doc, JsonObject? config)
+    /// <summary>A tokenizer.json BPE model's vocabulary (token to id).</summary>
+    private static Dictionary<string, int> BpeVocabulary(string path, JsonObject model)
     {
-        var model = (JsonObject)doc["model"]!;
         var vocabNode = model["vocab"] as JsonObject ?? throw new PeftSharpInputException($"{path}: model.vocab is missing or not an object");
         var vocab = new Dictionary<string, int>(vocabNode.Count);
         foreach (var (token, id) in vocabNode) vocab[token] = id!.Value<int>();
+        return vocab;
+    }
+
+    /// <summary>A tokenizer.json BPE model's merges in rank order, each as "a b" (older files write that, newer ones ["a", "b"]).</summary>
+    private static List<string> BpeMerges(string path, JsonObject model)
+    {
         var merges = new List<string>();
-        if (model["merges"] is JsonArray mergeArray)
+        if (model["merges"] is not JsonArray mergeArray) return merges;
+        int i = 0;
+        foreach (var m in mergeArray)
         {
-            int i = 0;
-            foreach (var m in mergeArray)
+            // Neither byte-level nor SentencePiece tokens contain a space ("▁" stands for it).
+            string merge = m switch
             {
-                // "a b" (older files) or ["a", "b"] (newer); byte-level tokens never contain a space.
-                string merge = m switch
-                {
-                    JsonArray pair when pair.Count == 2 => $"{pair[0]!.Value<string>()} {pair[1]!.Value<string>()}",
-                    JsonValue v when v.TryGetValue<string>(out var s) => s,
-                    _ => throw new PeftSharpInputException($"{path}: model.merges[{i}] is neither \"a b\" nor [\"a\", \"b\"]"),
-                };
-                merges.Add(merge);
-                i++;
-            }
+                JsonArray pair when pair.Count == 2 => $"{pair[0]!.Value<string>()} {pair[1]!.Value<string>()}",
+                JsonValue v when v.TryGetValue<string>(out var s) => s,
+                _ => throw new PeftSharpInputException($"{path}: model.merges[{i}] is neither \"a b\" nor [\"a\", \"b\"]"),
+            };
+            merges.Add(merge);
+            i++;
         }
+
+        return merges;
+    }
+
+    private static HfTokenizer FromTokenizerJson(string path, JsonObject doc, JsonObject? config)
+    {
+        var model = (JsonObject)doc["model"]!;
+        var vocab = BpeVocabulary(path, model);
+        var merges = BpeMerges(path, model);
 
         if (model["dropout"] is JsonValue dropout && dropout.Value<double>() != 0) throw new NotSupportedException($"{path}: BPE dropout is a training-time option; set model.dropout to null");
         // GPT-2's file writes both as "" (none); a real prefix or suffix is a WordPiece-style BPE this class does not read.

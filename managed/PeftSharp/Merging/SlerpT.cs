@@ -6,16 +6,19 @@ namespace PeftSharp.Merging;
 /// </summary>
 public sealed record SlerpT(string? Filter, float[] Values)
 {
+    /// <summary>t for a tensor at relative depth <paramref name="depth"/> in [0, 1] (see <see cref="Gradient"/>).</summary>
+    public double At(double depth) => Gradient(Values, depth);
+
     /// <summary>
-    /// t for a tensor at relative depth <paramref name="depth"/> in [0, 1], as mergekit's evaluate_setting reads a
-    /// gradient: position depth (n - 1) in the list, linearly between its two neighbours.
+    /// A mergekit gradient at relative depth <paramref name="depth"/> in [0, 1], as its evaluate_setting reads one:
+    /// position depth (n - 1) in the list, linearly between its two neighbours (one value: that value).
     /// </summary>
-    public double At(double depth)
+    public static double Gradient(IReadOnlyList<float> values, double depth)
     {
-        if (Values.Length == 1) return Values[0];
-        double scaled = depth * (Values.Length - 1);
-        int i0 = (int)Math.Floor(scaled), i1 = Math.Min(Values.Length - 1, i0 + 1);
+        if (values.Count == 1) return values[0];
+        double scaled = depth * (values.Count - 1);
+        int i0 = (int)Math.Floor(scaled), i1 = Math.Min(values.Count - 1, i0 + 1);
         double frac = scaled - i0;
-        return (1 - frac) * Values[i0] + frac * Values[i1];
+        return (1 - frac) * values[i0] + frac * values[i1];
     }
 }

@@ -58,7 +58,7 @@ internal sealed class Linear
     {
         var device = Weight.Value.Device;
         int rows = y.Dim(0), outF = y.Dim(1);
-        using var ones = device.FromArray("ones", Ones(rows), rows, 1);
+        using var ones = OnesColumn(rows);
         var runs = VariantRuns.Replacements(pass.Variants, Bias!.Name, Enumerable.Range(0, rows));
         int at = 0;
         foreach (var (start, count, own) in runs.Append((rows, 0, Bias.Value)))
@@ -69,11 +69,12 @@ internal sealed class Linear
         }
     }
 
-    private static float[] Ones(int n)
+    /// <summary>A (rows, 1) column of ones on the weight's device: the bias's product with it broadcasts b over the rows.</summary>
+    private Tensor OnesColumn(int rows)
     {
-        var v = new float[n];
-        Array.Fill(v, 1f);
-        return v;
+        var ones = Weight.Value.Device.Empty("ones", rows, 1);
+        Weight.Value.Device.Ops.Fill(ones, 1f);
+        return ones;
     }
 
     private void ForwardUnbiased(Tensor x, Tensor y, LinearPass pass)
@@ -113,8 +114,7 @@ internal sealed class Linear
         if (Bias is { Trainable: true })
         {
             // db = dy^T 1: each output's gradient summed over the rows.
-            int rows = dy.Dim(0);
-            using var ones = Weight.Value.Device.FromArray("ones", Ones(rows), rows, 1);
+            using var ones = OnesColumn(dy.Dim(0));
             Weight.Value.Device.Ops.MatMul(ones, dy, Bias.Grad.Reshape(1, dy.Dim(1)), transposeA: true, beta: 1f);
         }
 

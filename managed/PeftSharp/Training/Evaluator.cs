@@ -35,16 +35,7 @@ public static class Evaluator
         }
 
         var matchable = examples.Where(e => e.HasPrompt).ToList();
-        int correct = 0;
-        for (int i = 0; i < matchable.Count; i += ExactMatchBatch)
-        {
-            var chunk = matchable.Skip(i).Take(ExactMatchBatch).ToList();
-            var requests = chunk.Select(e => new GenerationRequest(e.Prompt, MaxTokens: tok.EncodeEnd(e.Completion).Length)).ToList();
-            var results = BatchGenerator.Generate(model, requests, sharing: PrefixSharing.Off);
-            correct += chunk.Where((e, j) => results[j].Completion == e.Completion).Count();
-            progress?.Invoke("exact match", i + chunk.Count, matchable.Count);
-        }
-
+        int correct = ExactMatches(model, null, new string?[] { null }, matchable, progress)[0];
         double loss = counted == 0 ? 0 : lossSum / counted;
         return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct / matchable.Count, examples.Count) { Matched = matchable.Count };
     }
@@ -95,7 +86,7 @@ public static class Evaluator
                     {
                         if (t != Batcher.IgnoreIndex)
                         {
-                            lossSum[v] += NegativeLogLikelihood(logits[at], t);
+                            lossSum[v] += PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(logits[at]) - logits[at][t]; // -log softmax, in double
                             counted[v]++;
                         }
 
@@ -112,20 +103,7 @@ public static class Evaluator
         }
 
         var matchable = examples.Where(e => e.HasPrompt).ToList();
-        var correct = new int[variants.Count];
-        var requests = Enumerable.Range(0, variants.Count).SelectMany(v => matchable.Select(e => (V: v, E: e))).ToList();
-        for (int i = 0; i < requests.Count; i += ExactMatchBatch)
-        {
-            var chunk = requests.Skip(i).Take(ExactMatchBatch).ToList();
-            var results = BatchGenerator.Generate(model, chunk.Select(p => new GenerationRequest(p.E.Prompt, index[p.V] < 0 ? null : variants[p.V],
-                MaxTokens: tok.EncodeEnd(p.E.Completion).Length)).ToList(), set, PrefixSharing.Off);
-            for (int j = 0; j < chunk.Count; j++)
-            {
-                if (results[j].Completion == chunk[j].E.Completion) correct[chunk[j].V]++;
-            }
-
-            progress?.Invoke("exact match", i + chunk.Count, requests.Count);
-        }
+        var correct = ExactMatches(model, set, variants.Select((v, i) => index[i] < 0 ? null : v).ToList(), matchable, progress);
 
         return Enumerable.Range(0, variants.Count).Select(v =>
         {
@@ -134,11 +112,29 @@ public static class Evaluator
         }).ToList();
     }
 
-    /// <summary>-log softmax(logits)[target], in double.</summary>
-    private static double NegativeLogLikelihood(float[] logits, int target)
+    /// <summary>
+    /// For each variant (null: the base), how many of <paramref name="matchable"/> its greedy completion gets exactly:
+    /// <see cref="ExactMatchBatch"/> (variant, example) requests at a time through <see cref="BatchGenerator"/>, each
+    /// generating at most the completion's own token count (more could never match).
+    /// </summary>
+    private static int[] ExactMatches(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants, IReadOnlyList<Example> matchable, Action<string, int, int>? progress)
     {
-        double max = logits.Max(), sum = 0;
-        foreach (float l in logits) sum += Math.Exp(l - max);
-        return Math.Log(sum) + max - logits[target];
+        var tok = model.Tokenizer;
+        var correct = new int[variants.Count];
+        var requests = Enumerable.Range(0, variants.Count).SelectMany(v => matchable.Select(e => (V: v, E: e))).ToList();
+        for (int i = 0; i < requests.Count; i += ExactMatchBatch)
+        {
+            var chunk = requests.Skip(i).Take(ExactMatchBatch).ToList();
+            var results = BatchGenerator.Generate(model, chunk.Select(p => new GenerationRequest(p.E.Prompt, variants[p.V], MaxTokens: tok.EncodeEnd(p.E.Completion).Length)).ToList(),
+                set, PrefixSharing.Off);
+            for (int j = 0; j < chunk.Count; j++)
+            {
+                if (results[j].Completion == chunk[j].E.Completion) correct[chunk[j].V]++;
+            }
+
+            progress?.Invoke("exact match", i + chunk.Count, requests.Count);
+        }
+
+        return correct;
     }
 }

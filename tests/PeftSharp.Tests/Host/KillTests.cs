@@ -20,10 +20,6 @@ public sealed class KillTests : TempDirectoryTest
     [Test]
     public void Pretrain_KilledRepeatedly_ResumesToTheUninterruptedResult()
     {
-        string peftDll = Path.Combine(AppContext.BaseDirectory, "peft.dll");
-        Assume.That(File.Exists(peftDll), $"the host is built beside the tests ({peftDll})");
-        string dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-
         string reference = Path.Combine(TempDir, "reference");
         var r = Peft.Run(Pretrain(reference, null));
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
@@ -36,10 +32,7 @@ public sealed class KillTests : TempDirectoryTest
         {
             string? resume = Directory.Exists(outDir) ? PeftSharp.Training.TrainingRun.LocateCheckpoint(Path.Combine(outDir, "checkpoint")) : null;
             int doneBefore = StepsLogged(metrics);
-            var start = new ProcessStartInfo(dotnet) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-            start.ArgumentList.Add(peftDll);
-            foreach (var a in Pretrain(outDir, resume)) start.ArgumentList.Add(a);
-            using var process = Process.Start(start)!;
+            using var process = StartHost(Pretrain(outDir, resume));
             process.OutputDataReceived += (_, _) => { };
             process.ErrorDataReceived += (_, _) => { };
             process.BeginOutputReadLine();
@@ -84,9 +77,6 @@ public sealed class KillTests : TempDirectoryTest
     public void Pretrain_Signal_CheckpointsAndResumes(int signal)
     {
         Assume.That(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS(), "signals are sent through libc's kill");
-        string peftDll = Path.Combine(AppContext.BaseDirectory, "peft.dll");
-        Assume.That(File.Exists(peftDll), $"the host is built beside the tests ({peftDll})");
-        string dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
         string[] Args(string outDir) => new[] { "pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "40", "--batch-size", "2", "--checkpoint-every", "0",
             "--out", outDir, "--quiet", "--device", "cpu", };
 
@@ -95,10 +85,7 @@ public sealed class KillTests : TempDirectoryTest
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
 
         string outDir = Path.Combine(TempDir, "stopped");
-        var start = new ProcessStartInfo(dotnet) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        start.ArgumentList.Add(peftDll);
-        foreach (var a in Args(outDir)) start.ArgumentList.Add(a);
-        using var process = Process.Start(start)!;
+        using var process = StartHost(Args(outDir));
         var stderr = process.StandardError.ReadToEndAsync();
         var stdout = process.StandardOutput.ReadToEndAsync();
         var clock = Stopwatch.StartNew();
@@ -118,6 +105,17 @@ public sealed class KillTests : TempDirectoryTest
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(File.ReadAllBytes(Path.Combine(outDir, "model.safetensors")), Is.EqualTo(File.ReadAllBytes(Path.Combine(reference, "model.safetensors"))),
             "stopped and resumed ends bit-identical to the uninterrupted run");
+    }
+
+    /// <summary>The `peft` host built beside the tests, as a child process with its output redirected (the caller drains it).</summary>
+    private static Process StartHost(IEnumerable<string> args)
+    {
+        string peftDll = Path.Combine(AppContext.BaseDirectory, "peft.dll");
+        Assume.That(File.Exists(peftDll), $"the host is built beside the tests ({peftDll})");
+        var start = new ProcessStartInfo(DotnetHost.Path) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        start.ArgumentList.Add(peftDll);
+        foreach (var a in args) start.ArgumentList.Add(a);
+        return Process.Start(start)!;
     }
 
     private static int StepsLogged(string metrics)

@@ -58,8 +58,7 @@ public sealed class PackagingTests : TempDirectoryTest
 
     private static void Run(string directory, params string[] args)
     {
-        string dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-        var (code, output) = Exec(dotnet, directory, args);
+        var (code, output) = Exec(DotnetHost.Path, directory, args);
         Assert.That(code, Is.EqualTo(0), $"dotnet {string.Join(' ', args)}:\n{output}");
     }
 

@@ -44,6 +44,29 @@ public sealed class LlamaModelTests
     }
 
     /// <summary>
+    /// The model's logits for <see cref="Tokens"/>, checked against the plain reference forward of its config, and
+    /// shown to differ from the same weights under <paramref name="without"/> (the option off), so the check can fail.
+    /// </summary>
+    private static float[] LogitsMatchReference(LlamaModel model, Func<string, int[], float[]> weights, LlamaConfig without, string what)
+    {
+        var config = model.Config;
+        var logits = model.Logits(Tokens, batch: 2);
+        Check.Close(logits, ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4), what);
+        using var plain = LlamaModel.FromTensors(model.Device, without, weights);
+        Assert.That(plain.Logits(Tokens, batch: 2), Is.Not.EqualTo(logits).Within(1e-4), $"{what}: the option changes the logits, so the check above can fail");
+        return logits;
+    }
+
+    /// <summary>Prefill of the first sequence's first two tokens, then one decode step, against the full pass's logits.</summary>
+    private static void DecodeMatchesForward(LlamaModel model, float[] logits)
+    {
+        int v = model.Config.VocabSize;
+        using var cache = new KvCache(model, 8);
+        Check.Close(model.DecodeStep(cache, Tokens[..2]), logits.AsSpan(1 * v, v), (2e-5, 2e-4), "prefill");
+        Check.Close(model.DecodeStep(cache, Tokens[2..3]), logits.AsSpan(2 * v, v), (2e-5, 2e-4), "decode");
+    }
+
+    /// <summary>
     /// Qwen3 is the Llama graph plus a per-head RMSNorm of q and k before RoPE (self_attn.q_norm / k_norm): the forward
     /// against the plain reference with that step, its gradients (norm weights included) against finite differences,
     /// decode against the full pass, and config.json read and written as Qwen3ForCausalLM.
@@ -56,23 +79,13 @@ public sealed class LlamaModelTests
         var weights = Weights(11);
         using var model = LlamaModel.FromTensors(device, config, weights);
         Assert.That(model.Has("model.layers.1.self_attn.k_norm.weight") && model["model.layers.0.self_attn.q_norm.weight"].Value.Shape.SequenceEqual(new[] { config.HeadDim }));
-        var logits = model.Logits(Tokens, batch: 2);
-        Check.Close(logits, ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4),
-            "q/k-normed logits");
-        using (var plain = LlamaModel.FromTensors(device, config with { QkNorm = false }, weights))
-        {
-            Assert.That(plain.Logits(Tokens, batch: 2), Is.Not.EqualTo(logits).Within(1e-4), "the norms change the logits, so the check above can fail");
-        }
+        var logits = LogitsMatchReference(model, weights, config with { QkNorm = false }, "q/k-normed logits");
 
         model.ZeroGrad();
         model.Loss(Tokens, Targets, batch: 2, backward: true);
         Assert.That(ModelGradients.Check(model, model.Parameters, Tokens, Targets, batch: 2, samples: 3), Is.EqualTo(3 * model.Parameters.Count));
 
-        using var cache = new KvCache(model, 8);
-        var step = model.DecodeStep(cache, Tokens[..2]);
-        Check.Close(step, logits.AsSpan(1 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "prefill");
-        step = model.DecodeStep(cache, Tokens[2..3]);
-        Check.Close(step, logits.AsSpan(2 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "decode");
+        DecodeMatchesForward(model, logits);
 
         const string json = """
             {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 172, "head_dim": 32,
@@ -104,13 +117,7 @@ public sealed class LlamaModelTests
         using var model = LlamaModel.FromTensors(device, config, weights);
         Assert.That(model["model.layers.1.self_attn.k_proj.bias"].Value.Shape.ToArray(), Is.EqualTo(new[] { config.NumKeyValueHeads * config.HeadDim }));
         Assert.That(model.Has("model.layers.0.self_attn.o_proj.bias"), Is.False, "o_proj has no bias in Qwen2");
-        var logits = model.Logits(Tokens, batch: 2);
-        Check.Close(logits, ReferenceForward(config, name => weights(name, LlamaModel.ParameterShapes(config).First(s => s.Name == name).Shape), Tokens, 2), (2e-5, 2e-4),
-            "biased logits");
-        using (var plain = LlamaModel.FromTensors(device, config with { QkvBias = false }, weights))
-        {
-            Assert.That(plain.Logits(Tokens, batch: 2), Is.Not.EqualTo(logits).Within(1e-4), "the biases change the logits, so the check above can fail");
-        }
+        var logits = LogitsMatchReference(model, weights, config with { QkvBias = false }, "biased logits");
 
         model.ZeroGrad();
         model.Loss(Tokens, Targets, batch: 2, backward: true);
@@ -119,13 +126,7 @@ public sealed class LlamaModelTests
         Assert.That(ModelGradients.Check(model, biases, Tokens, Targets, batch: 2, samples: 4), Is.EqualTo(4 * biases.Count), "bias gradients");
         Assert.That(ModelGradients.Check(model, model.Parameters, Tokens, Targets, batch: 2, samples: 2), Is.EqualTo(2 * model.Parameters.Count));
 
-        using (var cache = new KvCache(model, 8))
-        {
-            var step = model.DecodeStep(cache, Tokens[..2]);
-            Check.Close(step, logits.AsSpan(1 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "prefill");
-            step = model.DecodeStep(cache, Tokens[2..3]);
-            Check.Close(step, logits.AsSpan(2 * config.VocabSize, config.VocabSize), (2e-5, 2e-4), "decode");
-        }
+        DecodeMatchesForward(model, logits);
 
         model.AddLora(new PeftSharp.Formats.LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetModules = new[] { "q_proj", "v_proj" } }, seed: 3);
         Assert.That(model.Logits(Tokens, batch: 2), Is.EqualTo(logits), "B = 0: the adapter adds nothing and the bias stays once");
