@@ -30,12 +30,14 @@ internal static class MergeCommand
         using var device = Host.OpenDevice(deviceSpec);
         if (configPath != null)
         {
-            if (modelDir != null) throw new ArgumentException("merge --config: the config names its models (base_model, models); drop --model");
+            if (modelDir != null) throw new ArgumentException("merge --config: the config names its models (base_model, models or slices); drop --model");
             var config = MergeConfig.Load(configPath);
             using var merged = MergeRunner.Run(config, Path.GetDirectoryName(Path.GetFullPath(configPath))!, device);
             HuggingFaceFolder.Save(merged, outDir, MergeRunner.Storage(config));
             string lines = config.LinesAlpha is float a ? $", LiNeS layer scaling {a} -> {config.LinesBeta}" : "";
-            stdout.WriteLine($"merged {config.Models.Count} models by {MergeConfig.Methods.First(m => m.Value == config.Method).Key}{lines} into {Path.GetFullPath(outDir)} ({config.Dtype})");
+            string slices = config.Slices.Count > 1 ? $" in {config.Slices.Count} slices ({merged.Config.NumHiddenLayers} layers)" : "";
+            stdout.WriteLine($"merged {config.Models.Count} models by {MergeConfig.Methods.First(m => m.Value == config.Method).Key}{slices}{lines} into {Path.GetFullPath(outDir)} " +
+                $"({config.Dtype})");
             return 0;
         }
 

@@ -5,12 +5,13 @@ using YamlDotNet.RepresentationModel;
 namespace PeftSharp.Merging;
 
 /// <summary>
-/// A merge described in mergekit's schema (YAML or JSON): `merge_method`, `base_model`, `models[].model`,
-/// `models[].parameters.weight|density|gamma`, `parameters.normalize|lambda|int8_mask` (and top-level defaults for
-/// the per-model options), `dtype`. PeftSharp adds `parameters.lines_alpha` and `parameters.lines_beta` for LiNeS-style
-/// layer scaling of the merged task vector. `tokenizer_source` is `base` (the default when there is a base model) or a
-/// model path whose tokenizer files the merged folder carries; `union` (a merged vocabulary) is not supported.
-/// Anything else is an error naming it, so a config never half-applies.
+/// A merge described in mergekit's schema (YAML or JSON): `merge_method`, `base_model`, `models[].model` or `slices[].sources[]`
+/// (model and layer_range; several slices stack layers), parameters at the source, slice and top level (mergekit's order
+/// of precedence), each a number, a gradient over the layers or a list of {filter, value} entries, `dtype` and
+/// `out_dtype`. PeftSharp adds `parameters.lines_alpha` and `parameters.lines_beta` for LiNeS-style layer scaling of
+/// the merged task vector. `tokenizer_source` is `base` (the default when there is a base model) or a model path whose
+/// tokenizer files the merged folder carries; `union` (a merged vocabulary) is not supported. Anything else, and any
+/// option the method does not read, is an error naming it, so a config never half-applies.
 /// </summary>
 public sealed record MergeConfig(
     MergeMethod Method, string? BaseModel, IReadOnlyList<MergeModelEntry> Models, bool Normalize, float Lambda, string Dtype,
@@ -23,16 +24,22 @@ public sealed record MergeConfig(
     public bool Rescale { get; init; }
 
     /// <summary>
-    /// slerp's t, as mergekit evaluates a conditional parameter: the first entry whose filter is in the tensor's name
-    /// (or that has none); its values are one number, or a gradient interpolated over the layers.
+    /// The output slices, in order. A `models` config is one slice over the whole models, with the base_model appended
+    /// as a source when it is not listed (as mergekit's planner does; not for linear, which has no base).
     /// </summary>
-    public IReadOnlyList<SlerpT> T { get; init; } = Array.Empty<SlerpT>();
+    public IReadOnlyList<MergeSlice> Slices { get; init; } = Array.Empty<MergeSlice>();
+
+    /// <summary>The top-level parameters by name (each a list of entries: see <see cref="MergeSetting"/>).</summary>
+    public IReadOnlyDictionary<string, IReadOnlyList<MergeSetting>> Settings { get; init; } = new Dictionary<string, IReadOnlyList<MergeSetting>>();
 
     /// <summary>model_stock's filter_wise: the angle per output row (a 1-D tensor as one row) instead of per flattened tensor.</summary>
     public bool FilterWise { get; init; }
 
-    /// <summary>The layer_range each source of a one-slice `slices:` config gave (checked against the models when they load).</summary>
-    public IReadOnlyList<(string Model, int From, int To)> LayerRanges { get; init; } = Array.Empty<(string, int, int)>();
+    /// <summary>nuslerp_flatten (default true): each tensor is one vector; false: rows (or columns, with <see cref="NuslerpRowWise"/>).</summary>
+    public bool NuslerpFlatten { get; init; } = true;
+
+    /// <summary>nuslerp_row_wise (default false): with nuslerp_flatten false, interpolate the columns (vectors along dimension 0) instead of the rows.</summary>
+    public bool NuslerpRowWise { get; init; }
 
     /// <summary>Whose tokenizer files the merged model carries: "base", a model path, or null (the base, else the first model).</summary>
     public string? TokenizerSource { get; init; }
@@ -50,11 +57,34 @@ public sealed record MergeConfig(
         ["model_stock"] = MergeMethod.ModelStock,
         ["della"] = MergeMethod.Della,
         ["della_linear"] = MergeMethod.DellaLinear,
+        ["passthrough"] = MergeMethod.Passthrough,
+        ["nuslerp"] = MergeMethod.Nuslerp,
+        ["karcher"] = MergeMethod.Karcher,
+        ["sce"] = MergeMethod.Sce,
     };
 
     private static readonly string[] TopKeys = { "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name" };
+
+    /// <summary>Per-model (tensor) parameters: mergekit reads them from a source's parameters, its slice's and the top level.</summary>
     private static readonly string[] ModelKeys = { "weight", "density", "gamma", "epsilon" };
-    private static readonly string[] GlobalKeys = { "normalize", "rescale", "lambda", "int8_mask", "lines_alpha", "lines_beta", "weight", "density", "gamma", "epsilon", "filter_wise" };
+
+    /// <summary>Whole-merge numbers: mergekit reads them from the slice's and the top-level parameters only.</summary>
+    private static readonly string[] MergeKeys = { "t", "lambda", "scale", "select_topk", "max_iter", "tol", "lines_alpha", "lines_beta" };
+
+    /// <summary>Switches: top-level parameters only.</summary>
+    private static readonly string[] FlagKeys = { "normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise" };
+
+    /// <summary>The numbers and switches each method reads (the task-vector family shares one set, as before).</summary>
+    private static (string[] Numbers, string[] Flags) OptionsOf(MergeMethod m) => m switch
+    {
+        MergeMethod.Slerp => (new[] { "t" }, Array.Empty<string>()),
+        MergeMethod.ModelStock => (Array.Empty<string>(), new[] { "filter_wise" }),
+        MergeMethod.Passthrough => (new[] { "scale" }, Array.Empty<string>()),
+        MergeMethod.Nuslerp => (new[] { "weight" }, new[] { "nuslerp_flatten", "nuslerp_row_wise" }),
+        MergeMethod.Karcher => (new[] { "max_iter", "tol" }, Array.Empty<string>()),
+        MergeMethod.Sce => (new[] { "select_topk" }, new[] { "int8_mask" }),
+        _ => (new[] { "weight", "density", "gamma", "epsilon", "lambda", "lines_alpha", "lines_beta" }, new[] { "normalize", "rescale", "int8_mask" }),
+    };
 
     public static MergeConfig Load(string path)
     {
@@ -91,121 +121,119 @@ public sealed record MergeConfig(
         }
 
         string? baseModel = top.TryGetValue("base_model", out var b) ? ScalarOf(b, "base_model", problems) : null;
-        // slerp's t may be a list of filtered values and gradients: read apart from the plain options.
-        var slerpT = new List<SlerpT>();
-        if (top.TryGetValue("parameters", out var gpNode) && gpNode is YamlMappingNode gpMap && gpMap.Children.Any(kv => kv.Key is YamlScalarNode { Value: "t" }))
-        {
-            slerpT = ReadT(gpMap.Children.First(kv => kv.Key is YamlScalarNode { Value: "t" }).Value, problems);
-            var rest = new YamlMappingNode();
-            foreach (var kv in gpMap.Children.Where(kv => kv.Key is not YamlScalarNode { Value: "t" })) rest.Add(kv.Key, kv.Value);
-            gpNode = rest;
-        }
-
-        var globalGradients = new Dictionary<string, float[]>();
-        var global = gpNode != null ? Options(gpNode, "parameters", GlobalKeys, problems, globalGradients) : new Dictionary<string, string>();
-        // A model's scalar parameters: its own, else the top-level ones, else mergekit's defaults.
-        MergeInput InputOf(Dictionary<string, string> p, string where) => new(
-            Num(p, "weight", Num(global, "weight", 1f, "parameters"), where + ".parameters"),
-            Num(p, "density", Num(global, "density", 1f, "parameters"), where + ".parameters"),
-            Num(p, "gamma", Num(global, "gamma", 0.01f, "parameters"), where + ".parameters"))
-        {
-            Epsilon = Num(p, "epsilon", Num(global, "epsilon", 0.15f, "parameters"), where + ".parameters"),
-        };
-
-        // A model's gradients: its own lists, then the top-level lists for what it gives no value of its own.
-        Dictionary<string, float[]> GradientsOf(Dictionary<string, string> own, Dictionary<string, float[]> ownLists) =>
-            globalGradients.Where(g => !own.ContainsKey(g.Key) && !ownLists.ContainsKey(g.Key)).Concat(ownLists).ToDictionary(g => g.Key, g => g.Value);
-        float Num(IReadOnlyDictionary<string, string> d, string key, float fallback, string where)
-        {
-            if (!d.TryGetValue(key, out var v)) return fallback;
-            if (float.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out float f) && float.IsFinite(f)) return f;
-            problems.Add($"{where}.{key} '{v}' is not a finite number");
-            return fallback;
-        }
+        var seen = new List<(string Where, string Key)>();
+        var flags = new Dictionary<string, string>();
+        var global = top.TryGetValue("parameters", out var gp)
+            ? ReadSettings(gp, "parameters", ModelKeys.Concat(MergeKeys).ToArray(), problems, seen, flags)
+            : new Dictionary<string, List<MergeSetting>>();
 
         bool Flag(string key, bool fallback)
         {
-            if (!global.TryGetValue(key, out var v)) return fallback;
+            if (!flags.TryGetValue(key, out var v)) return fallback;
             if (bool.TryParse(v, out bool f)) return f;
             problems.Add($"parameters.{key} '{v}' is not true or false");
             return fallback;
         }
 
-        var models = new List<MergeModelEntry>();
-        var layerRanges = new List<(string, int, int)>();
+        float? One(string key)
+        {
+            if (!global.TryGetValue(key, out var entries)) return null;
+            if (entries is [{ Filter: null, Values: [float v] }]) return v;
+            problems.Add($"parameters.{key} must be one number");
+            return null;
+        }
+
+        // A source: its own parameters first, then its slice's, then the top level's (mergekit's ConfigReader order).
+        MergeModelEntry? Source(YamlNode node, string where, bool sliced, Dictionary<string, List<MergeSetting>> slice)
+        {
+            if (node is not YamlMappingNode srcMap)
+            {
+                problems.Add($"{where} must be a mapping");
+                return null;
+            }
+
+            var e = Map(srcMap, problems, where);
+            var keys = sliced ? new[] { "model", "layer_range", "parameters" } : new[] { "model", "parameters" };
+            foreach (var k in e.Keys.Except(keys)) problems.Add($"{where}: unknown key '{k}'");
+            string? model = Scalar(e, "model", problems, where);
+            var own = e.TryGetValue("parameters", out var pn) ? ReadSettings(pn, where + ".parameters", ModelKeys, problems, seen, null) : new();
+            int? from = null, to = null;
+            if (sliced)
+            {
+                if (e.TryGetValue("layer_range", out var lr) && lr is YamlSequenceNode { Children.Count: 2 } range
+                    && int.TryParse((range.Children[0] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int f)
+                    && int.TryParse((range.Children[1] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int t) && f >= 0 && t > f)
+                {
+                    (from, to) = (f, t);
+                }
+                else
+                {
+                    problems.Add($"{where}: layer_range must be [from, to] with 0 <= from < to");
+                }
+            }
+
+            return model == null ? null : new MergeModelEntry(model, Chain(own, slice, global)) { From = from, To = to };
+        }
+
+        var slices = new List<MergeSlice>();
+        var listed = new List<MergeModelEntry>();
         if (top.TryGetValue("slices", out var slicesNode))
         {
-            // One slice over whole models is the same merge as a models list (how most slerp configs are written);
-            // layer stacking (several slices, or ranges short of the model) is not supported.
             if (top.ContainsKey("models")) problems.Add("give models or slices, not both");
-            if (slicesNode is not YamlSequenceNode { Children.Count: 1 } one || one.Children[0] is not YamlMappingNode slice)
-            {
-                problems.Add("slices: only one slice over the whole models is supported (several slices stack layers: passthrough, not supported)");
-            }
+            if (slicesNode is not YamlSequenceNode { Children.Count: > 0 } sliceList) problems.Add("slices must be a list of {sources: [...]}");
             else
             {
-                var sm = Map(slice, problems, "slices[0]");
-                foreach (var k in sm.Keys.Except(new[] { "sources" })) problems.Add($"slices[0]: unknown key '{k}'");
-                int i = 0;
-                foreach (var src in (sm.TryGetValue("sources", out var sn) ? sn as YamlSequenceNode : null)?.Children ?? new List<YamlNode>())
+                for (int s = 0; s < sliceList.Children.Count; s++)
                 {
-                    string where = $"slices[0].sources[{i++}]";
-                    if (src is not YamlMappingNode srcMap)
+                    string where = $"slices[{s}]";
+                    if (sliceList.Children[s] is not YamlMappingNode sliceMap)
                     {
                         problems.Add($"{where} must be a mapping");
                         continue;
                     }
 
-                    var e = Map(srcMap, problems, where);
-                    foreach (var k in e.Keys.Except(new[] { "model", "layer_range", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
-                    string? model = Scalar(e, "model", problems, where);
-                    var lists = new Dictionary<string, float[]>();
-                    var p = e.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems, lists) : new Dictionary<string, string>();
-                    if (e.TryGetValue("layer_range", out var lr) && lr is YamlSequenceNode { Children.Count: 2 } range
-                        && int.TryParse((range.Children[0] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int from)
-                        && int.TryParse((range.Children[1] as YamlScalarNode)?.Value, NumberStyles.Integer, CultureInfo.InvariantCulture, out int to))
+                    var sm = Map(sliceMap, problems, where);
+                    foreach (var k in sm.Keys.Except(new[] { "sources", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
+                    var own = sm.TryGetValue("parameters", out var pn) ? ReadSettings(pn, where + ".parameters", ModelKeys.Concat(MergeKeys).ToArray(), problems, seen, null) : new();
+                    var sources = new List<MergeModelEntry>();
+                    if (sm.TryGetValue("sources", out var sn) && sn is YamlSequenceNode { Children.Count: > 0 } srcList)
                     {
-                        if (model != null) layerRanges.Add((model, from, to));
+                        for (int i = 0; i < srcList.Children.Count; i++)
+                        {
+                            if (Source(srcList.Children[i], $"{where}.sources[{i}]", true, own) is { } entry) sources.Add(entry);
+                        }
                     }
                     else
                     {
-                        problems.Add($"{where}: layer_range must be [from, to]");
+                        problems.Add($"{where}: sources must be a list of {{model, layer_range}}");
                     }
 
-                    if (model != null)
-                    {
-                        models.Add(new MergeModelEntry(model, InputOf(p, where)) { Gradients = GradientsOf(p, lists) });
-                    }
+                    slices.Add(new MergeSlice(sources, Chain(own, global)));
                 }
             }
-        }
 
-        if (!top.TryGetValue("models", out var ms) || ms is not YamlSequenceNode seq)
+            listed.AddRange(slices.Count > 0 ? slices[0].Sources : Array.Empty<MergeModelEntry>());
+        }
+        else if (!top.TryGetValue("models", out var ms) || ms is not YamlSequenceNode seq)
         {
-            if (!top.ContainsKey("slices")) problems.Add("models must be a list of {model: ..., parameters: ...}");
+            problems.Add("models must be a list of {model: ..., parameters: ...}");
         }
         else
         {
-            int i = 0;
-            foreach (var node in seq.Children)
+            var none = new Dictionary<string, List<MergeSetting>>();
+            for (int i = 0; i < seq.Children.Count; i++)
             {
-                string where = $"models[{i++}]";
-                if (node is not YamlMappingNode mm)
-                {
-                    problems.Add($"{where} must be a mapping");
-                    continue;
-                }
-
-                var entry = Map(mm, problems, where);
-                foreach (var k in entry.Keys.Except(new[] { "model", "parameters" })) problems.Add($"{where}: unknown key '{k}'");
-                string? model = Scalar(entry, "model", problems, where);
-                var lists = new Dictionary<string, float[]>();
-                var p = entry.TryGetValue("parameters", out var pn) ? Options(pn, where + ".parameters", ModelKeys, problems, lists) : new Dictionary<string, string>();
-                if (model != null)
-                {
-                    models.Add(new MergeModelEntry(model, InputOf(p, where)) { Gradients = GradientsOf(p, lists) });
-                }
+                if (Source(seq.Children[i], $"models[{i}]", false, none) is { } entry) listed.Add(entry);
             }
+
+            // mergekit's planner appends a base_model that is not listed as one more whole-model source.
+            var sources = new List<MergeModelEntry>(listed);
+            if (baseModel != null && method != MergeMethod.Linear && listed.All(e => e.Model != baseModel))
+            {
+                sources.Add(new MergeModelEntry(baseModel, Chain(none, none, global)));
+            }
+
+            slices.Add(new MergeSlice(sources, Chain(none, global)));
         }
 
         string dtype = top.TryGetValue("dtype", out var dt) ? ScalarOf(dt, "dtype", problems) ?? "float32" : "float32";
@@ -217,71 +245,138 @@ public sealed record MergeConfig(
             dtype = ScalarOf(od, "out_dtype", problems) ?? dtype;
             if (dtype is not ("float32" or "float16" or "bfloat16")) problems.Add($"out_dtype '{dtype}' is not float32, float16 or bfloat16");
         }
-        if (method != MergeMethod.Linear && baseModel == null && Methods.ContainsKey(methodName)) problems.Add($"{methodName} needs a base_model");
+
+        bool known = Methods.ContainsKey(methodName);
+        bool needsBase = method is not (MergeMethod.Linear or MergeMethod.Passthrough or MergeMethod.Karcher or MergeMethod.Nuslerp);
+        if (known && needsBase && baseModel == null) problems.Add($"{methodName} needs a base_model");
+        if (known)
+        {
+            var (numbers, switches) = OptionsOf(method);
+            string options = numbers.Length + switches.Length == 0 ? "none" : string.Join(", ", numbers.Concat(switches));
+            foreach (var (where, key) in seen.Concat(flags.Keys.Select(k => ("parameters", k))).Distinct())
+            {
+                if (!numbers.Contains(key) && !switches.Contains(key)) problems.Add($"{where}: {methodName} takes no {key} (its options: {options})");
+            }
+        }
+
         // mergekit's registry: normalize defaults to true for linear, ties and della, false for the others.
         bool normalizeDefault = method is MergeMethod.Linear or MergeMethod.Ties or MergeMethod.Della;
-        var config = new MergeConfig(method, baseModel, models, Flag("normalize", normalizeDefault), Num(global, "lambda", 1f, "parameters"), dtype,
-            global.ContainsKey("lines_alpha") ? Num(global, "lines_alpha", 0f, "parameters") : null,
-            global.ContainsKey("lines_beta") ? Num(global, "lines_beta", 1f, "parameters") : null);
+        var lambda = global.TryGetValue("lambda", out var le) && le is [{ Filter: null, Values: [float l] }] ? l : 1f;
+        var config = new MergeConfig(method, baseModel, listed, Flag("normalize", normalizeDefault), lambda, dtype, One("lines_alpha"), One("lines_beta"));
         string? tokenizerSource = top.TryGetValue("tokenizer_source", out var ts) ? ScalarOf(ts, "tokenizer_source", problems) : null;
         if (tokenizerSource == "union") problems.Add("tokenizer_source 'union' (a merged vocabulary) is not supported; use base or a model path");
         if (tokenizerSource == "base" && baseModel == null) problems.Add("tokenizer_source 'base' needs a base_model");
-        config = config with { TokenizerSource = tokenizerSource, Rescale = Flag("rescale", TaskVectorMerge.DefaultRescale(method)), T = slerpT, LayerRanges = layerRanges };
-        if (method == MergeMethod.Slerp)
+        config = config with
         {
-            if (slerpT.Count == 0) problems.Add("slerp needs parameters.t");
-            if (global.ContainsKey("lines_alpha") || global.ContainsKey("lines_beta")) problems.Add("lines_alpha / lines_beta scale task vectors; slerp has none");
-            if (global.ContainsKey("normalize") || global.ContainsKey("lambda")) problems.Add("normalize and lambda are task-vector options; slerp does not take them");
-            if (baseModel != null && models.Select(m => m.Model).Append(baseModel).Distinct().Count() != 2)
-            {
-                problems.Add("slerp interpolates between two models: the base_model and one other");
-            }
-        }
-        else if (method == MergeMethod.ModelStock)
-        {
-            config = config with { FilterWise = Flag("filter_wise", false) };
-            if (baseModel != null && models.Select(m => m.Model).Where(m => m != baseModel).Distinct().Count() < 2)
-            {
-                problems.Add("model_stock needs the base_model and at least two other models");
-            }
-
-            if (models.Any(m => m.Parameters != new MergeInput() || m.Gradients.Count > 0) || global.Keys.Any(k => k is "weight" or "density" or "gamma"))
-            {
-                problems.Add("model_stock takes no weight, density or gamma (its interpolation comes from the angle between the fine-tunes)");
-            }
-
-            if (new[] { "lines_alpha", "lines_beta", "normalize", "lambda" }.Any(global.ContainsKey))
-            {
-                problems.Add("normalize, lambda and lines_* are task-vector options; model_stock does not take them");
-            }
-        }
-
-        if (method != MergeMethod.ModelStock && global.ContainsKey("filter_wise")) problems.Add($"filter_wise is model_stock's; {methodName} does not take it");
-        if (method != MergeMethod.Slerp && slerpT.Count > 0)
-        {
-            problems.Add($"parameters.t is slerp's; {methodName} does not take it");
-        }
-
-        if (method is MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies && models.Any(m => m.Parameters.Gamma == 0f && m.Parameters.Density < 1f))
-        {
-            problems.Add("gamma 0 with density < 1: mergekit's magnitude_outliers then keeps no entry (its slice [n_bot:-0] is empty); use ties for a plain " +
-                "magnitude trim, or gamma > 0");
-        }
-
+            TokenizerSource = tokenizerSource, Rescale = Flag("rescale", TaskVectorMerge.DefaultRescale(method)), Slices = slices,
+            Settings = global.ToDictionary(kv => kv.Key, kv => (IReadOnlyList<MergeSetting>)kv.Value),
+            FilterWise = Flag("filter_wise", false), NuslerpFlatten = Flag("nuslerp_flatten", true), NuslerpRowWise = Flag("nuslerp_row_wise", false),
+        };
         Flag("int8_mask", false); // a memory setting in mergekit; the result does not depend on it
+        if (known) CheckSources(config, methodName, top.ContainsKey("slices"), problems);
         if (config.LinesAlpha.HasValue != config.LinesBeta.HasValue) problems.Add("lines_alpha and lines_beta go together");
         if (problems.Count > 0) throw new PeftSharpInputException($"{source}: {string.Join("; ", problems)}");
         return config;
     }
 
-    /// <summary>slerp's t: a number, a gradient list, or a list of {filter, value} entries whose values are either.</summary>
-    private static List<SlerpT> ReadT(YamlNode node, List<string> problems)
+    /// <summary>What each method needs of a slice's sources (mergekit refuses the same configs, most of them only mid-merge).</summary>
+    private static void CheckSources(MergeConfig c, string methodName, bool sliced, List<string> problems)
     {
-        float[]? Values(YamlNode n, string where)
+        for (int s = 0; s < c.Slices.Count; s++)
+        {
+            var sources = c.Slices[s].Sources;
+            string where = sliced ? $"slices[{s}]: " : "";
+            var others = sources.Select(e => e.Model).Where(m => m != c.BaseModel).Distinct().ToList();
+            bool hasBase = c.BaseModel != null && sources.Any(e => e.Model == c.BaseModel);
+            if (sliced && c.BaseModel != null && !hasBase && c.Method is not (MergeMethod.Linear or MergeMethod.Passthrough))
+            {
+                problems.Add($"{where}the base_model '{c.BaseModel}' is not among its sources (mergekit takes the base's tensors from each slice's sources)");
+            }
+
+            switch (c.Method)
+            {
+                case MergeMethod.Passthrough when sources.Count != 1:
+                    problems.Add($"{where}passthrough copies exactly one source per slice; this one has {sources.Count} ({string.Join(", ", sources.Select(e => e.Model))})");
+                    break;
+                case MergeMethod.Slerp:
+                    if (!c.Slices[s].Settings.ContainsKey("t")) problems.Add("slerp needs parameters.t");
+                    if (c.BaseModel != null && others.Count != 1) problems.Add($"{where}slerp interpolates between two models: the base_model and one other");
+                    break;
+                case MergeMethod.ModelStock when others.Count < 2:
+                    problems.Add($"{where}model_stock needs the base_model and at least two other models");
+                    break;
+                case MergeMethod.Nuslerp:
+                    if (others.Count != 2) problems.Add($"{where}nuslerp interpolates exactly two models besides the base_model; given {others.Count}");
+                    foreach (var e in sources.Where(e => e.Model != c.BaseModel && !e.Settings.ContainsKey("weight")))
+                    {
+                        problems.Add($"{where}nuslerp needs a weight for {e.Model}");
+                    }
+
+                    break;
+                case MergeMethod.Breadcrumbs or MergeMethod.BreadcrumbsTies when sources.Any(m => m.Parameters.Gamma == 0f && m.Parameters.Density < 1f):
+                    problems.Add("gamma 0 with density < 1: mergekit's magnitude_outliers then keeps no entry (its slice [n_bot:-0] is empty); use ties for a plain " +
+                        "magnitude trim, or gamma > 0");
+                    break;
+            }
+        }
+    }
+
+    /// <summary>Each parameter's entries from every level, the first level's first.</summary>
+    private static Dictionary<string, IReadOnlyList<MergeSetting>> Chain(params Dictionary<string, List<MergeSetting>>[] levels) =>
+        levels.SelectMany(l => l.Keys).Distinct().ToDictionary(k => k, k => (IReadOnlyList<MergeSetting>)levels.SelectMany(l => l.GetValueOrDefault(k) ?? new()).ToList());
+
+    /// <summary>
+    /// A parameters mapping: numbers in <paramref name="numbers"/> (a number, a gradient, or {filter, value} entries);
+    /// switches into <paramref name="flags"/> where given (the top level), else refused; each key seen is noted for the
+    /// method's check.
+    /// </summary>
+    private static Dictionary<string, List<MergeSetting>> ReadSettings(YamlNode n, string where, string[] numbers, List<string> problems,
+        List<(string, string)> seen, Dictionary<string, string>? flags)
+    {
+        var result = new Dictionary<string, List<MergeSetting>>();
+        if (n is not YamlMappingNode m)
+        {
+            problems.Add($"{where} must be a mapping");
+            return result;
+        }
+
+        foreach (var (k, v) in Map(m, problems, where))
+        {
+            if (FlagKeys.Contains(k))
+            {
+                if (flags == null) problems.Add($"{where}.{k}: {k} is a switch for the whole merge; give it under the top-level parameters");
+                else if (v is YamlScalarNode s) flags[k] = s.Value ?? "";
+                else problems.Add($"{where}.{k} must be true or false");
+            }
+            else if (MergeKeys.Contains(k) && !numbers.Contains(k))
+            {
+                problems.Add($"{where}.{k}: {k} applies to the whole merge and mergekit does not read it from a model's parameters; give it under the slice's " +
+                    "or the top-level parameters");
+            }
+            else if (!numbers.Contains(k))
+            {
+                problems.Add($"{where}: option '{k}' is not supported");
+            }
+            else
+            {
+                seen.Add((where, k));
+                if (ReadValue(v, $"{where}.{k}", problems) is { } entries) result[k] = entries;
+            }
+        }
+
+        return result;
+    }
+
+    /// <summary>A parameter's value: a number, a gradient list, or a list of {filter, value} entries whose values are either.</summary>
+    private static List<MergeSetting>? ReadValue(YamlNode node, string where, List<string> problems)
+    {
+        float[]? Values(YamlNode n, string at)
         {
             if (n is YamlScalarNode s)
             {
                 if (float.TryParse(s.Value, NumberStyles.Float, CultureInfo.InvariantCulture, out float v) && float.IsFinite(v)) return new[] { v };
+                problems.Add($"{at} '{s.Value}' is not a finite number");
+                return null;
             }
             else if (n is YamlSequenceNode list && list.Children.Count > 0 && list.Children.All(c => c is YamlScalarNode))
             {
@@ -290,30 +385,28 @@ public sealed record MergeConfig(
                 if (vs.All(float.IsFinite)) return vs;
             }
 
-            problems.Add($"{where} must be a finite number or a list of them");
+            problems.Add($"{at} must be a finite number, a list of them, or a list of {{filter, value}} entries");
             return null;
         }
 
-        var result = new List<SlerpT>();
         if (node is YamlSequenceNode seq && seq.Children.Count > 0 && seq.Children.All(c => c is YamlMappingNode))
         {
+            var result = new List<MergeSetting>();
             int i = 0;
             foreach (YamlMappingNode entry in seq.Children)
             {
-                string where = $"parameters.t[{i++}]";
-                var e = Map(entry, problems, where);
-                foreach (var k in e.Keys.Except(new[] { "filter", "value" })) problems.Add($"{where}: unknown key '{k}'");
-                string? filter = e.TryGetValue("filter", out var f) ? ScalarOf(f, where + ".filter", problems) : null;
-                if (e.TryGetValue("value", out var v) && Values(v, where + ".value") is { } vs) result.Add(new SlerpT(filter, vs));
-                else if (!e.ContainsKey("value")) problems.Add($"{where}: value is missing");
+                string at = $"{where}[{i++}]";
+                var e = Map(entry, problems, at);
+                foreach (var k in e.Keys.Except(new[] { "filter", "value" })) problems.Add($"{at}: unknown key '{k}'");
+                string? filter = e.TryGetValue("filter", out var f) ? ScalarOf(f, at + ".filter", problems) : null;
+                if (e.TryGetValue("value", out var v) && Values(v, at + ".value") is { } vs) result.Add(new MergeSetting(filter, vs));
+                else if (!e.ContainsKey("value")) problems.Add($"{at}: value is missing");
             }
-        }
-        else if (Values(node, "parameters.t") is { } vs)
-        {
-            result.Add(new SlerpT(null, vs));
+
+            return result;
         }
 
-        return result;
+        return Values(node, where) is { } one ? new List<MergeSetting> { new(null, one) } : null;
     }
 
     /// <summary>A mapping's entries by key; a key that is not a plain value, or that repeats, is a problem (mergekit's loader refuses both).</summary>
@@ -351,29 +444,5 @@ public sealed record MergeConfig(
         if (n is YamlScalarNode s) return s.Value;
         problems.Add($"{key} must be a single value");
         return null;
-    }
-
-    private static Dictionary<string, string> Options(YamlNode n, string where, string[] allowed, List<string> problems, Dictionary<string, float[]>? gradients = null)
-    {
-        var result = new Dictionary<string, string>();
-        if (n is not YamlMappingNode m)
-        {
-            problems.Add($"{where} must be a mapping");
-            return result;
-        }
-
-        foreach (var (k, v) in Map(m, problems, where))
-        {
-            if (!allowed.Contains(k)) problems.Add($"{where}: option '{k}' is not supported");
-            else if (v is YamlScalarNode s) result[k] = s.Value ?? "";
-            else if (gradients != null && k is "weight" or "density" or "gamma" && v is YamlSequenceNode list && list.Children.Count > 0
-                && list.Children.All(c => c is YamlScalarNode sc && float.TryParse(sc.Value, NumberStyles.Float, CultureInfo.InvariantCulture, out float f) && float.IsFinite(f)))
-            {
-                gradients[k] = list.Children.Select(c => float.Parse(((YamlScalarNode)c).Value!, NumberStyles.Float, CultureInfo.InvariantCulture)).ToArray();
-            }
-            else problems.Add($"{where}.{k}: per-layer values are supported as a list of numbers for weight, density and gamma only");
-        }
-
-        return result;
     }
 }

@@ -14,4 +14,8 @@ public enum MergeMethod
     ModelStock,
     Della,
     DellaLinear,
+    Passthrough,
+    Nuslerp,
+    Karcher,
+    Sce,
 }

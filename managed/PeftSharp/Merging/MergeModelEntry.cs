@@ -1,16 +1,28 @@
 namespace PeftSharp.Merging;
 
-/// <summary>One input of a merge and its parameters; a parameter given as a list is a gradient over the layers.</summary>
-public sealed record MergeModelEntry(string Model, MergeInput Parameters)
+/// <summary>
+/// One source of a merge (a model under `models`, or a source of a slice) with its parameters. <see cref="Settings"/>
+/// holds, per parameter name, the source's own entries followed by its slice's and the top level's, so the first entry
+/// that applies to a tensor is mergekit's value (see <see cref="MergeSetting.Evaluate"/>).
+/// </summary>
+public sealed record MergeModelEntry(string Model, IReadOnlyDictionary<string, IReadOnlyList<MergeSetting>> Settings)
 {
-    /// <summary>weight, density or gamma given as lists (mergekit's gradients), by name; absent ones are the scalars in <see cref="Parameters"/>.</summary>
-    public IReadOnlyDictionary<string, float[]> Gradients { get; init; } = new Dictionary<string, float[]>();
+    /// <summary>The first layer this source gives (a slice's layer_range; null under `models`: 0).</summary>
+    public int? From { get; init; }
 
-    /// <summary>The parameters for a tensor at relative depth <paramref name="depth"/> (see <see cref="SlerpT.Gradient"/>).</summary>
-    public MergeInput At(double depth)
+    /// <summary>One past the last layer this source gives (null under `models`: the model's layer count).</summary>
+    public int? To { get; init; }
+
+    /// <summary>A per-model parameter for <paramref name="tensor"/> (the source's tensor name) at <paramref name="depth"/>, or null where none is given.</summary>
+    public double? Value(string key, string tensor, double depth) => MergeSetting.Evaluate(Settings.GetValueOrDefault(key), tensor, depth);
+
+    /// <summary>The task-vector parameters for <paramref name="tensor"/> at <paramref name="depth"/>, mergekit's defaults where none is given.</summary>
+    public MergeInput At(string tensor, double depth)
     {
-        float Value(string key, float scalar) => Gradients.TryGetValue(key, out var g) ? (float)SlerpT.Gradient(g, depth) : scalar;
-        return Gradients.Count == 0 ? Parameters
-            : Parameters with { Weight = Value("weight", Parameters.Weight), Density = Value("density", Parameters.Density), Gamma = Value("gamma", Parameters.Gamma) };
+        float Get(string key, float fallback) => Value(key, tensor, depth) is double v ? (float)v : fallback;
+        return new MergeInput(Get("weight", 1f), Get("density", 1f), Get("gamma", 0.01f)) { Epsilon = Get("epsilon", 0.15f) };
     }
+
+    /// <summary>The parameters an unfiltered tensor gets at depth 0 (what the config says when no filter or gradient applies).</summary>
+    public MergeInput Parameters => At("", 0);
 }

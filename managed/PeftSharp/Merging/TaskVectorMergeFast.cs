@@ -19,7 +19,7 @@ public static partial class TaskVectorMerge
     {
         bool l1 = rescale ?? DefaultRescale(method);
         int n = CheckInputs(baseValues, models, inputs);
-        if (method is MergeMethod.Slerp or MergeMethod.ModelStock) throw new ArgumentException($"{method} has its own form: use TaskVectorMerge.{method}");
+        if (HasOwnForm(method)) throw new ArgumentException($"{method} has its own form: use TaskVectorMerge.{method}");
         var result = new float[n];
         int count = models.Count;
         var ms = models.ToArray();                                   // arrays, not interface calls, in the loops

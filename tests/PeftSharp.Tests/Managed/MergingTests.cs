@@ -68,7 +68,7 @@ public sealed class MergingTests : TempDirectoryTest
         }
 
         var inputs = new[] { new MergeInput(0.5f, 0.3f, 0.05f), new MergeInput(1f, 0.6f, 0.1f), new MergeInput(0.25f, 1f, 0f) };
-        foreach (var method in Enum.GetValues<MergeMethod>().Where(m => m is not (MergeMethod.Slerp or MergeMethod.ModelStock))) // their own forms and tests
+        foreach (var method in Enum.GetValues<MergeMethod>().Where(m => !TaskVectorMerge.HasOwnForm(m))) // their own forms and tests
         {
             foreach (bool normalize in new[] { true, false })
             {
@@ -165,16 +165,19 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(MergeConfig.Parse("""{"merge_method": "linear", "models": [{"model": "x"}]}""", "merge.json").Normalize, Is.True, "JSON works; linear normalises by default");
 
         var e = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("""
-            merge_method: karcher
+            merge_method: frankenstein
             base_model: base
-            slices: []
             models:
               - model: a
-                parameters: {weight: [{filter: mlp, value: 0.5}], select_topk: 0.1}
-            parameters: {t: 0.5}
+                parameters: {weight: [{filter: mlp, value: [0.5, 1]}], select_topk: 0.1, color: red}
             """, "bad.yaml"))!;
-        Assert.That(e.Message, Does.Contain("merge_method 'karcher' is not supported").And.Contain("slices").And.Contain("weight: per-layer values are supported as a list of numbers")
-            .And.Contain("option 'select_topk'").And.Contain("parameters.t is slerp's"));
+        Assert.That(e.Message, Does.Contain("merge_method 'frankenstein' is not supported")
+            .And.Contain("select_topk applies to the whole merge").And.Contain("option 'color' is not supported"));
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\nslices: []\nmodels:\n  - model: a\n", "b.yaml"))!.Message,
+            Does.Contain("give models or slices, not both"));
+        var ties = Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\nparameters: {t: 0.5, filter_wise: true}\n",
+            "t.yaml"))!;
+        Assert.That(ties.Message, Does.Contain("ties takes no t").And.Contain("ties takes no filter_wise").And.Contain("its options: weight, density"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: ties\nmodels:\n  - model: a\n", "x.yaml"))!.Message, Does.Contain("ties needs a base_model"));
         Assert.That(Assert.Throws<PeftSharpInputException>(() => MergeConfig.Parse("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n", "u.yaml"))!.Message,
             Does.Contain("'union'"));
@@ -183,18 +186,17 @@ public sealed class MergingTests : TempDirectoryTest
 
     /// <summary>
     /// Per-model parameters given as lists are gradients over the layers, as mergekit reads them: a weight going
-    /// [0, 1] leaves the first layer (and the embeddings, at depth 0) at the base and gives the last the whole task
-    /// vector; a top-level list applies where a model gives no value; out_dtype names the written type.
+    /// [0, 1] leaves the first layer (and the embeddings, at depth 0) at the base and gives the last (and the final norm,
+    /// at depth 1, as mergekit's post_weights) the whole task vector; a top-level list applies where a model gives no
+    /// value; out_dtype names the written type.
     /// </summary>
     [Test]
     public void Mergekit_GradientParameters_InterpolateOverLayers_OutDtype()
     {
         using var device = new CpuDevice();
         var config = BitDeltaCompressionTests.Small;
-        using var b = LlamaModel.Create(device, config, seed: 50);
-        using var f = LlamaModel.Create(device, config, seed: 51);
-        HuggingFaceFolder.Save(b, Path.Combine(TempDir, "base"));
-        HuggingFaceFolder.Save(f, Path.Combine(TempDir, "fine"));
+        using var b = MergekitMethodsTests.SavedAs(LlamaModel.Create(device, config, seed: 50), TempDir, "base");
+        using var f = MergekitMethodsTests.SavedAs(LlamaModel.Create(device, config, seed: 51), TempDir, "fine");
         int last = config.NumHiddenLayers - 1;
         foreach (var yaml in new[]
         {
@@ -203,9 +205,10 @@ public sealed class MergingTests : TempDirectoryTest
         })
         {
             var parsed = MergeConfig.Parse(yaml, "g.yaml");
-            Assert.That(parsed.Models[0].Gradients["weight"], Is.EqualTo(new[] { 0f, 1f }));
+            Assert.That(parsed.Slices[0].Sources[0].Settings["weight"].Single().Values, Is.EqualTo(new[] { 0f, 1f }));
             using var merged = MergeRunner.Run(parsed, TempDir, device);
-            foreach (var (name, weight) in new[] { ("model.layers.0.mlp.up_proj.weight", 0f), ($"model.layers.{last}.mlp.up_proj.weight", 1f), ("model.embed_tokens.weight", 0f) })
+            foreach (var (name, weight) in new[] { ("model.layers.0.mlp.up_proj.weight", 0f), ($"model.layers.{last}.mlp.up_proj.weight", 1f), ("model.embed_tokens.weight", 0f),
+                ("model.norm.weight", 1f) })
             {
                 var bv = b[name].Value.ToArray();
                 var fv = f[name].Value.ToArray();
@@ -304,15 +307,13 @@ public sealed class MergingTests : TempDirectoryTest
         Assert.That(TaskVectorMerge.Slerp(new[] { 2f, 0f }, new[] { 0f, 4f }, 1.0 / 3), Is.EqualTo(new[] { 2 * MathF.Cos(MathF.PI / 6), 4 * MathF.Sin(MathF.PI / 6) }).Within(1e-5f),
             "the weights sin((1 - t) theta) / sin theta and sin(t theta) / sin theta apply to the unnormalised tensors");
         Assert.That(TaskVectorMerge.Slerp(new[] { 1f, 2f }, new[] { 2f, 4.0001f }, 0.25), Is.EqualTo(new[] { 1.25f, 2.500025f }).Within(1e-5f), "nearly parallel: lerp");
-        Assert.That(new SlerpT(null, new[] { 0f, 0.5f, 1f }).At(0.25), Is.EqualTo(0.25).Within(1e-12));
-        Assert.That(new SlerpT(null, new[] { 0.2f, 1f }).At(1), Is.EqualTo(1).Within(1e-12));
+        Assert.That(new MergeSetting(null, new[] { 0f, 0.5f, 1f }).At(0.25), Is.EqualTo(0.25).Within(1e-12));
+        Assert.That(new MergeSetting(null, new[] { 0.2f, 1f }).At(1), Is.EqualTo(1).Within(1e-12));
 
         using var device = new CpuDevice();
         var config = BitDeltaCompressionTests.Small;
-        using var b = LlamaModel.Create(device, config, seed: 40);
-        using var f = LlamaModel.Create(device, config, seed: 41);
-        HuggingFaceFolder.Save(b, Path.Combine(TempDir, "base"));
-        HuggingFaceFolder.Save(f, Path.Combine(TempDir, "other"));
+        using var b = MergekitMethodsTests.SavedAs(LlamaModel.Create(device, config, seed: 40), TempDir, "base");
+        using var f = MergekitMethodsTests.SavedAs(LlamaModel.Create(device, config, seed: 41), TempDir, "other");
         int layers = config.NumHiddenLayers;
         string yaml = $$"""
             slices:
@@ -334,7 +335,7 @@ public sealed class MergingTests : TempDirectoryTest
             """;
         File.WriteAllText(Path.Combine(TempDir, "slerp.yaml"), yaml);
         var parsed = MergeConfig.Load(Path.Combine(TempDir, "slerp.yaml"));
-        Assert.That((parsed.Method, parsed.T.Count, parsed.Models.Count), Is.EqualTo((MergeMethod.Slerp, 3, 2)));
+        Assert.That((parsed.Method, parsed.Settings["t"].Count, parsed.Models.Count), Is.EqualTo((MergeMethod.Slerp, 3, 2)));
         using var merged = MergeRunner.Run(parsed, TempDir, device);
         foreach (var (name, t) in new[]
         {
@@ -351,25 +352,20 @@ public sealed class MergingTests : TempDirectoryTest
         if (layers > 2)
         {
             double depth = 1.0 / (layers - 1);
-            var mid = new SlerpT("self_attn", new[] { 0f, 0.5f, 0.3f, 0.7f, 1f }).At(depth);
+            var mid = new MergeSetting("self_attn", new[] { 0f, 0.5f, 0.3f, 0.7f, 1f }).At(depth);
             Assert.That(merged["model.layers.1.self_attn.v_proj.weight"].Value.ToArray(), Is.EqualTo(TaskVectorMerge.Slerp(b["model.layers.1.self_attn.v_proj.weight"].Value.ToArray(),
                 f["model.layers.1.self_attn.v_proj.weight"].Value.ToArray(), mid)));
         }
 
         foreach (var (bad, expected) in new[]
         {
-            (ShortFirstRange(yaml, layers), "layer_range [0, 1]"),
+            (ShortFirstRange(yaml, layers), "the same number of layers: base layer_range [0, 1] (1 layers)"),
             ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: other\n", "slerp needs parameters.t"),
             ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: other\n  - model: third\nparameters:\n  t: 0.5\n", "the base_model and one other"),
-            ("merge_method: ties\nbase_model: base\nmodels:\n  - model: other\nparameters:\n  t: 0.5\n", "parameters.t is slerp's"),
+            ("merge_method: ties\nbase_model: base\nmodels:\n  - model: other\nparameters:\n  t: 0.5\n", "ties takes no t"),
         })
         {
-            File.WriteAllText(Path.Combine(TempDir, "bad.yaml"), bad);
-            var e = Assert.Catch<Exception>(() =>
-            {
-                using var m = MergeRunner.Run(MergeConfig.Load(Path.Combine(TempDir, "bad.yaml")), TempDir, device);
-            })!;
-            Assert.That(e.Message, Does.Contain(expected), bad);
+            MergekitMethodsTests.AssertMergeFails(device, TempDir, bad, expected);
         }
     }
 
