@@ -71,6 +71,10 @@ internal static class TrainCommand
             "all-linear" };
         var rslora = new Option<bool>("--rslora") { Description = "rank-stabilised scaling alpha / sqrt(r)" };
         var dora = new Option<bool>("--dora") { Description = "DoRA: train a magnitude vector per module beside the low-rank direction" };
+        var loraBias = new Option<bool>("--lora-bias")
+        {
+            Description = "PEFT's lora_bias: lora_B trains a bias too (served unmerged per row; merges only into modules that have a bias, as PEFT's merge)",
+        };
         var bOnly = new Option<bool>("--b-only") { Description = "Train only B; A stays at its random init" };
         var adapterPerTask = new Option<bool>("--adapter-per-task") { Description = "With --method lora and builtin:tasks=A,B,...: one adapter per task, all trained in the same batches " +
             "(OUT/<task>/ each)" };
@@ -87,7 +91,7 @@ internal static class TrainCommand
             accum, optimizerKind, momentum, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
         if (finetune)
         {
-            foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
+            foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, loraBias, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
                 groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(opt);
         }
         else
@@ -121,7 +125,10 @@ internal static class TrainCommand
                 Optimizer = r.GetValue(optimizerKind)!,
                 Momentum = r.GetValue(momentum),
                 Lora = finetune && r.GetValue(method) == "lora"
-                    ? LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) with { UseDora = r.GetValue(dora), LoraDropout = r.GetValue(loraDropout) }
+                    ? LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) with
+                    {
+                        UseDora = r.GetValue(dora), LoraBias = r.GetValue(loraBias), LoraDropout = r.GetValue(loraDropout),
+                    }
                     : null,
                 LoraInit = finetune ? r.GetValue(loraInit) ?? "lora" : "lora",
                 LoraBOnly = finetune && r.GetValue(bOnly),
@@ -144,7 +151,7 @@ internal static class TrainCommand
     /// <summary>The --method each method-specific flag belongs to (--momentum belongs to --optimizer sgd instead).</summary>
     private static readonly Dictionary<string, string> MethodOfFlag = new[]
     {
-        ("lora", new[] { "--rank", "--alpha", "--targets", "--rslora", "--dora", "--b-only", "--adapter-per-task", "--dropout", "--init", "--chain-every" }),
+        ("lora", new[] { "--rank", "--alpha", "--targets", "--rslora", "--dora", "--lora-bias", "--b-only", "--adapter-per-task", "--dropout", "--init", "--chain-every" }),
         ("prefix", new[] { "--virtual-tokens", "--prefix-projection" }),
         ("sparse", new[] { "--density", "--mask", "--regrow-every" }),
     }.SelectMany(m => m.Item2.Select(f => (Flag: f, Method: m.Item1))).ToDictionary(x => x.Flag, x => x.Method);
@@ -201,6 +208,10 @@ internal static class TrainCommand
         {
             if (lora.LoraDropout is < 0f or >= 1f) throw new ArgumentException($"--dropout {lora.LoraDropout}: must be in [0, 1)");
             if (init == LoraInit.LoraGa && (lora.UseDora || flags.LoraBOnly)) throw new NotSupportedException("--init lora-ga combines with neither --dora nor --b-only");
+            if (lora.LoraBias && (lora.UseDora || init == LoraInit.LoraGa || options.ChainEvery > 0))
+            {
+                throw new NotSupportedException("--lora-bias combines with neither --dora (nor in PEFT), --init lora-ga nor --chain-every (whose merges need a bias on every module)");
+            }
             if (flags.AdapterPerTask && (init != LoraInit.Default || flags.LoraBOnly || lora.UseDora || options.ChainEvery > 0 || options.GroupCompletions))
             {
                 throw new NotSupportedException("--adapter-per-task trains plain LoRA (with --rank, --alpha, --targets, --rslora, --dropout); not with --dora, --b-only, --init lora-ga, " +
@@ -312,7 +323,7 @@ internal static class TrainCommand
         if (recipe.Lora is { } l)
         {
             d["lora"] = $"r={l.R} alpha={F(l.LoraAlpha)} targets={l.TargetRegex ?? string.Join(",", l.TargetModules)} rslora={l.UseRsLora} dora={l.UseDora} dropout={F(l.LoraDropout)} " +
-                $"b_only={recipe.LoraBOnly} init={recipe.LoraInit} per_task={recipe.AdapterPerTask != null}";
+                (l.LoraBias ? "lora_bias=True " : "") + $"b_only={recipe.LoraBOnly} init={recipe.LoraInit} per_task={recipe.AdapterPerTask != null}";
         }
 
         if (recipe.Method == FinetuneMethod.Prefix) d["prefix"] = $"tokens={recipe.VirtualTokens} projection={recipe.PrefixProjection}";

@@ -49,7 +49,7 @@ internal sealed class LoraAdapters
         {
             var (outF, inF) = PeftLoraAdapter.LinearShape(model.Config, module);
             int r = config.For(module).Rank;
-            layers[module] = NewLoraLayer($"{name}/", module, config, DefaultLoraA(rng, r, inF), new float[outF * r], magnitude: null);
+            layers[module] = NewLoraLayer($"{name}/", module, config, DefaultLoraA(rng, r, inF), new float[outF * r], magnitude: null, config.LoraBias ? new float[outF] : null);
         }
 
         loraSets.Add(new LoraSet(name, config, layers));
@@ -61,19 +61,20 @@ internal sealed class LoraAdapters
     public PeftLoraAdapter ExportSet(string name)
     {
         var set = loraSets.FirstOrDefault(s => s.Name == name) ?? throw new ArgumentException($"no adapter set named '{name}' (have: {string.Join(", ", loraSets.Select(s => s.Name))})");
-        return new(set.Config, set.Layers.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())), new Dictionary<string, float[]>());
+        return new(set.Config, set.Layers.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())), new Dictionary<string, float[]>(), null, Biases(set.Layers));
     }
 
     /// <summary>
     /// Adds a LoRA layer to every module <paramref name="config"/> targets: A (r, in) from PEFT's default init
     /// (uniform in +-1/sqrt(in), i.e. kaiming_uniform with a = sqrt(5)), B (out, r) zero, so the model is unchanged
     /// until B trains; with use_dora, a magnitude m = ||W||_row. Weights come from <paramref name="from"/> where it
-    /// has them. With <paramref name="freezeBase"/>, every base parameter stops training; with
+    /// has them; with lora_bias, lora_B's bias starts at zero as PEFT's does. With <paramref name="freezeBase"/>, every base parameter stops training; with
     /// <paramref name="trainA"/> false, A stays at its random init and only B (and m) train.
     /// </summary>
     public void Add(LoraAdapterConfig config, int seed, bool freezeBase = true, PeftLoraAdapter? from = null, bool trainA = true)
     {
         if (from is { Saved.Count: > 0 }) throw new NotSupportedException($"training from an adapter with modules_to_save ({string.Join(", ", from.Saved.Keys)}) is not supported");
+        if (from != null && from.Config.LoraBias != config.LoraBias) throw new ArgumentException($"the adapter to start from has lora_bias {from.Config.LoraBias}, the config {config.LoraBias}");
         var rng = new Random(seed);
         foreach (var module in LoraTargets(config))
         {
@@ -107,7 +108,8 @@ internal sealed class LoraAdapters
                 magnitude = new Parameter($"base_model.model.{module}.lora_magnitude_vector", model.Device.FromArray(module + ".lora_magnitude_vector", m, outF));
             }
 
-            var layer = NewLoraLayer("", module, config, a, b, magnitude);
+            float[]? bias = !config.LoraBias ? null : from != null && from.Biases.TryGetValue(module, out var fb) ? fb : new float[outF];
+            var layer = NewLoraLayer("", module, config, a, b, magnitude, bias);
             layer.A.Trainable = trainA;
             lora[module] = layer;
             linear(module).Adapter = layer;
@@ -136,16 +138,22 @@ internal sealed class LoraAdapters
     }
 
     /// <summary>A LoRA layer on <paramref name="module"/>, its parameters named <paramref name="prefix"/> + PEFT's keys.</summary>
-    private LoraLayer NewLoraLayer(string prefix, string module, LoraAdapterConfig config, float[] a, float[] b, Parameter? magnitude)
+    private LoraLayer NewLoraLayer(string prefix, string module, LoraAdapterConfig config, float[] a, float[] b, Parameter? magnitude, float[]? bias)
     {
         int r = config.For(module).Rank;
         var (outF, inF) = PeftLoraAdapter.LinearShape(model.Config, module);
+        if (bias != null && magnitude != null) throw new NotSupportedException($"{module}: lora_bias with DoRA is not supported (nor in PEFT)");
         var pa = new Parameter($"{prefix}base_model.model.{module}.lora_A.weight", model.Device.FromArray($"{prefix}{module}.lora_A", a, r, inF));
         var pb = new Parameter($"{prefix}base_model.model.{module}.lora_B.weight", model.Device.FromArray($"{prefix}{module}.lora_B", b, outF, r));
+        var pbias = bias == null ? null : new Parameter($"{prefix}base_model.model.{module}.lora_B.bias", model.Device.FromArray($"{prefix}{module}.lora_B.bias", bias, outF));
         return magnitude == null
-            ? new LoraLayer(module, pa, pb, r, config.Scale(module), config.LoraDropout)
+            ? new LoraLayer(module, pa, pb, r, config.Scale(module), config.LoraDropout) { BiasB = pbias }
             : new DoraLayer(module, pa, pb, r, config.Scale(module), config.LoraDropout, magnitude);
     }
+
+    /// <summary>lora_B's biases of <paramref name="layers"/> that have one, by module.</summary>
+    private static Dictionary<string, float[]> Biases(IReadOnlyDictionary<string, LoraLayer> layers) =>
+        layers.Where(l => l.Value.BiasB != null).ToDictionary(l => l.Key, l => l.Value.BiasB!.Value.ToArray());
 
     /// <summary>
     /// Chain of LoRA: merges every LoRA layer into its base weight (W += s B A, or DoRA's rescaled form), then starts
@@ -156,6 +164,7 @@ internal sealed class LoraAdapters
     {
         var ops = model.Device.Ops;
         var rng = new Random(seed);
+        if (lora.Values.Any(l => l.BiasB != null)) throw new NotSupportedException("chain of LoRA with lora_bias: merging lora_B's bias needs a bias on the base module, which Llama's have not");
         foreach (var (module, l) in lora)
         {
             var w = model[module + ".weight"].Value;
@@ -232,7 +241,7 @@ internal sealed class LoraAdapters
         }
 
         var magnitudes = lora.Where(l => l.Value.Magnitude != null).ToDictionary(l => l.Key, l => l.Value.Magnitude!.Value.ToArray());
-        if (loraInit.Count == 0) return new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())), magnitudes);
+        if (loraInit.Count == 0) return new(config, lora.ToDictionary(l => l.Key, l => (l.Value.A.Value.ToArray(), l.Value.B.Value.ToArray())), magnitudes, null, Biases(lora));
         if (config.RankPattern.Count > 0 || config.AlphaPattern.Count > 0) throw new NotSupportedException("exporting a LoRA-GA adapter with rank_pattern or alpha_pattern is not supported");
         int r2 = 2 * config.R;
         var doubled = config with { R = r2, LoraAlpha = config.UseRsLora ? config.LoraAlpha * MathF.Sqrt(2f) : config.LoraAlpha * 2 };
@@ -256,6 +265,6 @@ internal sealed class LoraAdapters
             modules[module] = (a.Concat(a0).ToArray(), b2);
         }
 
-        return new(doubled, modules, magnitudes);
+        return new(doubled, modules, magnitudes, null, Biases(lora));
     }
 }

@@ -4,8 +4,8 @@ using PeftSharp.Model;
 namespace PeftSharp.Adapters;
 
 /// <summary>
-/// A LoRA layer on one linear module: y = x W^T + Scale * (dropout(x) A^T) B^T, A (R, in), B (out, R).
-/// <see cref="DoraLayer"/> adds DoRA's magnitude.
+/// A LoRA layer on one linear module: y = x W^T + Scale * ((dropout(x) A^T) B^T + 1 b^T), A (R, in), B (out, R), and
+/// b (out) lora_B's bias where PEFT's lora_bias gives one. <see cref="DoraLayer"/> adds DoRA's magnitude.
 /// </summary>
 public class LoraLayer : IAdapterLayer
 {
@@ -33,7 +33,10 @@ public class LoraLayer : IAdapterLayer
     /// <summary>DoRA's magnitude vector (out), or null for plain LoRA.</summary>
     public virtual Parameter? Magnitude => null;
 
-    public virtual IEnumerable<Parameter> Parameters => new[] { A, B };
+    /// <summary>lora_B's bias b (out) under PEFT's lora_bias, or null.</summary>
+    public Parameter? BiasB { get; init; }
+
+    public virtual IEnumerable<Parameter> Parameters => BiasB == null ? new[] { A, B } : new[] { A, B, BiasB };
 
     protected Ops Ops => A.Value.Device.Ops;
 
@@ -68,12 +71,14 @@ public class LoraLayer : IAdapterLayer
     {
         Shrink(x, training, dropoutSeed, saved);
         Ops.MatMul(saved.T, B.Value, y, transposeB: true, alpha: Scale, beta: 1f);
+        if (BiasB != null) RowBroadcast.AddToRows(y, BiasB.Value, Scale);
     }
 
-    /// <summary>The low-rank path's backward: dB += s dy^T t, dA += (s dy B)^T x_dropped, dx += (s dy B) A (masked by dropout).</summary>
+    /// <summary>The low-rank path's backward: dB += s dy^T t, db += s dy^T 1, dA += (s dy B)^T x_dropped, dx += (s dy B) A (masked by dropout).</summary>
     internal void AddLowRankBackward(Tensor x, Tensor dy, Tensor dx, LoraSaved saved)
     {
         var ops = Ops;
+        if (BiasB is { Trainable: true }) RowBroadcast.AddColumnSums(dy, BiasB.Grad, Scale);
         if (B.Trainable) ops.MatMul(dy, saved.T, B.Grad, transposeA: true, alpha: Scale, beta: 1f);
         using var dt = Device.Zeros(Module + ".lora_dt", x.Dim(0), Rank);
         ops.MatMul(dy, B.Value, dt, alpha: Scale);

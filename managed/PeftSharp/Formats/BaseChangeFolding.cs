@@ -72,7 +72,7 @@ public static class BaseChangeFolding
             }
         }
 
-        return new PeftLoraAdapter(folded, modules, null, adapter.Saved);
+        return new PeftLoraAdapter(folded, modules, null, adapter.Saved, adapter.Biases); // lora_B's bias does not depend on the base
     }
 
     /// <summary>B0 (out, r) and A0 (r, in) as PEFT's pissa_init sets them: S_r /= s, A0 = sqrt(S_r) Uh_r, B0 = V_r sqrt(S_r).</summary>

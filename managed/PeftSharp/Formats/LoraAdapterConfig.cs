@@ -16,6 +16,12 @@ public sealed record LoraAdapterConfig
     public bool UseRsLora { get; init; }
     /// <summary>DoRA: a trained magnitude vector per targeted module (lora_magnitude_vector, [out]).</summary>
     public bool UseDora { get; init; }
+
+    /// <summary>
+    /// PEFT's lora_bias: lora_B carries a bias (lora_B.bias, [out]), so the branch adds s (B A x + b). It merges only into
+    /// a module that has a bias (PEFT refuses the merge otherwise); served unmerged it is each row's own bias. Not with DoRA.
+    /// </summary>
+    public bool LoraBias { get; init; }
     /// <summary>
     /// List form: module names matched by their last component; or one string (<see cref="TargetRegex"/>): "all-linear"
     /// or a regex over the module path. Neither given: every linear layer, as "all-linear".

@@ -19,15 +19,23 @@ public sealed class PeftLoraAdapter : IVariant
     private const string Prefix = "base_model.model.";
 
     public PeftLoraAdapter(LoraAdapterConfig config, IReadOnlyDictionary<string, (float[] A, float[] B)> modules, IReadOnlyDictionary<string, float[]>? magnitudes = null,
-        IReadOnlyDictionary<string, float[]>? saved = null)
+        IReadOnlyDictionary<string, float[]>? saved = null, IReadOnlyDictionary<string, float[]>? biases = null)
     {
         Config = config;
         Modules = modules;
         Magnitudes = magnitudes ?? new Dictionary<string, float[]>();
         Saved = saved ?? new Dictionary<string, float[]>();
+        Biases = biases ?? new Dictionary<string, float[]>();
         if (config.UseDora
             && Magnitudes.Count != modules.Count) throw new ArgumentException($"a DoRA adapter needs a magnitude vector for each of its {modules.Count} modules, got {Magnitudes.Count}");
+        if (config.LoraBias ? Biases.Count != modules.Count || Biases.Keys.Any(m => !modules.ContainsKey(m)) : Biases.Count > 0)
+        {
+            throw new ArgumentException($"lora_bias is {config.LoraBias}: the adapter needs a lora_B bias for each of its {modules.Count} modules exactly when it is true, got {Biases.Count}");
+        }
     }
+
+    /// <summary>lora_B's bias b (out) per module (lora_bias): the branch adds s (B A x + b). Empty without lora_bias.</summary>
+    public IReadOnlyDictionary<string, float[]> Biases { get; }
 
     public LoraAdapterConfig Config { get; }
 
@@ -89,7 +97,8 @@ public sealed class PeftLoraAdapter : IVariant
             problems.Add($"layers_pattern {lp.ToJsonString()} is not supported (a Llama's layers are model.layers: \"layers\")");
         }
 
-        if (o["lora_bias"] is JsonValue lb && lb.GetValueKind() == JsonValueKind.True) problems.Add("lora_bias = true (a bias on lora_B) is not supported");
+        bool loraBias = o["lora_bias"] is JsonValue lb && lb.GetValueKind() == JsonValueKind.True;
+        if (loraBias && o["use_dora"]?.Value<bool>() == true) problems.Add("lora_bias = true with use_dora = true (PEFT does not support the pair either)");
         // Initialisations after which PEFT's loader changes the base weights too. pissa (full SVD) and olora (QR) are
         // deterministic, so Load(folder, model) folds the base's change into the adapter; the randomized or
         // data-dependent ones would give another model here, so they are refused.
@@ -164,6 +173,7 @@ public sealed class PeftLoraAdapter : IVariant
             LoraDropout = o["lora_dropout"] is { } ld ? (float)ld.Value<double>() : 0,
             UseRsLora = o["use_rslora"]?.Value<bool>() ?? false,
             UseDora = o["use_dora"]?.Value<bool>() ?? false,
+            LoraBias = loraBias,
             TargetModules = targets,
             TargetRegex = regex,
             ModulesToSave = o["modules_to_save"] is JsonArray mts ? mts.Select(t => t!.Value<string>()).ToList() : Array.Empty<string>(),
@@ -211,6 +221,7 @@ public sealed class PeftLoraAdapter : IVariant
         var problems = new List<string>();
         var modules = new Dictionary<string, (float[], float[])>();
         var magnitudes = new Dictionary<string, float[]>();
+        var biases = new Dictionary<string, float[]>();
         var used = new HashSet<string>();
         foreach (var module in targets)
         {
@@ -235,13 +246,17 @@ public sealed class PeftLoraAdapter : IVariant
             }
 
             if (ok) modules[module] = (file.ReadFloats(ka), file.ReadFloats(kb));
-            if (config.UseDora)
+            // (out) vectors beside A and B: lora_B's bias under lora_bias, DoRA's magnitude under use_dora.
+            foreach (var (on, key, why, into) in new[]
             {
-                string km = $"{Prefix}{module}.lora_magnitude_vector";
-                used.Add(km);
-                if (!file.Contains(km)) problems.Add($"missing {km} [{outF}] (use_dora is true)");
-                else if (!file[km].Shape.SequenceEqual(new long[] { outF })) problems.Add($"{km} is {file[km].ShapeText}, expected [{outF}]");
-                else magnitudes[module] = file.ReadFloats(km);
+                (config.LoraBias, $"{Prefix}{module}.lora_B.bias", "lora_bias", biases), (config.UseDora, $"{Prefix}{module}.lora_magnitude_vector", "use_dora", magnitudes),
+            })
+            {
+                if (!on) continue;
+                used.Add(key);
+                if (!file.Contains(key)) problems.Add($"missing {key} [{outF}] ({why} is true)");
+                else if (!file[key].Shape.SequenceEqual(new long[] { outF })) problems.Add($"{key} is {file[key].ShapeText}, expected [{outF}]");
+                else into[module] = file.ReadFloats(key);
             }
         }
 
@@ -274,7 +289,7 @@ public sealed class PeftLoraAdapter : IVariant
         }
 
         if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the adapter does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
-        return new PeftLoraAdapter(config, modules, magnitudes, saved);
+        return new PeftLoraAdapter(config, modules, magnitudes, saved, biases);
     }
 
     /// <summary>(out, in) of a Llama linear module path.</summary>
@@ -305,6 +320,7 @@ public sealed class PeftLoraAdapter : IVariant
             tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_A.weight", a, new[] { r, inF }));
             tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_B.weight", b, new[] { outF, r }));
             if (Magnitudes.TryGetValue(module, out var m)) tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_magnitude_vector", m, new[] { outF }));
+            if (Biases.TryGetValue(module, out var bias)) tensors.Add(new SafeTensorData($"{Prefix}{module}.lora_B.bias", bias, new[] { outF }));
         }
 
         var shapes = LlamaModel.ParameterShapes(model).ToDictionary(s => s.Name, s => s.Shape);
@@ -319,6 +335,7 @@ public sealed class PeftLoraAdapter : IVariant
             ["lora_dropout"] = Config.LoraDropout,
             ["use_rslora"] = Config.UseRsLora,
             ["use_dora"] = Config.UseDora,
+            ["lora_bias"] = Config.LoraBias,
             ["fan_in_fan_out"] = false,
             ["bias"] = "none",
             ["target_modules"] = Config.TargetRegex != null ? JsonValue.Create(Config.TargetRegex)

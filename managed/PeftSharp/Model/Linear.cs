@@ -43,38 +43,31 @@ internal sealed class Linear
     /// <summary>True when the output is the base product alone for this pass.</summary>
     public bool IsPlain(LinearPass pass) => Adapter == null && pass.SetRows == null && pass.Variants == null && Bias == null;
 
+    /// <summary>The bias's parameter name (model.layers.0.self_attn.q_proj.bias), also where a row's variant gives its own.</summary>
+    public string BiasName => Module + ".bias";
+
     public void Forward(Tensor x, Tensor y, LinearPass pass)
     {
         ForwardUnbiased(x, y, pass);
-        if (Bias != null) AddBias(y, pass);
+        if (Bias != null || pass.Variants != null) AddBias(y, pass);
     }
 
     /// <summary>
     /// y += 1 b^T: the bias after the base product, the row variants and the adapters (DoRA rescales W x + B A x and
     /// leaves the bias out, as PEFT does); a row whose variant carries its own bias (a full fine-tune's 1-bit or dense
-    /// delta) adds that one instead.
+    /// delta, or a lora_bias adapter served unmerged, also on a module without a base bias) adds that one instead.
     /// </summary>
     private void AddBias(Tensor y, LinearPass pass)
     {
-        var device = Weight.Value.Device;
         int rows = y.Dim(0), outF = y.Dim(1);
-        using var ones = OnesColumn(rows);
-        var runs = VariantRuns.Replacements(pass.Variants, Bias!.Name, Enumerable.Range(0, rows));
+        var runs = VariantRuns.Replacements(pass.Variants, BiasName, Enumerable.Range(0, rows));
         int at = 0;
-        foreach (var (start, count, own) in runs.Append((rows, 0, Bias.Value)))
+        foreach (var (start, count, own) in runs.Append((rows, 0, Bias?.Value!)))
         {
-            if (start > at) device.Ops.MatMul(ones.View(at, start - at, 1), Bias.Value.Reshape(1, outF), y.View(at * outF, start - at, outF), beta: 1f);
-            if (count > 0) device.Ops.MatMul(ones.View(start, count, 1), own.Reshape(1, outF), y.View(start * outF, count, outF), beta: 1f);
+            if (start > at && Bias != null) RowBroadcast.AddToRows(y.View(at * outF, start - at, outF), Bias.Value);
+            if (count > 0) RowBroadcast.AddToRows(y.View(start * outF, count, outF), own);
             at = start + count;
         }
-    }
-
-    /// <summary>A (rows, 1) column of ones on the weight's device: the bias's product with it broadcasts b over the rows.</summary>
-    private Tensor OnesColumn(int rows)
-    {
-        var ones = Weight.Value.Device.Empty("ones", rows, 1);
-        Weight.Value.Device.Ops.Fill(ones, 1f);
-        return ones;
     }
 
     private void ForwardUnbiased(Tensor x, Tensor y, LinearPass pass)
@@ -111,12 +104,7 @@ internal sealed class Linear
     /// <summary>dx = dL/dx (overwritten); dW and the adapters' gradients added where they train.</summary>
     public void Backward(Tensor x, Tensor dy, Tensor dx, LinearPass pass)
     {
-        if (Bias is { Trainable: true })
-        {
-            // db = dy^T 1: each output's gradient summed over the rows.
-            using var ones = OnesColumn(dy.Dim(0));
-            Weight.Value.Device.Ops.MatMul(ones, dy, Bias.Grad.Reshape(1, dy.Dim(1)), transposeA: true, beta: 1f);
-        }
+        if (Bias is { Trainable: true }) RowBroadcast.AddColumnSums(dy, Bias.Grad); // db = dy^T 1
 
         if (Adapter != null)
         {

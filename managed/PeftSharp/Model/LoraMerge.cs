@@ -5,13 +5,22 @@ namespace PeftSharp.Model;
 /// <summary>
 /// Merging a LoRA adapter into the base weights (W += s B A) and taking it back out (W -= s B A). A DoRA adapter
 /// merges as W' = m / ||W + s B A||_row * (W + s B A); taking that out needs the row norms of the merge, which the
-/// merged weight no longer holds, so <see cref="Merge"/> returns them.
+/// merged weight no longer holds, so <see cref="Merge"/> returns them. lora_B's bias (lora_bias) merges into the
+/// module's bias, b' = b + s b_B; a module without a bias refuses the merge, as PEFT does.
 /// </summary>
 public static class LoraMerge
 {
     /// <summary>Merges the adapter; the result holds what <see cref="Unmerge"/> needs for a DoRA adapter.</summary>
     public static MergeRecord Merge(LlamaModel model, PeftLoraAdapter adapter)
     {
+        var bare = adapter.Biases.Keys.Where(m => !model.Has(m + ".bias")).ToList();
+        if (bare.Count > 0)
+        {
+            throw new NotSupportedException($"lora_bias: {string.Join(", ", bare)} {(bare.Count == 1 ? "has" : "have")} no bias to merge lora_B's bias into (PEFT refuses this merge " +
+                "too); serve the adapter unmerged (eval or generate --adapter), where each row adds its own bias");
+        }
+
+        AddBiases(model, adapter, +1f);
         var norms = new Dictionary<string, float[]>();
         foreach (var (module, (a, b)) in adapter.Modules)
         {
@@ -67,6 +76,19 @@ public static class LoraMerge
             }
 
             AddProduct(model, adapter, module, a, b, -1f);
+        }
+
+        AddBiases(model, adapter, -1f);
+    }
+
+    /// <summary>Each module's bias += sign s b_B (lora_bias).</summary>
+    private static void AddBiases(LlamaModel model, PeftLoraAdapter adapter, float sign)
+    {
+        foreach (var (module, bias) in adapter.Biases)
+        {
+            var target = model[module + ".bias"].Value;
+            float s = sign * adapter.Config.Scale(module);
+            target.CopyFrom(target.ToArray().Select((v, i) => v + s * bias[i]).ToArray());
         }
     }
 

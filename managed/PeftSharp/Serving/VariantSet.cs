@@ -59,6 +59,15 @@ public sealed class VariantSet : IDisposable
         CheckReplaceable(name, adapter.Saved.Keys);
         variants.Add((name, adapter, null, null));
         foreach (var (parameter, values) in adapter.Saved) AddReplacement(variants.Count - 1, parameter, values); // modules_to_save
+        foreach (var (module, bias) in adapter.Biases)
+        {
+            // lora_bias: the row's bias is the module's (zero where it has none) plus s b_B, added after the products.
+            string parameter = module + ".bias";
+            var values = Model.Has(parameter) ? Model[parameter].Value.ToArray() : new float[bias.Length];
+            float scale = adapter.Config.Scale(module);
+            for (int i = 0; i < values.Length; i++) values[i] += scale * bias[i];
+            replacements[(variants.Count - 1, parameter)] = Model.Device.FromArray($"{name}.{parameter}", values, values.Length);
+        }
         dirty = true;
         return variants.Count - 1;
     }

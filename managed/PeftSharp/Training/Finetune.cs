@@ -106,6 +106,7 @@ public static class Finetune
         }
 
         string kind = $"{(lora.UseDora ? "DoRA" : "LoRA")} r = {lora.R}, alpha = {lora.LoraAlpha}{(lora.UseRsLora ? " (rsLoRA)" : "")}{(options.LoraBOnly ? ", B only" : "")}" +
+            $"{(lora.LoraBias ? ", lora_bias" : "")}" +
             $"{(options.LoraInit == LoraInit.LoraGa ? ", LoRA-GA init" : "")}{(lora.LoraDropout > 0 ? $", dropout {lora.LoraDropout}" : "")}" +
             $"{(train.ChainEvery > 0 ? $", chained every {train.ChainEvery} steps" : "")}";
         recipe.Description = $"{kind} on {model.Lora.Count} modules: {recipe.Trainable:N0} trainable parameters ({100.0 * recipe.Trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})";

@@ -335,7 +335,7 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
         Assert.That(cfg.TargetsIn(Model).Count(), Is.EqualTo(8));
         foreach (var (json, name) in new[]
         {
-            ("""{"peft_type": "LORA", "target_modules": ["q_proj"], "lora_bias": true}""", "lora_bias"),
+            ("""{"peft_type": "LORA", "target_modules": ["q_proj"], "lora_bias": true, "use_dora": true}""", "lora_bias = true with use_dora"),
             ("""{"peft_type": "LORA", "target_modules": ["q_proj"], "layers_pattern": "h"}""", "layers_pattern"),
             ("""{"peft_type": "LORA", "target_modules": ["q_proj"], "init_lora_weights": "pissa_niter_4"}""", "pissa_niter_4"),
             ("""{"peft_type": "LORA", "target_modules": ["q_proj"], "init_lora_weights": "corda"}""", "corda"),
@@ -435,8 +435,8 @@ public sealed class PeftLoraAdapterTests : TempDirectoryTest
     public void UnsupportedOptions_AllNamedInOneError()
     {
         var e = Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig(
-            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "fan_in_fan_out": true, "bias": "all", "lora_bias": true}""", "adapter_config.json"))!;
-        Assert.That(e.Message, Does.Contain("fan_in_fan_out").And.Contain("bias = 'all'").And.Contain("lora_bias").And.Contain("c_attn"));
+            """{"peft_type": "LORA", "target_modules": ["q_proj", "c_attn"], "fan_in_fan_out": true, "bias": "all", "layers_pattern": "h"}""", "adapter_config.json"))!;
+        Assert.That(e.Message, Does.Contain("fan_in_fan_out").And.Contain("bias = 'all'").And.Contain("layers_pattern").And.Contain("c_attn"));
         Assert.Throws<NotSupportedException>(() => PeftLoraAdapter.ParseConfig("""{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}""", "x"));
     }
 }

@@ -145,6 +145,7 @@ public sealed class HostJobTests : TempDirectoryTest
             ("ga", new[] { "--init", "lora-ga" }, "LoRA-GA init"),
             ("chain", new[] { "--chain-every", "2" }, "chained every 2 steps"),
             ("dora-dropout", new[] { "--dora", "--dropout", "0.1" }, "DoRA r = 4, alpha = 16, dropout 0.1"),
+            ("lora-bias", new[] { "--lora-bias" }, "LoRA r = 4, alpha = 16, lora_bias"),
         })
         {
             string dir = Path.Combine(TempDir, name);
@@ -156,6 +157,14 @@ public sealed class HostJobTests : TempDirectoryTest
         }
 
         Assert.That(PeftSharp.Formats.PeftLoraAdapter.ParseConfig(File.ReadAllText(Path.Combine(TempDir, "ga", "adapter_config.json")), "ga").R, Is.EqualTo(8), "LoRA-GA exports rank 2r");
+        // A lora_bias adapter writes PEFT's lora_bias and is scored unmerged (Llama's modules have no bias to merge into).
+        Assert.That(PeftSharp.Formats.PeftLoraAdapter.ParseConfig(File.ReadAllText(Path.Combine(TempDir, "lora-bias", "adapter_config.json")), "b").LoraBias, Is.True);
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"biased={Path.Combine(TempDir, "lora-bias")}", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("biased"));
+        r = Peft.Run("merge", "--model", pre, "--adapter", Path.Combine(TempDir, "lora-bias"), "--out", Path.Combine(TempDir, "bias-merged"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(2), r.Err);
+        Assert.That(r.Err, Does.Contain("lora_bias").And.Contain("no bias to merge"), "merging into bias-less modules is refused, as PEFT refuses it");
 
         // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
         string prefixDir = Path.Combine(TempDir, "prefix");
