@@ -56,7 +56,7 @@ public sealed class LoraMethodsTests : TempDirectoryTest
     {
         using var device = new CpuDevice();
         var configA = new LoraAdapterConfig { R = 2, LoraAlpha = 4, TargetRegex = "all-linear" };
-        var configB = new LoraAdapterConfig { R = 3, LoraAlpha = 3, TargetModules = new[] { "q_proj", "v_proj", "down_proj" } };
+        var configB = new LoraAdapterConfig { R = 3, LoraAlpha = 3, TargetModules = new[] { "q_proj", "v_proj", "down_proj" }, LoraBias = true }; // b's with lora_bias
         const int t = 5;
         var tokens = TestData.Ints(4 * t, 3, Micro.VocabSize);
         var targets = TestData.Ints(4 * t, 4, Micro.VocabSize);
@@ -65,6 +65,7 @@ public sealed class LoraMethodsTests : TempDirectoryTest
         joint.AddLoraSet("a", configA, seed: 1);
         joint.AddLoraSet("b", configB, seed: 2);
         foreach (var l in joint.LoraSets.SelectMany(set => set.Layers.Values)) l.B.Value.CopyFrom(TestData.Uniform(l.B.Value.Length, l.B.Value.Length + 7, -0.5f, 0.5f));
+        foreach (var l in joint.LoraSets[1].Layers.Values) l.BiasB!.Value.CopyFrom(TestData.Uniform(l.BiasB.Value.Length, 5, -0.5f, 0.5f));
         joint.ZeroGrad();
         var (jointLoss, jointCount) = joint.Loss(tokens, targets, 4, backward: true, new[] { 1, 3 });
         Assert.That(joint.Parameters.All(p => !p.Trainable), "the base is frozen");
@@ -83,6 +84,7 @@ public sealed class LoraMethodsTests : TempDirectoryTest
                 {
                     alone.Lora[module].A.Value.CopyFrom(l.A.Value.ToArray());
                     alone.Lora[module].B.Value.CopyFrom(l.B.Value.ToArray());
+                    alone.Lora[module].BiasB?.Value.CopyFrom(l.BiasB!.Value.ToArray());
                 }
 
                 alone.ZeroGrad();
@@ -100,7 +102,8 @@ public sealed class LoraMethodsTests : TempDirectoryTest
                 double share = (double)counted / total;
                 foreach (var (module, l) in joint.LoraSets[k].Layers)
                 {
-                    foreach (var (got, single, what) in new[] { (l.A, alone.Lora[module].A, "A"), (l.B, alone.Lora[module].B, "B") })
+                    var pairs = new[] { (l.A, alone.Lora[module].A, "A"), (l.B, alone.Lora[module].B, "B") };
+                    foreach (var (got, single, what) in l.BiasB == null ? pairs : pairs.Append((l.BiasB, alone.Lora[module].BiasB!, "lora_B.bias")))
                     {
                         var expected = single.Grad.ToArray().Select(g => (float)(g * share)).ToArray();
                         Check.Close(got.Grad.ToArray(), expected, (2e-6, 1e-4), $"set {joint.LoraSets[k].Name} {module} {what}");
@@ -111,6 +114,8 @@ public sealed class LoraMethodsTests : TempDirectoryTest
             Assert.That(joint.LoraSets[1].Layers["model.layers.0.self_attn.q_proj"].A.Grad.ToArray().Any(g => g != 0f), "b's gradients are not empty");
             var exported = joint.ExportLoraSet("b");
             Assert.That(exported.Modules.Keys, Is.EquivalentTo(joint.LoraSets[1].Layers.Keys));
+            Assert.That(exported.Biases.Keys, Is.EquivalentTo(joint.LoraSets[1].Layers.Keys), "lora_bias exports lora_B's biases");
+            Assert.That(joint.LoraSets[1].Layers.Values.All(l => l.BiasB!.Grad.ToArray().Any(g => g != 0f)), "the biases get gradients");
         }
         finally
         {
