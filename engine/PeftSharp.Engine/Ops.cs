@@ -380,19 +380,20 @@ public sealed partial class Ops
     /// <summary>
     /// Grouped-query attention with online softmax. q (B, Tq, H, D); k, v (B, Tk, Hkv, D); o (B, Tq, H, D);
     /// lse (B, Tq, H) receives each row's log-sum-exp (-infinity where a query sees no key, whose output is 0).
-    /// Causal masking is bottom-right aligned (query i is at position i + Tk - Tq). Scale defaults to 1/sqrt(D).
+    /// Causal masking is bottom-right aligned (query i is at position i + Tk - Tq). Scale defaults to 1/sqrt(D). A
+    /// causal <paramref name="window"/> W > 0 (a sliding window, Mistral's) also hides keys W or more positions back.
     /// </summary>
-    public void Attention(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float? scale = null)
+    public void Attention(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float? scale = null, int window = 0)
     {
-        var s = AttentionShapeOf("attention", q, k, v, o, lse, causal, scale);
+        var s = AttentionShapeOf("attention", q, k, v, o, lse, causal, scale, window);
         device.AttentionCore(q, k, v, o, lse, s);
     }
 
     /// <summary>Backward of <see cref="Attention"/>: dq, dk, dv overwritten; dk and dv sum over each group's heads.</summary>
     public void AttentionBackward(
-        Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, bool causal, float? scale = null)
+        Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dO, Tensor dq, Tensor dk, Tensor dv, bool causal, float? scale = null, int window = 0)
     {
-        var s = AttentionShapeOf("attention backward", q, k, v, o, lse, causal, scale);
+        var s = AttentionShapeOf("attention backward", q, k, v, o, lse, causal, scale, window);
         SameShape("attention backward", o, dO, dq);
         SameShape("attention backward", k, dk);
         SameShape("attention backward", v, dv);
@@ -499,8 +500,9 @@ public sealed partial class Ops
         return norm;
     }
 
-    private AttentionShape AttentionShapeOf(string op, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float? scale)
+    private AttentionShape AttentionShapeOf(string op, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float? scale, int window = 0)
     {
+        if (window < 0 || (window > 0 && !causal)) throw new ArgumentException($"{op}: a sliding window ({window}) must be positive and causal");
         Check(op, q, k, v, o, lse);
         if (q.Rank != 4 || k.Rank != 4 || v.Rank != 4)
         {
@@ -518,7 +520,7 @@ public sealed partial class Ops
         if (hkv == 0 || h % hkv != 0) throw new ArgumentException($"{op}: H = {h} of q {q} must be a multiple of Hkv = {hkv} of k {k}");
         if (!o.Shape.SequenceEqual(q.Shape)) throw new ArgumentException($"{op}: o {o} must have the shape of q {q}");
         Expect(op, lse, b * h * tq, $"(B = {b}, Tq = {tq}, H = {h})");
-        return new AttentionShape(b, tq, tk, h, hkv, d, causal, scale ?? (float)(1.0 / Math.Sqrt(d)));
+        return new AttentionShape(b, tq, tk, h, hkv, d, causal, scale ?? (float)(1.0 / Math.Sqrt(d)), window);
     }
 
     private int CheckCrossEntropy(string op, Tensor logits, IndexTensor targets, int ignoreIndex)

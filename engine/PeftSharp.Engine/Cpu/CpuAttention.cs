@@ -7,7 +7,9 @@ namespace PeftSharp.Engine.Cpu;
 /// <summary>
 /// Grouped-query attention on the CPU in query blocks: S = scale Q_blk K^T and O_blk = P V run on the packed GEMM;
 /// the softmax of each (block x visible keys) strip is exact (max, exp, sum per row), so only one strip per thread
-/// is ever stored, never the Tq x Tk matrix. Layouts as in <see cref="AttentionShape"/>.
+/// is ever stored, never the Tq x Tk matrix. A block's strip spans the keys its rows see, from the first row's first
+/// key (a sliding window moves it) to the last row's last; each row masks the keys outside its own range. Layouts as in
+/// <see cref="AttentionShape"/>.
 /// </summary>
 internal static unsafe class CpuAttention
 {
@@ -37,9 +39,10 @@ internal static unsafe class CpuAttention
                 int i0 = blk * qb;
                 int positions = Math.Min(qb, s.Tq - i0);
                 int rows = positions * g;
-                int keys = s.VisibleKeys(i0 + positions - 1);
+                int k0 = s.FirstKey(i0); // the strip's first key: the block's rows see keys k0 .. k0 + keys - 1 at most
+                int keys = s.VisibleKeys(i0 + positions - 1) - k0;
                 int ldk = s.Hkv * s.D;
-                if (keys == 0)
+                if (keys <= 0)
                 {
                     for (int r = 0; r < positions; r++)
                     {
@@ -71,7 +74,7 @@ internal static unsafe class CpuAttention
                             }
                         }
 
-                        Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qRows, s.D, pk + s.KIndex(b, 0, hk), ldk, 0f, ps, keys, parallel: false);
+                        Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qRows, s.D, pk + s.KIndex(b, k0, hk), ldk, 0f, ps, keys, parallel: false);
                         // Softmax rows are left unnormalised, e^(s - max) (VectorExp: TensorPrimitives' exp was most of
                         // this loop); O's rows are scaled by 1 / sum after P V, D multiplies a row instead of Tk.
                         Span<float> inverse = stackalloc float[rows];
@@ -79,15 +82,16 @@ internal static unsafe class CpuAttention
                         {
                             int i = i0 + r / g;
                             float* row = ps + (long)r * keys;
-                            int n = s.VisibleKeys(i);
-                            float max = n == 0 ? 0f : VectorExp.Max(row, n);
-                            float sum = VectorExp.ExpShifted(row, n, max);
-                            new Span<float>(row + n, keys - n).Clear();
-                            inverse[r] = n == 0 ? 0f : 1f / sum;
-                            pl[s.LseIndex(b, hk * g + r % g, i)] = n == 0 ? float.NegativeInfinity : max + MathF.Log(sum);
+                            int lo = s.FirstKey(i) - k0, n = s.VisibleKeys(i) - k0 - lo; // this row's keys: strip columns lo .. lo + n - 1
+                            float max = n <= 0 ? 0f : VectorExp.Max(row + lo, n);
+                            float sum = n <= 0 ? 0f : VectorExp.ExpShifted(row + lo, n, max);
+                            new Span<float>(row, lo).Clear();
+                            new Span<float>(row + lo + Math.Max(n, 0), keys - lo - Math.Max(n, 0)).Clear();
+                            inverse[r] = n <= 0 ? 0f : 1f / sum;
+                            pl[s.LseIndex(b, hk * g + r % g, i)] = n <= 0 ? float.NegativeInfinity : max + MathF.Log(sum);
                         }
 
-                        Gemm.Sgemm(false, false, rows, s.D, keys, 1f, ps, keys, pv + s.KIndex(b, 0, hk), ldk, 0f, oRows, s.D, parallel: false);
+                        Gemm.Sgemm(false, false, rows, s.D, keys, 1f, ps, keys, pv + s.KIndex(b, k0, hk), ldk, 0f, oRows, s.D, parallel: false);
                         for (int r = 0; r < rows; r++) TensorPrimitives.Multiply(new Span<float>(oRows + (long)r * s.D, s.D), inverse[r], new Span<float>(oRows + (long)r * s.D, s.D));
                         if (!direct)
                         {
@@ -150,34 +154,37 @@ internal static unsafe class CpuAttention
                             for (int i0 = 0; i0 < s.Tq; i0 += qb)
                             {
                                 int rows = Math.Min(qb, s.Tq - i0);
-                                int keys = s.VisibleKeys(i0 + rows - 1);
+                                int k0 = s.FirstKey(i0);
+                                int keys = s.VisibleKeys(i0 + rows - 1) - k0;
                                 float* qBlk = pq + s.QIndex(b, i0, h);
                                 float* dOBlk = pdo + s.QIndex(b, i0, h);
                                 float* dqBlk = pdq + s.QIndex(b, i0, h);
-                                if (keys == 0)
+                                float* kBlk = kHead + (long)k0 * ldk, vBlk = vHead + (long)k0 * ldk, dkBlk = dkHead + (long)k0 * ldk, dvBlk = dvHead + (long)k0 * ldk;
+                                if (keys <= 0)
                                 {
                                     for (int r = 0; r < rows; r++) new Span<float>(dqBlk + (long)r * ldq, s.D).Clear();
                                     continue;
                                 }
 
                                 // P = exp(scale Q K^T - lse) on visible keys; dP = dO V^T.
-                                Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qBlk, ldq, kHead, ldk, 0f, pp, keys, innerParallel);
-                                Gemm.Sgemm(false, true, rows, keys, s.D, 1f, dOBlk, ldq, vHead, ldk, 0f, pds, keys, innerParallel);
+                                Gemm.Sgemm(false, true, rows, keys, s.D, s.Scale, qBlk, ldq, kBlk, ldk, 0f, pp, keys, innerParallel);
+                                Gemm.Sgemm(false, true, rows, keys, s.D, 1f, dOBlk, ldq, vBlk, ldk, 0f, pds, keys, innerParallel);
                                 for (int r = 0; r < rows; r++)
                                 {
                                     int i = i0 + r;
-                                    int n = s.VisibleKeys(i);
+                                    int lo = s.FirstKey(i) - k0, n = s.VisibleKeys(i) - k0; // this row's keys: strip columns lo .. n - 1
                                     float l = pl[s.LseIndex(b, h, i)];
                                     var pRow = new Span<float>(pp + (long)r * keys, keys);
                                     var dsRow = new Span<float>(pds + (long)r * keys, keys);
-                                    if (n == 0 || float.IsNegativeInfinity(l))
+                                    if (n <= lo || float.IsNegativeInfinity(l))
                                     {
                                         pRow.Clear();
                                         dsRow.Clear();
                                         continue;
                                     }
 
-                                    VectorExp.ExpShifted(pp + (long)r * keys, n, l);
+                                    VectorExp.ExpShifted(pp + (long)r * keys + lo, n - lo, l);
+                                    pRow[..lo].Clear();
                                     pRow[n..].Clear();
                                     float delta = TensorPrimitives.Dot(
                                         new ReadOnlySpan<float>(dOBlk + (long)r * ldq, s.D), new ReadOnlySpan<float>(po + s.QIndex(b, i, h), s.D));
@@ -187,9 +194,9 @@ internal static unsafe class CpuAttention
                                     TensorPrimitives.Multiply(dsRow, s.Scale, dsRow);
                                 }
 
-                                Gemm.Sgemm(false, false, rows, s.D, keys, 1f, pds, keys, kHead, ldk, 0f, dqBlk, ldq, innerParallel);
-                                Gemm.Sgemm(true, false, keys, s.D, rows, 1f, pds, keys, qBlk, ldq, 1f, dkHead, ldk, innerParallel);
-                                Gemm.Sgemm(true, false, keys, s.D, rows, 1f, pp, keys, dOBlk, ldq, 1f, dvHead, ldk, innerParallel);
+                                Gemm.Sgemm(false, false, rows, s.D, keys, 1f, pds, keys, kBlk, ldk, 0f, dqBlk, ldq, innerParallel);
+                                Gemm.Sgemm(true, false, keys, s.D, rows, 1f, pds, keys, qBlk, ldq, 1f, dkBlk, ldk, innerParallel);
+                                Gemm.Sgemm(true, false, keys, s.D, rows, 1f, pp, keys, dOBlk, ldq, 1f, dvBlk, ldk, innerParallel);
                             }
                         }
                     }

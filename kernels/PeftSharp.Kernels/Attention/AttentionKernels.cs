@@ -27,11 +27,11 @@ public static class AttentionKernels
         int b = bi / s.Tq;
         int hk = h / s.Group;
         int qi = s.QIndex(b, i, h);
-        int n = s.VisibleKeys(i);
+        int first = s.FirstKey(i), n = s.VisibleKeys(i);
         for (int d = 0; d < s.D; d++) o[qi + d] = 0f;
         float max = float.NegativeInfinity;
         float sum = 0f;
-        for (int j = 0; j < n; j++)
+        for (int j = first; j < n; j++)
         {
             int kj = s.KIndex(b, j, hk);
             float dot = 0f;
@@ -45,7 +45,7 @@ public static class AttentionKernels
             max = newMax;
         }
 
-        if (n == 0)
+        if (n <= first)
         {
             lse[index] = float.NegativeInfinity;
             return;
@@ -92,7 +92,7 @@ public static class AttentionKernels
         float l = lse[index];
         float dl = delta[index];
         for (int d = 0; d < s.D; d++) dq[qi + d] = 0f;
-        for (int j = 0; j < n; j++)
+        for (int j = s.FirstKey(i); j < n; j++)
         {
             int kj = s.KIndex(b, j, hk);
             float dot = 0f, dp = 0f;
@@ -131,11 +131,11 @@ public static class AttentionKernels
             dv[kj + d] = 0f;
         }
 
-        int first = s.FirstQuery(j);
+        int first = s.FirstQuery(j), end = s.EndQuery(j);
         for (int g = 0; g < s.Group; g++)
         {
             int h = hk * s.Group + g;
-            for (int i = first; i < s.Tq; i++)
+            for (int i = first; i < end; i++)
             {
                 int qi = s.QIndex(b, i, h);
                 int li = s.LseIndex(b, h, i);

@@ -2,7 +2,7 @@ namespace PeftSharp.Kernels.Attention;
 
 /// <summary>
 /// Specification of grouped-query attention: softmax(scale q k^T + mask) v per head, head h reading key/value head
-/// h / (H / Hkv). Also returns the log-sum-exp of the scaled scores (natural log), which later merges partial
+/// h / (H / Hkv), keys outside the causal mask and the sliding window left out. Also returns the log-sum-exp of the scaled scores (natural log), which later merges partial
 /// attention results exactly. A query that sees no key has output 0 and lse = -infinity.
 /// </summary>
 public static class AttentionReference
@@ -22,9 +22,9 @@ public static class AttentionReference
         {
             int hk = h / s.Group;
             int qi = s.QIndex(b, i, h);
-            int n = s.VisibleKeys(i);
+            int first = s.FirstKey(i), n = s.VisibleKeys(i);
             double max = double.NegativeInfinity;
-            for (int j = 0; j < n; j++)
+            for (int j = first; j < n; j++)
             {
                 int kj = s.KIndex(b, j, hk);
                 double dot = 0;
@@ -34,12 +34,12 @@ public static class AttentionReference
             }
 
             double sum = 0;
-            for (int j = 0; j < n; j++) sum += Math.Exp(scores[j] - max);
-            lse[s.LseIndex(b, h, i)] = n == 0 ? float.NegativeInfinity : (float)(max + Math.Log(sum));
+            for (int j = first; j < n; j++) sum += Math.Exp(scores[j] - max);
+            lse[s.LseIndex(b, h, i)] = n <= first ? float.NegativeInfinity : (float)(max + Math.Log(sum));
             for (int d = 0; d < s.D; d++)
             {
                 double acc = 0;
-                for (int j = 0; j < n; j++) acc += Math.Exp(scores[j] - max) / sum * v[s.KIndex(b, j, hk) + d];
+                for (int j = first; j < n; j++) acc += Math.Exp(scores[j] - max) / sum * v[s.KIndex(b, j, hk) + d];
                 o[qi + d] = (float)acc;
             }
         }
@@ -67,7 +67,7 @@ public static class AttentionReference
             double l = lse[s.LseIndex(b, h, i)];
             double delta = 0;
             for (int d = 0; d < s.D; d++) delta += (double)dO[qi + d] * o[qi + d];
-            for (int j = 0; j < n; j++)
+            for (int j = s.FirstKey(i); j < n; j++)
             {
                 int kj = s.KIndex(b, j, hk);
                 double dot = 0, dp = 0;

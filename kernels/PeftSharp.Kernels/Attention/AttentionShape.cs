@@ -4,12 +4,14 @@ namespace PeftSharp.Kernels.Attention;
 /// Dimensions of grouped-query attention, passed to kernels by value.
 /// q (B, Tq, H, D); k, v (B, Tk, Hkv, D); o (B, Tq, H, D); lse (B, H, Tq).
 /// Causal masking is bottom-right aligned: query i sits at position i + (Tk - Tq) and sees keys j &lt;= that,
-/// so Tq = Tk is ordinary causal attention and Tq = 1 is a decode step over a cache.
+/// so Tq = Tk is ordinary causal attention and Tq = 1 is a decode step over a cache. A sliding window W (Mistral's
+/// sliding_window; 0: none) also hides the keys W or more positions back: query position p sees keys p - W &lt; j &lt;= p.
 /// </summary>
 public readonly struct AttentionShape
 {
-    public AttentionShape(int batch, int queries, int keys, int heads, int kvHeads, int headDim, bool causal, float scale)
+    public AttentionShape(int batch, int queries, int keys, int heads, int kvHeads, int headDim, bool causal, float scale, int window = 0)
     {
+        Window = causal && window > 0 ? window : 0;
         B = batch;
         Tq = queries;
         Tk = keys;
@@ -31,15 +33,34 @@ public readonly struct AttentionShape
     /// <summary>Multiplies q.k, usually 1/sqrt(D).</summary>
     public float Scale { get; }
 
+    /// <summary>The sliding window W (causal only): a query sees at most its W latest keys. 0: no window.</summary>
+    public int Window { get; }
+
     /// <summary>Query heads per key/value head.</summary>
     public int Group => H / Hkv;
 
-    /// <summary>Number of keys query i sees (0 .. Tk).</summary>
+    /// <summary>One past the last key query i sees (0 .. Tk): it sees keys <see cref="FirstKey"/>(i) .. VisibleKeys(i) - 1.</summary>
     public int VisibleKeys(int i)
     {
         if (Causal == 0) return Tk;
         int last = i + Tk - Tq; // index of the last visible key
         return last < 0 ? 0 : (last + 1 < Tk ? last + 1 : Tk);
+    }
+
+    /// <summary>The first key query i sees (0 without a window).</summary>
+    public int FirstKey(int i)
+    {
+        if (Window == 0) return 0;
+        int first = i + Tk - Tq - Window + 1;
+        return first < 0 ? 0 : (first < Tk ? first : Tk);
+    }
+
+    /// <summary>One past the last query that sees key j (Tq without a window).</summary>
+    public int EndQuery(int j)
+    {
+        if (Window == 0) return Tq;
+        int end = j - (Tk - Tq) + Window;
+        return end < 0 ? 0 : (end < Tq ? end : Tq);
     }
 
     /// <summary>First query index that sees key j (Tq when none does).</summary>

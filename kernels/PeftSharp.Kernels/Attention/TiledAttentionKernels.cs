@@ -67,6 +67,7 @@ public static class TiledAttentionKernels
         int h = s.RowHead(hk, active ? r : 0);
         int qi = s.QIndex(b, i, h);
         int visible = active ? s.VisibleKeys(i) : 0;
+        int firstKey = active ? s.FirstKey(i) : 0;
         for (int d = 0; d < s.D; d++)
         {
             qRow[d] = active ? q[qi + d] * s.Scale : 0f;
@@ -82,11 +83,12 @@ public static class TiledAttentionKernels
             int nk = XMath.Min(Keys, j1 - kt);
             LoadKeyTile(k, v, kTile, vTile, s, b, hk, kt, nk, t);
             Group.Barrier();
-            int seen = XMath.Min(nk, visible - kt); // keys of this tile the row sees (causal: a prefix of the tile)
-            if (seen > 0)
+            int seen = XMath.Min(nk, visible - kt); // keys of this tile the row sees: [from, seen) (causal, sliding window)
+            int from = XMath.Max(0, firstKey - kt);
+            if (seen > from)
             {
                 float tileMax = float.NegativeInfinity;
-                for (int jj = 0; jj < seen; jj++)
+                for (int jj = from; jj < seen; jj++)
                 {
                     float dot = 0f;
                     for (int d = 0; d < s.D; d++) dot += qRow[d] * kTile[jj * MaxD + d];
@@ -98,7 +100,7 @@ public static class TiledAttentionKernels
                 float correction = XMath.Exp(max - newMax); // exp(-inf) = 0 on the first tile
                 sum *= correction;
                 for (int d = 0; d < s.D; d++) acc[d] *= correction;
-                for (int jj = 0; jj < seen; jj++)
+                for (int jj = from; jj < seen; jj++)
                 {
                     float p = XMath.Exp(scores[jj] - newMax);
                     sum += p;
@@ -211,6 +213,7 @@ public static class TiledAttentionKernels
         int qi = s.QIndex(b, i, h);
         int li = s.LseIndex(b, h, i);
         int visible = active ? s.VisibleKeys(i) : 0;
+        int firstKey = active ? s.FirstKey(i) : 0;
         float l = active ? lse[li] : 0f;
         float dl = active ? delta[li] : 0f;
         for (int d = 0; d < s.D; d++)
@@ -226,7 +229,7 @@ public static class TiledAttentionKernels
             LoadKeyTile(k, v, kTile, vTile, s, b, hk, kt, nk, t);
             Group.Barrier();
             int seen = XMath.Min(nk, visible - kt);
-            for (int jj = 0; jj < seen; jj++)
+            for (int jj = XMath.Max(0, firstKey - kt); jj < seen; jj++)
             {
                 float dot = 0f, dp = 0f;
                 for (int d = 0; d < s.D; d++)
@@ -313,7 +316,8 @@ public static class TiledAttentionKernels
             {
                 for (int rr = 0; rr < nr; rr++)
                 {
-                    if (j >= s.VisibleKeys(s.RowQuery(rt + rr))) continue; // causal: this query does not see key j
+                    int query = s.RowQuery(rt + rr);
+                    if (j >= s.VisibleKeys(query) || j < s.FirstKey(query)) continue; // causal or windowed: this query does not see key j
                     float dot = 0f, dp = 0f;
                     for (int d = 0; d < s.D; d++)
                     {

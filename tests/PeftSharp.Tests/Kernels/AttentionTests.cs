@@ -59,10 +59,61 @@ public sealed class AttentionTests : BackendTest
         if (Device is IlgpuDevice ilgpu) (ilgpu.AttentionAlgorithm, ilgpu.AttentionTargetGroups) = (AttentionAlgorithm.Auto, 0);
     }
 
-    [TestCaseSource(nameof(Shapes))]
-    public void Attention_ForwardBackward_MatchReference(int b, int tq, int tk, int h, int hkv, int d, bool causal)
+    // (B, Tq, Tk, H, Hkv, D, W) with a causal sliding window W: a window of one (each query sees itself), decode over
+    // a cache longer than the window, queries before any key, a window crossing the CPU backend's query blocks and the
+    // tiled kernels' key tiles, and key splits that some rows see nothing of.
+    private static readonly object[] WindowShapes =
     {
-        var s = new AttentionShape(b, tq, tk, h, hkv, d, causal, (float)(1 / Math.Sqrt(d)));
+        new TestCaseData(1, 9, 9, 2, 1, 4, 3).SetName("{m}_B1_T9_W3"),
+        new TestCaseData(1, 4, 10, 2, 1, 4, 1).SetName("{m}_B1_Tq4_Tk10_W1_OnlyItself"),
+        new TestCaseData(2, 1, 12, 4, 2, 8, 5).SetName("{m}_B2_Tq1_Tk12_W5_DecodePastTheWindow"),
+        new TestCaseData(1, 6, 3, 2, 2, 4, 2).SetName("{m}_B1_Tq6_Tk3_W2_SomeQueriesSeeNothing"),
+        new TestCaseData(1, 100, 100, 2, 1, 8, 40).SetName("{m}_B1_T100_W40_CrossesBlocksAndTiles"),
+        new TestCaseData(1, 2, 330, 2, 1, 4, 100).SetName("{m}_B1_Tq2_Tk330_W100_SplitsOutsideTheWindow"),
+    };
+
+    [TestCaseSource(nameof(Shapes))]
+    public void Attention_ForwardBackward_MatchReference(int b, int tq, int tk, int h, int hkv, int d, bool causal) =>
+        ForwardBackwardMatchReference(b, tq, tk, h, hkv, d, causal, window: 0);
+
+    [TestCaseSource(nameof(WindowShapes))]
+    public void SlidingWindowAttention_ForwardBackward_MatchReference(int b, int tq, int tk, int h, int hkv, int d, int window) =>
+        ForwardBackwardMatchReference(b, tq, tk, h, hkv, d, causal: true, window);
+
+    /// <summary>A window that reaches every key is plain causal attention; a window of one returns each query's own value.</summary>
+    [Test]
+    public void SlidingWindow_Identities()
+    {
+        var q = TestData.Uniform(2 * 7 * 2 * 4, 1, -2f, 2f);
+        var k = TestData.Uniform(2 * 7 * 1 * 4, 2, -2f, 2f);
+        var v = TestData.Uniform(2 * 7 * 1 * 4, 3);
+        (float[] O, float[] Lse) Run(int window)
+        {
+            var o = Output("o", 2, 7, 2, 4);
+            var lse = Output("lse", 2, 7, 2);
+            Ops.Attention(Input("q", q, 2, 7, 2, 4), Input("k", k, 2, 7, 1, 4), Input("v", v, 2, 7, 1, 4), o, lse, causal: true, window: window);
+            return (o.ToArray(), lse.ToArray());
+        }
+
+        var full = Run(0);
+        Assert.That(Run(7).O, Is.EqualTo(full.O), "W = T: every causal key");
+        var own = Run(1).O;
+        for (int b = 0; b < 2; b++)
+        for (int i = 0; i < 7; i++)
+        for (int h = 0; h < 2; h++)
+        for (int d = 0; d < 4; d++)
+        {
+            Assert.That(own[((b * 7 + i) * 2 + h) * 4 + d], Is.EqualTo(v[(b * 7 + i) * 4 + d]).Within(1e-6f), "W = 1: the query's own value");
+        }
+
+        Assert.That(Run(3).O, Is.Not.EqualTo(full.O).Within(1e-4f), "a window short of T changes the output");
+        Assert.Throws<ArgumentException>(() => Ops.Attention(Input("q", q, 2, 7, 2, 4), Input("k", k, 2, 7, 1, 4), Input("v", v, 2, 7, 1, 4), Output("o", 2, 7, 2, 4),
+            Output("lse", 2, 7, 2), causal: false, window: 3), "a window needs causal attention");
+    }
+
+    private void ForwardBackwardMatchReference(int b, int tq, int tk, int h, int hkv, int d, bool causal, int window)
+    {
+        var s = new AttentionShape(b, tq, tk, h, hkv, d, causal, (float)(1 / Math.Sqrt(d)), window);
         var q = TestData.Uniform(b * tq * h * d, 1, -2f, 2f);
         var k = TestData.Uniform(b * tk * hkv * d, 2, -2f, 2f);
         var v = TestData.Uniform(b * tk * hkv * d, 3);
@@ -82,14 +133,14 @@ public sealed class AttentionTests : BackendTest
             select();
             var o = Output("o", b, tq, h, d);
             var lse = Output("lse", b, tq, h);
-            Ops.Attention(tq2, tk2, tv, o, lse, causal);
+            Ops.Attention(tq2, tk2, tv, o, lse, causal, window: window);
             Expect(o, eo, Tolerances.Attention, $"attention o {name}");
             Expect(lse, el, Tolerances.Attention, $"attention lse {name}");
 
             var dq = Output("dq", b, tq, h, d);
             var dk = Output("dk", b, tk, hkv, d);
             var dv = Output("dv", b, tk, hkv, d);
-            Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, tq, h), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal);
+            Ops.AttentionBackward(tq2, tk2, tv, Input("o", eo, b, tq, h, d), Input("lse", el, b, tq, h), Input("dO", dO, b, tq, h, d), dq, dk, dv, causal, window: window);
             Expect(dq, edq, Tolerances.Attention, $"attention dq {name}");
             Expect(dk, edk, Tolerances.Attention, $"attention dk {name}");
             Expect(dv, edv, Tolerances.Attention, $"attention dv {name}");
