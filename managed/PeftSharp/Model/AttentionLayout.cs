@@ -24,6 +24,19 @@ internal abstract class AttentionLayout
 
     protected static Tensor As4(Tensor t, int b, int rows) => t.Reshape(b, rows, t.Dim(2), t.Dim(3));
 
+    /// <summary>
+    /// Refuses a sliding window that a layout's shared levels (virtual tokens, a prompt shared by completions) would
+    /// have to leave: those levels are attended as a whole, which is exact only while every position is inside the window.
+    /// </summary>
+    protected static void CheckWindowCoversLevels(int window, int positions, string levels)
+    {
+        if (window > 0 && positions > window)
+        {
+            throw new NotSupportedException($"sliding_window = {window} with {levels}: {positions} positions reach past the window, where the shared " +
+                "keys would leave it; only sequences within the window are supported with them");
+        }
+    }
+
     protected static Tensor Lse(Tensor lse, int b, int rows) => lse.Reshape(b, rows, lse.Dim(2));
 }
 
@@ -34,15 +47,18 @@ internal abstract class AttentionLayout
 /// </summary>
 internal sealed class BatchLayout : AttentionLayout
 {
-    private readonly int batch, tokens;
+    private readonly int batch, tokens, window;
     private readonly VirtualPrefix? prefix;
 
-    public BatchLayout(int batch, int tokens, VirtualPrefix? prefix)
+    /// <param name="window">The config's sliding window (0: none).</param>
+    public BatchLayout(int batch, int tokens, VirtualPrefix? prefix, int window = 0)
     {
         this.batch = batch;
         this.tokens = tokens;
         this.prefix = prefix;
+        this.window = window;
         int start = prefix?.Tokens ?? 0;
+        if (prefix != null) CheckWindowCoversLevels(window, start + tokens, $"{start} virtual tokens (prefix tuning)");
         Positions = Enumerable.Range(0, batch * tokens).Select(i => start + i % tokens).ToArray();
     }
 
@@ -54,7 +70,7 @@ internal sealed class BatchLayout : AttentionLayout
     {
         if (prefix == null)
         {
-            ops.Attention(As4(q, batch, tokens), As4(k, batch, tokens), As4(v, batch, tokens), As4(o, batch, tokens), Lse(lse, batch, tokens), causal: true);
+            ops.Attention(As4(q, batch, tokens), As4(k, batch, tokens), As4(v, batch, tokens), As4(o, batch, tokens), Lse(lse, batch, tokens), causal: true, window: window);
             return;
         }
 
@@ -66,7 +82,7 @@ internal sealed class BatchLayout : AttentionLayout
         if (prefix == null)
         {
             ops.AttentionBackward(As4(q, batch, tokens), As4(k, batch, tokens), As4(v, batch, tokens), As4(o, batch, tokens), Lse(lse, batch, tokens),
-                As4(dO, batch, tokens), As4(dq, batch, tokens), As4(dk, batch, tokens), As4(dv, batch, tokens), causal: true);
+                As4(dO, batch, tokens), As4(dq, batch, tokens), As4(dk, batch, tokens), As4(dv, batch, tokens), causal: true, window: window);
             return;
         }
 
@@ -95,13 +111,14 @@ internal sealed class GroupedLayout : AttentionLayout
     private readonly int shared, groups, each;
     private readonly VirtualPrefix? prefix;
 
-    public GroupedLayout(int sharedRows, int groups, int rowsPerCompletion, VirtualPrefix? prefix = null)
+    public GroupedLayout(int sharedRows, int groups, int rowsPerCompletion, VirtualPrefix? prefix = null, int window = 0)
     {
         shared = sharedRows;
         this.groups = groups;
         each = rowsPerCompletion;
         this.prefix = prefix;
         int start = prefix?.Tokens ?? 0;
+        CheckWindowCoversLevels(window, start + shared + each, "grouped completions (a prompt shared by its completions)");
         Positions = Enumerable.Range(0, shared).Concat(Enumerable.Range(0, groups).SelectMany(_ => Enumerable.Range(shared, each))).Select(p => start + p).ToArray();
     }
 

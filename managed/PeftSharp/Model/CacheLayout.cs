@@ -16,6 +16,7 @@ internal sealed class CacheLayout : AttentionLayout
     private readonly int[] rowStart;
     private readonly List<(KvCache Prefix, int Row0, int Rows)> prefixRuns = new();
     private readonly VirtualPrefix? prefix;
+    private readonly int window;
 
     /// <param name="prefixes">The older form of naming a sequence's shared prefix (its cache's parent is the newer).</param>
     public CacheLayout(LlamaConfig c, IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IReadOnlyList<KvCache?>? prefixes, VirtualPrefix? prefix)
@@ -29,6 +30,7 @@ internal sealed class CacheLayout : AttentionLayout
         this.caches = caches;
         this.newTokens = newTokens;
         this.prefix = prefix;
+        window = c.AttentionWindow; // a sequence's own cache holds every position from its first, so the kernels' window is exact over it
         // Each sequence reads the chain of shared prefixes above its own cache: its cache's parents, or (older form)
         // the prefix given for it and that prefix's parents.
         var chains = Enumerable.Range(0, caches.Count).Select(j =>
@@ -55,6 +57,7 @@ internal sealed class CacheLayout : AttentionLayout
                 throw new ArgumentException($"KV cache {j} holds {caches[j].Capacity} positions; {caches[j].Length} used + {tn} new do not fit");
             }
 
+            if (PrefixLength(j) > 0) CheckWindowCoversLevels(c.AttentionWindow, PrefixLength(j) + caches[j].Length + tn, $"sequence {j}'s shared prefix or virtual tokens");
             if (PrefixLength(j) + caches[j].Length + tn > c.ContextLimit)
             {
                 throw new ArgumentException($"sequence {j}: shared prefix {PrefixLength(j)} + {caches[j].Length} cached + {tn} new positions exceed " +
@@ -106,7 +109,7 @@ internal sealed class CacheLayout : AttentionLayout
             ops.Copy(k.View(r0 * hkv * d, 1, tn, hkv, d), cache.Keys[layer].View(start * hkv * d, 1, tn, hkv, d));
             ops.Copy(v.View(r0 * hkv * d, 1, tn, hkv, d), cache.Values[layer].View(start * hkv * d, 1, tn, hkv, d));
             ops.Attention(q.View(r0 * h * d, 1, tn, h, d), cache.Keys[layer].View(0, 1, total, hkv, d), cache.Values[layer].View(0, 1, total, hkv, d),
-                o.View(r0 * h * d, 1, tn, h, d), lse.View(r0 * h, 1, tn, h), causal: true);
+                o.View(r0 * h * d, 1, tn, h, d), lse.View(r0 * h, 1, tn, h), causal: true, window: window);
         }
 
         var device = q.Device;

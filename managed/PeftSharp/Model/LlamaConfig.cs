@@ -46,24 +46,23 @@ public sealed record LlamaConfig
     public bool Mistral { get; init; }
 
     /// <summary>
-    /// Mistral's sliding_window (null: none, as Mistral 7B v0.2 and later ship it). A position attends to the window
-    /// of positions before it; for sequences no longer than the window that is full causal attention, so PeftSharp
-    /// runs such models exactly up to the window (<see cref="ContextLimit"/>) and refuses longer sequences rather than
-    /// attending past the window as transformers would not.
+    /// Mistral's sliding_window (null: none, as Mistral 7B v0.2 and later ship it): in every layer, position p attends
+    /// to positions p - W &lt; j &lt;= p, as transformers masks it, in training, prefill and decode over the KV cache.
     /// </summary>
     public int? SlidingWindow { get; init; }
 
-    /// <summary>The longest sequence this config runs exactly: max_position_embeddings, or a shorter sliding window.</summary>
-    public int ContextLimit => SlidingWindow is int w && w < MaxPositionEmbeddings ? w : MaxPositionEmbeddings;
+    /// <summary>The longest sequence this config runs: max_position_embeddings.</summary>
+    public int ContextLimit => MaxPositionEmbeddings;
 
-    /// <summary>What <see cref="ContextLimit"/> is, for errors: "max_position_embeddings = N" or the sliding window.</summary>
-    public string ContextLimitText => SlidingWindow is int w && w < MaxPositionEmbeddings
-        ? $"sliding_window = {w} (longer sequences need sliding-window attention, which PeftSharp does not implement yet)"
-        : $"max_position_embeddings = {MaxPositionEmbeddings}";
+    /// <summary>What <see cref="ContextLimit"/> is, for errors.</summary>
+    public string ContextLimitText => $"max_position_embeddings = {MaxPositionEmbeddings}";
+
+    /// <summary>The sliding window for the attention kernels (0: none).</summary>
+    internal int AttentionWindow => SlidingWindow ?? 0;
 
     /// <summary>
     /// The architectures PeftSharp runs: LlamaForCausalLM, Qwen2ForCausalLM (Llama plus q/k/v biases), Qwen3ForCausalLM
-    /// (Llama plus q/k norms), MistralForCausalLM (up to its window).
+    /// (Llama plus q/k norms), MistralForCausalLM (Llama with a sliding window).
     /// </summary>
     public static readonly string[] SupportedArchitectures = { "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM" };
 

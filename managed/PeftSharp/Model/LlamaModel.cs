@@ -133,7 +133,7 @@ public sealed class LlamaModel : IDisposable
         if (batch <= 0 || tokens.Length % batch != 0) throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
         if (targets.Length != tokens.Length) throw new ArgumentException($"targets has {targets.Length} entries for {tokens.Length} tokens");
         var setRows = sequencesPerSet.Select(c => c * (tokens.Length / batch)).ToArray();
-        return CrossEntropyLoss(tokens, targets, new BatchLayout(batch, tokens.Length / batch, prefix), backward, setRows: setRows);
+        return CrossEntropyLoss(tokens, targets, new BatchLayout(batch, tokens.Length / batch, prefix, Config.AttentionWindow), backward, setRows: setRows);
     }
 
     /// <summary>Prefix tuning's virtual tokens, when added (<see cref="AddPrefixTuning"/>).</summary>
@@ -179,7 +179,7 @@ public sealed class LlamaModel : IDisposable
             }
         }
 
-        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each, prefix), backward, gradientWeight);
+        return CrossEntropyLoss(tokens, targets, new GroupedLayout(shared, g, each, prefix, Config.AttentionWindow), backward, gradientWeight);
     }
 
     /// <summary>
@@ -264,7 +264,7 @@ public sealed class LlamaModel : IDisposable
             throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
         }
 
-        return CrossEntropyLoss(tokens, targets, new BatchLayout(batch, tokens.Length / batch, prefix), backward);
+        return CrossEntropyLoss(tokens, targets, new BatchLayout(batch, tokens.Length / batch, prefix, Config.AttentionWindow), backward);
     }
 
     /// <summary>Mean cross-entropy over the counted targets of a pass in <paramref name="layout"/>, with its backward.</summary>
@@ -340,7 +340,7 @@ public sealed class LlamaModel : IDisposable
             throw new ArgumentException($"{tokens.Length} tokens do not split into {batch} sequences of equal length");
         }
 
-        return Forward(tokens, new BatchLayout(batch, tokens.Length / batch, prefix), keepActivations);
+        return Forward(tokens, new BatchLayout(batch, tokens.Length / batch, prefix, Config.AttentionWindow), keepActivations);
     }
 
     private Pass Forward(int[] tokens, AttentionLayout layout, bool keepActivations, int[]? setRows = null)

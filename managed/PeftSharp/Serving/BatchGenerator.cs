@@ -61,7 +61,7 @@ public static class BatchGenerator
             if (full[i].Length > model.Config.ContextLimit) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds {model.Config.ContextLimitText}");
         }
 
-        var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing);
+        var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing, model.Config.AttentionWindow);
         var outputs = requests.Select(_ => new List<int>()).ToArray();
         var rngs = requests.Select(r => new Random(r.Seed)).ToArray();
         var caches = new KvCache?[n];
@@ -188,9 +188,10 @@ public static class BatchGenerator
     /// Where each request's shared prefix levels end (token counts, root first). Told levels: a level is shared when
     /// two or more requests of a variant give the same levels up to it. With Auto, requests with no told level that
     /// share a variant also share their longest common token prefix when it is at least
-    /// <see cref="MinDetectedPrefix"/> long. Every request keeps at least one prompt token of its own.
+    /// <see cref="MinDetectedPrefix"/> long. Every request keeps at least one prompt token of its own. Under a sliding
+    /// window a request that can run past the window shares nothing (a shared prefix would have to leave its window).
     /// </summary>
-    private static int[][] PlanPrefixes(IReadOnlyList<GenerationRequest> requests, int[] variantOf, int[][] full, int[][] levelEnds, PrefixSharing sharing)
+    private static int[][] PlanPrefixes(IReadOnlyList<GenerationRequest> requests, int[] variantOf, int[][] full, int[][] levelEnds, PrefixSharing sharing, int window)
     {
         int n = requests.Count;
         var chains = Enumerable.Range(0, n).Select(_ => Array.Empty<int>()).ToArray();
@@ -238,6 +239,14 @@ public static class BatchGenerator
                 {
                     foreach (int i in members) chains[i] = new[] { lcp };
                 }
+            }
+        }
+
+        if (window > 0)
+        {
+            for (int i = 0; i < n; i++)
+            {
+                if (full[i].Length + requests[i].MaxTokens > window) chains[i] = Array.Empty<int>();
             }
         }
 

@@ -275,37 +275,65 @@ public sealed class LlamaModelTests
     }
 
     /// <summary>
-    /// MistralForCausalLM is Llama's graph with a sliding window: read and written under Mistral's names, its logits
-    /// equal the same weights as a Llama for sequences up to the window, and a longer sequence is refused naming
-    /// sliding_window (transformers would attend only within the window there; PeftSharp does not implement that yet).
+    /// MistralForCausalLM is Llama's graph with a sliding window: read and written under Mistral's names; with sequences
+    /// longer than the window (T = 3, W = 2) its logits equal the reference forward that masks keys j &lt;= p - W as
+    /// transformers does (and differ from the same weights without the window), its gradients match finite
+    /// differences, and decode over the KV cache past the window equals the full pass; within the window it is Llama.
     /// </summary>
     [Test]
-    public void Mistral_IsLlamaUpToItsWindow_LongerSequencesRefused()
+    public void Mistral_SlidingWindow_ForwardBackwardDecodeAndConfig()
     {
         const string json = """
             {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 8, "intermediate_size": 11, "num_attention_heads": 2,
              "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 13, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
-             "max_position_embeddings": 32, "sliding_window": 4, "tie_word_embeddings": false, "hidden_act": "silu"}
+             "max_position_embeddings": 32, "sliding_window": 2, "tie_word_embeddings": false, "hidden_act": "silu"}
             """;
         var mistral = LlamaConfig.Parse(json, "mistral.json");
-        Assert.That((mistral.Mistral, mistral.SlidingWindow, mistral.ContextLimit), Is.EqualTo((true, (int?)4, 4)));
+        Assert.That((mistral.Mistral, mistral.SlidingWindow, mistral.ContextLimit), Is.EqualTo((true, (int?)2, 32)));
         Assert.That(LlamaConfig.Parse(mistral.ToJson()), Is.EqualTo(mistral), "written back as MistralForCausalLM with its window");
-        Assert.That(mistral.ToJson(), Does.Contain("MistralForCausalLM").And.Contain("\"sliding_window\": 4"));
-        var v3 = LlamaConfig.Parse(json.Replace("\"sliding_window\": 4", "\"sliding_window\": null"));
+        Assert.That(mistral.ToJson(), Does.Contain("MistralForCausalLM").And.Contain("\"sliding_window\": 2"));
+        var v3 = LlamaConfig.Parse(json.Replace("\"sliding_window\": 2", "\"sliding_window\": null"));
         Assert.That((v3.SlidingWindow, v3.ContextLimit), Is.EqualTo(((int?)null, 32)), "Mistral v0.2+ has no window");
 
         using var device = new CpuDevice();
-        var llama = mistral with { Mistral = false, SlidingWindow = null };
-        using var asMistral = LlamaModel.FromTensors(device, mistral, Weights(4));
-        using var asLlama = LlamaModel.FromTensors(device, llama, Weights(4));
-        Assert.That(asMistral.Logits(Tokens, batch: 2), Is.EqualTo(asLlama.Logits(Tokens, batch: 2)), "the same graph: bit-identical logits");
-        var e = Assert.Throws<ArgumentException>(() => asMistral.Logits(new[] { 1, 2, 3, 4, 5 }, batch: 1))!;
-        Assert.That(e.Message, Does.Contain("sliding_window = 4"));
-        Assert.That(Assert.Throws<ArgumentException>(() => new KvCache(asMistral, 5))!.Message, Does.Contain("sliding_window = 4"));
-        Assert.That(asLlama.Logits(new[] { 1, 2, 3, 4, 5 }, batch: 1), Has.Length.EqualTo(5 * 13), "the Llama twin has no window");
+        var weights = Weights(4);
+        using var model = LlamaModel.FromTensors(device, mistral, weights);
+        var logits = LogitsMatchReference(model, weights, mistral with { SlidingWindow = null }, "windowed logits");
+        model.ZeroGrad();
+        model.Loss(Tokens, Targets, batch: 2, backward: true);
+        Assert.That(ModelGradients.Check(model, model.Parameters, Tokens, Targets, batch: 2, samples: 3), Is.EqualTo(3 * model.Parameters.Count));
+        DecodeMatchesForward(model, logits);
+
+        var wide = mistral with { SlidingWindow = 3 };
+        using var within = LlamaModel.FromTensors(device, wide, weights);
+        using var asLlama = LlamaModel.FromTensors(device, wide with { Mistral = false, SlidingWindow = null }, weights);
+        Assert.That(within.Logits(Tokens, batch: 2), Is.EqualTo(asLlama.Logits(Tokens, batch: 2)), "within the window: the Llama graph, bit for bit");
         Assert.That(Assert.Throws<NotSupportedException>(() => LlamaConfig.Parse(json.Replace("\"mistral\"", "\"llama\"")))!.Message, Does.Contain("mix Mistral"));
-        Assert.That(Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(json.Replace("\"sliding_window\": 4", "\"sliding_window\": 0")))!.Message,
+        Assert.That(Assert.Throws<PeftSharpInputException>(() => LlamaConfig.Parse(json.Replace("\"sliding_window\": 2", "\"sliding_window\": 0")))!.Message,
             Does.Contain("sliding_window = 0"));
+    }
+
+    /// <summary>
+    /// Generation under a sliding window: requests that share a prompt prefix but run past the window share nothing
+    /// (the prefix would leave their window) and each equals the request alone; prefix tuning past the window is refused.
+    /// </summary>
+    [Test]
+    public void Mistral_GenerationPastTheWindow_EqualsEachRequestAlone()
+    {
+        using var device = new CpuDevice();
+        using var model = LlamaModel.Create(device, LlamaConfig.Tiny with { Mistral = true, SlidingWindow = 6 }, seed: 8);
+        var requests = new[] { "a shared prompt, one", "a shared prompt, two", "ab" }.Select(p => new PeftSharp.Serving.GenerationRequest(p, MaxTokens: 5)).ToList();
+        var batched = PeftSharp.Serving.BatchGenerator.Generate(model, requests);
+        for (int i = 0; i < requests.Count; i++)
+        {
+            Assert.That(batched[i].Completion, Is.EqualTo(PeftSharp.Serving.Generator.Sample(model, requests[i].Prompt, 5, 0f, 0, 1f, 0)), requests[i].Prompt);
+        }
+
+        using var prefixed = LlamaModel.Create(device, LlamaConfig.Tiny with { Mistral = true, SlidingWindow = 6 }, seed: 8);
+        prefixed.AddPrefixTuning(tokens: 2, seed: 1);
+        var e = Assert.Throws<NotSupportedException>(() => prefixed.Logits(new[] { 1, 2, 3, 4, 5 }, batch: 1))!;
+        Assert.That(e.Message, Does.Contain("sliding_window = 6").And.Contain("virtual tokens"));
+        Assert.That(prefixed.Logits(new[] { 1, 2, 3 }, batch: 1), Has.Length.EqualTo(3 * 259), "within the window: exact, and allowed");
     }
 
     /// <summary>Values that would give NaNs or a division by zero are refused when the config is read, naming the key.</summary>
@@ -482,7 +510,7 @@ public sealed class LlamaModelTests
             RopeReference.Forward(q, pos, qr, n, h, d, c.RopeTheta, false, c.RopeScaling);
             RopeReference.Forward(k, pos, kr, n, hkv, d, c.RopeTheta, false, c.RopeScaling);
             var o = new float[q.Length];
-            AttentionReference.Forward(qr, kr, v, o, new float[batch * h * t], new AttentionShape(batch, t, t, h, hkv, d, true, (float)(1 / Math.Sqrt(d))));
+            AttentionReference.Forward(qr, kr, v, o, new float[batch * h * t], new AttentionShape(batch, t, t, h, hkv, d, true, (float)(1 / Math.Sqrt(d)), c.SlidingWindow ?? 0));
             var attn = Linear(o, p + "self_attn.o_proj.weight", dm, h * d);
             var x1 = new float[xs.Length];
             ElementwiseReference.Add(xs, attn, x1);
