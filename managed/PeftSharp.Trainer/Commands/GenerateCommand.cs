@@ -13,7 +13,7 @@ internal static class GenerateCommand
     {
         var prompt = new Option<string?>("--prompt") { Description = "One prompt (or give --requests)" };
         var requestsOpt = new Option<string?>("--requests") { Description = "JSONL of requests {\"prompt\", \"variant\"|\"adapter\", \"max_tokens\", ...}, all served in one batch" };
-        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT adapters (LoRA or prefix tuning): name=DIR,name=DIR (requests pick one by name)",
+        var adaptersOpt = new Option<string[]>("--adapters") { Description = "Named PEFT adapters (LoRA, DoRA, IA3 or prefix tuning): name=DIR,name=DIR (requests pick one by name)",
             AllowMultipleArgumentsPerToken = true };
         var prefixAdapter = new Option<string?>("--prefix") { Description = "A PEFT prefix-tuning folder whose virtual tokens every request reads" };
         var noSharing = new Option<bool>("--no-prefix-sharing") { Description = "Run every request over its own copy of common prompt prefixes (for comparison)" };

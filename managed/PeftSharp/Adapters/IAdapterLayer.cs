@@ -28,4 +28,10 @@ public interface IAdapterLayer
 
     /// <summary>W becomes the weight that computes base plus adapter (W + s B A for LoRA).</summary>
     void MergeInto(Tensor weight);
+
+    /// <summary>
+    /// True when <see cref="Forward"/> forms the product itself (y is then overwritten, not added to): IA3 scales a
+    /// feed-forward module's input before it.
+    /// </summary>
+    bool ComputesProduct => false;
 }

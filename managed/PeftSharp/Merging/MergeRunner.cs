@@ -191,15 +191,16 @@ public static class MergeRunner
 
     /// <summary>
     /// Applies an adapter or delta folder to <paramref name="model"/> (which must be the base it was made for): a PEFT
-    /// LoRA/DoRA adapter is merged, a sparse delta added, a 1-bit delta decoded in. With <paramref name="adapters"/> or
+    /// LoRA/DoRA or IA3 adapter is merged, a sparse delta added, a 1-bit delta decoded in. With <paramref name="adapters"/> or
     /// <paramref name="deltas"/> false, that kind is not looked for, so a folder of the other kind fails as not found.
     /// Returns what was applied, for the user.
     /// </summary>
     public static string ApplyFolder(LlamaModel model, string folder, bool adapters = true, bool deltas = true)
     {
         // The folder says its kind (VariantFolder); a caller that allows one kind gets an error for the other.
-        IVariant variant = adapters && !deltas ? PeftLoraAdapter.Load(folder, model) : VariantFolder.Load(folder, model);
+        IVariant variant = VariantFolder.Load(folder, model);
         if (!adapters && variant is not (BitDelta or SparseDelta)) throw new ArgumentException($"{folder} holds a {variant.Kind} adapter, not a 1-bit or sparse delta");
+        if (!deltas && variant is BitDelta or SparseDelta) throw new ArgumentException($"{folder} holds a {variant.Kind}, not a PEFT adapter (merge it with --delta)");
         variant.MergeInto(model);
         return variant.Summary;
     }

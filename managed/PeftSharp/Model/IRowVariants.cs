@@ -16,6 +16,12 @@ public interface IRowVariants
     void Apply(string module, Tensor x, Tensor y);
 
     /// <summary>
+    /// x (N, in) with each row scaled as its variant scales the input of <paramref name="module"/> (an IA3 feedforward
+    /// vector), before the shared product; null when no row does. The caller disposes the copy.
+    /// </summary>
+    Tensor? ScaleInput(string module, Tensor x) => null;
+
+    /// <summary>
     /// A whole parameter that row <paramref name="row"/>'s variant uses instead of the base's: a norm weight, the
     /// embedding table or the LM head (a full fine-tune changes them too; its delta keeps them densely). Null: the
     /// base's. The model applies these to the rows they cover, runs of rows with the same tensor at once.

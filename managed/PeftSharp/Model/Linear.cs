@@ -33,7 +33,7 @@ internal sealed class Linear
     public Parameter? Bias { get; }
 
     /// <summary>The module's own trainable adapter, or null.</summary>
-    public LoraLayer? Adapter { get; set; }
+    public IAdapterLayer? Adapter { get; set; }
 
     /// <summary>The layer of each adapter set on this module (null where that set does not target it), in set order.</summary>
     public IReadOnlyList<LoraLayer?> SetAdapters => setAdapters;
@@ -73,7 +73,14 @@ internal sealed class Linear
     private void ForwardUnbiased(Tensor x, Tensor y, LinearPass pass)
     {
         var ops = Weight.Value.Device.Ops;
-        ops.Linear(x, Weight.Value, y);
+        if (Adapter is { ComputesProduct: true } own)
+        {
+            pass.Keep(Module, own.Forward(Weight, x, y, pass.Training, DropoutSeed(pass, 0)));
+            pass.Variants?.Apply(Module, x, y);
+            return;
+        }
+
+        using (var scaled = pass.Variants?.ScaleInput(Module, x)) ops.Linear(scaled ?? x, Weight.Value, y); // IA3 rows scale their input first
         pass.Variants?.Apply(Module, x, y);
         if (Adapter != null)
         {

@@ -99,8 +99,45 @@ public sealed class LlamaModel : IDisposable
     /// <summary>LoRA layers by module path (model.layers.0.self_attn.q_proj).</summary>
     public IReadOnlyDictionary<string, LoraLayer> Lora => loras.Layers;
 
-    /// <summary>Everything an optimizer steps: the base parameters and the LoRA matrices.</summary>
-    public IEnumerable<Parameter> AllParameters => weights.All.Concat(loras.Parameters).Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+    /// <summary>Everything an optimizer steps: the base parameters, the LoRA matrices, IA3's vectors and a prefix.</summary>
+    public IEnumerable<Parameter> AllParameters =>
+        weights.All.Concat(loras.Parameters).Concat(ia3.Values.Select(l => l.Vector)).Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+
+    /// <summary>IA3 layers by module path.</summary>
+    public IReadOnlyDictionary<string, Ia3Layer> Ia3 => ia3;
+
+    private readonly Dictionary<string, Ia3Layer> ia3 = new();
+
+    /// <summary>
+    /// Adds an IA3 layer to every module <paramref name="config"/> targets, its vector l from <paramref name="from"/>
+    /// or PEFT's init (ones: the model unchanged), and freezes the base. An output-scaled module with a bias (Qwen2's
+    /// q/k/v) is refused: PEFT scales W x + b there, which the bias added after the adapter would not be.
+    /// </summary>
+    public void AddIa3(Ia3Config config, PeftIa3Adapter? from = null)
+    {
+        if (loras.Layers.Count > 0 || loras.Sets.Count > 0 || prefix != null || ia3.Count > 0)
+        {
+            throw new InvalidOperationException("IA3 goes on a model without LoRA, adapter sets, prefix tuning or another IA3 adapter");
+        }
+
+        var targets = config.TargetsIn(Config).ToList();
+        if (targets.Count == 0) throw new ArgumentException($"IA3 target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
+        foreach (var module in targets)
+        {
+            bool ff = config.IsFeedForward(module);
+            if (!ff && linears[module].Bias != null) throw new NotSupportedException($"IA3 on {module}: training an output-scaled module that has a bias is not supported");
+            var (outF, inF) = PeftLoraAdapter.LinearShape(Config, module);
+            var values = from != null && from.Vectors.TryGetValue(module, out var v) ? v : Enumerable.Repeat(1f, ff ? inF : outF).ToArray();
+            var layer = new Ia3Layer(module, new Parameter($"base_model.model.{module}.ia3_l", Device.FromArray(module + ".ia3_l", values, values.Length)), ff);
+            ia3[module] = layer;
+            linears[module].Adapter = layer;
+        }
+
+        foreach (var p in weights.All) p.Trainable = false;
+    }
+
+    /// <summary>The IA3 layers as a PEFT IA3 adapter (for <c>PeftIa3Adapter.Save</c>).</summary>
+    public PeftIa3Adapter ExportIa3(Ia3Config config) => new(config, ia3.ToDictionary(l => l.Key, l => l.Value.Vector.Value.ToArray()));
 
     /// <summary>The adapters trained together, in the order a set-batched loss takes its sequences.</summary>
     public IReadOnlyList<LoraSet> LoraSets => loras.Sets;

@@ -20,6 +20,7 @@ public sealed class VariantSet : IDisposable
     private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta, SparseDelta? Sparse)> variants = new();
     private readonly Dictionary<string, ModulePools> pools = new();
     private readonly Dictionary<int, KvCache> prefixes = new();
+    private readonly Dictionary<int, PeftIa3Adapter> ia3 = new();
     private readonly Dictionary<(int Variant, string Parameter), Tensor> replacements = new();
     private bool dirty = true;
     private bool disposed;
@@ -45,10 +46,31 @@ public sealed class VariantSet : IDisposable
     {
         PeftLoraAdapter lora => AddLora(name, lora),
         PeftPrefixAdapter prefix => AddPrefix(name, prefix),
+        PeftIa3Adapter vectors => AddIa3(name, vectors),
         BitDelta delta => AddDelta(name, delta),
         SparseDelta sparse => AddSparse(name, sparse),
         _ => throw new NotSupportedException($"variant '{name}': a {variant.Kind} cannot be served in a mixed batch"),
     };
+
+    /// <summary>
+    /// Registers an IA3 adapter as a variant; returns its index. Its rows scale the outputs (or a feedforward module's
+    /// inputs) of the shared products; where an output-scaled module has a bias, the row's bias is scaled with it, as
+    /// PEFT computes (W x + b) * l.
+    /// </summary>
+    public int AddIa3(string name, PeftIa3Adapter adapter) => Guarded(() =>
+    {
+        CheckName(name);
+        variants.Add((name, null, null, null));
+        int index = variants.Count - 1;
+        ia3[index] = adapter;
+        foreach (var (module, l) in adapter.Vectors.Where(v => !adapter.Config.IsFeedForward(v.Key) && Model.Has(v.Key + ".bias")))
+        {
+            AddReplacement(index, module + ".bias", Model[module + ".bias"].Value.ToArray().Select((b, i) => b * l[i]).ToArray());
+        }
+
+        dirty = true;
+        return index;
+    });
 
     /// <summary>Registers a LoRA adapter as a variant; returns its index.</summary>
     public int AddLora(string name, PeftLoraAdapter adapter) => Guarded(() => AddLoraLocked(name, adapter));
@@ -203,12 +225,23 @@ public sealed class VariantSet : IDisposable
             var sparseSlots = new int[variants.Count];
             var doraSlots = new int[variants.Count];
             var doraScales = new List<float[]>();
+            var ia3OutSlots = new int[variants.Count];
+            var ia3InSlots = new int[variants.Count];
+            var ia3Out = new List<float[]>();
+            var ia3In = new List<float[]>();
             var lora = new List<LoraAdapterData>();
             var deltas = new List<BitDeltaData>();
             var sparse = new List<SparseDeltaData>();
             for (int v = 0; v < variants.Count; v++)
             {
-                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = doraSlots[v] = -1;
+                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = doraSlots[v] = ia3OutSlots[v] = ia3InSlots[v] = -1;
+                if (ia3.TryGetValue(v, out var vectors) && vectors.Vectors.TryGetValue(module, out var l))
+                {
+                    var (slots, list) = vectors.Config.IsFeedForward(module) ? (ia3InSlots, ia3In) : (ia3OutSlots, ia3Out);
+                    slots[v] = list.Count;
+                    list.Add(l);
+                }
+
                 if (variants[v].Lora is { } adapter && adapter.Modules.TryGetValue(module, out var w))
                 {
                     loraSlots[v] = lora.Count;
@@ -233,7 +266,7 @@ public sealed class VariantSet : IDisposable
                 }
             }
 
-            if (lora.Count + deltas.Count + sparse.Count == 0) continue;
+            if (lora.Count + deltas.Count + sparse.Count + ia3Out.Count + ia3In.Count == 0) continue;
             pools[module] = new ModulePools(
                 lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, new SlotMap(loraSlots),
                 deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, new SlotMap(deltaSlots),
@@ -241,6 +274,10 @@ public sealed class VariantSet : IDisposable
             {
                 DoraScales = doraScales.Count > 0 ? Model.Device.FromArray("dora scales", doraScales.SelectMany(x => x).ToArray(), doraScales.Count, outF) : null,
                 DoraSlots = new SlotMap(doraSlots),
+                Ia3Out = ia3Out.Count > 0 ? Model.Device.FromArray("ia3 output scales", ia3Out.SelectMany(x => x).ToArray(), ia3Out.Count, outF) : null,
+                Ia3OutSlots = new SlotMap(ia3OutSlots),
+                Ia3In = ia3In.Count > 0 ? Model.Device.FromArray("ia3 input scales", ia3In.SelectMany(x => x).ToArray(), ia3In.Count, inF) : null,
+                Ia3InSlots = new SlotMap(ia3InSlots),
             };
         }
 
@@ -322,6 +359,15 @@ public sealed class VariantSet : IDisposable
 
         public SlotMap DoraSlots { get; init; } = new(Array.Empty<int>());
 
+        /// <summary>IA3 vectors scaling outputs (slots, N) and feedforward inputs (slots, K), with each variant's slot (-1: none here).</summary>
+        public Tensor? Ia3Out { get; init; }
+
+        public SlotMap Ia3OutSlots { get; init; } = new(Array.Empty<int>());
+
+        public Tensor? Ia3In { get; init; }
+
+        public SlotMap Ia3InSlots { get; init; } = new(Array.Empty<int>());
+
         /// <summary>Variant index to its slot in <see cref="Sparse"/> (-1: none here).</summary>
         public SlotMap SparseSlots { get; }
 
@@ -341,6 +387,8 @@ public sealed class VariantSet : IDisposable
             Delta?.Dispose();
             Sparse?.Dispose();
             DoraScales?.Dispose();
+            Ia3Out?.Dispose();
+            Ia3In?.Dispose();
         }
     }
 }

@@ -39,6 +39,14 @@ public static class Finetune
             case FinetuneMethod.Lora:
                 PrepareLora(model, options, train, data, baseFolder, resume, recipe);
                 break;
+            case FinetuneMethod.Ia3:
+                var ia3 = new Ia3Config { BaseModelNameOrPath = baseFolder == null ? null : Path.GetFullPath(baseFolder) };
+                model.AddIa3(ia3);
+                recipe.Description = $"IA3 on {model.Ia3.Count} modules (k_proj, v_proj outputs; down_proj inputs): {recipe.Trainable:N0} trainable parameters " +
+                    $"({100.0 * recipe.Trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})";
+                recipe.Save = dir => model.ExportIa3(ia3).Save(dir, model.Config);
+                recipe.Output = "PEFT IA3 adapter (adapter_config.json, adapter_model.safetensors)";
+                break;
         }
 
         return recipe;

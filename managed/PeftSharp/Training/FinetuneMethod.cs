@@ -12,6 +12,9 @@ public enum FinetuneMethod
     /// <summary>Prefix tuning's virtual tokens (optionally through P-tuning v2's MLP).</summary>
     Prefix,
 
+    /// <summary>IA3: learned vectors scaling k_proj's and v_proj's outputs and down_proj's input (PEFT's Llama defaults).</summary>
+    Ia3,
+
     /// <summary>A fixed fraction of each tensor's entries, chosen by a mask (optionally regrown, SpIEL).</summary>
     Sparse,
 }

@@ -14,7 +14,7 @@ public static class VariantFolder
 
     /// <summary>
     /// Reads the variant in <paramref name="folder"/> for <paramref name="model"/>: adapter_config.json is a PEFT
-    /// adapter (LoRA / DoRA, or PREFIX_TUNING by its peft_type), sparse_config.json a sparse delta,
+    /// adapter (LoRA / DoRA, or PREFIX_TUNING or IA3 by its peft_type), sparse_config.json a sparse delta,
     /// bitdelta_config.json a 1-bit delta (both checked against the model's fingerprint). Anything else is an error
     /// naming the folder and what was looked for.
     /// </summary>
@@ -23,8 +23,13 @@ public static class VariantFolder
         if (File.Exists(Path.Combine(folder, PeftLoraAdapter.ConfigFile)))
         {
             var type = JsonConfigFile.Read(folder, PeftLoraAdapter.ConfigFile, "PEFT adapter")["peft_type"];
-            bool prefix = type is JsonValue v && v.TryGetValue(out string? s) && s == "PREFIX_TUNING";
-            return prefix ? PeftPrefixAdapter.Load(folder, model.Config) : PeftLoraAdapter.Load(folder, model);
+            string? kind = type is JsonValue v && v.TryGetValue(out string? s) ? s : null;
+            return kind switch
+            {
+                "PREFIX_TUNING" => PeftPrefixAdapter.Load(folder, model.Config),
+                PeftIa3Adapter.PeftTypeName => PeftIa3Adapter.Load(folder, model.Config),
+                _ => PeftLoraAdapter.Load(folder, model),
+            };
         }
 
         if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) return SparseDelta.Load(folder, model);

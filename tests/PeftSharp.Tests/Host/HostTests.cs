@@ -166,6 +166,18 @@ public sealed class HostJobTests : TempDirectoryTest
         Assert.That(r.Code, Is.EqualTo(2), r.Err);
         Assert.That(r.Err, Does.Contain("lora_bias").And.Contain("no bias to merge"), "merging into bias-less modules is refused, as PEFT refuses it");
 
+        // IA3 writes a PEFT IA3 folder that eval scores unmerged and merge folds in.
+        string ia3 = Path.Combine(TempDir, "ia3");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "ia3", "--steps", "2", "--batch-size", "2", "--out", ia3, "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("IA3 on 6 modules"));
+        Assert.That(File.ReadAllText(Path.Combine(ia3, "adapter_config.json")), Does.Contain("\"peft_type\": \"IA3\""));
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"ia3={ia3}", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("ia3:")), Is.EqualTo((0, true)), r.Err);
+        r = Peft.Run("merge", "--model", pre, "--adapter", ia3, "--out", Path.Combine(TempDir, "ia3-merged"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        Assert.That(r.Out, Does.Contain("IA3 vectors"));
+
         // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
         string prefixDir = Path.Combine(TempDir, "prefix");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--prefix-projection", "8", "--steps", "2", "--batch-size", "2",
