@@ -56,7 +56,7 @@ internal static class TrainCommand
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
-        var method = new Option<string>("--method") { Description = "full | lora | ia3 | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var method = new Option<string>("--method") { Description = "full | lora | ia3 | ln-tuning | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
         var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train", DefaultValueFactory = _ => 0.01 };
         var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients " +
             "(SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
@@ -166,7 +166,8 @@ internal static class TrainCommand
             "prefix" => FinetuneMethod.Prefix,
             "sparse" => FinetuneMethod.Sparse,
             "ia3" => FinetuneMethod.Ia3,
-            _ => throw new ArgumentException($"--method {method}: use full, lora, ia3, prefix or sparse (1-bit deltas come from peft compress)"),
+            "ln-tuning" => FinetuneMethod.LnTuning,
+            _ => throw new ArgumentException($"--method {method}: use full, lora, ia3, ln-tuning, prefix or sparse (1-bit deltas come from peft compress)"),
         };
         string? owner(string flag) => MethodOfFlag.GetValueOrDefault(flag);
         var idle = flags.Given.Where(f => owner(f) is string m && m != method).ToList();

@@ -47,6 +47,7 @@ public sealed class VariantSet : IDisposable
         PeftLoraAdapter lora => AddLora(name, lora),
         PeftPrefixAdapter prefix => AddPrefix(name, prefix),
         PeftIa3Adapter vectors => AddIa3(name, vectors),
+        PeftLnTuningAdapter norms => AddNorms(name, norms),
         BitDelta delta => AddDelta(name, delta),
         SparseDelta sparse => AddSparse(name, sparse),
         _ => throw new NotSupportedException($"variant '{name}': a {variant.Kind} cannot be served in a mixed batch"),
@@ -70,6 +71,17 @@ public sealed class VariantSet : IDisposable
 
         dirty = true;
         return index;
+    });
+
+    /// <summary>Registers an LN tuning adapter as a variant (its rows use its own norm weights); returns its index.</summary>
+    public int AddNorms(string name, PeftLnTuningAdapter adapter) => Guarded(() =>
+    {
+        CheckName(name);
+        CheckReplaceable(name, adapter.Norms.Keys);
+        variants.Add((name, null, null, null));
+        foreach (var (parameter, values) in adapter.Norms) AddReplacement(variants.Count - 1, parameter, values);
+        dirty = true;
+        return variants.Count - 1;
     });
 
     /// <summary>Registers a LoRA adapter as a variant; returns its index.</summary>

@@ -39,6 +39,15 @@ public static class Finetune
             case FinetuneMethod.Lora:
                 PrepareLora(model, options, train, data, baseFolder, resume, recipe);
                 break;
+            case FinetuneMethod.LnTuning:
+                var norms = PeftLnTuningAdapter.TargetsIn(model.Config, PeftLnTuningAdapter.DefaultTargets, null).Select(m => m + ".weight").ToHashSet();
+                foreach (var p in model.Parameters) p.Trainable = norms.Contains(p.Name);
+                recipe.Description = $"LN tuning: {norms.Count} norm weights train, {recipe.Trainable:N0} parameters ({100.0 * recipe.Trainable / model.ParameterCount:F2}% of " +
+                    $"{model.ParameterCount:N0})";
+                recipe.Save = dir => new PeftLnTuningAdapter(PeftLnTuningAdapter.DefaultTargets, null, norms.ToDictionary(n => n, n => model[n].Value.ToArray()),
+                    baseFolder == null ? null : Path.GetFullPath(baseFolder)).Save(dir, model.Config);
+                recipe.Output = "PEFT LN tuning adapter (adapter_config.json, adapter_model.safetensors)";
+                break;
             case FinetuneMethod.Ia3:
                 var ia3 = new Ia3Config { BaseModelNameOrPath = baseFolder == null ? null : Path.GetFullPath(baseFolder) };
                 model.AddIa3(ia3);

@@ -15,6 +15,9 @@ public enum FinetuneMethod
     /// <summary>IA3: learned vectors scaling k_proj's and v_proj's outputs and down_proj's input (PEFT's Llama defaults).</summary>
     Ia3,
 
+    /// <summary>LN tuning: only the norm weights train (PEFT's Llama default: input, post-attention and final norms).</summary>
+    LnTuning,
+
     /// <summary>A fixed fraction of each tensor's entries, chosen by a mask (optionally regrown, SpIEL).</summary>
     Sparse,
 }

@@ -14,7 +14,7 @@ public static class VariantFolder
 
     /// <summary>
     /// Reads the variant in <paramref name="folder"/> for <paramref name="model"/>: adapter_config.json is a PEFT
-    /// adapter (LoRA / DoRA, or PREFIX_TUNING or IA3 by its peft_type), sparse_config.json a sparse delta,
+    /// adapter (LoRA / DoRA, or PREFIX_TUNING, IA3 or LN_TUNING by its peft_type), sparse_config.json a sparse delta,
     /// bitdelta_config.json a 1-bit delta (both checked against the model's fingerprint). Anything else is an error
     /// naming the folder and what was looked for.
     /// </summary>
@@ -28,6 +28,7 @@ public static class VariantFolder
             {
                 "PREFIX_TUNING" => PeftPrefixAdapter.Load(folder, model.Config),
                 PeftIa3Adapter.PeftTypeName => PeftIa3Adapter.Load(folder, model.Config),
+                PeftLnTuningAdapter.PeftTypeName => PeftLnTuningAdapter.Load(folder, model.Config),
                 _ => PeftLoraAdapter.Load(folder, model),
             };
         }

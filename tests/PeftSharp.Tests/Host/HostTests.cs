@@ -178,6 +178,13 @@ public sealed class HostJobTests : TempDirectoryTest
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         Assert.That(r.Out, Does.Contain("IA3 vectors"));
 
+        // LN tuning writes a PEFT LN_TUNING folder, scored unmerged.
+        string lnDir = Path.Combine(TempDir, "ln");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "ln-tuning", "--steps", "2", "--batch-size", "2", "--out", lnDir, "--quiet", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("LN tuning: 5 norm weights train")), Is.EqualTo((0, true)), r.Err + r.Out);
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"ln={lnDir}", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("ln:")), Is.EqualTo((0, true)), r.Err);
+
         // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
         string prefixDir = Path.Combine(TempDir, "prefix");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--prefix-projection", "8", "--steps", "2", "--batch-size", "2",
