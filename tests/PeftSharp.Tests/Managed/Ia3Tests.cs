@@ -15,8 +15,6 @@ namespace PeftSharp.Tests.Managed;
 /// </summary>
 public sealed class Ia3Tests : TempDirectoryTest
 {
-    private static readonly int[][] Prompts = { new[] { 3, 1, 4 }, new[] { 5, 9 } };
-
     /// <summary>An IA3 adapter with PEFT's Llama defaults and vectors around 1.</summary>
     private static PeftIa3Adapter Adapter(LlamaConfig c, int seed)
     {
@@ -102,23 +100,8 @@ public sealed class Ia3Tests : TempDirectoryTest
         using var set = new VariantSet(model);
         set.Add("ia3", adapter);
         set.Add("lora", lora);
-        var caches = prompts.Select(_ => new KvCache(model, 4)).ToArray();
-        float[][] rows;
-        try
-        {
-            using var bound = set.Bind(new[] { -1, -1, -1, 0, 0, 1, 1 });
-            rows = model.DecodeBatch(caches, prompts, bound);
-        }
-        finally
-        {
-            foreach (var cache in caches) cache.Dispose();
-        }
-
-        float[] Alone(LlamaModel m, int[] prompt)
-        {
-            using var cache = new KvCache(m, 4);
-            return m.DecodeStep(cache, prompt);
-        }
+        var rows = MixedBatch.Decode(model, set, prompts, new[] { -1, 0, 1 });
+        float[] Alone(LlamaModel m, int[] prompt) => MixedBatch.Alone(m, prompt);
 
         Check.Close(rows[0], Alone(model, prompts[0]), (2e-5, 2e-4), "base row");
         Check.Close(rows[1], Alone(merged, prompts[1]), (2e-5, 2e-4), "IA3 row = the merged model");

@@ -48,20 +48,9 @@ public sealed class LnTuningTests : TempDirectoryTest
         int[][] prompts = { new[] { 3, 1, 4 }, new[] { 5, 9 } };
         using var set = new VariantSet(model);
         set.Add("ln", adapter);
-        var caches = prompts.Select(_ => new KvCache(model, 4)).ToArray();
-        float[][] rows;
-        try
-        {
-            using var bound = set.Bind(new[] { -1, -1, -1, 0, 0 });
-            rows = model.DecodeBatch(caches, prompts, bound);
-        }
-        finally
-        {
-            foreach (var cache in caches) cache.Dispose();
-        }
-
-        using (var alone = new KvCache(merged, 4)) Check.Close(rows[1], merged.DecodeStep(alone, prompts[1]), (2e-5, 2e-4), "LN-tuned row = the merged model");
-        using (var alone = new KvCache(model, 4)) Check.Close(rows[0], model.DecodeStep(alone, prompts[0]), (2e-5, 2e-4), "base row");
+        var rows = MixedBatch.Decode(model, set, prompts, new[] { -1, 0 });
+        Check.Close(rows[1], MixedBatch.Alone(merged, prompts[1]), (2e-5, 2e-4), "LN-tuned row = the merged model");
+        Check.Close(rows[0], MixedBatch.Alone(model, prompts[0]), (2e-5, 2e-4), "base row");
 
         string bad = Path.Combine(TempDir, "bad");
         Directory.CreateDirectory(bad);

@@ -30,23 +30,10 @@ public sealed class LoraBiasTests : TempDirectoryTest
     {
         using var set = new VariantSet(model);
         set.AddLora("biased", adapter);
-        var caches = Prompts.Select(_ => new KvCache(model, 4)).ToArray();
-        try
-        {
-            using var bound = set.Bind(new[] { -1, -1, -1, 0, 0 });
-            return model.DecodeBatch(caches, Prompts, bound);
-        }
-        finally
-        {
-            foreach (var c in caches) c.Dispose();
-        }
+        return MixedBatch.Decode(model, set, Prompts, new[] { -1, 0 });
     }
 
-    private static float[] Alone(LlamaModel model, int[] prompt)
-    {
-        using var cache = new KvCache(model, 4);
-        return model.DecodeStep(cache, prompt);
-    }
+    private static float[] Alone(LlamaModel model, int[] prompt) => MixedBatch.Alone(model, prompt);
 
     [Test]
     public void LoraBias_FolderRoundTrips_UnderPeftKeys_AndIsRefusedWithDora()
