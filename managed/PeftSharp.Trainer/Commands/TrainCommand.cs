@@ -25,6 +25,7 @@ internal sealed record TrainFlags
     public int RegrowEvery { get; init; }
     public int VirtualTokens { get; init; } = 8;
     public int PrefixProjection { get; init; }
+    public float MezoEpsilon { get; init; } = 1e-3f;
     public string? TokenizerDir { get; init; }
     public double EvalSplit { get; init; }
 
@@ -56,13 +57,17 @@ internal static class TrainCommand
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
-        var method = new Option<string>("--method") { Description = "full | lora | ia3 | ln-tuning | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full" };
+        var method = new Option<string>("--method")
+        {
+            Description = "full | lora | ia3 | ln-tuning | mezo | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full",
+        };
         var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train", DefaultValueFactory = _ => 0.01 };
         var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients " +
             "(SpIEL; 0: fixed mask)", DefaultValueFactory = _ => 0 };
         var maskSource = new Option<string>("--mask") { Description = "Sparse fine-tuning mask: gradient | weight | random", DefaultValueFactory = _ => "gradient" };
         var prefixProjection = new Option<int>("--prefix-projection") { Description = "Prefix tuning through a reparameterising MLP with this hidden size (P-tuning v2; 0: train the keys " +
             "and values directly)", DefaultValueFactory = _ => 0 };
+        var mezoEps = new Option<float>("--mezo-eps") { Description = "MeZO: the perturbation scale eps", DefaultValueFactory = _ => 1e-3f };
         var virtualTokens = new Option<int>("--virtual-tokens") { Description = "Prefix tuning: trainable virtual tokens per layer", DefaultValueFactory = _ => 8 };
         var groupCompletions = new Option<bool>("--group-completions") { Description = "Train examples that share a prompt as one prompt with several completions (encoded once)" };
         var rank = new Option<int>("--rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 8 };
@@ -92,7 +97,7 @@ internal static class TrainCommand
         if (finetune)
         {
             foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, loraBias, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
-                groupCompletions, density, maskSource, regrowEvery, prefixProjection }) c.Options.Add(opt);
+                groupCompletions, density, maskSource, regrowEvery, prefixProjection, mezoEps }) c.Options.Add(opt);
         }
         else
         {
@@ -135,6 +140,7 @@ internal static class TrainCommand
                 AdapterPerTask = finetune && r.GetValue(adapterPerTask),
                 VirtualTokens = finetune ? r.GetValue(virtualTokens) : 8,
                 PrefixProjection = finetune ? r.GetValue(prefixProjection) : 0,
+                MezoEpsilon = finetune ? r.GetValue(mezoEps) : 1e-3f,
                 Density = finetune ? r.GetValue(density) : 0.01,
                 MaskSource = finetune ? r.GetValue(maskSource) ?? "gradient" : "gradient",
                 RegrowEvery = finetune ? r.GetValue(regrowEvery) : 0,
@@ -154,6 +160,7 @@ internal static class TrainCommand
         ("lora", new[] { "--rank", "--alpha", "--targets", "--rslora", "--dora", "--lora-bias", "--b-only", "--adapter-per-task", "--dropout", "--init", "--chain-every" }),
         ("prefix", new[] { "--virtual-tokens", "--prefix-projection" }),
         ("sparse", new[] { "--density", "--mask", "--regrow-every" }),
+        ("mezo", new[] { "--mezo-eps" }),
     }.SelectMany(m => m.Item2.Select(f => (Flag: f, Method: m.Item1))).ToDictionary(x => x.Flag, x => x.Method);
 
     /// <summary>The library recipe for the flags, every flag that does not fit the method refused by name.</summary>
@@ -167,7 +174,8 @@ internal static class TrainCommand
             "sparse" => FinetuneMethod.Sparse,
             "ia3" => FinetuneMethod.Ia3,
             "ln-tuning" => FinetuneMethod.LnTuning,
-            _ => throw new ArgumentException($"--method {method}: use full, lora, ia3, ln-tuning, prefix or sparse (1-bit deltas come from peft compress)"),
+            "mezo" => FinetuneMethod.Mezo,
+            _ => throw new ArgumentException($"--method {method}: use full, lora, ia3, ln-tuning, mezo, prefix or sparse (1-bit deltas come from peft compress)"),
         };
         string? owner(string flag) => MethodOfFlag.GetValueOrDefault(flag);
         var idle = flags.Given.Where(f => owner(f) is string m && m != method).ToList();
@@ -226,6 +234,7 @@ internal static class TrainCommand
             Method = kind, Freeze = flags.Freeze, LayerDecay = flags.LayerDecay, EmaDecay = flags.EmaDecay, Optimizer = optimizer, Momentum = flags.Momentum,
             Lora = flags.Lora, LoraBOnly = flags.LoraBOnly, LoraInit = init, AdapterPerTask = flags.AdapterPerTask ? Jobs.TaskNames(dataSpec) : null,
             Density = density, MaskSource = mask, RegrowEvery = flags.RegrowEvery, VirtualTokens = tokens, PrefixProjection = flags.PrefixProjection,
+            MezoEpsilon = flags.MezoEpsilon,
         };
     }
 

@@ -39,6 +39,12 @@ public static class Finetune
             case FinetuneMethod.Lora:
                 PrepareLora(model, options, train, data, baseFolder, resume, recipe);
                 break;
+            case FinetuneMethod.Mezo:
+                // The parameters are frozen so none allocates a gradient: MeZO moves them itself.
+                foreach (var p in model.Parameters) p.Trainable = false;
+                recipe.Description = $"MeZO: zeroth-order SGD over all {model.ParameterCount:N0} parameters (eps {options.MezoEpsilon}), two forward passes a step, " +
+                    "no gradients or optimizer state";
+                break;
             case FinetuneMethod.LnTuning:
                 var norms = PeftLnTuningAdapter.TargetsIn(model.Config, PeftLnTuningAdapter.DefaultTargets, null).Select(m => m + ".weight").ToHashSet();
                 foreach (var p in model.Parameters) p.Trainable = norms.Contains(p.Name);
@@ -184,7 +190,9 @@ public static class Finetune
 
         var scale = options.LayerDecay < 1f ? ParameterTools.LayerDecay(model.Config, options.LayerDecay) : (_ => 1f);
         var masks = recipe?.Masks;
-        using Optimizer opt = masks != null ? new MaskedAdamW(model.AllParameters, masks, weightDecay: 0f) { LearningRateScale = scale } : options.Optimizer switch
+        using Optimizer opt = masks != null ? new MaskedAdamW(model.AllParameters, masks, weightDecay: 0f) { LearningRateScale = scale }
+            : options.Method == FinetuneMethod.Mezo ? new Mezo(model.Parameters, options.MezoEpsilon, train.Seed) { LearningRateScale = scale }
+            : options.Optimizer switch
         {
             OptimizerKind.AdamW => new AdamW(model.AllParameters, weightDecay: train.WeightDecay) { LearningRateScale = scale },
             OptimizerKind.Sgd => new Sgd(model.AllParameters, momentum: options.Momentum, weightDecay: 0f) { LearningRateScale = scale },

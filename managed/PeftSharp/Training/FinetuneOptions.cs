@@ -43,6 +43,9 @@ public sealed record FinetuneOptions
     /// <summary>SpIEL drop-and-regrow interval for sparse fine-tuning (0: fixed mask).</summary>
     public int RegrowEvery { get; init; }
 
+    /// <summary>MeZO's perturbation scale eps (the paper's 1e-3).</summary>
+    public float MezoEpsilon { get; init; } = 1e-3f;
+
     /// <summary>Prefix tuning's virtual tokens per layer.</summary>
     public int VirtualTokens { get; init; } = 8;
 
@@ -60,6 +63,11 @@ public sealed record FinetuneOptions
         if (VirtualTokens <= 0) throw new ArgumentException($"VirtualTokens {VirtualTokens}: must be positive");
         if (LayerDecay is <= 0f or > 1f) throw new ArgumentException($"LayerDecay {LayerDecay}: must be in (0, 1]");
         if (EmaDecay is < 0f or >= 1f) throw new ArgumentException($"EmaDecay {EmaDecay}: must be in [0, 1)");
+        if (!(MezoEpsilon > 0f) || !float.IsFinite(MezoEpsilon)) throw new ArgumentException($"MezoEpsilon {MezoEpsilon}: must be positive and finite");
+        if (Method == FinetuneMethod.Mezo && (train.GradAccumulation > 1 || train.GroupCompletions || Freeze.Count > 0))
+        {
+            throw new NotSupportedException("MeZO takes one batch a step over every parameter: not with gradient accumulation, grouped completions or frozen parameters");
+        }
         bool loraOnly = LoraBOnly || LoraInit != LoraInit.Default || train.ChainEvery != 0 || AdapterPerTask != null;
         if (Method == FinetuneMethod.Lora && Lora == null) throw new ArgumentException("FinetuneMethod.Lora needs a LoraAdapterConfig (Lora)");
         if (Method != FinetuneMethod.Lora && (Lora != null

@@ -75,14 +75,46 @@ public sealed class TrainingRun
             metrics = new StreamWriter(metricsPath, append: Step > 0) { AutoFlush = true }; // each step's line is on disk for whoever follows the run
         }
 
+        // A finished step: its metrics line, the callback, the periodic checkpoint.
+        void Record(StepMetrics m, bool finite)
+        {
+            all.Add(m);
+            metrics?.WriteLine(finite
+                ? JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond })
+                : JsonSerializer.Serialize(new { step = m.Step, skipped = $"loss {m.Loss}, gradient norm {m.GradNorm}", lr = m.LearningRate }));
+            onStep?.Invoke(m);
+            if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
+            {
+                metrics?.Flush();
+                SaveCheckpoint(Path.Combine(outDir, CheckpointFolder));
+            }
+        }
+
         try
         {
             while (Step < Options.Steps && !cancel.IsCancellationRequested)
             {
                 var stepClock = Stopwatch.StartNew();
-                model.ZeroGrad();
-                double loss = 0;
+                double loss = 0, norm;
                 int tokens = 0;
+                float lr = schedule.At(Step);
+                bool finite;
+                if (optimizer is Mezo mezo)
+                {
+                    // Zeroth order: two forward passes at theta +- eps z; no gradient is formed.
+                    var (ids, targets) = Batcher.Encode(data.Next(Options.BatchSize), Tokenizer, Options.SeqLen, Options.CompletionOnly);
+                    var (plus, minus) = mezo.Step(lr, () => model.Loss(ids, targets, Options.BatchSize, backward: false).Loss);
+                    loss = (plus + minus) / 2;
+                    tokens = 2 * ids.Length;
+                    norm = Math.Abs(mezo.LastProjectedGradient);
+                    finite = double.IsFinite(loss) && double.IsFinite(norm);
+                    if (!finite && !Options.SkipNonFinite) throw new TrainingDivergedException(Step + 1, loss, norm);
+                    Step++;
+                    Record(new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds), finite);
+                    continue;
+                }
+
+                model.ZeroGrad();
                 for (int micro = 0; micro < Options.GradAccumulation; micro++)
                 {
                     var batch = data.Next(Options.BatchSize);
@@ -120,11 +152,10 @@ public sealed class TrainingRun
                     foreach (var g in grads) model.Device.Ops.Scale(g, 1f / Options.GradAccumulation, g);
                 }
 
-                double norm = Options.ClipNorm <= 0 ? model.Device.Ops.GlobalNorm(grads)
+                norm = Options.ClipNorm <= 0 ? model.Device.Ops.GlobalNorm(grads)
                     : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.AllParameters, Options.ClipNorm)
                     : model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm);
-                float lr = schedule.At(Step);
-                bool finite = double.IsFinite(loss) && double.IsFinite(norm);
+                finite = double.IsFinite(loss) && double.IsFinite(norm);
                 if (!finite && !Options.SkipNonFinite) throw new TrainingDivergedException(Step + 1, loss, norm);
                 if (finite) optimizer.Step(lr); // a skipped step leaves weights and optimizer state as they were
                 Step++;
@@ -134,17 +165,7 @@ public sealed class TrainingRun
                     optimizer.ResetState(model.Lora.Values.SelectMany(l => l.Parameters));
                 }
 
-                var m = new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds);
-                all.Add(m);
-                metrics?.WriteLine(finite
-                    ? JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond })
-                    : JsonSerializer.Serialize(new { step = m.Step, skipped = $"loss {m.Loss}, gradient norm {m.GradNorm}", lr = m.LearningRate }));
-                onStep?.Invoke(m);
-                if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
-                {
-                    metrics?.Flush();
-                    SaveCheckpoint(Path.Combine(outDir, CheckpointFolder));
-                }
+                Record(new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds), finite);
             }
 
             if (Step < Options.Steps && cancel.IsCancellationRequested)

@@ -185,6 +185,13 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"ln={lnDir}", "--device", "cpu");
         Assert.That((r.Code, r.Out.Contains("ln:")), Is.EqualTo((0, true)), r.Err);
 
+        // MeZO trains every parameter from two forward passes a step; its flag belongs to it alone.
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "mezo", "--mezo-eps", "0.01", "--steps", "2", "--batch-size", "2", "--out",
+            Path.Combine(TempDir, "mezo"), "--quiet", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("MeZO: zeroth-order SGD")), Is.EqualTo((0, true)), r.Err + r.Out);
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--mezo-eps", "0.01", "--steps", "1", "--out", Path.Combine(TempDir, "not-mezo"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("--mezo-eps applies to --method mezo")), Is.EqualTo((2, true)), r.Err);
+
         // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
         string prefixDir = Path.Combine(TempDir, "prefix");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--prefix-projection", "8", "--steps", "2", "--batch-size", "2",
