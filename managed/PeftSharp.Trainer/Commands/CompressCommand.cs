@@ -6,7 +6,10 @@ using PeftSharp.Model;
 
 namespace PeftSharp.Trainer.Commands;
 
-/// <summary>`peft compress`: a fine-tune to 1-bit deltas over its base (BitDelta), with scale distillation.</summary>
+/// <summary>
+/// `peft compress`: a fine-tune to 1-bit deltas over its base (BitDelta), with scale distillation; or with
+/// `--method compeft` to a ternary sparse delta (ComPEFT: top-k by magnitude, signs, one scale per tensor).
+/// </summary>
 internal static class CompressCommand
 {
     public static Command Create(SharedOptions o, TextWriter stdout)
@@ -15,11 +18,52 @@ internal static class CompressCommand
         var distillLr = new Option<float>("--distill-lr") { Description = "Scale distillation step, relative to each scale", DefaultValueFactory = _ => 0.02f };
         var calib = new Option<string>("--calib") { Description = "Calibration text: builtin:tasks | builtin:tasks=NAME | FILE.jsonl | FILE.txt", DefaultValueFactory = _ => "builtin:tasks" };
         var rounds = new Option<int>("--rounds") { Description = "Residual rounds (k sign matrices and k scales per weight)", DefaultValueFactory = _ => 1 };
-        var compress = new Command("compress", "Compress a fine-tune to 1-bit deltas over its base (BitDelta), with scale distillation.");
-        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, distillSteps, distillLr, calib, rounds, o.BatchSize, o.SeqLen, o.Seed, o.Overwrite }) compress.Options.Add(opt);
-        compress.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(distillSteps),
-            r.GetValue(distillLr), r.GetValue(calib)!, r.GetValue(rounds), r.GetValue(o.BatchSize), r.GetValue(o.SeqLen), r.GetValue(o.Seed), r.GetValue(o.Overwrite), stdout));
+        var method = new Option<string>("--method") { Description = "bitdelta (1-bit signs, distilled scales) | compeft (top-k signs, one scale per tensor)", DefaultValueFactory = _ => "bitdelta" };
+        var density = new Option<double>("--density") { Description = "ComPEFT: fraction of each tensor's entries kept", DefaultValueFactory = _ => 0.1 };
+        var alpha = new Option<float>("--alpha") { Description = "ComPEFT: multiple of the kept entries' mean |delta| used as their magnitude", DefaultValueFactory = _ => 1f };
+        var compress = new Command("compress", "Compress a fine-tune to 1-bit deltas over its base (BitDelta, with scale distillation) or to a ternary sparse delta (ComPEFT).");
+        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, method, distillSteps, distillLr, calib, rounds, density, alpha, o.BatchSize, o.SeqLen, o.Seed, o.Overwrite })
+        {
+            compress.Options.Add(opt);
+        }
+
+        compress.SetAction(r =>
+        {
+            string m = r.GetValue(method)!;
+            var given = new Option[] { distillSteps, distillLr, calib, rounds, density, alpha }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
+            var wrong = given.Where(f => m == "compeft" ? f is not ("--density" or "--alpha") : f is "--density" or "--alpha").ToList();
+            if (m is not ("bitdelta" or "compeft")) throw new ArgumentException($"--method {m}: use bitdelta or compeft");
+            if (wrong.Count > 0)
+            {
+                throw new ArgumentException($"{string.Join(", ", wrong)} {(wrong.Count == 1 ? "does" : "do")} not apply to --method {m}: {(wrong.Count == 1 ? "it" : "they")} would do nothing");
+            }
+
+            return m == "compeft"
+                ? RunComPeft(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(density), r.GetValue(alpha), r.GetValue(o.Overwrite), stdout)
+                : Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(distillSteps), r.GetValue(distillLr), r.GetValue(calib)!,
+                    r.GetValue(rounds), r.GetValue(o.BatchSize), r.GetValue(o.SeqLen), r.GetValue(o.Seed), r.GetValue(o.Overwrite), stdout);
+        });
         return compress;
+    }
+
+    private static int RunComPeft(string? deviceSpec, string baseDir, string fineDir, string outDir, double density, float alpha, bool overwrite, TextWriter stdout)
+    {
+        Host.CheckOutput(outDir, overwrite, resuming: false, ("--base", baseDir), ("--finetuned", fineDir));
+        using var device = Host.OpenDevice(deviceSpec);
+        using var baseModel = HuggingFaceFolder.Load(baseDir, device, Host.Warn);
+        using var fine = HuggingFaceFolder.Load(fineDir, device, Host.Warn);
+        var delta = ComPeft.Compress(baseModel, fine, density, alpha);
+        delta.Save(outDir, baseModel.Config);
+        stdout.WriteLine(ComPeftSummary(baseModel, delta, density));
+        return 0;
+    }
+
+    internal static string ComPeftSummary(LlamaModel baseModel, PeftSharp.Variants.SparseDelta delta, double density)
+    {
+        long ternary = ComPeft.TernaryBytes(delta, density);
+        long changed = delta.Entries.Keys.Sum(n => (long)baseModel[n].Value.Length);
+        return $"ComPEFT: {delta.Nonzeros:N0} of {changed:N0} entries of {delta.Entries.Count} tensors kept as sign x one scale per tensor ({100 * density:G3}%); ternary payload " +
+            $"{ternary:N0} bytes, {changed * 2.0 / Math.Max(1, ternary):F1}x smaller than the fp16 task vector (stored as a sparse-delta folder: {delta.Nonzeros * 8:N0} bytes)";
     }
 
     private static int Run(string? deviceSpec, string baseDir, string fineDir, string outDir, int distillSteps, float distillLr, string calib, int rounds,

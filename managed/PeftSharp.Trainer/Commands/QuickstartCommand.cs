@@ -74,7 +74,7 @@ internal static class QuickstartCommand
         jobs.Train(sparseModel, sparseData, sparseOptions, Path.Combine(outDir, "finetuned-sparse"), "sparse", null, recipe: sparse);
 
         var sparseAfter = Evaluator.Evaluate(sparseModel, taskHeld, options.SeqLen);
-        console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales");
+        console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales; and to ComPEFT's signs of its top 10%");
         using var baseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var delta = BitDelta.Compress(baseModel, model);
         var (calibTrain, calibEval) = Host.CalibrationBatches(baseModel.Tokenizer, $"builtin:tasks", 8, options.SeqLen, 32, 4, seed + 11);
@@ -112,6 +112,15 @@ internal static class QuickstartCommand
 
         var bitBefore = Compressed(delta);
         var bitAfter = Compressed(distilled.Delta);
+        // ComPEFT beside BitDelta: the same task vector as signs of its top 10% with one magnitude per tensor.
+        var compeft = ComPeft.Compress(baseModel, model, density: 0.1);
+        EvalResult compeftResult;
+        using (var m = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
+        {
+            compeft.MergeInto(m);
+            compeftResult = Evaluator.Evaluate(m, taskHeld, options.SeqLen);
+        }
+
         console.WriteLine(CompressCommand.Summary(baseModel, distilled));
         var rows = new List<(string Model, string Trainable, string Data, EvalResult Result)>();
         string all = $"{model.ParameterCount:N0}";
@@ -141,6 +150,7 @@ internal static class QuickstartCommand
         string bits = $"{delta.PackedBytes + delta.DenseBytes:N0} B";
         rows.Add(("1-bit delta of full FT", bits, $"'{heldOutTask}'", bitBefore));
         rows.Add(("1-bit delta, distilled", bits, $"'{heldOutTask}'", bitAfter));
+        rows.Add(("ComPEFT of full FT (10%)", $"{ComPeft.TernaryBytes(compeft, 0.1):N0} B", $"'{heldOutTask}'", compeftResult));
         if (json)
         {
             stdout.WriteLine(new System.Text.Json.Nodes.JsonObject

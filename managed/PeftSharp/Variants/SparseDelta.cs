@@ -28,6 +28,9 @@ public sealed class SparseDelta : IVariant
 
     public string BaseFingerprint { get; }
 
+    /// <summary>How the entries were chosen, written as the folder's "method": "sparse" (a sparse fine-tune or a masked difference) or "compeft" (ternary values).</summary>
+    public string Method { get; init; } = "sparse";
+
     public long Nonzeros => Entries.Values.Sum(e => (long)e.Index.Length);
 
     public string Kind => "sparse delta";
@@ -99,7 +102,7 @@ public sealed class SparseDelta : IVariant
         SafeTensorsWriter.Write(Path.Combine(folder, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "peftsharp-sparse" });
         var o = new JsonObject
         {
-            ["method"] = "sparse",
+            ["method"] = Method,
             ["nonzeros"] = Nonzeros,
             ["parameters"] = JsonConfigFile.SortedNames(Entries.Keys),
             ["base_fingerprint"] = BaseFingerprint,
@@ -148,6 +151,8 @@ public sealed class SparseDelta : IVariant
 
         if (problems.Count > 0) throw new PeftSharpInputException($"{folder}: the sparse delta does not fit the model ({problems.Count} problems): {string.Join("; ", problems)}");
         BitDelta.CheckFingerprint(fingerprint, BitDelta.Fingerprint(baseModel), folder);
-        return new SparseDelta(entries, fingerprint);
+        string method = o["method"]?.Value<string>() ?? "sparse";
+        if (method is not ("sparse" or "compeft")) throw new PeftSharpInputException($"{configPath}: method '{method}' is not sparse or compeft");
+        return new SparseDelta(entries, fingerprint) { Method = method };
     }
 }

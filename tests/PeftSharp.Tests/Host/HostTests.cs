@@ -192,6 +192,14 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--mezo-eps", "0.01", "--steps", "1", "--out", Path.Combine(TempDir, "not-mezo"), "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("--mezo-eps applies to --method mezo")), Is.EqualTo((2, true)), r.Err);
 
+        // ComPEFT compresses the full fine-tune to a ternary sparse delta that eval serves beside the base.
+        r = Peft.Run("compress", "--base", pre, "--finetuned", fine, "--method", "compeft", "--density", "0.2", "--out", Path.Combine(TempDir, "compeft"), "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("ComPEFT:")), Is.EqualTo((0, true)), r.Err + r.Out);
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--delta", $"cp={Path.Combine(TempDir, "compeft")}", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("cp:")), Is.EqualTo((0, true)), r.Err);
+        r = Peft.Run("compress", "--base", pre, "--finetuned", fine, "--method", "compeft", "--rounds", "2", "--out", Path.Combine(TempDir, "compeft2"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("--rounds does not apply to --method compeft")), Is.EqualTo((2, true)), r.Err);
+
         // Prefix tuning writes a PEFT PREFIX_TUNING folder that peft generate --prefix reads; grouped completions train.
         string prefixDir = Path.Combine(TempDir, "prefix");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "prefix", "--virtual-tokens", "4", "--prefix-projection", "8", "--steps", "2", "--batch-size", "2",
