@@ -13,7 +13,7 @@ internal static class EvalCommand
 {
     public static Command Create(SharedOptions o, TextWriter stdout)
     {
-        var adapters = new Option<string[]>("--adapter") { Description = "A PEFT adapter folder to score (LoRA, DoRA, IA3, LN tuning or prefix tuning): DIR or name=DIR, repeatable",
+        var adapters = new Option<string[]>("--adapter") { Description = "A PEFT adapter folder to score (LoRA, DoRA, IA3, LN tuning, prefix tuning, or SSF): DIR or name=DIR, repeatable",
             AllowMultipleArgumentsPerToken = true };
         var deltas = new Option<string[]>("--delta") { Description = "A 1-bit (peft compress) or sparse delta folder to score: DIR or name=DIR, repeatable",
             AllowMultipleArgumentsPerToken = true };
@@ -57,7 +57,7 @@ internal static class EvalCommand
             var variant = VariantFolder.Load(folder, model);
             string? wrong = (flag, variant) switch
             {
-                ("--adapter", PeftLoraAdapter or PeftPrefixAdapter or PeftIa3Adapter or PeftLnTuningAdapter) or ("--prefix", PeftPrefixAdapter)
+                ("--adapter", PeftLoraAdapter or PeftPrefixAdapter or PeftIa3Adapter or PeftLnTuningAdapter or SsfAdapter) or ("--prefix", PeftPrefixAdapter)
                     or ("--delta", PeftSharp.Compression.BitDelta or SparseDelta) => null,
                 _ => $"{flag} {folder}: holds a {variant.GetType().Name}, not what {flag} takes",
             };

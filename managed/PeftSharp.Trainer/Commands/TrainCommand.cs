@@ -59,7 +59,7 @@ internal static class TrainCommand
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method")
         {
-            Description = "full | lora | ia3 | ln-tuning | mezo | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full",
+            Description = "full | lora | ia3 | ln-tuning | ssf | mezo | prefix | sparse (1-bit deltas come from peft compress)", DefaultValueFactory = _ => "full",
         };
         var density = new Option<double>("--density") { Description = "Sparse fine-tuning: fraction of each tensor's entries that train", DefaultValueFactory = _ => 0.01 };
         var regrowEvery = new Option<int>("--regrow-every") { Description = "Sparse fine-tuning: every N steps drop the smallest changes and regrow at the largest accumulated gradients " +
@@ -175,7 +175,8 @@ internal static class TrainCommand
             "ia3" => FinetuneMethod.Ia3,
             "ln-tuning" => FinetuneMethod.LnTuning,
             "mezo" => FinetuneMethod.Mezo,
-            _ => throw new ArgumentException($"--method {method}: use full, lora, ia3, ln-tuning, mezo, prefix or sparse (1-bit deltas come from peft compress)"),
+            "ssf" => FinetuneMethod.Ssf,
+            _ => throw new ArgumentException($"--method {method}: use full, lora, ia3, ln-tuning, ssf, mezo, prefix or sparse (1-bit deltas come from peft compress)"),
         };
         string? owner(string flag) => MethodOfFlag.GetValueOrDefault(flag);
         var idle = flags.Given.Where(f => owner(f) is string m && m != method).ToList();

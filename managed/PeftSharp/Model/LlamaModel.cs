@@ -1,6 +1,7 @@
 using PeftSharp.Adapters;
 using PeftSharp.Data;
 using PeftSharp.Formats;
+using PeftSharp.Variants;
 using PeftSharp.Engine;
 
 namespace PeftSharp.Model;
@@ -101,7 +102,42 @@ public sealed class LlamaModel : IDisposable
 
     /// <summary>Everything an optimizer steps: the base parameters, the LoRA matrices, IA3's vectors and a prefix.</summary>
     public IEnumerable<Parameter> AllParameters =>
-        weights.All.Concat(loras.Parameters).Concat(ia3.Values.Select(l => l.Vector)).Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+        weights.All.Concat(loras.Parameters).Concat(ia3.Values.Select(l => l.Vector)).Concat(ssf.Values.SelectMany(l => l.Parameters))
+            .Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
+
+    /// <summary>SSF layers by module path.</summary>
+    public IReadOnlyDictionary<string, SsfLayer> Ssf => ssf;
+
+    private readonly Dictionary<string, SsfLayer> ssf = new();
+
+    /// <summary>
+    /// Adds an SSF layer after every module in <paramref name="modules"/> (gamma = 1, beta = 0 or <paramref name="from"/>'s)
+    /// and freezes the base. A module with a bias (Qwen2's q/k/v) is refused: SSF scales W x + b there.
+    /// </summary>
+    public void AddSsf(IReadOnlyList<string> modules, SsfAdapter? from = null)
+    {
+        if (loras.Layers.Count > 0 || loras.Sets.Count > 0 || prefix != null || ia3.Count > 0 || ssf.Count > 0)
+        {
+            throw new InvalidOperationException("SSF goes on a model without LoRA, adapter sets, prefix tuning, IA3 or another SSF adapter");
+        }
+
+        foreach (var module in modules)
+        {
+            if (!linears.TryGetValue(module, out var linear)) throw new ArgumentException($"SSF: {module} is not a linear module of this model");
+            if (linear.Bias != null) throw new NotSupportedException($"SSF on {module}: training it after a module that has a bias is not supported");
+            int outF = PeftLoraAdapter.LinearShape(Config, module).Out;
+            var (scale, shift) = from != null && from.Modules.TryGetValue(module, out var f) ? f : (Enumerable.Repeat(1f, outF).ToArray(), new float[outF]);
+            var layer = new SsfLayer(module, new Parameter(module + ".ssf_scale", Device.FromArray(module + ".ssf_scale", scale, outF)),
+                new Parameter(module + ".ssf_shift", Device.FromArray(module + ".ssf_shift", shift, outF)));
+            ssf[module] = layer;
+            linear.Adapter = layer;
+        }
+
+        foreach (var p in weights.All) p.Trainable = false;
+    }
+
+    /// <summary>The SSF layers as an SSF adapter folder's contents.</summary>
+    public SsfAdapter ExportSsf() => new(ssf.ToDictionary(l => l.Key, l => (l.Value.Scale.Value.ToArray(), l.Value.Shift.Value.ToArray())));
 
     /// <summary>IA3 layers by module path.</summary>
     public IReadOnlyDictionary<string, Ia3Layer> Ia3 => ia3;

@@ -28,16 +28,16 @@ public sealed class RowVariantBatch : IRowVariants, IDisposable
         if (p.DoraScales != null && RowSlots(p.DoraSlots) is { } doraRows) ops.DoraScale(y, p.DoraScales, doraRows); // after the row's LoRA delta
         if (p.Delta != null && RowSlots(p.DeltaSlots) is { } deltaRows) ops.BitDeltaMixed(x, y, p.Delta, deltaRows);
         if (p.Sparse != null && RowSlots(p.SparseSlots) is { } sparseRows) ops.SparseDeltaMixed(x, y, p.Sparse, sparseRows);
-        if (p.Ia3Out != null && RowSlots(p.Ia3OutSlots) is { } ia3Rows) ops.DoraScale(y, p.Ia3Out, ia3Rows); // IA3: y[i, :] *= l
+        if (p.OutputScales != null && RowSlots(p.OutputScaleSlots) is { } scaledRows) ops.DoraScale(y, p.OutputScales, scaledRows); // IA3, SSF: y[i, :] *= the row's scale
     }
 
     public Tensor? ScaleInput(string module, Tensor x)
     {
-        if (!set.TryGetPools(module, out var p) || p.Ia3In == null || RowSlots(p.Ia3InSlots) is not { } rows) return null;
+        if (!set.TryGetPools(module, out var p) || p.InputScales == null || RowSlots(p.InputScaleSlots) is not { } rows) return null;
         var scaled = set.Model.Device.Zeros("ia3_scaled_input", x.Shape.ToArray());
         var ops = set.Model.Device.Ops;
         ops.Copy(x, scaled);
-        ops.DoraScale(scaled, p.Ia3In, rows); // x[i, :] *= l for IA3 feedforward rows
+        ops.DoraScale(scaled, p.InputScales, rows); // x[i, :] *= l for IA3 feedforward rows
         return scaled;
     }
 

@@ -20,7 +20,8 @@ public sealed class VariantSet : IDisposable
     private readonly List<(string Name, PeftLoraAdapter? Lora, BitDelta? Delta, SparseDelta? Sparse)> variants = new();
     private readonly Dictionary<string, ModulePools> pools = new();
     private readonly Dictionary<int, KvCache> prefixes = new();
-    private readonly Dictionary<int, PeftIa3Adapter> ia3 = new();
+    /// <summary>Per-output and per-input scales by module of the variants that rescale (IA3, SSF), by variant index.</summary>
+    private readonly Dictionary<int, (IReadOnlyDictionary<string, float[]> Output, IReadOnlyDictionary<string, float[]> Input)> scales = new();
     private readonly Dictionary<(int Variant, string Parameter), Tensor> replacements = new();
     private bool dirty = true;
     private bool disposed;
@@ -48,6 +49,7 @@ public sealed class VariantSet : IDisposable
         PeftPrefixAdapter prefix => AddPrefix(name, prefix),
         PeftIa3Adapter vectors => AddIa3(name, vectors),
         PeftLnTuningAdapter norms => AddNorms(name, norms),
+        SsfAdapter ssf => AddSsf(name, ssf),
         BitDelta delta => AddDelta(name, delta),
         SparseDelta sparse => AddSparse(name, sparse),
         _ => throw new NotSupportedException($"variant '{name}': a {variant.Kind} cannot be served in a mixed batch"),
@@ -63,10 +65,28 @@ public sealed class VariantSet : IDisposable
         CheckName(name);
         variants.Add((name, null, null, null));
         int index = variants.Count - 1;
-        ia3[index] = adapter;
+        scales[index] = (adapter.Vectors.Where(v => !adapter.Config.IsFeedForward(v.Key)).ToDictionary(v => v.Key, v => v.Value),
+            adapter.Vectors.Where(v => adapter.Config.IsFeedForward(v.Key)).ToDictionary(v => v.Key, v => v.Value));
         foreach (var (module, l) in adapter.Vectors.Where(v => !adapter.Config.IsFeedForward(v.Key) && Model.Has(v.Key + ".bias")))
         {
             AddReplacement(index, module + ".bias", Model[module + ".bias"].Value.ToArray().Select((b, i) => b * l[i]).ToArray());
+        }
+
+        dirty = true;
+        return index;
+    });
+
+    /// <summary>Registers an SSF adapter as a variant: its rows scale the modules' outputs and add their own bias (gamma b + beta); returns its index.</summary>
+    public int AddSsf(string name, SsfAdapter adapter) => Guarded(() =>
+    {
+        CheckName(name);
+        variants.Add((name, null, null, null));
+        int index = variants.Count - 1;
+        scales[index] = (adapter.Modules.ToDictionary(m => m.Key, m => m.Value.Scale), new Dictionary<string, float[]>());
+        foreach (var module in adapter.Modules.Keys)
+        {
+            var bias = adapter.RowBias(Model, module);
+            replacements[(index, module + ".bias")] = Model.Device.FromArray($"{name}.{module}.bias", bias, bias.Length);
         }
 
         dirty = true;
@@ -237,21 +257,29 @@ public sealed class VariantSet : IDisposable
             var sparseSlots = new int[variants.Count];
             var doraSlots = new int[variants.Count];
             var doraScales = new List<float[]>();
-            var ia3OutSlots = new int[variants.Count];
-            var ia3InSlots = new int[variants.Count];
-            var ia3Out = new List<float[]>();
-            var ia3In = new List<float[]>();
+            var outScaleSlots = new int[variants.Count];
+            var inScaleSlots = new int[variants.Count];
+            var outScales = new List<float[]>();
+            var inScales = new List<float[]>();
             var lora = new List<LoraAdapterData>();
             var deltas = new List<BitDeltaData>();
             var sparse = new List<SparseDeltaData>();
             for (int v = 0; v < variants.Count; v++)
             {
-                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = doraSlots[v] = ia3OutSlots[v] = ia3InSlots[v] = -1;
-                if (ia3.TryGetValue(v, out var vectors) && vectors.Vectors.TryGetValue(module, out var l))
+                loraSlots[v] = deltaSlots[v] = sparseSlots[v] = doraSlots[v] = outScaleSlots[v] = inScaleSlots[v] = -1;
+                if (scales.TryGetValue(v, out var scale))
                 {
-                    var (slots, list) = vectors.Config.IsFeedForward(module) ? (ia3InSlots, ia3In) : (ia3OutSlots, ia3Out);
-                    slots[v] = list.Count;
-                    list.Add(l);
+                    if (scale.Output.TryGetValue(module, out var sOut))
+                    {
+                        outScaleSlots[v] = outScales.Count;
+                        outScales.Add(sOut);
+                    }
+
+                    if (scale.Input.TryGetValue(module, out var sIn))
+                    {
+                        inScaleSlots[v] = inScales.Count;
+                        inScales.Add(sIn);
+                    }
                 }
 
                 if (variants[v].Lora is { } adapter && adapter.Modules.TryGetValue(module, out var w))
@@ -278,7 +306,7 @@ public sealed class VariantSet : IDisposable
                 }
             }
 
-            if (lora.Count + deltas.Count + sparse.Count + ia3Out.Count + ia3In.Count == 0) continue;
+            if (lora.Count + deltas.Count + sparse.Count + outScales.Count + inScales.Count == 0) continue;
             pools[module] = new ModulePools(
                 lora.Count > 0 ? LoraAdapterPool.Create(Model.Device, inF, outF, lora) : null, new SlotMap(loraSlots),
                 deltas.Count > 0 ? BitDeltaPool.Create(Model.Device, inF, outF, deltas) : null, new SlotMap(deltaSlots),
@@ -286,10 +314,10 @@ public sealed class VariantSet : IDisposable
             {
                 DoraScales = doraScales.Count > 0 ? Model.Device.FromArray("dora scales", doraScales.SelectMany(x => x).ToArray(), doraScales.Count, outF) : null,
                 DoraSlots = new SlotMap(doraSlots),
-                Ia3Out = ia3Out.Count > 0 ? Model.Device.FromArray("ia3 output scales", ia3Out.SelectMany(x => x).ToArray(), ia3Out.Count, outF) : null,
-                Ia3OutSlots = new SlotMap(ia3OutSlots),
-                Ia3In = ia3In.Count > 0 ? Model.Device.FromArray("ia3 input scales", ia3In.SelectMany(x => x).ToArray(), ia3In.Count, inF) : null,
-                Ia3InSlots = new SlotMap(ia3InSlots),
+                OutputScales = outScales.Count > 0 ? Model.Device.FromArray("output scales", outScales.SelectMany(x => x).ToArray(), outScales.Count, outF) : null,
+                OutputScaleSlots = new SlotMap(outScaleSlots),
+                InputScales = inScales.Count > 0 ? Model.Device.FromArray("input scales", inScales.SelectMany(x => x).ToArray(), inScales.Count, inF) : null,
+                InputScaleSlots = new SlotMap(inScaleSlots),
             };
         }
 
@@ -371,14 +399,14 @@ public sealed class VariantSet : IDisposable
 
         public SlotMap DoraSlots { get; init; } = new(Array.Empty<int>());
 
-        /// <summary>IA3 vectors scaling outputs (slots, N) and feedforward inputs (slots, K), with each variant's slot (-1: none here).</summary>
-        public Tensor? Ia3Out { get; init; }
+        /// <summary>Per-variant scales of outputs (slots, N: IA3, SSF) and inputs (slots, K: IA3 feedforward), with each variant's slot (-1: none here).</summary>
+        public Tensor? OutputScales { get; init; }
 
-        public SlotMap Ia3OutSlots { get; init; } = new(Array.Empty<int>());
+        public SlotMap OutputScaleSlots { get; init; } = new(Array.Empty<int>());
 
-        public Tensor? Ia3In { get; init; }
+        public Tensor? InputScales { get; init; }
 
-        public SlotMap Ia3InSlots { get; init; } = new(Array.Empty<int>());
+        public SlotMap InputScaleSlots { get; init; } = new(Array.Empty<int>());
 
         /// <summary>Variant index to its slot in <see cref="Sparse"/> (-1: none here).</summary>
         public SlotMap SparseSlots { get; }
@@ -399,8 +427,8 @@ public sealed class VariantSet : IDisposable
             Delta?.Dispose();
             Sparse?.Dispose();
             DoraScales?.Dispose();
-            Ia3Out?.Dispose();
-            Ia3In?.Dispose();
+            OutputScales?.Dispose();
+            InputScales?.Dispose();
         }
     }
 }

@@ -39,6 +39,13 @@ public static class Finetune
             case FinetuneMethod.Lora:
                 PrepareLora(model, options, train, data, baseFolder, resume, recipe);
                 break;
+            case FinetuneMethod.Ssf:
+                model.AddSsf(LoraAdapterConfig.LlamaLinearModules(model.Config).ToList());
+                recipe.Description = $"SSF on {model.Ssf.Count} linear modules (a scale and a shift per output): {recipe.Trainable:N0} trainable parameters " +
+                    $"({100.0 * recipe.Trainable / model.ParameterCount:F2}% of {model.ParameterCount:N0})";
+                recipe.Save = dir => model.ExportSsf().Save(dir, model.Config);
+                recipe.Output = "SSF adapter (ssf_config.json, ssf.safetensors)";
+                break;
             case FinetuneMethod.Mezo:
                 // The parameters are frozen so none allocates a gradient: MeZO moves them itself.
                 foreach (var p in model.Parameters) p.Trainable = false;

@@ -18,6 +18,9 @@ public enum FinetuneMethod
     /// <summary>LN tuning: only the norm weights train (PEFT's Llama default: input, post-attention and final norms).</summary>
     LnTuning,
 
+    /// <summary>SSF: a learned scale and shift after every linear module.</summary>
+    Ssf,
+
     /// <summary>MeZO: zeroth-order SGD from two forward passes over every parameter (memory of inference).</summary>
     Mezo,
 

@@ -10,7 +10,7 @@ public static class VariantFolder
 {
     /// <summary>Whether <paramref name="folder"/> holds a variant (an adapter or a delta) rather than a model.</summary>
     public static bool IsVariant(string folder) =>
-        new[] { PeftLoraAdapter.ConfigFile, BitDelta.ConfigFile, SparseDelta.ConfigFile }.Any(f => File.Exists(Path.Combine(folder, f)));
+        new[] { PeftLoraAdapter.ConfigFile, BitDelta.ConfigFile, SparseDelta.ConfigFile, SsfAdapter.ConfigFile }.Any(f => File.Exists(Path.Combine(folder, f)));
 
     /// <summary>
     /// Reads the variant in <paramref name="folder"/> for <paramref name="model"/>: adapter_config.json is a PEFT
@@ -34,7 +34,8 @@ public static class VariantFolder
         }
 
         if (File.Exists(Path.Combine(folder, SparseDelta.ConfigFile))) return SparseDelta.Load(folder, model);
+        if (File.Exists(Path.Combine(folder, SsfAdapter.ConfigFile))) return SsfAdapter.Load(folder, model.Config);
         if (File.Exists(Path.Combine(folder, BitDelta.ConfigFile))) return BitDelta.Load(folder, model);
-        throw new FileNotFoundException($"{folder}: not a variant folder (no {PeftLoraAdapter.ConfigFile}, {SparseDelta.ConfigFile} or {BitDelta.ConfigFile})", folder);
+        throw new FileNotFoundException($"{folder}: not a variant folder (no {PeftLoraAdapter.ConfigFile}, {SparseDelta.ConfigFile}, {BitDelta.ConfigFile} or {SsfAdapter.ConfigFile})", folder);
     }
 }

@@ -185,6 +185,15 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"ln={lnDir}", "--device", "cpu");
         Assert.That((r.Code, r.Out.Contains("ln:")), Is.EqualTo((0, true)), r.Err);
 
+        // SSF writes its own folder, scored unmerged; merging its trained shifts into Llama's bias-less modules is refused.
+        string ssfDir = Path.Combine(TempDir, "ssf");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "ssf", "--steps", "2", "--batch-size", "2", "--out", ssfDir, "--quiet", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("SSF on 14 linear modules")), Is.EqualTo((0, true)), r.Err + r.Out);
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"ssf={ssfDir}", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("ssf:")), Is.EqualTo((0, true)), r.Err);
+        r = Peft.Run("merge", "--model", pre, "--adapter", ssfDir, "--out", Path.Combine(TempDir, "ssf-merged"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("SSF shift on")), Is.EqualTo((2, true)), r.Err);
+
         // MeZO trains every parameter from two forward passes a step; its flag belongs to it alone.
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "mezo", "--mezo-eps", "0.01", "--steps", "2", "--batch-size", "2", "--out",
             Path.Combine(TempDir, "mezo"), "--quiet", "--device", "cpu");
