@@ -31,6 +31,7 @@ public static class Program
             TokenizeCommand.Create(o, stdout),
             CompressCommand.Create(o, stdout),
             LocalizeCommand.Create(o, stdout),
+            InspectCommand.Create(o, stdout),
             MergeCommand.Create(o, stdout),
             QuickstartCommand.Create(o, stdout, stderr),
         })

@@ -89,30 +89,46 @@ public static class Svd
         }
     }
 
-    /// <summary>Modified Gram-Schmidt on the columns of a (rows, k); a column that collapses is replaced by a unit vector.</summary>
+    /// <summary>
+    /// Gram-Schmidt on the columns of a (rows, k), each projected twice ("twice is enough": one pass leaves a column
+    /// that nearly lies in the span of the earlier ones far from orthogonal to them). A column left with less than 1e-10
+    /// of its norm lies in that span (G has lower rank than k) and is replaced by the next unit vector.
+    /// </summary>
     private static void Orthonormalize(double[,] a, int rows, int k)
     {
+        int candidate = 0;
         for (int j = 0; j < k; j++)
         {
-            for (int p = 0; p < j; p++)
+            double before = ColumnNorm(a, rows, j);
+            for (int pass = 0; pass < 2; pass++)
             {
-                double dot = 0;
-                for (int i = 0; i < rows; i++) dot += a[i, j] * a[i, p];
-                for (int i = 0; i < rows; i++) a[i, j] -= dot * a[i, p];
+                for (int p = 0; p < j; p++)
+                {
+                    double dot = 0;
+                    for (int i = 0; i < rows; i++) dot += a[i, j] * a[i, p];
+                    for (int i = 0; i < rows; i++) a[i, j] -= dot * a[i, p];
+                }
             }
 
-            double norm = 0;
-            for (int i = 0; i < rows; i++) norm += a[i, j] * a[i, j];
-            norm = Math.Sqrt(norm);
-            if (norm < 1e-200)
+            double norm = ColumnNorm(a, rows, j);
+            if (norm <= 1e-10 * before || norm < 1e-200)
             {
-                for (int i = 0; i < rows; i++) a[i, j] = i == j % rows ? 1 : 0;
-                j--; // re-orthogonalize the replacement
+                if (candidate >= rows + k) throw new InvalidOperationException($"orthonormalize: no unit vector completes {j} columns of {rows} rows");
+                for (int i = 0; i < rows; i++) a[i, j] = i == candidate % rows ? 1 : 0;
+                candidate++;
+                j--; // orthogonalize the replacement
                 continue;
             }
 
             for (int i = 0; i < rows; i++) a[i, j] /= norm;
         }
+    }
+
+    private static double ColumnNorm(double[,] a, int rows, int j)
+    {
+        double norm = 0;
+        for (int i = 0; i < rows; i++) norm += a[i, j] * a[i, j];
+        return Math.Sqrt(norm);
     }
 
     /// <summary>Cyclic Jacobi eigen-decomposition of a symmetric k x k matrix: eigenvalues and eigenvectors (columns).</summary>

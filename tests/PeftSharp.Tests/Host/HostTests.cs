@@ -185,6 +185,16 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"ln={lnDir}", "--device", "cpu");
         Assert.That((r.Code, r.Out.Contains("ln:")), Is.EqualTo((0, true)), r.Err);
 
+        // inspect measures the LoRA adapter's change per weight, as JSON lines and a spectra picture.
+        r = Peft.Run("inspect", "--base", pre, "--variant", lora, "--json", "--svg", Path.Combine(TempDir, "spectra.svg"), "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var lines = r.Out.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        var tensors = lines.Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!["tensor"]!.GetValue<string>()).ToList();
+        Assert.That((tensors.Count, tensors.All(t => t.EndsWith("_proj.weight", StringComparison.Ordinal))), Is.EqualTo((14, true)), "one line per linear weight");
+        Assert.That(File.ReadAllText(Path.Combine(TempDir, "spectra.svg")), Does.StartWith("<svg"));
+        r = Peft.Run("inspect", "--base", pre, "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("give one of --finetuned or --variant")), Is.EqualTo((2, true)), r.Err);
+
         // SSF writes its own folder, scored unmerged; merging its trained shifts into Llama's bias-less modules is refused.
         string ssfDir = Path.Combine(TempDir, "ssf");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "ssf", "--steps", "2", "--batch-size", "2", "--out", ssfDir, "--quiet", "--device", "cpu");

@@ -1,0 +1,129 @@
+using System.Globalization;
+using System.Text;
+using PeftSharp.Formats;
+using PeftSharp.Model;
+using PeftSharp.Training;
+
+namespace PeftSharp.Analysis;
+
+/// <summary>What <see cref="DeltaInspection"/> measured of one linear weight (out, in).</summary>
+/// <param name="DeltaSpectrum">The largest singular values of the fine-tune's change, largest first.</param>
+/// <param name="DeltaEffectiveRank">exp(entropy) of the change's normalised singular values (Roy and Vetterli).</param>
+/// <param name="BaseCondition">sigma_max / sigma_min of the base weight (KappaTune's proxy; infinity when singular).</param>
+/// <param name="IntruderSimilarities">For each of the fine-tuned weight's top left singular vectors, its largest |cosine| with any of the base's.</param>
+public sealed record TensorInspection(string Name, int Rows, int Cols, double[] DeltaSpectrum, double DeltaEffectiveRank, double BaseCondition, double FineCondition,
+    double[] IntruderSimilarities, int Intruders);
+
+/// <summary>
+/// Measurements of a fine-tune against its base, per linear weight: the spectrum and effective rank of the change,
+/// the condition numbers of both weights (KappaTune's proxy), and intruder dimensions (Shuttleworth et al., 2024:
+/// top singular vectors of the fine-tuned weight that no singular vector of the base resembles, |cosine| below a
+/// threshold, as LoRA tends to introduce). Exact spectra in double by <see cref="Svd"/> with every singular triplet,
+/// so matrices up to <see cref="MaxSide"/> on their shorter side.
+/// </summary>
+public static class DeltaInspection
+{
+    /// <summary>The shorter side beyond which the exact spectra are too slow on the host and the tensor is refused.</summary>
+    public const int MaxSide = 1024;
+
+    public static IReadOnlyList<TensorInspection> Inspect(LlamaModel baseModel, LlamaModel fine, int top = 16, int intruderTop = 10, double threshold = 0.5)
+    {
+        var diff = LlamaConfig.Differences(baseModel.Config, fine.Config);
+        if (diff.Count > 0) throw new ArgumentException($"inspect: the fine-tune's config differs from the base's: {string.Join("; ", diff)}");
+        var result = new List<TensorInspection>();
+        foreach (var module in LoraAdapterConfig.LlamaLinearModules(baseModel.Config))
+        {
+            string name = module + ".weight";
+            var w = baseModel[name].Value;
+            int m = w.Dim(0), n = w.Dim(1);
+            if (Math.Min(m, n) > MaxSide) throw new NotSupportedException($"inspect: {name} is {m} x {n}; exact spectra are computed up to {MaxSide} on the shorter side");
+            var b = w.ToArray();
+            var f = fine[name].Value.ToArray();
+            var delta = f.Select((v, i) => v - b[i]).ToArray();
+            var (_, ds, _) = Svd.Top(delta, m, n, Math.Min(m, n), seed: 3, iterations: 2);
+            var (ub, sb, _) = Svd.Top(b, m, n, Math.Min(m, n), seed: 3, iterations: 2);
+            var (uf, sf, _) = Svd.Top(f, m, n, Math.Min(m, n), seed: 3, iterations: 2);
+            var similarity = Similarities(ub, uf, m, Math.Min(intruderTop, sf.Length));
+            result.Add(new TensorInspection(name, m, n, ds.Take(top).ToArray(), EffectiveRank(ds), Condition(sb), Condition(sf), similarity,
+                similarity.Count(s => s < threshold)));
+        }
+
+        return result;
+    }
+
+    /// <summary>exp of the entropy of p_i = s_i / sum s (1 for a rank-one change, the count for a flat spectrum, 0 for none).</summary>
+    public static double EffectiveRank(IReadOnlyList<double> s)
+    {
+        double total = s.Sum();
+        if (total <= 0) return 0;
+        double h = -s.Where(v => v > 0).Sum(v => v / total * Math.Log(v / total));
+        return Math.Exp(h);
+    }
+
+    /// <summary>sigma_max / sigma_min (infinity when the smallest is zero).</summary>
+    public static double Condition(IReadOnlyList<double> s) => s.Count == 0 ? double.NaN : s[^1] <= 0 ? double.PositiveInfinity : s[0] / s[^1];
+
+    /// <summary>For each of the first <paramref name="count"/> columns of <paramref name="fine"/> (m rows), the largest |dot| with any column of <paramref name="base"/>.</summary>
+    public static double[] Similarities(double[,] @base, double[,] fine, int m, int count)
+    {
+        var result = new double[count];
+        for (int j = 0; j < count; j++)
+        {
+            double best = 0;
+            for (int i = 0; i < @base.GetLength(1); i++)
+            {
+                double dot = 0;
+                for (int r = 0; r < m; r++) dot += @base[r, i] * fine[r, j];
+                best = Math.Max(best, Math.Abs(dot));
+            }
+
+            result[j] = best;
+        }
+
+        return result;
+    }
+
+    /// <summary>The change's spectra, sigma_i / sigma_1 against i, averaged over the layers per module kind: one line each.</summary>
+    public static string SpectraSvg(IReadOnlyList<TensorInspection> tensors, string title)
+    {
+        const int W = 720, H = 400, L = 60, R = 150, T = 34, B = 46;
+        var ic = CultureInfo.InvariantCulture;
+        var kinds = tensors.GroupBy(t => t.Name.Split('.')[^2]).ToList();
+        int k = tensors.Max(t => t.DeltaSpectrum.Length);
+        string[] colors = { "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2" };
+        var sb = new StringBuilder();
+        sb.Append(ic, $"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">");
+        sb.Append("<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+        sb.Append(ic, $"<text x=\"{(W - R) / 2}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">{System.Security.SecurityElement.Escape(title)}</text>");
+        double X(double i) => L + (W - L - R) * (k <= 1 ? 0 : (i - 1) / (k - 1));
+        double Y(double v) => T + (H - T - B) * (1 - v);
+        for (int t = 0; t <= 4; t++)
+        {
+            sb.Append(ic, $"<line x1=\"{L}\" y1=\"{Y(t / 4.0):F1}\" x2=\"{W - R}\" y2=\"{Y(t / 4.0):F1}\" stroke=\"#e4e4e4\"/>");
+            sb.Append(ic, $"<text x=\"{L - 6}\" y=\"{Y(t / 4.0) + 4:F1}\" text-anchor=\"end\">{t / 4.0:0.##}</text>");
+        }
+
+        sb.Append(ic, $"<line x1=\"{L}\" y1=\"{H - B}\" x2=\"{W - R}\" y2=\"{H - B}\" stroke=\"black\"/>");
+        sb.Append(ic, $"<line x1=\"{L}\" y1=\"{T}\" x2=\"{L}\" y2=\"{H - B}\" stroke=\"black\"/>");
+        foreach (int i in new[] { 1, (k + 1) / 2, k }.Distinct())
+        {
+            sb.Append(ic, $"<line x1=\"{X(i):F1}\" y1=\"{H - B}\" x2=\"{X(i):F1}\" y2=\"{H - B + 5}\" stroke=\"black\"/>");
+            sb.Append(ic, $"<text x=\"{X(i):F1}\" y=\"{H - B + 18}\" text-anchor=\"middle\">{i}</text>");
+        }
+
+        sb.Append(ic, $"<text x=\"{(L + W - R) / 2}\" y=\"{H - 8}\" text-anchor=\"middle\">singular value index i</text>");
+        sb.Append(ic, $"<text x=\"16\" y=\"{(T + H - B) / 2}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {(T + H - B) / 2})\">sigma_i / sigma_1 of the change</text>");
+        for (int g = 0; g < kinds.Count; g++)
+        {
+            var mean = Enumerable.Range(0, k).Select(i => kinds[g].Average(t => t.DeltaSpectrum.Length > i && t.DeltaSpectrum[0] > 0 ? t.DeltaSpectrum[i] / t.DeltaSpectrum[0] : 0)).ToList();
+            string points = string.Join(" ", mean.Select((v, i) => string.Create(ic, $"{X(i + 1):F1},{Y(v):F1}")));
+            string color = colors[g % colors.Length];
+            sb.Append(ic, $"<polyline points=\"{points}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>");
+            sb.Append(ic, $"<line x1=\"{W - R + 14}\" y1=\"{T + 14 + 18 * g}\" x2=\"{W - R + 36}\" y2=\"{T + 14 + 18 * g}\" stroke=\"{color}\" stroke-width=\"2\"/>");
+            sb.Append(ic, $"<text x=\"{W - R + 42}\" y=\"{T + 18 + 18 * g}\">{kinds[g].Key}</text>");
+        }
+
+        sb.Append("</svg>");
+        return sb.ToString();
+    }
+}
