@@ -1,5 +1,3 @@
-using System.Globalization;
-using System.Text;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 using PeftSharp.Training;
@@ -86,44 +84,9 @@ public static class DeltaInspection
     /// <summary>The change's spectra, sigma_i / sigma_1 against i, averaged over the layers per module kind: one line each.</summary>
     public static string SpectraSvg(IReadOnlyList<TensorInspection> tensors, string title)
     {
-        const int W = 720, H = 400, L = 60, R = 150, T = 34, B = 46;
-        var ic = CultureInfo.InvariantCulture;
-        var kinds = tensors.GroupBy(t => t.Name.Split('.')[^2]).ToList();
         int k = tensors.Max(t => t.DeltaSpectrum.Length);
-        string[] colors = { "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2" };
-        var sb = new StringBuilder();
-        sb.Append(ic, $"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">");
-        sb.Append("<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-        sb.Append(ic, $"<text x=\"{(W - R) / 2}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">{System.Security.SecurityElement.Escape(title)}</text>");
-        double X(double i) => L + (W - L - R) * (k <= 1 ? 0 : (i - 1) / (k - 1));
-        double Y(double v) => T + (H - T - B) * (1 - v);
-        for (int t = 0; t <= 4; t++)
-        {
-            sb.Append(ic, $"<line x1=\"{L}\" y1=\"{Y(t / 4.0):F1}\" x2=\"{W - R}\" y2=\"{Y(t / 4.0):F1}\" stroke=\"#e4e4e4\"/>");
-            sb.Append(ic, $"<text x=\"{L - 6}\" y=\"{Y(t / 4.0) + 4:F1}\" text-anchor=\"end\">{t / 4.0:0.##}</text>");
-        }
-
-        sb.Append(ic, $"<line x1=\"{L}\" y1=\"{H - B}\" x2=\"{W - R}\" y2=\"{H - B}\" stroke=\"black\"/>");
-        sb.Append(ic, $"<line x1=\"{L}\" y1=\"{T}\" x2=\"{L}\" y2=\"{H - B}\" stroke=\"black\"/>");
-        foreach (int i in new[] { 1, (k + 1) / 2, k }.Distinct())
-        {
-            sb.Append(ic, $"<line x1=\"{X(i):F1}\" y1=\"{H - B}\" x2=\"{X(i):F1}\" y2=\"{H - B + 5}\" stroke=\"black\"/>");
-            sb.Append(ic, $"<text x=\"{X(i):F1}\" y=\"{H - B + 18}\" text-anchor=\"middle\">{i}</text>");
-        }
-
-        sb.Append(ic, $"<text x=\"{(L + W - R) / 2}\" y=\"{H - 8}\" text-anchor=\"middle\">singular value index i</text>");
-        sb.Append(ic, $"<text x=\"16\" y=\"{(T + H - B) / 2}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {(T + H - B) / 2})\">sigma_i / sigma_1 of the change</text>");
-        for (int g = 0; g < kinds.Count; g++)
-        {
-            var mean = Enumerable.Range(0, k).Select(i => kinds[g].Average(t => t.DeltaSpectrum.Length > i && t.DeltaSpectrum[0] > 0 ? t.DeltaSpectrum[i] / t.DeltaSpectrum[0] : 0)).ToList();
-            string points = string.Join(" ", mean.Select((v, i) => string.Create(ic, $"{X(i + 1):F1},{Y(v):F1}")));
-            string color = colors[g % colors.Length];
-            sb.Append(ic, $"<polyline points=\"{points}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>");
-            sb.Append(ic, $"<line x1=\"{W - R + 14}\" y1=\"{T + 14 + 18 * g}\" x2=\"{W - R + 36}\" y2=\"{T + 14 + 18 * g}\" stroke=\"{color}\" stroke-width=\"2\"/>");
-            sb.Append(ic, $"<text x=\"{W - R + 42}\" y=\"{T + 18 + 18 * g}\">{kinds[g].Key}</text>");
-        }
-
-        sb.Append("</svg>");
-        return sb.ToString();
+        var series = tensors.GroupBy(t => t.Name.Split('.')[^2]).Select(g => (g.Key, (IReadOnlyList<(double, double)>)Enumerable.Range(0, k)
+            .Select(i => ((double)i + 1, g.Average(t => t.DeltaSpectrum.Length > i && t.DeltaSpectrum[0] > 0 ? t.DeltaSpectrum[i] / t.DeltaSpectrum[0] : 0))).ToList())).ToList();
+        return SvgChart.Lines(title, "singular value index i", "sigma_i / sigma_1 of the change", series, (0, 1));
     }
 }

@@ -195,6 +195,12 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("inspect", "--base", pre, "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("give one of --finetuned or --variant")), Is.EqualTo((2, true)), r.Err);
 
+        // merge --interpolate writes the WiSE-FT curve from the base to the full fine-tune.
+        r = Peft.Run("merge", "--model", pre, "--interpolate", fine, "--data", "builtin:tasks=reverse", "--points", "3", "--examples", "4", "--out", Path.Combine(TempDir, "wise"),
+            "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("alpha 0.50: loss")), Is.EqualTo((0, true)), r.Err + r.Out);
+        Assert.That(File.Exists(Path.Combine(TempDir, "wise", "wise_ft.json")) && File.Exists(Path.Combine(TempDir, "wise", "wise_ft.svg")));
+
         // SSF writes its own folder, scored unmerged; merging its trained shifts into Llama's bias-less modules is refused.
         string ssfDir = Path.Combine(TempDir, "ssf");
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "ssf", "--steps", "2", "--batch-size", "2", "--out", ssfDir, "--quiet", "--device", "cpu");

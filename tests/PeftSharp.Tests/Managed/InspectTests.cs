@@ -55,4 +55,22 @@ public sealed class InspectTests
         Assert.That(report["model.layers.1.mlp.up_proj.weight"].Intruders, Is.EqualTo(0), "nor intruders: its singular vectors are the base's");
         Assert.That(DeltaInspection.SpectraSvg(report.Values.ToList(), "t"), Does.StartWith("<svg").And.Contain("k_proj"));
     }
+
+    /// <summary>The WiSE-FT curve's ends are the base and the fine-tune exactly; in between, the averaged weights.</summary>
+    [Test]
+    public void WiseFtCurve_EndsAreTheBaseAndTheFineTune()
+    {
+        using var device = new CpuDevice();
+        var c = LlamaConfig.Tiny with { NumHiddenLayers = 1 };
+        using var b = LlamaModel.Create(device, c, 3);
+        using var f = BitDeltaCompressionTests.FineTuneOf(b, 4, changeNorm: true, size: 0.2f);
+        var held = PeftSharp.Data.TaskSuite.Stream(new[] { "reverse" }, 5, PeftSharp.Data.Split.HeldOut).Take(6).ToList();
+        var curve = PeftSharp.Merging.Interpolation.Curve(b, f, held, 40, points: 3);
+        Assert.That(curve.Select(p => p.Alpha), Is.EqualTo(new[] { 0.0, 0.5, 1.0 }));
+        Assert.That(curve[0].Result.Loss, Is.EqualTo(PeftSharp.Training.Evaluator.Evaluate(b, held, 40).Loss));
+        Assert.That(curve[2].Result.Loss, Is.EqualTo(PeftSharp.Training.Evaluator.Evaluate(f, held, 40).Loss));
+        using var mid = LlamaModel.FromTensors(device, c, (name, _) => b[name].Value.ToArray().Select((v, i) => (float)(0.5 * v + 0.5 * f[name].Value.ToArray()[i])).ToArray());
+        Assert.That(curve[1].Result.Loss, Is.EqualTo(PeftSharp.Training.Evaluator.Evaluate(mid, held, 40).Loss), "alpha 0.5: the averaged weights");
+        Assert.That(curve[1].Result.Loss, Is.Not.EqualTo(curve[0].Result.Loss), "the fine-tune moved the weights");
+    }
 }
