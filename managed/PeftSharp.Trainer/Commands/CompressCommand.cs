@@ -18,11 +18,17 @@ internal static class CompressCommand
         var distillLr = new Option<float>("--distill-lr") { Description = "Scale distillation step, relative to each scale", DefaultValueFactory = _ => 0.02f };
         var calib = new Option<string>("--calib") { Description = "Calibration text: builtin:tasks | builtin:tasks=NAME | FILE.jsonl | FILE.txt", DefaultValueFactory = _ => "builtin:tasks" };
         var rounds = new Option<int>("--rounds") { Description = "Residual rounds (k sign matrices and k scales per weight)", DefaultValueFactory = _ => 1 };
-        var method = new Option<string>("--method") { Description = "bitdelta (1-bit signs, distilled scales) | compeft (top-k signs, one scale per tensor)", DefaultValueFactory = _ => "bitdelta" };
+        var method = new Option<string>("--method")
+        {
+            Description = "bitdelta (1-bit signs, distilled scales) | compeft (top-k signs, one scale per tensor) | delta-come (mixed-precision SVD, a PEFT LoRA folder)",
+            DefaultValueFactory = _ => "bitdelta",
+        };
+        var rank = new Option<int>("--rank") { Description = "Delta-CoMe: singular triplets kept per weight", DefaultValueFactory = _ => 16 };
         var density = new Option<double>("--density") { Description = "ComPEFT: fraction of each tensor's entries kept", DefaultValueFactory = _ => 0.1 };
         var alpha = new Option<float>("--alpha") { Description = "ComPEFT: multiple of the kept entries' mean |delta| used as their magnitude", DefaultValueFactory = _ => 1f };
         var compress = new Command("compress", "Compress a fine-tune to 1-bit deltas over its base (BitDelta, with scale distillation) or to a ternary sparse delta (ComPEFT).");
-        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, method, distillSteps, distillLr, calib, rounds, density, alpha, o.BatchSize, o.SeqLen, o.Seed, o.Overwrite })
+        foreach (var opt in new Option[] { o.Device, o.Base, o.Finetuned, o.Out, method, distillSteps, distillLr, calib, rounds, density, alpha, rank, o.BatchSize, o.SeqLen, o.Seed,
+            o.Overwrite })
         {
             compress.Options.Add(opt);
         }
@@ -30,14 +36,20 @@ internal static class CompressCommand
         compress.SetAction(r =>
         {
             string m = r.GetValue(method)!;
-            var given = new Option[] { distillSteps, distillLr, calib, rounds, density, alpha }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
-            var wrong = given.Where(f => m == "compeft" ? f is not ("--density" or "--alpha") : f is "--density" or "--alpha").ToList();
-            if (m is not ("bitdelta" or "compeft")) throw new ArgumentException($"--method {m}: use bitdelta or compeft");
+            var given = new Option[] { distillSteps, distillLr, calib, rounds, density, alpha, rank }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
+            var wrong = given.Where(f => m switch
+            {
+                "compeft" => f is not ("--density" or "--alpha"),
+                "delta-come" => f is not "--rank",
+                _ => f is "--density" or "--alpha" or "--rank",
+            }).ToList();
+            if (m is not ("bitdelta" or "compeft" or "delta-come")) throw new ArgumentException($"--method {m}: use bitdelta, compeft or delta-come");
             if (wrong.Count > 0)
             {
                 throw new ArgumentException($"{string.Join(", ", wrong)} {(wrong.Count == 1 ? "does" : "do")} not apply to --method {m}: {(wrong.Count == 1 ? "it" : "they")} would do nothing");
             }
 
+            if (m == "delta-come") return RunDeltaCoMe(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(rank), r.GetValue(o.Overwrite), stdout);
             return m == "compeft"
                 ? RunComPeft(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(density), r.GetValue(alpha), r.GetValue(o.Overwrite), stdout)
                 : Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(o.Finetuned)!, r.GetValue(o.Out)!, r.GetValue(distillSteps), r.GetValue(distillLr), r.GetValue(calib)!,
@@ -55,6 +67,22 @@ internal static class CompressCommand
         var delta = ComPeft.Compress(baseModel, fine, density, alpha);
         delta.Save(outDir, baseModel.Config);
         stdout.WriteLine(ComPeftSummary(baseModel, delta, density));
+        return 0;
+    }
+
+    private static int RunDeltaCoMe(string? deviceSpec, string baseDir, string fineDir, string outDir, int rank, bool overwrite, TextWriter stdout)
+    {
+        Host.CheckOutput(outDir, overwrite, resuming: false, ("--base", baseDir), ("--finetuned", fineDir));
+        using var device = Host.OpenDevice(deviceSpec);
+        using var baseModel = HuggingFaceFolder.Load(baseDir, device, Host.Warn);
+        using var fine = HuggingFaceFolder.Load(fineDir, device, Host.Warn);
+        var (adapter, bytes) = DeltaCoMe.Compress(baseModel, fine, rank);
+        // The adapter names its base as the folder it was compressed against.
+        new PeftLoraAdapter(adapter.Config with { BaseModelNameOrPath = Path.GetFullPath(baseDir) }, adapter.Modules, null, adapter.Saved).Save(outDir, baseModel.Config);
+        long fp16 = adapter.Modules.Keys.Sum(m => (long)baseModel[m + ".weight"].Value.Length) * 2;
+        stdout.WriteLine($"Delta-CoMe: {adapter.Modules.Count} linear changes as rank-{rank} factors, singular vectors at 8 / 4 / 2 bits by singular value, " +
+            $"{adapter.Saved.Count} other tensors whole; mixed-precision payload {bytes:N0} bytes, {fp16 / (double)Math.Max(1, bytes):F1}x smaller than the fp16 linear changes; " +
+            "written as a PEFT LoRA folder (dequantized factors)");
         return 0;
     }
 

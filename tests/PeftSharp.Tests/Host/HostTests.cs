@@ -195,6 +195,13 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("inspect", "--base", pre, "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("give one of --finetuned or --variant")), Is.EqualTo((2, true)), r.Err);
 
+        // Delta-CoMe compresses the LoRA-merged model's change to a mixed-precision PEFT LoRA folder that eval serves.
+        r = Peft.Run("compress", "--base", pre, "--finetuned", Path.Combine(TempDir, "lora-merged"), "--method", "delta-come", "--rank", "4", "--out", Path.Combine(TempDir, "dc"),
+            "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("Delta-CoMe: 4 linear changes")), Is.EqualTo((0, true)), r.Err + r.Out);
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"dc={Path.Combine(TempDir, "dc")}", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("dc:")), Is.EqualTo((0, true)), r.Err);
+
         // merge --interpolate writes the WiSE-FT curve from the base to the full fine-tune.
         r = Peft.Run("merge", "--model", pre, "--interpolate", fine, "--data", "builtin:tasks=reverse", "--points", "3", "--examples", "4", "--out", Path.Combine(TempDir, "wise"),
             "--device", "cpu");
