@@ -16,6 +16,8 @@ internal sealed record TrainFlags
     public float EmaDecay { get; init; }
     public string Optimizer { get; init; } = "adamw";
     public float Momentum { get; init; } = 0.9f;
+    public int GaLoreRank { get; init; } = 8;
+    public int GaLoreEvery { get; init; } = 200;
     public LoraAdapterConfig? Lora { get; init; }
     public bool LoraBOnly { get; init; }
     public string LoraInit { get; init; } = "lora";
@@ -55,7 +57,9 @@ internal static class TrainCommand
         var clipPer = new Option<bool>("--clip-per-parameter") { Description = "Clip each gradient to --clip on its own" };
         var clip = new Option<double>("--clip") { Description = "Gradient norm clip (0: off)", DefaultValueFactory = _ => 1.0 };
         var accum = new Option<int>("--grad-accum") { Description = "Micro-batches per optimizer step", DefaultValueFactory = _ => 1 };
-        var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd", DefaultValueFactory = _ => "adamw" };
+        var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd | galore (AdamW in a low-rank projection of each gradient)", DefaultValueFactory = _ => "adamw" };
+        var galoreRank = new Option<int>("--galore-rank") { Description = "GaLore: projection rank r", DefaultValueFactory = _ => 8 };
+        var galoreEvery = new Option<int>("--galore-every") { Description = "GaLore: refresh the projection every T steps", DefaultValueFactory = _ => 200 };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method")
         {
@@ -93,7 +97,7 @@ internal static class TrainCommand
 
         var c = new Command(name, description);
         foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, skipNonFinite, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip,
-            accum, optimizerKind, momentum, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
+            accum, optimizerKind, momentum, galoreRank, galoreEvery, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
         if (finetune)
         {
             foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, loraBias, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
@@ -129,6 +133,8 @@ internal static class TrainCommand
                 EmaDecay = r.GetValue(emaDecay),
                 Optimizer = r.GetValue(optimizerKind)!,
                 Momentum = r.GetValue(momentum),
+                GaLoreRank = r.GetValue(galoreRank),
+                GaLoreEvery = r.GetValue(galoreEvery),
                 Lora = finetune && r.GetValue(method) == "lora"
                     ? LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) with
                     {
@@ -149,7 +155,8 @@ internal static class TrainCommand
                 EvalData = r.GetValue(evalData),
                 Overwrite = r.GetValue(o.Overwrite),
                 // Flags that belong to one method (or optimizer), as given: with another they would do nothing, so Recipe refuses them.
-                Given = c.Options.Where(f => (MethodOfFlag.ContainsKey(f.Name) || f.Name == "--momentum") && r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToHashSet(),
+                Given = c.Options.Where(f => (MethodOfFlag.ContainsKey(f.Name) || f.Name is "--momentum" or "--galore-rank" or "--galore-every") && r.GetResult(f) is { Implicit: false })
+                    .Select(f => f.Name).ToHashSet(),
             }));
         return c;
     }
@@ -187,6 +194,12 @@ internal static class TrainCommand
         }
 
         if (flags.Given.Contains("--momentum") && flags.Optimizer != "sgd") throw new ArgumentException($"--momentum applies to --optimizer sgd, not {flags.Optimizer}: it would do nothing");
+        foreach (var f in new[] { "--galore-rank", "--galore-every" }.Where(f => flags.Given.Contains(f) && flags.Optimizer != "galore"))
+        {
+            throw new ArgumentException($"{f} applies to --optimizer galore, not {flags.Optimizer}: it would do nothing");
+        }
+
+        if (flags.GaLoreRank < 1 || flags.GaLoreEvery < 1) throw new ArgumentException($"--galore-rank {flags.GaLoreRank} and --galore-every {flags.GaLoreEvery} must be at least 1");
         if (flags.RegrowEvery < 0) throw new ArgumentException($"--regrow-every {flags.RegrowEvery}: must be >= 0");
         if (flags.PrefixProjection < 0) throw new ArgumentException($"--prefix-projection {flags.PrefixProjection}: must be >= 0");
         if (options.ChainEvery < 0) throw new ArgumentException($"--chain-every {options.ChainEvery}: must be >= 0");
@@ -194,7 +207,8 @@ internal static class TrainCommand
         {
             "adamw" => OptimizerKind.AdamW,
             "sgd" => OptimizerKind.Sgd,
-            _ => throw new ArgumentException($"--optimizer {flags.Optimizer}: use adamw or sgd"),
+            "galore" => OptimizerKind.GaLore,
+            _ => throw new ArgumentException($"--optimizer {flags.Optimizer}: use adamw, sgd or galore"),
         };
         double density = flags.Density;
         if (density is <= 0 or > 1) throw new ArgumentException($"--density {density}: must be in (0, 1]");
@@ -235,7 +249,7 @@ internal static class TrainCommand
             Method = kind, Freeze = flags.Freeze, LayerDecay = flags.LayerDecay, EmaDecay = flags.EmaDecay, Optimizer = optimizer, Momentum = flags.Momentum,
             Lora = flags.Lora, LoraBOnly = flags.LoraBOnly, LoraInit = init, AdapterPerTask = flags.AdapterPerTask ? Jobs.TaskNames(dataSpec) : null,
             Density = density, MaskSource = mask, RegrowEvery = flags.RegrowEvery, VirtualTokens = tokens, PrefixProjection = flags.PrefixProjection,
-            MezoEpsilon = flags.MezoEpsilon,
+            MezoEpsilon = flags.MezoEpsilon, GaLoreRank = flags.GaLoreRank, GaLoreEvery = flags.GaLoreEvery,
         };
     }
 
@@ -332,6 +346,7 @@ internal static class TrainCommand
             ["freeze"] = string.Join(",", flags.Freeze), ["layer_decay"] = F(flags.LayerDecay), ["ema"] = F(flags.EmaDecay),
         };
         if (flags.Optimizer == "sgd") d["momentum"] = F(flags.Momentum);
+        if (flags.Optimizer == "galore") d["galore"] = $"rank={flags.GaLoreRank} every={flags.GaLoreEvery}";
         if (recipe.Lora is { } l)
         {
             d["lora"] = $"r={l.R} alpha={F(l.LoraAlpha)} targets={l.TargetRegex ?? string.Join(",", l.TargetModules)} rslora={l.UseRsLora} dora={l.UseDora} dropout={F(l.LoraDropout)} " +

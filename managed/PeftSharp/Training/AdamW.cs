@@ -49,11 +49,7 @@ public sealed class AdamW : Optimizer
 
     public override IEnumerable<(string Name, float[] Values, int[] Shape)> ExportState()
     {
-        foreach (var (p, (m, v)) in state)
-        {
-            yield return (p.Name + ".exp_avg", m.ToArray(), m.Shape.ToArray());
-            yield return (p.Name + ".exp_avg_sq", v.ToArray(), v.Shape.ToArray());
-        }
+        return state.SelectMany(kv => Moments(kv.Key.Name, kv.Value.M, kv.Value.V));
     }
 
     public override void ImportState(Func<string, float[]?> read, int stepCount)
@@ -61,8 +57,7 @@ public sealed class AdamW : Optimizer
         StepCount = stepCount;
         foreach (var p in Parameters)
         {
-            var m = read(p.Name + ".exp_avg");
-            var v = read(p.Name + ".exp_avg_sq");
+            var (m, v) = ReadMoments(read, p.Name);
             if (m == null || v == null) continue;
             var shape = p.Value.Shape.ToArray();
             state[p] = (p.Value.Device.FromArray(p.Name + ".exp_avg", m, shape), p.Value.Device.FromArray(p.Name + ".exp_avg_sq", v, shape));

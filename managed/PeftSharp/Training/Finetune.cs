@@ -203,7 +203,11 @@ public static class Finetune
         {
             OptimizerKind.AdamW => new AdamW(model.AllParameters, weightDecay: train.WeightDecay) { LearningRateScale = scale },
             OptimizerKind.Sgd => new Sgd(model.AllParameters, momentum: options.Momentum, weightDecay: 0f) { LearningRateScale = scale },
-            _ => throw new ArgumentException($"optimizer {options.Optimizer}: use AdamW or Sgd"),
+            OptimizerKind.GaLore => new GaLoreAdamW(model.AllParameters, options.GaLoreRank, options.GaLoreEvery, weightDecay: train.WeightDecay, seed: train.Seed)
+            {
+                LearningRateScale = scale,
+            },
+            _ => throw new ArgumentException($"optimizer {options.Optimizer}: use AdamW, Sgd or GaLore"),
         };
         using var ema = options.EmaDecay > 0 ? new WeightEma(model, options.EmaDecay) : null;
         using var regrow = options.RegrowEvery > 0 && opt is MaskedAdamW masked ? new SparseRegrow(masked, options.RegrowEvery) : null;

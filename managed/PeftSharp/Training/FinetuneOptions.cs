@@ -43,6 +43,11 @@ public sealed record FinetuneOptions
     /// <summary>SpIEL drop-and-regrow interval for sparse fine-tuning (0: fixed mask).</summary>
     public int RegrowEvery { get; init; }
 
+    /// <summary>GaLore's projection rank r and refresh interval T (steps).</summary>
+    public int GaLoreRank { get; init; } = 8;
+
+    public int GaLoreEvery { get; init; } = 200;
+
     /// <summary>MeZO's perturbation scale eps (the paper's 1e-3).</summary>
     public float MezoEpsilon { get; init; } = 1e-3f;
 

@@ -5,4 +5,7 @@ public enum OptimizerKind
 {
     AdamW,
     Sgd,
+
+    /// <summary>GaLore: AdamW with the moments in a rank-r projection of each matrix's gradient (<see cref="GaLoreAdamW"/>).</summary>
+    GaLore,
 }

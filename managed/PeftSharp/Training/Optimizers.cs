@@ -36,4 +36,14 @@ public abstract class Optimizer : IDisposable
     public virtual void Dispose()
     {
     }
+
+    /// <summary>A parameter's two Adam moments as checkpoints name them (exp_avg, exp_avg_sq, PyTorch's names).</summary>
+    protected static IEnumerable<(string Name, float[] Values, int[] Shape)> Moments(string parameter, PeftSharp.Engine.Tensor m, PeftSharp.Engine.Tensor v)
+    {
+        yield return (parameter + ".exp_avg", m.ToArray(), m.Shape.ToArray());
+        yield return (parameter + ".exp_avg_sq", v.ToArray(), v.Shape.ToArray());
+    }
+
+    /// <summary>The two moments <see cref="Moments"/> wrote for <paramref name="parameter"/>, or nulls.</summary>
+    protected static (float[]? M, float[]? V) ReadMoments(Func<string, float[]?> read, string parameter) => (read(parameter + ".exp_avg"), read(parameter + ".exp_avg_sq"));
 }

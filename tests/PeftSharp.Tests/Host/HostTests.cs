@@ -217,6 +217,13 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("merge", "--model", pre, "--adapter", ssfDir, "--out", Path.Combine(TempDir, "ssf-merged"), "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("SSF shift on")), Is.EqualTo((2, true)), r.Err);
 
+        // GaLore is an optimizer of any method; its flags belong to it.
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--optimizer", "galore", "--galore-rank", "4", "--galore-every", "2", "--steps", "3", "--batch-size",
+            "2", "--out", Path.Combine(TempDir, "galore"), "--quiet", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--galore-rank", "4", "--steps", "1", "--out", Path.Combine(TempDir, "not-galore"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("--galore-rank applies to --optimizer galore")), Is.EqualTo((2, true)), r.Err);
+
         // MeZO trains every parameter from two forward passes a step; its flag belongs to it alone.
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "mezo", "--mezo-eps", "0.01", "--steps", "2", "--batch-size", "2", "--out",
             Path.Combine(TempDir, "mezo"), "--quiet", "--device", "cpu");

@@ -51,7 +51,12 @@ public sealed class TrainingRunTests
                 break;
         }
 
-        Optimizer opt = adapter == "mezo" ? new Mezo(model.Parameters, 1e-2f, Options.Seed) : new AdamW(model.AllParameters, weightDecay: Options.WeightDecay);
+        Optimizer opt = adapter switch
+        {
+            "mezo" => new Mezo(model.Parameters, 1e-2f, Options.Seed),
+            "galore" => new GaLoreAdamW(model.AllParameters, rank: 2, updateEvery: 3, weightDecay: Options.WeightDecay, seed: Options.Seed), // refreshes at 1, 4, 7
+            _ => new AdamW(model.AllParameters, weightDecay: Options.WeightDecay),
+        };
         var trainer = new TrainingRun(model, opt, new LearningRateSchedule.Warmup(Options.LearningRate, Options.WarmupSteps, Options.Steps),
             ExampleSource.Tasks(TaskSuite.Tasks, Options.Seed, Split.Train), options);
         return (model, opt, trainer);
@@ -62,6 +67,7 @@ public sealed class TrainingRunTests
     [TestCase("dora", TestName = "Resume_Dora_EndsBitIdenticalToAnUninterruptedRun")]
     [TestCase("lora-ga", TestName = "Resume_LoraGaInit_EndsBitIdentical_AndExportsTheSameAdapter")]
     [TestCase("mezo", TestName = "Resume_Mezo_EndsBitIdenticalToAnUninterruptedRun")]
+    [TestCase("galore", TestName = "Resume_GaLore_EndsBitIdentical_ProjectionsTravelInTheCheckpoint")]
     public void Resume_EndsBitIdenticalToAnUninterruptedRun(string adapter)
     {
         string dir = Directory.CreateTempSubdirectory("peftsharp-resume-").FullName;
@@ -105,7 +111,7 @@ public sealed class TrainingRunTests
                     Assert.That(resumedAll[p.Name].Value.ToArray(), Is.EqualTo(p.Value.ToArray()), p.Name);
                 }
 
-                if (adapter is not ("full" or "mezo")) Assert.That(full.Lora.Values.Any(l => l.B.Value.ToArray().Any(v => v != 0f)), "the adapter trained");
+                if (adapter is not ("full" or "mezo" or "galore")) Assert.That(full.Lora.Values.Any(l => l.B.Value.ToArray().Any(v => v != 0f)), "the adapter trained");
                 if (adapter == "lora-ga")
                 {
                     // The export against the original base needs the absorbed initial factors, which the checkpoint carried.
