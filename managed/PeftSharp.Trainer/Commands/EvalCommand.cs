@@ -19,12 +19,16 @@ internal static class EvalCommand
             AllowMultipleArgumentsPerToken = true };
         var prefixes = new Option<string[]>("--prefix") { Description = "A PEFT prefix-tuning folder to score: DIR or name=DIR, repeatable", AllowMultipleArgumentsPerToken = true };
         var examples = new Option<int>("--examples") { Description = "builtin tasks: held-out examples to score", DefaultValueFactory = _ => 64 };
+        var perExample = new Option<string?>("--per-example")
+        {
+            Description = "Write each example's loss under every variant and its log-likelihood ratio to the base (the out-of-distribution score) as JSON lines to this file",
+        };
         var eval = new Command("eval", "Loss, perplexity and exact-match accuracy of a model on all of a data file (or the built-in tasks' held-out split); with --adapter, " +
             "--delta or --prefix, of each variant too, one row each, all scored in one mixed batch over the base weights.");
-        foreach (var opt in new Option[] { o.Device, o.Model, o.Data, adapters, deltas, prefixes, examples, o.SeqLen, o.Seed, o.Json }) eval.Options.Add(opt);
+        foreach (var opt in new Option[] { o.Device, o.Model, o.Data, adapters, deltas, prefixes, examples, perExample, o.SeqLen, o.Seed, o.Json }) eval.Options.Add(opt);
         eval.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(o.Data)!, Named(r.GetValue(adapters), "--adapter"), Named(r.GetValue(deltas), "--delta"),
             Named(r.GetValue(prefixes), "--prefix"), SharedOptions.Positive("--examples", r.GetValue(examples)), SharedOptions.Positive("--seq-len", r.GetValue(o.SeqLen)),
-            r.GetValue(o.Seed), r.GetValue(o.Json), stdout));
+            r.GetValue(o.Seed), r.GetValue(o.Json), r.GetValue(perExample), stdout));
         return eval;
     }
 
@@ -35,7 +39,7 @@ internal static class EvalCommand
 
     private static int Run(string? deviceSpec, string modelDir, string dataSpec, IReadOnlyList<(string Name, string Folder, string Flag)> adapters,
         IReadOnlyList<(string Name, string Folder, string Flag)> deltas, IReadOnlyList<(string Name, string Folder, string Flag)> prefixes, int builtinExamples, int seqLen, int seed,
-        bool json, TextWriter stdout)
+        bool json, string? perExamplePath, TextWriter stdout)
     {
         var variants = adapters.Concat(deltas).Concat(prefixes).ToList();
         var twice = variants.GroupBy(v => v.Name).FirstOrDefault(g => g.Count() > 1 || g.Key == "base");
@@ -68,6 +72,20 @@ internal static class EvalCommand
         var names = new List<string?> { null };
         names.AddRange(variants.Select(v => (string?)v.Name));
         var results = Evaluator.EvaluateVariants(model, set, names, held, seqLen, completionOnly);
+        if (perExamplePath != null)
+        {
+            // A second pass over the same mixed batches, keeping each example's sum (the table above keeps only totals).
+            var losses = Evaluator.ExampleLosses(model, set, names, held, seqLen, completionOnly);
+            var lines = held.Select((e, x) => new JsonObject
+            {
+                ["example"] = x, ["task"] = e.Task,
+                ["loss"] = new JsonObject(names.Select((n, v) => KeyValuePair.Create(n ?? "base", (JsonNode?)(double.IsNaN(losses[v][x]) ? null : losses[v][x])))),
+                ["log_likelihood_ratio"] = new JsonObject(names.Skip(1).Select((n, v) => KeyValuePair.Create(n!,
+                    (JsonNode?)(double.IsNaN(losses[0][x]) ? null : losses[0][x] - losses[v + 1][x])))),
+            }.ToJsonString());
+            PeftSharp.Formats.AtomicFile.WriteText(perExamplePath, string.Join("\n", lines) + "\n");
+        }
+
         if (json)
         {
             for (int i = 0; i < names.Count; i++)

@@ -48,23 +48,49 @@ public static class Evaluator
     /// per batch instead of N models. Loss is accumulated in double from each row's log-softmax.
     /// </summary>
     public static IReadOnlyList<EvalResult> EvaluateVariants(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants, IReadOnlyList<Example> examples, int seqLen,
-        bool completionOnly = true, int rowsPerBatch = 16, Action<string, int, int>? progress = null)
+        bool completionOnly = true, int rowsPerBatch = 16, Action<string, int, int>? progress = null) =>
+        EvaluateVariantsCore(model, set, variants, examples, seqLen, completionOnly, rowsPerBatch, progress, exactMatch: true).Results;
+
+    /// <summary>
+    /// Each example's mean loss per counted token under each variant (null or "base": the base), from the same mixed
+    /// batch as <see cref="EvaluateVariants"/>: [variant][example], NaN for an example with no counted target.
+    /// </summary>
+    public static double[][] ExampleLosses(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants, IReadOnlyList<Example> examples, int seqLen,
+        bool completionOnly = true, int rowsPerBatch = 16) =>
+        EvaluateVariantsCore(model, set, variants, examples, seqLen, completionOnly, rowsPerBatch, null, exactMatch: false).PerExample;
+
+    /// <summary>
+    /// The likelihood-ratio score of each example between the base and <paramref name="variant"/>, from one mixed batch:
+    /// the base's mean loss per token minus the variant's, log p_variant(x) / p_base(x) per token in nats. High where the
+    /// fine-tune finds the text far likelier than its base did (its own distribution), near 0 or below elsewhere: an
+    /// out-of-distribution score that needs no data of its own.
+    /// </summary>
+    public static double[] LikelihoodRatios(LlamaModel model, VariantSet set, string variant, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true)
+    {
+        var losses = ExampleLosses(model, set, new[] { null, variant }, examples, seqLen, completionOnly);
+        return losses[0].Select((b, i) => b - losses[1][i]).ToArray();
+    }
+
+    private static (IReadOnlyList<EvalResult> Results, double[][] PerExample) EvaluateVariantsCore(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants,
+        IReadOnlyList<Example> examples, int seqLen, bool completionOnly, int rowsPerBatch, Action<string, int, int>? progress, bool exactMatch)
     {
         if (set != null && !ReferenceEquals(set.Model, model)) throw new ArgumentException("the variant set belongs to another model");
         var tok = model.Tokenizer;
         int[] index = variants.Select(v => string.IsNullOrEmpty(v) || v == "base" ? -1
             : set?.IndexOf(v) ?? throw new ArgumentException($"variant '{v}' named but no variants are loaded")).ToArray();
         // Each example's row: the tokens through its last counted target, and those targets.
-        var rows = new List<(int[] Tokens, int[] Targets)>();
-        foreach (var e in examples)
+        var rows = new List<(int[] Tokens, int[] Targets, int Example)>();
+        for (int x = 0; x < examples.Count; x++)
         {
-            var (ids, targets) = Batcher.Encode(new[] { e }, tok, seqLen, completionOnly);
+            var (ids, targets) = Batcher.Encode(new[] { examples[x] }, tok, seqLen, completionOnly);
             int used = Array.FindLastIndex(targets, t => t != Batcher.IgnoreIndex) + 1;
-            if (used > 0) rows.Add((ids[..used], targets[..used]));
+            if (used > 0) rows.Add((ids[..used], targets[..used], x));
         }
 
         var lossSum = new double[variants.Count];
         var counted = new int[variants.Count];
+        var rowSum = variants.Select(_ => new double[rows.Count]).ToArray();
+        var rowCount = rows.Select(r => r.Targets.Count(t => t != Batcher.IgnoreIndex)).ToArray();
         var pairs = Enumerable.Range(0, variants.Count).SelectMany(v => Enumerable.Range(0, rows.Count).Select(r => (V: v, R: r))).ToList();
         for (int i = 0; i < pairs.Count; i += rowsPerBatch)
         {
@@ -86,8 +112,10 @@ public static class Evaluator
                     {
                         if (t != Batcher.IgnoreIndex)
                         {
-                            lossSum[v] += PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(logits[at]) - logits[at][t]; // -log softmax, in double
+                            double nll = PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(logits[at]) - logits[at][t]; // -log softmax, in double
+                            lossSum[v] += nll;
                             counted[v]++;
+                            rowSum[v][r] += nll;
                         }
 
                         at++;
@@ -102,14 +130,20 @@ public static class Evaluator
             progress?.Invoke("loss", i + chunk.Count, pairs.Count);
         }
 
-        var matchable = examples.Where(e => e.HasPrompt).ToList();
-        var correct = ExactMatches(model, set, variants.Select((v, i) => index[i] < 0 ? null : v).ToList(), matchable, progress);
+        var perExample = variants.Select(_ => Enumerable.Repeat(double.NaN, examples.Count).ToArray()).ToArray();
+        for (int v = 0; v < variants.Count; v++)
+        {
+            for (int r = 0; r < rows.Count; r++) perExample[v][rows[r].Example] = rowSum[v][r] / rowCount[r];
+        }
 
-        return Enumerable.Range(0, variants.Count).Select(v =>
+        var matchable = examples.Where(e => e.HasPrompt).ToList();
+        var correct = exactMatch ? ExactMatches(model, set, variants.Select((v, i) => index[i] < 0 ? null : v).ToList(), matchable, progress) : new int[variants.Count];
+        var results = Enumerable.Range(0, variants.Count).Select(v =>
         {
             double loss = counted[v] == 0 ? 0 : lossSum[v] / counted[v];
             return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct[v] / matchable.Count, examples.Count) { Matched = matchable.Count };
         }).ToList();
+        return (results, perExample);
     }
 
     /// <summary>

@@ -224,6 +224,13 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--galore-rank", "4", "--steps", "1", "--out", Path.Combine(TempDir, "not-galore"), "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("--galore-rank applies to --optimizer galore")), Is.EqualTo((2, true)), r.Err);
 
+        // eval --per-example: each example's loss per variant and its log-likelihood ratio to the base (an OOD score).
+        string perExample = Path.Combine(TempDir, "per-example.jsonl");
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "3", "--adapter", $"lora={lora}", "--per-example", perExample, "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var scored = File.ReadAllLines(perExample).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!).ToList();
+        Assert.That(scored.Select(n => n["log_likelihood_ratio"]!["lora"]!.GetValue<double>()).ToList(), Has.Count.EqualTo(3).And.All.Not.NaN);
+
         // MeZO trains every parameter from two forward passes a step; its flag belongs to it alone.
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--method", "mezo", "--mezo-eps", "0.01", "--steps", "2", "--batch-size", "2", "--out",
             Path.Combine(TempDir, "mezo"), "--quiet", "--device", "cpu");

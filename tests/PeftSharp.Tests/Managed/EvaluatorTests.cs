@@ -42,6 +42,36 @@ public sealed class EvaluatorTests
     }
 
     /// <summary>
+    /// Per-example losses from the mixed batch: each example's equals its evaluation alone, they average (token-weighted)
+    /// to the variant's loss, and the likelihood ratio to the base is zero for an adapter that changes nothing and not
+    /// for one that does.
+    /// </summary>
+    [Test]
+    public void ExampleLosses_AndLikelihoodRatios_FromOneMixedBatch()
+    {
+        using var device = new CpuDevice();
+        var config = LlamaConfig.Tiny;
+        using var model = LlamaModel.Create(device, config, seed: 22);
+        var examples = TaskSuite.Stream(new[] { "reverse", "add" }, 10, Split.HeldOut).Take(5).ToList();
+        using var set = new VariantSet(model);
+        var adapter = ServingTests.Adapter(config, 4, new[] { "q_proj", "v_proj" }, 40, scaleB: 0.5f);
+        set.AddLora("ada", adapter);
+        set.AddLora("zero", new PeftSharp.Formats.PeftLoraAdapter(adapter.Config, adapter.Modules.ToDictionary(m => m.Key, m => (m.Value.A, new float[m.Value.B.Length]))));
+        var losses = Evaluator.ExampleLosses(model, set, new[] { null, "ada", "zero" }, examples, 40);
+        for (int x = 0; x < examples.Count; x++)
+        {
+            double alone = Evaluator.Evaluate(model, new[] { examples[x] }, 40).Loss;
+            Assert.That(losses[0][x], Is.EqualTo(alone).Within(1e-4 * alone), $"example {x} alone");
+        }
+
+        var counts = examples.Select(e => Batcher.Encode(new[] { e }, model.Tokenizer, 40, true).Targets.Count(t => t != Batcher.IgnoreIndex)).ToArray();
+        var total = Evaluator.EvaluateVariants(model, set, new[] { null, "ada" }, examples, 40);
+        Assert.That(losses[1].Select((l, x) => l * counts[x]).Sum() / counts.Sum(), Is.EqualTo(total[1].Loss).Within(1e-9), "token-weighted mean = the variant's loss");
+        Assert.That(Evaluator.LikelihoodRatios(model, set, "zero", examples, 40), Is.All.EqualTo(0.0), "B = 0: the base's likelihood, ratio 0");
+        Assert.That(Evaluator.LikelihoodRatios(model, set, "ada", examples, 40).Any(r => Math.Abs(r) > 1e-3), Is.True);
+    }
+
+    /// <summary>
     /// Exact match, batched through the serving path, counts the examples whose greedy completion is exactly the
     /// expected text. Every id is made a stop token, so greedy completions are empty and half the examples (those
     /// expecting "") match by construction; the batched count must equal a one-at-a-time count.
