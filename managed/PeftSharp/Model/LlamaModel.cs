@@ -100,9 +100,9 @@ public sealed class LlamaModel : IDisposable
     /// <summary>LoRA layers by module path (model.layers.0.self_attn.q_proj).</summary>
     public IReadOnlyDictionary<string, LoraLayer> Lora => loras.Layers;
 
-    /// <summary>Everything an optimizer steps: the base parameters, the LoRA matrices, IA3's vectors and a prefix.</summary>
+    /// <summary>Everything an optimizer steps: the base parameters, the LoRA matrices, IA3's and SSF's vectors and a prefix.</summary>
     public IEnumerable<Parameter> AllParameters =>
-        weights.All.Concat(loras.Parameters).Concat(ia3.Values.Select(l => l.Vector)).Concat(ssf.Values.SelectMany(l => l.Parameters))
+        weights.All.Concat(loras.Parameters).Concat(ia3.Values.SelectMany(l => l.Parameters)).Concat(ssf.Values.SelectMany(l => l.Parameters))
             .Concat(prefix?.Parameters ?? Array.Empty<Parameter>());
 
     /// <summary>SSF layers by module path.</summary>
@@ -116,24 +116,20 @@ public sealed class LlamaModel : IDisposable
     /// </summary>
     public void AddSsf(IReadOnlyList<string> modules, SsfAdapter? from = null)
     {
-        if (loras.Layers.Count > 0 || loras.Sets.Count > 0 || prefix != null || ia3.Count > 0 || ssf.Count > 0)
-        {
-            throw new InvalidOperationException("SSF goes on a model without LoRA, adapter sets, prefix tuning, IA3 or another SSF adapter");
-        }
-
+        RequireNoAdapter("SSF");
         foreach (var module in modules)
         {
             if (!linears.TryGetValue(module, out var linear)) throw new ArgumentException($"SSF: {module} is not a linear module of this model");
             if (linear.Bias != null) throw new NotSupportedException($"SSF on {module}: training it after a module that has a bias is not supported");
-            int outF = PeftLoraAdapter.LinearShape(Config, module).Out;
-            var (scale, shift) = from != null && from.Modules.TryGetValue(module, out var f) ? f : (Enumerable.Repeat(1f, outF).ToArray(), new float[outF]);
-            var layer = new SsfLayer(module, new Parameter(module + ".ssf_scale", Device.FromArray(module + ".ssf_scale", scale, outF)),
-                new Parameter(module + ".ssf_shift", Device.FromArray(module + ".ssf_shift", shift, outF)));
-            ssf[module] = layer;
-            linear.Adapter = layer;
         }
 
-        foreach (var p in weights.All) p.Trainable = false;
+        Attach(ssf, modules.Select(module =>
+        {
+            int outF = PeftLoraAdapter.LinearShape(Config, module).Out;
+            var (scale, shift) = from != null && from.Modules.TryGetValue(module, out var f) ? f : (Enumerable.Repeat(1f, outF).ToArray(), new float[outF]);
+            return new SsfLayer(module, new Parameter(module + ".ssf_scale", Device.FromArray(module + ".ssf_scale", scale, outF)),
+                new Parameter(module + ".ssf_shift", Device.FromArray(module + ".ssf_shift", shift, outF)));
+        }).ToList(), l => l.Module);
     }
 
     /// <summary>The SSF layers as an SSF adapter folder's contents.</summary>
@@ -151,22 +147,39 @@ public sealed class LlamaModel : IDisposable
     /// </summary>
     public void AddIa3(Ia3Config config, PeftIa3Adapter? from = null)
     {
-        if (loras.Layers.Count > 0 || loras.Sets.Count > 0 || prefix != null || ia3.Count > 0)
-        {
-            throw new InvalidOperationException("IA3 goes on a model without LoRA, adapter sets, prefix tuning or another IA3 adapter");
-        }
-
+        RequireNoAdapter("IA3");
         var targets = config.TargetsIn(Config).ToList();
         if (targets.Count == 0) throw new ArgumentException($"IA3 target_modules [{string.Join(", ", config.TargetModules)}{config.TargetRegex}] match no module of this model");
-        foreach (var module in targets)
+        if (targets.FirstOrDefault(m => !config.IsFeedForward(m) && linears[m].Bias != null) is { } biased)
+        {
+            throw new NotSupportedException($"IA3 on {biased}: training an output-scaled module that has a bias is not supported");
+        }
+
+        Attach(ia3, targets.Select(module =>
         {
             bool ff = config.IsFeedForward(module);
-            if (!ff && linears[module].Bias != null) throw new NotSupportedException($"IA3 on {module}: training an output-scaled module that has a bias is not supported");
             var (outF, inF) = PeftLoraAdapter.LinearShape(Config, module);
             var values = from != null && from.Vectors.TryGetValue(module, out var v) ? v : Enumerable.Repeat(1f, ff ? inF : outF).ToArray();
-            var layer = new Ia3Layer(module, new Parameter($"base_model.model.{module}.ia3_l", Device.FromArray(module + ".ia3_l", values, values.Length)), ff);
-            ia3[module] = layer;
-            linears[module].Adapter = layer;
+            return new Ia3Layer(module, new Parameter($"base_model.model.{module}.ia3_l", Device.FromArray(module + ".ia3_l", values, values.Length)), ff);
+        }).ToList(), l => l.Module);
+    }
+
+    /// <summary>Refuses a second kind of adapter layer: each linear module runs one (LoRA, IA3 or SSF), and prefix tuning goes alone.</summary>
+    private void RequireNoAdapter(string method)
+    {
+        if (loras.Layers.Count > 0 || loras.Sets.Count > 0 || prefix != null || ia3.Count > 0 || ssf.Count > 0)
+        {
+            throw new InvalidOperationException($"{method} goes on a model without LoRA, adapter sets, prefix tuning, IA3 or SSF layers");
+        }
+    }
+
+    /// <summary>Puts each layer (built after every check passed) on its linear module and freezes the base.</summary>
+    private void Attach<T>(Dictionary<string, T> into, IReadOnlyList<T> layers, Func<T, string> module) where T : IAdapterLayer
+    {
+        foreach (var layer in layers)
+        {
+            into[module(layer)] = layer;
+            linears[module(layer)].Adapter = layer;
         }
 
         foreach (var p in weights.All) p.Trainable = false;
@@ -187,6 +200,7 @@ public sealed class LlamaModel : IDisposable
     public void AddLoraSet(string name, LoraAdapterConfig config, int seed)
     {
         if (prefix != null) throw new InvalidOperationException("adapter sets together with prefix tuning are not supported");
+        if (ia3.Count > 0 || ssf.Count > 0) throw new InvalidOperationException("adapter sets go on a model without IA3 or SSF layers (each linear module runs one adapter)");
         loras.AddSet(name, config, seed);
     }
 
@@ -584,8 +598,11 @@ public sealed class LlamaModel : IDisposable
     /// has them. With <paramref name="freezeBase"/>, every base parameter stops training; with
     /// <paramref name="trainA"/> false, A stays at its random init and only B (and m) train.
     /// </summary>
-    public void AddLora(LoraAdapterConfig config, int seed, bool freezeBase = true, PeftLoraAdapter? from = null, bool trainA = true) =>
+    public void AddLora(LoraAdapterConfig config, int seed, bool freezeBase = true, PeftLoraAdapter? from = null, bool trainA = true)
+    {
+        if (ia3.Count > 0 || ssf.Count > 0) throw new InvalidOperationException("LoRA goes on a model without IA3 or SSF layers (each linear module runs one adapter)");
         loras.Add(config, seed, freezeBase, from, trainA);
+    }
 
     /// <summary>
     /// Chain of LoRA: merges every LoRA layer into its base weight (W += s B A, or DoRA's rescaled form), then starts

@@ -48,6 +48,14 @@ public sealed class SsfTests : TempDirectoryTest
         Check.Close(rows[1], MixedBatch.Alone(merged, prompts[1]), (2e-5, 2e-4), "served = merged");
         Check.Close(rows[0], MixedBatch.Alone(model, prompts[0]), (2e-5, 2e-4), "base row");
 
+        // Training SSF after a biased module is refused before any layer is attached; one adapter kind per model.
+        using var trained = LlamaModel.FromTensors(device, qwen, (name, _) => model[name].Value.ToArray());
+        Assert.Throws<NotSupportedException>(() => trained.AddSsf(new[] { "model.layers.0.mlp.up_proj", v }));
+        Assert.That(trained.Ssf, Is.Empty, "nothing half-attached");
+        trained.AddSsf(new[] { "model.layers.0.mlp.up_proj" });
+        Assert.That(Assert.Throws<InvalidOperationException>(() => trained.AddIa3(new Ia3Config()))!.Message, Does.Contain("IA3 goes on a model without"));
+        Assert.Throws<InvalidOperationException>(() => trained.AddLora(new LoraAdapterConfig { R = 2 }, seed: 1));
+
         using var llama = LlamaModel.Create(device, LoraTrainingTests.Micro, 32);
         var bare = Adapter(LoraTrainingTests.Micro, new[] { "model.layers.0.mlp.down_proj" }, 6);
         var before = llama["model.layers.0.mlp.down_proj.weight"].Value.ToArray();
