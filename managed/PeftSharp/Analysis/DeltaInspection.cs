@@ -26,8 +26,7 @@ public static class DeltaInspection
 
     public static IReadOnlyList<TensorInspection> Inspect(LlamaModel baseModel, LlamaModel fine, int top = 16, int intruderTop = 10, double threshold = 0.5)
     {
-        var diff = LlamaConfig.Differences(baseModel.Config, fine.Config);
-        if (diff.Count > 0) throw new ArgumentException($"inspect: the fine-tune's config differs from the base's: {string.Join("; ", diff)}");
+        LlamaConfig.RequireSameGraph(baseModel.Config, fine.Config);
         var result = new List<TensorInspection>();
         foreach (var module in LoraAdapterConfig.LlamaLinearModules(baseModel.Config))
         {

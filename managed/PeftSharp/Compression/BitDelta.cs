@@ -73,8 +73,7 @@ public sealed class BitDelta : IVariant
     public static BitDelta Compress(LlamaModel baseModel, LlamaModel fine, int rounds = 1)
     {
         if (rounds < 1) throw new ArgumentException($"rounds {rounds} must be at least 1");
-        var mismatch = LlamaConfig.Differences(baseModel.Config, fine.Config);
-        if (mismatch.Count > 0) throw new ArgumentException($"the fine-tuned model's config differs from the base: {string.Join("; ", mismatch)}");
+        LlamaConfig.RequireSameGraph(baseModel.Config, fine.Config);
         var linear = LoraAdapterConfig.LlamaLinearModules(baseModel.Config).ToHashSet();
         var modules = new Dictionary<string, BitDeltaModule>();
         var dense = new Dictionary<string, float[]>();

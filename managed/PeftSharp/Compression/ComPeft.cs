@@ -18,6 +18,7 @@ public static class ComPeft
     {
         if (density is <= 0 or > 1) throw new ArgumentException($"ComPEFT density {density}: must be in (0, 1]");
         if (!(alpha > 0f) || !float.IsFinite(alpha)) throw new ArgumentException($"ComPEFT alpha {alpha}: must be positive and finite");
+        LlamaConfig.RequireSameGraph(baseModel.Config, fine.Config);
         var entries = new Dictionary<string, (int[], float[])>();
         foreach (var p in baseModel.Parameters)
         {

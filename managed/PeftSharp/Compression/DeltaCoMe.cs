@@ -28,8 +28,7 @@ public static class DeltaCoMe
     public static (PeftLoraAdapter Adapter, long PayloadBytes) Compress(LlamaModel baseModel, LlamaModel fine, int rank)
     {
         if (rank < 1) throw new ArgumentException($"Delta-CoMe rank {rank}: must be at least 1");
-        var diff = LlamaConfig.Differences(baseModel.Config, fine.Config);
-        if (diff.Count > 0) throw new ArgumentException($"Delta-CoMe: the fine-tune's config differs from the base's: {string.Join("; ", diff)}");
+        LlamaConfig.RequireSameGraph(baseModel.Config, fine.Config);
         var c = baseModel.Config;
         var modules = new Dictionary<string, (float[], float[])>();
         long bytes = 0;

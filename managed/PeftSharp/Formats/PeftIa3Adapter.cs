@@ -143,11 +143,8 @@ public sealed class PeftIa3Adapter : IVariant
         foreach (var module in targets)
         {
             string key = $"{Prefix}{module}.ia3_l";
-            var shape = FileShape(model, module, config.IsFeedForward(module)).Select(d => (long)d).ToArray();
             used.Add(key);
-            if (!file.Contains(key)) problems.Add($"missing {key} [{string.Join(", ", shape)}]");
-            else if (!file[key].Shape.SequenceEqual(shape)) problems.Add($"{key} is {file[key].ShapeText}, expected [{string.Join(", ", shape)}]");
-            else vectors[module] = file.ReadFloats(key);
+            if (file.ReadFloats(key, FileShape(model, module, config.IsFeedForward(module)).Select(d => (long)d).ToArray(), problems) is { } values) vectors[module] = values;
         }
 
         foreach (var t in file.Tensors.Where(t => !used.Contains(t.Name))) problems.Add($"{t.Name} matches no targeted module of this model");

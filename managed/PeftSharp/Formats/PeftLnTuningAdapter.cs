@@ -107,11 +107,8 @@ public sealed class PeftLnTuningAdapter : IVariant
         foreach (var module in modules)
         {
             string key = $"{Prefix}{module}.ln_tuning_layers.weight";
-            var shape = shapes[module + ".weight"].Select(d => (long)d).ToArray();
             used.Add(key);
-            if (!file.Contains(key)) problems.Add($"missing {key} [{string.Join(", ", shape)}]");
-            else if (!file[key].Shape.SequenceEqual(shape)) problems.Add($"{key} is {file[key].ShapeText}, expected [{string.Join(", ", shape)}]");
-            else norms[module + ".weight"] = file.ReadFloats(key);
+            if (file.ReadFloats(key, shapes[module + ".weight"].Select(d => (long)d).ToArray(), problems) is { } values) norms[module + ".weight"] = values;
         }
 
         foreach (var t in file.Tensors.Where(t => !used.Contains(t.Name))) problems.Add($"{t.Name} matches no targeted norm of this model");

@@ -228,24 +228,11 @@ public sealed class PeftLoraAdapter : IVariant
             var (r, _) = config.For(module);
             var (outF, inF) = LinearShape(model, module);
             string ka = $"{Prefix}{module}.lora_A.weight", kb = $"{Prefix}{module}.lora_B.weight";
-            bool ok = true;
-            foreach (var (key, shape) in new[] { (ka, new long[] { r, inF }), (kb, new long[] { outF, r }) })
-            {
-                if (!file.Contains(key))
-                {
-                    problems.Add($"missing {key} [{string.Join(", ", shape)}]");
-                    ok = false;
-                }
-                else if (!file[key].Shape.SequenceEqual(shape))
-                {
-                    problems.Add($"{key} is {file[key].ShapeText}, expected [{string.Join(", ", shape)}]");
-                    ok = false;
-                }
-
-                used.Add(key);
-            }
-
-            if (ok) modules[module] = (file.ReadFloats(ka), file.ReadFloats(kb));
+            used.Add(ka);
+            used.Add(kb);
+            var a = file.ReadFloats(ka, new long[] { r, inF }, problems);
+            var b = file.ReadFloats(kb, new long[] { outF, r }, problems);
+            if (a != null && b != null) modules[module] = (a, b);
             // (out) vectors beside A and B: lora_B's bias under lora_bias, DoRA's magnitude under use_dora.
             foreach (var (on, key, why, into) in new[]
             {
@@ -254,9 +241,7 @@ public sealed class PeftLoraAdapter : IVariant
             {
                 if (!on) continue;
                 used.Add(key);
-                if (!file.Contains(key)) problems.Add($"missing {key} [{outF}] ({why} is true)");
-                else if (!file[key].Shape.SequenceEqual(new long[] { outF })) problems.Add($"{key} is {file[key].ShapeText}, expected [{outF}]");
-                else into[module] = file.ReadFloats(key);
+                if (file.ReadFloats(key, new long[] { outF }, problems, $"{why} is true") is { } values) into[module] = values;
             }
         }
 
@@ -277,9 +262,7 @@ public sealed class PeftLoraAdapter : IVariant
             {
                 string key = Prefix + p;
                 used.Add(key);
-                if (!file.Contains(key)) problems.Add($"missing {key} [{string.Join(", ", shapes[p])}] (modules_to_save '{entry}')");
-                else if (!file[key].Shape.SequenceEqual(shapes[p].Select(d => (long)d))) problems.Add($"{key} is {file[key].ShapeText}, expected [{string.Join(", ", shapes[p])}]");
-                else saved[p] = file.ReadFloats(key);
+                if (file.ReadFloats(key, shapes[p].Select(d => (long)d).ToArray(), problems, $"modules_to_save '{entry}'") is { } values) saved[p] = values;
             }
         }
 

@@ -232,6 +232,20 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         return values;
     }
 
+    /// <summary>
+    /// The tensor as fp32 when the file holds it with exactly <paramref name="shape"/>; otherwise null, with what is
+    /// wrong (missing, naming <paramref name="why"/> it was looked for, or its shape) added to <paramref name="problems"/>,
+    /// so a reader names every problem of a file in one error.
+    /// </summary>
+    public float[]? ReadFloats(string name, IReadOnlyList<long> shape, List<string> problems, string? why = null)
+    {
+        string expected = $"[{string.Join(", ", shape)}]";
+        if (!Contains(name)) problems.Add($"missing {name} {expected}{(why != null ? $" ({why})" : "")}");
+        else if (!this[name].Shape.SequenceEqual(shape)) problems.Add($"{name} is {this[name].ShapeText}, expected {expected}");
+        else return ReadFloats(name);
+        return null;
+    }
+
     /// <summary>An I32 tensor's values (packed bit words, indices); any other dtype is an error naming it.</summary>
     public int[] ReadInts(string name)
     {

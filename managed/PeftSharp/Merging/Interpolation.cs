@@ -14,8 +14,7 @@ public static class Interpolation
     public static IReadOnlyList<(double Alpha, EvalResult Result)> Curve(LlamaModel baseModel, LlamaModel fine, IReadOnlyList<Example> heldOut, int seqLen, int points = 11)
     {
         if (points < 2) throw new ArgumentException($"interpolation curve: {points} points; give at least 2 (alpha 0 and 1)");
-        var diff = LlamaConfig.Differences(baseModel.Config, fine.Config);
-        if (diff.Count > 0) throw new ArgumentException($"interpolation: the fine-tune's config differs from the base's: {string.Join("; ", diff)}");
+        LlamaConfig.RequireSameGraph(baseModel.Config, fine.Config);
         using var scratch = LlamaModel.FromTensors(baseModel.Device, baseModel.Config, (name, _) => baseModel[name].Value.ToArray());
         if (baseModel.HasTokenizer) scratch.Tokenizer = baseModel.Tokenizer;
         var pairs = baseModel.Parameters.Select(p => (p.Name, Base: p.Value.ToArray(), Fine: fine[p.Name].Value.ToArray())).ToList();

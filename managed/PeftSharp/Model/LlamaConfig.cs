@@ -284,6 +284,13 @@ public sealed record LlamaConfig
         };
     }
 
+    /// <summary>Refuses a fine-tune whose config describes another graph than its base's, naming every difference.</summary>
+    public static void RequireSameGraph(LlamaConfig baseConfig, LlamaConfig fine)
+    {
+        var diff = Differences(baseConfig, fine);
+        if (diff.Count > 0) throw new ArgumentException($"the fine-tuned model's config differs from the base: {string.Join("; ", diff)}");
+    }
+
     /// <summary>The fields in which two configs differ, as "name: a vs b" (empty when they describe the same graph).</summary>
     public static IReadOnlyList<string> Differences(LlamaConfig a, LlamaConfig b)
     {

@@ -19,8 +19,7 @@ public static class Grafting
     {
         if (budget is <= 0 or > 1) throw new ArgumentException($"budget {budget} must be in (0, 1]");
         if (batches.Count == 0) throw new ArgumentException("grafting needs task batches");
-        var diff = LlamaConfig.Differences(baseModel.Config, fine.Config);
-        if (diff.Count > 0) throw new ArgumentException($"the fine-tuned model's config differs from the base: {string.Join("; ", diff)}");
+        LlamaConfig.RequireSameGraph(baseModel.Config, fine.Config);
         var names = baseModel.Parameters.Select(p => p.Name).ToArray();
         var b = names.ToDictionary(n => n, n => baseModel[n].Value.ToArray());
         var delta = names.ToDictionary(n => n, n =>

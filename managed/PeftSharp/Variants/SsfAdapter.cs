@@ -85,15 +85,9 @@ public sealed class SsfAdapter : IVariant
             }
 
             int outF = PeftLoraAdapter.LinearShape(model, module).Out;
-            var read = new List<float[]>();
-            foreach (var key in new[] { module + ".ssf_scale", module + ".ssf_shift" })
-            {
-                if (!file.Contains(key)) problems.Add($"missing {key} [{outF}]");
-                else if (!file[key].Shape.SequenceEqual(new long[] { outF })) problems.Add($"{key} is {file[key].ShapeText}, expected [{outF}]");
-                else read.Add(file.ReadFloats(key));
-            }
-
-            if (read.Count == 2) modules[module] = (read[0], read[1]);
+            var scale = file.ReadFloats(module + ".ssf_scale", new long[] { outF }, problems);
+            var shift = file.ReadFloats(module + ".ssf_shift", new long[] { outF }, problems);
+            if (scale != null && shift != null) modules[module] = (scale, shift);
         }
 
         foreach (var t in file.Tensors.Where(t => !names.Any(m => t.Name == m + ".ssf_scale" || t.Name == m + ".ssf_shift"))) problems.Add($"{t.Name} belongs to no listed module");
