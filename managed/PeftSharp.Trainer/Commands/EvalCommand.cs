@@ -71,11 +71,9 @@ internal static class EvalCommand
 
         var names = new List<string?> { null };
         names.AddRange(variants.Select(v => (string?)v.Name));
-        var results = Evaluator.EvaluateVariants(model, set, names, held, seqLen, completionOnly);
+        var (results, losses) = Evaluator.EvaluateVariantsPerExample(model, set, names, held, seqLen, completionOnly);
         if (perExamplePath != null)
         {
-            // A second pass over the same mixed batches, keeping each example's sum (the table above keeps only totals).
-            var losses = Evaluator.ExampleLosses(model, set, names, held, seqLen, completionOnly);
             var lines = held.Select((e, x) => new JsonObject
             {
                 ["example"] = x, ["task"] = e.Task,

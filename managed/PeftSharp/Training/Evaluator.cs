@@ -52,12 +52,21 @@ public static class Evaluator
         EvaluateVariantsCore(model, set, variants, examples, seqLen, completionOnly, rowsPerBatch, progress, exactMatch: true).Results;
 
     /// <summary>
+    /// <see cref="EvaluateVariants"/>, and from the same pass each example's mean loss per counted token under each
+    /// variant: [variant][example], NaN for an example with no counted target.
+    /// </summary>
+    public static (IReadOnlyList<EvalResult> Results, double[][] ExampleLosses) EvaluateVariantsPerExample(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants,
+        IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int rowsPerBatch = 16, Action<string, int, int>? progress = null) =>
+        EvaluateVariantsCore(model, set, variants, examples, seqLen, completionOnly, rowsPerBatch, progress, exactMatch: true);
+
+    /// <summary>
     /// Each example's mean loss per counted token under each variant (null or "base": the base), from the same mixed
-    /// batch as <see cref="EvaluateVariants"/>: [variant][example], NaN for an example with no counted target.
+    /// batch as <see cref="EvaluateVariants"/> without its exact-match generation: [variant][example], NaN for an
+    /// example with no counted target.
     /// </summary>
     public static double[][] ExampleLosses(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants, IReadOnlyList<Example> examples, int seqLen,
         bool completionOnly = true, int rowsPerBatch = 16) =>
-        EvaluateVariantsCore(model, set, variants, examples, seqLen, completionOnly, rowsPerBatch, null, exactMatch: false).PerExample;
+        EvaluateVariantsCore(model, set, variants, examples, seqLen, completionOnly, rowsPerBatch, null, exactMatch: false).ExampleLosses;
 
     /// <summary>
     /// The likelihood-ratio score of each example between the base and <paramref name="variant"/>, from one mixed batch:
@@ -71,7 +80,7 @@ public static class Evaluator
         return losses[0].Select((b, i) => b - losses[1][i]).ToArray();
     }
 
-    private static (IReadOnlyList<EvalResult> Results, double[][] PerExample) EvaluateVariantsCore(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants,
+    private static (IReadOnlyList<EvalResult> Results, double[][] ExampleLosses) EvaluateVariantsCore(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants,
         IReadOnlyList<Example> examples, int seqLen, bool completionOnly, int rowsPerBatch, Action<string, int, int>? progress, bool exactMatch)
     {
         if (set != null && !ReferenceEquals(set.Model, model)) throw new ArgumentException("the variant set belongs to another model");

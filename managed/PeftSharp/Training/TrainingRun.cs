@@ -75,21 +75,6 @@ public sealed class TrainingRun
             metrics = new StreamWriter(metricsPath, append: Step > 0) { AutoFlush = true }; // each step's line is on disk for whoever follows the run
         }
 
-        // A finished step: its metrics line, the callback, the periodic checkpoint.
-        void Record(StepMetrics m, bool finite)
-        {
-            all.Add(m);
-            metrics?.WriteLine(finite
-                ? JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond })
-                : JsonSerializer.Serialize(new { step = m.Step, skipped = $"loss {m.Loss}, gradient norm {m.GradNorm}", lr = m.LearningRate }));
-            onStep?.Invoke(m);
-            if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
-            {
-                metrics?.Flush();
-                SaveCheckpoint(Path.Combine(outDir, CheckpointFolder));
-            }
-        }
-
         try
         {
             while (Step < Options.Steps && !cancel.IsCancellationRequested)
@@ -98,66 +83,63 @@ public sealed class TrainingRun
                 double loss = 0, norm;
                 int tokens = 0;
                 float lr = schedule.At(Step);
-                bool finite;
                 if (optimizer is Mezo mezo)
                 {
-                    // Zeroth order: two forward passes at theta +- eps z; no gradient is formed.
+                    // Zeroth order: two forward passes at theta +- eps z, the step taken (or skipped, g not finite) inside; no gradient.
                     var (ids, targets) = Batcher.Encode(data.Next(Options.BatchSize), Tokenizer, Options.SeqLen, Options.CompletionOnly);
                     var (plus, minus) = mezo.Step(lr, () => model.Loss(ids, targets, Options.BatchSize, backward: false).Loss);
                     loss = (plus + minus) / 2;
                     tokens = 2 * ids.Length;
                     norm = Math.Abs(mezo.LastProjectedGradient);
-                    finite = double.IsFinite(loss) && double.IsFinite(norm);
-                    if (!finite && !Options.SkipNonFinite) throw new TrainingDivergedException(Step + 1, loss, norm);
-                    Step++;
-                    Record(new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds), finite);
-                    continue;
                 }
-
-                model.ZeroGrad();
-                for (int micro = 0; micro < Options.GradAccumulation; micro++)
+                else
                 {
-                    var batch = data.Next(Options.BatchSize);
-                    model.DropoutSeed = unchecked(Options.Seed * 1_000_003 + Step * 131 + micro);
-                    if (Options.GroupCompletions)
+                    model.ZeroGrad();
+                    for (int micro = 0; micro < Options.GradAccumulation; micro++)
                     {
-                        var (l, rows) = GroupedStep(batch);
-                        loss += l / Options.GradAccumulation;
-                        tokens += rows;
-                        continue;
+                        var batch = data.Next(Options.BatchSize);
+                        model.DropoutSeed = unchecked(Options.Seed * 1_000_003 + Step * 131 + micro);
+                        if (Options.GroupCompletions)
+                        {
+                            var (l, rows) = GroupedStep(batch);
+                            loss += l / Options.GradAccumulation;
+                            tokens += rows;
+                            continue;
+                        }
+
+                        double bl;
+                        int[] ids;
+                        if (model.LoraSets.Count > 0)
+                        {
+                            // Several adapters in one batch: each example's task names its adapter; rows grouped by adapter.
+                            var (ordered, counts) = BySet(batch);
+                            (ids, var targets) = Batcher.Encode(ordered, Tokenizer, Options.SeqLen, Options.CompletionOnly);
+                            (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true, counts);
+                        }
+                        else
+                        {
+                            (ids, var targets) = Batcher.Encode(batch, Tokenizer, Options.SeqLen, Options.CompletionOnly);
+                            (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                        }
+
+                        loss += bl / Options.GradAccumulation;
+                        tokens += ids.Length;
                     }
 
-                    double bl;
-                    int[] ids;
-                    if (model.LoraSets.Count > 0)
+                    var grads = model.AllParameters.Where(p => p.Trainable).Select(p => p.Grad).ToList();
+                    if (Options.GradAccumulation > 1)
                     {
-                        // Several adapters in one batch: each example's task names its adapter; rows grouped by adapter.
-                        var (ordered, counts) = BySet(batch);
-                        (ids, var targets) = Batcher.Encode(ordered, Tokenizer, Options.SeqLen, Options.CompletionOnly);
-                        (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true, counts);
-                    }
-                    else
-                    {
-                        (ids, var targets) = Batcher.Encode(batch, Tokenizer, Options.SeqLen, Options.CompletionOnly);
-                        (bl, _) = model.Loss(ids, targets, Options.BatchSize, backward: true);
+                        foreach (var g in grads) model.Device.Ops.Scale(g, 1f / Options.GradAccumulation, g);
                     }
 
-                    loss += bl / Options.GradAccumulation;
-                    tokens += ids.Length;
+                    norm = Options.ClipNorm <= 0 ? model.Device.Ops.GlobalNorm(grads)
+                        : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.AllParameters, Options.ClipNorm)
+                        : model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm);
                 }
 
-                var grads = model.AllParameters.Where(p => p.Trainable).Select(p => p.Grad).ToList();
-                if (Options.GradAccumulation > 1)
-                {
-                    foreach (var g in grads) model.Device.Ops.Scale(g, 1f / Options.GradAccumulation, g);
-                }
-
-                norm = Options.ClipNorm <= 0 ? model.Device.Ops.GlobalNorm(grads)
-                    : Options.ClipPerParameter ? ParameterTools.ClipPerParameter(model.Device.Ops, model.AllParameters, Options.ClipNorm)
-                    : model.Device.Ops.ClipGlobalNorm(grads, Options.ClipNorm);
-                finite = double.IsFinite(loss) && double.IsFinite(norm);
+                bool finite = double.IsFinite(loss) && double.IsFinite(norm);
                 if (!finite && !Options.SkipNonFinite) throw new TrainingDivergedException(Step + 1, loss, norm);
-                if (finite) optimizer.Step(lr); // a skipped step leaves weights and optimizer state as they were
+                if (finite && optimizer is not Mezo) optimizer.Step(lr); // a skipped step leaves weights and optimizer state as they were
                 Step++;
                 if (Options.ChainEvery > 0 && Step % Options.ChainEvery == 0 && Step < Options.Steps && model.Lora.Count > 0)
                 {
@@ -165,7 +147,17 @@ public sealed class TrainingRun
                     optimizer.ResetState(model.Lora.Values.SelectMany(l => l.Parameters));
                 }
 
-                Record(new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds), finite);
+                var m = new StepMetrics(Step, loss, norm, lr, tokens / stepClock.Elapsed.TotalSeconds, clock.Elapsed.TotalSeconds);
+                all.Add(m);
+                metrics?.WriteLine(finite
+                    ? JsonSerializer.Serialize(new { step = m.Step, loss = m.Loss, grad_norm = m.GradNorm, lr = m.LearningRate, tokens_per_second = m.TokensPerSecond })
+                    : JsonSerializer.Serialize(new { step = m.Step, skipped = $"loss {m.Loss}, gradient norm {m.GradNorm}", lr = m.LearningRate }));
+                onStep?.Invoke(m);
+                if (outDir != null && Options.CheckpointEvery > 0 && Step % Options.CheckpointEvery == 0)
+                {
+                    metrics?.Flush();
+                    SaveCheckpoint(Path.Combine(outDir, CheckpointFolder));
+                }
             }
 
             if (Step < Options.Steps && cancel.IsCancellationRequested)
