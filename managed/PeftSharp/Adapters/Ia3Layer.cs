@@ -45,15 +45,7 @@ public sealed class Ia3Layer : IAdapterLayer
         }
 
         Ops.Linear(x, weight.Value, y);
-        Tensor? product = null;
-        if (training)
-        {
-            product = device.Zeros(Module + ".ia3_wx", y.Shape.ToArray()); // x W^T, for dl
-            Ops.Copy(y, product);
-        }
-
-        Ops.ScaleColumns(y, Vector.Value, y);
-        return product;
+        return OutputScale.Forward(y, Vector, training, Module + ".ia3_wx");
     }
 
     /// <summary>
@@ -81,17 +73,7 @@ public sealed class Ia3Layer : IAdapterLayer
             return;
         }
 
-        var wx = (Tensor)saved;
-        if (Vector.Trainable)
-        {
-            using var product = device.Zeros(Module + ".ia3_wxdy", dy.Shape.ToArray());
-            ops.Mul(wx, dy, product);
-            RowBroadcast.AddColumnSums(product, Vector.Grad);
-        }
-
-        using var scaledDy = device.Zeros(Module + ".ia3_dy", dy.Shape.ToArray());
-        ops.ScaleColumns(dy, Vector.Value, scaledDy);
-        ops.LinearBackward(x, weight.Value, scaledDy, dx, weight.Trainable ? weight.Grad : null, accumulateWeight: true);
+        OutputScale.Backward(weight, Vector, x, dy, dx, (Tensor)saved, Module + ".ia3");
     }
 
     /// <summary>What a feed-forward module's forward keeps: nothing (x is passed to the backward again).</summary>

@@ -29,15 +29,7 @@ public sealed class SsfLayer : IAdapterLayer
 
     public IDisposable? Forward(Parameter weight, Tensor x, Tensor y, bool training, int dropoutSeed)
     {
-        var ops = Scale.Value.Device.Ops;
-        Tensor? product = null;
-        if (training)
-        {
-            product = Scale.Value.Device.Zeros(Module + ".ssf_wx", y.Shape.ToArray()); // x W^T, for dgamma
-            ops.Copy(y, product);
-        }
-
-        ops.ScaleColumns(y, Scale.Value, y);
+        var product = OutputScale.Forward(y, Scale, training, Module + ".ssf_wx");
         RowBroadcast.AddToRows(y, Shift.Value);
         return product;
     }
@@ -45,19 +37,8 @@ public sealed class SsfLayer : IAdapterLayer
     /// <summary>dgamma = sum over rows of (x W^T) * dy, dbeta = sum over rows of dy, dx = (dy * gamma) W (dW when the weight trains).</summary>
     public void Backward(Parameter weight, Tensor x, Tensor dy, Tensor dx, IDisposable saved)
     {
-        var device = Scale.Value.Device;
-        var ops = device.Ops;
-        if (Scale.Trainable)
-        {
-            using var product = device.Zeros(Module + ".ssf_wxdy", dy.Shape.ToArray());
-            ops.Mul((Tensor)saved, dy, product);
-            RowBroadcast.AddColumnSums(product, Scale.Grad);
-        }
-
         if (Shift.Trainable) RowBroadcast.AddColumnSums(dy, Shift.Grad);
-        using var scaledDy = device.Zeros(Module + ".ssf_dy", dy.Shape.ToArray());
-        ops.ScaleColumns(dy, Scale.Value, scaledDy);
-        ops.LinearBackward(x, weight.Value, scaledDy, dx, weight.Trainable ? weight.Grad : null, accumulateWeight: true);
+        OutputScale.Backward(weight, Scale, x, dy, dx, (Tensor)saved, Module + ".ssf");
     }
 
     /// <summary>W's rows times gamma; beta has no place in W (see <see cref="PeftSharp.Variants.SsfAdapter.MergeInto"/> for the bias).</summary>

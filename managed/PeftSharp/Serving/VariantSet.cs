@@ -69,7 +69,7 @@ public sealed class VariantSet : IDisposable
             adapter.Vectors.Where(v => adapter.Config.IsFeedForward(v.Key)).ToDictionary(v => v.Key, v => v.Value));
         foreach (var (module, l) in adapter.Vectors.Where(v => !adapter.Config.IsFeedForward(v.Key) && Model.Has(v.Key + ".bias")))
         {
-            AddReplacement(index, module + ".bias", Model[module + ".bias"].Value.ToArray().Select((b, i) => b * l[i]).ToArray());
+            AddRowBias(index, module, b => b.Select((x, i) => x * l[i]).ToArray());
         }
 
         dirty = true;
@@ -83,11 +83,7 @@ public sealed class VariantSet : IDisposable
         variants.Add((name, null, null, null));
         int index = variants.Count - 1;
         scales[index] = (adapter.Modules.ToDictionary(m => m.Key, m => m.Value.Scale), new Dictionary<string, float[]>());
-        foreach (var module in adapter.Modules.Keys)
-        {
-            var bias = adapter.RowBias(Model, module);
-            replacements[(index, module + ".bias")] = Model.Device.FromArray($"{name}.{module}.bias", bias, bias.Length);
-        }
+        foreach (var module in adapter.Modules.Keys) AddRowBias(index, module, b => adapter.RowBias(module, b));
 
         dirty = true;
         return index;
@@ -115,12 +111,8 @@ public sealed class VariantSet : IDisposable
         foreach (var (parameter, values) in adapter.Saved) AddReplacement(variants.Count - 1, parameter, values); // modules_to_save
         foreach (var (module, bias) in adapter.Biases)
         {
-            // lora_bias: the row's bias is the module's (zero where it has none) plus s b_B, added after the products.
-            string parameter = module + ".bias";
-            var values = Model.Has(parameter) ? Model[parameter].Value.ToArray() : new float[bias.Length];
             float scale = adapter.Config.Scale(module);
-            for (int i = 0; i < values.Length; i++) values[i] += scale * bias[i];
-            replacements[(variants.Count - 1, parameter)] = Model.Device.FromArray($"{name}.{parameter}", values, values.Length);
+            AddRowBias(variants.Count - 1, module, b => b.Select((x, i) => x + scale * bias[i]).ToArray()); // lora_bias: b + s b_B
         }
         dirty = true;
         return variants.Count - 1;
@@ -156,6 +148,17 @@ public sealed class VariantSet : IDisposable
         {
             if (LinearWeights.Contains(p) || !Model.Has(p)) throw new ArgumentException($"variant '{name}': {p} cannot be replaced per row (only embeddings, norms and the LM head are)");
         }
+    }
+
+    /// <summary>
+    /// The variant's own bias on a linear module, from the module's bias (zeros where it has none, as Llama's): the
+    /// linear layer adds it to that variant's rows after the products, on modules without a bias too.
+    /// </summary>
+    private void AddRowBias(int variant, string module, Func<float[], float[]> fromBase)
+    {
+        string parameter = module + ".bias";
+        var values = fromBase(Model.Has(parameter) ? Model[parameter].Value.ToArray() : new float[PeftLoraAdapter.LinearShape(Model.Config, module).Out]);
+        replacements[(variant, parameter)] = Model.Device.FromArray($"{variants[variant].Name}.{parameter}", values, values.Length);
     }
 
     private void AddReplacement(int variant, string parameter, float[] values)

@@ -29,11 +29,10 @@ public sealed class SsfAdapter : IVariant
 
     public string Summary => $"SSF on {Modules.Count} modules";
 
-    /// <summary>The bias a row of this variant adds on <paramref name="module"/>: gamma * b + beta (b the module's bias, or 0).</summary>
-    public float[] RowBias(LlamaModel model, string module)
+    /// <summary>The bias of <paramref name="module"/> after SSF: gamma * b + beta, for its bias b (zeros where it has none).</summary>
+    public float[] RowBias(string module, float[] b)
     {
         var (scale, shift) = Modules[module];
-        var b = model.Has(module + ".bias") ? model[module + ".bias"].Value.ToArray() : new float[shift.Length];
         return b.Select((v, i) => scale[i] * v + shift[i]).ToArray();
     }
 
@@ -48,7 +47,7 @@ public sealed class SsfAdapter : IVariant
 
         foreach (var (module, (scale, _)) in Modules)
         {
-            if (model.Has(module + ".bias")) model[module + ".bias"].Value.CopyFrom(RowBias(model, module));
+            if (model.Has(module + ".bias")) model[module + ".bias"].Value.CopyFrom(RowBias(module, model[module + ".bias"].Value.ToArray()));
             Ia3Layer.ScaleWeight(model[module + ".weight"].Value, scale, feedForward: false);
         }
     }
