@@ -25,10 +25,15 @@ internal static class EvalCommand
         };
         var eval = new Command("eval", "Loss, perplexity and exact-match accuracy of a model on all of a data file (or the built-in tasks' held-out split); with --adapter, " +
             "--delta or --prefix, of each variant too, one row each, all scored in one mixed batch over the base weights.");
-        foreach (var opt in new Option[] { o.Device, o.Model, o.Data, adapters, deltas, prefixes, examples, perExample, o.SeqLen, o.Seed, o.Json }) eval.Options.Add(opt);
+        var arithmeticOptions = new LogitArithmeticOptions();
+        foreach (var opt in new Option[] { o.Device, o.Model, o.Data, adapters, deltas, prefixes, examples, perExample, o.SeqLen, o.Seed, o.Json }.Concat(arithmeticOptions.All))
+        {
+            eval.Options.Add(opt);
+        }
+
         eval.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(o.Data)!, Named(r.GetValue(adapters), "--adapter"), Named(r.GetValue(deltas), "--delta"),
             Named(r.GetValue(prefixes), "--prefix"), SharedOptions.Positive("--examples", r.GetValue(examples)), SharedOptions.Positive("--seq-len", r.GetValue(o.SeqLen)),
-            r.GetValue(o.Seed), r.GetValue(o.Json), r.GetValue(perExample), stdout));
+            r.GetValue(o.Seed), r.GetValue(o.Json), r.GetValue(perExample), arithmeticOptions.Read(r), stdout));
         return eval;
     }
 
@@ -39,8 +44,9 @@ internal static class EvalCommand
 
     private static int Run(string? deviceSpec, string modelDir, string dataSpec, IReadOnlyList<(string Name, string Folder, string Flag)> adapters,
         IReadOnlyList<(string Name, string Folder, string Flag)> deltas, IReadOnlyList<(string Name, string Folder, string Flag)> prefixes, int builtinExamples, int seqLen, int seed,
-        bool json, string? perExamplePath, TextWriter stdout)
+        bool json, string? perExamplePath, LogitArithmeticOptions.Request arithmetic, TextWriter stdout)
     {
+        if (arithmetic.Any && perExamplePath != null) throw new ArgumentException("--per-example scores the variants one by one; it does not apply with --contrast or --proxy-base");
         var variants = adapters.Concat(deltas).Concat(prefixes).ToList();
         var twice = variants.GroupBy(v => v.Name).FirstOrDefault(g => g.Count() > 1 || g.Key == "base");
         if (twice != null) throw new ArgumentException($"{twice.First().Flag}: the name '{twice.Key}' is {(twice.Key == "base" ? "the base model's" : "given twice")}; name it with name=DIR");
@@ -84,14 +90,31 @@ internal static class EvalCommand
             PeftSharp.Formats.AtomicFile.WriteText(perExamplePath, string.Join("\n", lines) + "\n");
         }
 
+        // A decoder over summed logits is one more row: its combined distribution's loss and its greedy exact match.
+        var labels = names.Select(n => n ?? "base").ToList();
+        var all = results.ToList();
+        if (arithmetic.Any)
+        {
+            var (terms, what, owned) = arithmetic.Terms(device, model, set);
+            try
+            {
+                all.Add(Evaluator.EvaluateCombined(terms, held, seqLen, completionOnly));
+                labels.Add(what);
+            }
+            finally
+            {
+                foreach (var d in owned) d.Dispose();
+            }
+        }
+
         if (json)
         {
-            for (int i = 0; i < names.Count; i++)
+            for (int i = 0; i < all.Count; i++)
             {
-                var r = results[i];
+                var r = all[i];
                 stdout.WriteLine(new JsonObject
                 {
-                    ["variant"] = names[i] ?? "base", ["data"] = dataSpec, ["examples"] = r.Examples, ["loss"] = r.Loss, ["perplexity"] = r.Perplexity,
+                    ["variant"] = labels[i], ["data"] = dataSpec, ["examples"] = r.Examples, ["loss"] = r.Loss, ["perplexity"] = r.Perplexity,
                     ["exact_match"] = r.Matched > 0 ? r.ExactMatch : null, ["exact_match_examples"] = r.Matched, ["scoring"] = scoring,
                 }.ToJsonString());
             }
@@ -100,7 +123,7 @@ internal static class EvalCommand
         }
 
         var jobs = new Jobs(console, true);
-        for (int i = 0; i < names.Count; i++) jobs.PrintEval($"{(names.Count > 1 ? (names[i] ?? "base") + ": " : "")}{dataSpec} ({scoring})", results[i]);
+        for (int i = 0; i < all.Count; i++) jobs.PrintEval($"{(all.Count > 1 ? labels[i] + ": " : "")}{dataSpec} ({scoring})", all[i]);
         return 0;
     }
 }

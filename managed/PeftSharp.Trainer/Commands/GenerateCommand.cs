@@ -23,23 +23,34 @@ internal static class GenerateCommand
         var topK = new Option<int?>("--top-k") { Description = "0 keeps all" };
         var topP = new Option<float?>("--top-p") { Description = "nucleus mass in (0, 1]" };
         var variant = new Option<string?>("--variant") { Description = "With --prompt: the variant of --adapters / --deltas that serves it (base: the base model)" };
+        var arithmeticOptions = new LogitArithmeticOptions();
         var generate = new Command("generate", "Generate a completion of --prompt, or of every request in --requests in one mixed-variant batch.");
         foreach (var opt in new Option[] { o.Device, o.Model, prompt, requestsOpt, adaptersOpt, deltasOpt, prefixAdapter, noSharing, maxTokens, temperature, topK, topP,
-            o.Seed, variant }) generate.Options.Add(opt);
-        generate.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(prompt), r.GetValue(requestsOpt),
-            r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens),
-                r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), r.GetValue(variant), stdout, stderr));
+            o.Seed, variant }.Concat(arithmeticOptions.All)) generate.Options.Add(opt);
+        generate.SetAction(r =>
+        {
+            var arithmetic = arithmeticOptions.Read(r);
+            return Run(r.GetValue(o.Device), r.GetValue(o.Model)!, r.GetValue(prompt), r.GetValue(requestsOpt),
+                r.GetValue(adaptersOpt) ?? Array.Empty<string>(), r.GetValue(deltasOpt) ?? Array.Empty<string>(), r.GetValue(prefixAdapter), r.GetValue(noSharing), r.GetValue(maxTokens),
+                r.GetValue(temperature), r.GetValue(topK), r.GetValue(topP), r.GetValue(o.Seed), r.GetValue(variant), arithmetic, stdout, stderr);
+        });
         return generate;
     }
 
     private static int Run(string? deviceSpec, string modelDir, string? prompt, string? requestsPath, string[] adapters, string[] deltas, string? prefixDir, bool noSharing, int? maxTokens,
-        float? temperature, int? topK, float? topP, int seed, string? variant, TextWriter stdout, TextWriter stderr)
+        float? temperature, int? topK, float? topP, int seed, string? variant, LogitArithmeticOptions.Request arithmetic, TextWriter stdout, TextWriter stderr)
     {
         if ((prompt == null) == (requestsPath == null)) throw new ArgumentException("generate: give either --prompt or --requests");
+        if (arithmetic.Any && variant != null) throw new ArgumentException("--variant does not apply with --contrast or --proxy-base: they choose the variants every request runs on");
+        if (arithmetic.Any && noSharing) throw new ArgumentException("--no-prefix-sharing does not apply with --contrast or --proxy-base (no prefixes are shared there)");
+        if (arithmetic.ProxyBase != null && adapters.Length + deltas.Length > 0)
+        {
+            throw new ArgumentException("--adapters / --deltas do not apply with --proxy-base: the large --model runs as it is; give the small model's tuned form as --proxy-expert");
+        }
         var named = RequestFile.ParseNamedFolders("--adapters", adapters);
         var namedDeltas = RequestFile.ParseNamedFolders("--deltas", deltas);
         if (requestsPath != null && variant != null) throw new ArgumentException("--variant applies to --prompt; each request of --requests names its own variant");
-        if (prompt != null && named.Count + namedDeltas.Count > 0 && variant == null)
+        if (prompt != null && named.Count + namedDeltas.Count > 0 && variant == null && !arithmetic.Any)
         {
             throw new ArgumentException($"--prompt with --adapters / --deltas: choose the variant that serves it with --variant NAME " +
                 $"({string.Join(", ", named.Concat(namedDeltas).Select(v => v.Name).Append("base"))})");
@@ -67,6 +78,11 @@ internal static class GenerateCommand
         foreach (var (name, folder) in named.Concat(namedDeltas)) set.Add(name, VariantFolder.Load(folder, model)); // each folder says its kind
         var requests = requestsPath != null ? RequestFile.Read(requestsPath, defaults) : new[] { defaults with { Prompt = prompt!, Variant = variant } };
         foreach (var r in requests) set.IndexOf(r.Variant); // every name resolves before any work
+        if (arithmetic.Any)
+        {
+            return RunArithmetic(device, model, set, requests, arithmetic, requestsPath == null, stdout, stderr);
+        }
+
         var watch = System.Diagnostics.Stopwatch.StartNew();
         var (results, sharing) = BatchGenerator.GenerateWithReport(model, requests, set, noSharing ? PrefixSharing.Off : PrefixSharing.Auto);
         watch.Stop();
@@ -76,6 +92,47 @@ internal static class GenerateCommand
             return 0;
         }
 
+        WriteResults(results, stdout);
+        int total = results.Sum(r => r.Tokens);
+        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in " +
+            $"{watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s); " +
+            (sharing.Prefixes > 0 ? $"{sharing.Prefixes} shared prefixes read by {sharing.SharingSequences} requests, {sharing.TokensSaved} prefix tokens not recomputed" : "no shared prefixes"));
+        return 0;
+    }
+
+    /// <summary>--contrast or --proxy-base: every request decoded from the weighted sum of several rows' logits.</summary>
+    private static int RunArithmetic(PeftSharp.Engine.Device device, PeftSharp.Model.LlamaModel model, VariantSet set, IReadOnlyList<GenerationRequest> requests,
+        LogitArithmeticOptions.Request a, bool onePrompt, TextWriter stdout, TextWriter stderr)
+    {
+        if (requests.FirstOrDefault(r => r.Variant != null && r.Variant != "base") is { } named)
+        {
+            throw new ArgumentException($"a request names variant '{named.Variant}': with --contrast or --proxy-base every request runs on the variants those flags give");
+        }
+
+        var (terms, what, owned) = a.Terms(device, model, set);
+        try
+        {
+            var watch = System.Diagnostics.Stopwatch.StartNew();
+            var results = LogitArithmetic.Generate(terms, requests);
+            watch.Stop();
+            if (onePrompt)
+            {
+                stdout.WriteLine(results[0].Completion);
+                return 0;
+            }
+
+            WriteResults(results, stdout);
+            stderr.WriteLine($"{results.Count} requests, {what}: {results.Sum(r => r.Tokens)} tokens in {watch.Elapsed.TotalSeconds:F2} s");
+            return 0;
+        }
+        finally
+        {
+            foreach (var d in owned) d.Dispose();
+        }
+    }
+
+    private static void WriteResults(IReadOnlyList<GenerationResult> results, TextWriter stdout)
+    {
         for (int i = 0; i < results.Count; i++)
         {
             var line = new System.Text.Json.Nodes.JsonObject
@@ -88,11 +145,5 @@ internal static class GenerateCommand
             };
             stdout.WriteLine(line.ToJsonString());
         }
-
-        int total = results.Sum(r => r.Tokens);
-        stderr.WriteLine($"{results.Count} requests over {requests.Select(r => r.Variant ?? "base").Distinct().Count()} variants in one batch: {total} tokens in " +
-            $"{watch.Elapsed.TotalSeconds:F2} s ({total / Math.Max(watch.Elapsed.TotalSeconds, 1e-9):F0} tokens/s); " +
-            (sharing.Prefixes > 0 ? $"{sharing.Prefixes} shared prefixes read by {sharing.SharingSequences} requests, {sharing.TokensSaved} prefix tokens not recomputed" : "no shared prefixes"));
-        return 0;
     }
 }

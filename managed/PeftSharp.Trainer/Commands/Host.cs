@@ -52,7 +52,7 @@ internal static class Host
     /// <summary>Files whose presence marks a finished output: a model, a PEFT adapter, a 1-bit or sparse delta.</summary>
     private static readonly string[] FinishedOutputs =
     {
-        "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json", "bitdelta_config.json", "sparse_config.json",
+        "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json", "bitdelta_config.json", "sparse_config.json", "lord_config.json",
     };
 
     /// <summary>
@@ -75,6 +75,27 @@ internal static class Host
         if (overwrite || resuming || !Directory.Exists(outDir)) return;
         var held = FinishedOutputs.Where(f => File.Exists(Path.Combine(outDir, f))).ToList();
         if (held.Count > 0) throw new ArgumentException($"--out {outDir} already holds {string.Join(", ", held)}; pass --overwrite to replace it, or choose another folder");
+    }
+
+    /// <summary>Copies the files of a model folder beside its weights (generation config, tokenizer files) into another.</summary>
+    public static void CopyModelExtras(string from, string to)
+    {
+        foreach (var extra in new[] { "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json" })
+        {
+            string src = Path.Combine(from, extra);
+            if (File.Exists(src)) File.Copy(src, Path.Combine(to, extra), overwrite: true);
+        }
+    }
+
+    /// <summary>Deletes a model folder's dense weights (model.safetensors, or an index and its shards): --overwrite replacing them with another form.</summary>
+    public static void RemoveDenseWeights(string folder)
+    {
+        if (!Directory.Exists(folder)) return;
+        foreach (var f in Directory.EnumerateFiles(folder, "model*.safetensors*").Where(f => Path.GetFileName(f) is var n && (n == "model.safetensors" || n == "model.safetensors.index.json" ||
+            System.Text.RegularExpressions.Regex.IsMatch(n, @"^model-\d{5}-of-\d{5}\.safetensors$"))))
+        {
+            File.Delete(f);
+        }
     }
 
     /// <summary>A warning on stderr: the command goes on.</summary>

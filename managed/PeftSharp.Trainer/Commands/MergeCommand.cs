@@ -92,17 +92,8 @@ internal static class MergeCommand
             : MergeRunner.ApplyFolder(model, deltaDir!, adapters: false, deltas: true);
 
         HuggingFaceFolder.Save(model, outDir);
-        CopyModelExtras(modelDir, outDir);
+        Host.CopyModelExtras(modelDir, outDir);
         stdout.WriteLine($"merged {what} into {Path.GetFullPath(outDir)}");
         return 0;
-    }
-
-    private static void CopyModelExtras(string from, string to)
-    {
-        foreach (var extra in new[] { "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json" })
-        {
-            string src = Path.Combine(from, extra);
-            if (File.Exists(src)) File.Copy(src, Path.Combine(to, extra), overwrite: true);
-        }
     }
 }

@@ -74,7 +74,8 @@ internal static class QuickstartCommand
         jobs.Train(sparseModel, sparseData, sparseOptions, Path.Combine(outDir, "finetuned-sparse"), "sparse", null, recipe: sparse);
 
         var sparseAfter = Evaluator.Evaluate(sparseModel, taskHeld, options.SeqLen);
-        console.MarkupLine($"4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales; and to ComPEFT's signs of its top 10%");
+        console.MarkupLine("4. compress the full fine-tune to 1-bit deltas over the pre-trained model (BitDelta), then distill the scales; and to ComPEFT's signs of its top 10%; " +
+            "the LoRA fine-tune to Delta-CoMe's mixed-precision factors; the pre-trained model itself to LoRD's half-rank factors");
         using var baseModel = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device);
         var delta = BitDelta.Compress(baseModel, model);
         var (calibTrain, calibEval) = Host.CalibrationBatches(baseModel.Tokenizer, $"builtin:tasks", 8, options.SeqLen, 32, 4, seed + 11);
@@ -121,7 +122,28 @@ internal static class QuickstartCommand
             compeftResult = Evaluator.Evaluate(m, taskHeld, options.SeqLen);
         }
 
+        // Delta-CoMe beside them: the LoRA fine-tune's change as rank-4 SVD factors at 8 / 4 / 2 bits (the full
+        // fine-tune changed the tied embedding, which a PEFT folder cannot carry).
+        EvalResult deltaComeResult;
+        long deltaComeBytes;
+        using (var loraMerged = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
+        using (var m = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained"), device))
+        {
+            PeftLoraAdapter.Load(Path.Combine(outDir, "finetuned-lora"), loraMerged.Config).MergeInto(loraMerged);
+            var (dc, bytes) = DeltaCoMe.Compress(baseModel, loraMerged, rank: 4);
+            dc.MergeInto(m);
+            deltaComeResult = Evaluator.Evaluate(m, taskHeld, options.SeqLen);
+            deltaComeBytes = bytes;
+        }
+
+        // LoRD compresses the pre-trained model itself: each linear weight as factors of half its rank, scored where
+        // the pre-trained model was (the pre-training tasks).
+        var lord = LordModel.Compress(baseModel, rankRatio: 0.5);
+        lord.Save(Path.Combine(outDir, "pretrained-lord"), baseModel);
+        EvalResult lordResult;
+        using (var m = HuggingFaceFolder.Load(Path.Combine(outDir, "pretrained-lord"), device)) lordResult = Evaluator.Evaluate(m, preHeld, options.SeqLen);
         console.WriteLine(CompressCommand.Summary(baseModel, distilled));
+        console.WriteLine(CompressCommand.LordSummary(baseModel, lord));
         var rows = new List<(string Model, string Trainable, string Data, EvalResult Result)>();
         string all = $"{model.ParameterCount:N0}";
         rows.Add(("pre-trained", "-", "pre-training tasks", preOnPre));
@@ -151,6 +173,8 @@ internal static class QuickstartCommand
         rows.Add(("1-bit delta of full FT", bits, $"'{heldOutTask}'", bitBefore));
         rows.Add(("1-bit delta, distilled", bits, $"'{heldOutTask}'", bitAfter));
         rows.Add(("ComPEFT of full FT (10%)", $"{ComPeft.TernaryBytes(compeft, 0.1):N0} B", $"'{heldOutTask}'", compeftResult));
+        rows.Add(("Delta-CoMe of LoRA (r=4)", $"{deltaComeBytes:N0} B", $"'{heldOutTask}'", deltaComeResult));
+        rows.Add(($"LoRD of pre-trained ({100.0 * lord.Parameters / model.ParameterCount:F0}%)", $"{lord.Parameters * 4L:N0} B", "pre-training tasks", lordResult));
         if (json)
         {
             stdout.WriteLine(new System.Text.Json.Nodes.JsonObject

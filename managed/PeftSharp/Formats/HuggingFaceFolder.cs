@@ -33,6 +33,17 @@ public static class HuggingFaceFolder
     {
         var config = ReadConfig(folder);
         ModelMemory.EnsureWeightsFit(device, config, Path.Combine(folder, ConfigFile));
+        if (File.Exists(Path.Combine(folder, Compression.LordModel.ConfigFile)))
+        {
+            if (File.Exists(Path.Combine(folder, SingleFile)) || File.Exists(Path.Combine(folder, IndexFile)))
+            {
+                throw new PeftSharpInputException($"{folder}: holds both a LoRD model ({Compression.LordModel.ConfigFile}) and dense weights ({SingleFile}); which one is meant is unclear");
+            }
+
+            var lord = Compression.LordModel.Read(folder, config);
+            return WithFolderFiles(LlamaModel.FromTensors(device, config, (name, _) => lord.Weight(name)), folder);
+        }
+
         var files = OpenTensorFiles(folder, out var owner);
         try
         {
@@ -76,9 +87,7 @@ public static class HuggingFaceFolder
                 if (warn != null && FiniteValues.Beyond(values).Count is int bad and > 0) warn($"{owner[name].Path}: tensor {name} holds {bad} NaN or infinite values of {values.Length}");
                 return values;
             });
-            model.UseTokenizerFiles(folder, HfTokenizer.ReadFiles(folder));
-            model.StopTokens = GenerationConfig.Read(folder).EosTokenIds ?? Array.Empty<int>();
-            return model;
+            return WithFolderFiles(model, folder);
         }
         finally
         {
@@ -86,7 +95,23 @@ public static class HuggingFaceFolder
         }
     }
 
-    private static List<SafeTensorsFile> OpenTensorFiles(string folder, out Dictionary<string, SafeTensorsFile> owner)
+    /// <summary>The folder's tokenizer files and generation_config.json's stop tokens, given to a model just loaded from it.</summary>
+    private static LlamaModel WithFolderFiles(LlamaModel model, string folder)
+    {
+        try
+        {
+            model.UseTokenizerFiles(folder, HfTokenizer.ReadFiles(folder));
+            model.StopTokens = GenerationConfig.Read(folder).EosTokenIds ?? Array.Empty<int>();
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+        private static List<SafeTensorsFile> OpenTensorFiles(string folder, out Dictionary<string, SafeTensorsFile> owner)
     {
         string single = Path.Combine(folder, SingleFile);
         string index = Path.Combine(folder, IndexFile);

@@ -41,6 +41,39 @@ public static class Evaluator
     }
 
     /// <summary>
+    /// <see cref="Evaluate"/> for a decoder that sums several models' logits (contrastive generation, proxy-tuning;
+    /// see <see cref="LogitArithmetic"/>): the loss of the combined distribution (softmax of the summed logits) on the
+    /// same targets, and exact match of its greedy decoding, the tokenizer and stop tokens the first term's.
+    /// </summary>
+    public static EvalResult EvaluateCombined(IReadOnlyList<LogitTerm> terms, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int batchSize = 16)
+    {
+        if (terms.Count == 0) throw new ArgumentException("logit arithmetic: no terms");
+        var tok = terms[0].Model.Tokenizer;
+        double lossSum = 0;
+        int counted = 0;
+        for (int i = 0; i < examples.Count; i += batchSize)
+        {
+            var batch = examples.Skip(i).Take(batchSize).ToList();
+            var (ids, targets) = Batcher.Encode(batch, tok, seqLen, completionOnly);
+            var (l, c) = LogitArithmetic.Loss(terms, ids, targets, batch.Count);
+            lossSum += l;
+            counted += c;
+        }
+
+        var matchable = examples.Where(e => e.HasPrompt).ToList();
+        int correct = 0;
+        for (int i = 0; i < matchable.Count; i += ExactMatchBatch)
+        {
+            var chunk = matchable.Skip(i).Take(ExactMatchBatch).ToList();
+            var results = LogitArithmetic.Generate(terms, chunk.Select(e => new GenerationRequest(e.Prompt, MaxTokens: tok.EncodeEnd(e.Completion).Length)).ToList());
+            correct += chunk.Where((e, j) => results[j].Completion == e.Completion).Count();
+        }
+
+        double loss = counted == 0 ? 0 : lossSum / counted;
+        return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct / matchable.Count, examples.Count) { Matched = matchable.Count };
+    }
+
+    /// <summary>
     /// <see cref="Evaluate"/> for several variants of one model at once (null or "base": the base model), one result
     /// per name: every (variant, example) pair is a row of one mixed batch over the shared weights, each row with its
     /// own LoRA, DoRA, 1-bit, sparse or prefix variant from <paramref name="set"/> (<see cref="LlamaModel.DecodeBatchEveryPosition"/>

@@ -202,6 +202,37 @@ public sealed class HostJobTests : TempDirectoryTest
         r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"dc={Path.Combine(TempDir, "dc")}", "--device", "cpu");
         Assert.That((r.Code, r.Out.Contains("dc:")), Is.EqualTo((0, true)), r.Err);
 
+        // Contrastive generation and proxy-tuning decode from summed logits. Proxy-tuning a model by itself and its
+        // LoRA adds and takes away the same logits, so it decodes as the LoRA does.
+        string[] Gen(params string[] extra) => new[] { "generate", "--model", pre, "--prompt", "reverse abc=", "--max-tokens", "4", "--device", "cpu" }.Concat(extra).ToArray();
+        r = Peft.Run(Gen("--adapters", $"lora={lora}", "--contrast", "lora", "--contrast-alpha", "0.5"));
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var loraAlone = Peft.Run(Gen("--adapters", $"lora={lora}", "--variant", "lora"));
+        r = Peft.Run(Gen("--proxy-base", pre, "--proxy-expert", lora));
+        Assert.That((r.Code, r.Out), Is.EqualTo((0, loraAlone.Out)), r.Err);
+        r = Peft.Run(Gen("--proxy-base", pre, "--proxy-expert", fine));
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        r = Peft.Run(Gen("--contrast-alpha", "2"));
+        Assert.That((r.Code, r.Err.Contains("--contrast-alpha applies to --contrast")), Is.EqualTo((2, true)), r.Err);
+        r = Peft.Run(Gen("--adapters", $"lora={lora}", "--variant", "lora", "--contrast", "lora"));
+        Assert.That((r.Code, r.Err.Contains("--variant does not apply with --contrast")), Is.EqualTo((2, true)), r.Err);
+        r = Peft.Run("eval", "--model", pre, "--data", "builtin:tasks=reverse", "--examples", "4", "--adapter", $"lora={lora}", "--contrast", "lora", "--contrast-alpha", "0.5",
+            "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("contrastive (1 + 0.5) x lora - 0.5 x base: builtin:tasks=reverse")), Is.EqualTo((0, true)), r.Err + r.Out);
+
+        // LoRD factors the pre-trained model's own weights; every command loads the folder as a model.
+        string lordDir = Path.Combine(TempDir, "lord");
+        r = Peft.Run("compress", "--model", pre, "--method", "lord", "--rank-ratio", "0.25", "--out", lordDir, "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("LoRD: 14 of 14 linear weights as low-rank factors")), Is.EqualTo((0, true)), r.Err + r.Out);
+        r = Peft.Run("eval", "--model", lordDir, "--data", "builtin:tasks=reverse", "--examples", "4", "--device", "cpu");
+        Assert.That((r.Code, r.Out.Contains("loss")), Is.EqualTo((0, true)), r.Err);
+        r = Peft.Run("compress", "--model", pre, "--method", "lord", "--out", Path.Combine(TempDir, "lord2"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("give exactly one of --rank and --rank-ratio")), Is.EqualTo((2, true)), r.Err);
+        r = Peft.Run("compress", "--base", pre, "--method", "lord", "--rank", "4", "--out", Path.Combine(TempDir, "lord2"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("--base does not apply to --method lord")), Is.EqualTo((2, true)), r.Err);
+        r = Peft.Run("compress", "--base", pre, "--out", Path.Combine(TempDir, "bd"), "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("give --finetuned")), Is.EqualTo((2, true)), r.Err);
+
         // merge --interpolate writes the WiSE-FT curve from the base to the full fine-tune.
         r = Peft.Run("merge", "--model", pre, "--interpolate", fine, "--data", "builtin:tasks=reverse", "--points", "3", "--examples", "4", "--out", Path.Combine(TempDir, "wise"),
             "--device", "cpu");

@@ -17,7 +17,7 @@ public sealed class ServingTests
     private static readonly (double Atol, double Rtol) StepTolerance = (2e-5, 2e-4);
 
     /// <summary>The tiny config with weights in +-0.3 and unit norms: generated text then depends on the whole context.</summary>
-    private static LlamaModel UnitScaleTiny(PeftSharp.Engine.Device device, int salt) => LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) =>
+    internal static LlamaModel UnitScaleTiny(PeftSharp.Engine.Device device, int salt) => LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) =>
         name.EndsWith("norm.weight", StringComparison.Ordinal)
             ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
             : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * salt + shape[0], -0.3f, 0.3f));
