@@ -54,6 +54,10 @@ internal sealed class Jobs
             $"{spec}: {examples.Count} {unit}, all trained on; " + (separate != null ? $"scored on {evalData} ({separate.Count})" : "none held out (--eval-split 0.1 or --eval-data FILE to score)"));
     }
 
+    /// <summary>What scoring commands score: a built-in spec's held-out split (<paramref name="builtinExamples"/> of it), or every example of a file.</summary>
+    public static List<Example> ScoredExamples(string spec, int seed, ITokenizer tokenizer, int seqLen, int builtinExamples) =>
+        spec.StartsWith("builtin:", StringComparison.Ordinal) ? Data(spec, seed, tokenizer, seqLen, builtinHeldOut: builtinExamples).HeldOut : ReadFile(spec, "--data", tokenizer, seqLen);
+
     /// <summary>Every example of a data file, documents cut into windows; <paramref name="flag"/> names it in errors.</summary>
     public static List<Example> ReadFile(string path, string flag, ITokenizer tokenizer, int seqLen)
     {

@@ -54,9 +54,7 @@ internal static class EvalCommand
         using var device = Host.OpenDevice(deviceSpec);
         using var model = Host.LoadTextModel(modelDir, device);
         // The whole file is scored (a file is not split here); built-in tasks score their held-out split.
-        var held = dataSpec.StartsWith("builtin:", StringComparison.Ordinal)
-            ? Jobs.Data(dataSpec, seed, model.Tokenizer, seqLen, builtinHeldOut: builtinExamples).HeldOut
-            : Jobs.ReadFile(dataSpec, "--data", model.Tokenizer, seqLen);
+        var held = Jobs.ScoredExamples(dataSpec, seed, model.Tokenizer, seqLen, builtinExamples);
         // Examples with a prompt (every built-in task, JSONL prompt/completion) are scored on their completions, as
         // fine-tuning trains them and as the quickstart reports them; documents on every token.
         bool completionOnly = held.Any(e => e.HasPrompt);

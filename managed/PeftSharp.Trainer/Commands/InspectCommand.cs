@@ -18,11 +18,73 @@ internal static class InspectCommand
         var intruders = new Option<int>("--intruders") { Description = "Top singular vectors of each fine-tuned weight checked for intruders", DefaultValueFactory = _ => 10 };
         var threshold = new Option<double>("--threshold") { Description = "An intruder's largest |cosine| with the base's singular vectors is below this", DefaultValueFactory = _ => 0.5 };
         var svg = new Option<string?>("--svg") { Description = "Write the changes' spectra (sigma_i / sigma_1 per module kind) as an SVG picture" };
-        var inspect = new Command("inspect", "Spectra, effective ranks, intruder dimensions and condition numbers of a fine-tune's weights against its base.");
-        foreach (var opt in new Option[] { o.Device, o.Base, finetuned, variant, top, intruders, threshold, svg, o.Json }) inspect.Options.Add(opt);
-        inspect.SetAction(r => Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(finetuned), r.GetValue(variant), r.GetValue(top), r.GetValue(intruders), r.GetValue(threshold),
-            r.GetValue(svg), r.GetValue(o.Json), stdout));
+        var tuco = new Option<bool>("--tuco") { Description = "Instead: TuCo, the share of the forward pass fine-tuning contributes, for each prompt of --data" };
+        var data = new Option<string>("--data") { Description = "With --tuco: builtin:tasks[=NAME,...] | FILE.jsonl | FILE.txt (prompts, or documents whole)", DefaultValueFactory = _ => "builtin:tasks" };
+        var examples = new Option<int>("--examples") { Description = "With --tuco on built-in tasks: held-out prompts", DefaultValueFactory = _ => 64 };
+        var inspect = new Command("inspect", "Spectra, effective ranks, intruder dimensions and condition numbers of a fine-tune's weights against its base; or with --tuco its " +
+            "tuning contribution per prompt.");
+        foreach (var opt in new Option[] { o.Device, o.Base, finetuned, variant, top, intruders, threshold, svg, tuco, data, examples, o.SeqLen, o.Seed, o.Json }) inspect.Options.Add(opt);
+        inspect.SetAction(r =>
+        {
+            var spectral = new Option[] { top, intruders, threshold, svg }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
+            var tucoOnly = new Option[] { data, examples, o.SeqLen, o.Seed }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
+            if (r.GetValue(tuco))
+            {
+                if (spectral.Count > 0) throw new ArgumentException($"{string.Join(", ", spectral)} {(spectral.Count == 1 ? "does" : "do")} not apply with --tuco");
+                return RunTuCo(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(finetuned), r.GetValue(variant), r.GetValue(data)!, SharedOptions.Positive("--examples", r.GetValue(examples)),
+                    SharedOptions.Positive("--seq-len", r.GetValue(o.SeqLen)), r.GetValue(o.Seed), r.GetValue(o.Json), stdout);
+            }
+
+            if (tucoOnly.Count > 0) throw new ArgumentException($"{string.Join(", ", tucoOnly)} {(tucoOnly.Count == 1 ? "applies" : "apply")} to --tuco");
+            return Run(r.GetValue(o.Device), r.GetValue(o.Base)!, r.GetValue(finetuned), r.GetValue(variant), r.GetValue(top), r.GetValue(intruders), r.GetValue(threshold),
+                r.GetValue(svg), r.GetValue(o.Json), stdout);
+        });
         return inspect;
+    }
+
+    /// <summary>--tuco: each prompt's tuning contribution, as JSON lines or as a mean per task.</summary>
+    private static int RunTuCo(string? deviceSpec, string baseDir, string? fineDir, string? variantDir, string dataSpec, int builtinExamples, int seqLen, int seed, bool json,
+        TextWriter stdout)
+    {
+        if ((fineDir == null) == (variantDir == null)) throw new ArgumentException("inspect: give one of --finetuned or --variant");
+        using var device = Host.OpenDevice(deviceSpec);
+        using var baseModel = Host.LoadTextModel(baseDir, device);
+        var held = Jobs.ScoredExamples(dataSpec, seed, baseModel.Tokenizer, seqLen, builtinExamples);
+        var prompts = held.Select(e => e.HasPrompt ? e.Prompt : baseModel.Tokenizer.Decode(e.Ids ?? Array.Empty<int>())).ToList();
+        IReadOnlyList<TuCoResult> results;
+        if (variantDir != null)
+        {
+            using var set = new PeftSharp.Serving.VariantSet(baseModel);
+            set.Add("fine", PeftSharp.Variants.VariantFolder.Load(variantDir, baseModel));
+            results = TuningContribution.Measure(set, "fine", prompts);
+        }
+        else
+        {
+            using var fine = HuggingFaceFolder.Load(fineDir!, device, Host.Warn);
+            results = TuningContribution.Measure(baseModel, fine, prompts);
+        }
+
+        if (json)
+        {
+            for (int i = 0; i < results.Count; i++)
+            {
+                stdout.WriteLine(new JsonObject
+                {
+                    ["example"] = i, ["task"] = held[i].Task, ["prompt"] = prompts[i], ["tuco"] = results[i].TuCo,
+                    ["layer_shares"] = new JsonArray(results[i].LayerShares.Select(v => (JsonNode)v).ToArray()),
+                }.ToJsonString());
+            }
+
+            return 0;
+        }
+
+        stdout.WriteLine($"TuCo (share of the forward pass fine-tuning contributes, at each prompt's last token) over {results.Count} prompts of {dataSpec}:");
+        foreach (var g in results.Select((r, i) => (r.TuCo, held[i].Task)).GroupBy(x => x.Task).OrderBy(g => g.Key, StringComparer.Ordinal))
+        {
+            stdout.WriteLine($"{g.Key,-12} mean {g.Average(x => x.TuCo):F3}, median {Median(g.Select(x => x.TuCo)):F3} over {g.Count()} prompts");
+        }
+
+        return 0;
     }
 
     private static int Run(string? deviceSpec, string baseDir, string? fineDir, string? variantDir, int top, int intruders, double threshold, string? svg, bool json, TextWriter stdout)

@@ -537,7 +537,17 @@ public sealed class LlamaModel : IDisposable
     public float[][] DecodeBatchEveryPosition(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants = null) =>
         DecodeRows(caches, newTokens, variants, null, everyRow: true);
 
-    private float[][] DecodeRows(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants, IReadOnlyList<KvCache?>? prefixes, bool everyRow)
+    /// <summary>
+    /// <see cref="DecodeBatch"/> with <paramref name="betweenLayers"/> told, after each decoder layer, the layer's
+    /// index, the stream it read (N, Dm) and the stream it wrote, which the hook may rewrite in place before the next
+    /// layer reads it (TuCo's decomposition sets every row pair's input to the fine-tuned stream); first, with index
+    /// -1, the embedded stream (both arguments), before layer 0 reads it.
+    /// </summary>
+    internal float[][] DecodeBatchWithLayerHook(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants, Action<int, Tensor, Tensor> betweenLayers) =>
+        DecodeRows(caches, newTokens, variants, null, everyRow: false, betweenLayers);
+
+    private float[][] DecodeRows(IReadOnlyList<KvCache> caches, IReadOnlyList<int[]> newTokens, IRowVariants? variants, IReadOnlyList<KvCache?>? prefixes, bool everyRow,
+        Action<int, Tensor, Tensor>? betweenLayers = null)
     {
         var c = Config;
         var layout = new CacheLayout(c, caches, newTokens, prefixes, prefix);
@@ -560,10 +570,14 @@ public sealed class LlamaModel : IDisposable
                 ops.Embedding(runIds, table, x.View(r0 * dm, rows, dm));
             }
 
+            betweenLayers?.Invoke(-1, x, x);
             foreach (var layer in layers)
             {
                 using var a = new LayerActivations(); // its X is the stream the layer replaced, if it did not add in place
+                using var before = betweenLayers != null ? Device.Zeros("x_before", n, dm) : null;
+                if (before != null) ops.Copy(x, before);
                 x = layer.Forward(x, run, a);
+                if (before != null) betweenLayers!(layer.Index, before, x);
             }
 
             layout.Commit();

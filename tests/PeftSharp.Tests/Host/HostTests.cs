@@ -192,6 +192,12 @@ public sealed class HostJobTests : TempDirectoryTest
         var tensors = lines.Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!["tensor"]!.GetValue<string>()).ToList();
         Assert.That((tensors.Count, tensors.All(t => t.EndsWith("_proj.weight", StringComparison.Ordinal))), Is.EqualTo((14, true)), "one line per linear weight");
         Assert.That(File.ReadAllText(Path.Combine(TempDir, "spectra.svg")), Does.StartWith("<svg"));
+        r = Peft.Run("inspect", "--base", pre, "--variant", lora, "--tuco", "--data", "builtin:tasks=reverse,add", "--examples", "6", "--json", "--device", "cpu");
+        Assert.That(r.Code, Is.EqualTo(0), r.Err);
+        var tucos = r.Out.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!["tuco"]!.GetValue<double>()).ToList();
+        Assert.That(tucos, Has.Count.EqualTo(6).And.All.InRange(0.0, 1.0));
+        r = Peft.Run("inspect", "--base", pre, "--variant", lora, "--tuco", "--top", "3", "--device", "cpu");
+        Assert.That((r.Code, r.Err.Contains("--top does not apply with --tuco")), Is.EqualTo((2, true)), r.Err);
         r = Peft.Run("inspect", "--base", pre, "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("give one of --finetuned or --variant")), Is.EqualTo((2, true)), r.Err);
 

@@ -16,8 +16,8 @@ public sealed class ServingTests
     // another blocking path (small-M dot products vs. packed panels) and sum in another order: fp32 rounding only.
     private static readonly (double Atol, double Rtol) StepTolerance = (2e-5, 2e-4);
 
-    /// <summary>The tiny config with weights in +-0.3 and unit norms: generated text then depends on the whole context.</summary>
-    internal static LlamaModel UnitScaleTiny(PeftSharp.Engine.Device device, int salt) => LlamaModel.FromTensors(device, LlamaConfig.Tiny, (name, shape) =>
+    /// <summary>The tiny config (or another) with weights in +-0.3 and unit norms: generated text then depends on the whole context.</summary>
+    internal static LlamaModel UnitScaleTiny(PeftSharp.Engine.Device device, int salt, LlamaConfig? config = null) => LlamaModel.FromTensors(device, config ?? LlamaConfig.Tiny, (name, shape) =>
         name.EndsWith("norm.weight", StringComparison.Ordinal)
             ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
             : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * salt + shape[0], -0.3f, 0.3f));
