@@ -19,7 +19,10 @@ internal static class InspectCommand
         var threshold = new Option<double>("--threshold") { Description = "An intruder's largest |cosine| with the base's singular vectors is below this", DefaultValueFactory = _ => 0.5 };
         var svg = new Option<string?>("--svg") { Description = "Write the changes' spectra (sigma_i / sigma_1 per module kind) as an SVG picture" };
         var tuco = new Option<bool>("--tuco") { Description = "Instead: TuCo, the share of the forward pass fine-tuning contributes, for each prompt of --data" };
-        var data = new Option<string>("--data") { Description = "With --tuco: builtin:tasks[=NAME,...] | FILE.jsonl | FILE.txt (prompts, or documents whole)", DefaultValueFactory = _ => "builtin:tasks" };
+        var data = new Option<string>("--data")
+        {
+            Description = "With --tuco: builtin:tasks[=NAME,...] | FILE.jsonl | FILE.txt (prompts, or documents whole)", DefaultValueFactory = _ => "builtin:tasks",
+        };
         var examples = new Option<int>("--examples") { Description = "With --tuco on built-in tasks: held-out prompts", DefaultValueFactory = _ => 64 };
         var inspect = new Command("inspect", "Spectra, effective ranks, intruder dimensions and condition numbers of a fine-tune's weights against its base; or with --tuco its " +
             "tuning contribution per prompt.");

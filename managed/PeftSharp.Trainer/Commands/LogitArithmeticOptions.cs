@@ -17,7 +17,10 @@ internal sealed class LogitArithmeticOptions
         Description = "Contrastive generation: (1 + alpha) x this variant's logits - alpha x the base's, both rows of each request in one mixed batch",
     };
 
-    public Option<float> ContrastAlpha { get; } = new("--contrast-alpha") { Description = "With --contrast: how far past the fine-tune to move (0: the fine-tune alone)", DefaultValueFactory = _ => 1f };
+    public Option<float> ContrastAlpha { get; } = new("--contrast-alpha")
+    {
+        Description = "With --contrast: how far past the fine-tune to move (0: the fine-tune alone)", DefaultValueFactory = _ => 1f,
+    };
 
     public Option<string?> ProxyBase { get; } = new("--proxy-base") { Description = "Proxy-tuning: the small untuned model folder (--model is the large one)" };
 
