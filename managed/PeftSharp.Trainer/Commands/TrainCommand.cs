@@ -18,6 +18,7 @@ internal sealed record TrainFlags
     public float Momentum { get; init; } = 0.9f;
     public int GaLoreRank { get; init; } = 8;
     public int GaLoreEvery { get; init; } = 200;
+    public bool GaLoreCrossHead { get; init; }
     public LoraAdapterConfig? Lora { get; init; }
     public bool LoraBOnly { get; init; }
     public string LoraInit { get; init; } = "lora";
@@ -60,6 +61,7 @@ internal static class TrainCommand
         var optimizerKind = new Option<string>("--optimizer") { Description = "adamw | sgd | galore (AdamW in a low-rank projection of each gradient)", DefaultValueFactory = _ => "adamw" };
         var galoreRank = new Option<int>("--galore-rank") { Description = "GaLore: projection rank r", DefaultValueFactory = _ => 8 };
         var galoreEvery = new Option<int>("--galore-every") { Description = "GaLore: refresh the projection every T steps", DefaultValueFactory = _ => 200 };
+        var galoreCrossHead = new Option<bool>("--galore-cross-head") { Description = "GaLore+: project attention weights on the hidden side with a basis from a few heads" };
         var momentum = new Option<float>("--momentum") { Description = "SGD momentum (0: plain SGD)", DefaultValueFactory = _ => 0.9f };
         var method = new Option<string>("--method")
         {
@@ -97,7 +99,7 @@ internal static class TrainCommand
 
         var c = new Command(name, description);
         foreach (var opt in new Option[] { o.Device, o.Data, steps, o.Out, o.BatchSize, o.SeqLen, lr, o.Seed, resume, ckptEvery, skipNonFinite, o.Quiet, freeze, layerDecay, emaDecay, clipPer, clip,
-            accum, optimizerKind, momentum, galoreRank, galoreEvery, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
+            accum, optimizerKind, momentum, galoreRank, galoreEvery, galoreCrossHead, evalSplit, evalData, o.Overwrite }) c.Options.Add(opt);
         if (finetune)
         {
             foreach (var opt in new Option[] { o.Model, method, rank, alpha, targetsOpt, rslora, dora, loraBias, bOnly, adapterPerTask, loraDropout, loraInit, chainEvery, virtualTokens,
@@ -135,6 +137,7 @@ internal static class TrainCommand
                 Momentum = r.GetValue(momentum),
                 GaLoreRank = r.GetValue(galoreRank),
                 GaLoreEvery = r.GetValue(galoreEvery),
+                GaLoreCrossHead = r.GetValue(galoreCrossHead),
                 Lora = finetune && r.GetValue(method) == "lora"
                     ? LoraConfigFrom(r.GetValue(rank), r.GetValue(alpha), r.GetValue(targetsOpt)!, r.GetValue(rslora)) with
                     {
@@ -155,8 +158,8 @@ internal static class TrainCommand
                 EvalData = r.GetValue(evalData),
                 Overwrite = r.GetValue(o.Overwrite),
                 // Flags that belong to one method (or optimizer), as given: with another they would do nothing, so Recipe refuses them.
-                Given = c.Options.Where(f => (MethodOfFlag.ContainsKey(f.Name) || f.Name is "--momentum" or "--galore-rank" or "--galore-every") && r.GetResult(f) is { Implicit: false })
-                    .Select(f => f.Name).ToHashSet(),
+                Given = c.Options.Where(f => (MethodOfFlag.ContainsKey(f.Name) || f.Name is "--momentum" or "--galore-rank" or "--galore-every" or "--galore-cross-head")
+                    && r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToHashSet(),
             }));
         return c;
     }
@@ -194,7 +197,7 @@ internal static class TrainCommand
         }
 
         if (flags.Given.Contains("--momentum") && flags.Optimizer != "sgd") throw new ArgumentException($"--momentum applies to --optimizer sgd, not {flags.Optimizer}: it would do nothing");
-        foreach (var f in new[] { "--galore-rank", "--galore-every" }.Where(f => flags.Given.Contains(f) && flags.Optimizer != "galore"))
+        foreach (var f in new[] { "--galore-rank", "--galore-every", "--galore-cross-head" }.Where(f => flags.Given.Contains(f) && flags.Optimizer != "galore"))
         {
             throw new ArgumentException($"{f} applies to --optimizer galore, not {flags.Optimizer}: it would do nothing");
         }
@@ -249,7 +252,7 @@ internal static class TrainCommand
             Method = kind, Freeze = flags.Freeze, LayerDecay = flags.LayerDecay, EmaDecay = flags.EmaDecay, Optimizer = optimizer, Momentum = flags.Momentum,
             Lora = flags.Lora, LoraBOnly = flags.LoraBOnly, LoraInit = init, AdapterPerTask = flags.AdapterPerTask ? Jobs.TaskNames(dataSpec) : null,
             Density = density, MaskSource = mask, RegrowEvery = flags.RegrowEvery, VirtualTokens = tokens, PrefixProjection = flags.PrefixProjection,
-            MezoEpsilon = flags.MezoEpsilon, GaLoreRank = flags.GaLoreRank, GaLoreEvery = flags.GaLoreEvery,
+            MezoEpsilon = flags.MezoEpsilon, GaLoreRank = flags.GaLoreRank, GaLoreEvery = flags.GaLoreEvery, GaLoreCrossHead = flags.GaLoreCrossHead,
         };
     }
 
@@ -346,7 +349,7 @@ internal static class TrainCommand
             ["freeze"] = string.Join(",", flags.Freeze), ["layer_decay"] = F(flags.LayerDecay), ["ema"] = F(flags.EmaDecay),
         };
         if (flags.Optimizer == "sgd") d["momentum"] = F(flags.Momentum);
-        if (flags.Optimizer == "galore") d["galore"] = $"rank={flags.GaLoreRank} every={flags.GaLoreEvery}";
+        if (flags.Optimizer == "galore") d["galore"] = $"rank={flags.GaLoreRank} every={flags.GaLoreEvery}{(flags.GaLoreCrossHead ? " cross-head" : "")}";
         if (recipe.Lora is { } l)
         {
             d["lora"] = $"r={l.R} alpha={F(l.LoraAlpha)} targets={l.TargetRegex ?? string.Join(",", l.TargetModules)} rslora={l.UseRsLora} dora={l.UseDora} dropout={F(l.LoraDropout)} " +

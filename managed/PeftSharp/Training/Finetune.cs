@@ -203,7 +203,8 @@ public static class Finetune
         {
             OptimizerKind.AdamW => new AdamW(model.AllParameters, weightDecay: train.WeightDecay) { LearningRateScale = scale },
             OptimizerKind.Sgd => new Sgd(model.AllParameters, momentum: options.Momentum, weightDecay: 0f) { LearningRateScale = scale },
-            OptimizerKind.GaLore => new GaLoreAdamW(model.AllParameters, options.GaLoreRank, options.GaLoreEvery, weightDecay: train.WeightDecay, seed: train.Seed)
+            OptimizerKind.GaLore => new GaLoreAdamW(model.AllParameters, options.GaLoreRank, options.GaLoreEvery, weightDecay: train.WeightDecay, seed: train.Seed,
+                crossHead: options.GaLoreCrossHead ? GaLoreAdamW.CrossHead(model.Config) : null)
             {
                 LearningRateScale = scale,
             },

@@ -48,6 +48,9 @@ public sealed record FinetuneOptions
 
     public int GaLoreEvery { get; init; } = 200;
 
+    /// <summary>GaLore+'s cross-head projection for attention weights: the hidden-side basis from a few heads' gradient, shared by all heads.</summary>
+    public bool GaLoreCrossHead { get; init; }
+
     /// <summary>MeZO's perturbation scale eps (the paper's 1e-3).</summary>
     public float MezoEpsilon { get; init; } = 1e-3f;
 

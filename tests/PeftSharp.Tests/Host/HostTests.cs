@@ -255,8 +255,8 @@ public sealed class HostJobTests : TempDirectoryTest
         Assert.That((r.Code, r.Err.Contains("SSF shift on")), Is.EqualTo((2, true)), r.Err);
 
         // GaLore is an optimizer of any method; its flags belong to it.
-        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--optimizer", "galore", "--galore-rank", "4", "--galore-every", "2", "--steps", "3", "--batch-size",
-            "2", "--out", Path.Combine(TempDir, "galore"), "--quiet", "--device", "cpu");
+        r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--optimizer", "galore", "--galore-rank", "4", "--galore-every", "2", "--galore-cross-head", "--steps", "3",
+            "--batch-size", "2", "--out", Path.Combine(TempDir, "galore"), "--quiet", "--device", "cpu");
         Assert.That(r.Code, Is.EqualTo(0), r.Err);
         r = Peft.Run("finetune", "--model", pre, "--data", "builtin:tasks=reverse", "--galore-rank", "4", "--steps", "1", "--out", Path.Combine(TempDir, "not-galore"), "--device", "cpu");
         Assert.That((r.Code, r.Err.Contains("--galore-rank applies to --optimizer galore")), Is.EqualTo((2, true)), r.Err);
