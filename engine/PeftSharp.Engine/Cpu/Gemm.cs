@@ -70,7 +70,7 @@ internal static unsafe class Gemm
         bool inner = m > 1 && (m <= SmallRows || (m <= SmallRowsLongK && k >= LongK));
         if (inner && transB && !transA)
         {
-            InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);
+            InnerProduct(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel, allowWide && Avx512F.IsSupported);
             return;
         }
 
@@ -103,7 +103,17 @@ internal static unsafe class Gemm
                     int kc = Math.Min(KC, k - pc);
                     float betaSlice = pc == 0 ? beta : 1f;
                     int pcc = pc;
-                    if (par && panels > 1)
+                    if (!transB)
+                    {
+                        // Row-major b: whole rows into every panel, so each row of b is read once, in order. Panel by
+                        // panel read 64 bytes of each of kc rows 4 * ldb apart (a page per row at ldb = 2048), which
+                        // made x W (the backward's dX = dY W) run at 0.58x of x W^T on AVX2 (128 x 2048 x 2048).
+                        const int rowsPerTask = 16;
+                        int rowTasks = (kc + rowsPerTask - 1) / rowsPerTask;
+                        if (par && rowTasks > 1) Cores.For(rowTasks, t => PackBRows(b, ldb, pcc, kc, t * rowsPerTask, Math.Min(kc, (t + 1) * rowsPerTask), n, bpp));
+                        else PackBRows(b, ldb, pc, kc, 0, kc, n, bp);
+                    }
+                    else if (par && panels > 1)
                     {
                         Cores.For(panels, jp => PackB(transB, b, ldb, pcc, kc, jp * NR, Math.Min(NR, n - jp * NR), bpp + (long)jp * NR * kc));
                     }
@@ -283,6 +293,33 @@ internal static unsafe class Gemm
         }
     }
 
+    /// <summary>
+    /// Packs rows p0 + [r0, r1) of a row-major b (K, N) into every NR-column panel of the slice (panel jp at
+    /// dst + jp * NR * kc, row r at r * NR in it), the last panel zero-padded past n.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void PackBRows(float* b, int ldb, int p0, int kc, int r0, int r1, int n, float* dst)
+    {
+        int full = n / NR;
+        for (int r = r0; r < r1; r++)
+        {
+            float* src = b + (long)(p0 + r) * ldb;
+            float* d = dst + (long)r * NR;
+            for (int jp = 0; jp < full; jp++, d += (long)NR * kc)
+            {
+                Vector256.Store(Vector256.Load(src + jp * NR), d);
+                Vector256.Store(Vector256.Load(src + jp * NR + 8), d + 8);
+            }
+
+            if (full * NR < n)
+            {
+                int col = 0;
+                for (; full * NR + col < n; col++) d[col] = src[full * NR + col];
+                for (; col < NR; col++) d[col] = 0f;
+            }
+        }
+    }
+
     /// <summary>dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 block: the standard unpack / shuffle / permute transpose.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Transpose8x8(float* src, int lds, float* dst, int ldd) =>
@@ -329,28 +366,36 @@ internal static unsafe class Gemm
     /// packing it would cost more than the product.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void InnerProduct(int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel)
+    private static void InnerProduct(int m, int n, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool parallel, bool wide)
     {
-        const int rowsPerTask = 32;
+        int rowsPerTask = wide ? 32 : 33; // whole groups of the 4 (AVX-512: 32 registers) or 3 weight rows a kernel call takes
         int tasks = (n + rowsPerTask - 1) / rowsPerTask;
         if (parallel && tasks > 1 && (long)m * n * k >= 1 << 18)
         {
-            Cores.For(tasks, t => InnerProductRows(t * rowsPerTask, Math.Min(n, (t + 1) * rowsPerTask), m, k, alpha, a, lda, b, ldb, beta, c, ldc));
+            Cores.For(tasks, t => InnerProductRows(t * rowsPerTask, Math.Min(n, (t + 1) * rowsPerTask), m, k, alpha, a, lda, b, ldb, beta, c, ldc, wide));
         }
         else
         {
-            InnerProductRows(0, n, m, k, alpha, a, lda, b, ldb, beta, c, ldc);
+            InnerProductRows(0, n, m, k, alpha, a, lda, b, ldb, beta, c, ldc, wide);
         }
     }
 
+    /// <summary>
+    /// Weight rows [j0, j1) against every activation row, in groups of 4 weight rows x 4 activation rows with AVX-512
+    /// (<paramref name="wide"/>: 32 vector registers hold its 16 accumulators and 5 operands) or 3 x 4 without (12
+    /// accumulators, 3 weight vectors and one activation vector: the 16 registers AVX2 has; the 4 x 4 form spilled
+    /// there and ran M = 16 x 2048 x 2048 at half of ONNX Runtime's speed). Each group's K loop is its own method so
+    /// no float argument holds a register across it (see <see cref="Kernel6x16Loop"/>).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void InnerProductRows(int j0, int j1, int m, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc)
+    private static void InnerProductRows(int j0, int j1, int m, int k, float alpha, float* a, int lda, float* b, int ldb, float beta, float* c, int ldc, bool wide)
     {
+        int group = wide ? 4 : 3;
         float* sums = stackalloc float[16];
         int kv = k & ~7;
-        for (int j = j0; j < j1; j += 4)
+        for (int j = j0; j < j1; j += group)
         {
-            int nj = Math.Min(4, j1 - j);
+            int nj = Math.Min(group, j1 - j);
             // Rows past the end repeat the last row, so the kernel always reads valid memory; their sums are dropped.
             float* w0 = b + (long)j * ldb;
             float* w1 = b + (long)(j + Math.Min(1, nj - 1)) * ldb;
@@ -359,53 +404,16 @@ internal static unsafe class Gemm
             for (int i = 0; i < m; i += 4)
             {
                 int ni = Math.Min(4, m - i);
-                float* x0 = a + (long)i * lda;
-                float* x1 = a + (long)(i + Math.Min(1, ni - 1)) * lda;
-                float* x2 = a + (long)(i + Math.Min(2, ni - 1)) * lda;
-                float* x3 = a + (long)(i + Math.Min(3, ni - 1)) * lda;
-                Vector256<float> s00 = default, s01 = default, s02 = default, s03 = default;
-                Vector256<float> s10 = default, s11 = default, s12 = default, s13 = default;
-                Vector256<float> s20 = default, s21 = default, s22 = default, s23 = default;
-                Vector256<float> s30 = default, s31 = default, s32 = default, s33 = default;
-                for (int p = 0; p < kv; p += 8)
-                {
-                    var b0 = Vector256.Load(w0 + p);
-                    var b1 = Vector256.Load(w1 + p);
-                    var b2 = Vector256.Load(w2 + p);
-                    var b3 = Vector256.Load(w3 + p);
-                    var a0 = Vector256.Load(x0 + p);
-                    s00 = Vector256.FusedMultiplyAdd(a0, b0, s00);
-                    s01 = Vector256.FusedMultiplyAdd(a0, b1, s01);
-                    s02 = Vector256.FusedMultiplyAdd(a0, b2, s02);
-                    s03 = Vector256.FusedMultiplyAdd(a0, b3, s03);
-                    var a1 = Vector256.Load(x1 + p);
-                    s10 = Vector256.FusedMultiplyAdd(a1, b0, s10);
-                    s11 = Vector256.FusedMultiplyAdd(a1, b1, s11);
-                    s12 = Vector256.FusedMultiplyAdd(a1, b2, s12);
-                    s13 = Vector256.FusedMultiplyAdd(a1, b3, s13);
-                    var a2 = Vector256.Load(x2 + p);
-                    s20 = Vector256.FusedMultiplyAdd(a2, b0, s20);
-                    s21 = Vector256.FusedMultiplyAdd(a2, b1, s21);
-                    s22 = Vector256.FusedMultiplyAdd(a2, b2, s22);
-                    s23 = Vector256.FusedMultiplyAdd(a2, b3, s23);
-                    var a3 = Vector256.Load(x3 + p);
-                    s30 = Vector256.FusedMultiplyAdd(a3, b0, s30);
-                    s31 = Vector256.FusedMultiplyAdd(a3, b1, s31);
-                    s32 = Vector256.FusedMultiplyAdd(a3, b2, s32);
-                    s33 = Vector256.FusedMultiplyAdd(a3, b3, s33);
-                }
-
-                sums[0] = Vector256.Sum(s00); sums[1] = Vector256.Sum(s01); sums[2] = Vector256.Sum(s02); sums[3] = Vector256.Sum(s03);
-                sums[4] = Vector256.Sum(s10); sums[5] = Vector256.Sum(s11); sums[6] = Vector256.Sum(s12); sums[7] = Vector256.Sum(s13);
-                sums[8] = Vector256.Sum(s20); sums[9] = Vector256.Sum(s21); sums[10] = Vector256.Sum(s22); sums[11] = Vector256.Sum(s23);
-                sums[12] = Vector256.Sum(s30); sums[13] = Vector256.Sum(s31); sums[14] = Vector256.Sum(s32); sums[15] = Vector256.Sum(s33);
+                nint x1 = (nint)Math.Min(1, ni - 1) * lda, x2 = (nint)Math.Min(2, ni - 1) * lda, x3 = (nint)Math.Min(3, ni - 1) * lda;
+                if (wide) Dots4x4(kv, a + (long)i * lda, x1, x2, x3, w0, w1, w2, w3, sums);
+                else Dots4x3(kv, a + (long)i * lda, x1, x2, x3, w0, w1, w2, sums);
                 for (int r = 0; r < ni; r++)
                 {
                     float* xr = a + (long)(i + r) * lda;
                     for (int q = 0; q < nj; q++)
                     {
                         float* wq = b + (long)(j + q) * ldb;
-                        float acc = sums[r * 4 + q];
+                        float acc = sums[r * group + q];
                         for (int p = kv; p < k; p++) acc += xr[p] * wq[p];
                         float* cij = c + (long)(i + r) * ldc + j + q;
                         float v = alpha * acc;
@@ -414,6 +422,86 @@ internal static unsafe class Gemm
                 }
             }
         }
+    }
+
+    /// <summary>sums[r * 4 + q] = x_r . w_q over the first kv (a multiple of 8) entries, x_r at x + o_r (o_0 = 0).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Dots4x4(int kv, float* x, nint o1, nint o2, nint o3, float* w0, float* w1, float* w2, float* w3, float* sums)
+    {
+        Vector256<float> s00 = default, s01 = default, s02 = default, s03 = default;
+        Vector256<float> s10 = default, s11 = default, s12 = default, s13 = default;
+        Vector256<float> s20 = default, s21 = default, s22 = default, s23 = default;
+        Vector256<float> s30 = default, s31 = default, s32 = default, s33 = default;
+        for (int p = 0; p < kv; p += 8)
+        {
+            var b0 = Vector256.Load(w0 + p);
+            var b1 = Vector256.Load(w1 + p);
+            var b2 = Vector256.Load(w2 + p);
+            var b3 = Vector256.Load(w3 + p);
+            var a0 = Vector256.Load(x + p);
+            s00 = Vector256.FusedMultiplyAdd(a0, b0, s00);
+            s01 = Vector256.FusedMultiplyAdd(a0, b1, s01);
+            s02 = Vector256.FusedMultiplyAdd(a0, b2, s02);
+            s03 = Vector256.FusedMultiplyAdd(a0, b3, s03);
+            var a1 = Vector256.Load(x + o1 + p);
+            s10 = Vector256.FusedMultiplyAdd(a1, b0, s10);
+            s11 = Vector256.FusedMultiplyAdd(a1, b1, s11);
+            s12 = Vector256.FusedMultiplyAdd(a1, b2, s12);
+            s13 = Vector256.FusedMultiplyAdd(a1, b3, s13);
+            var a2 = Vector256.Load(x + o2 + p);
+            s20 = Vector256.FusedMultiplyAdd(a2, b0, s20);
+            s21 = Vector256.FusedMultiplyAdd(a2, b1, s21);
+            s22 = Vector256.FusedMultiplyAdd(a2, b2, s22);
+            s23 = Vector256.FusedMultiplyAdd(a2, b3, s23);
+            var a3 = Vector256.Load(x + o3 + p);
+            s30 = Vector256.FusedMultiplyAdd(a3, b0, s30);
+            s31 = Vector256.FusedMultiplyAdd(a3, b1, s31);
+            s32 = Vector256.FusedMultiplyAdd(a3, b2, s32);
+            s33 = Vector256.FusedMultiplyAdd(a3, b3, s33);
+        }
+
+        sums[0] = Vector256.Sum(s00); sums[1] = Vector256.Sum(s01); sums[2] = Vector256.Sum(s02); sums[3] = Vector256.Sum(s03);
+        sums[4] = Vector256.Sum(s10); sums[5] = Vector256.Sum(s11); sums[6] = Vector256.Sum(s12); sums[7] = Vector256.Sum(s13);
+        sums[8] = Vector256.Sum(s20); sums[9] = Vector256.Sum(s21); sums[10] = Vector256.Sum(s22); sums[11] = Vector256.Sum(s23);
+        sums[12] = Vector256.Sum(s30); sums[13] = Vector256.Sum(s31); sums[14] = Vector256.Sum(s32); sums[15] = Vector256.Sum(s33);
+    }
+
+    /// <summary>
+    /// sums[r * 3 + q] = x_r . w_q over the first kv (a multiple of 8) entries, x_r at x + o_r (o_0 = 0): <see cref="Dots4x4"/>
+    /// with one weight row fewer, written out apart because the register count is the point of each.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Dots4x3(int kv, float* x, nint o1, nint o2, nint o3, float* w0, float* w1, float* w2, float* sums)
+    {
+        Vector256<float> s00 = default, s01 = default, s02 = default, s10 = default, s11 = default, s12 = default;
+        Vector256<float> s20 = default, s21 = default, s22 = default, s30 = default, s31 = default, s32 = default;
+        for (int p = 0; p < kv; p += 8)
+        {
+            var b0 = Vector256.Load(w0 + p);
+            var b1 = Vector256.Load(w1 + p);
+            var b2 = Vector256.Load(w2 + p);
+            var a0 = Vector256.Load(x + p);
+            s00 = Vector256.FusedMultiplyAdd(a0, b0, s00);
+            s01 = Vector256.FusedMultiplyAdd(a0, b1, s01);
+            s02 = Vector256.FusedMultiplyAdd(a0, b2, s02);
+            var a1 = Vector256.Load(x + o1 + p);
+            s10 = Vector256.FusedMultiplyAdd(a1, b0, s10);
+            s11 = Vector256.FusedMultiplyAdd(a1, b1, s11);
+            s12 = Vector256.FusedMultiplyAdd(a1, b2, s12);
+            var a2 = Vector256.Load(x + o2 + p);
+            s20 = Vector256.FusedMultiplyAdd(a2, b0, s20);
+            s21 = Vector256.FusedMultiplyAdd(a2, b1, s21);
+            s22 = Vector256.FusedMultiplyAdd(a2, b2, s22);
+            var a3 = Vector256.Load(x + o3 + p);
+            s30 = Vector256.FusedMultiplyAdd(a3, b0, s30);
+            s31 = Vector256.FusedMultiplyAdd(a3, b1, s31);
+            s32 = Vector256.FusedMultiplyAdd(a3, b2, s32);
+        }
+
+        sums[0] = Vector256.Sum(s00); sums[1] = Vector256.Sum(s01); sums[2] = Vector256.Sum(s02);
+        sums[3] = Vector256.Sum(s10); sums[4] = Vector256.Sum(s11); sums[5] = Vector256.Sum(s12);
+        sums[6] = Vector256.Sum(s20); sums[7] = Vector256.Sum(s21); sums[8] = Vector256.Sum(s22);
+        sums[9] = Vector256.Sum(s30); sums[10] = Vector256.Sum(s31); sums[11] = Vector256.Sum(s32);
     }
 
     /// <summary>
@@ -747,6 +835,45 @@ internal static unsafe class Gemm
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Kernel6x16(int kc, float* a, int rowStep, int kStep, float* bp, float* c, int ldc, int mr, int nr, float alpha, float beta)
     {
+        // The tile's C rows (ldc apart: a page each for a wide C) are read after the K loop when beta != 0 and written
+        // either way; asking for them first lets the misses overlap the loop instead of stalling its stores.
+        if (Sse.IsSupported)
+        {
+            for (int r = 0; r < mr; r++)
+            {
+                Sse.Prefetch0(c + (long)r * ldc);
+                Sse.Prefetch0(c + (long)r * ldc + NR - 1);
+            }
+        }
+
+        float* tile = stackalloc float[MR * NR];
+        Kernel6x16Loop(kc, a, rowStep, kStep, bp, mr, tile);
+        if (mr == MR && nr == NR)
+        {
+            for (int r = 0; r < MR; r++) StoreRow(c + (long)r * ldc, Vector256.Load(tile + r * NR), Vector256.Load(tile + r * NR + 8), alpha, beta);
+            return;
+        }
+
+        for (int r = 0; r < mr; r++)
+        {
+            float* row = c + (long)r * ldc;
+            for (int col = 0; col < nr; col++)
+            {
+                float v = alpha * tile[r * NR + col];
+                row[col] = beta == 0f ? v : v + beta * row[col];
+            }
+        }
+    }
+
+    /// <summary>
+    /// The 6 x 16 tile's K loop, written to tile[r * NR + q]. Its own method with no float arguments: with alpha and beta
+    /// live across the loop the JIT kept them in two of the 16 ymm registers and spilled an accumulator to the stack,
+    /// a store and a reload every step on one FMA chain (AVX2 1024^3 ran at 37% of a core's peak single-threaded).
+    /// Twelve accumulators, two B vectors and one broadcast are the 15 registers the loop needs.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void Kernel6x16Loop(int kc, float* a, int rowStep, int kStep, float* bp, int mr, float* tile)
+    {
         // Row r of the tile is a[o_r] (row 0 repeated past mr); one pointer advances, so the loop carries two adds.
         nint o1 = mr > 1 ? rowStep : 0, o2 = mr > 2 ? 2 * (nint)rowStep : 0, o3 = mr > 3 ? 3 * (nint)rowStep : 0;
         nint o4 = mr > 4 ? 4 * (nint)rowStep : 0, o5 = mr > 5 ? 5 * (nint)rowStep : 0, step = kStep;
@@ -778,33 +905,12 @@ internal static unsafe class Gemm
             bp += NR;
         }
 
-        if (mr == MR && nr == NR)
-        {
-            StoreRow(c, c00, c01, alpha, beta);
-            StoreRow(c + ldc, c10, c11, alpha, beta);
-            StoreRow(c + 2 * ldc, c20, c21, alpha, beta);
-            StoreRow(c + 3 * ldc, c30, c31, alpha, beta);
-            StoreRow(c + 4 * ldc, c40, c41, alpha, beta);
-            StoreRow(c + 5 * ldc, c50, c51, alpha, beta);
-            return;
-        }
-
-        float* tile = stackalloc float[MR * NR];
         c00.Store(tile); c01.Store(tile + 8);
         c10.Store(tile + 16); c11.Store(tile + 24);
         c20.Store(tile + 32); c21.Store(tile + 40);
         c30.Store(tile + 48); c31.Store(tile + 56);
         c40.Store(tile + 64); c41.Store(tile + 72);
         c50.Store(tile + 80); c51.Store(tile + 88);
-        for (int r = 0; r < mr; r++)
-        {
-            float* row = c + (long)r * ldc;
-            for (int col = 0; col < nr; col++)
-            {
-                float v = alpha * tile[r * NR + col];
-                row[col] = beta == 0f ? v : v + beta * row[col];
-            }
-        }
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -841,6 +947,10 @@ internal static unsafe class Gemm
             if (transB && m == 1 && k < ShortDot)
             {
                 ShortDots(j0, j1, k, alpha, a, b, ldb, beta, c, zmm);
+            }
+            else if (transB && m == 1 && !zmm)
+            {
+                RowDots(j0, j1, k, alpha, a, b, ldb, beta, c);
             }
             else if (transB)
             {
@@ -903,6 +1013,59 @@ internal static unsafe class Gemm
             for (; q < k; q++) sum += x[q] * bj[q];
             c[j] = beta == 0f ? alpha * sum : alpha * sum + beta * c[j];
         }
+    }
+
+    /// <summary>
+    /// c[j] = alpha * x . b_j + beta * c[j] for j0 &lt;= j &lt; j1: one row against a transposed b (a decode step's linear
+    /// layer, W streamed once), four weight rows at a time with two accumulators each (eight FMA chains; a library dot
+    /// product per output has one row's worth in flight and ran at 0.64x of ONNX Runtime at 1 x 2048 x 2048 on AVX2).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void RowDots(int j0, int j1, int k, float alpha, float* x, float* b, int ldb, float beta, float* c)
+    {
+        float* sums = stackalloc float[4];
+        int k16 = k & ~15;
+        for (int j = j0; j < j1; j += 4)
+        {
+            int nj = Math.Min(4, j1 - j);
+            float* w0 = b + (long)j * ldb;
+            float* w1 = b + (long)(j + Math.Min(1, nj - 1)) * ldb;
+            float* w2 = b + (long)(j + Math.Min(2, nj - 1)) * ldb;
+            float* w3 = b + (long)(j + Math.Min(3, nj - 1)) * ldb;
+            Dots1x4(k16, x, w0, w1, w2, w3, sums);
+            for (int q = 0; q < nj; q++)
+            {
+                float* wq = b + (long)(j + q) * ldb;
+                float acc = sums[q];
+                for (int p = k16; p < k; p++) acc += x[p] * wq[p];
+                c[j + q] = beta == 0f ? alpha * acc : alpha * acc + beta * c[j + q];
+            }
+        }
+    }
+
+    /// <summary>sums[q] = x . w_q over the first k16 (a multiple of 16) entries.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Dots1x4(int k16, float* x, float* w0, float* w1, float* w2, float* w3, float* sums)
+    {
+        Vector256<float> s0 = default, s1 = default, s2 = default, s3 = default, t0 = default, t1 = default, t2 = default, t3 = default;
+        for (int p = 0; p < k16; p += 16)
+        {
+            var a0 = Vector256.Load(x + p);
+            var a1 = Vector256.Load(x + p + 8);
+            s0 = Vector256.FusedMultiplyAdd(a0, Vector256.Load(w0 + p), s0);
+            t0 = Vector256.FusedMultiplyAdd(a1, Vector256.Load(w0 + p + 8), t0);
+            s1 = Vector256.FusedMultiplyAdd(a0, Vector256.Load(w1 + p), s1);
+            t1 = Vector256.FusedMultiplyAdd(a1, Vector256.Load(w1 + p + 8), t1);
+            s2 = Vector256.FusedMultiplyAdd(a0, Vector256.Load(w2 + p), s2);
+            t2 = Vector256.FusedMultiplyAdd(a1, Vector256.Load(w2 + p + 8), t2);
+            s3 = Vector256.FusedMultiplyAdd(a0, Vector256.Load(w3 + p), s3);
+            t3 = Vector256.FusedMultiplyAdd(a1, Vector256.Load(w3 + p + 8), t3);
+        }
+
+        sums[0] = Vector256.Sum(s0 + t0);
+        sums[1] = Vector256.Sum(s1 + t1);
+        sums[2] = Vector256.Sum(s2 + t2);
+        sums[3] = Vector256.Sum(s3 + t3);
     }
 
     /// <summary>c[0..m, 0..32) = alpha * a (m, k) b[.., 0..32) + beta * c, m &lt;= 4: 16 accumulators, rows past m repeat the last (dropped).</summary>

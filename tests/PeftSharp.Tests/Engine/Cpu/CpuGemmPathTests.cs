@@ -20,7 +20,9 @@ public sealed class CpuGemmPathTests
     // 64 rows with a single narrow panel. One row against short transposed rows (K < 64) takes inline dot products:
     // K = 40 is 16 + 16 + 8 with 512-bit vectors and five 8-wide steps without. A packed operand of up to 64K floats takes
     // the wide path from 16 rows whatever the transposition (16 x 40 x 33, and an attention block's 64 x 96 x 64); 15
-    // rows stay on the AVX2 kernels.
+    // rows stay on the AVX2 kernels. Without AVX-512 (or with allowWide off) 2-64 rows against a transposed b take the
+    // 4-row x 3-weight inner products (7 rows: 4 + 3; 100 weights in tasks of 33: a last task of 1; K = 45: a 5-float
+    // tail) and one row the 4-weight dot products (K = 1030 and 100: 16-float steps, then a tail; 70 and 5 weights).
     private static readonly object[] Shapes =
     {
         new TestCaseData(12, 128, 5).SetName("{m}_M12_N128_K5_SmallestWide"),
@@ -33,6 +35,10 @@ public sealed class CpuGemmPathTests
         new TestCaseData(16, 40, 33).SetName("{m}_M16_N40_K33_SmallPackFrom16Rows"),
         new TestCaseData(64, 96, 64).SetName("{m}_M64_N96_K64_AttentionBlock"),
         new TestCaseData(15, 40, 33).SetName("{m}_M15_N40_K33_JustBelowSmallPackRows"),
+        new TestCaseData(7, 100, 45).SetName("{m}_M7_N100_K45_InnerProductRowAndWeightTails"),
+        new TestCaseData(40, 35, 515).SetName("{m}_M40_N35_K515_InnerProductLongKInParallel"),
+        new TestCaseData(1, 70, 1030).SetName("{m}_M1_N70_K1030_RowDotsWeightAndKTails"),
+        new TestCaseData(1, 5, 100).SetName("{m}_M1_N5_K100_RowDotsFewWeights"),
     };
 
     [TestCaseSource(nameof(Shapes))]
