@@ -106,7 +106,8 @@ def main():
     torch.manual_seed(1)
     s = SHAPES[size]
     model = Llama(s)
-    params = sum(p.numel() for p in model.parameters())  # a tied head is the embedding, counted once
+    # The base's parameters (a tied head is the embedding, counted once), not the LoRA factors a and b.
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".a", ".b")))
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
     print(f"// torch {torch.__version__}, {torch.get_num_threads()} threads, libblas.so.3 -> {blas}; {size}: {params:,} parameters")
     ids = torch.randint(0, s["vocab"], (1, 128))
