@@ -81,11 +81,10 @@ public static class HuggingFaceFolder
                 throw new PeftSharpInputException($"{folder}: the weights do not match config.json ({problems.Count} problems): {string.Join("; ", problems)}");
             }
 
-            var model = LlamaModel.FromTensors(device, config, (name, _) =>
+            var model = LlamaModel.FromTensors(device, config, (string name, int[] _, Span<float> values) =>
             {
-                var values = owner[name].ReadFloats(name);
+                owner[name].ReadFloats(name, values);
                 if (warn != null && FiniteValues.Beyond(values).Count is int bad and > 0) warn($"{owner[name].Path}: tensor {name} holds {bad} NaN or infinite values of {values.Length}");
-                return values;
             });
             return WithFolderFiles(model, folder);
         }

@@ -232,6 +232,14 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         return values;
     }
 
+    /// <summary>The tensor as fp32 into <paramref name="destination"/> (of its element count), converted from F32, F16 or BF16.</summary>
+    public void ReadFloats(string name, Span<float> destination)
+    {
+        var e = this[name];
+        if (destination.Length != e.Elements) throw new ArgumentException($"{Path}: tensor {name} has {e.Elements} elements, not the {destination.Length} asked for");
+        Precision.ToFloat(GetBytes(name), StorageTypeOf(e), destination);
+    }
+
     /// <summary>
     /// The tensor as fp32 when the file holds it with exactly <paramref name="shape"/>; otherwise null, with what is
     /// wrong (missing, naming <paramref name="why"/> it was looked for, or its shape) added to <paramref name="problems"/>,

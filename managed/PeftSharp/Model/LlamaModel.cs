@@ -317,6 +317,14 @@ public sealed class LlamaModel : IDisposable
         return new LlamaModel(device, config, LlamaWeights.FromTensors(device, config, values));
     }
 
+    /// <summary>Builds a model whose parameter values <paramref name="fill"/> writes in place (a loader: no array per tensor).</summary>
+    public static LlamaModel FromTensors(Device device, LlamaConfig config, TensorFill fill)
+    {
+        config.Validate();
+        ModelMemory.EnsureWeightsFit(device, config, "config");
+        return new LlamaModel(device, config, LlamaWeights.FromTensors(device, config, fill));
+    }
+
     /// <summary>A standard normal draw (Box-Muller) from <paramref name="rng"/>: every seeded initialisation uses it.</summary>
     internal static double Gaussian(Random rng)
     {
@@ -365,9 +373,11 @@ public sealed class LlamaModel : IDisposable
         double loss = counted == 0 ? 0 : ops.Sum(losses) / counted;
         if (backward && counted > 0)
         {
-            using var dLogits = Device.Zeros("dlogits", tokens.Length, Config.VocabSize);
-            ops.CrossEntropyBackward(pass.Logits, tgt, dLogits, gradientWeight / counted);
-            Backward(pass, dLogits);
+            // dL/dlogits overwrites the logits, which nothing reads after the loss (each row's softmax is taken before
+            // it is written, on every backend): one (N, V) array fewer at the step's peak, 328 MB for 4 x 160 positions
+            // of a 128K vocabulary.
+            ops.CrossEntropyBackward(pass.Logits, tgt, pass.Logits, gradientWeight / counted);
+            Backward(pass, pass.Logits);
         }
 
         return (loss, counted);

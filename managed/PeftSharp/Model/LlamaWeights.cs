@@ -88,6 +88,42 @@ internal sealed class LlamaWeights : IDisposable
         return weights;
     }
 
+    /// <summary>
+    /// As above with each parameter's values written by <paramref name="fill"/> into one scratch buffer (the largest
+    /// tensor's size, reused) and copied to the device from there: a loader then makes no array per tensor. With an array
+    /// per tensor, loading TinyLlama-1.1B's BF16 file peaked at 9.0 GB of RSS for 4.4 GB of fp32 weights (the spent
+    /// arrays waiting for a collection of the large object heap).
+    /// </summary>
+    public static LlamaWeights FromTensors(Device device, LlamaConfig config, TensorFill fill)
+    {
+        var shapes = Shapes(config).ToList();
+        int largest = shapes.Max(s => s.Shape.Aggregate(1, (a, b) => checked(a * b)));
+        var scratch = System.Buffers.ArrayPool<float>.Shared.Rent(largest);
+        var weights = new LlamaWeights(config);
+        try
+        {
+            foreach (var (name, shape) in shapes)
+            {
+                var data = scratch.AsSpan(0, shape.Aggregate(1, (a, b) => a * b));
+                fill(name, shape, data);
+                var p = new Parameter(name, device.FromArray(name, data, shape));
+                weights.all.Add(p);
+                weights.byName.Add(name, p);
+            }
+        }
+        catch
+        {
+            weights.Dispose();
+            throw;
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<float>.Shared.Return(scratch);
+        }
+
+        return weights;
+    }
+
     public void Dispose()
     {
         foreach (var p in all) p.Dispose();
@@ -95,3 +131,6 @@ internal sealed class LlamaWeights : IDisposable
         byName.Clear();
     }
 }
+
+/// <summary>Writes parameter <paramref name="name"/>'s values (of <paramref name="shape"/>) into <paramref name="destination"/>.</summary>
+public delegate void TensorFill(string name, int[] shape, Span<float> destination);

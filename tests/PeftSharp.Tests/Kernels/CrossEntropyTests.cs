@@ -34,6 +34,10 @@ public sealed class CrossEntropyTests : BackendTest
         var d = Output("dlogits", rows, vocab);
         Ops.CrossEntropyBackward(tl, tt, d, 1f / counted);
         Expect(d, ed, Tolerances.Transcendental, "cross-entropy backward");
+
+        // In place, as the model's loss runs it (dlogits overwrites the logits): the same values.
+        Ops.CrossEntropyBackward(tl, tt, tl, 1f / counted);
+        Expect(tl, ed, Tolerances.Transcendental, "cross-entropy backward in place");
     }
 
     [Test]
