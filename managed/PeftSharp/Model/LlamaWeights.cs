@@ -66,27 +66,8 @@ internal sealed class LlamaWeights : IDisposable
     }
 
     /// <summary>Every parameter of <paramref name="config"/> on <paramref name="device"/>, its values from (name, shape) -> data.</summary>
-    public static LlamaWeights FromTensors(Device device, LlamaConfig config, Func<string, int[], float[]> values)
-    {
-        var weights = new LlamaWeights(config);
-        try
-        {
-            foreach (var (name, shape) in Shapes(config))
-            {
-                var data = values(name, shape);
-                var p = new Parameter(name, device.FromArray(name, data, shape));
-                weights.all.Add(p);
-                weights.byName.Add(name, p);
-            }
-        }
-        catch
-        {
-            weights.Dispose();
-            throw;
-        }
-
-        return weights;
-    }
+    public static LlamaWeights FromTensors(Device device, LlamaConfig config, Func<string, int[], float[]> values) =>
+        Build(config, (name, shape) => device.FromArray(name, values(name, shape), shape));
 
     /// <summary>
     /// As above with each parameter's values written by <paramref name="fill"/> into one scratch buffer (the largest
@@ -96,17 +77,32 @@ internal sealed class LlamaWeights : IDisposable
     /// </summary>
     public static LlamaWeights FromTensors(Device device, LlamaConfig config, TensorFill fill)
     {
-        var shapes = Shapes(config).ToList();
-        int largest = shapes.Max(s => s.Shape.Aggregate(1, (a, b) => checked(a * b)));
+        int largest = Shapes(config).Max(s => s.Shape.Aggregate(1, (a, b) => checked(a * b)));
         var scratch = System.Buffers.ArrayPool<float>.Shared.Rent(largest);
-        var weights = new LlamaWeights(config);
         try
         {
-            foreach (var (name, shape) in shapes)
+            return Build(config, (name, shape) =>
             {
                 var data = scratch.AsSpan(0, shape.Aggregate(1, (a, b) => a * b));
                 fill(name, shape, data);
-                var p = new Parameter(name, device.FromArray(name, data, shape));
+                return device.FromArray(name, data, shape);
+            });
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<float>.Shared.Return(scratch);
+        }
+    }
+
+    /// <summary>Every parameter of <paramref name="config"/>, each tensor from <paramref name="make"/>; what was made is freed if one fails.</summary>
+    private static LlamaWeights Build(LlamaConfig config, Func<string, int[], Tensor> make)
+    {
+        var weights = new LlamaWeights(config);
+        try
+        {
+            foreach (var (name, shape) in Shapes(config))
+            {
+                var p = new Parameter(name, make(name, shape));
                 weights.all.Add(p);
                 weights.byName.Add(name, p);
             }
@@ -115,10 +111,6 @@ internal sealed class LlamaWeights : IDisposable
         {
             weights.Dispose();
             throw;
-        }
-        finally
-        {
-            System.Buffers.ArrayPool<float>.Shared.Return(scratch);
         }
 
         return weights;
