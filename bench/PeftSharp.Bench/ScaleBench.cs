@@ -106,9 +106,11 @@ internal static class ScaleBench
             case "decode":
             {
                 double bound = bandwidth * 1e9 / (parameters * 4.0); // steps/s if every fp32 weight is read once a step
-                foreach (int batch in new[] { 1, 8, 32 })
+                // PEFTSHARP_SCALE_BATCH=8 PEFTSHARP_SCALE_STEPS=200: one batch size for longer (to profile a step).
+                var only = Environment.GetEnvironmentVariable("PEFTSHARP_SCALE_BATCH");
+                int steps = int.TryParse(Environment.GetEnvironmentVariable("PEFTSHARP_SCALE_STEPS"), out int told) ? told : 16;
+                foreach (int batch in only != null ? new[] { int.Parse(only) } : new[] { 1, 8, 32 })
                 {
-                    const int steps = 16;
                     var caches = Enumerable.Range(0, batch).Select(_ => new KvCache(model, prompt + steps + 1)).ToArray();
                     try
                     {
