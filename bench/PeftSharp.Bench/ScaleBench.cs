@@ -14,7 +14,9 @@ namespace PeftSharp.Bench;
 /// batch 1 / 8 / 32 (16 steps after a 128-token prompt each; batch 1 against the weight-bytes bound: fp32 weights
 /// read once a step at the measured bandwidth), and LoRA r = 8 on every linear layer, batch 4 x 160 for 180M and
 /// 1 x 160 for 1.1B (forward, backward, AdamW; GFLOP/s counted as 4 x parameters x positions, the frozen weights
-/// taking no weight gradient). Stopwatch medians; the ISA that ran. No PyTorch peer here (see bench/RESULTS.md).
+/// taking no weight gradient), and the forward with every position's logits against ONNX Runtime on an exported graph
+/// (180M only: 1.1B's fp32 weights do not fit one ONNX protobuf). Stopwatch medians; the ISA that ran. The PyTorch peer
+/// is bench/torch_peer.py.
 /// Shapes: 180M is SmolLM2-135M's body with Llama 3's 128,256-token vocabulary (30 layers, hidden 576, 9/3 heads,
 /// intermediate 1536, tied); 1.1B is TinyLlama-1.1B (22 layers, hidden 2048, 32/4 heads, intermediate 5632, 32000
 /// tokens, untied).
@@ -62,7 +64,7 @@ internal static class ScaleBench
 
         string exe = Environment.ProcessPath!;
         string self = typeof(ScaleBench).Assembly.Location;
-        foreach (var phase in new[] { "prefill", "decode", "lora" })
+        foreach (var phase in new[] { "prefill", "decode", "lora", "ort" })
         {
             var start = new ProcessStartInfo(exe) { RedirectStandardOutput = true, UseShellExecute = false };
             if (!exe.EndsWith(Path.GetFileNameWithoutExtension(self), StringComparison.Ordinal)) start.ArgumentList.Add(self); // dotnet PeftSharp.Bench.dll
@@ -162,8 +164,36 @@ internal static class ScaleBench
                 break;
             }
 
+            case "ort":
+            {
+                // The forward with every position's logits (B = 1, T = 128), ours and ONNX Runtime's on one exported
+                // graph of the same weights, checked against each other first; ours first, then theirs (its pool threads
+                // spin after each run).
+                if (parameters * 4L > 1_800_000_000)
+                {
+                    Console.WriteLine($"{size} ONNX Runtime forward: skipped, {parameters * 4L / 1e9:F1} GB of fp32 weights do not fit one ONNX protobuf (2 GB)");
+                    break;
+                }
+
+                var tokens = Tokens(prompt);
+                var ours = model.Logits(tokens, 1);
+                using var ort = new Microsoft.ML.OnnxRuntime.InferenceSession(LlamaOnnx.Export(model, 1, prompt), MatMulBench.OrtThreads());
+                using var ortIn = Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(tokens.Select(t => (long)t).ToArray(), new long[] { 1, prompt });
+                using var ortOut = Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(new float[ours.Length], new long[] { 1, prompt, c.VocabSize });
+                using var ro = new Microsoft.ML.OnnxRuntime.RunOptions();
+                void Theirs() => ort.Run(ro, new[] { "input_ids" }, new[] { ortIn }, new[] { "logits" }, new[] { ortOut });
+                Theirs();
+                var theirs = ortOut.GetTensorDataAsSpan<float>().ToArray();
+                Validate.Sampled($"{size} onnxruntime forward vs PeftSharp", theirs, i => ours[i], 1e-3, samples: 256);
+                double t = Median(Repeat(5, () => model.Logits(tokens, 1)));
+                Thread.Sleep(200);
+                double tOrt = Median(Repeat(5, Theirs));
+                Console.WriteLine($"{size} forward with all logits, T={prompt}: PeftSharp {prompt / t:F1} tokens/s, ONNX Runtime {prompt / tOrt:F1} tokens/s ({tOrt / t:F2}x); {Rss()}");
+                break;
+            }
+
             default:
-                throw new ArgumentException($"scale phase {phase}: prefill, decode or lora");
+                throw new ArgumentException($"scale phase {phase}: prefill, decode, lora or ort");
         }
     }
 
@@ -190,6 +220,6 @@ internal static class ScaleBench
     private static string Rss()
     {
         var line = File.Exists("/proc/self/status") ? File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:", StringComparison.Ordinal)) : null;
-        return line == null ? "peak RSS unknown" : $"peak RSS {long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0 / 1024:F2} GB";
+        return line == null ? "peak RSS unknown" : $"peak RSS {long.Parse(line.Split(new[] { ' ', '\t' }, StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0 / 1024:F2} GB";
     }
 }
