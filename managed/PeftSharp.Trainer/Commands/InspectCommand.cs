@@ -29,6 +29,7 @@ internal static class InspectCommand
         foreach (var opt in new Option[] { o.Device, o.Base, finetuned, variant, top, intruders, threshold, svg, tuco, data, examples, o.SeqLen, o.Seed, o.Json }) inspect.Options.Add(opt);
         inspect.SetAction(r =>
         {
+            if ((r.GetValue(finetuned) == null) == (r.GetValue(variant) == null)) throw new ArgumentException("inspect: give one of --finetuned or --variant");
             var spectral = new Option[] { top, intruders, threshold, svg }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
             var tucoOnly = new Option[] { data, examples, o.SeqLen, o.Seed }.Where(f => r.GetResult(f) is { Implicit: false }).Select(f => f.Name).ToList();
             if (r.GetValue(tuco))
@@ -49,7 +50,6 @@ internal static class InspectCommand
     private static int RunTuCo(string? deviceSpec, string baseDir, string? fineDir, string? variantDir, string dataSpec, int builtinExamples, int seqLen, int seed, bool json,
         TextWriter stdout)
     {
-        if ((fineDir == null) == (variantDir == null)) throw new ArgumentException("inspect: give one of --finetuned or --variant");
         using var device = Host.OpenDevice(deviceSpec);
         using var baseModel = Host.LoadTextModel(baseDir, device);
         var held = Jobs.ScoredExamples(dataSpec, seed, baseModel.Tokenizer, seqLen, builtinExamples);
@@ -92,7 +92,6 @@ internal static class InspectCommand
 
     private static int Run(string? deviceSpec, string baseDir, string? fineDir, string? variantDir, int top, int intruders, double threshold, string? svg, bool json, TextWriter stdout)
     {
-        if ((fineDir == null) == (variantDir == null)) throw new ArgumentException("inspect: give one of --finetuned or --variant");
         if (top < 1 || intruders < 1) throw new ArgumentException($"--top {top} and --intruders {intruders} must be at least 1");
         if (threshold is <= 0 or > 1) throw new ArgumentException($"--threshold {threshold}: must be in (0, 1]");
         using var device = Host.OpenDevice(deviceSpec);

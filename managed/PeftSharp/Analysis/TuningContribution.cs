@@ -41,8 +41,7 @@ public static class TuningContribution
         if (set.PrefixOf(fine) != null) throw new NotSupportedException($"TuCo: variant '{variant}' is a prefix-tuning adapter, which adds no layer update to decompose");
         var tokens = prompts.Select(p =>
         {
-            var t = model.Tokenizer.EncodeStart("");
-            t.AddRange(model.Tokenizer.Encode(p));
+            var t = model.Tokenizer.EncodeStart(p);
             return t.Count > 0 ? t.ToArray() : throw new ArgumentException($"TuCo: empty prompt, and tokenizer {model.Tokenizer.Name} adds no BOS");
         }).ToArray();
         var results = new List<TuCoResult>();

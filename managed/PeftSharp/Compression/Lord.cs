@@ -93,14 +93,19 @@ public sealed class LordModel
         var unknown = chosen.Where(m => !linear.Contains(m)).ToList();
         if (unknown.Count > 0) throw new ArgumentException($"LoRD: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is not a linear module" : "are not linear modules")} of this model");
         // Each module's SVD is independent and seeded: they run on every core, the result the same in any order.
-        var work = chosen.Select(module => (Module: module, W: model[module + ".weight"].Value)).Select(x => (x.Module, x.W, R: RankOf(x.W.Dim(0), x.W.Dim(1), rankRatio, rank)))
-            .Where(x => Saves(x.W.Dim(0), x.W.Dim(1), x.R)).Select(x => (x.Module, Values: x.W.ToArray(), M: x.W.Dim(0), N: x.W.Dim(1), x.R)).ToList();
+        var work = new List<(string Module, float[] Values, int M, int N, int R)>();
+        foreach (var module in chosen)
+        {
+            var w = model[module + ".weight"].Value;
+            int m = w.Dim(0), n = w.Dim(1), r = RankOf(m, n, rankRatio, rank);
+            if (Saves(m, n, r)) work.Add((module, w.ToArray(), m, n, r));
+        }
+
         var done = new (float[], float[], int)[work.Count];
         Parallel.For(0, work.Count, i =>
         {
-            var (_, values, m, n, r) = work[i];
-            var (a, b) = Factor(values, m, n, r);
-            done[i] = (a, b, r);
+            var (a, b) = Factor(work[i].Values, work[i].M, work[i].N, work[i].R);
+            done[i] = (a, b, work[i].R);
         });
         var factors = Enumerable.Range(0, work.Count).ToDictionary(i => work[i].Module, i => done[i]);
 
@@ -114,17 +119,18 @@ public sealed class LordModel
         if (Dense.TryGetValue(name, out var v)) return v;
         var (a, b, r) = Factors[ModuleOf(name) ?? throw new KeyNotFoundException($"LoRD model: no parameter {name}")];
         int m = b.Length / r, n = a.Length / r;
+        // Row i of W accumulates b[i, k] a_k over k in order, in double, rounded once: the same sums as an element-by-
+        // element loop, as vector updates of whole rows on every core (the element loop took 52 s to load a 180M model).
+        var ad = new double[r * n];
+        for (int t = 0; t < ad.Length; t++) ad[t] = a[t];
         var w = new float[m * n];
-        for (int i = 0; i < m; i++)
+        Parallel.For(0, m, () => new double[n], (i, _, acc) =>
         {
-            for (int j = 0; j < n; j++)
-            {
-                double acc = 0;
-                for (int k = 0; k < r; k++) acc += (double)b[i * r + k] * a[k * n + j];
-                w[i * n + j] = (float)acc;
-            }
-        }
-
+            Array.Clear(acc);
+            for (int k = 0; k < r; k++) System.Numerics.Tensors.TensorPrimitives.MultiplyAdd(ad.AsSpan(k * n, n), (double)b[i * r + k], acc, acc);
+            for (int j = 0; j < n; j++) w[i * n + j] = (float)acc[j];
+            return acc;
+        }, _ => { });
         return w;
     }
 

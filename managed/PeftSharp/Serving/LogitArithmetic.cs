@@ -183,14 +183,11 @@ public static class LogitArithmetic
             if (r.Variant != null && r.Variant != "base") throw new ArgumentException($"request {i} names variant '{r.Variant}': under logit arithmetic the terms choose the variants");
             if (r.PrefixLevels.Count > 0) throw new ArgumentException($"request {i}: shared prefixes are not served under logit arithmetic; put the prefix in the prompt");
             if (r.MaxTokens < 0) throw new ArgumentException($"request {i}: max tokens {r.MaxTokens} is negative");
-            var tokens = first.Tokenizer.EncodeStart("");
-            tokens.AddRange(first.Tokenizer.Encode(r.Prompt));
+            var tokens = first.Tokenizer.EncodeStart(r.Prompt);
             prompts[i] = tokens.Count > 0 ? tokens.ToArray() : throw new ArgumentException($"request {i}: empty prompt, and tokenizer {first.Tokenizer.Name} adds no BOS to continue from");
             foreach (var m in models.Skip(1))
             {
-                var other = m.Tokenizer.EncodeStart("");
-                other.AddRange(m.Tokenizer.Encode(r.Prompt));
-                if (!other.SequenceEqual(prompts[i]))
+                if (!m.Tokenizer.EncodeStart(r.Prompt).SequenceEqual(prompts[i]))
                 {
                     throw new ArgumentException($"request {i}: tokenizer {m.Tokenizer.Name} reads the prompt as other tokens than {first.Tokenizer.Name}; logit arithmetic needs one tokenizer");
                 }
@@ -224,13 +221,14 @@ public static class LogitArithmetic
 
             var pending = prompts.ToArray();
             var live = Enumerable.Range(0, n).Where(i => requests[i].MaxTokens > 0).ToList();
+            var termsOf = models.ToDictionary(m => m, m => Enumerable.Range(0, terms.Count).Where(t => terms[t].Model == m).ToList());
             while (live.Count > 0)
             {
                 var combined = live.Select(_ => new double[vocab]).ToArray();
                 foreach (var model in models)
                 {
-                    var mine = Enumerable.Range(0, terms.Count).Where(t => terms[t].Model == model).ToList();
-                    var rows = live.SelectMany(i => mine.Select(t => (Request: i, Term: t))).ToList();
+                    // Row (slot, term): live request live[slot] under term; combined[slot] sums its terms.
+                    var rows = Enumerable.Range(0, live.Count).SelectMany(slot => termsOf[model].Select(t => (Slot: slot, Request: live[slot], Term: t))).ToList();
                     var set = setOf[model];
                     float[][] logits;
                     using (var bound = set?.Bind(rows.SelectMany(x => Enumerable.Repeat(variantOf[x.Term], pending[x.Request].Length)).ToArray()))
@@ -240,7 +238,7 @@ public static class LogitArithmetic
 
                     for (int j = 0; j < rows.Count; j++)
                     {
-                        var sum = combined[live.IndexOf(rows[j].Request)];
+                        var sum = combined[rows[j].Slot];
                         double w = terms[rows[j].Term].Weight;
                         var l = logits[j];
                         for (int v = 0; v < vocab; v++) sum[v] += w * l[v];

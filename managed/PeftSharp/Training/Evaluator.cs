@@ -21,23 +21,40 @@ public static class Evaluator
     public static EvalResult Evaluate(LlamaModel model, IReadOnlyList<Example> examples, int seqLen, bool completionOnly = true, int batchSize = 16,
         Action<string, int, int>? progress = null)
     {
-        var tok = model.Tokenizer;
+        var (lossSum, counted) = SummedLoss(examples, model.Tokenizer, seqLen, completionOnly, batchSize, progress, (ids, targets, rows) =>
+        {
+            var (mean, c) = model.Loss(ids, targets, rows, backward: false);
+            return (mean * c, c);
+        });
+        var matchable = examples.Where(e => e.HasPrompt).ToList();
+        int correct = ExactMatches(model.Tokenizer, new string?[] { null }, matchable, progress, chunk => BatchGenerator.Generate(model, chunk, null, PrefixSharing.Off))[0];
+        return Result(lossSum, counted, correct, matchable.Count, examples.Count);
+    }
+
+    /// <summary>The summed loss and the counted targets of <paramref name="examples"/>, <paramref name="batchSize"/> rows at a time through <paramref name="loss"/>.</summary>
+    private static (double Sum, int Counted) SummedLoss(IReadOnlyList<Example> examples, ITokenizer tok, int seqLen, bool completionOnly, int batchSize,
+        Action<string, int, int>? progress, Func<int[], int[], int, (double Sum, int Counted)> loss)
+    {
         double lossSum = 0;
         int counted = 0;
         for (int i = 0; i < examples.Count; i += batchSize)
         {
             var batch = examples.Skip(i).Take(batchSize).ToList();
             var (ids, targets) = Batcher.Encode(batch, tok, seqLen, completionOnly);
-            var (l, c) = model.Loss(ids, targets, batch.Count, backward: false);
-            lossSum += l * c;
+            var (l, c) = loss(ids, targets, batch.Count);
+            lossSum += l;
             counted += c;
             progress?.Invoke("loss", i + batch.Count, examples.Count);
         }
 
-        var matchable = examples.Where(e => e.HasPrompt).ToList();
-        int correct = ExactMatches(model, null, new string?[] { null }, matchable, progress)[0];
+        return (lossSum, counted);
+    }
+
+    /// <summary>The result of a summed loss over counted targets and <paramref name="correct"/> exact matches of <paramref name="matched"/>.</summary>
+    private static EvalResult Result(double lossSum, int counted, int correct, int matched, int examples)
+    {
         double loss = counted == 0 ? 0 : lossSum / counted;
-        return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct / matchable.Count, examples.Count) { Matched = matchable.Count };
+        return new EvalResult(loss, Math.Exp(loss), matched == 0 ? 0 : (double)correct / matched, examples) { Matched = matched };
     }
 
     /// <summary>
@@ -49,28 +66,10 @@ public static class Evaluator
     {
         if (terms.Count == 0) throw new ArgumentException("logit arithmetic: no terms");
         var tok = terms[0].Model.Tokenizer;
-        double lossSum = 0;
-        int counted = 0;
-        for (int i = 0; i < examples.Count; i += batchSize)
-        {
-            var batch = examples.Skip(i).Take(batchSize).ToList();
-            var (ids, targets) = Batcher.Encode(batch, tok, seqLen, completionOnly);
-            var (l, c) = LogitArithmetic.Loss(terms, ids, targets, batch.Count);
-            lossSum += l;
-            counted += c;
-        }
-
+        var (lossSum, counted) = SummedLoss(examples, tok, seqLen, completionOnly, batchSize, null, (ids, targets, rows) => LogitArithmetic.Loss(terms, ids, targets, rows));
         var matchable = examples.Where(e => e.HasPrompt).ToList();
-        int correct = 0;
-        for (int i = 0; i < matchable.Count; i += ExactMatchBatch)
-        {
-            var chunk = matchable.Skip(i).Take(ExactMatchBatch).ToList();
-            var results = LogitArithmetic.Generate(terms, chunk.Select(e => new GenerationRequest(e.Prompt, MaxTokens: tok.EncodeEnd(e.Completion).Length)).ToList());
-            correct += chunk.Where((e, j) => results[j].Completion == e.Completion).Count();
-        }
-
-        double loss = counted == 0 ? 0 : lossSum / counted;
-        return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct / matchable.Count, examples.Count) { Matched = matchable.Count };
+        int correct = ExactMatches(tok, new string?[] { null }, matchable, null, chunk => LogitArithmetic.Generate(terms, chunk))[0];
+        return Result(lossSum, counted, correct, matchable.Count, examples.Count);
     }
 
     /// <summary>
@@ -179,30 +178,28 @@ public static class Evaluator
         }
 
         var matchable = examples.Where(e => e.HasPrompt).ToList();
-        var correct = exactMatch ? ExactMatches(model, set, variants.Select((v, i) => index[i] < 0 ? null : v).ToList(), matchable, progress) : new int[variants.Count];
-        var results = Enumerable.Range(0, variants.Count).Select(v =>
-        {
-            double loss = counted[v] == 0 ? 0 : lossSum[v] / counted[v];
-            return new EvalResult(loss, Math.Exp(loss), matchable.Count == 0 ? 0 : (double)correct[v] / matchable.Count, examples.Count) { Matched = matchable.Count };
-        }).ToList();
+        var correct = exactMatch
+            ? ExactMatches(model.Tokenizer, variants.Select((v, i) => index[i] < 0 ? null : v).ToList(), matchable, progress, chunk => BatchGenerator.Generate(model, chunk, set, PrefixSharing.Off))
+            : new int[variants.Count];
+        var results = Enumerable.Range(0, variants.Count).Select(v => Result(lossSum[v], counted[v], correct[v], matchable.Count, examples.Count)).ToList();
         return (results, perExample);
     }
 
     /// <summary>
     /// For each variant (null: the base), how many of <paramref name="matchable"/> its greedy completion gets exactly:
-    /// <see cref="ExactMatchBatch"/> (variant, example) requests at a time through <see cref="BatchGenerator"/>, each
-    /// generating at most the completion's own token count (more could never match).
+    /// <see cref="ExactMatchBatch"/> (variant, example) requests at a time through <paramref name="generate"/> (the
+    /// serving batch, or a logit-arithmetic decoder), each generating at most the completion's own token count (more
+    /// could never match).
     /// </summary>
-    private static int[] ExactMatches(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants, IReadOnlyList<Example> matchable, Action<string, int, int>? progress)
+    private static int[] ExactMatches(ITokenizer tok, IReadOnlyList<string?> variants, IReadOnlyList<Example> matchable, Action<string, int, int>? progress,
+        Func<List<GenerationRequest>, IReadOnlyList<GenerationResult>> generate)
     {
-        var tok = model.Tokenizer;
         var correct = new int[variants.Count];
         var requests = Enumerable.Range(0, variants.Count).SelectMany(v => matchable.Select(e => (V: v, E: e))).ToList();
         for (int i = 0; i < requests.Count; i += ExactMatchBatch)
         {
             var chunk = requests.Skip(i).Take(ExactMatchBatch).ToList();
-            var results = BatchGenerator.Generate(model, chunk.Select(p => new GenerationRequest(p.E.Prompt, variants[p.V], MaxTokens: tok.EncodeEnd(p.E.Completion).Length)).ToList(),
-                set, PrefixSharing.Off);
+            var results = generate(chunk.Select(p => new GenerationRequest(p.E.Prompt, variants[p.V], MaxTokens: tok.EncodeEnd(p.E.Completion).Length)).ToList());
             for (int j = 0; j < chunk.Count; j++)
             {
                 if (results[j].Completion == chunk[j].E.Completion) correct[chunk[j].V]++;

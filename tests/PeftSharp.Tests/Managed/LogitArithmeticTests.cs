@@ -21,8 +21,7 @@ public sealed class LogitArithmeticTests
     private static string Reference(IReadOnlyList<(LlamaModel Model, double Weight)> terms, string prompt, int maxTokens)
     {
         var tok = terms[0].Model.Tokenizer;
-        var seq = tok.EncodeStart("");
-        seq.AddRange(tok.Encode(prompt));
+        var seq = tok.EncodeStart(prompt);
         var output = new List<int>();
         while (output.Count < maxTokens)
         {

@@ -65,7 +65,7 @@ public sealed class TuningContributionTests
         {
             var r = results[k];
             Assert.That(r.Ptc, Has.Length.EqualTo(layers));
-            var tokens = model.Tokenizer.EncodeStart("").Concat(model.Tokenizer.Encode(Prompts[k])).ToArray();
+            var tokens = model.Tokenizer.EncodeStart(Prompts[k]).ToArray();
             var fine = MixedBatch.Alone(merged, tokens);
             Check.Close(Head(merged, Sum(r.Embedding, r.Ptc, r.Ftc)).Select(v => (float)v).ToArray(), fine, tolerance, $"'{Prompts[k]}': x0 + sum PTC + sum FTC");
             if (layers == 1)
@@ -108,7 +108,7 @@ public sealed class TuningContributionTests
         var moved = TuningContribution.Measure(model, merged, Prompts);
         for (int k = 0; k < Prompts.Length; k++)
         {
-            var tokens = model.Tokenizer.EncodeStart("").Concat(model.Tokenizer.Encode(Prompts[k])).ToArray();
+            var tokens = model.Tokenizer.EncodeStart(Prompts[k]).ToArray();
             Check.Close(Head(merged, Sum(moved[k].Embedding, moved[k].Ptc, moved[k].Ftc)).Select(v => (float)v).ToArray(), MixedBatch.Alone(merged, tokens), LayerSumTolerance,
                 $"'{Prompts[k]}': with a moved embedding");
         }
