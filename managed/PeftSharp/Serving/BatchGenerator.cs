@@ -46,24 +46,13 @@ public static class BatchGenerator
         for (int i = 0; i < n; i++)
         {
             var r = requests[i];
-            if (r.MaxTokens < 0) throw new ArgumentException($"request {i}: max tokens {r.MaxTokens} is negative");
-            var tokens = tok.EncodeStart("");
-            var ends = new List<int>();
-            foreach (var level in r.PrefixLevels)
-            {
-                tokens.AddRange(tok.Encode(level));
-                ends.Add(tokens.Count);
-            }
-
-            tokens.AddRange(tok.Encode(r.Prompt));
-            full[i] = tokens.Count > 0 ? tokens.ToArray() : throw new ArgumentException($"request {i}: empty prompt, and tokenizer {tok.Name} adds no BOS to continue from");
-            levelEnds[i] = ends.ToArray();
-            if (full[i].Length > model.Config.ContextLimit) throw new ArgumentException($"request {i}: prompt of {full[i].Length} tokens exceeds {model.Config.ContextLimitText}");
+            (full[i], levelEnds[i]) = Tokenize(model, r, $"request {i}");
         }
 
         var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing, model.Config.AttentionWindow);
         var outputs = requests.Select(_ => new List<int>()).ToArray();
         var rngs = requests.Select(r => new Random(r.Seed)).ToArray();
+        var stopped = new bool[n];
         var caches = new KvCache?[n];
         var users = new Dictionary<KvCache, int>();
         var nodes = new List<(KvCache Cache, int[] Tokens, int Variant, int Depth)>();
@@ -145,6 +134,7 @@ public static class BatchGenerator
                     int t = r.Temperature <= 0f ? Generator.ArgMax(logits[j]) : Generator.Draw(logits[j], r.Temperature, r.TopK, r.TopP, rngs[i]);
                     bool done = t == tok.Eos || stops.Contains(t);
                     if (!done) outputs[i].Add(t);
+                    done |= stopped[i] = done || (r.Stop.Count > 0 && StopText.Find(tok.Decode(outputs[i]), r.Stop) >= 0);
                     done |= outputs[i].Count >= r.MaxTokens || caches[i]!.Length >= caches[i]!.Capacity;
                     if (done)
                     {
@@ -159,7 +149,7 @@ public static class BatchGenerator
                 live = next;
             }
 
-            var results = Enumerable.Range(0, n).Select(i => new GenerationResult(requests[i], tok.Decode(outputs[i]), outputs[i].Count)).ToArray();
+            var results = Enumerable.Range(0, n).Select(i => Result(requests[i], tok.Decode(outputs[i]), outputs[i].Count, full[i].Length, stopped[i])).ToArray();
             long saved = nodes.Sum(m => (long)(Enumerable.Range(0, n).Count(i => chainOf[i].Contains(m.Cache)) - 1) * m.Tokens.Length);
             var report = new SharingReport(nodes.Count, Enumerable.Range(0, n).Count(i => chainOf[i].Count > 0), saved);
             return (results, report);
@@ -169,6 +159,37 @@ public static class BatchGenerator
             foreach (var c in caches) c?.Dispose();
             foreach (var c in users.Keys) c.Dispose(); // idempotent for prefixes already released
         }
+    }
+
+    /// <summary>[BOS], the told prefix levels and the prompt as tokens, with the token count through each level; checked against the context.</summary>
+    internal static (int[] Tokens, int[] LevelEnds) Tokenize(LlamaModel model, GenerationRequest r, string what)
+    {
+        var tok = model.Tokenizer;
+        if (r.MaxTokens < 0) throw new ArgumentException($"{what}: max tokens {r.MaxTokens} is negative");
+        var tokens = tok.EncodeStart("");
+        var ends = new List<int>();
+        foreach (var level in r.PrefixLevels)
+        {
+            tokens.AddRange(tok.Encode(level));
+            ends.Add(tokens.Count);
+        }
+
+        tokens.AddRange(tok.Encode(r.Prompt));
+        if (tokens.Count == 0) throw new ArgumentException($"{what}: empty prompt, and tokenizer {tok.Name} adds no BOS to continue from");
+        if (tokens.Count > model.Config.ContextLimit) throw new ArgumentException($"{what}: prompt of {tokens.Count} tokens exceeds {model.Config.ContextLimitText}");
+        return (tokens.ToArray(), ends.ToArray());
+    }
+
+    /// <summary>A finished request's result: the completion cut before its first stop text, with its counts.</summary>
+    internal static GenerationResult Result(GenerationRequest request, string text, int tokens, int promptTokens, bool stopped, int cachedTokens = 0)
+    {
+        int at = StopText.Find(text, request.Stop);
+        return new GenerationResult(request, at >= 0 ? text[..at] : text, tokens)
+        {
+            PromptTokens = promptTokens,
+            CachedPromptTokens = cachedTokens,
+            FinishReason = stopped || at >= 0 ? "stop" : "length",
+        };
     }
 
     /// <summary>Identifies a prefix: the variant that computes it and its tokens (through <paramref name="to"/>).</summary>

@@ -9,6 +9,9 @@ namespace PeftSharp.Serving;
 public sealed record GenerationRequest(string Prompt, string? Variant = null, int MaxTokens = 32, float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0,
     string? SharedPrefix = null, IReadOnlyList<string>? SharedPrefixes = null)
 {
+    /// <summary>Texts that end the completion where they first appear (the completion is cut before it), as OpenAI's <c>stop</c>.</summary>
+    public IReadOnlyList<string> Stop { get; init; } = Array.Empty<string>();
+
     /// <summary>The told prefix levels, root first.</summary>
     public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
 }

@@ -1,4 +1,14 @@
 namespace PeftSharp.Serving;
 
 /// <summary>What a request produced: its completion and the number of tokens generated.</summary>
-public sealed record GenerationResult(GenerationRequest Request, string Completion, int Tokens);
+public sealed record GenerationResult(GenerationRequest Request, string Completion, int Tokens)
+{
+    /// <summary>Prompt tokens ([BOS] and told prefixes included).</summary>
+    public int PromptTokens { get; init; }
+
+    /// <summary>Prompt tokens whose keys and values came from a cache instead of being computed for this request.</summary>
+    public int CachedPromptTokens { get; init; }
+
+    /// <summary>Why it ended, as OpenAI names it: "stop" (EOS, a stop token or a stop text) or "length" (max tokens or the context).</summary>
+    public string FinishReason { get; init; } = "length";
+}

@@ -238,6 +238,37 @@ public sealed class VariantSet : IDisposable
         return variants.Count - 1;
     }
 
+    /// <summary>
+    /// Unregisters a variant and frees its device copies (pools are rebuilt at the next bind); variants after it move
+    /// down one index, so callers that keep indices across a removal must look them up again by name.
+    /// </summary>
+    public void Remove(string name) => Guarded(() =>
+    {
+        int index = IndexOf(name);
+        variants.RemoveAt(index);
+        if (prefixes.Remove(index, out var prefix)) prefix.Dispose();
+        foreach (var key in replacements.Keys.Where(k => k.Variant == index).ToList())
+        {
+            replacements[key].Dispose();
+            replacements.Remove(key);
+        }
+
+        static Dictionary<TKey, TValue> Shift<TKey, TValue>(Dictionary<TKey, TValue> d, Func<TKey, int> indexOf, Func<TKey, int, TKey> with, int removed)
+            where TKey : notnull => d.ToDictionary(kv => indexOf(kv.Key) > removed ? with(kv.Key, indexOf(kv.Key) - 1) : kv.Key, kv => kv.Value);
+        var shiftedPrefixes = Shift(prefixes, k => k, (_, i) => i, index);
+        scales.Remove(index);
+        var shiftedScales = Shift(scales, k => k, (_, i) => i, index);
+        var shiftedReplacements = Shift(replacements, k => k.Variant, (k, i) => (i, k.Parameter), index);
+        prefixes.Clear();
+        foreach (var kv in shiftedPrefixes) prefixes[kv.Key] = kv.Value;
+        scales.Clear();
+        foreach (var kv in shiftedScales) scales[kv.Key] = kv.Value;
+        replacements.Clear();
+        foreach (var kv in shiftedReplacements) replacements[kv.Key] = kv.Value;
+        dirty = true;
+        return 0;
+    });
+
     /// <summary>The virtual-token prefix a variant's sequences continue, or null.</summary>
     public KvCache? PrefixOf(int variant) => variant >= 0 && prefixes.TryGetValue(variant, out var c) ? c : null;
 

@@ -396,6 +396,34 @@ public sealed class ServingTests
     }
 
     [Test]
+    public void VariantSet_Remove_ShiftsLaterVariantsWithTheirPrefixesAndOwnParameters()
+    {
+        using var device = new CpuDevice();
+        using var model = UnitScaleTiny(device, 14);
+        var c = model.Config;
+        int size = 3 * c.NumKeyValueHeads * c.HeadDim;
+        var keys = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 70 + l, -2f, 2f)).ToArray();
+        var values = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 75 + l, -2f, 2f)).ToArray();
+        var lora = Adapter(c, 4, LoraAdapterConfig.LlamaLinear, 330, scaleB: 0.5f);
+        var norms = new PeftLnTuningAdapter(new[] { "norm" }, null, new Dictionary<string, float[]>
+        {
+            ["model.norm.weight"] = TestData.Uniform(c.HiddenSize, 77, 0.2f, 2f),
+        });
+        using var set = new VariantSet(model);
+        set.AddLora("l", lora);
+        set.AddPrefix("p", new PeftPrefixAdapter(3, keys, values));
+        set.AddNorms("n", norms);
+        var requests = new[] { new GenerationRequest("abc", "p", MaxTokens: 5), new GenerationRequest("abc", "n", MaxTokens: 5) };
+        var before = BatchGenerator.Generate(model, requests, set).Select(r => r.Completion).ToArray();
+        set.Remove("l");
+        Assert.That(set.Names, Is.EqualTo(new[] { "p", "n" }));
+        Assert.That(BatchGenerator.Generate(model, requests, set).Select(r => r.Completion), Is.EqualTo(before));
+        Assert.Throws<ArgumentException>(() => set.Remove("l"));
+        set.AddLora("l", lora);
+        Assert.That(set.IndexOf("l"), Is.EqualTo(2));
+    }
+
+    [Test]
     public void BatchGenerator_MixedAdapters_MatchesGreedyWithEachAdapterMerged()
     {
         using var device = new CpuDevice();

@@ -1,0 +1,57 @@
+namespace PeftSharp.Serving;
+
+/// <summary>Bounds of a <see cref="VariantServer"/>: rows per step, resident variants, KV memory and prefill chunking.</summary>
+public sealed record VariantServerOptions
+{
+    /// <summary>Requests decoding at once (rows of a decode step); the rest wait in the queue.</summary>
+    public int MaxRows { get; init; } = 32;
+
+    /// <summary>Variants resident in the device pools at once (vLLM's max_loras); the others stay in host memory, least recently used first out.</summary>
+    public int MaxLoras { get; init; } = 8;
+
+    /// <summary>Positions per KV block: the unit of KV accounting and of prefix-cache reuse.</summary>
+    public int BlockSize { get; init; } = 16;
+
+    /// <summary>KV blocks in all (requests' reservations and cached prefixes); 0: a quarter of the device's memory.</summary>
+    public int KvBlocks { get; init; }
+
+    /// <summary>Prompt tokens prefilled per step over all prefilling requests, so a long prompt does not stall decoding rows.</summary>
+    public int PrefillChunk { get; init; } = 256;
+
+    /// <summary>Whether prompts' whole blocks are cached and reused by later requests of the same variant.</summary>
+    public bool PrefixCache { get; init; } = true;
+
+    /// <summary>Requests queued behind the running ones before new ones are refused.</summary>
+    public int MaxWaiting { get; init; } = 4096;
+
+    internal void Check()
+    {
+        if (MaxRows < 1 || MaxLoras < 1 || BlockSize < 1 || KvBlocks < 0 || PrefillChunk < 1 || MaxWaiting < 0)
+        {
+            throw new ArgumentException($"server options out of range: {this}");
+        }
+    }
+}
+
+/// <summary>
+/// A snapshot of a <see cref="VariantServer"/> after its last step: what Prometheus' /metrics reports, under vLLM's
+/// names where they exist (running and waiting requests, KV block usage, running and waiting adapters, max_lora).
+/// </summary>
+public sealed record ServerStats(
+    int Running,
+    int Waiting,
+    int KvBlocksUsed,
+    int KvBlocks,
+    IReadOnlyList<string> RunningAdapters,
+    IReadOnlyList<string> WaitingAdapters,
+    int MaxLoras,
+    IReadOnlyList<string> ResidentAdapters,
+    long PromptTokens,
+    long GenerationTokens,
+    long CachedPromptTokens,
+    long FinishedRequests,
+    long Steps)
+{
+    /// <summary>KV blocks in use, 0 to 1 (vLLM's gpu_cache_usage_perc).</summary>
+    public double KvUsage => KvBlocks == 0 ? 0 : (double)KvBlocksUsed / KvBlocks;
+}
