@@ -22,6 +22,14 @@ public sealed class ServingTests
             ? Enumerable.Repeat(1f, shape.Aggregate(1, (x, y) => x * y)).ToArray()
             : TestData.Uniform(shape.Aggregate(1, (x, y) => x * y), name.Length * salt + shape[0], -0.3f, 0.3f));
 
+    /// <summary>Three virtual tokens' keys and values per layer, in +-2 (large enough to change the output).</summary>
+    private static (float[][] Keys, float[][] Values) VirtualTokens(LlamaConfig c, int seed)
+    {
+        int size = 3 * c.NumKeyValueHeads * c.HeadDim;
+        return (Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, seed + l, -2f, 2f)).ToArray(),
+            Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, seed + 5 + l, -2f, 2f)).ToArray());
+    }
+
     internal static PeftLoraAdapter Adapter(LlamaConfig c, int rank, string[] targets, int seed, float scaleB = 0.2f)
     {
         var config = new LoraAdapterConfig { R = rank, LoraAlpha = 2 * rank, TargetModules = targets };
@@ -368,9 +376,7 @@ public sealed class ServingTests
         using var device = new CpuDevice();
         using var model = UnitScaleTiny(device, 13);
         var c = model.Config;
-        int size = 3 * c.NumKeyValueHeads * c.HeadDim;
-        var keys = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 90 + l, -2f, 2f)).ToArray();
-        var values = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 95 + l, -2f, 2f)).ToArray();
+        var (keys, values) = VirtualTokens(c, 90);
         var lora = Adapter(c, 4, LoraAdapterConfig.LlamaLinear, 320, scaleB: 0.5f);
         using var set = new VariantSet(model);
         set.AddPrefix("p", new PeftPrefixAdapter(3, keys, values));
@@ -401,9 +407,7 @@ public sealed class ServingTests
         using var device = new CpuDevice();
         using var model = UnitScaleTiny(device, 14);
         var c = model.Config;
-        int size = 3 * c.NumKeyValueHeads * c.HeadDim;
-        var keys = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 70 + l, -2f, 2f)).ToArray();
-        var values = Enumerable.Range(0, c.NumHiddenLayers).Select(l => TestData.Uniform(size, 75 + l, -2f, 2f)).ToArray();
+        var (keys, values) = VirtualTokens(c, 70);
         var lora = Adapter(c, 4, LoraAdapterConfig.LlamaLinear, 330, scaleB: 0.5f);
         var norms = new PeftLnTuningAdapter(new[] { "norm" }, null, new Dictionary<string, float[]>
         {
