@@ -27,6 +27,7 @@ public static class Program
             TrainCommand.Create(o, "finetune", "Fine-tune a model folder (loss on completions).", finetune: true, stdout),
             EvalCommand.Create(o, stdout),
             GenerateCommand.Create(o, stdout, stderr),
+            ServeCommand.Create(o, stdout),
             LogitsCommand.Create(o, stdout),
             TokenizeCommand.Create(o, stdout),
             CompressCommand.Create(o, stdout),

@@ -1,0 +1,211 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using PeftSharp.Serving;
+using PeftSharp.Variants;
+
+namespace PeftSharp.Trainer.Commands;
+
+/// <summary>
+/// The HTTP face of a <see cref="VariantServer"/> (ASP.NET Core minimal APIs on Kestrel): OpenAI's
+/// <c>/v1/completions</c> (streaming by server-sent events) and <c>/v1/models</c>, vLLM's
+/// <c>/v1/load_lora_adapter</c> / <c>/v1/unload_lora_adapter</c> (any variant folder), Prometheus <c>/metrics</c> with
+/// vLLM's names and <c>/health</c>. <c>model</c> names the base (its served name or "base") or a loaded variant.
+/// <c>/v1/chat/completions</c> answers 501 until chat templates are rendered (issue 20).
+/// </summary>
+public static class OpenAiEndpoints
+{
+    /// <summary>Builds the app on <paramref name="url"/> (e.g. http://127.0.0.1:8000; port 0 picks a free one); shutting it down drains running requests.</summary>
+    public static WebApplication Build(VariantServer server, string modelName, string url)
+    {
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.WebHost.UseUrls(url);
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromMinutes(5));
+        var app = builder.Build();
+        app.Lifetime.ApplicationStopping.Register(() => server.DrainAsync().Wait());
+        var model = server.Model;
+        long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+
+        app.MapGet("/health", () => Results.Ok());
+        app.MapGet("/v1/models", () => Results.Json(new JsonObject
+        {
+            ["object"] = "list",
+            ["data"] = new JsonArray(new[] { ModelCard(modelName, null, created) }.Concat(server.Variants.Select(v => ModelCard(v, modelName, created))).ToArray()),
+        }));
+        app.MapGet("/metrics", () => Results.Text(Prometheus(server.Stats, modelName), "text/plain; version=0.0.4"));
+        app.MapPost("/v1/load_lora_adapter", async (HttpRequest http) =>
+        {
+            var body = await ReadBody(http);
+            string name = Text(body, "lora_name") ?? throw new BadRequest("lora_name is required");
+            string path = Text(body, "lora_path") ?? throw new BadRequest("lora_path is required");
+            if (server.Knows(name)) throw new BadRequest($"The lora adapter '{name}' has already been loaded.");
+            server.Load(name, VariantFolder.Load(path, model));
+            return Results.Text($"Success: LoRA adapter '{name}' added successfully.");
+        });
+        app.MapPost("/v1/unload_lora_adapter", async (HttpRequest http) =>
+        {
+            var body = await ReadBody(http);
+            string name = Text(body, "lora_name") ?? throw new BadRequest("lora_name is required");
+            return server.Unload(name)
+                ? Results.Text($"Success: LoRA adapter '{name}' removed successfully.")
+                : Error(404, "NotFoundError", $"The lora adapter '{name}' cannot be found.");
+        });
+        app.MapPost("/v1/chat/completions", () =>
+            Error(501, "NotImplementedError", "chat completions need the model's chat_template rendered, which this server does not do yet; use /v1/completions"));
+        app.MapPost("/v1/completions", async (HttpContext context) =>
+        {
+            var body = await ReadBody(context.Request);
+            string name = Text(body, "model") ?? modelName;
+            string? variant = name == modelName || name == "base" ? null : name;
+            if (!server.Knows(variant)) return Error(404, "NotFoundError", $"The model `{name}` does not exist.");
+            var prompts = body["prompt"] switch
+            {
+                JsonArray a => a.Select(p => p?.GetValueKind() == JsonValueKind.String ? p.GetValue<string>() : throw new BadRequest("prompt must be a string or a list of strings")).ToArray(),
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => new[] { v.GetValue<string>() },
+                _ => throw new BadRequest("prompt must be a string or a list of strings (token-id prompts are not supported)"),
+            };
+            if (Number(body, "n") is { } n && n != 1) throw new BadRequest("only n = 1 is supported");
+            var requests = prompts.Select(p => new GenerationRequest(p, variant, MaxTokens: (int)(Number(body, "max_tokens") ?? 16),
+                Temperature: (float)(Number(body, "temperature") ?? 1.0), TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: (int)(Number(body, "seed") ?? 0))
+            {
+                Stop = Stops(body),
+            }).ToArray();
+            string id = "cmpl-" + Guid.NewGuid().ToString("N");
+            var cancel = context.RequestAborted;
+            if (body["stream"] is JsonValue s && s.GetValueKind() == JsonValueKind.True)
+            {
+                if (requests.Length != 1) throw new BadRequest("streaming takes one prompt");
+                var handle = server.Start(requests[0], cancel);
+                context.Response.ContentType = "text/event-stream";
+                await foreach (var piece in handle.Text.ReadAllAsync(cancel)) await Event(context.Response, Chunk(id, created, name, piece, null), cancel);
+                var done = await handle.Result;
+                await Event(context.Response, Chunk(id, created, name, "", done.FinishReason, Usage(new[] { done })), cancel);
+                await context.Response.WriteAsync("data: [DONE]\n\n", cancel);
+                return Results.Empty;
+            }
+
+            var results = await Task.WhenAll(requests.Select(r => server.GenerateAsync(r, cancel)));
+            return Results.Json(new JsonObject
+            {
+                ["id"] = id,
+                ["object"] = "text_completion",
+                ["created"] = created,
+                ["model"] = name,
+                ["choices"] = new JsonArray(results.Select((r, i) => (JsonNode)new JsonObject
+                {
+                    ["index"] = i, ["text"] = r.Completion, ["logprobs"] = null, ["finish_reason"] = r.FinishReason,
+                }).ToArray()),
+                ["usage"] = Usage(results),
+            });
+        });
+        app.Use(async (context, next) =>
+        {
+            try
+            {
+                await next(context);
+            }
+            catch (Exception e) when (e is BadRequest or ArgumentException or JsonException or NotSupportedException or IOException or InvalidOperationException or PeftSharpInputException)
+            {
+                if (context.Response.HasStarted) return;
+                await Error(e is InvalidOperationException && e.Message.Contains("shutting down") ? 503 : 400, "BadRequestError", e.Message).ExecuteAsync(context);
+            }
+        });
+        return app;
+    }
+
+    /// <summary>The server's state in Prometheus' text format, under vLLM's metric names (model_name labels the base).</summary>
+    public static string Prometheus(ServerStats s, string modelName)
+    {
+        var sb = new StringBuilder();
+        string label = $"model_name=\"{modelName}\"";
+        void Metric(string name, string type, string help, string value, string labels)
+        {
+            sb.Append("# HELP ").Append(name).Append(' ').Append(help).Append('\n');
+            sb.Append("# TYPE ").Append(name).Append(' ').Append(type).Append('\n');
+            sb.Append(name).Append('{').Append(labels).Append("} ").Append(value).Append('\n');
+        }
+
+        string F(double v) => v.ToString("R", CultureInfo.InvariantCulture);
+        Metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", F(s.Running), label);
+        Metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", F(s.Waiting), label);
+        Metric("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage: the fraction of KV blocks in use (1 means 100 percent).", F(s.KvUsage), label);
+        Metric("vllm:lora_requests_info", "gauge", "Running stats on LoRA requests.", F(DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0),
+            $"max_lora=\"{s.MaxLoras}\",running_lora_adapters=\"{string.Join(",", s.RunningAdapters)}\",waiting_lora_adapters=\"{string.Join(",", s.WaitingAdapters)}\"");
+        Metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", F(s.PromptTokens), label);
+        Metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", F(s.GenerationTokens), label);
+        Metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens whose keys and values came from the prefix cache.", F(s.CachedPromptTokens), label);
+        Metric("peftsharp:kv_blocks", "gauge", "KV blocks in all.", F(s.KvBlocks), label);
+        Metric("peftsharp:finished_requests_total", "counter", "Requests that ended (finished, cancelled or failed).", F(s.FinishedRequests), label);
+        return sb.ToString();
+    }
+
+    private static JsonNode ModelCard(string id, string? parent, long created) => new JsonObject
+    {
+        ["id"] = id, ["object"] = "model", ["created"] = created, ["owned_by"] = "peftsharp", ["root"] = parent ?? id, ["parent"] = parent,
+    };
+
+    private static JsonObject Chunk(string id, long created, string model, string text, string? finish, JsonNode? usage = null) => new()
+    {
+        ["id"] = id,
+        ["object"] = "text_completion",
+        ["created"] = created,
+        ["model"] = model,
+        ["choices"] = new JsonArray(new JsonObject { ["index"] = 0, ["text"] = text, ["logprobs"] = null, ["finish_reason"] = finish }),
+        ["usage"] = usage,
+    };
+
+    private static JsonObject Usage(IReadOnlyList<GenerationResult> results) => new()
+    {
+        ["prompt_tokens"] = results.Sum(r => r.PromptTokens),
+        ["completion_tokens"] = results.Sum(r => r.Tokens),
+        ["total_tokens"] = results.Sum(r => r.PromptTokens + r.Tokens),
+    };
+
+    private static async Task Event(HttpResponse response, JsonNode data, CancellationToken cancel)
+    {
+        await response.WriteAsync("data: " + data.ToJsonString() + "\n\n", cancel);
+        await response.Body.FlushAsync(cancel);
+    }
+
+    private static async Task<JsonObject> ReadBody(HttpRequest http)
+    {
+        var node = await JsonNode.ParseAsync(http.Body);
+        return node as JsonObject ?? throw new BadRequest("the request body must be a JSON object");
+    }
+
+    private static string? Text(JsonObject body, string key) => body[key] switch
+    {
+        null => null,
+        JsonValue v when v.GetValueKind() == JsonValueKind.String => v.GetValue<string>(),
+        _ => throw new BadRequest($"{key} must be a string"),
+    };
+
+    private static double? Number(JsonObject body, string key) => body[key] switch
+    {
+        null => null,
+        JsonValue v when v.GetValueKind() == JsonValueKind.Number => v.GetValue<double>(),
+        _ => throw new BadRequest($"{key} must be a number"),
+    };
+
+    private static string[] Stops(JsonObject body) => body["stop"] switch
+    {
+        null => Array.Empty<string>(),
+        JsonValue v when v.GetValueKind() == JsonValueKind.String => new[] { v.GetValue<string>() },
+        JsonArray a => a.Select(x => x?.GetValueKind() == JsonValueKind.String ? x.GetValue<string>() : throw new BadRequest("stop must be a string or a list of strings")).ToArray(),
+        _ => throw new BadRequest("stop must be a string or a list of strings"),
+    };
+
+    private static IResult Error(int status, string type, string message) =>
+        Results.Json(new JsonObject { ["error"] = new JsonObject { ["message"] = message, ["type"] = type, ["code"] = status } }, statusCode: status);
+
+    /// <summary>A request the server cannot take as given: answered 400 with OpenAI's error body.</summary>
+    private sealed class BadRequest(string message) : Exception(message);
+}
