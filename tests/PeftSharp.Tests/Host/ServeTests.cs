@@ -1,7 +1,10 @@
+using System.ClientModel;
 using System.Net;
 using System.Net.Http.Json;
 using System.Text.Json.Nodes;
 using NUnit.Framework;
+using OpenAI;
+using OpenAI.Models;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;
@@ -33,6 +36,9 @@ public sealed class ServeTests : TempDirectoryTest
         Assert.That(load.StatusCode, Is.EqualTo(HttpStatusCode.OK), await load.Content.ReadAsStringAsync());
         var models = JsonNode.Parse(await http.GetStringAsync("/v1/models"))!["data"]!.AsArray().Select(m => m!["id"]!.GetValue<string>());
         Assert.That(models, Is.EqualTo(new[] { "tiny", "ad" }));
+        // The official OpenAI .NET client reads the same list (its completions client is internal in 2.x, and chat needs templates).
+        var client = new OpenAIModelClient(new ApiKeyCredential("unused"), new OpenAIClientOptions { Endpoint = new Uri(http.BaseAddress, "/v1") });
+        Assert.That((await client.GetModelsAsync()).Value.Select(m => m.Id), Is.EqualTo(new[] { "tiny", "ad" }));
 
         string expectedAd, expectedBase;
         using (var set = new VariantSet(model))
