@@ -27,7 +27,8 @@ internal static class Host
             if (Interlocked.Increment(ref signals) == 1)
             {
                 context.Cancel = true;
-                stderr.WriteLine($"{Environment.NewLine}peft: {context.Signal}: stopping (training: after this step, with a checkpoint; serving: once running requests finish; {context.Signal} again to quit at once)");
+                stderr.WriteLine($"{Environment.NewLine}peft: {context.Signal}: stopping (training: after this step, with a checkpoint; " +
+                    $"serving: once running requests finish; {context.Signal} again to quit at once)");
                 InterruptSource.Cancel();
                 return;
             }

@@ -22,7 +22,10 @@ namespace PeftSharp.Trainer.Commands;
 /// </summary>
 public static class OpenAiEndpoints
 {
-    /// <summary>Builds the app on <paramref name="url"/> (e.g. http://127.0.0.1:8000; port 0 picks a free one); shutting it down drains running requests.</summary>
+    /// <summary>
+    /// Builds the app on <paramref name="url"/> (e.g. http://127.0.0.1:8000; port 0 picks a free one); shutting it
+    /// down drains running requests. A request without <c>seed</c> samples from a fresh one, as OpenAI's API does.
+    /// </summary>
     public static WebApplication Build(VariantServer server, string modelName, string url)
     {
         var builder = WebApplication.CreateSlimBuilder();
@@ -74,7 +77,7 @@ public static class OpenAiEndpoints
             };
             if (Number(body, "n") is { } n && n != 1) throw new BadRequest("only n = 1 is supported");
             var requests = prompts.Select(p => new GenerationRequest(p, variant, MaxTokens: (int)(Number(body, "max_tokens") ?? 16),
-                Temperature: (float)(Number(body, "temperature") ?? 1.0), TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: (int)(Number(body, "seed") ?? 0))
+                Temperature: (float)(Number(body, "temperature") ?? 1.0), TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: Number(body, "seed") is { } seed ? (int)seed : Random.Shared.Next())
             {
                 Stop = Stops(body),
             }).ToArray();

@@ -117,8 +117,11 @@ internal sealed class PrefixCacheStore : IDisposable
     {
         nodes.Remove(node);
         node.Cache.Dispose();
-        if (node.Parent != null) node.Parent.Children--;
         foreach (var key in boundaries.Where(kv => kv.Value.Node == node).Select(kv => kv.Key).ToList()) boundaries.Remove(key);
+        if (node.Parent is not { } parent) return;
+        parent.Children--;
+        // A half-filled parent kept only for this child is dropped with it (nothing would read it, and its variant may leave).
+        if (!parent.Ready && parent.Users == 0 && parent.Children == 0) Remove(parent);
     }
 
     /// <summary>Hash of the variant and the tokens through each block boundary up to <paramref name="limit"/> (FNV-1a, chained block to block).</summary>
