@@ -118,7 +118,7 @@ public sealed partial class VariantServer : IDisposable
             e.Unloaded = true;
         }
 
-        wake.Release();
+        Wake();
         return true;
     }
 
@@ -160,8 +160,8 @@ public sealed partial class VariantServer : IDisposable
             incoming.Enqueue(job);
         }
 
-        if (cancel.CanBeCanceled) job.Registration = cancel.Register(() => wake.Release());
-        wake.Release();
+        if (cancel.CanBeCanceled) job.Registration = cancel.Register(Wake);
+        Wake();
         return new ServerRequest(job.Text.Reader, job.Done.Task);
     }
 
@@ -169,7 +169,7 @@ public sealed partial class VariantServer : IDisposable
     public Task DrainAsync()
     {
         lock (gate) accepting = false;
-        wake.Release();
+        Wake();
         return drained.Task;
     }
 
@@ -183,11 +183,29 @@ public sealed partial class VariantServer : IDisposable
             aborting = true;
         }
 
-        wake.Release();
+        Wake();
         loop.Join();
+        lock (gate)
+        {
+            // Queued between the loop's last look and its exit.
+            while (incoming.Count > 0) incoming.Dequeue().Fail(new ObjectDisposedException(nameof(VariantServer)));
+        }
+
         prefixes.Dispose();
         set.Dispose();
         wake.Dispose();
+    }
+
+    /// <summary>Wakes the scheduler; after <see cref="Dispose"/> there is none to wake (a late cancellation lands here).</summary>
+    private void Wake()
+    {
+        try
+        {
+            wake.Release();
+        }
+        catch (ObjectDisposedException)
+        {
+        }
     }
 
     private int Blocks(int positions) => (positions + options.BlockSize - 1) / options.BlockSize;
@@ -334,6 +352,14 @@ public sealed partial class VariantServer : IDisposable
         public int Blocks { get; set; }
 
         public int CachedTokens { get; set; }
+
+        /// <summary>Ends a request that never reached the scheduler.</summary>
+        public void Fail(Exception ex)
+        {
+            Registration.Dispose();
+            Done.TrySetException(ex);
+            Text.Writer.TryComplete(ex);
+        }
     }
 }
 

@@ -189,6 +189,20 @@ public sealed class VariantServerTests
         server.Dispose();
     }
 
+    [Test]
+    public void Dispose_FailsUnfinishedRequests_ALaterCancellationIsHarmless()
+    {
+        using var device = new CpuDevice();
+        using var model = ServingTests.UnitScaleTiny(device, 47);
+        using var cts = new CancellationTokenSource();
+        var server = new VariantServer(model);
+        var handle = server.Start(new GenerationRequest("never finishes in time", MaxTokens: 400), cts.Token);
+        server.Dispose();
+        Assert.That(async () => await handle.Result.WaitAsync(Patience), Throws.InstanceOf<ObjectDisposedException>());
+        Assert.DoesNotThrow(cts.Cancel);
+        Assert.Throws<InvalidOperationException>(() => server.Start(new GenerationRequest("late")));
+    }
+
     private static async Task WaitUntil(Func<bool> condition)
     {
         var until = DateTime.UtcNow + Patience;
