@@ -131,7 +131,7 @@ public static class BatchGenerator
                 {
                     int i = live[j];
                     var r = requests[i];
-                    int t = r.Temperature <= 0f ? Generator.ArgMax(logits[j]) : Generator.Draw(logits[j], r.Temperature, r.TopK, r.TopP, rngs[i]);
+                    int t = Generator.Next(r, logits[j], rngs[i]);
                     bool done = t == tok.Eos || stops.Contains(t);
                     if (!done) outputs[i].Add(t);
                     done |= stopped[i] = done || (r.Stop.Count > 0 && StopText.Find(tok.Decode(outputs[i]), r.Stop) >= 0);

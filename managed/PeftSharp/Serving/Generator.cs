@@ -14,6 +14,10 @@ public static class Generator
     public static string Sample(LlamaModel model, string prompt, int maxTokens, float temperature, int topK, float topP, int seed) =>
         BatchGenerator.Generate(model, new[] { new GenerationRequest(prompt, null, maxTokens, temperature, topK, topP, seed) }, sharing: PrefixSharing.Off)[0].Completion;
 
+    /// <summary>The request's next token from <paramref name="logits"/>: greedy at temperature 0, else drawn with its sampling.</summary>
+    internal static int Next(GenerationRequest r, float[] logits, Random rng) =>
+        r.Temperature <= 0f ? ArgMax(logits) : Draw(logits, r.Temperature, r.TopK, r.TopP, rng);
+
     internal static int ArgMax(float[] v)
     {
         int best = 0;

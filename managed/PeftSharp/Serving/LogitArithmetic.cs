@@ -251,7 +251,7 @@ public static class LogitArithmetic
                     int i = live[j];
                     var r = requests[i];
                     var scores = combined[j].Select(v => (float)v).ToArray();
-                    int token = r.Temperature <= 0f ? Generator.ArgMax(scores) : Generator.Draw(scores, r.Temperature, r.TopK, r.TopP, rngs[i]);
+                    int token = Generator.Next(r, scores, rngs[i]);
                     bool done = token == first.Tokenizer.Eos || stops.Contains(token);
                     if (!done) outputs[i].Add(token);
                     done |= outputs[i].Count >= r.MaxTokens || caches[i][0]!.Length >= caches[i][0]!.Capacity;

@@ -211,7 +211,7 @@ public sealed partial class VariantServer
     private void Sample(Job job, float[] logits)
     {
         var r = job.Request;
-        int t = r.Temperature <= 0f ? Generator.ArgMax(logits) : Generator.Draw(logits, r.Temperature, r.TopK, r.TopP, job.Rng);
+        int t = Generator.Next(r, logits, job.Rng);
         bool stopped = stopTokens.Contains(t);
         if (!stopped)
         {
