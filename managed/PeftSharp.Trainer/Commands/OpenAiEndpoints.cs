@@ -8,6 +8,7 @@ using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using PeftSharp.Data;
 using PeftSharp.Serving;
 using PeftSharp.Variants;
 
@@ -18,7 +19,8 @@ namespace PeftSharp.Trainer.Commands;
 /// <c>/v1/completions</c> (streaming by server-sent events) and <c>/v1/models</c>, vLLM's
 /// <c>/v1/load_lora_adapter</c> / <c>/v1/unload_lora_adapter</c> (any variant folder), Prometheus <c>/metrics</c> with
 /// vLLM's names and <c>/health</c>. <c>model</c> names the base (its served name or "base") or a loaded variant.
-/// <c>/v1/chat/completions</c> answers 501 until chat templates are rendered (issue 20).
+/// <c>/v1/chat/completions</c> renders the model's chat template (<see cref="ChatTemplate"/>) and tokenizes the text
+/// without an added BOS, as vLLM does.
 /// </summary>
 public static class OpenAiEndpoints
 {
@@ -26,7 +28,9 @@ public static class OpenAiEndpoints
     /// Builds the app on <paramref name="url"/> (e.g. http://127.0.0.1:8000; port 0 picks a free one); shutting it
     /// down drains running requests. A request without <c>seed</c> samples from a fresh one, as OpenAI's API does.
     /// </summary>
-    public static WebApplication Build(VariantServer server, string modelName, string url)
+    /// <param name="chat">The chat template /v1/chat/completions renders; null answers it with 400 and <paramref name="chatProblem"/>.</param>
+    /// <param name="chatProblem">Why there is no template (absent, or refused when parsed), for that answer.</param>
+    public static WebApplication Build(VariantServer server, string modelName, string url, ChatTemplate? chat = null, string? chatProblem = null)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
@@ -61,29 +65,71 @@ public static class OpenAiEndpoints
                 ? Results.Text($"Success: LoRA adapter '{name}' removed successfully.")
                 : Error(404, "NotFoundError", $"The lora adapter '{name}' cannot be found.");
         });
-        app.MapPost("/v1/chat/completions", () =>
-            Error(501, "NotImplementedError", "chat completions need the model's chat_template rendered, which this server does not do yet; use /v1/completions"));
+        app.MapPost("/v1/chat/completions", async (HttpContext context) =>
+        {
+            var body = await ReadBody(context.Request);
+            var (name, variant, known) = ModelOf(body, server, modelName);
+            if (!known) return Error(404, "NotFoundError", $"The model `{name}` does not exist.");
+            if (chat == null)
+            {
+                throw new BadRequest(chatProblem ?? "the model folder has no chat template (chat_template.jinja or tokenizer_config.json's chat_template); "
+                    + "pass one with --chat-template, or use /v1/completions");
+            }
+
+            var messages = body["messages"] as JsonArray ?? throw new BadRequest("messages must be a list of {role, content}");
+            string prompt = chat.Render(ChatMessages(messages), Flag(body, "add_generation_prompt") ?? true, body["tools"] as JsonArray,
+                body["chat_template_kwargs"] as JsonObject);
+            var request = Sampling(body, prompt, variant, Number(body, "max_completion_tokens") ?? Number(body, "max_tokens")) with { AddBos = false };
+            string id = "chatcmpl-" + Guid.NewGuid().ToString("N");
+            var cancel = context.RequestAborted;
+            if (Flag(body, "stream") == true)
+            {
+                var handle = server.Start(request, cancel);
+                context.Response.ContentType = "text/event-stream";
+                await Event(context.Response, ChatChunk(id, created, name, new JsonObject { ["role"] = "assistant", ["content"] = "" }, null), cancel);
+                await foreach (var piece in handle.Text.ReadAllAsync(cancel))
+                {
+                    await Event(context.Response, ChatChunk(id, created, name, new JsonObject { ["content"] = piece }, null), cancel);
+                }
+
+                var done = await handle.Result;
+                await Event(context.Response, ChatChunk(id, created, name, new JsonObject(), done.FinishReason, Usage(new[] { done })), cancel);
+                await context.Response.WriteAsync("data: [DONE]\n\n", cancel);
+                return Results.Empty;
+            }
+
+            var result = await server.GenerateAsync(request, cancel);
+            return Results.Json(new JsonObject
+            {
+                ["id"] = id,
+                ["object"] = "chat.completion",
+                ["created"] = created,
+                ["model"] = name,
+                ["choices"] = new JsonArray(new JsonObject
+                {
+                    ["index"] = 0,
+                    ["message"] = new JsonObject { ["role"] = "assistant", ["content"] = result.Completion },
+                    ["logprobs"] = null,
+                    ["finish_reason"] = result.FinishReason,
+                }),
+                ["usage"] = Usage(new[] { result }),
+            });
+        });
         app.MapPost("/v1/completions", async (HttpContext context) =>
         {
             var body = await ReadBody(context.Request);
-            string name = Text(body, "model") ?? modelName;
-            string? variant = name == modelName || name == "base" ? null : name;
-            if (!server.Knows(variant)) return Error(404, "NotFoundError", $"The model `{name}` does not exist.");
+            var (name, variant, known) = ModelOf(body, server, modelName);
+            if (!known) return Error(404, "NotFoundError", $"The model `{name}` does not exist.");
             var prompts = body["prompt"] switch
             {
                 JsonArray a => a.Select(p => p?.GetValueKind() == JsonValueKind.String ? p.GetValue<string>() : throw new BadRequest("prompt must be a string or a list of strings")).ToArray(),
                 JsonValue v when v.GetValueKind() == JsonValueKind.String => new[] { v.GetValue<string>() },
                 _ => throw new BadRequest("prompt must be a string or a list of strings (token-id prompts are not supported)"),
             };
-            if (Number(body, "n") is { } n && n != 1) throw new BadRequest("only n = 1 is supported");
-            var requests = prompts.Select(p => new GenerationRequest(p, variant, MaxTokens: (int)(Number(body, "max_tokens") ?? 16),
-                Temperature: (float)(Number(body, "temperature") ?? 1.0), TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: Number(body, "seed") is { } seed ? (int)seed : Random.Shared.Next())
-            {
-                Stop = Stops(body),
-            }).ToArray();
+            var requests = prompts.Select(p => Sampling(body, p, variant, Number(body, "max_tokens"))).ToArray();
             string id = "cmpl-" + Guid.NewGuid().ToString("N");
             var cancel = context.RequestAborted;
-            if (body["stream"] is JsonValue s && s.GetValueKind() == JsonValueKind.True)
+            if (Flag(body, "stream") == true)
             {
                 if (requests.Length != 1) throw new BadRequest("streaming takes one prompt");
                 var handle = server.Start(requests[0], cancel);
@@ -165,6 +211,57 @@ public static class OpenAiEndpoints
         ["usage"] = usage,
     };
 
+    /// <summary>The request's sampling fields (OpenAI's defaults: 16 tokens, temperature 1, a fresh seed when none is given).</summary>
+    private static GenerationRequest Sampling(JsonObject body, string prompt, string? variant, double? maxTokens)
+    {
+        if (Number(body, "n") is { } n && n != 1) throw new BadRequest("only n = 1 is supported");
+        if (body["logprobs"] is JsonValue lp && lp.GetValueKind() is not (JsonValueKind.False or JsonValueKind.Null)) throw new BadRequest("logprobs are not supported");
+        return new GenerationRequest(prompt, variant, MaxTokens: (int)(maxTokens ?? 16), Temperature: (float)(Number(body, "temperature") ?? 1.0),
+            TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: Number(body, "seed") is { } seed ? (int)seed : Random.Shared.Next())
+        {
+            Stop = Stops(body),
+        };
+    }
+
+    /// <summary>The body's model: the base (its served name or "base") is a null variant; whether the server knows it.</summary>
+    private static (string Name, string? Variant, bool Known) ModelOf(JsonObject body, VariantServer server, string modelName)
+    {
+        string name = Text(body, "model") ?? modelName;
+        string? variant = name == modelName || name == "base" ? null : name;
+        return (name, variant, server.Knows(variant));
+    }
+
+    /// <summary>OpenAI messages as templates take them: a content list of text parts becomes one string (joined by newlines, as vLLM does).</summary>
+    private static JsonArray ChatMessages(JsonArray messages)
+    {
+        var result = new JsonArray();
+        foreach (var m in messages)
+        {
+            if (m is not JsonObject o || o["role"]?.GetValueKind() != JsonValueKind.String) throw new BadRequest("each message must be an object with a string role");
+            var copy = o.DeepClone().AsObject();
+            if (o["content"] is JsonArray parts)
+            {
+                copy["content"] = string.Join("\n", parts.Select(p => p is JsonObject po && po["type"]?.GetValue<string>() == "text" && po["text"] is JsonValue t
+                    ? t.GetValue<string>()
+                    : throw new BadRequest("only text content parts are supported")));
+            }
+
+            result.Add(copy);
+        }
+
+        return result;
+    }
+
+    private static JsonObject ChatChunk(string id, long created, string model, JsonObject delta, string? finish, JsonNode? usage = null) => new()
+    {
+        ["id"] = id,
+        ["object"] = "chat.completion.chunk",
+        ["created"] = created,
+        ["model"] = model,
+        ["choices"] = new JsonArray(new JsonObject { ["index"] = 0, ["delta"] = delta, ["logprobs"] = null, ["finish_reason"] = finish }),
+        ["usage"] = usage,
+    };
+
     private static JsonObject Usage(IReadOnlyList<GenerationResult> results) => new()
     {
         ["prompt_tokens"] = results.Sum(r => r.PromptTokens),
@@ -196,6 +293,14 @@ public static class OpenAiEndpoints
         null => null,
         JsonValue v when v.GetValueKind() == JsonValueKind.Number => v.GetValue<double>(),
         _ => throw new BadRequest($"{key} must be a number"),
+    };
+
+    private static bool? Flag(JsonObject body, string key) => body[key] switch
+    {
+        null => null,
+        JsonValue v when v.GetValueKind() is JsonValueKind.True or JsonValueKind.False => v.GetValue<bool>(),
+        JsonValue v when v.GetValueKind() == JsonValueKind.Null => null,
+        _ => throw new BadRequest($"{key} must be true or false"),
     };
 
     private static string[] Stops(JsonObject body) => body["stop"] switch

@@ -59,18 +59,27 @@ public sealed class ChatTemplate
     {
         string configPath = Path.Combine(folder, HfTokenizer.ConfigFile);
         JsonObject? config = File.Exists(configPath) ? ReadObject(configPath) : null;
-        var special = new Dictionary<string, string>();
-        foreach (var key in new[] { "bos_token", "eos_token", "unk_token", "pad_token" })
-        {
-            if (TokenText(config?[key]) is { } text) special[key] = text;
-        }
-
+        var special = SpecialTokensOf(folder);
         string jinjaPath = Path.Combine(folder, JinjaFile);
         if (File.Exists(jinjaPath)) return Parse(File.ReadAllText(jinjaPath), jinjaPath, special);
         if (config?["chat_template"] is { } node) return Parse(TemplateText(node, configPath), configPath + " (chat_template)", special);
         string jsonPath = Path.Combine(folder, "chat_template.json");
         if (File.Exists(jsonPath) && ReadObject(jsonPath)["chat_template"] is { } j) return Parse(TemplateText(j, jsonPath), jsonPath + " (chat_template)", special);
         return null;
+    }
+
+    /// <summary>bos_token, eos_token, unk_token and pad_token of a folder's tokenizer_config.json (those it names).</summary>
+    public static IReadOnlyDictionary<string, string> SpecialTokensOf(string folder)
+    {
+        string configPath = Path.Combine(folder, HfTokenizer.ConfigFile);
+        JsonObject? config = File.Exists(configPath) ? ReadObject(configPath) : null;
+        var special = new Dictionary<string, string>();
+        foreach (var key in new[] { "bos_token", "eos_token", "unk_token", "pad_token" })
+        {
+            if (TokenText(config?[key]) is { } text) special[key] = text;
+        }
+
+        return special;
     }
 
     /// <summary>

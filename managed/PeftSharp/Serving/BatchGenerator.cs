@@ -166,7 +166,7 @@ public static class BatchGenerator
     {
         var tok = model.Tokenizer;
         if (r.MaxTokens < 0) throw new ArgumentException($"{what}: max tokens {r.MaxTokens} is negative");
-        var tokens = tok.EncodeStart("");
+        var tokens = r.AddBos ? tok.EncodeStart("") : new List<int>();
         var ends = new List<int>();
         foreach (var level in r.PrefixLevels)
         {

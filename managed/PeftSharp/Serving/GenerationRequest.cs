@@ -12,6 +12,12 @@ public sealed record GenerationRequest(string Prompt, string? Variant = null, in
     /// <summary>Texts that end the completion where they first appear (the completion is cut before it), as OpenAI's <c>stop</c>.</summary>
     public IReadOnlyList<string> Stop { get; init; } = Array.Empty<string>();
 
+    /// <summary>
+    /// Whether the tokenizer's BOS starts the prompt (default). A prompt rendered from a chat template carries its own
+    /// special tokens and is tokenized without (as Hugging Face's apply_chat_template and vLLM do).
+    /// </summary>
+    public bool AddBos { get; init; } = true;
+
     /// <summary>The told prefix levels, root first.</summary>
     public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
 }

@@ -4,7 +4,9 @@ using System.Net.Http.Json;
 using System.Text.Json.Nodes;
 using NUnit.Framework;
 using OpenAI;
+using OpenAI.Chat;
 using OpenAI.Models;
+using PeftSharp.Data;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;
@@ -12,10 +14,11 @@ using PeftSharp.Serving;
 using PeftSharp.Tests.Infrastructure;
 using PeftSharp.Tests.Managed;
 using PeftSharp.Trainer.Commands;
+using PeftSharp.Variants;
 
 namespace PeftSharp.Tests.Host;
 
-/// <summary>`peft serve`'s endpoints over loopback HTTP: completions (plain and streamed), models, adapters loaded and unloaded live, metrics.</summary>
+/// <summary>`peft serve`'s endpoints over loopback HTTP: completions and chat (plain and streamed, also through the official OpenAI client), models, adapters loaded and unloaded live, metrics.</summary>
 public sealed class ServeTests : TempDirectoryTest
 {
     [Test]
@@ -74,10 +77,87 @@ public sealed class ServeTests : TempDirectoryTest
         Assert.That(JsonNode.Parse(await unknown.Content.ReadAsStringAsync())!["error"]!["message"]!.GetValue<string>(), Does.Contain("nope"));
         var bad = await http.PostAsJsonAsync("/v1/completions", new { model = "tiny", prompt = 5 });
         Assert.That(bad.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
-        Assert.That((await http.PostAsJsonAsync("/v1/chat/completions", new { model = "tiny" })).StatusCode, Is.EqualTo(HttpStatusCode.NotImplemented));
+        var noTemplate = await http.PostAsJsonAsync("/v1/chat/completions", new { model = "tiny", messages = new[] { new { role = "user", content = "x" } } });
+        Assert.That(noTemplate.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
+        Assert.That(await noTemplate.Content.ReadAsStringAsync(), Does.Contain("chat template"));
         Assert.That((await http.PostAsJsonAsync("/v1/unload_lora_adapter", new { lora_name = "ad" })).StatusCode, Is.EqualTo(HttpStatusCode.OK));
         Assert.That((await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = "x" })).StatusCode, Is.EqualTo(HttpStatusCode.NotFound));
         Assert.That((await http.PostAsJsonAsync("/v1/unload_lora_adapter", new { lora_name = "ad" })).StatusCode, Is.EqualTo(HttpStatusCode.NotFound));
+        await app.StopAsync();
+    }
+
+    [Test]
+    public async Task ChatCompletions_WithTheOpenAiClient_AdapterAsModel_StreamedOrNot_LoadUnloadWhileRunning()
+    {
+        using var device = new CpuDevice();
+        using var model = ServingTests.UnitScaleTiny(device, 43);
+        string Save(string name, int seed)
+        {
+            string folder = Path.Combine(TempDir, name);
+            ServingTests.Adapter(model.Config, 4, LoraAdapterConfig.LlamaLinear, seed, scaleB: 0.5f).Save(folder, model.Config);
+            return folder;
+        }
+
+        string first = Save("ad", 500), second = Save("ad2", 501);
+        const string source = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %}"
+            + "{% if messages[-1].role == 'system' %}{{ raise_exception('a system message cannot come last') }}{% endif %}"
+            + "{% if add_generation_prompt %}<assistant>{% endif %}";
+        var template = ChatTemplate.Parse(source, "test template", new Dictionary<string, string> { ["bos_token"] = "^" });
+        using var server = new VariantServer(model, new VariantServerOptions { MaxLoras = 2 });
+        server.Load("ad", VariantFolder.Load(first, model));
+        await using var app = OpenAiEndpoints.Build(server, "tiny", "http://127.0.0.1:0", template);
+        await app.StartAsync();
+        var endpoint = new Uri(new Uri(app.Urls.First()), "/v1");
+        ChatClient Client(string name) => new(name, new ApiKeyCredential("unused"), new OpenAIClientOptions { Endpoint = endpoint });
+        var options = new ChatCompletionOptions { MaxOutputTokenCount = 8, Temperature = 0 };
+        ChatMessage[] conversation = { new SystemChatMessage("be brief"), new UserChatMessage("hello ") };
+        string rendered = "^<system>be brief\n<user>hello\n<assistant>";
+        Assert.That(template.Render(new JsonArray(new JsonObject { ["role"] = "system", ["content"] = "be brief" }, new JsonObject { ["role"] = "user", ["content"] = "hello " })),
+            Is.EqualTo(rendered));
+        async Task<string> Alone(string? variant, int tokens) =>
+            (await server.GenerateAsync(new GenerationRequest(rendered, variant, MaxTokens: tokens) { AddBos = false })).Completion;
+
+        string expectedAd = await Alone("ad", 8), expectedBase = await Alone(null, 8);
+        Assert.That(expectedAd, Is.Not.EqualTo(expectedBase), "the adapter changes the output, so serving the wrong one would show");
+        var plain = (await Client("ad").CompleteChatAsync(conversation, options)).Value;
+        Assert.That(plain.Content[0].Text, Is.EqualTo(expectedAd));
+        Assert.That(plain.Usage.OutputTokenCount, Is.LessThanOrEqualTo(8));
+        Assert.That(plain.Usage.InputTokenCount, Is.EqualTo(model.Tokenizer.Encode(rendered).Length), "the rendered prompt, no BOS added on top");
+        Assert.That((await Client("tiny").CompleteChatAsync(conversation, options)).Value.Content[0].Text, Is.EqualTo(expectedBase));
+        string streamed = "";
+        await foreach (var update in Client("ad").CompleteChatStreamingAsync(conversation, options))
+        {
+            streamed += string.Concat(update.ContentUpdate.Select(p => p.Text));
+        }
+
+        Assert.That(streamed, Is.EqualTo(expectedAd));
+
+        // While a long streamed chat on "ad" runs: load "ad2" and unload "ad". The running one finishes unchanged.
+        using var http = new HttpClient { BaseAddress = new Uri(app.Urls.First()) };
+        string expectedLong = await Alone("ad", 40);
+        var longOptions = new ChatCompletionOptions { MaxOutputTokenCount = 40, Temperature = 0 };
+        string running = "";
+        bool changed = false;
+        await foreach (var update in Client("ad").CompleteChatStreamingAsync(conversation, longOptions))
+        {
+            running += string.Concat(update.ContentUpdate.Select(p => p.Text));
+            if (changed || running.Length == 0) continue;
+            changed = true;
+            Assert.That((await http.PostAsJsonAsync("/v1/load_lora_adapter", new { lora_name = "ad2", lora_path = second })).StatusCode, Is.EqualTo(HttpStatusCode.OK));
+            Assert.That((await http.PostAsJsonAsync("/v1/unload_lora_adapter", new { lora_name = "ad" })).StatusCode, Is.EqualTo(HttpStatusCode.OK));
+        }
+
+        Assert.That(changed, Is.True, "the load and unload happened while the request ran");
+        Assert.That(running, Is.EqualTo(expectedLong));
+        var gone = Assert.ThrowsAsync<ClientResultException>(async () => await Client("ad").CompleteChatAsync(conversation, options))!;
+        Assert.That(gone.Status, Is.EqualTo(404));
+        string expectedAd2 = await Alone("ad2", 8);
+        Assert.That((await Client("ad2").CompleteChatAsync(conversation, options)).Value.Content[0].Text, Is.EqualTo(expectedAd2));
+
+        // The template's raise_exception reaches the client as a 400 with its message.
+        var refused = Assert.ThrowsAsync<ClientResultException>(async () => await Client("tiny").CompleteChatAsync(new ChatMessage[] { new SystemChatMessage("x") }, options))!;
+        Assert.That(refused.Status, Is.EqualTo(400));
+        Assert.That(refused.Message, Does.Contain("a system message cannot come last"));
         await app.StopAsync();
     }
 
