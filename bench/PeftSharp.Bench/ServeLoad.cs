@@ -1,8 +1,11 @@
 using System.Diagnostics;
+using System.Text;
+using System.Text.Json.Nodes;
 using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 using PeftSharp.Serving;
+using PeftSharp.Trainer.Commands;
 
 namespace PeftSharp.Bench;
 
@@ -12,7 +15,8 @@ namespace PeftSharp.Bench;
 /// greedy, fixed max tokens so every mode generates the same token count), run (1) one at a time through a
 /// <see cref="VariantServer"/>, (2) by N concurrent clients against it (continuous batching), (3) as one closed
 /// <see cref="BatchGenerator"/> batch. Reports generated tokens/s, time to first token (the first streamed piece)
-/// and per-token latency percentiles. In-process: the HTTP server (issue 20) is not built yet.
+/// and per-token latency percentiles. The same two client modes run again over HTTP: `peft serve`'s endpoints
+/// (<see cref="OpenAiEndpoints"/>, Kestrel on 127.0.0.1) with streamed /v1/completions, one HttpClient per client.
 /// </summary>
 internal static class ServeLoad
 {
@@ -29,12 +33,13 @@ internal static class ServeLoad
         var adapters = Enumerable.Range(0, 8).ToDictionary(i => "lora" + i, i => RandomLora(config, 8, 100 + i));
         var requests = Enumerable.Range(0, count).Select(i => new GenerationRequest(
             "Request " + i + ": " + new string((char)('a' + i % 26), 20 + rng.Next(40)), i % 9 == 8 ? null : "lora" + i % 8, MaxTokens: maxTokens)).ToArray();
-        // Stop tokens off: every request generates maxTokens, so all modes do the same work.
+        // Stop tokens off: every request generates maxTokens, so all modes do the same work. The prefix cache is off too:
+        // the modes run the same prompts one after another, and cached prompts would skip the later modes' prefill.
         model.StopTokens = Array.Empty<int>();
         Console.WriteLine($"// {size} model ({model.ParameterCount:N0} parameters), {count} requests over 8 LoRA adapters (rank 8, all linear) and the base, " +
             $"prompts 30-70 bytes, {maxTokens} new tokens each, {Environment.ProcessorCount} threads, {device.Info.Detail}");
 
-        using var server = new VariantServer(model, new VariantServerOptions { MaxRows = clients, MaxLoras = 8 });
+        using var server = new VariantServer(model, new VariantServerOptions { MaxRows = clients, MaxLoras = 8, PrefixCache = false });
         foreach (var (name, a) in adapters) server.Load(name, a);
         Measure(server, requests.Take(clients).ToArray(), clients); // warm-up: JIT and every adapter resident once
         var lone = Measure(server, requests, 1);
@@ -47,13 +52,77 @@ internal static class ServeLoad
         }
 
         double closed = count * maxTokens / sw.Elapsed.TotalSeconds;
+        HttpRows http;
+        using (var app = OpenAiEndpoints.Build(server, "bench", "http://127.0.0.1:0"))
+        {
+            app.StartAsync().GetAwaiter().GetResult();
+            var url = new Uri(app.Urls.First());
+            MeasureHttp(url, requests.Take(clients).ToArray(), clients); // warm-up: the HTTP path's JIT
+            http = new HttpRows(MeasureHttp(url, requests, 1), MeasureHttp(url, requests, clients));
+            app.StopAsync().GetAwaiter().GetResult();
+        }
+
         Console.WriteLine("| mode | tokens/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | per-token p50 ms | per-token p90 ms |");
         Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         Row("one at a time", lone);
         Row($"{clients} concurrent clients", concurrent);
+        Row("one at a time, HTTP (127.0.0.1)", http.Lone);
+        Row($"{clients} concurrent clients, HTTP (127.0.0.1)", http.Concurrent);
         Console.WriteLine($"| closed batch (`generate --requests`) | {closed:F1} | | | | | |");
         Console.WriteLine($"// continuous batching / one at a time: {concurrent.Rate / lone.Rate:F2}x throughput; " +
             $"p50 TTFT {Percentile(concurrent.Ttft, 50) / Percentile(lone.Ttft, 50):F2}x a lone request's");
+        Console.WriteLine($"// over HTTP: {http.Concurrent.Rate / http.Lone.Rate:F2}x throughput; " +
+            $"p50 TTFT {Percentile(http.Concurrent.Ttft, 50) / Percentile(http.Lone.Ttft, 50):F2}x a lone request's");
+    }
+
+    private sealed record HttpRows((double Rate, double[] Ttft, double[] PerToken) Lone, (double Rate, double[] Ttft, double[] PerToken) Concurrent);
+
+    /// <summary>
+    /// As <see cref="Measure"/>, through the HTTP server: each client POSTs streamed /v1/completions (greedy, the
+    /// request's max tokens) and reads the server-sent events; the first event with text is the first token, the
+    /// last event's usage gives the token count.
+    /// </summary>
+    private static (double Rate, double[] Ttft, double[] PerToken) MeasureHttp(Uri url, GenerationRequest[] requests, int clients)
+    {
+        var ttft = new double[requests.Length];
+        var perToken = new double[requests.Length];
+        int next = -1;
+        long tokens = 0;
+        var sw = Stopwatch.StartNew();
+        var workers = Enumerable.Range(0, clients).Select(_ => Task.Run(async () =>
+        {
+            using var http = new HttpClient { BaseAddress = url, Timeout = TimeSpan.FromMinutes(10) };
+            int i;
+            while ((i = Interlocked.Increment(ref next)) < requests.Length)
+            {
+                var r = requests[i];
+                var body = new JsonObject
+                {
+                    ["model"] = r.Variant ?? "bench", ["prompt"] = r.Prompt, ["max_tokens"] = r.MaxTokens, ["temperature"] = 0, ["stream"] = true,
+                };
+                long start = Stopwatch.GetTimestamp();
+                double first = -1;
+                int count = 0;
+                using var message = new HttpRequestMessage(HttpMethod.Post, "/v1/completions") { Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json") };
+                using var response = await http.SendAsync(message, HttpCompletionOption.ResponseHeadersRead);
+                response.EnsureSuccessStatusCode();
+                using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
+                while (await reader.ReadLineAsync() is { } line)
+                {
+                    if (!line.StartsWith("data: {", StringComparison.Ordinal)) continue;
+                    var chunk = JsonNode.Parse(line["data: ".Length..])!;
+                    if (first < 0 && chunk["choices"]![0]!["text"]!.GetValue<string>().Length > 0) first = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                    if (chunk["usage"] is JsonObject usage) count = usage["completion_tokens"]!.GetValue<int>();
+                }
+
+                double total = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                ttft[i] = first < 0 ? total : first;
+                perToken[i] = count > 1 ? (total - ttft[i]) / (count - 1) : 0;
+                Interlocked.Add(ref tokens, count);
+            }
+        })).ToArray();
+        Task.WaitAll(workers);
+        return (tokens / sw.Elapsed.TotalSeconds, ttft, perToken);
     }
 
     private static void Row(string mode, (double Rate, double[] Ttft, double[] PerToken) m) =>

@@ -186,6 +186,7 @@ public static class OpenAiEndpoints
         Metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", F(s.Running), label);
         Metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", F(s.Waiting), label);
         Metric("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage: the fraction of KV blocks in use (1 means 100 percent).", F(s.KvUsage), label);
+        Metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage (vLLM's newer name for the same figure).", F(s.KvUsage), label);
         Metric("vllm:lora_requests_info", "gauge", "Running stats on LoRA requests.", F(DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0),
             $"max_lora=\"{s.MaxLoras}\",running_lora_adapters=\"{string.Join(",", s.RunningAdapters)}\",waiting_lora_adapters=\"{string.Join(",", s.WaitingAdapters)}\"");
         Metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", F(s.PromptTokens), label);

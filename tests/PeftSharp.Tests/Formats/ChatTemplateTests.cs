@@ -96,6 +96,7 @@ public sealed class ChatTemplateTests
 
     [TestCase("{{ x | no_such_filter }}", "no_such_filter")]
     [TestCase("{{ x is no_such_test }}", "no_such_test")]
+    [TestCase("{{ 'x'.replace() }}", "line 2")]
     public void Render_UnknownFilterOrTest_IsRefusedWithLine(string source, string name)
     {
         var t = ChatTemplate.Parse("a\n" + source, "tpl.jinja");
@@ -121,7 +122,10 @@ public sealed class ChatTemplateTests
         {
             Assert.That(ChatTemplate.ForFolder(dir), Is.Null, "no template");
             File.WriteAllText(Path.Combine(dir, "tokenizer_config.json"),
-                """{"bos_token": {"content": "<B>"}, "eos_token": "<E>", "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}cfg{{ eos_token }}"}]}""");
+                """
+                {"bos_token": {"content": "<B>"}, "eos_token": "<E>",
+                 "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}cfg{{ eos_token }}"}]}
+                """);
             var messages = new JsonArray();
             Assert.That(ChatTemplate.ForFolder(dir)!.Render(messages), Is.EqualTo("<B>cfg<E>"), "the list's default template, special tokens as objects or strings");
             File.WriteAllText(Path.Combine(dir, ChatTemplate.JinjaFile), "{{ bos_token }}jinja");

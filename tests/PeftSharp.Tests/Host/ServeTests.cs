@@ -18,7 +18,10 @@ using PeftSharp.Variants;
 
 namespace PeftSharp.Tests.Host;
 
-/// <summary>`peft serve`'s endpoints over loopback HTTP: completions and chat (plain and streamed, also through the official OpenAI client), models, adapters loaded and unloaded live, metrics.</summary>
+/// <summary>
+/// `peft serve`'s endpoints over loopback HTTP: completions and chat (plain and streamed, also through the official
+/// OpenAI client), models, adapters loaded and unloaded live, metrics.
+/// </summary>
 public sealed class ServeTests : TempDirectoryTest
 {
     [Test]

@@ -145,7 +145,8 @@ internal sealed partial class JinjaInterpreter
             "find" => new Callable(name, (a, _) => (long)s.IndexOf(Str(a[0]), StringComparison.Ordinal)),
             "rfind" => new Callable(name, (a, _) => (long)s.LastIndexOf(Str(a[0]), StringComparison.Ordinal)),
             "count" => new Callable(name, (a, _) => (long)CountOf(s, Str(a[0]))),
-            "join" => new Callable(name, (a, _) => string.Join(s, Iterate(a[0], "join").Select(x => x is string xs ? xs : throw new JinjaError($"sequence item: expected str instance, {TypeName(x)} found")))),
+            "join" => new Callable(name, (a, _) => string.Join(s, Iterate(a[0], "join")
+                .Select(x => x is string xs ? xs : throw new JinjaError($"sequence item: expected str instance, {TypeName(x)} found")))),
             "isdigit" => new Callable(name, (_, _) => s.Length > 0 && s.All(char.IsDigit)),
             "isalpha" => new Callable(name, (_, _) => s.Length > 0 && s.All(char.IsLetter)),
             "isspace" => new Callable(name, (_, _) => s.Length > 0 && s.All(char.IsWhiteSpace)),
@@ -459,7 +460,8 @@ internal sealed partial class JinjaInterpreter
                 var seen = new List<object?>();
                 foreach (var x in Iterate(v, "unique"))
                 {
-                    if (!seen.Any(s => x is string xs && s is string ss && !Truthy(A(0, "case_sensitive", false)) ? string.Equals(xs, ss, StringComparison.OrdinalIgnoreCase) : Equal(s, x))) seen.Add(x);
+                    bool ignoreCase = !Truthy(A(0, "case_sensitive", false));
+                    if (!seen.Any(s => x is string xs && s is string ss && ignoreCase ? string.Equals(xs, ss, StringComparison.OrdinalIgnoreCase) : Equal(s, x))) seen.Add(x);
                 }
 
                 return seen;

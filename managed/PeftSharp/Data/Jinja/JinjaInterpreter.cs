@@ -59,6 +59,11 @@ internal sealed partial class JinjaInterpreter
             {
                 throw new JinjaError(e.Message, node.Line, e.Raised);
             }
+            catch (Exception e) when (e is ArgumentException or IndexOutOfRangeException or InvalidCastException or OverflowException or FormatException)
+            {
+                // A builtin called with arguments it cannot take ('x'.replace(), 'a' * 10**12): the template's error, with its line.
+                throw new JinjaError(e.Message, node.Line);
+            }
 
             if (flow != Flow.Normal) return flow;
         }
