@@ -80,57 +80,59 @@ internal static class ServeLoad
     /// <summary>
     /// As <see cref="Measure"/>, through the HTTP server: each client POSTs streamed /v1/completions (greedy, the
     /// request's max tokens) and reads the server-sent events; the first event with text is the first token, the
-    /// last event's usage gives the token count.
+    /// last event's usage gives the token count. One HttpClient, which opens a connection per concurrent request.
     /// </summary>
     private static (double Rate, double[] Ttft, double[] PerToken) MeasureHttp(Uri url, GenerationRequest[] requests, int clients)
     {
-        var ttft = new double[requests.Length];
-        var perToken = new double[requests.Length];
-        int next = -1;
-        long tokens = 0;
-        var sw = Stopwatch.StartNew();
-        var workers = Enumerable.Range(0, clients).Select(_ => Task.Run(async () =>
+        using var http = new HttpClient { BaseAddress = url, Timeout = TimeSpan.FromMinutes(10) };
+        return Drive(requests, clients, async (r, start) =>
         {
-            using var http = new HttpClient { BaseAddress = url, Timeout = TimeSpan.FromMinutes(10) };
-            int i;
-            while ((i = Interlocked.Increment(ref next)) < requests.Length)
+            var body = new JsonObject
             {
-                var r = requests[i];
-                var body = new JsonObject
-                {
-                    ["model"] = r.Variant ?? "bench", ["prompt"] = r.Prompt, ["max_tokens"] = r.MaxTokens, ["temperature"] = 0, ["stream"] = true,
-                };
-                long start = Stopwatch.GetTimestamp();
-                double first = -1;
-                int count = 0;
-                using var message = new HttpRequestMessage(HttpMethod.Post, "/v1/completions") { Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json") };
-                using var response = await http.SendAsync(message, HttpCompletionOption.ResponseHeadersRead);
-                response.EnsureSuccessStatusCode();
-                using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
-                while (await reader.ReadLineAsync() is { } line)
-                {
-                    if (!line.StartsWith("data: {", StringComparison.Ordinal)) continue;
-                    var chunk = JsonNode.Parse(line["data: ".Length..])!;
-                    if (first < 0 && chunk["choices"]![0]!["text"]!.GetValue<string>().Length > 0) first = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-                    if (chunk["usage"] is JsonObject usage) count = usage["completion_tokens"]!.GetValue<int>();
-                }
-
-                double total = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-                ttft[i] = first < 0 ? total : first;
-                perToken[i] = count > 1 ? (total - ttft[i]) / (count - 1) : 0;
-                Interlocked.Add(ref tokens, count);
+                ["model"] = r.Variant ?? "bench", ["prompt"] = r.Prompt, ["max_tokens"] = r.MaxTokens, ["temperature"] = 0, ["stream"] = true,
+            };
+            double first = -1;
+            int count = 0;
+            using var message = new HttpRequestMessage(HttpMethod.Post, "/v1/completions") { Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json") };
+            using var response = await http.SendAsync(message, HttpCompletionOption.ResponseHeadersRead);
+            response.EnsureSuccessStatusCode();
+            using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
+            while (await reader.ReadLineAsync() is { } line)
+            {
+                if (!line.StartsWith("data: {", StringComparison.Ordinal)) continue;
+                var chunk = JsonNode.Parse(line["data: ".Length..])!;
+                if (first < 0 && chunk["choices"]![0]!["text"]!.GetValue<string>().Length > 0) first = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                if (chunk["usage"] is JsonObject usage) count = usage["completion_tokens"]!.GetValue<int>();
             }
-        })).ToArray();
-        Task.WaitAll(workers);
-        return (tokens / sw.Elapsed.TotalSeconds, ttft, perToken);
+
+            return (first, count);
+        });
     }
 
     private static void Row(string mode, (double Rate, double[] Ttft, double[] PerToken) m) =>
         Console.WriteLine($"| {mode} | {m.Rate:F1} | {Percentile(m.Ttft, 50):F1} | {Percentile(m.Ttft, 90):F1} | {Percentile(m.Ttft, 99):F1} | " +
             $"{Percentile(m.PerToken, 50):F2} | {Percentile(m.PerToken, 90):F2} |");
 
-    /// <summary>Clients each take the next request and stream it to the end; times in milliseconds.</summary>
-    private static (double Rate, double[] Ttft, double[] PerToken) Measure(VariantServer server, GenerationRequest[] requests, int clients)
+    /// <summary>Clients each take the next request and stream it to the end through the library; times in milliseconds.</summary>
+    private static (double Rate, double[] Ttft, double[] PerToken) Measure(VariantServer server, GenerationRequest[] requests, int clients) =>
+        Drive(requests, clients, async (r, start) =>
+        {
+            double first = -1;
+            var handle = server.Start(r);
+            await foreach (var _ in handle.Text.ReadAllAsync())
+            {
+                if (first < 0) first = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            }
+
+            return (first, (await handle.Result).Tokens);
+        });
+
+    /// <summary>
+    /// <paramref name="clients"/> workers each take the next request and run it to the end with <paramref name="run"/>
+    /// (given the start timestamp; it answers the time to its first text, or -1, and the tokens generated).
+    /// </summary>
+    private static (double Rate, double[] Ttft, double[] PerToken) Drive(GenerationRequest[] requests, int clients,
+        Func<GenerationRequest, long, Task<(double First, int Tokens)>> run)
     {
         var ttft = new double[requests.Length];
         var perToken = new double[requests.Length];
@@ -143,18 +145,11 @@ internal static class ServeLoad
             while ((i = Interlocked.Increment(ref next)) < requests.Length)
             {
                 long start = Stopwatch.GetTimestamp();
-                double first = -1;
-                var handle = server.Start(requests[i]);
-                await foreach (var _ in handle.Text.ReadAllAsync())
-                {
-                    if (first < 0) first = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-                }
-
-                var result = await handle.Result;
+                var (first, count) = await run(requests[i], start);
                 double total = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
                 ttft[i] = first < 0 ? total : first;
-                perToken[i] = result.Tokens > 1 ? (total - ttft[i]) / (result.Tokens - 1) : 0;
-                Interlocked.Add(ref tokens, result.Tokens);
+                perToken[i] = count > 1 ? (total - ttft[i]) / (count - 1) : 0;
+                Interlocked.Add(ref tokens, count);
             }
         })).ToArray();
         Task.WaitAll(workers);

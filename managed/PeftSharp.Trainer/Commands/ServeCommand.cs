@@ -25,7 +25,7 @@ internal static class ServeCommand
         {
             Description = "A Jinja chat template file for /v1/chat/completions (default: the model folder's chat_template.jinja or tokenizer_config.json's)",
         };
-        var serve = new Command("serve", "Serve the model and its variants over HTTP: OpenAI's /v1/completions and /v1/models, vLLM's adapter loading, /metrics, /health.");
+        var serve = new Command("serve", "Serve the model and its variants over HTTP: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, vLLM's adapter loading, /metrics, /health.");
         foreach (var opt in new Option[] { o.Device, o.Model, adapters, host, port, name, maxRows, maxLoras, kvBlocks, chatTemplate }) serve.Options.Add(opt);
         serve.SetAction(async (r, cancel) =>
         {
