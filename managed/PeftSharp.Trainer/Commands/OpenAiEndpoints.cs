@@ -84,17 +84,10 @@ public static class OpenAiEndpoints
             var cancel = context.RequestAborted;
             if (Flag(body, "stream") == true)
             {
-                var handle = server.Start(request, cancel);
-                context.Response.ContentType = "text/event-stream";
-                await Event(context.Response, ChatChunk(id, created, name, new JsonObject { ["role"] = "assistant", ["content"] = "" }, null), cancel);
-                await foreach (var piece in handle.Text.ReadAllAsync(cancel))
-                {
-                    await Event(context.Response, ChatChunk(id, created, name, new JsonObject { ["content"] = piece }, null), cancel);
-                }
-
-                var done = await handle.Result;
-                await Event(context.Response, ChatChunk(id, created, name, new JsonObject(), done.FinishReason, Usage(new[] { done })), cancel);
-                await context.Response.WriteAsync("data: [DONE]\n\n", cancel);
+                await Stream(context, server.Start(request, cancel),
+                    piece => ChatChunk(id, created, name, new JsonObject { ["content"] = piece }, null),
+                    done => ChatChunk(id, created, name, new JsonObject(), done.FinishReason, Usage(new[] { done })),
+                    ChatChunk(id, created, name, new JsonObject { ["role"] = "assistant", ["content"] = "" }, null));
                 return Results.Empty;
             }
 
@@ -132,12 +125,9 @@ public static class OpenAiEndpoints
             if (Flag(body, "stream") == true)
             {
                 if (requests.Length != 1) throw new BadRequest("streaming takes one prompt");
-                var handle = server.Start(requests[0], cancel);
-                context.Response.ContentType = "text/event-stream";
-                await foreach (var piece in handle.Text.ReadAllAsync(cancel)) await Event(context.Response, Chunk(id, created, name, piece, null), cancel);
-                var done = await handle.Result;
-                await Event(context.Response, Chunk(id, created, name, "", done.FinishReason, Usage(new[] { done })), cancel);
-                await context.Response.WriteAsync("data: [DONE]\n\n", cancel);
+                await Stream(context, server.Start(requests[0], cancel),
+                    piece => Chunk(id, created, name, piece, null),
+                    done => Chunk(id, created, name, "", done.FinishReason, Usage(new[] { done })));
                 return Results.Empty;
             }
 
@@ -269,6 +259,21 @@ public static class OpenAiEndpoints
         ["completion_tokens"] = results.Sum(r => r.Tokens),
         ["total_tokens"] = results.Sum(r => r.PromptTokens + r.Tokens),
     };
+
+    /// <summary>
+    /// A request's text as server-sent events: <paramref name="first"/> when given, one event per streamed piece, the
+    /// last event from the result (finish reason, usage), then <c>[DONE]</c>.
+    /// </summary>
+    private static async Task Stream(HttpContext context, ServerRequest handle, Func<string, JsonNode> piece, Func<GenerationResult, JsonNode> last,
+        JsonNode? first = null)
+    {
+        var cancel = context.RequestAborted;
+        context.Response.ContentType = "text/event-stream";
+        if (first != null) await Event(context.Response, first, cancel);
+        await foreach (var text in handle.Text.ReadAllAsync(cancel)) await Event(context.Response, piece(text), cancel);
+        await Event(context.Response, last(await handle.Result), cancel);
+        await context.Response.WriteAsync("data: [DONE]\n\n", cancel);
+    }
 
     private static async Task Event(HttpResponse response, JsonNode data, CancellationToken cancel)
     {

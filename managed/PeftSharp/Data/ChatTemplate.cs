@@ -58,25 +58,26 @@ public sealed class ChatTemplate
     public static ChatTemplate? ForFolder(string folder)
     {
         string configPath = Path.Combine(folder, HfTokenizer.ConfigFile);
-        JsonObject? config = File.Exists(configPath) ? ReadObject(configPath) : null;
-        var special = SpecialTokensOf(folder);
+        var config = HfTokenizer.ReadJson(configPath);
+        var special = SpecialTokensIn(config);
         string jinjaPath = Path.Combine(folder, JinjaFile);
         if (File.Exists(jinjaPath)) return Parse(File.ReadAllText(jinjaPath), jinjaPath, special);
         if (config?["chat_template"] is { } node) return Parse(TemplateText(node, configPath), configPath + " (chat_template)", special);
         string jsonPath = Path.Combine(folder, "chat_template.json");
-        if (File.Exists(jsonPath) && ReadObject(jsonPath)["chat_template"] is { } j) return Parse(TemplateText(j, jsonPath), jsonPath + " (chat_template)", special);
+        if (HfTokenizer.ReadJson(jsonPath)?["chat_template"] is { } j) return Parse(TemplateText(j, jsonPath), jsonPath + " (chat_template)", special);
         return null;
     }
 
     /// <summary>bos_token, eos_token, unk_token and pad_token of a folder's tokenizer_config.json (those it names).</summary>
-    public static IReadOnlyDictionary<string, string> SpecialTokensOf(string folder)
+    public static IReadOnlyDictionary<string, string> SpecialTokensOf(string folder) =>
+        SpecialTokensIn(HfTokenizer.ReadJson(Path.Combine(folder, HfTokenizer.ConfigFile)));
+
+    private static Dictionary<string, string> SpecialTokensIn(JsonObject? config)
     {
-        string configPath = Path.Combine(folder, HfTokenizer.ConfigFile);
-        JsonObject? config = File.Exists(configPath) ? ReadObject(configPath) : null;
         var special = new Dictionary<string, string>();
         foreach (var key in new[] { "bos_token", "eos_token", "unk_token", "pad_token" })
         {
-            if (TokenText(config?[key]) is { } text) special[key] = text;
+            if (HfTokenizer.TokenText(config?[key]) is { } text) special[key] = text;
         }
 
         return special;
@@ -117,18 +118,6 @@ public sealed class ChatTemplate
         }
     }
 
-    private static JsonObject ReadObject(string path)
-    {
-        try
-        {
-            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new PeftSharpInputException($"{path}: not a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new PeftSharpInputException($"{path}: not valid JSON: {e.Message}", e);
-        }
-    }
-
     private static string TemplateText(JsonNode node, string path) => node switch
     {
         JsonValue v when v.GetValueKind() == JsonValueKind.String => v.GetValue<string>(),
@@ -137,12 +126,5 @@ public sealed class ChatTemplate
             ? t.GetValue<string>()
             : throw new PeftSharpInputException($"{path}: chat_template is a list of named templates without one named \"default\""),
         _ => throw new PeftSharpInputException($"{path}: chat_template must be a string or a list of {{name, template}}"),
-    };
-
-    private static string? TokenText(JsonNode? node) => node switch
-    {
-        JsonValue v when v.GetValueKind() == JsonValueKind.String => v.GetValue<string>(),
-        JsonObject o when o["content"] is JsonValue c && c.GetValueKind() == JsonValueKind.String => c.GetValue<string>(),
-        _ => null,
     };
 }

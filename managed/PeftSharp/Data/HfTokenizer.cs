@@ -197,7 +197,8 @@ public sealed partial class HfTokenizer : ITokenizer
         return text.ToString();
     }
 
-    private static JsonObject? ReadJson(string path)
+    /// <summary>A JSON object file, or null when the file is absent; malformed JSON names the file.</summary>
+    internal static JsonObject? ReadJson(string path)
     {
         if (!File.Exists(path)) return null;
         try
@@ -442,7 +443,7 @@ public sealed partial class HfTokenizer : ITokenizer
     }
 
     /// <summary>A token in tokenizer_config.json: "text" or {"content": "text", ...}.</summary>
-    private static string? TokenText(JsonNode? node) => node switch
+    internal static string? TokenText(JsonNode? node) => node switch
     {
         JsonValue v when v.TryGetValue<string>(out var s) => s,
         JsonObject o when o["content"] is JsonValue c => c.Value<string>(),
