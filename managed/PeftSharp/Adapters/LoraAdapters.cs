@@ -73,6 +73,7 @@ internal sealed class LoraAdapters
     /// </summary>
     public void Add(LoraAdapterConfig config, int seed, bool freezeBase = true, PeftLoraAdapter? from = null, bool trainA = true)
     {
+        if (from != null) LoraMerge.RefuseActivated(from, "trained from");
         if (from is { Saved.Count: > 0 }) throw new NotSupportedException($"training from an adapter with modules_to_save ({string.Join(", ", from.Saved.Keys)}) is not supported");
         if (from != null && from.Config.LoraBias != config.LoraBias) throw new ArgumentException($"the adapter to start from has lora_bias {from.Config.LoraBias}, the config {config.LoraBias}");
         var rng = new Random(seed);

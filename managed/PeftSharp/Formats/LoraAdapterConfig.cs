@@ -50,6 +50,31 @@ public sealed record LoraAdapterConfig
     public string? BaseModelNameOrPath { get; init; }
     public string TaskType { get; init; } = "CAUSAL_LM";
 
+    /// <summary>
+    /// PEFT's alora_invocation_tokens: an activated LoRA (aLoRA), which adapts a sequence only from the start of the
+    /// last occurrence of these tokens on; positions before it are the base model's, so a server reuses the base's KV
+    /// cache for them. Null: an ordinary LoRA. Such an adapter is never merged into weights.
+    /// </summary>
+    public IReadOnlyList<int>? AloraInvocationTokens { get; init; }
+
+    /// <summary>
+    /// Where an activated LoRA starts adapting <paramref name="tokens"/> (T): the start of the last occurrence of
+    /// <see cref="AloraInvocationTokens"/>, as PEFT's calculate_alora_offsets finds it; -1 when they do not occur (PEFT
+    /// then runs the base model for the whole sequence). 0 for an ordinary LoRA (every position adapted).
+    /// </summary>
+    public int InvocationStart(IReadOnlyList<int> tokens)
+    {
+        if (AloraInvocationTokens is not { } inv) return 0;
+        for (int start = tokens.Count - inv.Count; start >= 0; start--)
+        {
+            int k = 0;
+            while (k < inv.Count && tokens[start + k] == inv[k]) k++;
+            if (k == inv.Count) return start;
+        }
+
+        return -1;
+    }
+
     /// <summary>The seven linear layers of a Llama block, as PEFT's "all-linear" selects them (the LM head excluded).</summary>
     public static readonly string[] LlamaLinear = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" };
 

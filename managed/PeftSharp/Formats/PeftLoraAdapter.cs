@@ -39,7 +39,7 @@ public sealed class PeftLoraAdapter : IVariant
 
     public LoraAdapterConfig Config { get; }
 
-    public string Kind => Config.UseDora ? "DoRA" : "LoRA";
+    public string Kind => Config.UseDora ? "DoRA" : Config.AloraInvocationTokens != null ? "aLoRA" : "LoRA";
 
     public string Summary => $"{Modules.Count} {Kind} modules (r = {Config.R}, alpha = {Config.LoraAlpha}{(Config.UseRsLora ? ", rsLoRA" : "")})";
 
@@ -116,9 +116,21 @@ public sealed class PeftLoraAdapter : IVariant
 
         if (initKind != null && o["use_dora"]?.Value<bool>() == true) problems.Add($"init_lora_weights '{initKind}' with use_dora is not supported");
 
-        if (o["alora_invocation_tokens"] is JsonNode alora && alora.GetValueKind() != JsonValueKind.Null)
+        // aLoRA: served with the positions before its invocation tokens left to the base (see LoraAdapterConfig.InvocationStart).
+        List<int>? invocation = null;
+        switch (o["alora_invocation_tokens"])
         {
-            problems.Add("alora_invocation_tokens is set (an activated LoRA, applied only from the invocation tokens on): not supported, and merging it as plain LoRA would be wrong");
+            case null:
+                break;
+            case JsonArray inv when inv.Count > 0 && inv.All(t => t is JsonValue v && v.GetValueKind() == JsonValueKind.Number && v.TryGetValue<int>(out int id) && id >= 0):
+                invocation = inv.Select(t => t!.GetValue<int>()).ToList();
+                if (o["use_dora"]?.Value<bool>() == true) problems.Add("alora_invocation_tokens with use_dora = true is not supported");
+                if (loraBias) problems.Add("alora_invocation_tokens with lora_bias = true is not supported");
+                if (o["modules_to_save"] is JsonArray { Count: > 0 }) problems.Add("alora_invocation_tokens with modules_to_save is not supported (a whole module would change the positions before the invocation too)");
+                break;
+            case var other:
+                problems.Add($"alora_invocation_tokens is {other.ToJsonString()}, not a non-empty list of token ids");
+                break;
         }
 
         foreach (var patterns in new[] { "rank_pattern", "alpha_pattern" })
@@ -185,6 +197,7 @@ public sealed class PeftLoraAdapter : IVariant
             AlphaPattern = (o["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => (float)p.Value!.Value<double>()) ?? new Dictionary<string, float>(),
             BaseModelNameOrPath = o["base_model_name_or_path"]?.Value<string>(),
             TaskType = o["task_type"]?.Value<string>() ?? "CAUSAL_LM",
+            AloraInvocationTokens = invocation,
         };
     }
 
@@ -219,6 +232,11 @@ public sealed class PeftLoraAdapter : IVariant
         using var file = SafeTensorsFile.Open(weights);
         var targets = config.TargetsIn(model).ToList();
         var problems = new List<string>();
+        if (config.AloraInvocationTokens?.Where(t => t >= model.VocabSize).ToList() is { Count: > 0 } outside)
+        {
+            problems.Add($"alora_invocation_tokens [{string.Join(", ", outside)}] are outside the model's vocabulary of {model.VocabSize}");
+        }
+
         var modules = new Dictionary<string, (float[], float[])>();
         var magnitudes = new Dictionary<string, float[]>();
         var biases = new Dictionary<string, float[]>();
@@ -333,6 +351,7 @@ public sealed class PeftLoraAdapter : IVariant
         if (Config.ExcludeModules.Count > 0) o["exclude_modules"] = new JsonArray(Config.ExcludeModules.Select(t => (JsonNode)JsonValue.Create(t)!).ToArray());
         if (Config.ExcludeRegex != null) o["exclude_modules"] = Config.ExcludeRegex;
         if (Config.InitLoraWeights != null) o["init_lora_weights"] = Config.InitLoraWeights;
+        if (Config.AloraInvocationTokens != null) o["alora_invocation_tokens"] = new JsonArray(Config.AloraInvocationTokens.Select(t => (JsonNode)t).ToArray());
         if (Config.LayersToTransform != null) o["layers_to_transform"] = new JsonArray(Config.LayersToTransform.Select(i => (JsonNode)i).ToArray());
         AtomicFile.WriteText(Path.Combine(folder, ConfigFile), o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }

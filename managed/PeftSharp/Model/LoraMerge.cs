@@ -13,6 +13,7 @@ public static class LoraMerge
     /// <summary>Merges the adapter; the result holds what <see cref="Unmerge"/> needs for a DoRA adapter.</summary>
     public static MergeRecord Merge(LlamaModel model, PeftLoraAdapter adapter)
     {
+        RefuseActivated(adapter, "merged into the weights");
         var bare = adapter.Biases.Keys.Where(m => !model.Has(m + ".bias")).ToList();
         if (bare.Count > 0)
         {
@@ -82,6 +83,19 @@ public static class LoraMerge
     }
 
     /// <summary>Each module's bias += sign s b_B (lora_bias).</summary>
+    /// <summary>
+    /// An activated LoRA adapts only the positions from its invocation tokens on; merged or applied to every position it
+    /// would be another model (PEFT refuses its merge too).
+    /// </summary>
+    internal static void RefuseActivated(PeftLoraAdapter adapter, string what)
+    {
+        if (adapter.Config.AloraInvocationTokens is { } inv)
+        {
+            throw new NotSupportedException($"an activated LoRA (alora_invocation_tokens [{string.Join(", ", inv)}]) cannot be {what}: it adapts only the positions from its " +
+                "invocation tokens on; serve it unmerged (peft serve, generate --requests, VariantServer, BatchGenerator)");
+        }
+    }
+
     private static void AddBiases(LlamaModel model, PeftLoraAdapter adapter, float sign)
     {
         foreach (var (module, bias) in adapter.Biases)

@@ -49,7 +49,23 @@ public static class BatchGenerator
             (full[i], levelEnds[i]) = Tokenize(model, r, $"request {i}");
         }
 
-        var chainEnds = PlanPrefixes(requests, variantOf, full, levelEnds, sharing, model.Config.AttentionWindow);
+        // An activated LoRA adapts its rows only from its invocation tokens on: its earlier positions are the base's,
+        // shared with base requests (shareOf -1) and never past that start.
+        var activeFrom = new int[n];
+        for (int i = 0; i < n; i++)
+        {
+            if (variantOf[i] < 0) continue;
+            activeFrom[i] = variants!.ActivationStart(variantOf[i], full[i]);
+            if (activeFrom[i] < 0) throw new ArgumentException(NoInvocation($"request {i}", requests[i].Variant!, variants.InvocationOf(variantOf[i])!));
+        }
+
+        var shareOf = Enumerable.Range(0, n).Select(i => activeFrom[i] > 0 ? -1 : variantOf[i]).ToArray();
+        var chainEnds = PlanPrefixes(requests, shareOf, full, levelEnds, sharing, model.Config.AttentionWindow);
+        for (int i = 0; i < n; i++)
+        {
+            if (activeFrom[i] > 0) chainEnds[i] = chainEnds[i].Where(e => e <= activeFrom[i]).ToArray();
+        }
+
         var outputs = requests.Select(_ => new List<int>()).ToArray();
         var rngs = requests.Select(r => new Random(r.Seed)).ToArray();
         var stopped = new bool[n];
@@ -80,14 +96,14 @@ public static class BatchGenerator
                 {
                     if (level >= chainEnds[i].Length) continue;
                     int from = level == 0 ? 0 : chainEnds[i][level - 1], to = chainEnds[i][level];
-                    string key = PrefixKey(variantOf[i], full[i], to);
+                    string key = PrefixKey(shareOf[i], full[i], to);
                     if (!byKey.TryGetValue(key, out var cache))
                     {
                         var parent = level == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][level - 1];
                         cache = NewCache(to - from, parent);
                         byKey[key] = cache;
-                        fresh.Add((cache, full[i][from..to], variantOf[i]));
-                        nodes.Add((cache, full[i][from..to], variantOf[i], level));
+                        fresh.Add((cache, full[i][from..to], shareOf[i]));
+                        nodes.Add((cache, full[i][from..to], shareOf[i], level));
                         users[cache] = 0;
                         if (parent != null && users.ContainsKey(parent)) users[parent]++;
                     }
@@ -97,15 +113,17 @@ public static class BatchGenerator
 
                 if (fresh.Count > 0)
                 {
-                    using var bound = variants?.Bind(fresh.SelectMany(m => Enumerable.Repeat(m.Variant, m.Tokens.Length)).ToArray());
+                    using var bound = variants?.Bind(fresh.SelectMany(m => Enumerable.Repeat(m.Variant, m.Tokens.Length)).ToArray(), activationResolved: true);
                     model.DecodeBatch(fresh.Select(m => m.Cache).ToArray(), fresh.Select(m => m.Tokens).ToArray(), bound);
                 }
             }
 
             var pending = new int[n][];
+            var position = new int[n]; // of pending[i][0]
             for (int i = 0; i < n; i++)
             {
                 int p = chainEnds[i].Length == 0 ? 0 : chainEnds[i][^1];
+                position[i] = p;
                 var parent = chainOf[i].Count == 0 ? variants?.PrefixOf(variantOf[i]) : chainOf[i][^1];
                 if (parent != null && users.ContainsKey(parent)) users[parent]++;
                 int capacity = Math.Min(model.Config.ContextLimit - p, full[i].Length - p + requests[i].MaxTokens);
@@ -119,12 +137,14 @@ public static class BatchGenerator
             foreach (int i in Enumerable.Range(0, n).Where(i => requests[i].MaxTokens <= 0)) Release(caches[i]!.Parent, users);
             while (live.Count > 0)
             {
-                var rows = live.SelectMany(i => Enumerable.Repeat(variantOf[i], pending[i].Length)).ToArray();
+                var rows = live.SelectMany(i => Enumerable.Range(position[i], pending[i].Length).Select(p => p >= activeFrom[i] ? variantOf[i] : -1)).ToArray();
                 float[][] logits;
-                using (var bound = variants?.Bind(rows))
+                using (var bound = variants?.Bind(rows, activationResolved: true))
                 {
                     logits = model.DecodeBatch(live.Select(i => caches[i]!).ToArray(), live.Select(i => pending[i]).ToArray(), bound);
                 }
+
+                foreach (int i in live) position[i] += pending[i].Length;
 
                 var next = new List<int>();
                 for (int j = 0; j < live.Count; j++)
@@ -179,6 +199,14 @@ public static class BatchGenerator
         if (tokens.Count > model.Config.ContextLimit) throw new ArgumentException($"{what}: prompt of {tokens.Count} tokens exceeds {model.Config.ContextLimitText}");
         return (tokens.ToArray(), ends.ToArray());
     }
+
+    /// <summary>
+    /// Why a request for an activated LoRA whose prompt lacks the invocation tokens is refused: PEFT would answer it
+    /// with the base model alone, which a caller naming the adapter would not expect.
+    /// </summary>
+    internal static string NoInvocation(string what, string variant, IReadOnlyList<int> invocation) =>
+        $"{what}: variant '{variant}' is an activated LoRA and the prompt does not contain its invocation tokens [{string.Join(", ", invocation)}]; PEFT would run " +
+        "the base model alone for it; end the prompt with the invocation sequence, or ask for the base";
 
     /// <summary>A finished request's result: the completion cut before its first stop text, with its counts.</summary>
     internal static GenerationResult Result(GenerationRequest request, string text, int tokens, int promptTokens, bool stopped, int cachedTokens = 0)

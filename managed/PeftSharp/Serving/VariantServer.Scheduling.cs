@@ -57,8 +57,10 @@ public sealed partial class VariantServer
             return true;
         }
 
-        long id = job.Entry?.Id ?? 0;
-        int aligned = prefixes.Enabled ? (n - 1) / b * b : 0;
+        // An activated LoRA's positions before its invocation are the base's: it reads and adds base prefixes up to there.
+        bool baseOwned = job.ActiveFrom > 0;
+        long id = baseOwned ? 0 : job.Entry?.Id ?? 0;
+        int aligned = prefixes.Enabled ? Math.Min((n - 1) / b * b, baseOwned ? job.ActiveFrom / b * b : n) : 0;
         var (match, end) = prefixes.Find(id, job.Prompt, aligned);
         bool split = match != null && end < match.End;
         int prefixEnd = aligned > end ? aligned : end;
@@ -77,7 +79,7 @@ public sealed partial class VariantServer
         if (aligned > end)
         {
             var cache = new KvCache(model, aligned - end, node?.Cache ?? root);
-            node = prefixes.Add(cache, node, id, job.Entry?.Key, job.Prompt, end, aligned);
+            node = prefixes.Add(cache, node, id, baseOwned ? null : job.Entry?.Key, job.Prompt, end, aligned);
         }
 
         if (node != null) node.Users++;
@@ -159,19 +161,19 @@ public sealed partial class VariantServer
     /// </summary>
     private void Step()
     {
-        var seqs = new List<(KvCache Cache, int[] Tokens, int Variant, Job? Job, string Order)>();
+        var seqs = new List<(KvCache Cache, int[] Tokens, int Variant, int ActiveFrom, Job? Job, string Order)>();
         int budget = options.PrefillChunk;
         int IndexOf(string? key) => key == null ? -1 : set.IndexOf(key);
         foreach (var job in running.Where(j => j.Next >= 0))
         {
-            seqs.Add((job.Cache!, new[] { job.Next }, IndexOf(job.Entry?.Key), job, PrefixCacheStore.ChainKey(job.Prefix)));
+            seqs.Add((job.Cache!, new[] { job.Next }, IndexOf(job.Entry?.Key), 0, job, PrefixCacheStore.ChainKey(job.Prefix)));
         }
 
         foreach (var node in prefixes.Filling.ToList())
         {
             if (budget == 0) break;
             int from = node.Start + node.Cache.Length, take = Math.Min(node.End - from, budget);
-            seqs.Add((node.Cache, node.Tokens[from..(from + take)], IndexOf(node.VariantKey), null, PrefixCacheStore.ChainKey(node.Parent)));
+            seqs.Add((node.Cache, node.Tokens[from..(from + take)], IndexOf(node.VariantKey), 0, null, PrefixCacheStore.ChainKey(node.Parent)));
             budget -= take;
         }
 
@@ -179,7 +181,8 @@ public sealed partial class VariantServer
         {
             if (budget == 0) break;
             int take = Math.Min(job.Prompt.Length - job.Fed, budget);
-            seqs.Add((job.Cache!, job.Prompt[job.Fed..(job.Fed + take)], IndexOf(job.Entry?.Key), job, PrefixCacheStore.ChainKey(job.Prefix)));
+            // Rows of this chunk before an activated LoRA's invocation start are the base's (-1).
+            seqs.Add((job.Cache!, job.Prompt[job.Fed..(job.Fed + take)], IndexOf(job.Entry?.Key), job.ActiveFrom - job.Fed, job, PrefixCacheStore.ChainKey(job.Prefix)));
             budget -= take;
         }
 
@@ -189,7 +192,8 @@ public sealed partial class VariantServer
         float[][] logits;
         lock (model.GenerationLock)
         {
-            using var bound = set.Count > 0 ? set.Bind(seqs.SelectMany(s => Enumerable.Repeat(s.Variant, s.Tokens.Length)).ToArray()) : null;
+            var rows = seqs.SelectMany(s => Enumerable.Range(0, s.Tokens.Length).Select(k => k >= s.ActiveFrom ? s.Variant : -1)).ToArray();
+            using var bound = set.Count > 0 ? set.Bind(rows, activationResolved: true) : null;
             logits = model.DecodeBatch(seqs.Select(s => s.Cache).ToArray(), seqs.Select(s => s.Tokens).ToArray(), bound);
         }
 

@@ -154,6 +154,11 @@ public sealed partial class VariantServer : IDisposable
                 job.Entry = registry.TryGetValue(request.Variant, out var e)
                     ? e
                     : throw new ArgumentException($"no variant named '{request.Variant}' is loaded (loaded: base{string.Concat(registry.Keys.Select(k => ", " + k))})");
+                if (job.Entry.Variant is PeftLoraAdapter { Config: { AloraInvocationTokens: { } invocation } config })
+                {
+                    job.ActiveFrom = config.InvocationStart(tokens);
+                    if (job.ActiveFrom < 0) throw new ArgumentException(BatchGenerator.NoInvocation("request", request.Variant, invocation));
+                }
             }
 
             if (incoming.Count + waiting.Count >= options.MaxWaiting) throw new InvalidOperationException($"the queue is full ({options.MaxWaiting} waiting requests)");
@@ -352,6 +357,12 @@ public sealed partial class VariantServer : IDisposable
         public int Blocks { get; set; }
 
         public int CachedTokens { get; set; }
+
+        /// <summary>
+        /// The first prompt position its variant adapts: an activated LoRA's invocation start (earlier positions are the
+        /// base's, and come from and go to the base's cached prefixes); 0 for every other request.
+        /// </summary>
+        public int ActiveFrom { get; set; }
 
         /// <summary>Ends a request that never reached the scheduler.</summary>
         public void Fail(Exception ex)

@@ -183,14 +183,38 @@ public sealed class VariantSet : IDisposable
         return i;
     }
 
-    /// <summary>Binds a batch: row r of every linear input belongs to variant <paramref name="rowVariants"/>[r] (-1: base).</summary>
-    public RowVariantBatch Bind(IReadOnlyList<int> rowVariants) => Guarded(() => BindLocked(rowVariants));
+    /// <summary>
+    /// Binds a batch: row r of every linear input belongs to variant <paramref name="rowVariants"/>[r] (-1: base).
+    /// Rows of an activated LoRA (<see cref="InvocationOf"/>) are refused unless <paramref name="activationResolved"/>
+    /// says the caller gave its positions before the invocation start to the base (-1), as
+    /// <see cref="BatchGenerator"/> and <see cref="VariantServer"/> do.
+    /// </summary>
+    public RowVariantBatch Bind(IReadOnlyList<int> rowVariants, bool activationResolved = false) => Guarded(() => BindLocked(rowVariants, activationResolved));
 
-    private RowVariantBatch BindLocked(IReadOnlyList<int> rowVariants)
+    /// <summary>
+    /// The invocation tokens of variant <paramref name="variant"/> when it is an activated LoRA (it adapts a sequence
+    /// only from their last occurrence on: <see cref="LoraAdapterConfig.InvocationStart"/>); null otherwise.
+    /// </summary>
+    public IReadOnlyList<int>? InvocationOf(int variant) => Guarded(() => variant >= 0 && variant < variants.Count ? variants[variant].Lora?.Config.AloraInvocationTokens : null);
+
+    /// <summary>
+    /// Where variant <paramref name="variant"/> starts adapting a sequence of <paramref name="tokens"/>: 0 for the base
+    /// and every variant but an activated LoRA, whose start is its invocation tokens' last occurrence (-1: absent).
+    /// </summary>
+    public int ActivationStart(int variant, IReadOnlyList<int> tokens) => Guarded(() =>
+        variant >= 0 && variant < variants.Count && variants[variant].Lora is { } lora ? lora.Config.InvocationStart(tokens) : 0);
+
+    private RowVariantBatch BindLocked(IReadOnlyList<int> rowVariants, bool activationResolved)
     {
         foreach (int v in rowVariants)
         {
             if (v < -1 || v >= variants.Count) throw new ArgumentException($"variant index {v} is outside [-1, {variants.Count})");
+        }
+
+        if (!activationResolved && rowVariants.Distinct().FirstOrDefault(v => v >= 0 && variants[v].Lora?.Config.AloraInvocationTokens != null, -1) is int a and >= 0)
+        {
+            throw new NotSupportedException($"variant '{variants[a].Name}' is an activated LoRA: this pass would adapt every position, not only those from its invocation " +
+                "tokens on; generate with BatchGenerator or VariantServer, which give the earlier positions to the base");
         }
 
         if (dirty) Rebuild();
