@@ -258,6 +258,7 @@ public static class OpenAiEndpoints
         ["prompt_tokens"] = results.Sum(r => r.PromptTokens),
         ["completion_tokens"] = results.Sum(r => r.Tokens),
         ["total_tokens"] = results.Sum(r => r.PromptTokens + r.Tokens),
+        ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = results.Sum(r => r.CachedPromptTokens) }, // prompt positions read from the prefix cache
     };
 
     /// <summary>

@@ -214,7 +214,7 @@ public sealed class VariantSet : IDisposable
         if (!activationResolved && rowVariants.Distinct().FirstOrDefault(v => v >= 0 && variants[v].Lora?.Config.AloraInvocationTokens != null, -1) is int a and >= 0)
         {
             throw new NotSupportedException($"variant '{variants[a].Name}' is an activated LoRA: this pass would adapt every position, not only those from its invocation " +
-                "tokens on; generate with BatchGenerator or VariantServer, which give the earlier positions to the base");
+                "tokens on; generate (BatchGenerator, VariantServer: peft generate --requests, peft serve) or evaluate (Evaluator: peft eval) with it, which give the earlier positions to the base");
         }
 
         if (dirty) Rebuild();

@@ -164,6 +164,42 @@ public sealed class ServeTests : TempDirectoryTest
         await app.StopAsync();
     }
 
+    [Test]
+    public async Task ActivatedLora_LoadedOverHttp_ReusesTheBasesCachedPrompt_AndRefusesAPromptWithoutItsInvocation()
+    {
+        using var device = new CpuDevice();
+        using var model = ServingTests.UnitScaleTiny(device, 45);
+        var plain = ServingTests.Adapter(model.Config, 4, LoraAdapterConfig.LlamaLinear, 520, scaleB: 0.5f);
+        var activated = new PeftLoraAdapter(plain.Config with { AloraInvocationTokens = model.Tokenizer.Encode("<ask>").ToList() }, plain.Modules);
+        string folder = Path.Combine(TempDir, "alora");
+        activated.Save(folder, model.Config);
+        using var server = new VariantServer(model, new VariantServerOptions { BlockSize = 4 });
+        await using var app = OpenAiEndpoints.Build(server, "tiny", "http://127.0.0.1:0");
+        await app.StartAsync();
+        using var http = new HttpClient { BaseAddress = new Uri(app.Urls.First()) };
+        var load = await http.PostAsJsonAsync("/v1/load_lora_adapter", new { lora_name = "ask", lora_path = folder });
+        Assert.That(load.StatusCode, Is.EqualTo(HttpStatusCode.OK), await load.Content.ReadAsStringAsync());
+
+        const string conversation = "A long conversation with the base model, then a question for the adapter";
+        string expected;
+        using (var set = new VariantSet(model))
+        {
+            set.AddLora("ask", PeftLoraAdapter.Load(folder, model));
+            expected = BatchGenerator.Generate(model, new[] { new GenerationRequest(conversation + "<ask>", "ask", MaxTokens: 6) }, set)[0].Completion;
+        }
+
+        var onBase = await Post(http, "/v1/completions", new { model = "tiny", prompt = conversation, max_tokens = 2, temperature = 0 });
+        Assert.That(onBase["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>(), Is.EqualTo(0));
+        var asked = await Post(http, "/v1/completions", new { model = "ask", prompt = conversation + "<ask>", max_tokens = 6, temperature = 0 });
+        Assert.That(asked["choices"]![0]!["text"]!.GetValue<string>(), Is.EqualTo(expected));
+        Assert.That(asked["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>(), Is.GreaterThan(conversation.Length / 2), "the base's blocks of the conversation");
+
+        var missing = await http.PostAsJsonAsync("/v1/completions", new { model = "ask", prompt = conversation, max_tokens = 2 });
+        Assert.That(missing.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
+        Assert.That(await missing.Content.ReadAsStringAsync(), Does.Contain("invocation tokens"));
+        await app.StopAsync();
+    }
+
     private static async Task<JsonNode> Post(HttpClient http, string path, object body)
     {
         var response = await http.PostAsJsonAsync(path, body);

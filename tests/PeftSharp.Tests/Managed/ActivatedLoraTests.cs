@@ -4,6 +4,7 @@ using PeftSharp.Engine.Cpu;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 using PeftSharp.Serving;
+using PeftSharp.Training;
 using PeftSharp.Tests.Infrastructure;
 
 namespace PeftSharp.Tests.Managed;
@@ -157,6 +158,45 @@ public sealed class ActivatedLoraTests : TempDirectoryTest
 
         var e = Assert.Throws<ArgumentException>(() => BatchGenerator.Generate(model, new[] { new GenerationRequest(Question, "ask", MaxTokens: 2) }, set))!;
         Assert.That(e.Message, Does.Contain("request 0").And.Contain("'ask'").And.Contain("invocation tokens"));
+    }
+
+    [Test]
+    public void Eval_ScoresTheCompletion_WithTheBaseBeforeTheInvocation_AndRefusesAnExampleWithoutIt()
+    {
+        using var device = new CpuDevice();
+        using var model = ServingTests.UnitScaleTiny(device, 35);
+        var adapter = Activated(model);
+        var example = new Example("t", Question + Invocation, " yes, twice");
+        var (ids, targets) = Batcher.Encode(new[] { example }, model.Tokenizer, 256, completionOnly: true);
+        int start = adapter.Config.InvocationStart(ids), used = Array.FindLastIndex(targets, t => t != Batcher.IgnoreIndex) + 1;
+
+        // Reference: the base's cache before the invocation, then the merged adapter's logits at every later position.
+        double expected;
+        using (var before = new KvCache(model, start))
+        {
+            model.DecodeBatch(new[] { before }, new[] { ids[..start] });
+            var plain = Plain(adapter);
+            var record = LoraMerge.Merge(model, plain);
+            using var after = new KvCache(model, used - start, before);
+            var logits = model.DecodeBatchEveryPosition(new[] { after }, new[] { ids[start..used] });
+            LoraMerge.Unmerge(model, plain, record);
+            var counted = Enumerable.Range(start, used - start).Where(p => targets[p] != Batcher.IgnoreIndex).ToList();
+            Assert.That(counted, Is.Not.Empty);
+            expected = counted.Average(p => PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(logits[p - start]) - logits[p - start][targets[p]]);
+        }
+
+        using var set = new VariantSet(model);
+        set.AddLora("ask", adapter);
+        set.AddLora("plain", Plain(adapter));
+        var losses = Evaluator.ExampleLosses(model, set, new[] { "ask", "plain", null }, new[] { example }, 256);
+        // fp32 logits against the double reference over the same fp32 products: agreement to a few ulps of the loss.
+        const double Tolerance = 1e-4;
+        Assert.That(losses[0][0], Is.EqualTo(expected).Within(Tolerance));
+        Assert.That(Math.Abs(losses[1][0] - expected), Is.GreaterThan(100 * Tolerance), "applied everywhere (plain LoRA) scores otherwise");
+        Assert.That(Math.Abs(losses[2][0] - expected), Is.GreaterThan(100 * Tolerance), "never applied (the base) scores otherwise");
+
+        var e = Assert.Throws<ArgumentException>(() => Evaluator.ExampleLosses(model, set, new[] { "ask" }, new[] { example, new Example("t", Question, " no") }, 256))!;
+        Assert.That(e.Message, Does.Contain("example 1").And.Contain("invocation tokens"));
     }
 
     [Test]
