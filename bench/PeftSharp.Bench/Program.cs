@@ -7,6 +7,7 @@ namespace PeftSharp.Bench;
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- interleaved [tiny|20M] [rounds] [pause ms]   (see Interleaved)
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- serving-memory [rounds] [requests]   (see ServingMemory)
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- serve-load [tiny|20M] [requests] [clients]   (see ServeLoad)
+/// dotnet run --project bench/PeftSharp.Bench -c Release -- serve-step [tiny|20M] [rows] [seconds]   (see ServeStep)
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- scale [180M|1.1B]   (see ScaleBench: real model sizes, BF16 files)
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- gemm [rounds]   (see GemmProbe: CPU backend vs ONNX Runtime, interleaved)
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- targets [--small]   (see Targets; PEFTSHARP_BENCH_DEVICE=cuda)
@@ -32,6 +33,12 @@ public static class Program
         if (args.Length > 0 && args[0] == "serve-load")
         {
             ServeLoad.Run(args[1..]);
+            return;
+        }
+
+        if (args.Length > 0 && args[0] == "serve-step")
+        {
+            ServeStep.Run(args[1..]);
             return;
         }
 

@@ -12,7 +12,7 @@ namespace PeftSharp.Bench;
 /// <summary>
 /// dotnet run --project bench/PeftSharp.Bench -c Release -- serve-load [tiny|20M] [requests] [clients]
 /// The library scheduler under load: a fixed set of requests over 8 LoRA adapters and the base (random weights,
-/// greedy, fixed max tokens so every mode generates the same token count), run (1) one at a time through a
+/// greedy, each request its own max tokens, stop tokens off, so every mode generates the same tokens), run (1) one at a time through a
 /// <see cref="VariantServer"/>, (2) by N concurrent clients against it (continuous batching), (3) as one closed
 /// <see cref="BatchGenerator"/> batch. Reports generated tokens/s, time to first token (the first streamed piece)
 /// and per-token latency percentiles. The same two client modes run again over HTTP: `peft serve`'s endpoints
@@ -25,19 +25,30 @@ internal static class ServeLoad
         string size = args.Length > 0 ? args[0] : "20M";
         int count = args.Length > 1 ? int.Parse(args[1]) : 64;
         int clients = args.Length > 2 ? int.Parse(args[2]) : 16;
-        const int maxTokens = 32;
+        const int meanTokens = 32;
         using var device = new CpuDevice();
-        var config = ModelBench.ConfigFor(size);
+        // An untied LM head whose rows for bytes 128-255 are zero: the random model then emits ASCII (a zero logit loses
+        // to the largest of the 128 random ones), whole characters, as a trained model's tokens are. Random bytes past
+        // 127 would mostly be incomplete UTF-8, which the streams rightly hold back, so the first text would come
+        // several tokens after the first token, more so at 16 rows, whose steps are longer.
+        var config = ModelBench.ConfigFor(size) with { TieWordEmbeddings = false };
         using var model = LlamaModel.Create(device, config, seed: 3);
+        var head = model["lm_head.weight"].Value;
+        var rows = head.ToArray();
+        Array.Clear(rows, 128 * config.HiddenSize, 128 * config.HiddenSize);
+        head.CopyFrom(rows);
         var rng = new Random(11);
         var adapters = Enumerable.Range(0, 8).ToDictionary(i => "lora" + i, i => RandomLora(config, 8, 100 + i));
         var requests = Enumerable.Range(0, count).Select(i => new GenerationRequest(
-            "Request " + i + ": " + new string((char)('a' + i % 26), 20 + rng.Next(40)), i % 9 == 8 ? null : "lora" + i % 8, MaxTokens: maxTokens)).ToArray();
-        // Stop tokens off: every request generates maxTokens, so all modes do the same work. The prefix cache is off too:
+            "Request " + i + ": " + new string((char)('a' + i % 26), 20 + rng.Next(40)), i % 9 == 8 ? null : "lora" + i % 8,
+            MaxTokens: meanTokens / 2 + rng.Next(meanTokens + 1))).ToArray();
+        // Stop tokens off: every request generates its max tokens (16-48, as vLLM's benchmark draws output lengths from a
+        // range), so all modes do the same work; with one length for all, the clients' requests would end and start
+        // together and every wave of 16 prompts would prefill at once. The prefix cache is off too:
         // the modes run the same prompts one after another, and cached prompts would skip the later modes' prefill.
         model.StopTokens = Array.Empty<int>();
         Console.WriteLine($"// {size} model ({model.ParameterCount:N0} parameters), {count} requests over 8 LoRA adapters (rank 8, all linear) and the base, " +
-            $"prompts 30-70 bytes, {maxTokens} new tokens each, {Environment.ProcessorCount} threads, {device.Info.Detail}");
+            $"prompts 30-70 bytes, {meanTokens / 2}-{meanTokens * 3 / 2} new tokens each ({requests.Sum(r => r.MaxTokens)} in all), {Environment.ProcessorCount} threads, {device.Info.Detail}");
 
         using var server = new VariantServer(model, new VariantServerOptions { MaxRows = clients, MaxLoras = 8, PrefixCache = false });
         foreach (var (name, a) in adapters) server.Load(name, a);
@@ -51,7 +62,7 @@ internal static class ServeLoad
             BatchGenerator.Generate(model, requests, set);
         }
 
-        double closed = count * maxTokens / sw.Elapsed.TotalSeconds;
+        double closed = requests.Sum(r => r.MaxTokens) / sw.Elapsed.TotalSeconds;
         HttpRows http;
         using (var app = OpenAiEndpoints.Build(server, "bench", "http://127.0.0.1:0"))
         {
@@ -105,7 +116,7 @@ internal static class ServeLoad
                 if (chunk["usage"] is JsonObject usage) count = usage["completion_tokens"]!.GetValue<int>();
             }
 
-            return (first, count);
+            return (first, count, null);
         });
     }
 
@@ -124,7 +135,8 @@ internal static class ServeLoad
                 if (first < 0) first = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
             }
 
-            return (first, (await handle.Result).Tokens);
+            var result = await handle.Result;
+            return (first, result.Tokens, result);
         });
 
     /// <summary>
@@ -132,9 +144,12 @@ internal static class ServeLoad
     /// (given the start timestamp; it answers the time to its first text, or -1, and the tokens generated).
     /// </summary>
     private static (double Rate, double[] Ttft, double[] PerToken) Drive(GenerationRequest[] requests, int clients,
-        Func<GenerationRequest, long, Task<(double First, int Tokens)>> run)
+        Func<GenerationRequest, long, Task<(double First, int Tokens, GenerationResult? Result)>> run)
     {
         var ttft = new double[requests.Length];
+        var firstToken = new double[requests.Length];
+        var queue = new double[requests.Length];
+        bool timed = false;
         var perToken = new double[requests.Length];
         int next = -1;
         long tokens = 0;
@@ -145,7 +160,14 @@ internal static class ServeLoad
             while ((i = Interlocked.Increment(ref next)) < requests.Length)
             {
                 long start = Stopwatch.GetTimestamp();
-                var (first, count) = await run(requests[i], start);
+                var (first, count, result) = await run(requests[i], start);
+                if (result != null)
+                {
+                    timed = true;
+                    firstToken[i] = result.TimeToFirstToken.TotalMilliseconds;
+                    queue[i] = result.QueueTime.TotalMilliseconds;
+                }
+
                 double total = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
                 ttft[i] = first < 0 ? total : first;
                 perToken[i] = count > 1 ? (total - ttft[i]) / (count - 1) : 0;
@@ -153,6 +175,13 @@ internal static class ServeLoad
             }
         })).ToArray();
         Task.WaitAll(workers);
+        if (timed)
+        {
+            // The server's own view: how long requests queued, and when their first token (not yet text) came.
+            Console.WriteLine($"//   {clients} client(s): queue p50 {Percentile(queue, 50):F1} ms, first token p50 {Percentile(firstToken, 50):F1} ms " +
+                $"(p90 {Percentile(firstToken, 90):F1}), first text p50 {Percentile(ttft, 50):F1} ms");
+        }
+
         return (tokens / sw.Elapsed.TotalSeconds, ttft, perToken);
     }
 
@@ -162,7 +191,7 @@ internal static class ServeLoad
         return sorted[Math.Min(sorted.Length - 1, (int)Math.Ceiling(p / 100.0 * sorted.Length) - 1)];
     }
 
-    private static PeftLoraAdapter RandomLora(LlamaConfig c, int rank, int seed)
+    internal static PeftLoraAdapter RandomLora(LlamaConfig c, int rank, int seed)
     {
         var config = new LoraAdapterConfig { R = rank, LoraAlpha = 2 * rank, TargetModules = LoraAdapterConfig.LlamaLinear };
         var rng = new Random(seed);

@@ -47,6 +47,31 @@ public sealed class LoraAdapterPool : IDisposable
     internal int[] BOffsetsHost { get; }
     internal Tensor APool { get; }
     internal Tensor BPool { get; }
+    /// <summary>
+    /// Every adapter's B transposed, B_a^T (r_a, N) row-major at <see cref="BOffsetsHost"/>[a], for the CPU backend's
+    /// expand product y += s t B^T: with K = r (8-64) a dot product per output spent its time entering and leaving
+    /// the dot; rows of B^T are streamed as whole vectors instead. Built on first use (the pool never changes).
+    /// </summary>
+    internal float[] BTransposedHost(float[] bPool, int offset)
+    {
+        return LazyInitializer.EnsureInitialized(ref bTransposed, () =>
+        {
+            var bt = new float[BOffsetsHost.Length == 0 ? 0 : BOffsetsHost[^1] + OutFeatures * RanksHost[^1]];
+            for (int a = 0; a < RanksHost.Length; a++)
+            {
+                int r = RanksHost[a], o = BOffsetsHost[a];
+                for (int n = 0; n < OutFeatures; n++)
+                {
+                    for (int j = 0; j < r; j++) bt[o + j * OutFeatures + n] = bPool[offset + o + n * r + j];
+                }
+            }
+
+            return bt;
+        });
+    }
+
+    private float[]? bTransposed;
+
     internal IndexTensor AOffsets { get; }
     internal IndexTensor BOffsets { get; }
     internal IndexTensor Ranks { get; }

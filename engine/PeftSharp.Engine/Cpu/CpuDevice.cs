@@ -739,8 +739,8 @@ public sealed unsafe class CpuDevice : Device
         var xa = Arr(x);
         var ya = Arr(y);
         var aPool = Arr(pool.APool);
-        var bPool = Arr(pool.BPool);
-        int xo = x.Offset, yo = y.Offset, apo = pool.APool.Offset, bpo = pool.BPool.Offset;
+        var bt = pool.BTransposedHost(Arr(pool.BPool), pool.BPool.Offset);
+        int xo = x.Offset, yo = y.Offset, apo = pool.APool.Offset;
         var work = Enumerable.Range(0, pool.Count).Where(a => groups[a].Length > 0).ToArray();
         bool inner = work.Length == 1;
         void Group(int a)
@@ -759,12 +759,13 @@ public sealed unsafe class CpuDevice : Device
             }
 
             var t = new float[m * r];
-            fixed (float* px = xa, pxs = xs, py = ya, pd = d, pt = t, pa = aPool, pb = bPool)
+            fixed (float* px = xa, pxs = xs, py = ya, pd = d, pt = t, pa = aPool, pb = bt)
             {
                 float* xIn = run ? px + xo + (long)rows[0] * s.K : pxs;
                 float* dOut = run ? py + yo + (long)rows[0] * s.N : pd;
                 Gemm.Sgemm(false, true, m, r, s.K, 1f, xIn, s.K, pa + apo + pool.AOffsetsHost[a], s.K, 0f, pt, r, inner);
-                Gemm.Sgemm(false, true, m, s.N, r, pool.ScalesHost[a], pt, r, pb + bpo + pool.BOffsetsHost[a], r, run ? 1f : 0f, dOut, s.N, inner);
+                // t (m, r) B^T as a sum of r scaled rows of B^T (r, N) per row: K = r is too short for dot products.
+                Gemm.Sgemm(false, false, m, s.N, r, pool.ScalesHost[a], pt, r, pb + pool.BOffsetsHost[a], s.N, run ? 1f : 0f, dOut, s.N, inner);
             }
 
             if (run) return;

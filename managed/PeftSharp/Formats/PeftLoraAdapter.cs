@@ -126,7 +126,11 @@ public sealed class PeftLoraAdapter : IVariant
                 invocation = inv.Select(t => t!.GetValue<int>()).ToList();
                 if (o["use_dora"]?.Value<bool>() == true) problems.Add("alora_invocation_tokens with use_dora = true is not supported");
                 if (loraBias) problems.Add("alora_invocation_tokens with lora_bias = true is not supported");
-                if (o["modules_to_save"] is JsonArray { Count: > 0 }) problems.Add("alora_invocation_tokens with modules_to_save is not supported (a whole module would change the positions before the invocation too)");
+                if (o["modules_to_save"] is JsonArray { Count: > 0 })
+                {
+                    problems.Add("alora_invocation_tokens with modules_to_save is not supported (a whole module would change the positions before the invocation too)");
+                }
+
                 break;
             case var other:
                 problems.Add($"alora_invocation_tokens is {other.ToJsonString()}, not a non-empty list of token ids");

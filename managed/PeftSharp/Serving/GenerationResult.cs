@@ -11,4 +11,10 @@ public sealed record GenerationResult(GenerationRequest Request, string Completi
 
     /// <summary>Why it ended, as OpenAI names it: "stop" (EOS, a stop token or a stop text) or "length" (max tokens or the context).</summary>
     public string FinishReason { get; init; } = "length";
+
+    /// <summary>From submission to admission into the running batch (<see cref="VariantServer"/>; zero for a closed batch).</summary>
+    public TimeSpan QueueTime { get; init; }
+
+    /// <summary>From submission to the first generated token (<see cref="VariantServer"/>; zero for a closed batch), before any text it holds back.</summary>
+    public TimeSpan TimeToFirstToken { get; init; }
 }

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using PeftSharp.Formats;
 using PeftSharp.Model;
 
@@ -15,6 +16,7 @@ public sealed partial class VariantServer
             if (running.Count >= options.MaxRows) break;
             if (job.Request.MaxTokens == 0)
             {
+                job.Admitted = Stopwatch.GetTimestamp();
                 Finish(job, () => Complete(job, "", stopped: false));
                 continue;
             }
@@ -35,6 +37,7 @@ public sealed partial class VariantServer
             if (job.Done.Task.IsCompleted) continue; // refused while placed
             waiting.Remove(job);
             running.Add(job);
+            job.Admitted = Stopwatch.GetTimestamp();
             promptTokens += job.Prompt.Length;
             cachedTokens += job.CachedTokens;
         }
@@ -164,7 +167,22 @@ public sealed partial class VariantServer
         var seqs = new List<(KvCache Cache, int[] Tokens, int Variant, int ActiveFrom, Job? Job, string Order)>();
         int budget = options.PrefillChunk;
         int IndexOf(string? key) => key == null ? -1 : set.IndexOf(key);
-        foreach (var job in running.Where(j => j.Next >= 0))
+        // Prefill first: the oldest piece of prompt work (a filling prefix or a prompt) runs alone, whole, while it fits
+        // the budget: a joining request's first token then costs its own prefill, not its and every other arrival's
+        // plus every running row's decode. The decoding rows wait for at most one budget of prompt tokens in all before
+        // they decode again; a long prompt runs in chunks beside them.
+        var decoding = running.Where(j => j.Next >= 0).ToList();
+        int oldest = prefixes.Filling.Select(n => n.End - n.Start - n.Cache.Length).FirstOrDefault();
+        if (oldest == 0) oldest = running.Where(j => j.Next < 0 && (j.Prefix == null || j.Prefix.Ready)).Select(j => j.Prompt.Length - j.Fed).FirstOrDefault();
+        bool prefillOnly = options.PrefillFirst && decoding.Count > 0 && oldest > 0 && prefilledSinceDecode + oldest <= budget;
+        prefilledSinceDecode = prefillOnly ? prefilledSinceDecode + oldest : 0;
+        if (prefillOnly)
+        {
+            prefillOnlySteps++;
+            budget = oldest;
+        }
+
+        foreach (var job in prefillOnly ? new List<Job>() : decoding)
         {
             seqs.Add((job.Cache!, new[] { job.Next }, IndexOf(job.Entry?.Key), 0, job, PrefixCacheStore.ChainKey(job.Prefix)));
         }
@@ -216,6 +234,7 @@ public sealed partial class VariantServer
     {
         var r = job.Request;
         int t = Generator.Next(r, logits, job.Rng);
+        if (job.FirstToken == 0) job.FirstToken = Stopwatch.GetTimestamp();
         bool stopped = stopTokens.Contains(t);
         if (!stopped)
         {
@@ -240,7 +259,11 @@ public sealed partial class VariantServer
 
     private void Complete(Job job, string text, bool stopped)
     {
-        job.Done.TrySetResult(BatchGenerator.Result(job.Request, text, job.Output.Count, job.Prompt.Length, stopped, job.CachedTokens));
+        job.Done.TrySetResult(BatchGenerator.Result(job.Request, text, job.Output.Count, job.Prompt.Length, stopped, job.CachedTokens) with
+        {
+            QueueTime = Stopwatch.GetElapsedTime(job.Submitted, job.Admitted),
+            TimeToFirstToken = job.FirstToken == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(job.Submitted, job.FirstToken),
+        });
         job.Text.Writer.TryComplete();
     }
 }

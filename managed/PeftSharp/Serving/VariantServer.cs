@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Threading.Channels;
 using PeftSharp.Formats;
 using PeftSharp.Model;
@@ -36,7 +37,10 @@ public sealed partial class VariantServer : IDisposable
     private readonly TaskCompletionSource drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private long nextId;
     private long tick;
-    private long promptTokens, generationTokens, cachedTokens, finished, steps;
+    private long promptTokens, generationTokens, cachedTokens, finished, steps, prefillOnlySteps;
+
+    /// <summary>Prompt tokens run in prefill-only steps since the decoding rows last decoded (prefill first).</summary>
+    private int prefilledSinceDecode;
     private bool accepting = true;
     private bool aborting;
     private ServerStats stats;
@@ -234,6 +238,7 @@ public sealed partial class VariantServer : IDisposable
                 return;
             }
 
+            long finishedBefore = finished;
             RetireCancelled();
             Admit();
             if (running.Count > 0)
@@ -251,6 +256,10 @@ public sealed partial class VariantServer : IDisposable
             }
 
             lock (gate) stats = Snapshot();
+            // A request that ended this step woke its client on another thread; on a machine whose cores all run the
+            // step's workers that thread may not get one before the next step starts, so its follow-up request would
+            // wait a whole step. Yielding once lets it run and join the next step.
+            if (finished != finishedBefore) Thread.Yield();
             if (running.Count == 0) wake.Wait(waiting.Count > 0 ? 20 : Timeout.Infinite); // waiting on memory or adapters: look again soon
         }
     }
@@ -303,7 +312,7 @@ public sealed partial class VariantServer : IDisposable
         generationTokens,
         cachedTokens,
         finished,
-        steps);
+        steps) { PrefillOnlySteps = prefillOnlySteps };
 
     /// <summary>A loaded variant: its name, its data in host memory and the id that keys its cached prefixes and its device copy.</summary>
     private sealed class Entry(string name, IVariant variant, long id)
@@ -363,6 +372,13 @@ public sealed partial class VariantServer : IDisposable
         /// base's, and come from and go to the base's cached prefixes); 0 for every other request.
         /// </summary>
         public int ActiveFrom { get; set; }
+
+        /// <summary>Stopwatch timestamps: queued, admitted, first token sampled (0 until then).</summary>
+        public long Submitted { get; } = Stopwatch.GetTimestamp();
+
+        public long Admitted { get; set; }
+
+        public long FirstToken { get; set; }
 
         /// <summary>Ends a request that never reached the scheduler.</summary>
         public void Fail(Exception ex)

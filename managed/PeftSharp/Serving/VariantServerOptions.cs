@@ -18,6 +18,14 @@ public sealed record VariantServerOptions
     /// <summary>Prompt tokens prefilled per step over all prefilling requests, so a long prompt does not stall decoding rows.</summary>
     public int PrefillChunk { get; init; } = 256;
 
+    /// <summary>
+    /// Whether prompt work that fits one step's <see cref="PrefillChunk"/> runs alone, the decoding rows waiting (for at
+    /// most one chunk's worth of prompt tokens before they decode again): a joining request's first token then costs a
+    /// prefill step, not a prefill plus every running row's decode. Long prompts still run in chunks beside the decoding
+    /// rows. Off: every step decodes every running row beside the prefill chunks.
+    /// </summary>
+    public bool PrefillFirst { get; init; } = true;
+
     /// <summary>Whether prompts' whole blocks are cached and reused by later requests of the same variant.</summary>
     public bool PrefixCache { get; init; } = true;
 
@@ -52,6 +60,9 @@ public sealed record ServerStats(
     long FinishedRequests,
     long Steps)
 {
+    /// <summary>Steps that ran prefill alone while rows waited to decode (<see cref="VariantServerOptions.PrefillFirst"/>).</summary>
+    public long PrefillOnlySteps { get; init; }
+
     /// <summary>KV blocks in use, 0 to 1 (vLLM's gpu_cache_usage_perc).</summary>
     public double KvUsage => KvBlocks == 0 ? 0 : (double)KvBlocksUsed / KvBlocks;
 }

@@ -77,7 +77,9 @@ public sealed class KillTests : TempDirectoryTest
     public void Pretrain_Signal_CheckpointsAndResumes(int signal)
     {
         Assume.That(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS(), "signals are sent through libc's kill");
-        string[] Args(string outDir) => new[] { "pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "40", "--batch-size", "2", "--checkpoint-every", "0",
+        // 120 steps: the runtime's signal thread may wait for a core while the steps' workers hold both of a 2-core
+        // machine's, and with 40 (tens of milliseconds on an AVX-512 machine) the run once finished before the handler ran.
+        string[] Args(string outDir) => new[] { "pretrain", "--data", "builtin:tasks", "--config", "tiny", "--steps", "120", "--batch-size", "2", "--checkpoint-every", "0",
             "--out", outDir, "--quiet", "--device", "cpu", };
 
         string reference = Path.Combine(TempDir, "reference");
@@ -97,7 +99,7 @@ public sealed class KillTests : TempDirectoryTest
         string err = stderr.Result;
         _ = stdout.Result;
         Assert.That(process.ExitCode, Is.EqualTo(PeftSharp.Trainer.Program.Interrupted), err);
-        Assert.That(err, Does.Match(@"training interrupted after step \d+ of 40; checkpoint written to "));
+        Assert.That(err, Does.Match(@"training interrupted after step \d+ of 120; checkpoint written to "));
         Assert.That(err, Does.Contain("to go on: peft pretrain").And.Contain($"--resume {Path.Combine(outDir, "checkpoint")}"));
         Assert.That(File.Exists(Path.Combine(outDir, "model.safetensors")), Is.False, "no final model from a stopped run");
 

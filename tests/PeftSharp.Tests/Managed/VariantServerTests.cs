@@ -93,6 +93,37 @@ public sealed class VariantServerTests
         Assert.That(again.Completion, Is.EqualTo(first.Completion));
     }
 
+    [TestCase(true)]
+    [TestCase(false)]
+    public async Task PrefillFirst_RunsAJoiningPromptAlone_OutputsUnchanged(bool prefillFirst)
+    {
+        using var device = new CpuDevice();
+        using var model = ServingTests.UnitScaleTiny(device, 27);
+        var adapters = Adapters(model.Config, 2);
+        // Chunks of 24 tokens: the 12-15-token prompts fit alone, two of them do not.
+        using var server = new VariantServer(model, new VariantServerOptions { PrefillChunk = 24, PrefixCache = false, PrefillFirst = prefillFirst });
+        foreach (var (name, a) in adapters) server.Load(name, a);
+        var longOne = new GenerationRequest("a long answer", "a0", MaxTokens: 40);
+        var joining = new[] { "first joiner", "second joiner!", "third joiner, a1" }.Select((p, i) => new GenerationRequest(p, i == 2 ? "a1" : null, MaxTokens: 5)).ToArray();
+        var expected = Alone(model, adapters, joining.Prepend(longOne));
+
+        var first = server.Start(longOne);
+        await first.Text.ReadAsync(); // decoding now
+        var tasks = joining.Select(r => server.GenerateAsync(r)).ToList();
+        var results = await Task.WhenAll(tasks.Prepend(first.Result)).WaitAsync(Patience);
+        Assert.That(results.Select(r => r.Completion), Is.EqualTo(expected));
+        var stats = server.Stats;
+        if (!prefillFirst)
+        {
+            Assert.That(stats.PrefillOnlySteps, Is.EqualTo(0));
+            return;
+        }
+
+        // Some prompt ran alone while the long row waited (how many depends on when the scheduler saw each arrive: three
+        // at most, two when they came together, as the three do not fit one 24-token chunk).
+        Assert.That(stats.PrefillOnlySteps, Is.InRange(1, 3));
+    }
+
     [Test]
     public async Task Streaming_PiecesMakeTheCompletion_StopTextsCutIt()
     {
