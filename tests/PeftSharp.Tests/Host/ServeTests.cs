@@ -165,7 +165,7 @@ public sealed class ServeTests : TempDirectoryTest
     }
 
     [Test]
-    public async Task ActivatedLora_LoadedOverHttp_ReusesTheBasesCachedPrompt_AndRefusesAPromptWithoutItsInvocation()
+    public async Task ActivatedLora_ThroughTheOpenAiClient_ReusesTheBasesCachedPrompt_AndRefusesAPromptWithoutItsInvocation()
     {
         using var device = new CpuDevice();
         using var model = ServingTests.UnitScaleTiny(device, 45);
@@ -173,28 +173,34 @@ public sealed class ServeTests : TempDirectoryTest
         var activated = new PeftLoraAdapter(plain.Config with { AloraInvocationTokens = model.Tokenizer.Encode("<ask>").ToList() }, plain.Modules);
         string folder = Path.Combine(TempDir, "alora");
         activated.Save(folder, model.Config);
+        // The adapter's invocation is the template's generation prompt, as IBM's intrinsics invoke theirs by a role header.
+        var template = ChatTemplate.Parse("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<ask>{% endif %}", "t",
+            new Dictionary<string, string>());
         using var server = new VariantServer(model, new VariantServerOptions { BlockSize = 4 });
-        await using var app = OpenAiEndpoints.Build(server, "tiny", "http://127.0.0.1:0");
+        await using var app = OpenAiEndpoints.Build(server, "tiny", "http://127.0.0.1:0", template);
         await app.StartAsync();
         using var http = new HttpClient { BaseAddress = new Uri(app.Urls.First()) };
         var load = await http.PostAsJsonAsync("/v1/load_lora_adapter", new { lora_name = "ask", lora_path = folder });
         Assert.That(load.StatusCode, Is.EqualTo(HttpStatusCode.OK), await load.Content.ReadAsStringAsync());
-
-        const string conversation = "A long conversation with the base model, then a question for the adapter";
+        ChatClient Client(string name) => new(name, new ApiKeyCredential("unused"), new OpenAIClientOptions { Endpoint = new Uri(http.BaseAddress, "/v1") });
+        var options = new ChatCompletionOptions { MaxOutputTokenCount = 6, Temperature = 0 };
+        ChatMessage[] conversation = { new UserChatMessage("A long conversation with the base model, then a question for the adapter") };
+        string rendered = "<user>A long conversation with the base model, then a question for the adapter\n<ask>";
         string expected;
         using (var set = new VariantSet(model))
         {
             set.AddLora("ask", PeftLoraAdapter.Load(folder, model));
-            expected = BatchGenerator.Generate(model, new[] { new GenerationRequest(conversation + "<ask>", "ask", MaxTokens: 6) }, set)[0].Completion;
+            expected = BatchGenerator.Generate(model, new[] { new GenerationRequest(rendered, "ask", MaxTokens: 6) { AddBos = false } }, set)[0].Completion;
         }
 
-        var onBase = await Post(http, "/v1/completions", new { model = "tiny", prompt = conversation, max_tokens = 2, temperature = 0 });
-        Assert.That(onBase["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>(), Is.EqualTo(0));
-        var asked = await Post(http, "/v1/completions", new { model = "ask", prompt = conversation + "<ask>", max_tokens = 6, temperature = 0 });
-        Assert.That(asked["choices"]![0]!["text"]!.GetValue<string>(), Is.EqualTo(expected));
-        Assert.That(asked["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>(), Is.GreaterThan(conversation.Length / 2), "the base's blocks of the conversation");
+        var onBase = (await Client("tiny").CompleteChatAsync(conversation, options)).Value;
+        Assert.That(onBase.Usage.InputTokenDetails.CachedTokenCount, Is.EqualTo(0));
+        var asked = (await Client("ask").CompleteChatAsync(conversation, options)).Value;
+        Assert.That(asked.Content[0].Text, Is.EqualTo(expected));
+        Assert.That(asked.Usage.InputTokenCount, Is.EqualTo(model.Tokenizer.Encode(rendered).Length));
+        Assert.That(asked.Usage.InputTokenDetails.CachedTokenCount, Is.GreaterThan(rendered.Length / 2), "the base's blocks of the conversation");
 
-        var missing = await http.PostAsJsonAsync("/v1/completions", new { model = "ask", prompt = conversation, max_tokens = 2 });
+        var missing = await http.PostAsJsonAsync("/v1/completions", new { model = "ask", prompt = "no invocation here", max_tokens = 2 });
         Assert.That(missing.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
         Assert.That(await missing.Content.ReadAsStringAsync(), Does.Contain("invocation tokens"));
         await app.StopAsync();
