@@ -48,7 +48,7 @@ internal static unsafe class Gemm
             return;
         }
 
-        // With AVX-512 the 8 x 32 broadcast kernel takes everything but the fewest rows: against a transposed b from 12
+        // With AVX-512 the 8 x 32 broadcast kernel takes everything but the fewest rows: against a transposed b from 8
         // rows (and 128 columns: below that, packing the rows costs more than the product), otherwise past 64 rows
         // (fewer rows against a row-major b would pack all of b for a few rows' use). Stopwatch, interleaved, 2 cores:
         // M = 16..64 against 2048 x 2048 weights 1.2-1.4x faster than the inner products; 256..1024-row products
@@ -58,9 +58,12 @@ internal static unsafe class Gemm
         // A packed operand of up to 64K floats (an attention block's K or V, 256 KiB, in L2) is cheap to pack, so from 16
         // rows the wide path takes any product: attention's 64-row blocks (QK^T against 32-128 keys, PV with K = keys)
         // ran 10-20% faster than on the 6 x 16 path, the 20M model's attention 15-25% (Stopwatch, interleaved).
+        // From 8 rows (was 12): the 180M model's decode step at batch 8 took 57-66 ms against 81-89 ms on the 4 x 4
+        // inner products (two runs each of `scale phase decode 180M`, weights streamed from memory), its 128,256-row
+        // head 13.7 against 20.9 ms (`gemm raw 8 128256 576`); at 2-4 rows the two were within 5%, so those keep the dots.
         bool transposed = transB && !transA && m <= n;
         long widePack = (long)k * (((transposed ? m : n) + 15) & ~15);
-        if (allowWide && Avx512F.IsSupported && ((m >= 16 && widePack <= SmallWidePack) || (transB && !transA ? m >= 12 && n >= 128 : m > 64))
+        if (allowWide && Avx512F.IsSupported && ((m >= 16 && widePack <= SmallWidePack) || (transB && !transA ? m >= 8 && n >= 128 : m > 64))
             && widePack <= MaxWidePack)
         {
             Wide(transA, transB, transposed, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, parallel);

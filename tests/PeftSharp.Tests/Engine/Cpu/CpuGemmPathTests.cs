@@ -25,7 +25,9 @@ public sealed class CpuGemmPathTests
     // tail) and one row the 4-weight dot products (K = 1030 and 100: 16-float steps, then a tail; 70 and 5 weights).
     private static readonly object[] Shapes =
     {
-        new TestCaseData(12, 128, 5).SetName("{m}_M12_N128_K5_SmallestWide"),
+        new TestCaseData(8, 128, 5).SetName("{m}_M8_N128_K5_SmallestWide"),
+        new TestCaseData(11, 133, 77).SetName("{m}_M11_N133_K77_FewRowsWidePartialPanels"),
+        new TestCaseData(7, 128, 5).SetName("{m}_M7_N128_K5_JustBelowWideRows"),
         new TestCaseData(13, 131, 1030).SetName("{m}_M13_N131_K1030_PartialPanelRowTailTwoKSlices"),
         new TestCaseData(45, 140, 37).SetName("{m}_M45_N140_K37_WideThenNarrowPanel"),
         new TestCaseData(150, 140, 1030).SetName("{m}_M150_N140_K1030_MoreRowsThanColumns"),
