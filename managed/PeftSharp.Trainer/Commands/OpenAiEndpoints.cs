@@ -182,6 +182,23 @@ public static class OpenAiEndpoints
         Metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", F(s.PromptTokens), label);
         Metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", F(s.GenerationTokens), label);
         Metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens whose keys and values came from the prefix cache.", F(s.CachedPromptTokens), label);
+        void Histogram(string name, string help, LatencyHistogram h)
+        {
+            sb.Append("# HELP ").Append(name).Append(' ').Append(help).Append('\n');
+            sb.Append("# TYPE ").Append(name).Append(" histogram\n");
+            for (int i = 0; i < h.Bounds.Count; i++)
+            {
+                sb.Append(name).Append("_bucket{le=\"").Append(F(h.Bounds[i])).Append("\",").Append(label).Append("} ").Append(h.CumulativeCounts[i]).Append('\n');
+            }
+
+            sb.Append(name).Append("_bucket{le=\"+Inf\",").Append(label).Append("} ").Append(h.Count).Append('\n');
+            sb.Append(name).Append("_sum{").Append(label).Append("} ").Append(F(h.Sum)).Append('\n');
+            sb.Append(name).Append("_count{").Append(label).Append("} ").Append(h.Count).Append('\n');
+        }
+
+        Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", s.TimeToFirstToken);
+        Histogram("vllm:request_queue_time_seconds", "Histogram of time spent waiting in the queue in seconds.", s.QueueTime);
+        Histogram("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", s.EndToEnd);
         Metric("peftsharp:kv_blocks", "gauge", "KV blocks in all.", F(s.KvBlocks), label);
         Metric("peftsharp:finished_requests_total", "counter", "Requests that ended (finished, cancelled or failed).", F(s.FinishedRequests), label);
         return sb.ToString();

@@ -259,11 +259,15 @@ public sealed partial class VariantServer
 
     private void Complete(Job job, string text, bool stopped)
     {
-        job.Done.TrySetResult(BatchGenerator.Result(job.Request, text, job.Output.Count, job.Prompt.Length, stopped, job.CachedTokens) with
+        var result = BatchGenerator.Result(job.Request, text, job.Output.Count, job.Prompt.Length, stopped, job.CachedTokens) with
         {
             QueueTime = Stopwatch.GetElapsedTime(job.Submitted, job.Admitted),
             TimeToFirstToken = job.FirstToken == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(job.Submitted, job.FirstToken),
-        });
+        };
+        queueTimes = queueTimes.With(result.QueueTime.TotalSeconds);
+        endToEndTimes = endToEndTimes.With(Stopwatch.GetElapsedTime(job.Submitted).TotalSeconds);
+        if (job.FirstToken != 0) firstTokenTimes = firstTokenTimes.With(result.TimeToFirstToken.TotalSeconds);
+        job.Done.TrySetResult(result);
         job.Text.Writer.TryComplete();
     }
 }

@@ -39,6 +39,10 @@ public sealed partial class VariantServer : IDisposable
     private long tick;
     private long promptTokens, generationTokens, cachedTokens, finished, steps, prefillOnlySteps;
 
+    /// <summary>Latencies of finished requests, for /metrics (replaced, never mutated, so a snapshot can share them).</summary>
+    private LatencyHistogram firstTokenTimes = LatencyHistogram.Empty(LatencyHistogram.FirstTokenBounds),
+        queueTimes = LatencyHistogram.Empty(LatencyHistogram.RequestBounds), endToEndTimes = LatencyHistogram.Empty(LatencyHistogram.RequestBounds);
+
     /// <summary>Prompt tokens run in prefill-only steps since the decoding rows last decoded (prefill first).</summary>
     private int prefilledSinceDecode;
     private bool accepting = true;
@@ -312,7 +316,7 @@ public sealed partial class VariantServer : IDisposable
         generationTokens,
         cachedTokens,
         finished,
-        steps) { PrefillOnlySteps = prefillOnlySteps };
+        steps) { PrefillOnlySteps = prefillOnlySteps, TimeToFirstToken = firstTokenTimes, QueueTime = queueTimes, EndToEnd = endToEndTimes };
 
     /// <summary>A loaded variant: its name, its data in host memory and the id that keys its cached prefixes and its device copy.</summary>
     private sealed class Entry(string name, IVariant variant, long id)

@@ -63,6 +63,15 @@ public sealed record ServerStats(
     /// <summary>Steps that ran prefill alone while rows waited to decode (<see cref="VariantServerOptions.PrefillFirst"/>).</summary>
     public long PrefillOnlySteps { get; init; }
 
+    /// <summary>Finished requests' times from submission to their first token (vllm:time_to_first_token_seconds).</summary>
+    public LatencyHistogram TimeToFirstToken { get; init; } = LatencyHistogram.Empty(LatencyHistogram.FirstTokenBounds);
+
+    /// <summary>Finished requests' times in the queue before admission (vllm:request_queue_time_seconds).</summary>
+    public LatencyHistogram QueueTime { get; init; } = LatencyHistogram.Empty(LatencyHistogram.RequestBounds);
+
+    /// <summary>Finished requests' times from submission to completion (vllm:e2e_request_latency_seconds).</summary>
+    public LatencyHistogram EndToEnd { get; init; } = LatencyHistogram.Empty(LatencyHistogram.RequestBounds);
+
     /// <summary>KV blocks in use, 0 to 1 (vLLM's gpu_cache_usage_perc).</summary>
     public double KvUsage => KvBlocks == 0 ? 0 : (double)KvBlocksUsed / KvBlocks;
 }

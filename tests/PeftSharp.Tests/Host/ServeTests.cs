@@ -74,6 +74,19 @@ public sealed class ServeTests : TempDirectoryTest
         Assert.That(metrics, Does.Contain("vllm:num_requests_running{model_name=\"tiny\"} 0"));
         Assert.That(metrics, Does.Contain("vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}"));
         Assert.That(metrics, Does.Match(@"vllm:generation_tokens_total\{model_name=""tiny""\} [1-9]"));
+        // Latency histograms under vLLM's names: three requests finished (plain, base, streamed), each counted once, in
+        // cumulative buckets that never decrease and end at the count.
+        foreach (var histogram in new[] { "vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds", "vllm:e2e_request_latency_seconds" })
+        {
+            Assert.That(metrics, Does.Contain($"# TYPE {histogram} histogram"));
+            Assert.That(metrics, Does.Contain($"{histogram}_count{{model_name=\"tiny\"}} 3"));
+            Assert.That(metrics, Does.Contain($"{histogram}_bucket{{le=\"+Inf\",model_name=\"tiny\"}} 3"));
+            var buckets = metrics.Split('\n').Where(l => l.StartsWith(histogram + "_bucket{", StringComparison.Ordinal)).Select(l => long.Parse(l[(l.LastIndexOf(' ') + 1)..])).ToList();
+            Assert.That(buckets, Is.Ordered, histogram);
+            Assert.That(buckets[^2], Is.EqualTo(3), $"{histogram}: every request took less than the last bound");
+        }
+
+        Assert.That(metrics, Does.Match(@"vllm:e2e_request_latency_seconds_sum\{model_name=""tiny""\} 0\.\d+"));
 
         var unknown = await http.PostAsJsonAsync("/v1/completions", new { model = "nope", prompt = "x" });
         Assert.That(unknown.StatusCode, Is.EqualTo(HttpStatusCode.NotFound));
