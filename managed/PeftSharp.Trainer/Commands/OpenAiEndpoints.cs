@@ -80,6 +80,7 @@ public static class OpenAiEndpoints
             string prompt = chat.Render(ChatMessages(messages), Flag(body, "add_generation_prompt") ?? true, body["tools"] as JsonArray,
                 body["chat_template_kwargs"] as JsonObject);
             var request = Sampling(body, prompt, variant, Number(body, "max_completion_tokens") ?? Number(body, "max_tokens")) with { AddBos = false };
+            int n = Choices(body);
             string id = "chatcmpl-" + Guid.NewGuid().ToString("N");
             var cancel = context.RequestAborted;
             if (Flag(body, "stream") == true)
@@ -91,21 +92,21 @@ public static class OpenAiEndpoints
                 return Results.Empty;
             }
 
-            var result = await server.GenerateAsync(request, cancel);
+            var results = await Task.WhenAll(Copies(request, n).Select(r => server.GenerateAsync(r, cancel)));
             return Results.Json(new JsonObject
             {
                 ["id"] = id,
                 ["object"] = "chat.completion",
                 ["created"] = created,
                 ["model"] = name,
-                ["choices"] = new JsonArray(new JsonObject
+                ["choices"] = new JsonArray(results.Select((result, i) => (JsonNode)new JsonObject
                 {
-                    ["index"] = 0,
+                    ["index"] = i,
                     ["message"] = new JsonObject { ["role"] = "assistant", ["content"] = result.Completion },
                     ["logprobs"] = null,
                     ["finish_reason"] = result.FinishReason,
-                }),
-                ["usage"] = Usage(new[] { result }),
+                }).ToArray()),
+                ["usage"] = Usage(results, n),
             });
         });
         app.MapPost("/v1/completions", async (HttpContext context) =>
@@ -113,13 +114,21 @@ public static class OpenAiEndpoints
             var body = await ReadBody(context.Request);
             var (name, variant, known) = ModelOf(body, server, modelName);
             if (!known) return Error(404, "NotFoundError", $"The model `{name}` does not exist.");
+            // OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of such lists.
+            const string Forms = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids";
+            static int[] Ids(JsonArray a) => a.Select(t => t is JsonValue v && v.GetValueKind() == JsonValueKind.Number && v.TryGetValue<int>(out int id) ? id
+                : throw new BadRequest(Forms)).ToArray();
             var prompts = body["prompt"] switch
             {
-                JsonArray a => a.Select(p => p?.GetValueKind() == JsonValueKind.String ? p.GetValue<string>() : throw new BadRequest("prompt must be a string or a list of strings")).ToArray(),
-                JsonValue v when v.GetValueKind() == JsonValueKind.String => new[] { v.GetValue<string>() },
-                _ => throw new BadRequest("prompt must be a string or a list of strings (token-id prompts are not supported)"),
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => new (string, int[]?)[] { (v.GetValue<string>(), null) },
+                JsonArray { Count: > 0 } a when a.All(p => p?.GetValueKind() == JsonValueKind.Number) => new (string, int[]?)[] { ("", Ids(a)) },
+                JsonArray a when a.All(p => p is JsonArray) => a.Select(p => ("", (int[]?)Ids((JsonArray)p!))).ToArray(),
+                JsonArray a => a.Select(p => (p?.GetValueKind() == JsonValueKind.String ? p.GetValue<string>() : throw new BadRequest(Forms), (int[]?)null)).ToArray(),
+                _ => throw new BadRequest(Forms),
             };
-            var requests = prompts.Select(p => Sampling(body, p, variant, Number(body, "max_tokens"))).ToArray();
+            if (prompts.Length == 0) throw new BadRequest("prompt is an empty list");
+            int n = Choices(body);
+            var requests = prompts.SelectMany(p => Copies(Sampling(body, p.Item1, variant, Number(body, "max_tokens")) with { PromptTokens = p.Item2 }, n)).ToArray();
             string id = "cmpl-" + Guid.NewGuid().ToString("N");
             var cancel = context.RequestAborted;
             if (Flag(body, "stream") == true)
@@ -142,7 +151,7 @@ public static class OpenAiEndpoints
                 {
                     ["index"] = i, ["text"] = r.Completion, ["logprobs"] = null, ["finish_reason"] = r.FinishReason,
                 }).ToArray()),
-                ["usage"] = Usage(results),
+                ["usage"] = Usage(results, n),
             });
         });
         app.Use(async (context, next) =>
@@ -222,7 +231,6 @@ public static class OpenAiEndpoints
     /// <summary>The request's sampling fields (OpenAI's defaults: 16 tokens, temperature 1, a fresh seed when none is given).</summary>
     private static GenerationRequest Sampling(JsonObject body, string prompt, string? variant, double? maxTokens)
     {
-        if (Number(body, "n") is { } n && n != 1) throw new BadRequest("only n = 1 is supported");
         if (body["logprobs"] is JsonValue lp && lp.GetValueKind() is not (JsonValueKind.False or JsonValueKind.Null)) throw new BadRequest("logprobs are not supported");
         return new GenerationRequest(prompt, variant, MaxTokens: (int)(maxTokens ?? 16), Temperature: (float)(Number(body, "temperature") ?? 1.0),
             TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: Number(body, "seed") is { } seed ? (int)seed : Random.Shared.Next())
@@ -270,12 +278,30 @@ public static class OpenAiEndpoints
         ["usage"] = usage,
     };
 
-    private static JsonObject Usage(IReadOnlyList<GenerationResult> results) => new()
+    /// <summary>OpenAI's n: choices per prompt, 1 to 128; streaming takes one.</summary>
+    private static int Choices(JsonObject body)
     {
-        ["prompt_tokens"] = results.Sum(r => r.PromptTokens),
+        int n = Number(body, "n") is not { } given ? 1
+            : given == Math.Floor(given) && given >= 1 && given <= MaxChoices ? (int)given : throw new BadRequest($"n must be a whole number from 1 to {MaxChoices}");
+        if (n > 1 && Flag(body, "stream") == true) throw new BadRequest("streaming takes n = 1");
+        return n;
+    }
+
+    private const int MaxChoices = 128;
+
+    /// <summary>
+    /// The request and n - 1 copies, each its own sample: seeds seed, seed + 1, ... (reproducible with a given seed; the
+    /// copies read the first's prompt blocks from the prefix cache).
+    /// </summary>
+    private static IEnumerable<GenerationRequest> Copies(GenerationRequest r, int n) => Enumerable.Range(0, n).Select(i => r with { Seed = unchecked(r.Seed + i) });
+
+    /// <summary>Token counts: each prompt once (n choices of a prompt share it), every choice's completion.</summary>
+    private static JsonObject Usage(IReadOnlyList<GenerationResult> results, int n = 1) => new()
+    {
+        ["prompt_tokens"] = results.Where((_, i) => i % n == 0).Sum(r => r.PromptTokens),
         ["completion_tokens"] = results.Sum(r => r.Tokens),
-        ["total_tokens"] = results.Sum(r => r.PromptTokens + r.Tokens),
-        ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = results.Sum(r => r.CachedPromptTokens) }, // prompt positions read from the prefix cache
+        ["total_tokens"] = results.Where((_, i) => i % n == 0).Sum(r => r.PromptTokens) + results.Sum(r => r.Tokens),
+        ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = results.Where((_, i) => i % n == 0).Sum(r => r.CachedPromptTokens) }, // read from the prefix cache
     };
 
     /// <summary>

@@ -186,6 +186,20 @@ public static class BatchGenerator
     {
         var tok = model.Tokenizer;
         if (r.MaxTokens < 0) throw new ArgumentException($"{what}: max tokens {r.MaxTokens} is negative");
+        if (r.PromptTokens is { } ids)
+        {
+            if (r.Prompt.Length > 0 || r.PrefixLevels.Count > 0) throw new ArgumentException($"{what}: give the prompt as text or as token ids, not both");
+            if (ids.Count == 0) throw new ArgumentException($"{what}: the prompt's token ids are empty");
+            int vocab = model.Config.VocabSize;
+            for (int at = 0; at < ids.Count; at++)
+            {
+                if (ids[at] < 0 || ids[at] >= vocab) throw new ArgumentException($"{what}: prompt token {at} is {ids[at]}, outside the vocabulary [0, {vocab})");
+            }
+
+            if (ids.Count > model.Config.ContextLimit) throw new ArgumentException($"{what}: prompt of {ids.Count} tokens exceeds {model.Config.ContextLimitText}");
+            return (ids.ToArray(), Array.Empty<int>());
+        }
+
         var tokens = r.AddBos ? tok.EncodeStart("") : new List<int>();
         var ends = new List<int>();
         foreach (var level in r.PrefixLevels)

@@ -18,6 +18,12 @@ public sealed record GenerationRequest(string Prompt, string? Variant = null, in
     /// </summary>
     public bool AddBos { get; init; } = true;
 
+    /// <summary>
+    /// The prompt as token ids, used exactly as given (no BOS is added; <see cref="Prompt"/> and the told prefixes must
+    /// be empty), as OpenAI's and vLLM's completions take a list of token ids for a prompt. Null: tokenize the text.
+    /// </summary>
+    public IReadOnlyList<int>? PromptTokens { get; init; }
+
     /// <summary>The told prefix levels, root first.</summary>
     public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
 }

@@ -88,6 +88,33 @@ public sealed class ServeTests : TempDirectoryTest
 
         Assert.That(metrics, Does.Match(@"vllm:e2e_request_latency_seconds_sum\{model_name=""tiny""\} 0\.\d+"));
 
+        // Token-id prompts (OpenAI's and vLLM's list forms) are used as given: the string prompt's ids with BOS give its text.
+        var ids = model.Tokenizer.EncodeStart("hello").ToArray();
+        var byIds = await Post(http, "/v1/completions", new { model = "ad", prompt = ids, max_tokens = 8, temperature = 0 });
+        Assert.That(byIds["choices"]![0]!["text"]!.GetValue<string>(), Is.EqualTo(expectedAd));
+        Assert.That(byIds["usage"]!["prompt_tokens"]!.GetValue<int>(), Is.EqualTo(ids.Length));
+        var twoById = await Post(http, "/v1/completions", new { model = "ad", prompt = new[] { ids, ids[..^1] }, max_tokens = 8, temperature = 0 });
+        Assert.That(twoById["choices"]!.AsArray().Select(c => c!["text"]!.GetValue<string>()).First(), Is.EqualTo(expectedAd));
+        Assert.That(twoById["choices"]!.AsArray(), Has.Count.EqualTo(2));
+        var badId = await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = new[] { 1, model.Config.VocabSize } });
+        Assert.That(badId.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
+        Assert.That(await badId.Content.ReadAsStringAsync(), Does.Contain("outside the vocabulary"));
+
+        // n choices of one prompt: seeds seed, seed + 1, ...; the prompt counted once.
+        var three = await Post(http, "/v1/completions", new { model = "ad", prompt = "hello", max_tokens = 6, temperature = 1, seed = 7, n = 3 });
+        var texts = three["choices"]!.AsArray().Select(c => c!["text"]!.GetValue<string>()).ToList();
+        Assert.That(three["choices"]!.AsArray().Select(c => c!["index"]!.GetValue<int>()), Is.EqualTo(new[] { 0, 1, 2 }));
+        for (int i = 0; i < 3; i++)
+        {
+            var alone = await server.GenerateAsync(new GenerationRequest("hello", "ad", MaxTokens: 6, Temperature: 1, Seed: 7 + i));
+            Assert.That(texts[i], Is.EqualTo(alone.Completion), $"choice {i}");
+        }
+
+        Assert.That(texts.Distinct().Count(), Is.GreaterThan(1), "three samples at temperature 1 differ");
+        Assert.That(three["usage"]!["prompt_tokens"]!.GetValue<int>(), Is.EqualTo(ids.Length));
+        var nStream = await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = "hello", n = 2, stream = true });
+        Assert.That(nStream.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
+
         var unknown = await http.PostAsJsonAsync("/v1/completions", new { model = "nope", prompt = "x" });
         Assert.That(unknown.StatusCode, Is.EqualTo(HttpStatusCode.NotFound));
         Assert.That(JsonNode.Parse(await unknown.Content.ReadAsStringAsync())!["error"]!["message"]!.GetValue<string>(), Does.Contain("nope"));
