@@ -79,8 +79,12 @@ public static class OpenAiEndpoints
             var messages = body["messages"] as JsonArray ?? throw new BadRequest("messages must be a list of {role, content}");
             string prompt = chat.Render(ChatMessages(messages), Flag(body, "add_generation_prompt") ?? true, body["tools"] as JsonArray,
                 body["chat_template_kwargs"] as JsonObject);
-            var request = Sampling(body, prompt, variant, Number(body, "max_completion_tokens") ?? Number(body, "max_tokens")) with { AddBos = false };
+            // Chat's logprobs: true with top_logprobs alternatives (0-20).
+            int? top = Flag(body, "logprobs") == true ? TopCount(Number(body, "top_logprobs") ?? 0, "top_logprobs")
+                : Number(body, "top_logprobs") != null ? throw new BadRequest("top_logprobs needs logprobs: true") : null;
+            var request = Sampling(body, prompt, variant, Number(body, "max_completion_tokens") ?? Number(body, "max_tokens")) with { AddBos = false, TopLogprobs = top };
             int n = Choices(body);
+            if (top != null && Flag(body, "stream") == true) throw new BadRequest("streamed log probabilities are not supported; ask without stream");
             string id = "chatcmpl-" + Guid.NewGuid().ToString("N");
             var cancel = context.RequestAborted;
             if (Flag(body, "stream") == true)
@@ -103,7 +107,7 @@ public static class OpenAiEndpoints
                 {
                     ["index"] = i,
                     ["message"] = new JsonObject { ["role"] = "assistant", ["content"] = result.Completion },
-                    ["logprobs"] = null,
+                    ["logprobs"] = result.Logprobs == null ? null : ChatLogprobs(server.Model, result.Logprobs),
                     ["finish_reason"] = result.FinishReason,
                 }).ToArray()),
                 ["usage"] = Usage(results, n),
@@ -128,7 +132,10 @@ public static class OpenAiEndpoints
             };
             if (prompts.Length == 0) throw new BadRequest("prompt is an empty list");
             int n = Choices(body);
-            var requests = prompts.SelectMany(p => Copies(Sampling(body, p.Item1, variant, Number(body, "max_tokens")) with { PromptTokens = p.Item2 }, n)).ToArray();
+            // Completions' logprobs: the number of alternatives per token (0-20).
+            int? top = Number(body, "logprobs") is { } lp ? TopCount(lp, "logprobs") : null;
+            if (top != null && Flag(body, "stream") == true) throw new BadRequest("streamed log probabilities are not supported; ask without stream");
+            var requests = prompts.SelectMany(p => Copies(Sampling(body, p.Item1, variant, Number(body, "max_tokens")) with { PromptTokens = p.Item2, TopLogprobs = top }, n)).ToArray();
             string id = "cmpl-" + Guid.NewGuid().ToString("N");
             var cancel = context.RequestAborted;
             if (Flag(body, "stream") == true)
@@ -149,7 +156,7 @@ public static class OpenAiEndpoints
                 ["model"] = name,
                 ["choices"] = new JsonArray(results.Select((r, i) => (JsonNode)new JsonObject
                 {
-                    ["index"] = i, ["text"] = r.Completion, ["logprobs"] = null, ["finish_reason"] = r.FinishReason,
+                    ["index"] = i, ["text"] = r.Completion, ["logprobs"] = r.Logprobs == null ? null : CompletionLogprobs(server.Model, r), ["finish_reason"] = r.FinishReason,
                 }).ToArray()),
                 ["usage"] = Usage(results, n),
             });
@@ -231,7 +238,6 @@ public static class OpenAiEndpoints
     /// <summary>The request's sampling fields (OpenAI's defaults: 16 tokens, temperature 1, a fresh seed when none is given).</summary>
     private static GenerationRequest Sampling(JsonObject body, string prompt, string? variant, double? maxTokens)
     {
-        if (body["logprobs"] is JsonValue lp && lp.GetValueKind() is not (JsonValueKind.False or JsonValueKind.Null)) throw new BadRequest("logprobs are not supported");
         return new GenerationRequest(prompt, variant, MaxTokens: (int)(maxTokens ?? 16), Temperature: (float)(Number(body, "temperature") ?? 1.0),
             TopP: (float)(Number(body, "top_p") ?? 1.0), Seed: Number(body, "seed") is { } seed ? (int)seed : Random.Shared.Next())
         {
@@ -277,6 +283,57 @@ public static class OpenAiEndpoints
         ["choices"] = new JsonArray(new JsonObject { ["index"] = 0, ["delta"] = delta, ["logprobs"] = null, ["finish_reason"] = finish }),
         ["usage"] = usage,
     };
+
+    private static int TopCount(double given, string field) =>
+        given == Math.Floor(given) && given >= 0 && given <= VariantServer.MaxTopLogprobs ? (int)given
+            : throw new BadRequest($"{field} must be a whole number from 0 to {VariantServer.MaxTopLogprobs}");
+
+    private static string TokenText(PeftSharp.Model.LlamaModel model, int token) => model.Tokenizer.Decode(new[] { token });
+
+    /// <summary>The UTF-8 bytes of a token's text, as vLLM reports them (a token that is part of a character decodes to U+FFFD).</summary>
+    private static JsonArray TokenBytes(string text) => new(Encoding.UTF8.GetBytes(text).Select(b => (JsonNode)(int)b).ToArray());
+
+    /// <summary>Chat's choice.logprobs: content[] of {token, logprob, bytes, top_logprobs[]}.</summary>
+    private static JsonObject ChatLogprobs(PeftSharp.Model.LlamaModel model, IReadOnlyList<TokenLogprob> logprobs) => new()
+    {
+        ["content"] = new JsonArray(logprobs.Select(l =>
+        {
+            string text = TokenText(model, l.Token);
+            return (JsonNode)new JsonObject
+            {
+                ["token"] = text, ["logprob"] = l.Logprob, ["bytes"] = TokenBytes(text),
+                ["top_logprobs"] = new JsonArray(l.Top.Select(t => (JsonNode)new JsonObject
+                {
+                    ["token"] = TokenText(model, t.Token), ["logprob"] = t.Logprob, ["bytes"] = TokenBytes(TokenText(model, t.Token)),
+                }).ToArray()),
+            };
+        }).ToArray()),
+        ["refusal"] = null,
+    };
+
+    /// <summary>Completions' choice.logprobs: tokens, token_logprobs, top_logprobs ({text: logprob}) and text_offset, over the tokens the completion kept.</summary>
+    private static JsonObject CompletionLogprobs(PeftSharp.Model.LlamaModel model, GenerationResult r)
+    {
+        var tokens = new JsonArray();
+        var values = new JsonArray();
+        var tops = new JsonArray();
+        var offsets = new JsonArray();
+        var kept = new List<int>();
+        foreach (var l in r.Logprobs!)
+        {
+            int offset = model.Tokenizer.Decode(kept).Length;
+            if (offset >= r.Completion.Length && (kept.Count > 0 || r.Completion.Length == 0)) break; // past a stop text's cut
+            kept.Add(l.Token);
+            tokens.Add(TokenText(model, l.Token));
+            values.Add(l.Logprob);
+            var top = new JsonObject();
+            foreach (var (t, lp) in l.Top) top[TokenText(model, t)] ??= lp; // tokens that decode alike keep the likelier
+            tops.Add(top);
+            offsets.Add(offset);
+        }
+
+        return new JsonObject { ["tokens"] = tokens, ["token_logprobs"] = values, ["top_logprobs"] = tops, ["text_offset"] = offsets };
+    }
 
     /// <summary>OpenAI's n: choices per prompt, 1 to 128; streaming takes one.</summary>
     private static int Choices(JsonObject body)

@@ -38,6 +38,11 @@ public static class BatchGenerator
         var tok = model.Tokenizer;
         var stops = model.StopTokens.ToHashSet();
         int n = requests.Count;
+        if (requests.FirstOrDefault(r => r.TopLogprobs != null) is { } asked)
+        {
+            throw new NotSupportedException($"request {requests.ToList().IndexOf(asked)}: log probabilities come from VariantServer (peft serve), not the closed batch");
+        }
+
         var variantOf = requests.Select(r => variants?.IndexOf(r.Variant) ?? (string.IsNullOrEmpty(r.Variant) || r.Variant == "base"
             ? -1
             : throw new ArgumentException($"request names variant '{r.Variant}' but no variants are loaded"))).ToArray();

@@ -24,6 +24,12 @@ public sealed record GenerationRequest(string Prompt, string? Variant = null, in
     /// </summary>
     public IReadOnlyList<int>? PromptTokens { get; init; }
 
+    /// <summary>
+    /// Null: no log probabilities. Otherwise each generated token's log probability and this many (0-20) likeliest
+    /// alternatives are returned in <see cref="GenerationResult.Logprobs"/> (<see cref="VariantServer"/> only).
+    /// </summary>
+    public int? TopLogprobs { get; init; }
+
     /// <summary>The told prefix levels, root first.</summary>
     public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
 }

@@ -12,6 +12,9 @@ public sealed record GenerationResult(GenerationRequest Request, string Completi
     /// <summary>Why it ended, as OpenAI names it: "stop" (EOS, a stop token or a stop text) or "length" (max tokens or the context).</summary>
     public string FinishReason { get; init; } = "length";
 
+    /// <summary>Each generated token's log probability and alternatives when the request asked (<see cref="GenerationRequest.TopLogprobs"/>); else null.</summary>
+    public IReadOnlyList<TokenLogprob>? Logprobs { get; init; }
+
     /// <summary>From submission to admission into the running batch (<see cref="VariantServer"/>; zero for a closed batch).</summary>
     public TimeSpan QueueTime { get; init; }
 

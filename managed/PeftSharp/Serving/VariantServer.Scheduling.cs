@@ -240,6 +240,7 @@ public sealed partial class VariantServer
         {
             job.Output.Add(t);
             generationTokens++;
+            if (r.TopLogprobs is int top) job.Logprobs.Add(TokenLogprob.Of(logits, t, top));
         }
 
         string text = model.Tokenizer.Decode(job.Output);
@@ -263,6 +264,7 @@ public sealed partial class VariantServer
         {
             QueueTime = Stopwatch.GetElapsedTime(job.Submitted, job.Admitted),
             TimeToFirstToken = job.FirstToken == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(job.Submitted, job.FirstToken),
+            Logprobs = job.Request.TopLogprobs == null ? null : job.Logprobs.ToArray(),
         };
         queueTimes = queueTimes.With(result.QueueTime.TotalSeconds);
         endToEndTimes = endToEndTimes.With(Stopwatch.GetElapsedTime(job.Submitted).TotalSeconds);

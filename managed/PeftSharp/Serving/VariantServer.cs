@@ -39,6 +39,9 @@ public sealed partial class VariantServer : IDisposable
     private long tick;
     private long promptTokens, generationTokens, cachedTokens, finished, steps, prefillOnlySteps;
 
+    /// <summary>The most alternatives a request may ask for per token (OpenAI's bound).</summary>
+    public const int MaxTopLogprobs = 20;
+
     /// <summary>Latencies of finished requests, for /metrics (replaced, never mutated, so a snapshot can share them).</summary>
     private LatencyHistogram firstTokenTimes = LatencyHistogram.Empty(LatencyHistogram.FirstTokenBounds),
         queueTimes = LatencyHistogram.Empty(LatencyHistogram.RequestBounds), endToEndTimes = LatencyHistogram.Empty(LatencyHistogram.RequestBounds);
@@ -151,6 +154,7 @@ public sealed partial class VariantServer : IDisposable
     public ServerRequest Start(GenerationRequest request, CancellationToken cancel = default)
     {
         var (tokens, _) = BatchGenerator.Tokenize(model, request, "request");
+        if (request.TopLogprobs is < 0 or > MaxTopLogprobs) throw new ArgumentException($"top logprobs {request.TopLogprobs} is outside [0, {MaxTopLogprobs}]");
         int reserve = Blocks(Math.Min(model.Config.ContextLimit, tokens.Length + request.MaxTokens));
         if (reserve > KvBlocks) throw new ArgumentException($"request needs {reserve} KV blocks of {options.BlockSize} positions; the server has {KvBlocks}");
         var job = new Job(request, tokens, cancel);
@@ -362,6 +366,9 @@ public sealed partial class VariantServer : IDisposable
         public int Next { get; set; } = -1;
 
         public List<int> Output { get; } = new();
+
+        /// <summary>Each output token's log probability, when the request asked for them.</summary>
+        public List<TokenLogprob> Logprobs { get; } = new();
 
         public Random Rng { get; } = new(request.Seed);
 

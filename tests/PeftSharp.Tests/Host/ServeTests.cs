@@ -112,6 +112,28 @@ public sealed class ServeTests : TempDirectoryTest
 
         Assert.That(texts.Distinct().Count(), Is.GreaterThan(1), "three samples at temperature 1 differ");
         Assert.That(three["usage"]!["prompt_tokens"]!.GetValue<int>(), Is.EqualTo(ids.Length));
+        // Completions' logprobs: tokens, their log probabilities, alternatives and offsets into the text.
+        var scoredText = await Post(http, "/v1/completions", new { model = "ad", prompt = "hello", max_tokens = 8, temperature = 0, logprobs = 2 });
+        var lp = scoredText["choices"]![0]!["logprobs"]!;
+        var lpTokens = lp["tokens"]!.AsArray().Select(t => t!.GetValue<string>()).ToList();
+        var offsets = lp["text_offset"]!.AsArray().Select(v => v!.GetValue<int>()).ToList();
+        Assert.That(lpTokens, Has.Count.EqualTo(scoredText["usage"]!["completion_tokens"]!.GetValue<int>()));
+        var values = lp["token_logprobs"]!.AsArray().Select(v => v!.GetValue<double>()).ToList();
+        Assert.That(values, Has.Count.EqualTo(lpTokens.Count));
+        Assert.That(values, Has.All.LessThanOrEqualTo(0.0));
+        Assert.That(offsets, Has.Count.EqualTo(lpTokens.Count));
+        Assert.That(offsets, Is.Ordered);
+        Assert.That(offsets, Has.All.InRange(0, expectedAd.Length));
+        Assert.That(offsets[0], Is.EqualTo(0));
+        // A byte token that is part of a character reads as U+FFFD alone (as vLLM shows it); whole ones sit at their offsets.
+        for (int i = 0; i < lpTokens.Count; i++)
+        {
+            if (!lpTokens[i].Contains('\uFFFD')) Assert.That(expectedAd.Substring(offsets[i], lpTokens[i].Length), Is.EqualTo(lpTokens[i]), $"token {i}");
+        }
+
+        Assert.That(lp["top_logprobs"]!.AsArray().Select(o => o!.AsObject().Count), Has.All.InRange(1, 2));
+        var streamedScores = await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = "hello", logprobs = 1, stream = true });
+        Assert.That(streamedScores.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
         var nStream = await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = "hello", n = 2, stream = true });
         Assert.That(nStream.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
 
@@ -174,6 +196,28 @@ public sealed class ServeTests : TempDirectoryTest
         }
 
         Assert.That(streamed, Is.EqualTo(expectedAd));
+
+        // Log probabilities through the client: each token's and its 3 likeliest alternatives, as the model's own
+        // log-softmax at that position gives them (the first position computed here from the rendered prompt).
+        var scoring = new ChatCompletionOptions { MaxOutputTokenCount = 4, Temperature = 0, IncludeLogProbabilities = true, TopLogProbabilityCount = 3 };
+        var scored = (await Client("tiny").CompleteChatAsync(conversation, scoring)).Value;
+        var logprobs = scored.ContentTokenLogProbabilities;
+        Assert.That(logprobs, Has.Count.EqualTo(scored.Usage.OutputTokenCount));
+        Assert.That(logprobs.Where(l => !l.Token.Contains('\uFFFD')).Select(l => l.Token), Is.All.Matches<string>(t => scored.Content[0].Text.Contains(t, StringComparison.Ordinal)));
+        float[] firstLogits;
+        var promptIds = model.Tokenizer.Encode(rendered);
+        using (var cache = new KvCache(model, promptIds.Length))
+        {
+            firstLogits = model.DecodeBatch(new[] { cache }, new[] { promptIds })[0];
+        }
+
+        double lse = PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(firstLogits);
+        var best = Enumerable.Range(0, firstLogits.Length).OrderByDescending(v => firstLogits[v]).Take(3).Select(v => firstLogits[v] - lse).ToArray();
+        // The server's logits come from the same fp32 forward; the log-softmax is taken in double on both sides.
+        const double LogprobTolerance = 1e-5;
+        Assert.That(logprobs[0].LogProbability, Is.EqualTo(best[0]).Within(LogprobTolerance), "greedy: the chosen token is the likeliest");
+        Assert.That(logprobs[0].TopLogProbabilities.Select(t => (double)t.LogProbability), Is.EqualTo(best).Within(LogprobTolerance));
+        Assert.That(logprobs.All(l => l.LogProbability <= 0 && l.TopLogProbabilities.Count == 3));
 
         // While a long streamed chat on "ad" runs: load "ad2" and unload "ad". The running one finishes unchanged.
         using var http = new HttpClient { BaseAddress = new Uri(app.Urls.First()) };
