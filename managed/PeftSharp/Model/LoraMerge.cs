@@ -82,7 +82,6 @@ public static class LoraMerge
         AddBiases(model, adapter, -1f);
     }
 
-    /// <summary>Each module's bias += sign s b_B (lora_bias).</summary>
     /// <summary>
     /// An activated LoRA adapts only the positions from its invocation tokens on; merged or applied to every position it
     /// would be another model (PEFT refuses its merge too).
@@ -96,6 +95,7 @@ public static class LoraMerge
         }
     }
 
+    /// <summary>Each module's bias += sign s b_B (lora_bias).</summary>
     private static void AddBiases(LlamaModel model, PeftLoraAdapter adapter, float sign)
     {
         foreach (var (module, bias) in adapter.Biases)
