@@ -134,8 +134,10 @@ public static class OpenAiEndpoints
             int n = Choices(body);
             // Completions' logprobs: the number of alternatives per token (0-20).
             int? top = Number(body, "logprobs") is { } lp ? TopCount(lp, "logprobs") : null;
-            if (top != null && Flag(body, "stream") == true) throw new BadRequest("streamed log probabilities are not supported; ask without stream");
-            var requests = prompts.SelectMany(p => Copies(Sampling(body, p.Item1, variant, Number(body, "max_tokens")) with { PromptTokens = p.Item2, TopLogprobs = top }, n)).ToArray();
+            bool echo = Flag(body, "echo") == true; // the prompt before the completion, and with logprobs the prompt's scores too
+            if ((top != null || echo) && Flag(body, "stream") == true) throw new BadRequest("streamed log probabilities and echo are not supported; ask without stream");
+            var requests = prompts.SelectMany(p => Copies(Sampling(body, p.Item1, variant, Number(body, "max_tokens"))
+                with { PromptTokens = p.Item2, TopLogprobs = top, PromptLogprobs = echo && top != null }, n)).ToArray();
             string id = "cmpl-" + Guid.NewGuid().ToString("N");
             var cancel = context.RequestAborted;
             if (Flag(body, "stream") == true)
@@ -156,7 +158,8 @@ public static class OpenAiEndpoints
                 ["model"] = name,
                 ["choices"] = new JsonArray(results.Select((r, i) => (JsonNode)new JsonObject
                 {
-                    ["index"] = i, ["text"] = r.Completion, ["logprobs"] = r.Logprobs == null ? null : CompletionLogprobs(server.Model, r), ["finish_reason"] = r.FinishReason,
+                    ["index"] = i, ["text"] = (echo ? Echoed(server.Model, r.Request) : "") + r.Completion,
+                    ["logprobs"] = r.Logprobs == null ? null : CompletionLogprobs(server.Model, r, echo ? Echoed(server.Model, r.Request) : null), ["finish_reason"] = r.FinishReason,
                 }).ToArray()),
                 ["usage"] = Usage(results, n),
             });
@@ -311,13 +314,38 @@ public static class OpenAiEndpoints
         ["refusal"] = null,
     };
 
-    /// <summary>Completions' choice.logprobs: tokens, token_logprobs, top_logprobs ({text: logprob}) and text_offset, over the tokens the completion kept.</summary>
-    private static JsonObject CompletionLogprobs(PeftSharp.Model.LlamaModel model, GenerationResult r)
+    /// <summary>The prompt as echo prints it: its text, or its token ids decoded.</summary>
+    private static string Echoed(PeftSharp.Model.LlamaModel model, GenerationRequest r) => r.PromptTokens is { } ids ? model.Tokenizer.Decode(ids) : r.Prompt;
+
+    /// <summary>
+    /// Completions' choice.logprobs: tokens, token_logprobs, top_logprobs ({text: logprob}) and text_offset, over the
+    /// tokens the completion kept; with <paramref name="echoed"/>, the prompt's tokens first (the first one unscored).
+    /// </summary>
+    private static JsonObject CompletionLogprobs(PeftSharp.Model.LlamaModel model, GenerationResult r, string? echoed)
     {
         var tokens = new JsonArray();
         var values = new JsonArray();
         var tops = new JsonArray();
         var offsets = new JsonArray();
+        JsonObject Top(TokenLogprob l)
+        {
+            var top = new JsonObject();
+            foreach (var (t, lp) in l.Top) top[TokenText(model, t)] ??= lp; // tokens that decode alike keep the likelier
+            return top;
+        }
+
+        if (echoed != null && r.PromptTokenIds is { } ids && r.PromptLogprobs is { } scores)
+        {
+            for (int i = 0; i < ids.Count; i++)
+            {
+                tokens.Add(TokenText(model, ids[i]));
+                values.Add(scores[i] is { } s ? s.Logprob : null);
+                tops.Add(scores[i] is { } t ? Top(t) : null);
+                offsets.Add(Math.Min(echoed.Length, model.Tokenizer.Decode(ids.Take(i)).Length));
+            }
+        }
+
+        int shift = echoed?.Length ?? 0;
         var kept = new List<int>();
         foreach (var l in r.Logprobs!)
         {
@@ -326,10 +354,8 @@ public static class OpenAiEndpoints
             kept.Add(l.Token);
             tokens.Add(TokenText(model, l.Token));
             values.Add(l.Logprob);
-            var top = new JsonObject();
-            foreach (var (t, lp) in l.Top) top[TokenText(model, t)] ??= lp; // tokens that decode alike keep the likelier
-            tops.Add(top);
-            offsets.Add(offset);
+            tops.Add(Top(l));
+            offsets.Add(shift + offset);
         }
 
         return new JsonObject { ["tokens"] = tokens, ["token_logprobs"] = values, ["top_logprobs"] = tops, ["text_offset"] = offsets };

@@ -30,6 +30,14 @@ public sealed record GenerationRequest(string Prompt, string? Variant = null, in
     /// </summary>
     public int? TopLogprobs { get; init; }
 
+    /// <summary>
+    /// With <see cref="TopLogprobs"/>: also score the prompt, each prompt token's log probability given the tokens
+    /// before it (<see cref="GenerationResult.PromptLogprobs"/>; the first token has none), as OpenAI's echo with
+    /// logprobs reports it and evaluation harnesses read it (max tokens may then be 0). Its prompt is computed whole, not
+    /// read from the prefix cache.
+    /// </summary>
+    public bool PromptLogprobs { get; init; }
+
     /// <summary>The told prefix levels, root first.</summary>
     public IReadOnlyList<string> PrefixLevels => SharedPrefixes ?? (SharedPrefix != null ? new[] { SharedPrefix } : Array.Empty<string>());
 }

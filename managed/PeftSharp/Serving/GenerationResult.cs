@@ -15,6 +15,12 @@ public sealed record GenerationResult(GenerationRequest Request, string Completi
     /// <summary>Each generated token's log probability and alternatives when the request asked (<see cref="GenerationRequest.TopLogprobs"/>); else null.</summary>
     public IReadOnlyList<TokenLogprob>? Logprobs { get; init; }
 
+    /// <summary>The prompt tokens' log probabilities when the request asked (<see cref="GenerationRequest.PromptLogprobs"/>): null for the first token.</summary>
+    public IReadOnlyList<TokenLogprob?>? PromptLogprobs { get; init; }
+
+    /// <summary>The prompt's token ids, given with <see cref="PromptLogprobs"/> (the first one has no log probability).</summary>
+    public IReadOnlyList<int>? PromptTokenIds { get; init; }
+
     /// <summary>From submission to admission into the running batch (<see cref="VariantServer"/>; zero for a closed batch).</summary>
     public TimeSpan QueueTime { get; init; }
 

@@ -14,7 +14,7 @@ public sealed partial class VariantServer
         foreach (var job in waiting.ToList())
         {
             if (running.Count >= options.MaxRows) break;
-            if (job.Request.MaxTokens == 0)
+            if (job.Request.MaxTokens == 0 && !job.Request.PromptLogprobs)
             {
                 job.Admitted = Stopwatch.GetTimestamp();
                 Finish(job, () => Complete(job, "", stopped: false));
@@ -63,8 +63,9 @@ public sealed partial class VariantServer
         // An activated LoRA's positions before its invocation are the base's: it reads and adds base prefixes up to there.
         bool baseOwned = job.ActiveFrom > 0;
         long id = baseOwned ? 0 : job.Entry?.Id ?? 0;
-        int aligned = prefixes.Enabled ? Math.Min((n - 1) / b * b, baseOwned ? job.ActiveFrom / b * b : n) : 0;
-        var (match, end) = prefixes.Find(id, job.Prompt, aligned);
+        // A prompt to score is computed whole in the request's own cache: cached positions would have no logits.
+        int aligned = prefixes.Enabled && !job.Request.PromptLogprobs ? Math.Min((n - 1) / b * b, baseOwned ? job.ActiveFrom / b * b : n) : 0;
+        var (match, end) = job.Request.PromptLogprobs ? (null, 0) : prefixes.Find(id, job.Prompt, aligned);
         bool split = match != null && end < match.End;
         int prefixEnd = aligned > end ? aligned : end;
         int capacity = Math.Min(model.Config.ContextLimit - rootLength - prefixEnd, n - prefixEnd + job.Request.MaxTokens);
@@ -212,7 +213,33 @@ public sealed partial class VariantServer
         {
             var rows = seqs.SelectMany(s => Enumerable.Range(0, s.Tokens.Length).Select(k => k >= s.ActiveFrom ? s.Variant : -1)).ToArray();
             using var bound = set.Count > 0 ? set.Bind(rows, activationResolved: true) : null;
-            logits = model.DecodeBatch(seqs.Select(s => s.Cache).ToArray(), seqs.Select(s => s.Tokens).ToArray(), bound);
+            var caches = seqs.Select(s => s.Cache).ToArray();
+            var tokens = seqs.Select(s => s.Tokens).ToArray();
+            if (seqs.Any(s => s.Job is { Next: < 0, Request.PromptLogprobs: true }))
+            {
+                // A prompt being scored needs every position's logits: each one scores the prompt token after it.
+                var every = model.DecodeBatchEveryPosition(caches, tokens, bound);
+                logits = new float[seqs.Count][];
+                int row = 0;
+                for (int i = 0; i < seqs.Count; i++)
+                {
+                    if (seqs[i].Job is { Next: < 0, Request.PromptLogprobs: true } scored)
+                    {
+                        for (int k = 0; k < seqs[i].Tokens.Length; k++)
+                        {
+                            int next = scored.Fed + k + 1;
+                            if (next < scored.Prompt.Length) scored.PromptLogprobs.Add(TokenLogprob.Of(every[row + k], scored.Prompt[next], scored.Request.TopLogprobs ?? 0));
+                        }
+                    }
+
+                    row += seqs[i].Tokens.Length;
+                    logits[i] = every[row - 1];
+                }
+            }
+            else
+            {
+                logits = model.DecodeBatch(caches, tokens, bound);
+            }
         }
 
         steps++;
@@ -223,6 +250,11 @@ public sealed partial class VariantServer
             {
                 job.Fed += seqs[i].Tokens.Length;
                 if (job.Fed < job.Prompt.Length) continue;
+                if (job.Request.MaxTokens == 0) // a prompt scored, nothing to generate
+                {
+                    Finish(job, () => Complete(job, "", stopped: false));
+                    continue;
+                }
             }
 
             Sample(job, logits[i]);
@@ -265,6 +297,8 @@ public sealed partial class VariantServer
             QueueTime = Stopwatch.GetElapsedTime(job.Submitted, job.Admitted),
             TimeToFirstToken = job.FirstToken == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(job.Submitted, job.FirstToken),
             Logprobs = job.Request.TopLogprobs == null ? null : job.Logprobs.ToArray(),
+            PromptLogprobs = job.Request.PromptLogprobs ? job.PromptLogprobs.ToArray() : null,
+            PromptTokenIds = job.Request.PromptLogprobs ? job.Prompt : null,
         };
         queueTimes = queueTimes.With(result.QueueTime.TotalSeconds);
         endToEndTimes = endToEndTimes.With(Stopwatch.GetElapsedTime(job.Submitted).TotalSeconds);

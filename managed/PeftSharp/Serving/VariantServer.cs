@@ -155,6 +155,7 @@ public sealed partial class VariantServer : IDisposable
     {
         var (tokens, _) = BatchGenerator.Tokenize(model, request, "request");
         if (request.TopLogprobs is < 0 or > MaxTopLogprobs) throw new ArgumentException($"top logprobs {request.TopLogprobs} is outside [0, {MaxTopLogprobs}]");
+        if (request.PromptLogprobs && request.TopLogprobs == null) throw new ArgumentException("prompt log probabilities need TopLogprobs (0 for none of the alternatives)");
         int reserve = Blocks(Math.Min(model.Config.ContextLimit, tokens.Length + request.MaxTokens));
         if (reserve > KvBlocks) throw new ArgumentException($"request needs {reserve} KV blocks of {options.BlockSize} positions; the server has {KvBlocks}");
         var job = new Job(request, tokens, cancel);
@@ -369,6 +370,9 @@ public sealed partial class VariantServer : IDisposable
 
         /// <summary>Each output token's log probability, when the request asked for them.</summary>
         public List<TokenLogprob> Logprobs { get; } = new();
+
+        /// <summary>Each prompt token's log probability (the first null), when the request asked to score its prompt.</summary>
+        public List<TokenLogprob?> PromptLogprobs { get; } = new() { null };
 
         public Random Rng { get; } = new(request.Seed);
 

@@ -132,6 +132,36 @@ public sealed class ServeTests : TempDirectoryTest
         }
 
         Assert.That(lp["top_logprobs"]!.AsArray().Select(o => o!.AsObject().Count), Has.All.InRange(1, 2));
+        // Scoring a prompt as evaluation harnesses do (echo, logprobs, max_tokens 0): each prompt token's log probability
+        // given the ones before it, as the model's own every-position forward gives it; the first token is unscored.
+        const string scoredPrompt = "hello world, scored";
+        var promptIds = model.Tokenizer.EncodeStart(scoredPrompt).ToArray();
+        float[][] everyLogits;
+        using (var cache = new KvCache(model, promptIds.Length))
+        {
+            everyLogits = model.DecodeBatchEveryPosition(new[] { cache }, new[] { promptIds });
+        }
+
+        foreach (int maxTokens in new[] { 0, 3 })
+        {
+            var echoed = await Post(http, "/v1/completions", new { model = "tiny", prompt = scoredPrompt, max_tokens = maxTokens, echo = true, logprobs = 1, temperature = 0 });
+            var choice = echoed["choices"]![0]!;
+            Assert.That(choice["text"]!.GetValue<string>(), Does.StartWith(scoredPrompt));
+            var scores = choice["logprobs"]!["token_logprobs"]!.AsArray();
+            Assert.That(scores, Has.Count.EqualTo(promptIds.Length + echoed["usage"]!["completion_tokens"]!.GetValue<int>()));
+            Assert.That(scores[0], Is.Null);
+            Assert.That(choice["logprobs"]!["top_logprobs"]!.AsArray()[0], Is.Null);
+            for (int i = 1; i < promptIds.Length; i++)
+            {
+                double expected = everyLogits[i - 1][promptIds[i]] - PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(everyLogits[i - 1]);
+                Assert.That(scores[i]!.GetValue<double>(), Is.EqualTo(expected).Within(1e-5), $"prompt token {i} (max_tokens {maxTokens})");
+            }
+
+            Assert.That(echoed["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>(), Is.EqualTo(0), "a scored prompt is computed whole");
+        }
+
+        var plainEcho = await Post(http, "/v1/completions", new { model = "ad", prompt = "hello", max_tokens = 8, echo = true, temperature = 0 });
+        Assert.That(plainEcho["choices"]![0]!["text"]!.GetValue<string>(), Is.EqualTo("hello" + expectedAd));
         var streamedScores = await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = "hello", logprobs = 1, stream = true });
         Assert.That(streamedScores.StatusCode, Is.EqualTo(HttpStatusCode.BadRequest));
         var nStream = await http.PostAsJsonAsync("/v1/completions", new { model = "ad", prompt = "hello", n = 2, stream = true });
