@@ -10,6 +10,7 @@ namespace PeftSharp.Bench;
 /// What one scheduler step costs on the serve-load model: a decode step of R single-token rows (each over a 64-position
 /// cache), on the base alone and over 8 LoRA adapters (rows spread over them), against one row; and a 50-token prefill
 /// alone and beside R - 1 decoding rows. The time a joining request waits for its first token is about these steps.
+/// Then one sampled token over a 128K vocabulary (see <see cref="Draws"/>).
 /// </summary>
 internal static class ServeStep
 {
@@ -48,8 +49,7 @@ internal static class ServeStep
             return count;
         }
 
-        Console.WriteLine("| step | time | rate |");
-        Console.WriteLine("| --- | ---: | ---: |");
+
         Time("decode, 1 row, base", () => Decode(1, false));
         Time($"decode, {rows} rows, base", () => Decode(rows, false));
         Time("decode, 1 row, LoRA", () => Decode(1, true));
@@ -72,6 +72,12 @@ internal static class ServeStep
             foreach (var c in next) c.Dispose();
             return rows - 1 + 50;
         });
+        if (cases.Count > 0)
+        {
+            Console.WriteLine("| step | time | rate |");
+            Console.WriteLine("| --- | ---: | ---: |");
+        }
+
         // Every case once for half a second first, so none is timed while the JIT still tiers the code it runs.
         foreach (var (_, step) in cases) For(0.5, step);
         foreach (var (what, step) in cases)
@@ -81,6 +87,30 @@ internal static class ServeStep
         }
 
         foreach (var c in caches) c.Dispose();
+        if (only == null || "draw".Contains(only, StringComparison.Ordinal)) Draws(seconds);
+    }
+
+    /// <summary>
+    /// One sampled token over Llama 3's 128,256-token vocabulary (OpenAI's default temperature 1, top-p 0.9, top-k 50),
+    /// flat logits and logits with a few dozen likely tokens, against the sort of the whole vocabulary alone (what
+    /// sampling cost per token before it stopped sorting).
+    /// </summary>
+    private static void Draws(double seconds)
+    {
+        var data = new Random(1);
+        var flat = Enumerable.Range(0, 128256).Select(_ => (float)(data.NextDouble() * 10)).ToArray();
+        var peaked = flat.Select(l => data.NextDouble() < 0.001 ? l + 15 : l).ToArray();
+        Console.WriteLine("| draw over 128,256 tokens | flat logits | peaked logits |");
+        Console.WriteLine("| --- | ---: | ---: |");
+        foreach (var (what, k, p) in new[] { ("temperature 1", 0, 1f), ("top-p 0.9", 0, 0.9f), ("top-k 50", 50, 1f) })
+        {
+            var rng = new Random(2);
+            double Ms(float[] logits) => For(seconds / 4, () => Generator.Draw(logits, 1f, k, p, rng)).Ms;
+            Console.WriteLine($"| {what} | {Ms(flat):F2} ms | {Ms(peaked):F2} ms |");
+        }
+
+        double sort = For(seconds / 4, () => Enumerable.Range(0, flat.Length).OrderByDescending(j => flat[j]).ToArray().Length).Ms;
+        Console.WriteLine($"| the whole vocabulary sorted (the old way's first step) | {sort:F2} ms | |");
     }
 
     /// <summary>Runs <paramref name="step"/> for <paramref name="seconds"/>: milliseconds and tokens per step.</summary>
