@@ -156,10 +156,14 @@ public static class OpenAiEndpoints
                 ["object"] = "text_completion",
                 ["created"] = created,
                 ["model"] = name,
-                ["choices"] = new JsonArray(results.Select((r, i) => (JsonNode)new JsonObject
+                ["choices"] = new JsonArray(results.Select((r, i) =>
                 {
-                    ["index"] = i, ["text"] = (echo ? Echoed(server.Model, r.Request) : "") + r.Completion,
-                    ["logprobs"] = r.Logprobs == null ? null : CompletionLogprobs(server.Model, r, echo ? Echoed(server.Model, r.Request) : null), ["finish_reason"] = r.FinishReason,
+                    string? echoed = echo ? Echoed(server.Model, r.Request) : null;
+                    return (JsonNode)new JsonObject
+                    {
+                        ["index"] = i, ["text"] = echoed + r.Completion,
+                        ["logprobs"] = r.Logprobs == null ? null : CompletionLogprobs(server.Model, r, echoed), ["finish_reason"] = r.FinishReason,
+                    };
                 }).ToArray()),
                 ["usage"] = Usage(results, n),
             });
@@ -379,13 +383,18 @@ public static class OpenAiEndpoints
     private static IEnumerable<GenerationRequest> Copies(GenerationRequest r, int n) => Enumerable.Range(0, n).Select(i => r with { Seed = unchecked(r.Seed + i) });
 
     /// <summary>Token counts: each prompt once (n choices of a prompt share it), every choice's completion.</summary>
-    private static JsonObject Usage(IReadOnlyList<GenerationResult> results, int n = 1) => new()
+    private static JsonObject Usage(IReadOnlyList<GenerationResult> results, int n = 1)
     {
-        ["prompt_tokens"] = results.Where((_, i) => i % n == 0).Sum(r => r.PromptTokens),
-        ["completion_tokens"] = results.Sum(r => r.Tokens),
-        ["total_tokens"] = results.Where((_, i) => i % n == 0).Sum(r => r.PromptTokens) + results.Sum(r => r.Tokens),
-        ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = results.Where((_, i) => i % n == 0).Sum(r => r.CachedPromptTokens) }, // read from the prefix cache
-    };
+        var prompts = results.Where((_, i) => i % n == 0).ToList(); // the first choice of each prompt
+        int prompt = prompts.Sum(r => r.PromptTokens), completion = results.Sum(r => r.Tokens);
+        return new JsonObject
+        {
+            ["prompt_tokens"] = prompt,
+            ["completion_tokens"] = completion,
+            ["total_tokens"] = prompt + completion,
+            ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = prompts.Sum(r => r.CachedPromptTokens) }, // read from the prefix cache
+        };
+    }
 
     /// <summary>
     /// A request's text as server-sent events: <paramref name="first"/> when given, one event per streamed piece, the

@@ -60,8 +60,7 @@ public static class BatchGenerator
         for (int i = 0; i < n; i++)
         {
             if (variantOf[i] < 0) continue;
-            activeFrom[i] = variants!.ActivationStart(variantOf[i], full[i]);
-            if (activeFrom[i] < 0) throw new ArgumentException(NoInvocation($"request {i}", requests[i].Variant!, variants.InvocationOf(variantOf[i])!));
+            activeFrom[i] = variants!.RequireActivation(variantOf[i], full[i], $"request {i}");
         }
 
         var shareOf = Enumerable.Range(0, n).Select(i => activeFrom[i] > 0 ? -1 : variantOf[i]).ToArray();
@@ -142,7 +141,7 @@ public static class BatchGenerator
             foreach (int i in Enumerable.Range(0, n).Where(i => requests[i].MaxTokens <= 0)) Release(caches[i]!.Parent, users);
             while (live.Count > 0)
             {
-                var rows = live.SelectMany(i => Enumerable.Range(position[i], pending[i].Length).Select(p => p >= activeFrom[i] ? variantOf[i] : -1)).ToArray();
+                var rows = live.SelectMany(i => VariantSet.ActivatedRows(variantOf[i], activeFrom[i], position[i], pending[i].Length)).ToArray();
                 float[][] logits;
                 using (var bound = variants?.Bind(rows, activationResolved: true))
                 {

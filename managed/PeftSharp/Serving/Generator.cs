@@ -142,7 +142,7 @@ public static class Generator
     }
 
     /// <summary>The <paramref name="count"/> ids with the largest logits, most likely first, ties by lower id (a bounded heap; a sort when most are wanted).</summary>
-    private static int[] Likeliest(float[] logits, int count)
+    internal static int[] Likeliest(float[] logits, int count)
     {
         int v = logits.Length;
         // Descending logit, then ascending id: the order LINQ's stable OrderByDescending gave.

@@ -10,20 +10,8 @@ public sealed record TokenLogprob(int Token, double Logprob, IReadOnlyList<(int 
     internal static TokenLogprob Of(float[] logits, int token, int top)
     {
         double lse = PeftSharp.Kernels.Core.CrossEntropyReference.LogSumExp(logits); // in double
-        var best = new List<(int Token, double Logprob)>(top + 1);
-        if (top > 0)
-        {
-            // One pass, keeping the top entries sorted: top is small (OpenAI allows up to 20).
-            for (int v = 0; v < logits.Length; v++)
-            {
-                if (best.Count == top && logits[v] <= best[^1].Logprob) continue;
-                int at = best.Count;
-                while (at > 0 && best[at - 1].Logprob < logits[v]) at--;
-                best.Insert(at, (v, logits[v]));
-                if (best.Count > top) best.RemoveAt(best.Count - 1);
-            }
-        }
-
-        return new TokenLogprob(token, logits[token] - lse, best.Select(b => (b.Token, b.Logprob - lse)).ToArray());
+        // The likeliest ids, ties by id, as sampling orders its candidates.
+        var best = top > 0 ? Generator.Likeliest(logits, Math.Min(top, logits.Length)) : Array.Empty<int>();
+        return new TokenLogprob(token, logits[token] - lse, best.Select(b => (b, logits[b] - lse)).ToArray());
     }
 }

@@ -63,9 +63,10 @@ public sealed partial class VariantServer
         // An activated LoRA's positions before its invocation are the base's: it reads and adds base prefixes up to there.
         bool baseOwned = job.ActiveFrom > 0;
         long id = baseOwned ? 0 : job.Entry?.Id ?? 0;
-        // A prompt to score is computed whole in the request's own cache: cached positions would have no logits.
+        // A prompt to score is computed whole in the request's own cache (aligned 0: nothing found, nothing added): cached
+        // positions would have no logits.
         int aligned = prefixes.Enabled && !job.Request.PromptLogprobs ? Math.Min((n - 1) / b * b, baseOwned ? job.ActiveFrom / b * b : n) : 0;
-        var (match, end) = job.Request.PromptLogprobs ? (null, 0) : prefixes.Find(id, job.Prompt, aligned);
+        var (match, end) = prefixes.Find(id, job.Prompt, aligned);
         bool split = match != null && end < match.End;
         int prefixEnd = aligned > end ? aligned : end;
         int capacity = Math.Min(model.Config.ContextLimit - rootLength - prefixEnd, n - prefixEnd + job.Request.MaxTokens);
@@ -173,8 +174,9 @@ public sealed partial class VariantServer
         // plus every running row's decode. The decoding rows wait for at most one budget of prompt tokens in all before
         // they decode again; a long prompt runs in chunks beside them.
         var decoding = running.Where(j => j.Next >= 0).ToList();
+        var prefilling = running.Where(j => j.Next < 0 && (j.Prefix == null || j.Prefix.Ready)).ToList(); // their prefixes computed
         int oldest = prefixes.Filling.Select(n => n.End - n.Start - n.Cache.Length).FirstOrDefault();
-        if (oldest == 0) oldest = running.Where(j => j.Next < 0 && (j.Prefix == null || j.Prefix.Ready)).Select(j => j.Prompt.Length - j.Fed).FirstOrDefault();
+        if (oldest == 0) oldest = prefilling.Select(j => j.Prompt.Length - j.Fed).FirstOrDefault();
         bool prefillOnly = options.PrefillFirst && decoding.Count > 0 && oldest > 0 && prefilledSinceDecode + oldest <= budget;
         prefilledSinceDecode = prefillOnly ? prefilledSinceDecode + oldest : 0;
         if (prefillOnly)
@@ -196,7 +198,7 @@ public sealed partial class VariantServer
             budget -= take;
         }
 
-        foreach (var job in running.Where(j => j.Next < 0 && (j.Prefix == null || j.Prefix.Ready)))
+        foreach (var job in prefilling)
         {
             if (budget == 0) break;
             int take = Math.Min(job.Prompt.Length - job.Fed, budget);
@@ -211,7 +213,7 @@ public sealed partial class VariantServer
         float[][] logits;
         lock (model.GenerationLock)
         {
-            var rows = seqs.SelectMany(s => Enumerable.Range(0, s.Tokens.Length).Select(k => k >= s.ActiveFrom ? s.Variant : -1)).ToArray();
+            var rows = seqs.SelectMany(s => VariantSet.ActivatedRows(s.Variant, s.ActiveFrom, 0, s.Tokens.Length)).ToArray();
             using var bound = set.Count > 0 ? set.Bind(rows, activationResolved: true) : null;
             var caches = seqs.Select(s => s.Cache).ToArray();
             var tokens = seqs.Select(s => s.Tokens).ToArray();

@@ -204,6 +204,24 @@ public sealed class VariantSet : IDisposable
     public int ActivationStart(int variant, IReadOnlyList<int> tokens) => Guarded(() =>
         variant >= 0 && variant < variants.Count && variants[variant].Lora is { } lora ? lora.Config.InvocationStart(tokens) : 0);
 
+    /// <summary>
+    /// <see cref="ActivationStart"/> for a sequence that must be adapted: an activated LoRA whose invocation tokens it
+    /// lacks is refused (ArgumentException naming <paramref name="what"/>, the variant and the tokens).
+    /// </summary>
+    internal int RequireActivation(int variant, IReadOnlyList<int> tokens, string what)
+    {
+        int start = ActivationStart(variant, tokens);
+        if (start < 0) throw new ArgumentException(BatchGenerator.NoInvocation(what, Names[variant], InvocationOf(variant)!));
+        return start;
+    }
+
+    /// <summary>
+    /// The variant of each of <paramref name="count"/> positions from <paramref name="first"/>: <paramref name="variant"/>
+    /// from <paramref name="activeFrom"/> on, the base (-1) before it (an activated LoRA's; 0 adapts every position).
+    /// </summary>
+    internal static IEnumerable<int> ActivatedRows(int variant, int activeFrom, int first, int count) =>
+        Enumerable.Range(first, count).Select(p => p >= activeFrom ? variant : -1);
+
     private RowVariantBatch BindLocked(IReadOnlyList<int> rowVariants, bool activationResolved)
     {
         foreach (int v in rowVariants)

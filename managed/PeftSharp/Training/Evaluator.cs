@@ -112,17 +112,6 @@ public static class Evaluator
         return losses[0].Select((b, i) => b - losses[1][i]).ToArray();
     }
 
-    /// <summary>
-    /// The variant of each of a row's positions: <paramref name="variant"/> throughout, except an activated LoRA's
-    /// positions before its invocation start, which are the base's (-1); a row without the invocation is refused.
-    /// </summary>
-    private static IEnumerable<int> RowVariants(VariantSet set, int variant, int[] tokens, string what, string? name)
-    {
-        int from = set.ActivationStart(variant, tokens);
-        if (from < 0) throw new ArgumentException(BatchGenerator.NoInvocation(what, name!, set.InvocationOf(variant)!));
-        return Enumerable.Range(0, tokens.Length).Select(k => k >= from ? variant : -1);
-    }
-
     private static (IReadOnlyList<EvalResult> Results, double[][] ExampleLosses) EvaluateVariantsCore(LlamaModel model, VariantSet? set, IReadOnlyList<string?> variants,
         IReadOnlyList<Example> examples, int seqLen, bool completionOnly, int rowsPerBatch, Action<string, int, int>? progress, bool exactMatch)
     {
@@ -153,8 +142,9 @@ public static class Evaluator
                 float[][] logits;
                 lock (model.GenerationLock)
                 {
-                    using var bound = set?.Bind(chunk.SelectMany(p => RowVariants(set!, index[p.V], rows[p.R].Tokens, $"example {rows[p.R].Example}", variants[p.V])).ToArray(),
-                        activationResolved: true);
+                    // An activated LoRA's positions before its invocation are the base's; an example without it is refused.
+                    using var bound = set?.Bind(chunk.SelectMany(p => VariantSet.ActivatedRows(index[p.V],
+                        set!.RequireActivation(index[p.V], rows[p.R].Tokens, $"example {rows[p.R].Example}"), 0, rows[p.R].Tokens.Length)).ToArray(), activationResolved: true);
                     logits = model.DecodeBatchEveryPosition(caches, chunk.Select(p => rows[p.R].Tokens).ToArray(), bound);
                 }
 
